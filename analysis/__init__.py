@@ -1,0 +1,9 @@
+"""The analysis stage: reads an experiment's records, writes correlations, tables and plots.
+
+Imports only ``trainables.records`` from the project (DESIGN §2); never Ray or torch.
+"""
+from __future__ import annotations
+
+from analysis.run import run_analysis
+
+__all__ = ["run_analysis"]

@@ -1,0 +1,86 @@
+"""Experiment records -> tidy performance tables (DESIGN §7).
+
+Every score here is aggregated from the per-slice confusion counts by
+``trainables.records.metric_by``; this module only reshapes and joins.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from trainables.records import METRICS, metric_by
+
+#: Pool-member columns carried into the performance table.
+MEMBER_KEYS = ["member_id", "arch", "lr", "epochs", "seed", "source"]
+
+#: Columns of ``performance_table``'s result, in order.
+PERFORMANCE_COLUMNS = MEMBER_KEYS + ["target", "metric", "id_score", "ood_score"]
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if it is a known metric, else raise naming the valid ones.
+
+    Raises:
+        ValueError: ``metric`` is not in ``trainables.records.METRICS``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    return metric
+
+
+def _order_of_appearance(values: pd.Series) -> list[str]:
+    return list(dict.fromkeys(values.astype(str)))
+
+
+def scores_long(slices: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One score per (member, site, role), aggregated from the confusion counts.
+
+    Args:
+        slices: the slice records (``SLICE_COLUMNS``).
+        metric: one of ``trainables.records.METRICS``.
+
+    Returns:
+        Columns ``member_id, site, role, score`` (score in [0, 1], NaN where undefined,
+        e.g. a split whose ground truth is empty everywhere).
+    """
+    check_metric(metric)
+    s = metric_by(slices, metric, by=("member_id", "site", "role"))
+    out = s.rename("score").reset_index()
+    for c in ("member_id", "site", "role"):
+        out[c] = out[c].astype(str)
+    return out[["member_id", "site", "role", "score"]]
+
+
+def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (pool member, target site): its ID score and its OOD score there.
+
+    ``id_score`` is ``metric`` on the member's ``role == "id"`` rows (the source site's test
+    split); ``ood_score`` is ``metric`` on the ``role == "ood"`` rows of ``target``.
+
+    Args:
+        members: the member records (``MEMBER_COLUMNS``).
+        slices: the slice records (``SLICE_COLUMNS``).
+        metric: one of ``trainables.records.METRICS``.
+
+    Returns:
+        Columns ``PERFORMANCE_COLUMNS``, sorted by target (in order of first appearance in
+        ``slices``) then member_id. A member with no ID rows gets a NaN ``id_score``; a
+        (member, target) pair without OOD rows gets no row.
+
+    Raises:
+        ValueError: unknown metric, or a member with ID rows on more than one site.
+    """
+    long = scores_long(slices, metric)
+    ids = long[long["role"] == "id"]
+    dup = ids["member_id"][ids["member_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"members with ID rows on more than one site: {sorted(set(dup))[:5]}")
+    ood = long[long["role"] == "ood"].rename(columns={"site": "target", "score": "ood_score"})
+    mem = members[MEMBER_KEYS].copy()
+    mem["member_id"] = mem["member_id"].astype(str)
+    out = (ood[["member_id", "target", "ood_score"]]
+           .merge(mem, on="member_id", how="inner")
+           .merge(ids[["member_id", "score"]].rename(columns={"score": "id_score"}), on="member_id", how="left"))
+    out["metric"] = metric
+    order = {t: i for i, t in enumerate(_order_of_appearance(slices.loc[slices["role"] == "ood", "site"]))}
+    out = out.assign(_t=out["target"].map(order)).sort_values(["_t", "member_id"], kind="stable")
+    return out[PERFORMANCE_COLUMNS].reset_index(drop=True)

@@ -1,0 +1,66 @@
+"""Driver-side Ray Tune callbacks (imported only where Ray is installed)."""
+from __future__ import annotations
+
+from ray import tune
+
+from trainables.segment import member_id
+
+from .pool import member_epochs, run_name
+from .tracking import MEMBER_TAG, PARENT_TAG, Tracker
+
+
+class MlflowPoolCallback(tune.Callback):
+    """Driver-side: one MLflow child run per pool member, metrics logged as epochs arrive."""
+
+    def __init__(self, tracker: Tracker, parent_run_id: str):
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self._runs: dict[str, dict[int, str]] = {}  # trial id -> {member epoch: run id}
+        self._last_step: dict[str, int] = {}
+
+    def _member_runs(self, trial) -> dict[int, str]:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        cfg = trial.config
+        runs = {}
+        for ep in member_epochs(cfg):
+            mid = member_id(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), ep)
+            rid, created = self.tracker.get_or_create_run(
+                mid, {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id})
+            if created:
+                self.tracker.log_params(rid, {
+                    "arch": cfg["arch"], "lr": cfg["lr"], "seed": cfg["seed"], "epochs": ep,
+                    "batch_size": cfg["batch_size"], "run_id": run_name(cfg), "source": cfg["source"],
+                    "targets": ",".join(cfg["targets"]), "trial_id": trial.trial_id})
+            else:  # resumed: do not log the epochs it already has a second time
+                hist = self.tracker.client.get_metric_history(rid, "epoch")
+                self._last_step[rid] = max((int(m.value) for m in hist), default=0)
+            runs[ep] = rid
+        self._runs[trial.trial_id] = runs
+        return runs
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._member_runs(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", 0))
+        if epoch <= 0:
+            return
+        metrics = {k: v for k, v in result.items()
+                   if k in ("train_loss", "epoch", "train_seconds", "eval_seconds")
+                   or k.startswith(("id_", "ood_"))}
+        for ep, rid in self._member_runs(trial).items():
+            if epoch <= ep and epoch > self._last_step.get(rid, 0):
+                self.tracker.log_metrics(rid, metrics, step=epoch)
+                self._last_step[rid] = epoch
+            if epoch == ep and result.get("member_id"):
+                self.tracker.set_tags(rid, {"oodsweep.checkpoint_epoch": ep})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        for rid in self._member_runs(trial).values():
+            self.tracker.end(rid, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        for rid in self._member_runs(trial).values():
+            self.tracker.set_tags(rid, {"oodsweep.error": str(getattr(trial, "error_file", None) or "see the trial folder under pool/")})
+            self.tracker.end(rid, "FAILED")

@@ -1,0 +1,97 @@
+"""The ``oodsweep`` command line.
+
+    oodsweep run SPEC [--address ADDR] [--num-cpus N]   run (or continue) a sweep
+    oodsweep demo [--storage DIR]                       the embedded-default demo sweep
+    oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
+    oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .spec import METRICS, SpecError, load_spec
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def _cmd_run(args) -> int:
+    from .driver import run_sweep
+
+    spec = load_spec(args.spec)
+    run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .driver import run_sweep
+
+    if args.storage:
+        os.environ["OODSWEEP_STORAGE"] = str(Path(args.storage).resolve())
+    spec = load_spec(PRESETS / "demo.yaml")
+    run_sweep(spec, num_cpus=args.num_cpus)
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .driver import load_experiment_spec, run_analysis_stage, tracker_for
+
+    spec = load_experiment_spec(args.experiment_dir)
+    tracker = None if args.no_mlflow else tracker_for(spec)
+    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=Path(args.out).resolve() if args.out else None)
+    print(f"[oodsweep] analysis written to {res['out_dir']}")
+    for c in res.get("correlations", []):
+        print(f"  {c.get('source')} -> {c.get('target')}: pearson r = {c.get('pearson_r'):.3f} "
+              f"(95% CI {c.get('pearson_ci_low'):.3f}..{c.get('pearson_ci_high'):.3f}), "
+              f"spearman rho = {c.get('spearman_rho'):.3f}, n = {c.get('n')}")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from .status import experiment_status, format_status
+
+    st = experiment_status(args.experiment_dir)
+    print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oodsweep", description="Which segmentation model will hold up at a "
+                                     "site whose data it has never seen? Pools, uncertainty, on-the-line analysis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or continue) the sweep a spec describes")
+    p.add_argument("spec", help="sweep spec YAML (see sweeps/presets/)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("demo", help="the embedded-default demo: synthetic sites, local Ray, SQLite MLflow")
+    p.add_argument("--storage", help="where experiments go (default: $OODSWEEP_STORAGE or ./oodsweep-runs)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("status", help="per stage: done, failed, pending")
+    p.add_argument("experiment_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("analyze", help="recompute the analysis of a finished experiment (no Ray needed)")
+    p.add_argument("experiment_dir")
+    p.add_argument("--metric", choices=METRICS, help="default: the spec's analysis.metric")
+    p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the analysis to MLflow")
+    p.set_defaults(func=_cmd_analyze)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        print(f"oodsweep: invalid spec: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"oodsweep: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The driver: validate, prepare data, run the stages in order, track (DESIGN §2, §8).
+
+Stages hand off through the experiment directory only; a finished stage is skipped on rerun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from trainables import records
+
+from .spec import SpecError, SweepSpec, parse_spec
+from .tracking import Tracker
+
+SPEC_FILE = "spec.yaml"
+
+
+def log(msg: str) -> None:
+    print(f"[oodsweep] {msg}", flush=True)
+
+
+def frozen_spec(spec: SweepSpec) -> dict:
+    """The spec as launched: environment variables expanded, paths absolute."""
+    raw = json.loads(json.dumps(spec.raw))  # deep copy
+    raw["storage"] = str(spec.storage)
+    raw["data"]["root"] = str(spec.data.root)
+    if spec.data.cache_dir:
+        raw["data"]["cache_dir"] = str(spec.data.cache_dir)
+    return raw
+
+
+def _diff(a, b, key=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _diff(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+    elif a != b:
+        yield f"{key}: {a!r} -> {b!r}"
+
+
+def prepare_experiment(spec: SweepSpec) -> Path:
+    """Create the experiment dir and freeze the spec; refuse a changed spec on an existing one."""
+    exp = spec.experiment_dir
+    exp.mkdir(parents=True, exist_ok=True)
+    frozen = frozen_spec(spec)
+    path = exp / SPEC_FILE
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        changes = list(_diff(old, frozen))
+        if changes:
+            raise SpecError(
+                f"{exp} already holds sweep {spec.name!r} launched from a different spec; changed: "
+                + "; ".join(changes) + f". Give the sweep a new `name`, or move {exp} away to start over "
+                "(its finished work is kept as it is).")
+    else:
+        path.write_text(yaml.safe_dump(frozen, sort_keys=False))
+    return exp
+
+
+def prepare_data(spec: SweepSpec) -> Path:
+    """Generate synthetic sites if the spec asks for them, then build (or find) the slice cache."""
+    from trainables.data.cache import build_slice_cache
+
+    d = spec.data
+    if d.synthetic is not None:
+        from trainables.data.synthetic import write_synthetic_sites
+
+        log(f"synthetic sites under {d.root}")
+        write_synthetic_sites(d.root, sites=[d.source, *d.targets], cases_per_site=d.synthetic.cases_per_site,
+                              shape=d.synthetic.shape, seed=d.synthetic.seed)
+    t = time.time()
+    cache = build_slice_cache(d.layout, d.root, [d.source, *d.targets], d.image_size, spec.cache_root,
+                              split_seed=d.split_seed, test_fraction=d.test_fraction,
+                              skip_bad_cases=d.skip_bad_cases)
+    log(f"slice cache {cache} ({time.time() - t:.1f}s)")
+    return cache
+
+
+def tracker_for(spec: SweepSpec) -> Tracker:
+    return Tracker(spec.tracking(), spec.name, artifact_dir=spec.experiment_dir / "mlartifacts")
+
+
+def _init_ray(address: str | None, num_cpus: int | None):
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address)
+    else:
+        log("starting a local Ray")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+
+
+def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
+                   num_cpus: int | None = None) -> None:
+    from .pool import DONE_MARKER, STAGE, build_tuner
+
+    exp = spec.experiment_dir
+    marker = exp / STAGE / DONE_MARKER
+    parent = tracker.stage_run(STAGE)
+    tracker.log_params(parent, {"n_runs": spec.n_runs(), "n_members": spec.n_members(),
+                                "source": spec.data.source, "targets": ",".join(spec.data.targets),
+                                "image_size": spec.data.image_size, "spec": str(exp / SPEC_FILE)})
+    if marker.exists():
+        log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
+        return
+    _init_ray(address, num_cpus)
+    log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members")
+    t = time.time()
+    tuner = build_tuner(spec, cache, tracker, parent)
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    tracker.log_metrics(parent, {"pool_seconds": time.time() - t, "failed_trials": len(errors),
+                                 "members": len(records.member_part_ids(exp))})
+    if errors:
+        tracker.end(parent, "FAILED")
+        msgs = "\n  - ".join(f"{r.path}: {str(r.error).splitlines()[-1] if str(r.error) else r.error!r}"
+                             for r in errors)
+        raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; rerun "
+                           f"`oodsweep run` to retry only the failed ones):\n  - {msgs}")
+    records.merge_parts(exp)
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tracker.end(parent, "FINISHED")
+
+
+def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
+                       out_dir: Path | None = None) -> dict:
+    from analysis import run_analysis
+
+    exp = spec.experiment_dir
+    result = run_analysis(exp, metric=metric or spec.analysis.metric, out_dir=out_dir)
+    if tracker is not None:
+        rid = tracker.stage_run("analysis")
+        tracker.log_params(rid, {"metric": metric or spec.analysis.metric})
+        for c in result.get("correlations", []):
+            tgt = c.get("target")
+            tracker.log_metrics(rid, {f"{tgt}_{k}": v for k, v in c.items()
+                                      if k in ("pearson_r", "spearman_rho", "probit_slope", "probit_r2")})
+        out = Path(result["out_dir"])
+        tracker.log_artifacts(rid, [Path(f) for f in result["files"]], base=out)
+        tracker.end(rid, "FINISHED")
+    return result
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Run every stage of ``spec`` that is not done yet; return where the results are."""
+    t0 = time.time()
+    exp = prepare_experiment(spec)
+    log(f"experiment {exp}")
+    cache = prepare_data(spec)
+    tracker = tracker_for(spec)
+    log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")
+    run_pool_stage(spec, cache, tracker, address=address, num_cpus=num_cpus)
+    result = run_analysis_stage(spec, tracker)
+    summary = {"experiment_dir": str(exp), "tracking_uri": tracker.tracking_uri,
+               "analysis_dir": result["out_dir"], "seconds": round(time.time() - t0, 1),
+               "members": len(records.member_part_ids(exp))}
+    log(f"done in {summary['seconds']:.0f}s: {summary['members']} pool members")
+    log(f"  records:  {exp / records.RECORDS_DIR}")
+    log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
+    log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    return summary
+
+
+def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
+    """The frozen spec of an existing experiment directory."""
+    exp = Path(experiment_dir).resolve()
+    path = exp / SPEC_FILE
+    if not path.exists():
+        raise SpecError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
+                        f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
+    raw = yaml.safe_load(path.read_text())
+    raw["storage"] = str(exp.parent)  # the folder may have been moved since
+    return parse_spec(raw, where=str(path))

@@ -1,0 +1,128 @@
+"""Stage 1: the pool, as a Ray Tune experiment with one trial per training run (DESIGN §2, §4).
+
+Ray is imported inside functions only: the CLI's ``analyze`` and ``status`` commands, and the
+trainables themselves, run on machines without it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .spec import Param, SweepSpec
+from .tracking import Tracker
+
+STAGE = "pool"
+DONE_MARKER = ".oodsweep-done"
+
+
+# ------------------------------------------------------------------ the Tune trial (runs in a worker)
+
+def pool_trial(config: dict) -> None:
+    """Ray Tune function trainable: one ``train_segmenter`` run, resumable from its checkpoint."""
+    from ray import tune
+
+    from trainables.segment import train_segmenter
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        if ckpt_dir is None:
+            tune.report(metrics)
+            return
+        try:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+        finally:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train_segmenter(config, report=report)
+    else:  # a restarted trial continues from its last snapshot instead of retraining
+        with checkpoint.as_directory() as d:
+            train_segmenter({**config, "resume_from": d}, report=report)
+
+
+# ------------------------------------------------------------------ building the Tuner (driver)
+
+def _tune_param(p: Param, searching: bool):
+    from ray import tune
+
+    if p.kind == "grid":
+        return tune.choice(list(p.values)) if searching else tune.grid_search(list(p.values))
+    if p.kind == "choice":
+        return tune.choice(list(p.values))
+    if p.kind == "loguniform":
+        return tune.loguniform(*p.values)
+    return tune.uniform(*p.values)
+
+
+def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
+    """The Tune search space: arch x lr x seed (x epochs in grid mode) plus the fixed trial config."""
+    searching = spec.search is not None
+    pool = spec.pool
+    space: dict[str, Any] = {
+        "arch": _tune_param(pool.arch, searching),
+        "lr": _tune_param(pool.lr, searching),
+        "seed": _tune_param(pool.seed, searching),
+        "cache": str(cache_dir),
+        "source": spec.data.source,
+        "targets": list(spec.data.targets),
+        "target_split": spec.data.target_split,
+        "experiment_dir": str(spec.experiment_dir),
+        "batch_size": pool.batch_size,
+        "weight_decay": pool.weight_decay,
+        "num_threads": max(1, int(pool.cpu)),
+    }
+    if pool.epochs.mode == "snapshots":
+        space["snapshots"] = list(pool.epochs.values)
+    else:
+        space["epochs"] = _tune_param(Param("grid", pool.epochs.values), searching)
+    return space
+
+
+def member_epochs(config: dict) -> list[int]:
+    return sorted(config["snapshots"]) if config.get("snapshots") else [int(config["epochs"])]
+
+
+def run_name(config: dict) -> str:
+    return f"{config['arch']}-lr{float(config['lr']):.6g}-s{int(config['seed'])}-E{max(member_epochs(config))}"
+
+
+def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str):
+    """A new Tuner for the pool stage, or the restored one if this experiment already started it."""
+    import ray
+    from ray import tune
+
+    storage = str(spec.experiment_dir)
+    path = spec.experiment_dir / STAGE
+    trainable = tune.with_resources(pool_trial, {"cpu": spec.pool.cpu, "gpu": spec.pool.gpu})
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[oodsweep] resuming the pool stage from {path}")
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space(spec, cache_dir))
+    max_conc = spec.pool.max_concurrent_trials
+    if max_conc is None:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        max_conc = max(1, int(cpus // spec.pool.cpu))
+        if spec.pool.gpu:
+            max_conc = min(max_conc, max(1, int(ray.cluster_resources().get("GPU", 0) // spec.pool.gpu)))
+    search_alg, num_samples = None, 1
+    if spec.search is not None:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, seed=spec.search.seed)
+        num_samples = spec.search.num_samples
+    from .callbacks import MlflowPoolCallback
+
+    callback = MlflowPoolCallback(tracker, parent_run_id)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec, cache_dir),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, search_alg=search_alg,
+                                    trial_name_creator=lambda t: run_name(t.config),
+                                    trial_dirname_creator=lambda t: f"{run_name(t.config)}-{t.trial_id}",
+                                    num_samples=num_samples),
+        run_config=tune.RunConfig(
+            name=STAGE, storage_path=storage, callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=spec.pool.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )

@@ -1,0 +1,394 @@
+"""Sweep specs: YAML a person writes -> validated dataclasses (DESIGN §4).
+
+Validation happens before anything launches; every error names the key (as a dotted path),
+the bad value and the valid choices or the fix. ``${VAR}`` and ``${VAR:-default}`` in strings
+are replaced from the environment (an unset variable without a default is an error naming it).
+
+Example::
+
+    name: demo
+    storage: ${OODSWEEP_STORAGE:-./oodsweep-runs}
+    data: {layout: prostate_multisite, root: ./data/synthetic, source: SiteA,
+           targets: [SiteB, SiteC, SiteD], image_size: 64, synthetic: {cases_per_site: 10}}
+    pool:
+      arch: {grid: [unet_r18, unet_effb0]}
+      lr: {grid: [1.0e-3, 3.0e-4, 1.0e-4]}
+      epochs: {snapshots: [3, 6]}
+      seed: {grid: [0]}
+      resources: {cpu: 1, gpu: 0}
+    analysis: {metric: iou_3d}
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.models import MODELS
+
+METRICS = ("iou_3d", "dice_2d", "dice_global")
+LAYOUTS = ("prostate_multisite",)
+DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
+INDICATORS = ("id_performance",)
+
+
+class SpecError(ValueError):
+    """An invalid sweep spec. The message names the file, the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable parameter: ``{grid: [...]}``, ``{choice: [...]}``, ``{loguniform: [lo, hi]}``,
+    ``{uniform: [lo, hi]}`` or a plain value (a one-point grid)."""
+
+    kind: str
+    values: tuple
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == "grid"
+
+    def points(self) -> tuple:
+        """The finite values (grid/choice); bounds for loguniform/uniform."""
+        return self.values
+
+
+@dataclass(frozen=True)
+class Epochs:
+    mode: str               # "snapshots" (one run to the max, a member at each) or "grid" (independent runs)
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    cases_per_site: int = 10
+    shape: tuple[int, int, int] = (80, 80, 16)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    layout: str
+    root: Path
+    source: str
+    targets: tuple[str, ...]
+    image_size: int = 64
+    split_seed: int = 0
+    test_fraction: float = 0.2
+    target_split: str = "test"
+    cache_dir: Path | None = None
+    skip_bad_cases: bool = False
+    synthetic: SyntheticSpec | None = None
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    arch: Param
+    lr: Param
+    epochs: Epochs
+    seed: Param
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    algo: str = "optuna"
+    num_samples: int = 8
+    metric: str = "id_iou_3d"
+    mode: str = "max"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    metric: str = "iou_3d"
+    indicators: tuple[str, ...] = ("id_performance",)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    storage: Path
+    data: DataSpec
+    pool: PoolSpec
+    search: SearchSpec | None = None
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    tracking_uri: str | None = None
+    source_file: Path | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.storage / self.name
+
+    @property
+    def cache_root(self) -> Path:
+        return self.data.cache_dir or (self.storage / ".cache" / "slices")
+
+    def tracking(self) -> str:
+        """The MLflow tracking URI: the spec's, else $MLFLOW_TRACKING_URI, else SQLite in the experiment."""
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{(self.experiment_dir / 'mlflow.db').resolve()}")
+
+    def n_runs(self) -> int | None:
+        """Training runs in the pool (None for a search: it is num_samples)."""
+        if self.search:
+            return self.search.num_samples
+        n = len(self.pool.arch.values) * len(self.pool.lr.values) * len(self.pool.seed.values)
+        return n * (len(self.pool.epochs.values) if self.pool.epochs.mode == "grid" else 1)
+
+    def n_members(self) -> int | None:
+        runs = self.n_runs()
+        return runs * len(self.pool.epochs.values) if self.pool.epochs.mode == "snapshots" else runs
+
+
+# --------------------------------------------------------------------------- helpers
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, key: str, where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise SpecError(f"{where}: {key} uses ${{{var}}} but the environment variable {var} is not set; "
+                            f"export {var}=... or write ${{{var}:-default}}")
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}" if key else k, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    return value
+
+
+class _Checker:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, msg: str) -> SpecError:
+        return SpecError(f"{self.where}: {key}: {msg}")
+
+    def keys(self, d: Any, key: str, allowed: dict[str, bool]) -> dict:
+        """``allowed`` maps a key to whether it is required."""
+        if not isinstance(d, dict):
+            raise self.fail(key or "(top level)", f"expected a mapping, got {type(d).__name__} {d!r}")
+        for k in d:
+            if k not in allowed:
+                close = difflib.get_close_matches(str(k), list(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"{key}.{k}" if key else str(k),
+                                f"unknown key{hint}; valid keys here: {', '.join(allowed)}")
+        for k, required in allowed.items():
+            if required and k not in d:
+                raise self.fail(f"{key}.{k}" if key else k, "is required but missing")
+        return d
+
+    def number(self, v: Any, key: str, *, positive: bool = False, integer: bool = False,
+               nonneg: bool = False, maximum: float | None = None) -> float | int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            try:
+                v = float(v) if not integer else int(v)  # YAML reads 1e-4 (no dot) as a string
+            except (TypeError, ValueError):
+                raise self.fail(key, f"expected a number, got {v!r}") from None
+        if integer and float(v) != int(v):
+            raise self.fail(key, f"expected an integer, got {v!r}")
+        if positive and not v > 0:
+            raise self.fail(key, f"must be > 0, got {v!r}")
+        if nonneg and v < 0:
+            raise self.fail(key, f"must be >= 0, got {v!r}")
+        if maximum is not None and v > maximum:
+            raise self.fail(key, f"must be <= {maximum}, got {v!r}")
+        return int(v) if integer else float(v)
+
+    def choice(self, v: Any, key: str, valid: tuple | list) -> Any:
+        if v not in valid:
+            close = difflib.get_close_matches(str(v), [str(x) for x in valid], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.fail(key, f"unknown value {v!r}{hint}; valid choices: {', '.join(map(str, valid))}")
+        return v
+
+    def param(self, v: Any, key: str, check_one) -> Param:
+        if not isinstance(v, dict):
+            v = {"grid": v if isinstance(v, list) else [v]}
+        if len(v) != 1 or next(iter(v)) not in DISTRIBUTIONS:
+            raise self.fail(key, f"expected one of {{{', '.join(k + ': ...' for k in DISTRIBUTIONS)}}}, got {v!r}")
+        kind, vals = next(iter(v.items()))
+        if not isinstance(vals, list) or not vals:
+            raise self.fail(f"{key}.{kind}", f"expected a non-empty list, got {vals!r}")
+        if kind in ("loguniform", "uniform"):
+            if len(vals) != 2:
+                raise self.fail(f"{key}.{kind}", f"expected [low, high], got {vals!r}")
+            vals = [check_one(x, f"{key}.{kind}[{i}]") for i, x in enumerate(vals)]
+            if not vals[0] < vals[1]:
+                raise self.fail(f"{key}.{kind}", f"low must be < high, got {vals!r}")
+        else:
+            vals = [check_one(x, f"{key}.{kind}[{i}]") for i, x in enumerate(vals)]
+            if len(set(vals)) != len(vals):
+                raise self.fail(f"{key}.{kind}", f"has repeated values {vals!r}")
+        return Param(kind, tuple(vals))
+
+
+def _path(v: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(str(v)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+# --------------------------------------------------------------------------- parsing
+
+def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | None = None) -> SweepSpec:
+    """Validate a spec mapping. Relative paths resolve against ``base_dir`` (default: the cwd)."""
+    base = Path(base_dir or os.getcwd()).resolve()
+    c = _Checker(where)
+    raw = _expand(raw, "", where)
+    c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": True, "search": False,
+                     "analysis": False, "tracking": False})
+    name = raw["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
+    storage = _path(raw.get("storage") or os.environ.get("OODSWEEP_STORAGE") or "./oodsweep-runs", base)
+
+    d = c.keys(raw["data"], "data", {"layout": True, "root": True, "source": True, "targets": True,
+                                      "image_size": False, "split_seed": False, "test_fraction": False,
+                                      "target_split": False, "cache_dir": False, "skip_bad_cases": False,
+                                      "synthetic": False})
+    layout = c.choice(d["layout"], "data.layout", LAYOUTS)
+    synthetic = None
+    if d.get("synthetic") is not None:
+        s = c.keys(d["synthetic"] or {}, "data.synthetic", {"cases_per_site": False, "shape": False, "seed": False})
+        shape = s.get("shape", [80, 80, 16])
+        if not (isinstance(shape, list) and len(shape) == 3):
+            raise c.fail("data.synthetic.shape", f"expected [H, W, D], got {shape!r}")
+        synthetic = SyntheticSpec(
+            cases_per_site=c.number(s.get("cases_per_site", 10), "data.synthetic.cases_per_site", integer=True,
+                                    positive=True),
+            shape=tuple(c.number(x, f"data.synthetic.shape[{i}]", integer=True, positive=True)
+                        for i, x in enumerate(shape)),
+            seed=c.number(s.get("seed", 0), "data.synthetic.seed", integer=True, nonneg=True))
+        if synthetic.cases_per_site < 2:
+            raise c.fail("data.synthetic.cases_per_site", f"needs >= 2 (one train, one test), got {synthetic.cases_per_site}")
+    root = _path(d["root"], base)
+    if synthetic is None and not root.is_dir():
+        raise c.fail("data.root", f"folder {root} does not exist; point it at the dataset (or add "
+                                  f"`synthetic: {{}}` under data to generate synthetic sites there)")
+    source = d["source"]
+    if not isinstance(source, str) or not source:
+        raise c.fail("data.source", f"expected a site name, got {source!r}")
+    targets = d["targets"]
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise c.fail("data.targets", f"expected a non-empty list of site names, got {targets!r}")
+    if source in targets:
+        raise c.fail("data.targets", f"contains the source site {source!r}; a target must be another site "
+                                     f"(the source's own test split is always scored as ID)")
+    if len(set(targets)) != len(targets):
+        raise c.fail("data.targets", f"has repeated sites {targets!r}")
+    if synthetic is not None:
+        from trainables.data.synthetic import SYNTHETIC_SITES
+
+        for k, site in [("data.source", source)] + [(f"data.targets[{i}]", t) for i, t in enumerate(targets)]:
+            c.choice(site, k, tuple(SYNTHETIC_SITES))
+    image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
+    if image_size % 32:
+        raise c.fail("data.image_size", f"must be a multiple of 32 (the encoders down-sample 32x), got {image_size}")
+    data = DataSpec(
+        layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
+        split_seed=c.number(d.get("split_seed", 0), "data.split_seed", integer=True, nonneg=True),
+        test_fraction=c.number(d.get("test_fraction", 0.2), "data.test_fraction", positive=True, maximum=0.9),
+        target_split=c.choice(d.get("target_split", "test"), "data.target_split", ("test", "all")),
+        cache_dir=_path(d["cache_dir"], base) if d.get("cache_dir") else None,
+        skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic)
+
+    p = c.keys(raw["pool"], "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
+                                      "weight_decay": False, "resources": False, "max_concurrent_trials": False,
+                                      "max_failures": False})
+    arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
+    if arch.kind in ("loguniform", "uniform"):
+        raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
+    lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
+    seed = c.param(p.get("seed", 0), "pool.seed", lambda v, k: c.number(v, k, integer=True, nonneg=True))
+    if seed.kind in ("loguniform", "uniform"):
+        raise c.fail("pool.seed", "seeds are integers: use grid or choice")
+    e = p["epochs"]
+    if isinstance(e, int) and not isinstance(e, bool):
+        e = {"grid": [e]}
+    if not isinstance(e, dict) or len(e) != 1 or next(iter(e)) not in ("snapshots", "grid"):
+        raise c.fail("pool.epochs", f"expected {{snapshots: [..]}} (one run, a member at each epoch) or "
+                                    f"{{grid: [..]}} (independent runs), got {e!r}")
+    emode, evals = next(iter(e.items()))
+    if not isinstance(evals, list) or not evals:
+        raise c.fail(f"pool.epochs.{emode}", f"expected a non-empty list of epochs, got {evals!r}")
+    evals = sorted({c.number(v, f"pool.epochs.{emode}[{i}]", integer=True, positive=True) for i, v in enumerate(evals)})
+    res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False})
+    mct = p.get("max_concurrent_trials")
+    pool = PoolSpec(
+        arch=arch, lr=lr, epochs=Epochs(emode, tuple(evals)), seed=seed,
+        batch_size=c.number(p.get("batch_size", 8), "pool.batch_size", integer=True, positive=True),
+        weight_decay=c.number(p.get("weight_decay", 0.0), "pool.weight_decay", nonneg=True),
+        cpu=c.number(res.get("cpu", 1), "pool.resources.cpu", positive=True),
+        gpu=c.number(res.get("gpu", 0), "pool.resources.gpu", nonneg=True),
+        max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
+                                                                 positive=True),
+        max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True))
+
+    search = None
+    if raw.get("search") is not None:
+        s = c.keys(raw["search"], "search", {"algo": False, "num_samples": False, "metric": False, "mode": False,
+                                              "seed": False})
+        search = SearchSpec(
+            algo=c.choice(s.get("algo", "optuna"), "search.algo", ("optuna",)),
+            num_samples=c.number(s.get("num_samples", 8), "search.num_samples", integer=True, positive=True),
+            metric=c.choice(s.get("metric", "id_iou_3d"), "search.metric",
+                            tuple(f"id_{m}" for m in ("iou_3d", "dice_2d"))),
+            mode=c.choice(s.get("mode", "max"), "search.mode", ("max", "min")),
+            seed=c.number(s.get("seed", 0), "search.seed", integer=True, nonneg=True))
+    else:
+        for k, prm in (("pool.arch", arch), ("pool.lr", lr), ("pool.seed", seed)):
+            if not prm.is_grid:
+                raise c.fail(k, f"{prm.kind} needs a search: add `search: {{algo: optuna, num_samples: N}}` "
+                                f"or use {{grid: [...]}}")
+
+    a = c.keys(raw.get("analysis") or {}, "analysis", {"metric": False, "indicators": False})
+    indicators = a.get("indicators", ["id_performance"])
+    if not isinstance(indicators, list):
+        raise c.fail("analysis.indicators", f"expected a list, got {indicators!r}")
+    analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
+                            indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", INDICATORS)
+                                             for i, v in enumerate(indicators)))
+    t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
+    return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, analysis=analysis,
+                     tracking_uri=t.get("uri"), raw=raw)
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a spec file. Relative paths in it resolve against the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}; a spec is a YAML mapping "
+                        f"(see sweeps/presets/demo.yaml)") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a YAML mapping with keys name, data, pool, ...; got "
+                        f"{type(raw).__name__} {str(raw)[:60]!r} (see sweeps/presets/demo.yaml)")
+    spec = parse_spec(raw, where=str(path))
+    return SweepSpec(**{**spec.__dict__, "source_file": path.resolve()})

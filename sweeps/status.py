@@ -1,0 +1,65 @@
+"""``oodsweep status``: read an experiment directory (no Ray needed) and say where each stage stands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainables import records
+
+from .driver import load_experiment_spec
+from .pool import DONE_MARKER, STAGE
+
+
+def _trial_states(pool_dir: Path) -> dict[str, dict]:
+    """Per trial folder: its last reported epoch and its error, from the files Tune writes."""
+    out = {}
+    if not pool_dir.is_dir():
+        return out
+    for d in sorted(p for p in pool_dir.iterdir() if p.is_dir()):
+        res = d / "result.json"
+        if not res.exists() and not (d / "error.txt").exists():
+            continue
+        last = {}
+        if res.exists():
+            lines = [ln for ln in res.read_text().splitlines() if ln.strip()]
+            if lines:
+                last = json.loads(lines[-1])
+        err = (d / "error.txt").read_text().strip().splitlines() if (d / "error.txt").exists() else None
+        out[d.name] = {"epoch": last.get("epoch"), "done": bool(last.get("done")),
+                       "error": err[-1] if err else None}
+    return out
+
+
+def experiment_status(experiment_dir) -> dict:
+    spec = load_experiment_spec(experiment_dir)
+    exp = spec.experiment_dir
+    members = records.member_part_ids(exp)
+    trials = _trial_states(exp / STAGE)
+    failed = {k: v["error"] for k, v in trials.items() if v["error"] and not v["done"]}
+    running = [k for k, v in trials.items() if not v["done"] and not v["error"]]
+    pool_done = (exp / STAGE / DONE_MARKER).exists()
+    expected = spec.n_members()
+    analysis_dir = exp / "analysis"
+    return {
+        "experiment": str(exp), "name": spec.name,
+        "pool": {"state": "done" if pool_done else ("failed" if failed else ("running" if running or members
+                                                                              else "pending")),
+                 "members_done": len(members), "members_expected": expected,
+                 "runs_done": sum(v["done"] for v in trials.values()), "runs_expected": spec.n_runs(),
+                 "runs_unfinished": running, "failed": failed},
+        "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",
+                     "dir": str(analysis_dir)},
+    }
+
+
+def format_status(st: dict) -> str:
+    p, a = st["pool"], st["analysis"]
+    lines = [f"experiment {st['name']}  ({st['experiment']})",
+             f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
+             f"runs {p['runs_done']}/{p['runs_expected']} finished"]
+    for name in p["runs_unfinished"]:
+        lines.append(f"            unfinished: {name}")
+    for name, err in p["failed"].items():
+        lines.append(f"            FAILED {name}: {err}")
+    lines.append(f"  analysis  {a['state']:8s} {a['dir']}")
+    return "\n".join(lines)

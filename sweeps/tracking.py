@@ -1,0 +1,103 @@
+"""MLflow tracking from the driver only (DESIGN §8).
+
+One MLflow experiment per sweep; a parent run per stage (``pool``, ``analysis``); one child run
+per pool member, nested under the pool run through MLflow's ``mlflow.parentRunId`` tag. Runs are
+found again by tags, so a resumed sweep reuses its runs instead of duplicating them.
+
+We use ``MlflowClient`` (explicit run ids, no global active run) rather than Ray's
+``MLflowLoggerCallback`` because a trial here yields several pool members (one per snapshot
+epoch), each of which gets its own child run, and because resume must reuse existing runs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+STAGE_TAG = "oodsweep.stage"
+MEMBER_TAG = "oodsweep.member_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` for one sweep's experiment."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_dir: str | Path | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.artifact_dir = Path(artifact_dir).resolve() if artifact_dir else None
+        self._client = None
+        self._experiment_id: str | None = None
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                loc = self.artifact_dir.as_uri() if self.artifact_dir else None
+                self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=loc)
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def find_run(self, tags: dict[str, str]):
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=2,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def get_or_create_run(self, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """Return (run_id, created). A run with the same identifying tags is reused."""
+        run = self.find_run(tags)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, False
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id, True
+
+    def stage_run(self, stage: str) -> str:
+        run_id, _ = self.get_or_create_run(stage, {STAGE_TAG: stage})
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        if new:
+            self.client.log_batch(run_id, params=new)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], base: Path) -> None:
+        for p in paths:
+            p = Path(p)
+            rel = p.parent.relative_to(base).as_posix()
+            self.client.log_artifact(run_id, str(p), artifact_path=None if rel == "." else rel)

@@ -1,0 +1,282 @@
+"""Tests of the analysis stage on synthetic records with hand-checkable answers."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import run_analysis
+from analysis.correlate import MIN_POINTS, STAT_KEYS, correlate, correlations, probit
+from analysis.plots import plot_on_the_line, probit_ticks
+from analysis.table import PERFORMANCE_COLUMNS, performance_table, scores_long
+from analysis.tables import format_cell, select_best_configs, table1, table1_long
+from trainables.records import write_member_part
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- synthetic records ------------------------------------------------------------------
+
+def _member(mid: str, arch: str, lr: float, epochs: int, seed: int, source: str = "A") -> dict:
+    return {"member_id": mid, "run_id": mid, "arch": arch, "lr": lr, "epochs": epochs, "seed": seed,
+            "batch_size": 4, "source": source, "checkpoint": f"/nowhere/{mid}.pt"}
+
+
+def _slices(mid: str, scores: dict[tuple[str, str], float]) -> pd.DataFrame:
+    """Slices whose iou_3d on each (site, role) is exactly ``score`` (a multiple of 0.01).
+
+    Each (site, role) gets one case of two slices: slice 0 with tp = 100 s, fp = 100 (1 - s);
+    slice 1 with true negatives only (empty truth, empty prediction), which must not change
+    the case IoU tp / (tp + fp) = s.
+    """
+    rows = []
+    for (site, role), s in scores.items():
+        tp = int(round(100 * s))
+        rows.append(dict(member_id=mid, site=site, role=role, case_id="c0", slice_idx=0,
+                         tp=tp, fp=100 - tp, fn=0, tn=0, area_px=100))
+        rows.append(dict(member_id=mid, site=site, role=role, case_id="c0", slice_idx=1,
+                         tp=0, fp=0, fn=0, tn=100, area_px=100))
+    return pd.DataFrame(rows)
+
+
+def _perf(rows: list[tuple]) -> pd.DataFrame:
+    """A performance table from (member_id, arch, lr, epochs, seed, target, id, ood) tuples."""
+    df = pd.DataFrame(rows, columns=["member_id", "arch", "lr", "epochs", "seed", "target", "id_score", "ood_score"])
+    df["source"] = "A"
+    df["metric"] = "iou_3d"
+    return df[PERFORMANCE_COLUMNS]
+
+
+# --- performance table ------------------------------------------------------------------
+
+def test_performance_table_known_scores():
+    members = pd.DataFrame([_member("m1", "unet", 1e-3, 5, 0), _member("m2", "medsam", 1e-4, 10, 1)])
+    slices = pd.concat([
+        _slices("m1", {("A", "id"): 0.80, ("B", "ood"): 0.50, ("C", "ood"): 0.25}),
+        _slices("m2", {("A", "id"): 0.90, ("B", "ood"): 0.70, ("C", "ood"): 0.60}),
+    ], ignore_index=True)
+    perf = performance_table(members, slices, "iou_3d")
+    assert list(perf.columns) == PERFORMANCE_COLUMNS
+    assert len(perf) == 4
+    got = {(r.member_id, r.target): (r.id_score, r.ood_score) for r in perf.itertuples()}
+    # tp / 100 with integer tp is the double nearest the decimal literal: exact comparison.
+    assert got == {("m1", "B"): (0.80, 0.50), ("m1", "C"): (0.80, 0.25),
+                   ("m2", "B"): (0.90, 0.70), ("m2", "C"): (0.90, 0.60)}
+    m2 = perf[perf["member_id"] == "m2"].iloc[0]
+    assert (m2["arch"], m2["lr"], m2["epochs"], m2["seed"], m2["source"]) == ("medsam", 1e-4, 10, 1, "A")
+    assert list(perf["target"]) == ["B", "B", "C", "C"]
+
+    long = scores_long(slices, "iou_3d")
+    assert len(long) == 6 and set(long["role"]) == {"id", "ood"}
+
+
+def test_performance_table_aggregates_counts_per_case():
+    # One case, two slices: IoU 30/40 and 30/60 per slice, but the case IoU is 60/100 = 0.6.
+    members = pd.DataFrame([_member("m", "unet", 1e-3, 5, 0)])
+    slices = pd.DataFrame([
+        dict(member_id="m", site="A", role="id", case_id="c", slice_idx=0, tp=30, fp=10, fn=0, tn=60, area_px=100),
+        dict(member_id="m", site="A", role="id", case_id="c", slice_idx=1, tp=30, fp=30, fn=0, tn=40, area_px=100),
+        dict(member_id="m", site="B", role="ood", case_id="d", slice_idx=0, tp=1, fp=1, fn=2, tn=96, area_px=100),
+    ])
+    perf = performance_table(members, slices, "iou_3d")
+    assert perf["id_score"].iloc[0] == pytest.approx(0.6)
+    assert perf["ood_score"].iloc[0] == pytest.approx(0.25)
+
+
+def test_unknown_metric_lists_valid_ones():
+    with pytest.raises(ValueError, match="iou_3d, dice_2d, dice_global"):
+        performance_table(pd.DataFrame(), pd.DataFrame(), "accuracy")
+
+
+# --- correlation ------------------------------------------------------------------------
+
+def test_points_on_a_probit_line():
+    x = np.linspace(0.2, 0.95, 12)
+    y = stats.norm.cdf(0.5 * probit(x) + 0.2)
+    assert y.min() > 0.01 and y.max() < 0.99  # away from the clipping eps
+    st = correlate(x, y)
+    assert st["n"] == 12
+    assert st["probit_slope"] == pytest.approx(0.5, abs=1e-9)
+    assert st["probit_intercept"] == pytest.approx(0.2, abs=1e-9)
+    assert st["probit_r2"] == pytest.approx(1.0, abs=1e-9)
+    assert st["probit_r"] == pytest.approx(1.0, abs=1e-9)
+    assert stats.pearsonr(probit(x), probit(y)).statistic == pytest.approx(1.0, abs=1e-9)
+    assert st["spearman_rho"] == pytest.approx(1.0)
+    assert st["pearson_r"] > 0.99  # raw values: monotone, nearly linear
+
+
+def test_independent_points_are_uncorrelated():
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0.05, 0.95, 200), rng.uniform(0.05, 0.95, 200)
+    st = correlate(x, y)
+    assert st["n"] == 200
+    assert abs(st["pearson_r"]) < 0.2
+    assert abs(st["spearman_rho"]) < 0.2
+    assert abs(st["probit_r"]) < 0.2
+
+
+def test_pearson_ci_contains_r():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.3, 0.9, 30)
+    y = np.clip(0.8 * x + rng.normal(0, 0.08, 30), 0, 1)
+    st = correlate(x, y)
+    assert st["pearson_ci_low"] < st["pearson_r"] < st["pearson_ci_high"]
+    assert -1 <= st["pearson_ci_low"] and st["pearson_ci_high"] <= 1
+
+
+@pytest.mark.parametrize("x, y", [
+    ([0.5, 0.6, 0.7], [0.4, 0.5, 0.7]),              # n = 3 < MIN_POINTS
+    ([], []),
+    ([0.5, 0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]),  # constant x
+    ([0.5, 0.6, np.nan, 0.8, 0.9], [0.1, 0.2, 0.3, np.nan, 0.5]),  # NaN pairs dropped -> n = 3
+])
+def test_degenerate_input_gives_nan_without_warnings(x, y):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = correlate(np.array(x, dtype=float), np.array(y, dtype=float))
+    assert list(st) == list(STAT_KEYS)
+    for k in ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_rho", "probit_r2"):
+        assert math.isnan(st[k]), k
+    assert st["n"] < MIN_POINTS or len(set(x)) == 1
+
+
+def test_correlations_one_row_per_target():
+    x = np.linspace(0.3, 0.9, 6)
+    rows = [(f"m{i}", "unet", 1e-3, 5, i, t, xi, yi)
+            for t, ys in (("B", stats.norm.cdf(0.5 * probit(x) + 0.2)), ("C", x[::-1]))
+            for i, (xi, yi) in enumerate(zip(x, ys))]
+    corr = correlations(_perf(rows))
+    assert list(corr["target"]) == ["B", "C"]
+    assert set(corr["indicator"]) == {"id_performance"} and set(corr["metric"]) == {"iou_3d"}
+    b, c = corr.iloc[0], corr.iloc[1]
+    assert b["probit_slope"] == pytest.approx(0.5) and b["probit_r2"] == pytest.approx(1.0)
+    assert c["pearson_r"] == pytest.approx(-1.0) and c["spearman_rho"] == pytest.approx(-1.0)
+
+
+# --- Table 1 ----------------------------------------------------------------------------
+
+def test_format_cell_paper_form():
+    assert format_cell(56.111, 4.934, -20.7) == "56.11 ± 4.93 (↓ 20.7)"
+    assert format_cell(80.0, 1.0, 3.04) == "80.00 ± 1.00 (↑ 3.0)"
+    assert format_cell(80.0, 0.0) == "80.00 ± 0.00"
+    assert format_cell(80.0, 0.0, 0.01) == "80.00 ± 0.00 (= 0.0)"
+    assert format_cell(float("nan"), float("nan"), 1.0) == "–"
+
+
+def _table_pool() -> pd.DataFrame:
+    rows = []
+    # unet, lr 1e-3: ID 0.80 / 0.70 (mean 75.00, std 5.00); OOD B 0.50 / 0.60, OOD C 0.80 / 0.76.
+    for s, (i, b, c) in enumerate([(0.80, 0.50, 0.80), (0.70, 0.60, 0.76)]):
+        rows += [(f"u3-{s}", "unet", 1e-3, 5, s, "B", i, b), (f"u3-{s}", "unet", 1e-3, 5, s, "C", i, c)]
+    # unet, lr 1e-4: worse on ID (mean 0.61) but better on B: must not be selected.
+    for s, (i, b, c) in enumerate([(0.60, 0.58, 0.59), (0.62, 0.60, 0.61)]):
+        rows += [(f"u4-{s}", "unet", 1e-4, 5, s, "B", i, b), (f"u4-{s}", "unet", 1e-4, 5, s, "C", i, c)]
+    # medsam: a single seed -> std 0.00.
+    rows += [("ms-0", "medsam", 1e-4, 10, 0, "B", 0.90, 0.45), ("ms-0", "medsam", 1e-4, 10, 0, "C", 0.90, 0.90)]
+    return _perf(rows)
+
+
+def test_best_config_selection_uses_id_score():
+    best = select_best_configs(_table_pool()).set_index("arch")
+    assert best.loc["unet", "lr"] == 1e-3
+    assert best.loc["unet", "id_mean"] == pytest.approx(0.75)
+    assert best.loc["unet", "n_seeds"] == 2
+    assert best.loc["medsam", "lr"] == 1e-4 and best.loc["medsam", "epochs"] == 10
+
+
+def test_table1_cells():
+    wide = table1(_table_pool()).set_index("setting")
+    assert list(wide.columns) == ["domain", "medsam", "unet"]
+    assert list(wide.index) == ["A", "A → B", "A → C"]
+    assert wide.loc["A", "domain"] == "Same-Dom." and wide.loc["A → B", "domain"] == "Cross-Dom."
+    assert wide.loc["A", "unet"] == "75.00 ± 5.00"
+    assert wide.loc["A → B", "unet"] == "55.00 ± 5.00 (↓ 20.0)"
+    assert wide.loc["A → C", "unet"] == "78.00 ± 2.00 (↑ 3.0)"
+    assert wide.loc["A", "medsam"] == "90.00 ± 0.00"
+    assert wide.loc["A → B", "medsam"] == "45.00 ± 0.00 (↓ 45.0)"
+    assert wide.loc["A → C", "medsam"] == "90.00 ± 0.00 (= 0.0)"
+
+    long = table1_long(_table_pool())
+    row = long[(long["arch"] == "unet") & (long["target"] == "B")].iloc[0]
+    assert row["change_pct"] == pytest.approx(-20.0) and row["n_seeds"] == 2
+
+
+# --- plots and the stage ----------------------------------------------------------------
+
+def test_probit_ticks_inside_range():
+    lo, hi = float(probit(0.25)), float(probit(0.97))
+    ticks = probit_ticks(lo, hi)
+    assert ticks == [0.3, 0.5, 0.7, 0.9, 0.95]
+    assert len(probit_ticks(float(probit(0.82)), float(probit(0.93)))) >= 2  # narrow range -> finer ticks
+
+
+def test_plot_on_the_line_writes_png(tmp_path):
+    path = plot_on_the_line(_table_pool(), "B", tmp_path / "p" / "b.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no rows for target 'Z'"):
+        plot_on_the_line(_table_pool(), "Z", tmp_path / "z.png")
+
+
+def _write_experiment(exp: Path) -> None:
+    archs, lrs, seeds = ("unet_r18", "medsam_tiny"), (1e-3, 1e-4), (0, 1, 2)
+    k = 0
+    for a, arch in enumerate(archs):
+        for l, lr in enumerate(lrs):
+            for seed in seeds:
+                id_s = round(0.55 + 0.1 * a + 0.08 * l + 0.03 * seed, 2)
+                b = round(float(stats.norm.cdf(0.8 * probit(id_s) - 0.3)), 2)
+                c = round(0.2 + 0.05 * ((k * 7) % 5), 2)
+                mid = f"{arch}-lr{lr:g}-s{seed}-ep3"
+                write_member_part(exp, _member(mid, arch, lr, 3, seed, source="A"),
+                                  _slices(mid, {("A", "id"): id_s, ("B", "ood"): b, ("C site", "ood"): c}))
+                k += 1
+
+
+def test_run_analysis_writes_every_file(tmp_path):
+    exp = tmp_path / "exp"
+    _write_experiment(exp)
+    res = run_analysis(exp)
+    out = exp / "analysis"
+    assert res["out_dir"] == str(out)
+    names = {str(Path(f).relative_to(out)) for f in res["files"]}
+    assert names == {"performance.csv", "correlations.csv", "table1.csv", "tables.md", "summary.json",
+                     "plots/accuracy_on_the_line_B.png", "plots/accuracy_on_the_line_C_site.png"}
+    for f in res["files"]:
+        assert Path(f).stat().st_size > 0, f
+    assert len(pd.read_csv(out / "performance.csv")) == 24
+    assert len(res["correlations"]) == 2
+    b = next(c for c in res["correlations"] if c["target"] == "B")
+    assert b["pearson_r"] > 0.95 and b["n"] == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "iou_3d" and summary["n_members"] == 12
+    assert [c["target"] for c in summary["correlations"]] == ["B", "C site"]
+    md = (out / "tables.md").read_text()
+    assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
+    t1 = pd.read_csv(out / "table1.csv")
+    assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18"]
+
+    other = run_analysis(exp, metric="dice_global", out_dir=tmp_path / "other")
+    assert Path(other["out_dir"]) == tmp_path / "other" and (tmp_path / "other" / "tables.md").exists()
+
+
+def test_run_analysis_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no pool records in .*records.*oodsweep run"):
+        run_analysis(tmp_path / "empty")
+    with pytest.raises(ValueError, match="valid metrics: iou_3d, dice_2d, dice_global"):
+        run_analysis(tmp_path / "empty", metric="auc")
+
+
+def test_analysis_imports_no_ray_torch_sweeps_or_pyplot():
+    code = ("import sys, analysis, analysis.plots, analysis.tables; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'torch', 'sweeps', 'mlflow'} "
+            "or m == 'matplotlib.pyplot'); print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,193 @@
+"""The experiment-directory record schema: the contract between stages (DESIGN §3).
+
+Everything downstream of the pool stage (the uncertainty stage, the analysis) reads these
+files and nothing else. Trials write one part per pool member (concurrent trials never share
+a file); the driver merges the parts into ``members.parquet`` and ``slices.parquet``.
+
+Layout under ``<experiment>/records/``::
+
+    parts/<member_id>.member.json     one pool member (MEMBER_COLUMNS)
+    parts/<member_id>.slices.parquet  its per-slice confusion counts (SLICE_COLUMNS)
+    checkpoints/<member_id>.pt        its model weights (state_dict + arch kwargs)
+    predictions/<member_id>/<site>.npz packed-bit predicted masks (see ``save_predictions``)
+    members.parquet                   merged members
+    slices.parquet                    merged slices
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RECORDS_DIR = "records"
+
+#: One row per pool member.
+MEMBER_COLUMNS = {
+    "member_id": "string",   # unique in the experiment, e.g. "unet_r18-lr0.001-s0-ep4"
+    "run_id": "string",      # the training run (one run gives a member per snapshot epoch)
+    "arch": "string",        # model registry name
+    "lr": "float64",
+    "epochs": "int64",       # the epoch this member was taken at
+    "seed": "int64",
+    "batch_size": "int64",
+    "source": "string",      # source site name
+    "checkpoint": "string",  # absolute path (or URI) of the member's weights
+}
+
+#: One row per member x site x case x slice. Every metric derives from these counts.
+SLICE_COLUMNS = {
+    "member_id": "string",
+    "site": "string",        # site name as the spec names it
+    "role": "string",        # "id" (source test split) or "ood" (a target site)
+    "case_id": "string",
+    "slice_idx": "int64",    # index of the 2D slice in its volume (last axis)
+    "tp": "int64",
+    "fp": "int64",
+    "fn": "int64",
+    "tn": "int64",
+    "area_px": "int64",      # pixels in the evaluated slice (H*W); tp+fp+fn+tn == area_px
+}
+
+
+def records_dir(experiment_dir: str | os.PathLike) -> Path:
+    return Path(experiment_dir) / RECORDS_DIR
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _conform(df: pd.DataFrame, columns: dict[str, str], what: str) -> pd.DataFrame:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing columns {missing}; expected {list(columns)}")
+    extra = [c for c in df.columns if c not in columns]
+    return df[list(columns) + extra].astype(columns)
+
+
+def write_member_part(experiment_dir: str | os.PathLike, member: dict, slices: pd.DataFrame) -> None:
+    """Write one pool member's record and its slice counts (atomically, slices first)."""
+    rdir = records_dir(experiment_dir) / "parts"
+    mid = member["member_id"]
+    slices = _conform(slices, SLICE_COLUMNS, f"slices of {mid}")
+    tmp = rdir / f".{mid}.slices.parquet.tmp"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    slices.to_parquet(tmp, index=False)
+    os.replace(tmp, rdir / f"{mid}.slices.parquet")
+    _atomic_write_bytes(rdir / f"{mid}.member.json", json.dumps(member, indent=1, default=str).encode())
+
+
+def member_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
+    rdir = records_dir(experiment_dir) / "parts"
+    return sorted(p.name[: -len(".member.json")] for p in rdir.glob("*.member.json"))
+
+
+def merge_parts(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge every member part into members.parquet and slices.parquet; return both tables."""
+    rdir = records_dir(experiment_dir)
+    ids = member_part_ids(experiment_dir)
+    if not ids:
+        raise FileNotFoundError(f"no pool members recorded under {rdir / 'parts'}: has the pool stage run?")
+    members = pd.DataFrame([json.loads((rdir / "parts" / f"{i}.member.json").read_text()) for i in ids])
+    members = _conform(members, MEMBER_COLUMNS, "members")
+    slices = pd.concat([pd.read_parquet(rdir / "parts" / f"{i}.slices.parquet") for i in ids], ignore_index=True)
+    slices = _conform(slices, SLICE_COLUMNS, "slices")
+    for name, df in (("members.parquet", members), ("slices.parquet", slices)):
+        tmp = rdir / f".{name}.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, rdir / name)
+    return members, slices
+
+
+def load_records(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read (members, slices) from an experiment directory, merging parts if needed."""
+    rdir = records_dir(experiment_dir)
+    mp, sp = rdir / "members.parquet", rdir / "slices.parquet"
+    parts = member_part_ids(experiment_dir)
+    if mp.exists() and sp.exists():
+        members = pd.read_parquet(mp)
+        if set(members["member_id"]) >= set(parts):
+            return members, pd.read_parquet(sp)
+    return merge_parts(experiment_dir)
+
+
+def save_predictions(experiment_dir: str | os.PathLike, member_id: str, site: str,
+                     masks: np.ndarray, case_ids: list[str], slice_idx: np.ndarray) -> Path:
+    """Store binary predicted masks (N x H x W) as packed bits with their slice keys."""
+    masks = np.asarray(masks, dtype=bool)
+    path = records_dir(experiment_dir) / "predictions" / member_id / f"{site}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, bits=np.packbits(masks.reshape(len(masks), -1), axis=1), shape=np.array(masks.shape),
+             case_id=np.asarray(case_ids, dtype=str), slice_idx=np.asarray(slice_idx, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def load_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (masks N x H x W bool, case_ids, slice_idx) from ``save_predictions``' file."""
+    with np.load(path) as z:
+        shape = tuple(int(s) for s in z["shape"])
+        n_px = int(np.prod(shape[1:]))
+        masks = np.unpackbits(z["bits"], axis=1, count=n_px).astype(bool).reshape(shape)
+        return masks, z["case_id"], z["slice_idx"]
+
+
+# --- metrics from confusion counts -------------------------------------------------------
+# They live beside the schema because every stage (the trial's per-epoch report, the analysis)
+# must aggregate the same counts the same way. Conventions (checked against MONAI in tests):
+#   dice_2d     mean over slices whose ground truth is non-empty of 2tp / (2tp + fp + fn)
+#               (MONAI DiceMetric(ignore_empty=True) leaves empty-truth slices out of the mean)
+#   iou_3d      per case: TP / (TP + FP + FN) over all its slices; mean over cases
+#   dice_global 2 TP / (2 TP + FP + FN) summed over every slice of the split
+METRICS = ("iou_3d", "dice_2d", "dice_global")
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...] = ("member_id", "site")) -> pd.Series:
+    """Aggregate per-slice confusion counts into ``metric`` per group of ``by`` columns.
+
+    Args:
+        slices: rows with at least ``by``, ``case_id``, ``tp``, ``fp``, ``fn``.
+        metric: one of ``METRICS``.
+        by: grouping columns (default one value per member and site).
+
+    Returns:
+        A Series indexed by ``by`` with values in [0, 1] (NaN where undefined).
+    """
+    by = list(by)
+    if metric == "dice_2d":
+        s = slices[slices["tp"] + slices["fn"] > 0]
+        per = pd.Series(_ratio(2 * s["tp"], 2 * s["tp"] + s["fp"] + s["fn"]), index=s.index)
+        out = per.groupby([s[c] for c in by]).mean()
+    elif metric == "iou_3d":
+        case = slices.groupby(by + ["case_id"])[["tp", "fp", "fn"]].sum()
+        case = case[case["tp"] + case["fn"] > 0]
+        per = pd.Series(_ratio(case["tp"], case["tp"] + case["fp"] + case["fn"]), index=case.index)
+        out = per.groupby(level=list(range(len(by)))).mean()
+    elif metric == "dice_global":
+        tot = slices.groupby(by)[["tp", "fp", "fn"]].sum()
+        out = pd.Series(_ratio(2 * tot["tp"], 2 * tot["tp"] + tot["fp"] + tot["fn"]), index=tot.index)
+    else:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    out.name = metric
+    return out

@@ -77,7 +77,25 @@ def prepare_data(spec: SweepSpec) -> Path:
                               split_seed=d.split_seed, test_fraction=d.test_fraction,
                               skip_bad_cases=d.skip_bad_cases)
     log(f"slice cache {cache} ({time.time() - t:.1f}s)")
+    _check_sites(spec, cache)
     return cache
+
+
+def _check_sites(spec: SweepSpec, cache_dir: Path) -> None:
+    """Every site the pool needs has slices in the cache (bad cases may have been skipped)."""
+    from trainables.data.cache import open_slice_cache
+    from trainables.data.layouts import DataError
+
+    cache = open_slice_cache(cache_dir)
+    need = [(spec.data.source, "train"), (spec.data.source, "test")]
+    need += [(t, spec.data.target_split) for t in spec.data.targets]
+    for site, split in need:
+        try:
+            cache.rows(site, split)
+        except KeyError:
+            raise DataError(f"site {site!r} has no usable {split} cases in {spec.data.root} (cache {cache_dir}; "
+                            f"skipped: {[s['case_id'] for s in cache.manifest['skipped'] if s['site'] == site]}); "
+                            f"fix its files or remove it from the spec") from None
 
 
 def tracker_for(spec: SweepSpec) -> Tracker:
@@ -111,6 +129,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     if marker.exists():
         log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
         return
+    tracker.reopen(parent)
     _init_ray(address, num_cpus)
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members")
     t = time.time()
@@ -144,8 +163,11 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
             tracker.log_metrics(rid, {f"{tgt}_{k}": v for k, v in c.items()
                                       if k in ("pearson_r", "spearman_rho", "probit_slope", "probit_r2")})
         out = Path(result["out_dir"])
-        tracker.log_artifacts(rid, [Path(f) for f in result["files"]], base=out)
+        files = [Path(f) for f in result["files"]]
+        tracker.log_artifacts(rid, files, base=out)
         tracker.end(rid, "FINISHED")
+        # the pool's parent run carries the analysis of its members too (small files)
+        tracker.log_artifacts(tracker.stage_run("pool"), files, base=out, prefix="analysis")
     return result
 
 

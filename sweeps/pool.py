@@ -124,5 +124,6 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_i
         run_config=tune.RunConfig(
             name=STAGE, storage_path=storage, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=spec.pool.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            # two kept: a forced experiment snapshot happens once per num_to_keep checkpoints
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )

@@ -62,8 +62,6 @@ class Tracker:
         """Return (run_id, created). A run with the same identifying tags is reused."""
         run = self.find_run(tags)
         if run is not None:
-            if run.info.status != "RUNNING":
-                self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id, False
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id, True
@@ -93,11 +91,14 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v))
 
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def log_artifacts(self, run_id: str, paths: Iterable[Path], base: Path) -> None:
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], base: Path, prefix: str = "") -> None:
         for p in paths:
             p = Path(p)
-            rel = p.parent.relative_to(base).as_posix()
-            self.client.log_artifact(run_id, str(p), artifact_path=None if rel == "." else rel)
+            rel = "/".join(x for x in (prefix, p.parent.relative_to(base).as_posix()) if x and x != ".")
+            self.client.log_artifact(run_id, str(p), artifact_path=rel or None)

@@ -1,0 +1,144 @@
+"""End to end on a local Ray (2 CPUs) at tiny size: CLI -> Tune pool -> records -> MLflow -> analysis.
+
+Also: rerunning skips the finished stage without duplicating MLflow runs; `analyze` and `status` work
+without Ray; bad data fails with the file named and leaves the finished experiment as it was.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+OODSWEEP = [sys.executable, "-m", "sweeps.cli"]
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    return subprocess.run(OODSWEEP + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data):
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = {"name": "tiny", "storage": str(tmp / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
+                     "targets": ["SiteB", "SiteC"], "image_size": 32, "test_fraction": 0.25},
+            "pool": {"arch": {"grid": ["unet_r18", "unet_effb0"]}, "lr": {"grid": [1e-3]},
+                     "epochs": {"snapshots": [1, 2]}, "seed": {"grid": [0]}, "batch_size": 4,
+                     "resources": {"cpu": 1}},
+            "analysis": {"metric": "iou_3d"}}
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"spec": path, "exp": tmp / "runs" / "tiny", "out": proc.stdout + proc.stderr, "tmp": tmp}
+
+
+def test_records(finished):
+    exp = finished["exp"]
+    members = pd.read_parquet(exp / "records" / "members.parquet")
+    slices = pd.read_parquet(exp / "records" / "slices.parquet")
+    assert len(members) == 4 and set(members["arch"]) == {"unet_r18", "unet_effb0"}
+    assert set(members["epochs"]) == {1, 2}
+    assert all(Path(c).exists() for c in members["checkpoint"])
+    assert set(slices["member_id"]) == set(members["member_id"])
+    assert set(slices["site"]) == {"SiteA", "SiteB", "SiteC"}
+    for mid in members["member_id"]:
+        assert sorted(p.name for p in (exp / "records" / "predictions" / mid).iterdir()) == \
+            ["SiteA.npz", "SiteB.npz", "SiteC.npz"]
+    assert yaml.safe_load((exp / "spec.yaml").read_text())["name"] == "tiny"
+    assert "pool members" in finished["out"] and str(exp / "analysis") in finished["out"]
+
+
+def test_mlflow_runs(finished):
+    from mlflow import MlflowClient
+
+    exp = finished["exp"]
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    e = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([e.experiment_id])
+    by_stage = {r.data.tags.get("oodsweep.stage"): r for r in runs if r.data.tags.get("oodsweep.stage")}
+    assert set(by_stage) == {"pool", "analysis"}
+    pool = by_stage["pool"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pool.info.run_id]
+    members = pd.read_parquet(exp / "records" / "members.parquet")
+    assert sorted(r.info.run_name for r in children) == sorted(members["member_id"])
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert {"arch", "lr", "seed", "epochs"} <= set(r.data.params)
+        hist = client.get_metric_history(r.info.run_id, "ood_SiteB_iou_3d")
+        assert sorted(m.step for m in hist) == list(range(1, int(r.data.params["epochs"]) + 1))
+        assert client.get_metric_history(r.info.run_id, "id_iou_3d")
+    arts = {a.path for a in client.list_artifacts(by_stage["analysis"].info.run_id)}
+    assert {"tables.md", "correlations.csv", "plots"} <= arts
+    assert "analysis" in {a.path for a in client.list_artifacts(pool.info.run_id)}
+
+
+def test_analysis_files(finished):
+    an = finished["exp"] / "analysis"
+    for name in ("tables.md", "correlations.csv", "performance.csv", "table1.csv", "summary.json"):
+        assert (an / name).stat().st_size > 0, name
+    for t in ("SiteB", "SiteC"):
+        assert (an / "plots" / f"accuracy_on_the_line_{t}.png").stat().st_size > 1000
+    corr = pd.read_csv(an / "correlations.csv")
+    assert set(corr["target"]) == {"SiteB", "SiteC"} and (corr["n"] == 4).all()
+    perf = pd.read_csv(an / "performance.csv")
+    assert perf[["id_score", "ood_score"]].drop_duplicates().shape[0] > 1  # a spread, not one point
+    assert "SiteA → SiteB" in (an / "tables.md").read_text()
+
+
+def test_rerun_skips_and_does_not_duplicate(finished):
+    from mlflow import MlflowClient
+
+    proc = run_cli("run", str(finished["spec"]), "--num-cpus", "2", cwd=finished["tmp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pool stage already done" in proc.stdout
+    client = MlflowClient(f"sqlite:///{finished['exp'] / 'mlflow.db'}")
+    e = client.get_experiment_by_name("tiny")
+    assert len(client.search_runs([e.experiment_id])) == 4 + 2
+
+
+def test_status_and_analyze_without_ray(finished, tmp_path):
+    fake = tmp_path / "noray"
+    (fake / "ray").mkdir(parents=True)
+    (fake / "ray" / "__init__.py").write_text("raise ImportError('ray is not installed here')\n")
+    env = {"PYTHONPATH": f"{fake}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
+    st = run_cli("status", str(finished["exp"]), env=env)
+    assert st.returncode == 0, st.stderr
+    assert "pool      done" in st.stdout and "members 4/4" in st.stdout
+    out = tmp_path / "an"
+    proc = run_cli("analyze", str(finished["exp"]), "--metric", "dice_2d", "--out", str(out), "--no-mlflow",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "pearson r" in proc.stdout
+    assert (out / "tables.md").exists() and "dice_2d" in (out / "tables.md").read_text()
+
+
+def test_bad_data_keeps_finished_work(finished, tmp_path, tiny_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    f = data / "SiteB" / "Case01.nii.gz"
+    f.write_bytes(f.read_bytes()[:200])
+    spec = yaml.safe_load(finished["spec"].read_text())
+    spec["name"] = "tiny-bad"
+    spec["data"]["root"] = str(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    before = sorted(p.relative_to(finished["exp"]) for p in finished["exp"].rglob("*") if p.is_file())
+    proc = run_cli("run", str(path), "--num-cpus", "2")
+    assert proc.returncode == 2
+    assert "Case01.nii.gz" in proc.stderr and "SiteB" in proc.stderr
+    after = sorted(p.relative_to(finished["exp"]) for p in finished["exp"].rglob("*") if p.is_file())
+    assert before == after
+    bad = tmp_path / "bad.txt"
+    bad.write_text("name: [unclosed")
+    proc = run_cli("run", str(bad))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr

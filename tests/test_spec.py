@@ -1,0 +1,117 @@
+"""Spec validation: every error names the key, the bad value and the valid choices or fix."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.spec import SpecError, load_spec, parse_spec
+
+PRESETS = Path(__file__).resolve().parents[1] / "sweeps" / "presets"
+
+
+def base(tmp_path) -> dict:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return {"name": "t", "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(tmp_path / "data"), "source": "SiteA",
+                     "targets": ["SiteB", "SiteC"], "image_size": 64},
+            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 2]},
+                     "seed": {"grid": [0, 1]}}}
+
+
+def edit(d: dict, path: str, value) -> dict:
+    d = copy.deepcopy(d)
+    *head, last = path.split(".")
+    node = d
+    for k in head:
+        node = node[k]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+def test_valid_spec(tmp_path):
+    spec = parse_spec(base(tmp_path))
+    assert spec.n_runs() == 2 and spec.n_members() == 4
+    assert spec.experiment_dir == tmp_path / "runs" / "t"
+    assert spec.tracking().startswith("sqlite:////") and spec.tracking().endswith("/runs/t/mlflow.db")
+
+
+def test_demo_preset_is_valid():
+    spec = load_spec(PRESETS / "demo.yaml")
+    assert spec.n_members() >= 12
+    assert len(spec.pool.arch.values) >= 2 and len(spec.pool.lr.values) >= 3
+    assert len(spec.pool.epochs.values) >= 2 and len(spec.data.targets) >= 3
+    assert 64 <= spec.data.image_size <= 128
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("pool.arch", {"grid": ["unet_r18", "unet_r1000"]}, ["pool.arch.grid[1]", "unet_r1000", "unet_r18, unet_r50"]),
+    ("pool.lr", {"grid": [-1e-3]}, ["pool.lr.grid[0]", "must be > 0", "-0.001"]),
+    ("pool.epochs", {"snapshots": [0, 2]}, ["pool.epochs.snapshots[0]", "must be > 0", "0"]),
+    ("pool.epochs", {"grid": [0]}, ["pool.epochs.grid[0]", "must be > 0"]),
+    ("data.targets", ["SiteB", "SiteA"], ["data.targets", "source site 'SiteA'"]),
+    ("data.root", "/nonexistent/oodsweep-data", ["data.root", "/nonexistent/oodsweep-data", "does not exist"]),
+    ("pool.learning_rate", 1e-3, ["pool.learning_rate", "unknown key", "valid keys here", "lr"]),
+    ("data.layout", "prostate", ["data.layout", "'prostate'", "prostate_multisite"]),
+    ("data.image_size", 50, ["data.image_size", "multiple of 32", "50"]),
+    ("analysis", {"metric": "hd95"}, ["analysis.metric", "hd95", "iou_3d"]),
+    ("pool.lr", {"loguniform": [1e-5, 1e-3]}, ["pool.lr", "needs a search", "optuna"]),
+    ("name", "a b/c", ["name", "folder-safe"]),
+    ("pool.arch", KeyError, ["pool.arch", "required"]),
+])
+def test_invalid_specs(tmp_path, path, value, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec(edit(base(tmp_path), path, value), where="my.yaml")
+    msg = str(e.value)
+    assert msg.startswith("my.yaml: ")
+    for part in expect:
+        assert part in msg, (part, msg)
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    d = base(tmp_path)
+    d["analisys"] = {}
+    with pytest.raises(SpecError, match="did you mean 'analysis'"):
+        parse_spec(d)
+
+
+def test_search_spec(tmp_path):
+    d = edit(base(tmp_path), "pool.lr", {"loguniform": [1e-5, 1e-3]})
+    d["search"] = {"algo": "optuna", "num_samples": 3}
+    spec = parse_spec(d)
+    assert spec.search.num_samples == 3 and spec.n_runs() == 3
+    with pytest.raises(SpecError, match="search.algo.*'hyperopt'.*optuna"):
+        parse_spec({**d, "search": {"algo": "hyperopt"}})
+
+
+def test_env_vars(tmp_path, monkeypatch):
+    d = edit(base(tmp_path), "data.root", "${OODSWEEP_TEST_DATA}")
+    with pytest.raises(SpecError, match="OODSWEEP_TEST_DATA is not set"):
+        parse_spec(d)
+    monkeypatch.setenv("OODSWEEP_TEST_DATA", str(tmp_path / "data"))
+    assert parse_spec(d).data.root == tmp_path / "data"
+    d = edit(base(tmp_path), "data.root", "${OODSWEEP_UNSET_VAR:-" + str(tmp_path / "data") + "}")
+    assert parse_spec(d).data.root == tmp_path / "data"
+
+
+def test_not_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ndata: [unclosed\n  pool: {")
+    with pytest.raises(SpecError, match=r"bad.yaml: not valid YAML at line \d+"):
+        load_spec(p)
+    p.write_text("just a string")
+    with pytest.raises(SpecError, match="expected a YAML mapping"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_yaml_roundtrip(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(base(tmp_path)))
+    assert load_spec(p).source_file == p.resolve()

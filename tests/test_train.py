@@ -1,0 +1,83 @@
+"""train_segmenter as a plain function (no Ray): records, checkpoints, predictions, resume."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trainables import records
+from trainables.records import load_predictions
+from trainables.segment import load_member, predict, train_segmenter
+
+
+def cfg(tiny_cache, exp, **kw):
+    return {"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
+            "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 4,
+            "num_threads": 1, **kw}
+
+
+def test_train_writes_members_and_records(tiny_cache, tmp_path):
+    reports = []
+    members = train_segmenter(cfg(tiny_cache, tmp_path), report=lambda m, c: reports.append((m, c)))
+    assert [m["member_id"] for m in members] == ["unet_r18-lr0.001-s0-ep1", "unet_r18-lr0.001-s0-ep2"]
+    assert [r[0]["epoch"] for r in reports] == [1, 2]
+    assert {"train_loss", "id_iou_3d", "id_dice_2d", "ood_SiteB_iou_3d", "ood_SiteC_iou_3d",
+            "ood_mean_iou_3d"} <= set(reports[0][0])
+    assert all(c is not None for _, c in reports)  # each snapshot hands a checkpoint folder to the reporter
+    for _, c in reports:
+        shutil.rmtree(c)
+    mem, slices = records.merge_parts(tmp_path)
+    assert len(mem) == 2 and set(mem["epochs"]) == {1, 2}
+    assert list(slices.columns[: len(records.SLICE_COLUMNS)]) == list(records.SLICE_COLUMNS)
+    assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
+    assert set(slices["role"]) == {"id", "ood"}
+    assert set(slices.loc[slices.role == "id", "site"]) == {"SiteA"}
+    # the reported per-epoch scalars are the ones the records give
+    m2 = slices[slices.member_id == members[1]["member_id"]]
+    iou = records.metric_by(m2, "iou_3d", by=["site"])
+    assert reports[1][0]["ood_SiteB_iou_3d"] == pytest.approx(np.nan_to_num(iou["SiteB"]))
+    # the checkpoint reproduces the recorded predictions and counts
+    model = load_member(members[1]["checkpoint"])
+    masks, case_ids, slice_idx = load_predictions(tmp_path / "records" / "predictions" / members[1]["member_id"]
+                                                  / "SiteB.npz")
+    from trainables.data.cache import open_slice_cache
+
+    cache = open_slice_cache(tiny_cache)
+    rows = cache.rows("SiteB", "test")
+    again = predict(model, cache.images[rows], torch.device("cpu")).numpy()
+    assert (again == masks).all()
+    b = m2[m2.site == "SiteB"]
+    assert int(b["tp"].sum() + b["fp"].sum()) == int(masks.sum())
+    assert list(case_ids) == cache.index.iloc[rows]["case_id"].tolist()
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tiny_cache, tmp_path):
+    full = train_segmenter(cfg(tiny_cache, tmp_path / "a"))
+    saved = {}
+
+    def keep_first(m, c):
+        if m["epoch"] == 1:
+            saved["dir"] = shutil.copytree(c, tmp_path / "ckpt1")
+        shutil.rmtree(c)
+
+    train_segmenter(cfg(tiny_cache, tmp_path / "b", snapshots=[1]), report=keep_first)
+    resumed = train_segmenter(cfg(tiny_cache, tmp_path / "b", resume_from=str(saved["dir"])))
+    assert [m["epochs"] for m in resumed] == [2]  # epoch 1 was not retrained
+    a = torch.load(full[1]["checkpoint"], weights_only=True)["model"]
+    b = torch.load(resumed[0]["checkpoint"], weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_config_errors(tiny_cache, tmp_path):
+    with pytest.raises(KeyError, match="unknown keys.*'learning_rate'"):
+        train_segmenter({**cfg(tiny_cache, tmp_path), "learning_rate": 1})
+    with pytest.raises(KeyError, match="registered models"):
+        train_segmenter(cfg(tiny_cache, tmp_path, arch="resnet"))
+    with pytest.raises(ValueError, match="positive"):
+        train_segmenter(cfg(tiny_cache, tmp_path, snapshots=[0]))
+    with pytest.raises(KeyError, match="no slices for site 'SiteZ'"):
+        train_segmenter(cfg(tiny_cache, tmp_path, targets=["SiteZ"]))

@@ -142,3 +142,21 @@ def test_bad_data_keeps_finished_work(finished, tmp_path, tiny_data):
     bad.write_text("name: [unclosed")
     proc = run_cli("run", str(bad))
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_optuna_search(tmp_path, tiny_data):
+    """A loguniform lr searched by Ray's OptunaSearch: num_samples runs, each a pool member."""
+    spec = {"name": "search", "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
+                     "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25},
+            "pool": {"arch": {"choice": ["unet_r18"]}, "lr": {"loguniform": [1e-4, 1e-2]},
+                     "epochs": {"grid": [1]}, "seed": 0, "batch_size": 4},
+            "search": {"algo": "optuna", "num_samples": 2, "seed": 3}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = run_cli("run", str(path), "--num-cpus", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "OptunaSearch" in proc.stdout + proc.stderr
+    members = pd.read_parquet(tmp_path / "runs" / "search" / "records" / "members.parquet")
+    assert len(members) == 2 and members["lr"].nunique() == 2
+    assert ((members["lr"] >= 1e-4) & (members["lr"] <= 1e-2)).all()

@@ -191,3 +191,82 @@ def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...]
         raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     out.name = metric
     return out
+
+
+# --- the uncertainty stage's records (DESIGN §3, §6) -------------------------------------------
+# One row per member x method x site x case x slice. ``method`` is "ggd" (the paper's delta net on
+# {y_hat, x}), "bayescap" (delta on y_hat only), "tta_noise", "tta_color" or "mc_dropout". The
+# DESIGN's ``uncertain_px`` column of slices.parquet is the "ggd" rows here: several methods score
+# the same slice, so they live in their own long table instead of widening slices.parquet.
+#
+#   records/uncertainty/parts/<member_id>.parquet   written by one uncertainty trial
+#   records/uncertainty.parquet                     merged by the driver
+#   records/uncertainty/examples/<member_id>.npz    a few slices for the qualitative figure:
+#       image (K x H x W float), truth, pred, error (K x H x W bool), mu, uncertainty (K x H x W float),
+#       site, case_id (K str), slice_idx (K int)
+UNCERTAINTY_METHODS = ("ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout")
+UNCERTAINTY_COLUMNS = {
+    "member_id": "string",
+    "method": "string",
+    "site": "string",
+    "role": "string",
+    "case_id": "string",
+    "slice_idx": "int64",
+    "uncertain_px": "int64",     # pixels above the Otsu threshold of this slice's uncertainty map
+    "error_px": "int64",         # fp + fn of the frozen member's prediction on this slice
+    "area_px": "int64",
+    "mean_uncertainty": "float64",
+}
+
+
+def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
+    rows = _conform(rows, UNCERTAINTY_COLUMNS, f"uncertainty of {member_id}")
+    path = records_dir(experiment_dir) / "uncertainty" / "parts" / f"{member_id}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
+    pdir = records_dir(experiment_dir) / "uncertainty" / "parts"
+    return sorted(p.stem for p in pdir.glob("*.parquet"))
+
+
+def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The merged uncertainty table (merging the parts if needed), or None if the stage never ran."""
+    rdir = records_dir(experiment_dir)
+    ids = uncertainty_part_ids(experiment_dir)
+    merged = rdir / "uncertainty.parquet"
+    if merged.exists():
+        df = pd.read_parquet(merged)
+        if set(df["member_id"]) >= set(ids):
+            return df
+    if not ids:
+        return None
+    df = pd.concat([pd.read_parquet(rdir / "uncertainty" / "parts" / f"{i}.parquet") for i in ids],
+                   ignore_index=True)
+    df = _conform(df, UNCERTAINTY_COLUMNS, "uncertainty")
+    tmp = rdir / ".uncertainty.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, merged)
+    return df
+
+
+def uncertain_area(unc: pd.DataFrame, method: str = "ggd",
+                   by: list[str] | tuple[str, ...] = ("member_id", "site")) -> pd.Series:
+    """A model's uncertainty score on a split: the mean over its images of uncertain_px / area_px."""
+    u = unc[unc["method"] == method]
+    frac = u["uncertain_px"] / u["area_px"]
+    out = frac.groupby([u[c] for c in by]).mean()
+    out.name = "uncertain_area"
+    return out
+
+
+def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site")) -> pd.Series:
+    """Table 4: mean over images of (uncertain-area fraction - pixel-error fraction)^2."""
+    sq = ((unc["uncertain_px"] - unc["error_px"]) / unc["area_px"]) ** 2
+    out = sq.groupby([unc[c] for c in by]).mean()
+    out.name = "mse"
+    return out

@@ -4,6 +4,7 @@ Imports only ``trainables.records`` from the project (DESIGN §2); never Ray or 
 """
 from __future__ import annotations
 
+from analysis.indicators import INDICATOR_GROUPS, INDICATORS
 from analysis.run import run_analysis
 
-__all__ = ["run_analysis"]
+__all__ = ["INDICATORS", "INDICATOR_GROUPS", "run_analysis"]

@@ -1,7 +1,14 @@
-"""Figures of the analysis (DESIGN §7): "accuracy on the line" scatter plots.
+"""Figures of the analysis (DESIGN §7): the paper's Fig. 3, Fig. 4 and Fig. 6.
 
-Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no
-global backend switch, nothing happens at import.
+* ``figure_fig4``: OOD against ID performance, OOD performance against ID agreement and OOD
+  against ID agreement over pairs of members ("on the line"), on probit axes with raw-value
+  ticks, y = x and the probit fit; points coloured by architecture.
+* ``figure_fig3``: uncertain area against OOD performance, one panel per target, r in the title.
+* ``figure_fig6``: one member and slice: image, truth, prediction, μ of δ, error map, uncertainty
+  map; below, the uncertainty maps of other members on the same slice, most uncertain first.
+
+Every ``figure_*`` returns a ``matplotlib.figure.Figure`` drawn on the Agg canvas directly (no
+pyplot, no global backend switch, nothing happens at import); ``save_figure`` writes it.
 """
 from __future__ import annotations
 
@@ -9,12 +16,20 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.correlate import correlate, probit
+from analysis.correlate import correlate, correlate_pairs, probit
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from analysis.agreement import Agreement
+    from analysis.examples import Example
 
 #: Raw-value ticks tried on probit axes, coarsest first: the first set that puts at least
 #: ``_MIN_TICKS`` ticks inside the axis range is used (the last set in any case).
@@ -26,6 +41,8 @@ _TICK_SETS = (
 _MIN_TICKS = (4, 3, 0)
 #: Ticks closer than (axis range / _MAX_TICKS) to a kept neighbour are dropped (labels overlap).
 _MAX_TICKS = 10
+#: Colour of pairs of members of different architectures (Fig. 4, agreement panel).
+_MIXED = "0.6"
 
 
 def safe_name(name: str) -> str:
@@ -60,72 +77,51 @@ def _thin(ticks: list[float], min_gap: float) -> list[float]:
     return [ticks[i] for i in sorted(keep)]
 
 
-def _fmt_r(stats_: dict) -> str:
-    r = stats_["pearson_r"]
-    if not math.isfinite(r):
-        return f"Pearson r = n/a (n = {stats_['n']})"
-    return (f"Pearson r = {r:.2f} [{stats_['pearson_ci_low']:.2f}, {stats_['pearson_ci_high']:.2f}]"
-            f" (n = {stats_['n']})")
-
-
-def plot_on_the_line(perf: pd.DataFrame, target: str, path: str | os.PathLike, metric: str | None = None,
-                     x_col: str = "id_score", y_col: str = "ood_score") -> Path:
-    """Scatter OOD vs ID performance on probit axes for one target site (paper Fig. 4).
-
-    Points are the pool members (coloured by architecture); the dashed line is y = x and the
-    solid line the least-squares fit in probit space. Ticks show raw values.
-
-    Args:
-        perf: a ``performance_table``.
-        target: the target site to plot.
-        path: the PNG to write (parent folders are created).
-        metric: the metric's name for the labels (default: ``perf["metric"]``).
-        x_col: the indicator column (x axis).
-        y_col: the OOD performance column (y axis).
-
-    Returns:
-        ``path`` as a ``Path``.
-
-    Raises:
-        ValueError: ``target`` has no rows in ``perf``.
-    """
-    from matplotlib import colormaps
+def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    g = perf[perf["target"].astype(str) == str(target)]
-    if g.empty:
-        raise ValueError(f"no rows for target {target!r}; targets: {sorted(perf['target'].astype(str).unique())}")
-    if metric is None:
-        metric = str(g["metric"].iloc[0]) if "metric" in g.columns else "score"
-    source = ", ".join(sorted(g["source"].astype(str).unique()))
-    g = g[np.isfinite(g[x_col].astype(float)) & np.isfinite(g[y_col].astype(float))]
-    st = correlate(g[x_col].to_numpy(), g[y_col].to_numpy())
-    px, py = probit(g[x_col].to_numpy()), probit(g[y_col].to_numpy())
-
-    fig = Figure(figsize=(5.6, 5.2), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if len(px):
-        lo, hi = float(min(px.min(), py.min())), float(max(px.max(), py.max()))
-    else:
-        lo, hi = float(probit(0.1)), float(probit(0.9))
-    pad = max(0.1 * (hi - lo), 0.15)
-    lo, hi = lo - pad, hi + pad
+    return fig
 
-    archs = sorted(g["arch"].astype(str).unique())
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders are created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def arch_colors(archs: list[str] | np.ndarray | pd.Series) -> dict[str, tuple]:
+    """A fixed tab10 colour per architecture name (sorted), the same in every panel."""
+    from matplotlib import colormaps
+
     cmap = colormaps["tab10"]
-    for i, arch in enumerate(archs):
-        m = (g["arch"].astype(str) == arch).to_numpy()
-        ax.scatter(px[m], py[m], s=28, color=cmap(i % 10), edgecolor="black", linewidth=0.4, label=arch, zorder=3)
-    ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1, label="y = x", zorder=1)
-    if math.isfinite(st["probit_slope"]):
-        xs = np.array([lo, hi])
-        fit_lbl = f"probit fit (slope {st['probit_slope']:.2f}"
-        fit_lbl += f", R² {st['probit_r2']:.2f})" if math.isfinite(st["probit_r2"]) else ")"
-        ax.plot(xs, st["probit_slope"] * xs + st["probit_intercept"], color="tab:red", lw=1.5,
-                label=fit_lbl, zorder=2)
+    return {a: cmap(i % 10) for i, a in enumerate(sorted({str(a) for a in archs}))}
 
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))
+
+
+def _fmt_r(st: dict, boot: bool = False) -> str:
+    """``r = 0.80 [0.42, 0.94], ρ = 0.92 (n = 12 members)`` from a ``correlate`` result."""
+    n, n_units = st.get("n"), st.get("n_units", st.get("n"))
+    count = f"n = {n} pairs of {n_units} members" if n != n_units else f"n = {n} members"
+    r = st.get("pearson_r")
+    if not _finite(r):
+        return f"Pearson r = n/a ({count})"
+    lo, hi = ((st.get("pearson_boot_low"), st.get("pearson_boot_high")) if boot
+              else (st.get("pearson_ci_low"), st.get("pearson_ci_high")))
+    ci = f" [{lo:.2f}, {hi:.2f}]" if _finite(lo) and _finite(hi) else ""
+    rho = st.get("spearman_rho")
+    rho_s = f", ρ = {rho:.2f}" if _finite(rho) else ""
+    return f"r = {r:.2f}{ci}{rho_s} ({count})"
+
+
+def _probit_axes(ax: Axes, lo: float, hi: float) -> None:
     ticks = probit_ticks(lo, hi)
     for set_ticks, set_labels in ((ax.set_xticks, ax.set_xticklabels), (ax.set_yticks, ax.set_yticklabels)):
         set_ticks([float(probit(v)) for v in ticks])
@@ -134,19 +130,258 @@ def plot_on_the_line(perf: pd.DataFrame, target: str, path: str | os.PathLike, m
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.grid(True, lw=0.4, alpha=0.5)
-    ax.set_xlabel(f"ID {metric} (source {source}, test split; probit scale)")
-    ax.set_ylabel(f"OOD {metric} (target {target}; probit scale)")
-    ax.set_title(f"Accuracy on the line: {source} → {target}\n{_fmt_r(st)}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
+
+
+def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray, colors: dict[str, object],
+                     st: dict, xlabel: str, ylabel: str, title: str, size: float = 28, alpha: float = 1.0,
+                     boot_ci: bool = False) -> None:
+    """Scatter ``y`` against ``x`` on probit axes: one point per entry, y = x, the probit fit.
+
+    Args:
+        ax: the axes to draw on.
+        x: indicator values in [0, 1] (finite).
+        y: OOD values in [0, 1] (finite), same length.
+        groups: legend group of each point (an architecture name, or a key of ``colors``).
+        colors: group -> colour; groups are drawn in this dict's order.
+        st: ``correlate``'s result for these points (the fit and the title's r).
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        title: first title line (the second is r, its interval and ρ).
+        size: marker size.
+        alpha: marker opacity.
+        boot_ci: show the bootstrap interval of r instead of the Fisher-z one (pairs).
+    """
+    px, py = probit(x), probit(y)
+    if len(px):
+        lo, hi = float(min(px.min(), py.min())), float(max(px.max(), py.max()))
+    else:
+        lo, hi = float(probit(0.1)), float(probit(0.9))
+    pad = max(0.1 * (hi - lo), 0.15)
+    lo, hi = lo - pad, hi + pad
+    groups = np.asarray(groups).astype(str)
+    for g, color in colors.items():
+        m = groups == g
+        if m.any():
+            ax.scatter(px[m], py[m], s=size, color=color, edgecolor="black" if size >= 20 else "none",
+                       linewidth=0.4, alpha=alpha, label=g, zorder=3, rasterized=len(px) > 2000)
+    ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1, label="y = x", zorder=1)
+    slope, icpt = st.get("probit_slope"), st.get("probit_intercept")
+    if _finite(slope) and _finite(icpt):
+        xs = np.array([lo, hi])
+        r2 = st.get("probit_r2")
+        lbl = f"probit fit (slope {slope:.2f}" + (f", R² {r2:.2f})" if _finite(r2) else ")")
+        ax.plot(xs, slope * xs + icpt, color="tab:red", lw=1.5, label=lbl, zorder=4)
+    _probit_axes(ax, lo, hi)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(f"{title}\n{_fmt_r(st, boot=boot_ci)}", fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, markerscale=1.0 if size >= 20 else 2.0)
+
+
+def _stats_from(corr: pd.DataFrame | None, indicator: str, target: str) -> dict | None:
+    if corr is None or corr.empty:
+        return None
+    hit = corr[(corr["indicator"] == indicator) & (corr["target"].astype(str) == str(target))]
+    return None if hit.empty else {k: (None if pd.isna(v) else v) for k, v in hit.iloc[0].to_dict().items()}
+
+
+def _finite_rows(g: pd.DataFrame, x_col: str, y_col: str) -> pd.DataFrame:
+    return g[np.isfinite(g[x_col].astype(float)) & np.isfinite(g[y_col].astype(float))]
+
+
+def _target_rows(table: pd.DataFrame, target: str) -> pd.DataFrame:
+    g = table[table["target"].astype(str) == str(target)]
+    if g.empty:
+        raise ValueError(f"no rows for target {target!r}; targets: {sorted(table['target'].astype(str).unique())}")
+    return g
+
+
+def figure_on_the_line(perf: pd.DataFrame, target: str, metric: str | None = None, x_col: str = "id_score",
+                       y_col: str = "ood_score", corr: pd.DataFrame | None = None) -> Figure:
+    """One panel: OOD against ID performance on probit axes for one target (Fig. 4, left panel).
+
+    Args:
+        perf: a ``performance_table`` or ``indicator_table``.
+        target: the target site to plot.
+        metric: the metric's name for the labels (default: ``perf["metric"]``).
+        x_col: the indicator column (x axis).
+        y_col: the OOD performance column (y axis).
+        corr: the correlations table to take the statistics from (default: computed, no bootstrap).
+
+    Raises:
+        ValueError: ``target`` has no rows in ``perf``.
+    """
+    g = _target_rows(perf, target)
+    metric = metric or (str(g["metric"].iloc[0]) if "metric" in g.columns else "score")
+    source = ", ".join(sorted(g["source"].astype(str).unique()))
+    g = _finite_rows(g, x_col, y_col)
+    st = _stats_from(corr, "id_performance", target) if x_col == "id_score" else None
+    st = st or correlate(g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float), n_resamples=0)
+    fig = _new_figure(5.6, 5.2)
+    ax = fig.add_subplot()
+    draw_on_the_line(ax, g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float), g["arch"].to_numpy(),
+                     arch_colors(perf["arch"]), st, f"ID {metric} (source {source}, test split; probit scale)",
+                     f"OOD {metric} (target {target}; probit scale)", f"Accuracy on the line: {source} → {target}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return fig
 
 
-def plot_all_on_the_line(perf: pd.DataFrame, plot_dir: str | os.PathLike, metric: str | None = None) -> list[Path]:
-    """One ``plot_on_the_line`` PNG per target: ``<plot_dir>/accuracy_on_the_line_<target>.png``."""
-    targets = list(dict.fromkeys(perf["target"].astype(str)))
-    return [plot_on_the_line(perf, t, Path(plot_dir) / f"accuracy_on_the_line_{safe_name(t)}.png", metric)
-            for t in targets]
+def plot_on_the_line(perf: pd.DataFrame, target: str, path: str | os.PathLike, metric: str | None = None,
+                     x_col: str = "id_score", y_col: str = "ood_score") -> Path:
+    """Write ``figure_on_the_line`` as a PNG at ``path``; return the path."""
+    return save_figure(figure_on_the_line(perf, target, metric, x_col, y_col), path)
+
+
+def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = None, metric: str | None = None,
+                corr: pd.DataFrame | None = None) -> Figure:
+    """The paper's Fig. 4 for one target: performance and agreement "on the line".
+
+    Panels (those whose inputs exist): (a) OOD against ID performance, one point per member;
+    (b) OOD performance against the member's mean ID agreement with the pool; (c) OOD against
+    ID agreement, one point per pair of members (coloured by architecture when both members
+    share one, grey otherwise). Probit axes with raw-value ticks, y = x, the probit fit.
+
+    Args:
+        table: an ``indicator_table``.
+        target: the target site.
+        agreement: the pool's pairwise agreement (for panel c).
+        metric: the metric's name (default: ``table["metric"]``).
+        corr: the correlations table to take the statistics from (default: computed, no bootstrap).
+
+    Raises:
+        ValueError: ``target`` has no rows in ``table``.
+    """
+    g = _target_rows(table, target)
+    metric = metric or str(g["metric"].iloc[0])
+    source = ", ".join(sorted(g["source"].astype(str).unique()))
+    colors = arch_colors(table["arch"])
+    panels: list[tuple] = [("id_performance", "id_score", f"ID {metric} (source {source})",
+                            f"(a) OOD vs ID {metric}")]
+    if "id_agreement" in g.columns and np.isfinite(g["id_agreement"].astype(float)).sum() >= 2:
+        panels.append(("id_agreement", "id_agreement", f"ID agreement (mean Dice with the pool, {source})",
+                       f"(b) OOD {metric} vs ID agreement"))
+    id_site = agreement.id_site if agreement is not None else None
+    has_pairs = bool(agreement is not None and id_site is not None and target in agreement.matrices)
+    n = len(panels) + has_pairs
+    fig = _new_figure(5.0 * n, 5.3)
+    for i, (name, col, xlabel, title) in enumerate(panels):
+        ax = fig.add_subplot(1, n, i + 1)
+        f = _finite_rows(g, col, "ood_score")
+        x, y = f[col].to_numpy(dtype=float), f["ood_score"].to_numpy(dtype=float)
+        st = _stats_from(corr, name, target) or correlate(x, y, n_resamples=0)
+        draw_on_the_line(ax, x, y, f["arch"].to_numpy(), colors, st, f"{xlabel}; probit scale",
+                         f"OOD {metric} (target {target}; probit scale)", title)
+    if has_pairs:
+        assert agreement is not None and id_site is not None
+        ax = fig.add_subplot(1, n, n)
+        a_id, a_t = agreement.matrices[id_site], agreement.matrices[target]
+        iu = np.triu_indices(len(agreement.member_ids), k=1)
+        x, y = a_id[iu], a_t[iu]
+        arch_of = dict(zip(table["member_id"].astype(str), table["arch"].astype(str)))
+        archs = np.array([arch_of.get(m, "?") for m in agreement.member_ids])
+        same = archs[iu[0]] == archs[iu[1]]
+        grp = np.where(same, archs[iu[0]], "mixed pairs")
+        ok = np.isfinite(x) & np.isfinite(y)
+        st = _stats_from(corr, "agreement_on_the_line", target) or correlate_pairs(a_id, a_t, n_resamples=0)
+        size = 28 if ok.sum() <= 300 else 6
+        draw_on_the_line(ax, x[ok], y[ok], grp[ok], {"mixed pairs": _MIXED, **colors}, st,
+                         f"ID agreement of a pair (Dice, {id_site}); probit scale",
+                         f"OOD agreement of a pair (Dice, {target}); probit scale",
+                         "(c) agreement on the line", size=size, alpha=1.0 if size >= 20 else 0.5, boot_ci=True)
+    fig.suptitle(f"{source} → {target}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFrame | None = None,
+                ncols: int = 3) -> Figure:
+    """The paper's Fig. 3: uncertain area against OOD performance, one panel per target.
+
+    Raw axes (the uncertain area in % of the image, the OOD score in %), one point per member
+    coloured by architecture, the least-squares line (``scipy.stats.linregress``); the title
+    gives Pearson r with its interval and Spearman ρ.
+
+    Args:
+        table: an ``indicator_table`` with ``uncertain_area`` values.
+        metric: the metric's name (default: ``table["metric"]``).
+        corr: the correlations table to take the statistics from (default: computed, no bootstrap).
+        ncols: panels per row.
+
+    Raises:
+        ValueError: no finite ``uncertain_area`` in ``table``.
+    """
+    have = _finite_rows(table, "uncertain_area", "ood_score")
+    if have.empty:
+        raise ValueError("no uncertain-area values in the indicator table: has the uncertainty stage run "
+                         "(records/uncertainty.parquet or records/uncertainty/parts/)?")
+    metric = metric or str(table["metric"].iloc[0])
+    targets = list(dict.fromkeys(table["target"].astype(str)))
+    colors = arch_colors(table["arch"])
+    ncols = max(1, min(ncols, len(targets)))
+    nrows = math.ceil(len(targets) / ncols)
+    fig = _new_figure(4.6 * ncols, 4.2 * nrows)
+    for i, t in enumerate(targets):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        g = _finite_rows(table[table["target"].astype(str) == t], "uncertain_area", "ood_score")
+        x, y = 100 * g["uncertain_area"].to_numpy(dtype=float), 100 * g["ood_score"].to_numpy(dtype=float)
+        for arch, color in colors.items():
+            m = (g["arch"].astype(str) == arch).to_numpy()
+            if m.any():
+                ax.scatter(x[m], y[m], s=28, color=color, edgecolor="black", linewidth=0.4, label=arch, zorder=3)
+        st = _stats_from(corr, "uncertain_area", t) or correlate(x / 100, y / 100, n_resamples=0)
+        if len(x) >= 2 and np.ptp(x) > 0:
+            fit = stats.linregress(x, y)
+            xs = np.array([x.min(), x.max()])
+            ax.plot(xs, fit.slope * xs + fit.intercept, color="tab:red", lw=1.5, label="least squares", zorder=2)
+        source = ", ".join(sorted(g["source"].astype(str).unique())) or "?"
+        ax.set_title(f"{source} → {t}\n{_fmt_r(st)}", fontsize=9)
+        ax.set_xlabel("uncertain area (% of the image, GGD δ)", fontsize=9)
+        ax.set_ylabel(f"OOD {metric} (%)", fontsize=9)
+        ax.grid(True, lw=0.4, alpha=0.5)
+        if i == 0:
+            ax.legend(fontsize=6.5, framealpha=0.85)
+    fig.suptitle("Uncertainty against OOD performance (one point per pool member)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def figure_fig6(example: Example, others: list[tuple[str, np.ndarray, float]] | None = None) -> Figure:
+    """The paper's Fig. 6 for one member and slice.
+
+    Top row: image, truth, the member's prediction, μ of the δ net, error map (truth XOR
+    prediction) and uncertainty map. Bottom row (when ``others`` holds two members or more):
+    uncertainty maps of members on the same slice, most uncertain first, each titled with its
+    uncertain area.
+
+    Args:
+        example: the chosen member's slice (``analysis.examples.Example``).
+        others: ``(label, uncertainty map H x W, uncertain-area fraction)`` per member, in the
+            order to draw.
+    """
+    others = others if others and len(others) >= 2 else []  # one map alone repeats the top row's
+    ncols = max(6, len(others))
+    nrows = 2 if others else 1
+    fig = _new_figure(2.3 * ncols, 2.6 * nrows + 0.4)
+    top = [("image", example.image, "gray", None), ("truth", example.truth, "gray", (0, 1)),
+           ("prediction", example.pred, "gray", (0, 1)), ("μ (δ net)", example.mu, "gray", (0, 1)),
+           ("error map", example.error, "Reds", (0, 1)), ("uncertainty", example.uncertainty, "magma", None)]
+    for i, (title, img, cmap, lim) in enumerate(top):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        vmin, vmax = lim if lim else (None, None)
+        im = ax.imshow(np.asarray(img, dtype=float), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        if title == "uncertainty":
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    vmax = max((float(np.nanmax(u)) for _, u, _ in others), default=None)
+    for j, (label, unc, area) in enumerate(others):
+        ax = fig.add_subplot(nrows, ncols, ncols + j + 1)
+        ax.imshow(np.asarray(unc, dtype=float), cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"{label}\nuncertain {100 * area:.1f}%", fontsize=6)
+        ax.set_axis_off()
+    err = 100 * float(np.mean(example.error))
+    fig.suptitle(f"{example.member_id} on {example.site}, {example.case_id} slice {example.slice_idx} "
+                 f"(error {err:.1f}% of the image)" + ("; bottom: uncertainty of the pool on this slice, most "
+                                                       "uncertain first" if others else ""), fontsize=9)
+    fig.tight_layout()
+    return fig

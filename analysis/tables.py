@@ -1,11 +1,20 @@
-"""Paper-style tables (DESIGN §7): Table 1 (same- vs cross-domain) and the correlation table.
+"""Paper-style tables (DESIGN §7): Tables 1–3, Table 4, correlations and model selection.
 
-Table 1 has a "Same-Dom." row per source and a "Cross-Dom." row ``S → T`` per target, one
+Tables 1–3 (same- vs cross-domain performance) differ in the paper only by dataset, metric and
+orientation: Table 1 has a "Same-Dom." row per source and a "Cross-Dom." row ``S → T`` per target, one
 column per architecture. A cell is the mean ± std over seeds, in percent, of one
 configuration per architecture: the (lr, epochs) with the best mean ID score on the source
 test split (selection uses source labels only). Cross-domain cells add the change against
 the same architecture's Same-Dom. mean in percentage points: ``56.11 ± 4.93 (↓ 20.7)``.
-The std is the population std (``ddof=0``), so a single seed gives ``± 0.00``.
+The std is the population std (``ddof=0``), so a single seed gives ``± 0.00``. Tables 2–3 put
+the architectures in rows and the settings in columns (``table1(perf, orient="archs")``). A
+performance table that concatenates experiments with different sources gives one Same-Dom. row
+per source, as the paper's Table 1 does for BMC and BIDMC.
+
+Table 4 compares the uncertainty methods by the mean squared error between each image's
+uncertain-area fraction and its error fraction (``trainables.records.table4``); the correlation
+table lists every indicator × target with its statistics; the selection tables report what
+``analysis.selection`` found.
 """
 from __future__ import annotations
 
@@ -104,21 +113,38 @@ def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
                                        "mean_pct", "std_pct", "change_pct", "cell"])
 
 
-def table1(perf: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as printed: columns ``domain, setting`` then one column of cells per architecture.
+def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
+    """Tables 1–3 as printed.
 
-    Rows: the Same-Dom. row of each source, then its Cross-Dom. rows in target order. A
-    missing cell is ``"–"``.
+    Args:
+        perf: a ``performance_table`` (one or several sources).
+        orient: ``"settings"`` (Table 1): columns ``domain, setting`` then one column of cells
+            per architecture; rows the Same-Dom. row of each source, then its Cross-Dom. rows in
+            target order. ``"archs"`` (Tables 2–3): column ``arch`` then one column per setting
+            (Same-Dom. settings first), one row per architecture.
+
+    Returns:
+        The table with ``"–"`` for a missing cell.
+
+    Raises:
+        ValueError: unknown ``orient``.
     """
+    if orient not in ("settings", "archs"):
+        raise ValueError(f"orient must be 'settings' (Table 1) or 'archs' (Tables 2-3), got {orient!r}")
     long = table1_long(perf)
     archs = sorted(long["arch"].unique())
     settings = list(dict.fromkeys(zip(long["domain"], long["setting"], long["source"])))
-    settings.sort(key=lambda s: (s[2], s[0] != SAME))  # per source: Same-Dom. first, order kept
+    settings.sort(key=lambda s: (s[0] != SAME, s[2]) if orient == "archs" else (s[2], s[0] != SAME))
     wide = long.pivot(index=["domain", "setting"], columns="arch", values="cell")
     wide = wide.reindex(pd.MultiIndex.from_tuples([s[:2] for s in settings], names=["domain", "setting"]),
                         columns=archs).fillna("–")
     wide.columns.name = None
-    return wide.reset_index()
+    if orient == "settings":
+        return wide.reset_index()
+    out = wide.T
+    out.columns = [f"{d}: {s}" for d, s in out.columns]
+    out.index.name = "arch"
+    return out.reset_index()
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -131,8 +157,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def table1_markdown(perf: pd.DataFrame) -> str:
-    """Table 1 in markdown with a caption naming the metric and the configuration selection."""
+def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
+    """Table 1 (or Tables 2–3 with ``orient="archs"``) in markdown with a caption naming the metric
+    and the configuration selection."""
     metric = str(perf["metric"].iloc[0]) if len(perf) else "score"
     best = select_best_configs(perf)
     chosen = "; ".join(f"{b.arch}: lr {b.lr:g}, {b.epochs} epochs ({b.n_seeds} seeds)"
@@ -142,11 +169,86 @@ def table1_markdown(perf: pd.DataFrame) -> str:
                f"configuration with the best mean ID {metric} on the source test split is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
                f"mean in percentage points. Selected: {chosen}.")
-    return caption + "\n\n" + markdown_table(table1(perf))
+    return caption + "\n\n" + markdown_table(table1(perf, orient))
 
 
-def _f(v: float, spec: str) -> str:
-    return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+def _f(v: object, spec: str) -> str:
+    return format(float(v), spec) if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)) else "n/a"
+
+
+# --- Table 4 ------------------------------------------------------------------------------------
+
+#: Row labels of Table 4 (the paper's names for the uncertainty methods).
+METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (δ on ŷ)", "tta_noise": "TTDAp",
+                 "tta_color": "TTDAc", "mc_dropout": "DropOut"}
+
+
+def table4_frame(mse: pd.Series, site_roles: dict[str, str], source: str) -> pd.DataFrame:
+    """Table 4 as numbers: one row per uncertainty method, one column per setting.
+
+    Args:
+        mse: ``trainables.records.table4(unc)`` (indexed by method, site).
+        site_roles: site -> role (``"id"`` / ``"ood"``); OOD sites become ``S → T`` columns, the
+            ID site a ``S (same)`` column after them.
+        source: the source site's name for the column labels.
+
+    Returns:
+        Columns ``method, label`` then one float column per setting; methods in the order of
+        ``METHOD_LABELS`` (unknown ones after).
+    """
+    wide = mse.unstack("site")
+    sites = [s for s, r in site_roles.items() if r == "ood" and s in wide.columns]
+    sites += [s for s, r in site_roles.items() if r == "id" and s in wide.columns]
+    sites += [s for s in wide.columns if s not in sites]
+    order = [m for m in METHOD_LABELS if m in wide.index] + sorted(m for m in wide.index if m not in METHOD_LABELS)
+    wide = wide.reindex(index=order, columns=sites)
+    wide.columns = [f"{source} → {s}" if site_roles.get(s) == "ood" else f"{s} (same)" for s in sites]
+    out = wide.reset_index().rename(columns={"index": "method"})
+    out.insert(1, "label", [METHOD_LABELS.get(m, m) for m in out["method"]])
+    return out
+
+
+def table4_markdown(t4: pd.DataFrame, n_members: int | None = None) -> str:
+    """Table 4 in markdown: MSE with three decimals (or 3 significant digits when small), the smallest
+    per column in bold; ``n_members``: how many members the uncertainty records cover."""
+    cols = [c for c in t4.columns if c not in ("method", "label")]
+    values = t4[cols].to_numpy(dtype=float) if cols else np.zeros((0, 0))
+    finite = values[np.isfinite(values)]
+    # three decimals as in the paper, unless an MSE is so small that they would show 0.000
+    spec = ".3f" if finite.size == 0 or finite[finite > 0].min(initial=1.0) >= 0.01 else ".2e"
+    shown = pd.DataFrame({"method": t4["label"]})
+    for c in cols:
+        v = t4[c].astype(float)
+        best = v.min(skipna=True)
+        shown[c] = [("**" + _f(x, spec) + "**") if math.isfinite(x) and x == best else _f(x, spec) for x in v]
+    caption = ("**Table 4.** Uncertainty methods by the mean squared error between each image's uncertain-area "
+               "fraction (Otsu threshold of the method's per-pixel map) and its error fraction (fp + fn of the "
+               "frozen member), averaged over every image of every pool member with uncertainty records"
+               + (f" ({n_members})" if n_members is not None else "") + ". Smaller is better; the best per column "
+               "in bold; n/a: the method did not score that split.")
+    return caption + "\n\n" + markdown_table(shown)
+
+
+# --- correlations -------------------------------------------------------------------------------
+
+#: What each correlation row plots, for the captions.
+CORRELATION_LABELS = {
+    "id_performance": "OOD score vs ID score (per member)",
+    "id_agreement": "OOD score vs mean ID agreement with the pool (per member)",
+    "ood_agreement": "OOD score vs mean OOD agreement with the pool (per member)",
+    "uncertain_area": "OOD score vs uncertain area on the target (per member)",
+    "agreement_on_the_line": "OOD agreement vs ID agreement (per pair of members)",
+}
+
+
+def correlations_long(corr: pd.DataFrame) -> pd.DataFrame:
+    """The correlation table as indicator × target × statistic: one row per value."""
+    from analysis.correlate import STAT_KEYS
+
+    keys = [k for k in STAT_KEYS if k in corr.columns]
+    long = corr.melt(id_vars=["indicator", "metric", "source", "target", "unit"], value_vars=keys,
+                     var_name="statistic", value_name="value")
+    return long.sort_values(["indicator", "target"], kind="stable").reset_index(drop=True)
 
 
 def correlation_markdown(corr: pd.DataFrame) -> str:
@@ -154,17 +256,82 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     rows = []
     for r in corr.itertuples(index=False):
         rows.append({
-            "indicator": r.indicator, "setting": f"{r.source} → {r.target}", "n": r.n,
+            "indicator": r.indicator, "setting": f"{r.source} → {r.target}",
+            "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
             "Pearson r [95% CI]": (f"{_f(r.pearson_r, '.3f')} [{_f(r.pearson_ci_low, '.3f')}, "
                                    f"{_f(r.pearson_ci_high, '.3f')}]"),
-            "p": _f(r.pearson_p, '.2g'), "Spearman ρ": _f(r.spearman_rho, '.3f'), "ρ p": _f(r.spearman_p, '.2g'),
+            "r boot. CI": f"[{_f(r.pearson_boot_low, '.3f')}, {_f(r.pearson_boot_high, '.3f')}]",
+            "Spearman ρ [CI]": (f"{_f(r.spearman_rho, '.3f')} [{_f(r.spearman_ci_low, '.3f')}, "
+                                f"{_f(r.spearman_ci_high, '.3f')}]"),
+            "Kendall τ [CI]": (f"{_f(r.kendall_tau, '.3f')} [{_f(r.kendall_ci_low, '.3f')}, "
+                               f"{_f(r.kendall_ci_high, '.3f')}]"),
             "probit slope": _f(r.probit_slope, '.3f'), "probit intercept": _f(r.probit_intercept, '.3f'),
             "probit R²": _f(r.probit_r2, '.3f'),
         })
     metric = str(corr["metric"].iloc[0]) if len(corr) else "score"
-    caption = (f"**Correlation with OOD {metric}** across the pool (one point per member). Pearson r with "
-               f"its 95% confidence interval (Fisher z) and Spearman ρ on raw scores; probit fit: least "
-               f"squares of probit(OOD) on probit(indicator).")
-    cols = ["indicator", "setting", "n", "Pearson r [95% CI]", "p", "Spearman ρ", "ρ p", "probit slope",
-            "probit intercept", "probit R²"]
+    present = list(dict.fromkeys(corr["indicator"])) if len(corr) else []
+    what = "; ".join(f"`{i}`: {CORRELATION_LABELS.get(i, i)}" for i in present)
+    caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% interval "
+               f"(Fisher z, which treats the points as independent: too narrow for pairs, which share members); "
+               f"Spearman ρ and Kendall τ (τ-b) with 95% percentile-bootstrap intervals over pool members "
+               f"(r's bootstrap interval in its own column); probit fit: least squares of probit(y) on "
+               f"probit(x). n: members, or pairs / members.")
+    cols = ["indicator", "setting", "n", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]", "Kendall τ [CI]",
+            "probit slope", "probit intercept", "probit R²"]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
+
+
+def correlation_matrix_markdown(corr: pd.DataFrame) -> str:
+    """Indicator × target at a glance: ``r / ρ / τ`` per cell."""
+    if corr.empty:
+        return "(no correlations)"
+    targets = list(dict.fromkeys(corr["target"].astype(str)))
+    rows = []
+    for ind, g in corr.groupby("indicator", sort=False):
+        row = {"indicator": ind}
+        for t in targets:
+            h = g[g["target"].astype(str) == t]
+            row[t] = ("–" if h.empty else f"{_f(h['pearson_r'].iloc[0], '.2f')} / "
+                      f"{_f(h['spearman_rho'].iloc[0], '.2f')} / {_f(h['kendall_tau'].iloc[0], '.2f')}")
+        rows.append(row)
+    return ("Pearson r / Spearman ρ / Kendall τ per indicator and target:\n\n"
+            + markdown_table(pd.DataFrame(rows, columns=["indicator", *targets])))
+
+
+# --- model selection ----------------------------------------------------------------------------
+
+def selection_markdown(sel: pd.DataFrame, metric: str) -> str:
+    """Model selection per target and indicator: the chosen member, its true OOD score, the regret."""
+    if sel.empty:
+        return "(no indicator had values on any target)"
+    rows = [{"setting": f"{r.source} → {r.target}", "indicator": f"{r.indicator} ({r.direction} is better)",
+             "chosen member": f"{r.chosen_member}", f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
+             "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": _f(100 * r.best_ood, ".2f"),
+             "regret": _f(100 * r.regret, ".2f"), "random pick regret": _f(100 * r.random_regret, ".2f")}
+            for r in sel.itertuples(index=False)]
+    caption = (f"**Model selection for a new site.** Each target is treated as the new site: the pool is ranked "
+               f"by a label-free indicator, the top member is deployed, and its true OOD {metric} (%) is compared "
+               f"with the best member's. Regret = best − chosen (percentage points; 0: the indicator found the "
+               f"best member). Random pick regret: best − pool mean, what choosing blindly costs on average.")
+    return caption + "\n\n" + markdown_table(pd.DataFrame(rows))
+
+
+def loto_markdown(summary: pd.DataFrame, metric: str) -> str:
+    """Mean absolute error of the leave-one-target-out OOD estimates, indicator × held-out target."""
+    if summary.empty:
+        return "(needs at least two targets)"
+    targets = list(dict.fromkeys(summary["target"].astype(str)))
+    rows = []
+    for ind, g in summary.groupby("indicator", sort=False):
+        row = {"estimate from": ind}
+        for t in targets:
+            h = g[g["target"].astype(str) == t]
+            row[f"→ {t}"] = "–" if h.empty else _f(100 * h["mae"].iloc[0], ".2f")
+        row["mean"] = _f(100 * g["mae"].mean(), ".2f")
+        rows.append(row)
+    caption = (f"**OOD {metric} estimate per member, leave one target out.** For each held-out target, "
+               f"probit(OOD) = a · probit(indicator) + b is fitted by least squares on the other targets' "
+               f"(member, target) points and applied to the member's indicator value on the held-out target. "
+               f"Cells: mean absolute error over members (percentage points). `mean_ood_other_targets` (a "
+               f"reference, not label-free): the member's mean OOD {metric} on the other targets.")
+    return caption + "\n\n" + markdown_table(pd.DataFrame(rows))

@@ -6,7 +6,7 @@ from ray import tune
 from trainables.segment import member_id
 
 from .pool import member_epochs, run_name
-from .tracking import MEMBER_TAG, PARENT_TAG, Tracker
+from .tracking import MEMBER_TAG, PARENT_TAG, STAGE_TAG, Tracker
 
 
 class MlflowPoolCallback(tune.Callback):
@@ -64,3 +64,52 @@ class MlflowPoolCallback(tune.Callback):
         for rid in self._member_runs(trial).values():
             self.tracker.set_tags(rid, {"oodsweep.error": str(getattr(trial, "error_file", None) or "see the trial folder under pool/")})
             self.tracker.end(rid, "FAILED")
+
+
+class MlflowMemberCallback(tune.Callback):
+    """Driver-side: one MLflow child run per trial of a per-member stage (e.g. uncertainty)."""
+
+    def __init__(self, tracker: Tracker, parent_run_id: str, stage: str):
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.stage = stage
+        self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}
+
+    def _run(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            cfg = {**trial.config, **trial.config.get("member", {})}
+            mid = cfg["member_id"]
+            rid, created = self.tracker.get_or_create_run(
+                f"{self.stage}-{mid}", {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage})
+            if created:
+                self.tracker.log_params(rid, {k: cfg[k] for k in ("member_id", "epochs", "lr", "lam", "beta",
+                                                                  "batch_size", "passes") if k in cfg})
+                self.tracker.log_params(rid, {"baselines": ",".join(cfg.get("baselines", [])),
+                                              "trial_id": trial.trial_id})
+            else:
+                hist = self.tracker.client.get_metric_history(rid, "epoch")
+                self._last_step[rid] = max((int(m.value) for m in hist), default=0)
+            self._runs[trial.trial_id] = rid
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rid = self._run(trial)
+        epoch = int(result.get("epoch", 0))
+        metrics = {k: v for k, v in result.items() if k.startswith(("loss_", "ua_")) or k in ("epoch", "epoch_seconds")}
+        if result.get("scored"):
+            self.tracker.log_metrics(rid, metrics, step=epoch)
+        elif epoch > self._last_step.get(rid, 0):
+            self.tracker.log_metrics(rid, metrics, step=epoch)
+            self._last_step[rid] = epoch
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.end(self._run(trial), "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        rid = self._run(trial)
+        self.tracker.set_tags(rid, {"oodsweep.error": str(getattr(trial, "error_file", None) or "see the trial folder")})
+        self.tracker.end(rid, "FAILED")

@@ -43,10 +43,12 @@ def _cmd_analyze(args) -> int:
     tracker = None if args.no_mlflow else tracker_for(spec)
     res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=Path(args.out).resolve() if args.out else None)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
+    def f(v):
+        return "nan" if v is None else f"{v:.3f}"
     for c in res.get("correlations", []):
-        print(f"  {c.get('source')} -> {c.get('target')}: pearson r = {c.get('pearson_r'):.3f} "
-              f"(95% CI {c.get('pearson_ci_low'):.3f}..{c.get('pearson_ci_high'):.3f}), "
-              f"spearman rho = {c.get('spearman_rho'):.3f}, n = {c.get('n')}")
+        print(f"  {c.get('indicator')}: {c.get('source')} -> {c.get('target')}: pearson r = {f(c.get('pearson_r'))} "
+              f"(95% CI {f(c.get('pearson_ci_low'))}..{f(c.get('pearson_ci_high'))}), "
+              f"spearman rho = {f(c.get('spearman_rho'))}, n = {c.get('n')}")
     return 0
 
 
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"oodsweep: invalid spec: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # failed trials: the finished work is kept, the message says what to do
+        print(f"oodsweep: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"oodsweep: error: {msg}", file=sys.stderr)

@@ -131,7 +131,9 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         return
     tracker.reopen(parent)
     _init_ray(address, num_cpus)
-    log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members")
+    how = (f", searched by Ray Tune's OptunaSearch ({spec.search.num_samples} samples, {spec.search.mode} "
+           f"{spec.search.metric})" if spec.search else " (grid)")
+    log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")
     t = time.time()
     tuner = build_tuner(spec, cache, tracker, parent)
     results = tuner.fit()
@@ -149,19 +151,75 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     tracker.end(parent, "FINISHED")
 
 
+def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
+                          num_cpus: int | None = None) -> list[str]:
+    """Fit δ for every pool member that has no uncertainty records yet; return the failed trials' errors."""
+    from . import uncertainty as stage
+
+    exp = spec.experiment_dir
+    marker = exp / stage.STAGE / stage.DONE_MARKER
+    parent = tracker.stage_run(stage.STAGE)
+    u = spec.uncertainty
+    tracker.log_params(parent, {"epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta,
+                                "baselines": ",".join(u.baselines), "passes": u.passes, "workers": u.workers})
+    members, slices = records.load_records(exp)
+    done = set(records.uncertainty_part_ids(exp))
+    todo = [m for m in members["member_id"] if m not in done]
+    if marker.exists() and not todo:
+        log(f"uncertainty stage already done ({len(done)} members): skipped")
+        return []
+    if todo:
+        tracker.reopen(parent)
+        _init_ray(address, num_cpus)
+        log(f"uncertainty stage: a δ net per pool member ({len(todo)} to fit, {len(done)} done), "
+            f"{u.epochs} epochs, baselines {', '.join(u.baselines) or 'none'}")
+        t = time.time()
+        checkpoints = dict(zip(members["member_id"], members["checkpoint"]))
+        with_baselines = stage.baseline_members(spec, members, slices)
+        if len(with_baselines) < len(members):
+            log(f"baselines for the {len(with_baselines)} best members by ID {spec.analysis.metric} "
+                f"(uncertainty.baseline_members)")
+        results = stage.build_tuner(spec, cache, tracker, parent, todo, checkpoints, with_baselines).fit()
+        errors = [f"{r.path}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else r.error!r}"
+                  for r in results if r.error is not None]
+        tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
+    else:
+        errors = []
+    t4 = stage.write_table4(exp)
+    if t4 is not None:
+        tracker.log_metrics(parent, {f"table4_{m}_{s}": v for (m, s), v in t4.stack().items()})
+        tracker.log_artifacts(parent, [records.records_dir(exp) / "table4.csv"], base=records.records_dir(exp))
+    if errors:
+        tracker.end(parent, "FAILED")
+    else:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        tracker.end(parent, "FINISHED")
+    return errors
+
+
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
                        out_dir: Path | None = None) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
-    result = run_analysis(exp, metric=metric or spec.analysis.metric, out_dir=out_dir)
+    metric = metric or spec.analysis.metric
+    t = time.time()
+    result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators))
+    for note in result.get("notes", []):
+        log(f"analysis: {note}")
     if tracker is not None:
         rid = tracker.stage_run("analysis")
-        tracker.log_params(rid, {"metric": metric or spec.analysis.metric})
+        tracker.reopen(rid)
+        tracker.log_params(rid, {"metric": metric, "indicators": ",".join(spec.analysis.indicators)})
+        stats = ("pearson_r", "spearman_rho", "kendall_tau", "probit_slope", "probit_r2")
         for c in result.get("correlations", []):
-            tgt = c.get("target")
-            tracker.log_metrics(rid, {f"{tgt}_{k}": v for k, v in c.items()
-                                      if k in ("pearson_r", "spearman_rho", "probit_slope", "probit_r2")})
+            tracker.log_metrics(rid, {f"{c.get('indicator')}/{c.get('target')}_{k}": c.get(k) for k in stats
+                                      if c.get(k) is not None})
+        for sel in result.get("selection", []):
+            if sel.get("regret") is not None:
+                tracker.log_metrics(rid, {f"regret/{sel.get('indicator')}/{sel.get('target')}": sel["regret"]})
+        tracker.log_metrics(rid, {"analysis_seconds": time.time() - t})
         out = Path(result["out_dir"])
         files = [Path(f) for f in result["files"]]
         tracker.log_artifacts(rid, files, base=out)
@@ -180,6 +238,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     tracker = tracker_for(spec)
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")
     run_pool_stage(spec, cache, tracker, address=address, num_cpus=num_cpus)
+    errors = []
+    if spec.uncertainty is not None:
+        errors = run_uncertainty_stage(spec, cache, tracker, address=address, num_cpus=num_cpus)
     result = run_analysis_stage(spec, tracker)
     summary = {"experiment_dir": str(exp), "tracking_uri": tracker.tracking_uri,
                "analysis_dir": result["out_dir"], "seconds": round(time.time() - t0, 1),
@@ -188,6 +249,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     log(f"  records:  {exp / records.RECORDS_DIR}")
     log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
     log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
+                           f"analysed. Fix the cause and rerun `oodsweep run` to retry only those:\n  - "
+                           + "\n  - ".join(errors))
     return summary
 
 

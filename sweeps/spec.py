@@ -34,7 +34,8 @@ from trainables.models import MODELS
 METRICS = ("iou_3d", "dice_2d", "dice_global")
 LAYOUTS = ("prostate_multisite",)
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
-INDICATORS = ("id_performance",)
+INDICATORS = ("id_performance", "agreement", "uncertainty")
+BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
 
 
 class SpecError(ValueError):
@@ -110,9 +111,34 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class UncertaintySpec:
+    """The δ net per pool member (paper §2.3) and the Table-4 baselines."""
+
+    method: str = "ggd"
+    epochs: int = 50
+    lr: float = 1e-4
+    lam: float = 1.0
+    beta: float = 2.0
+    learn_beta: bool = False
+    batch_size: int = 8
+    baselines: tuple[str, ...] = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
+    passes: int = 8
+    workers: int = 1          # Ray Train workers per member (DDP when > 1)
+    cpu: float = 1.0          # per Train worker
+    gpu: float = 0.0          # per Train worker
+    trial_cpu: float = 0.5    # the Tune trial that drives the Train run
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+    checkpoint_every: int = 10
+    #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
+    #: ID performance on the source test split (source labels only)
+    baseline_members: int | None = None
+
+
+@dataclass(frozen=True)
 class AnalysisSpec:
     metric: str = "iou_3d"
-    indicators: tuple[str, ...] = ("id_performance",)
+    indicators: tuple[str, ...] = ("id_performance", "agreement")
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,7 @@ class SweepSpec:
     data: DataSpec
     pool: PoolSpec
     search: SearchSpec | None = None
+    uncertainty: UncertaintySpec | None = None
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     tracking_uri: str | None = None
     source_file: Path | None = None
@@ -255,7 +282,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     c = _Checker(where)
     raw = _expand(raw, "", where)
     c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": True, "search": False,
-                     "analysis": False, "tracking": False})
+                     "uncertainty": False, "analysis": False, "tracking": False})
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
@@ -362,15 +389,59 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
                 raise c.fail(k, f"{prm.kind} needs a search: add `search: {{algo: optuna, num_samples: N}}` "
                                 f"or use {{grid: [...]}}")
 
+    uncertainty = None
+    if raw.get("uncertainty") is not None:
+        u = c.keys(raw["uncertainty"] or {}, "uncertainty", {
+            "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
+            "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
+            "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
+            "baseline_members": False})
+        ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
+        bl = u.get("baselines", list(BASELINES))
+        if not isinstance(bl, list):
+            raise c.fail("uncertainty.baselines", f"expected a list (possibly empty), got {bl!r}")
+        umct = u.get("max_concurrent_trials")
+        bm = u.get("baseline_members", "all")
+        if bm != "all":
+            bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
+        uncertainty = UncertaintySpec(
+            method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
+            epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
+            lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
+            lam=c.number(u.get("lam", 1.0), "uncertainty.lam", nonneg=True),
+            beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
+            learn_beta=bool(u.get("learn_beta", False)),
+            batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),
+            baselines=tuple(c.choice(b, f"uncertainty.baselines[{i}]", BASELINES) for i, b in enumerate(bl)),
+            passes=c.number(u.get("passes", 8), "uncertainty.passes", integer=True, positive=True),
+            workers=c.number(u.get("workers", 1), "uncertainty.workers", integer=True, positive=True),
+            cpu=c.number(ur.get("cpu", 1.0), "uncertainty.resources.cpu", positive=True),
+            gpu=c.number(ur.get("gpu", 0.0), "uncertainty.resources.gpu", nonneg=True),
+            trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", nonneg=True),
+            max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
+                                                                     integer=True, positive=True),
+            max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
+            checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
+                                      positive=True),
+            baseline_members=None if bm == "all" else bm)
+        if uncertainty.passes < 2 and any(b.startswith(("tta", "mc")) for b in uncertainty.baselines):
+            raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
+                                               f"{uncertainty.passes}")
+
     a = c.keys(raw.get("analysis") or {}, "analysis", {"metric": False, "indicators": False})
-    indicators = a.get("indicators", ["id_performance"])
+    default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
+    indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
         raise c.fail("analysis.indicators", f"expected a list, got {indicators!r}")
     analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
                             indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", INDICATORS)
                                              for i, v in enumerate(indicators)))
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
-    return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, analysis=analysis,
+    if "uncertainty" in analysis.indicators and uncertainty is None:
+        raise c.fail("analysis.indicators", "lists 'uncertainty' but the spec has no `uncertainty:` section "
+                                            "(add one, e.g. `uncertainty: {epochs: 50}`)")
+    return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, uncertainty=uncertainty,
+                     analysis=analysis,
                      tracking_uri=t.get("uri"), raw=raw)
 
 

@@ -40,6 +40,16 @@ def experiment_status(experiment_dir) -> dict:
     pool_done = (exp / STAGE / DONE_MARKER).exists()
     expected = spec.n_members()
     analysis_dir = exp / "analysis"
+    from . import uncertainty as ustage
+
+    unc = None
+    if spec.uncertainty is not None:
+        utrials = _trial_states(exp / ustage.STAGE)
+        ufailed = {k: v["error"] for k, v in utrials.items() if v["error"] and not v["done"]}
+        udone = len(records.uncertainty_part_ids(exp))
+        unc = {"state": "done" if (exp / ustage.STAGE / ustage.DONE_MARKER).exists() and udone >= len(members)
+               else ("failed" if ufailed else ("running" if utrials else "pending")),
+               "members_done": udone, "members_expected": len(members) or expected, "failed": ufailed}
     return {
         "experiment": str(exp), "name": spec.name,
         "pool": {"state": "done" if pool_done else ("failed" if failed else ("running" if running or members
@@ -47,6 +57,7 @@ def experiment_status(experiment_dir) -> dict:
                  "members_done": len(members), "members_expected": expected,
                  "runs_done": sum(v["done"] for v in trials.values()), "runs_expected": spec.n_runs(),
                  "runs_unfinished": running, "failed": failed},
+        "uncertainty": unc,
         "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",
                      "dir": str(analysis_dir)},
     }
@@ -61,5 +72,10 @@ def format_status(st: dict) -> str:
         lines.append(f"            unfinished: {name}")
     for name, err in p["failed"].items():
         lines.append(f"            FAILED {name}: {err}")
+    u = st.get("uncertainty")
+    if u is not None:
+        lines.append(f"  uncertainty {u['state']:6s} members {u['members_done']}/{u['members_expected']}")
+        for name, err in u["failed"].items():
+            lines.append(f"            FAILED {name}: {err}")
     lines.append(f"  analysis  {a['state']:8s} {a['dir']}")
     return "\n".join(lines)

@@ -110,6 +110,7 @@ def test_points_on_a_probit_line():
     assert st["probit_r"] == pytest.approx(1.0, abs=1e-9)
     assert stats.pearsonr(probit(x), probit(y)).statistic == pytest.approx(1.0, abs=1e-9)
     assert st["spearman_rho"] == pytest.approx(1.0)
+    assert st["kendall_tau"] == pytest.approx(1.0)
     assert st["pearson_r"] > 0.99  # raw values: monotone, nearly linear
 
 
@@ -143,7 +144,8 @@ def test_degenerate_input_gives_nan_without_warnings(x, y):
         warnings.simplefilter("error")
         st = correlate(np.array(x, dtype=float), np.array(y, dtype=float))
     assert list(st) == list(STAT_KEYS)
-    for k in ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_rho", "probit_r2"):
+    for k in ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_rho", "spearman_ci_low",
+              "kendall_tau", "kendall_ci_high", "pearson_boot_low", "probit_r2"):
         assert math.isnan(st[k]), k
     assert st["n"] < MIN_POINTS or len(set(x)) == 1
 
@@ -204,6 +206,12 @@ def test_table1_cells():
     assert wide.loc["A → B", "medsam"] == "45.00 ± 0.00 (↓ 45.0)"
     assert wide.loc["A → C", "medsam"] == "90.00 ± 0.00 (= 0.0)"
 
+    by_arch = table1(_table_pool(), orient="archs").set_index("arch")  # the layout of the paper's Tables 2-3
+    assert list(by_arch.columns) == ["Same-Dom.: A", "Cross-Dom.: A → B", "Cross-Dom.: A → C"]
+    assert by_arch.loc["unet", "Cross-Dom.: A → B"] == "55.00 ± 5.00 (↓ 20.0)"
+    with pytest.raises(ValueError, match="orient must be 'settings'"):
+        table1(_table_pool(), orient="sideways")
+
     long = table1_long(_table_pool())
     row = long[(long["arch"] == "unet") & (long["target"] == "B")].iloc[0]
     assert row["change_pct"] == pytest.approx(-20.0) and row["n_seeds"] == 2
@@ -243,16 +251,21 @@ def _write_experiment(exp: Path) -> None:
 def test_run_analysis_writes_every_file(tmp_path):
     exp = tmp_path / "exp"
     _write_experiment(exp)
-    res = run_analysis(exp)
+    res = run_analysis(exp, n_resamples=29)
     out = exp / "analysis"
     assert res["out_dir"] == str(out)
     names = {str(Path(f).relative_to(out)) for f in res["files"]}
-    assert names == {"performance.csv", "correlations.csv", "table1.csv", "tables.md", "summary.json",
-                     "plots/accuracy_on_the_line_B.png", "plots/accuracy_on_the_line_C_site.png"}
+    assert names == {"performance.csv", "indicators.csv", "correlations.csv", "correlations_long.csv", "table1.csv",
+                     "table1_long.csv", "selection.csv", "loto.csv", "loto_summary.csv", "tables.md", "summary.json",
+                     "plots/fig4_B.png", "plots/fig4_C_site.png"}
     for f in res["files"]:
         assert Path(f).stat().st_size > 0, f
     assert len(pd.read_csv(out / "performance.csv")) == 24
+    # no predictions and no uncertainty records: only ID performance, and the notes say why
     assert len(res["correlations"]) == 2
+    assert {c["indicator"] for c in res["correlations"]} == {"id_performance"}
+    assert any("no predicted masks" in n for n in res["notes"])
+    assert any("no uncertainty records" in n and "Table 4" in n for n in res["notes"])
     b = next(c for c in res["correlations"] if c["target"] == "B")
     assert b["pearson_r"] > 0.95 and b["n"] == 12
     summary = json.loads((out / "summary.json").read_text())
@@ -260,11 +273,45 @@ def test_run_analysis_writes_every_file(tmp_path):
     assert [c["target"] for c in summary["correlations"]] == ["B", "C site"]
     md = (out / "tables.md").read_text()
     assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
+    assert "Fig. 3: skipped" in md and "Table 4: uncertainty methods" in md and "Skipped: no uncertainty" in md
     t1 = pd.read_csv(out / "table1.csv")
     assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18"]
+    sel = pd.read_csv(out / "selection.csv")
+    assert set(sel["indicator"]) == {"id_performance"} and len(sel) == 2
 
-    other = run_analysis(exp, metric="dice_global", out_dir=tmp_path / "other")
+    other = run_analysis(exp, metric="dice_global", out_dir=tmp_path / "other", n_resamples=0)
     assert Path(other["out_dir"]) == tmp_path / "other" and (tmp_path / "other" / "tables.md").exists()
+
+
+def test_correlations_match_scipy_on_the_written_columns(tmp_path):
+    exp = tmp_path / "exp"
+    _write_experiment(exp)
+    res = run_analysis(exp, n_resamples=0)
+    table = pd.read_csv(Path(res["out_dir"]) / "indicators.csv")
+    for c in res["correlations"]:
+        g = table[table["target"] == c["target"]]
+        x, y = g["id_score"].to_numpy(), g["ood_score"].to_numpy()
+        assert c["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+        assert c["spearman_rho"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert c["kendall_tau"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+        ci = stats.pearsonr(x, y).confidence_interval(0.95)
+        assert (c["pearson_ci_low"], c["pearson_ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+        fit = stats.linregress(probit(x), probit(y))
+        assert c["probit_slope"] == pytest.approx(fit.slope, abs=1e-12)
+        assert c["probit_r2"] == pytest.approx(fit.rvalue ** 2, abs=1e-12)
+
+
+def test_bootstrap_intervals_are_reproducible_and_cover_the_estimate():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.3, 0.9, 40)
+    y = np.clip(0.7 * x + rng.normal(0, 0.1, 40), 0.01, 0.99)
+    a, b = correlate(x, y, n_resamples=99, seed=5), correlate(x, y, n_resamples=99, seed=5)
+    assert a == b
+    for est, lo, hi in (("spearman_rho", "spearman_ci_low", "spearman_ci_high"),
+                        ("kendall_tau", "kendall_ci_low", "kendall_ci_high"),
+                        ("pearson_r", "pearson_boot_low", "pearson_boot_high")):
+        assert -1 <= a[lo] < a[est] < a[hi] <= 1, est
+    assert math.isnan(correlate(x, y, n_resamples=0)["spearman_ci_low"])
 
 
 def test_run_analysis_errors(tmp_path):
@@ -272,10 +319,12 @@ def test_run_analysis_errors(tmp_path):
         run_analysis(tmp_path / "empty")
     with pytest.raises(ValueError, match="valid metrics: iou_3d, dice_2d, dice_global"):
         run_analysis(tmp_path / "empty", metric="auc")
+    with pytest.raises(ValueError, match=r"indicators\[1\]: unknown indicator 'luck'; valid names: id_performance"):
+        run_analysis(tmp_path / "empty", indicators=["agreement", "luck"])
 
 
 def test_analysis_imports_no_ray_torch_sweeps_or_pyplot():
-    code = ("import sys, analysis, analysis.plots, analysis.tables; "
+    code = ("import sys, analysis, analysis.plots, analysis.tables, analysis.selection, analysis.examples; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'torch', 'sweeps', 'mlflow'} "
             "or m == 'matplotlib.pyplot'); print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -32,6 +32,7 @@ def finished(tmp_path_factory, tiny_data):
             "pool": {"arch": {"grid": ["unet_r18", "unet_effb0"]}, "lr": {"grid": [1e-3]},
                      "epochs": {"snapshots": [1, 2]}, "seed": {"grid": [0]}, "batch_size": 4,
                      "resources": {"cpu": 1}},
+            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5}},
             "analysis": {"metric": "iou_3d"}}
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -53,6 +54,11 @@ def test_records(finished):
         assert sorted(p.name for p in (exp / "records" / "predictions" / mid).iterdir()) == \
             ["SiteA.npz", "SiteB.npz", "SiteC.npz"]
     assert yaml.safe_load((exp / "spec.yaml").read_text())["name"] == "tiny"
+    unc = pd.read_parquet(exp / "records" / "uncertainty.parquet")
+    assert set(unc["member_id"]) == set(members["member_id"])
+    assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout"}
+    t4 = pd.read_csv(exp / "records" / "table4.csv", index_col=0)
+    assert set(t4.columns) == {"SiteB", "SiteC"} and len(t4) == 5
     assert "pool members" in finished["out"] and str(exp / "analysis") in finished["out"]
 
 
@@ -64,7 +70,7 @@ def test_mlflow_runs(finished):
     e = client.get_experiment_by_name("tiny")
     runs = client.search_runs([e.experiment_id])
     by_stage = {r.data.tags.get("oodsweep.stage"): r for r in runs if r.data.tags.get("oodsweep.stage")}
-    assert set(by_stage) == {"pool", "analysis"}
+    assert set(by_stage) == {"pool", "uncertainty", "analysis"}
     pool = by_stage["pool"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pool.info.run_id]
     members = pd.read_parquet(exp / "records" / "members.parquet")
@@ -75,6 +81,13 @@ def test_mlflow_runs(finished):
         hist = client.get_metric_history(r.info.run_id, "ood_SiteB_iou_3d")
         assert sorted(m.step for m in hist) == list(range(1, int(r.data.params["epochs"]) + 1))
         assert client.get_metric_history(r.info.run_id, "id_iou_3d")
+    unc = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == by_stage["uncertainty"].info.run_id]
+    assert sorted(r.data.tags["oodsweep.member_id"] for r in unc) == sorted(members["member_id"])
+    for r in unc:
+        assert r.info.status == "FINISHED"
+        assert client.get_metric_history(r.info.run_id, "loss_ggd")
+        assert {"ua_ggd_SiteB", "ua_ggd_SiteC", "ua_tta_noise_SiteB"} <= set(r.data.metrics)
+    assert any(k.startswith("table4_") for k in by_stage["uncertainty"].data.metrics)
     arts = {a.path for a in client.list_artifacts(by_stage["analysis"].info.run_id)}
     assert {"tables.md", "correlations.csv", "plots"} <= arts
     assert "analysis" in {a.path for a in client.list_artifacts(pool.info.run_id)}
@@ -85,9 +98,14 @@ def test_analysis_files(finished):
     for name in ("tables.md", "correlations.csv", "performance.csv", "table1.csv", "summary.json"):
         assert (an / name).stat().st_size > 0, name
     for t in ("SiteB", "SiteC"):
-        assert (an / "plots" / f"accuracy_on_the_line_{t}.png").stat().st_size > 1000
+        assert (an / "plots" / f"fig4_{t}.png").stat().st_size > 1000
     corr = pd.read_csv(an / "correlations.csv")
-    assert set(corr["target"]) == {"SiteB", "SiteC"} and (corr["n"] == 4).all()
+    members = corr[corr["unit"] == "member"]
+    assert set(members["target"]) == {"SiteB", "SiteC"} and (members["n"] == 4).all()
+    assert {"id_performance", "id_agreement", "uncertain_area"} <= set(corr["indicator"])
+    assert (an / "plots" / "fig3_uncertainty_vs_ood.png").stat().st_size > 1000
+    assert list((an / "plots").glob("fig6_*.png"))
+    assert "Table 4" in (an / "tables.md").read_text()
     perf = pd.read_csv(an / "performance.csv")
     assert perf[["id_score", "ood_score"]].drop_duplicates().shape[0] > 1  # a spread, not one point
     assert "SiteA → SiteB" in (an / "tables.md").read_text()
@@ -101,7 +119,8 @@ def test_rerun_skips_and_does_not_duplicate(finished):
     assert "pool stage already done" in proc.stdout
     client = MlflowClient(f"sqlite:///{finished['exp'] / 'mlflow.db'}")
     e = client.get_experiment_by_name("tiny")
-    assert len(client.search_runs([e.experiment_id])) == 4 + 2
+    assert "uncertainty stage already done" in proc.stdout
+    assert len(client.search_runs([e.experiment_id])) == 4 + 4 + 3  # members (pool, uncertainty), stages
 
 
 def test_status_and_analyze_without_ray(finished, tmp_path):
@@ -160,3 +179,31 @@ def test_optuna_search(tmp_path, tiny_data):
     members = pd.read_parquet(tmp_path / "runs" / "search" / "records" / "members.parquet")
     assert len(members) == 2 and members["lr"].nunique() == 2
     assert ((members["lr"] >= 1e-4) & (members["lr"] <= 1e-2)).all()
+
+
+def test_bad_checkpoint_fails_one_uncertainty_trial(finished, tmp_path):
+    """A corrupt member checkpoint fails that member's trial with a clear error; the others are scored."""
+    import shutil
+
+    src, exp = finished["exp"], tmp_path / "runs" / "tiny"
+    shutil.copytree(src, exp, ignore=shutil.ignore_patterns("uncertainty", "mlflow.db", "mlartifacts", "analysis",
+                                                            "uncertainty.parquet", "table4.csv"))
+    spec = yaml.safe_load((exp / "spec.yaml").read_text())
+    spec["storage"] = str(tmp_path / "runs")
+    (exp / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    members = pd.read_parquet(exp / "records" / "members.parquet")
+    members["checkpoint"] = [c.replace(str(src), str(exp)) for c in members["checkpoint"]]
+    members.to_parquet(exp / "records" / "members.parquet")
+    for mid, ckpt in zip(members["member_id"], members["checkpoint"]):
+        part = exp / "records" / "parts" / f"{mid}.member.json"
+        part.write_text(part.read_text().replace(str(src), str(exp)))
+    bad = members["member_id"].iloc[0]
+    Path(members["checkpoint"].iloc[0]).write_bytes(b"not a checkpoint")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = run_cli("run", str(path), "--num-cpus", "2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 uncertainty trial(s) failed" in proc.stderr and bad in proc.stderr
+    unc = pd.read_parquet(exp / "records" / "uncertainty.parquet")
+    assert set(unc["member_id"]) == set(members["member_id"]) - {bad}
+    assert (exp / "analysis" / "tables.md").exists()  # the analysis ran on what was scored

@@ -265,7 +265,13 @@ def uncertain_area(unc: pd.DataFrame, method: str = "ggd",
 
 
 def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site")) -> pd.Series:
-    """Table 4: mean over images of (uncertain-area fraction - pixel-error fraction)^2."""
+    """Table 4: mean over images of (uncertain-area fraction - pixel-error fraction)^2.
+
+    Only members scored by every method present are counted, so that the methods are compared on
+    the same images (the baselines may run on a subset of the pool: uncertainty.baseline_members).
+    """
+    methods = unc.groupby("member_id")["method"].nunique()
+    unc = unc[unc["member_id"].isin(methods[methods == unc["method"].nunique()].index)]
     sq = ((unc["uncertain_px"] - unc["error_px"]) / unc["area_px"]) ** 2
     out = sq.groupby([unc[c] for c in by]).mean()
     out.name = "mse"

@@ -1,0 +1,157 @@
+"""Stage 2: a post-hoc uncertainty net per pool member (DESIGN §2, §6, §8).
+
+One Ray Tune trial per pool member; each trial builds and fits a Ray Train ``TorchTrainer`` whose
+workers run ``trainables.uncertainty.fit_uncertainty`` (DDP across workers when the spec asks for
+more than one). The Train run has a deterministic name (``delta-<member>``) under the experiment's
+``uncertainty/train`` folder, so a restarted trial resumes its run from the last checkpoint.
+Ray is imported inside functions only.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainables import records
+
+from .spec import SweepSpec
+from .tracking import Tracker
+
+STAGE = "uncertainty"
+DONE_MARKER = ".oodsweep-done"
+
+
+def _train_worker(config: dict) -> None:
+    """Runs in each Ray Train worker.
+
+    Never report Tune's reserved key ``done``: Tune would end the trial on it while the Train
+    controller still runs, and the worker group's placement group would stay reserved (Ray 2.60).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from trainables.uncertainty import fit_uncertainty
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        try:
+            ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
+        finally:
+            if ckpt_dir:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    cfg = dict(config)
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        summary = fit_uncertainty(cfg, report=report, wrap_model=wrap, rank=rank, world_size=world)
+    else:
+        with checkpoint.as_directory() as d:
+            summary = fit_uncertainty({**cfg, "resume_from": d}, report=report, wrap_model=wrap, rank=rank,
+                                      world_size=world)
+    if summary is None:  # ranks > 0 meet rank 0's final report
+        report({"epoch": int(cfg.get("epochs", 0)), "scored": 1}, None)
+
+
+def uncertainty_trial(config: dict) -> None:
+    """Ray Tune function trainable: one pool member's δ, as a Ray Train run."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = dict(config)
+    train_cfg = cfg.pop("_train")
+    if (records.records_dir(cfg["experiment_dir"]) / "uncertainty" / "parts" / f"{cfg['member_id']}.parquet").exists():
+        tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1})
+        return
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,
+                                     resources_per_worker={"CPU": train_cfg["cpu"],
+                                                           **({"GPU": train_cfg["gpu"]} if train_cfg["gpu"] else {})}),
+        run_config=RunConfig(name=f"delta-{cfg['member_id']}", storage_path=train_cfg["storage"],
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFrame) -> set[str]:
+    """Members that get the baselines too: all, or the N best by ID performance (source test split)."""
+    n = spec.uncertainty.baseline_members
+    if n is None or n >= len(members):
+        return set(members["member_id"])
+    score = records.metric_by(slices[slices["role"] == "id"], spec.analysis.metric, by=["member_id"])
+    return set(score.fillna(-1).sort_values(ascending=False, kind="stable").index[:n])
+
+
+def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],
+                with_baselines: set[str]) -> dict:
+    from ray import tune
+
+    u = spec.uncertainty
+    # one grid point per member: its id, checkpoint and whether it also gets the baselines
+    return {
+        "member": tune.grid_search([{"member_id": m, "checkpoint": checkpoints[m],
+                                     "baselines": list(u.baselines) if m in with_baselines else []}
+                                    for m in member_ids]),
+        "cache": str(cache_dir), "source": spec.data.source, "targets": list(spec.data.targets),
+        "target_split": spec.data.target_split, "experiment_dir": str(spec.experiment_dir),
+        "epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta, "learn_beta": u.learn_beta,
+        "batch_size": u.batch_size, "passes": u.passes,
+        "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)),
+        "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": u.gpu,
+                   "storage": str(spec.experiment_dir / STAGE / "train")},
+    }
+
+
+def _trial_fn(config: dict) -> None:
+    cfg = dict(config)
+    cfg.update(cfg.pop("member"))
+    uncertainty_trial(cfg)
+
+
+def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str, todo: list[str],
+                checkpoints: dict[str, str], with_baselines: set[str]):
+    import ray
+    from ray import tune
+
+    from .callbacks import MlflowMemberCallback
+
+    u = spec.uncertainty
+    path = spec.experiment_dir / STAGE
+    trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
+    space = param_space(spec, cache_dir, todo, checkpoints, with_baselines)
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[oodsweep] resuming the uncertainty stage from {path}")
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True,
+                                  param_space=space)
+    max_conc = u.max_concurrent_trials
+    if max_conc is None:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        max_conc = max(1, int(cpus // (u.trial_cpu + u.workers * u.cpu)))
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,
+                                    trial_name_creator=lambda t: f"delta-{t.config['member']['member_id']}",
+                                    trial_dirname_creator=lambda t: f"delta-{t.config['member']['member_id']}-"
+                                                                    f"{t.trial_id}"),
+        run_config=tune.RunConfig(name=STAGE, storage_path=str(spec.experiment_dir),
+                                  callbacks=[MlflowMemberCallback(tracker, parent_run_id, STAGE)],
+                                  failure_config=tune.FailureConfig(max_failures=u.max_failures)),
+    )
+
+
+def write_table4(experiment_dir: Path) -> pd.DataFrame | None:
+    """Merge the members' uncertainty parts and write ``records/table4.csv`` (methods x sites, MSE)."""
+    unc = records.load_uncertainty(experiment_dir)
+    if unc is None:
+        return None
+    t4 = records.table4(unc[unc["role"] == "ood"]).unstack("site")
+    t4.to_csv(records.records_dir(experiment_dir) / "table4.csv")
+    return t4

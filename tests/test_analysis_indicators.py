@@ -1,0 +1,337 @@
+"""Agreement, uncertainty, model selection and the paper's figures, on synthetic records with known answers."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import run_analysis
+from analysis.agreement import agreement_matrices, pairwise_dice, read_packed
+from analysis.correlate import correlate_pairs, probit
+from analysis.examples import Example, fig6_inputs
+from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
+from analysis.plots import figure_fig3, figure_fig4, figure_fig6, save_figure
+from analysis.selection import BASELINE, loto_estimates, select_models
+from analysis.table import PERFORMANCE_COLUMNS
+from trainables import records
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _dice_reference(masks: np.ndarray) -> np.ndarray:
+    """Per-pair mean Dice by explicit loops (the documented convention, written out)."""
+    m = len(masks)
+    out = np.ones((m, m))
+    for i in range(m):
+        for j in range(m):
+            vals = []
+            for a, b in zip(masks[i], masks[j]):
+                den = a.sum() + b.sum()
+                if den:
+                    vals.append(2 * (a & b).sum() / den)
+            out[i, j] = np.mean(vals) if vals else np.nan
+    return out
+
+
+def _packed(masks: np.ndarray) -> np.ndarray:
+    m, n = masks.shape[:2]
+    return np.packbits(masks.reshape(m, n, -1), axis=2)
+
+
+def _points(fig) -> list[int]:
+    """Scatter points per axes of a figure (colorbar axes excluded)."""
+    return [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes if ax.collections]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _table(ood: dict[str, np.ndarray], id_score: np.ndarray, **cols: dict[str, np.ndarray]) -> pd.DataFrame:
+    """An indicator table: members m0..m{n-1}, one row per (member, target)."""
+    n = len(id_score)
+    rows = []
+    for t, y in ood.items():
+        for i in range(n):
+            rows.append({"member_id": f"m{i:02d}", "arch": ("unet", "medsam")[i % 2], "lr": 1e-3, "epochs": 5,
+                         "seed": i, "source": "A", "target": t, "metric": "iou_3d", "id_score": id_score[i],
+                         "ood_score": y[i], **{k: v[t][i] for k, v in cols.items()}})
+    df = pd.DataFrame(rows)
+    for c in ("id_agreement", "ood_agreement", "uncertain_area"):
+        if c not in df.columns:
+            df[c] = np.nan
+    return df[PERFORMANCE_COLUMNS + ["id_agreement", "ood_agreement", "uncertain_area"]]
+
+
+# --- agreement ----------------------------------------------------------------------------------
+
+def test_pairwise_dice_matches_the_reference_and_is_symmetric_with_unit_diagonal():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 9, 5, 7)) < 0.3          # 6 members x 9 slices of 5 x 7 (35 px: padded bytes)
+    masks[:, 3] = False                              # a slice every member leaves empty: counts for no pair
+    masks[0, 5] = False                              # member 0 empty where others are not: Dice 0 there
+    masks[4] = False                                 # a member that predicts nothing anywhere ...
+    masks[5] = False                                 # ... and another one: undefined (NaN), like dice_2d
+    masks[2] = masks[1]                              # identical members: 1
+    got = pairwise_dice(_packed(masks), 35)
+    np.testing.assert_allclose(got, _dice_reference(masks), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+    np.testing.assert_array_equal(np.diag(got)[:4], 1.0)
+    assert got[1, 2] == 1.0 and got[0, 4] == 0.0
+    assert np.isnan(got[4, 5]) and np.isnan(got[4, 4])
+
+
+def test_pairwise_dice_speckle_only_pixels_still_count_in_the_sizes():
+    # Pixels marked by one member alone are left out of the product but not out of the mask sizes.
+    a = np.zeros((1, 4, 4), bool)
+    b = np.zeros((1, 4, 4), bool)
+    a[0, 0, :2] = True          # 2 px, one shared with b
+    b[0, 0, 1:4] = True         # 3 px
+    got = pairwise_dice(_packed(np.stack([a, b])), 16)
+    assert got[0, 1] == pytest.approx(2 * 1 / 5)
+
+
+def test_agreement_from_stored_predictions(tmp_path):
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, 6, 8, 8)) < 0.25
+    cases, idx = [f"c{i // 3}" for i in range(6)], np.arange(6) % 3
+    for i in range(4):
+        for site in ("A", "B"):
+            if (i, site) == (3, "B"):
+                continue                                            # member 3 has no file on B
+            m = masks[i] if site == "A" else ~masks[i]
+            records.save_predictions(tmp_path, f"m{i}", site, m, cases, idx)
+    p = read_packed(records.records_dir(tmp_path) / "predictions" / "m0" / "A.npz")
+    assert p.shape == (6, 8, 8) and list(p.case_id) == cases
+    ag = agreement_matrices(tmp_path, ["m0", "m1", "m2", "m3"], {"A": "id", "B": "ood"})
+    assert ag.id_site == "A" and ag.roles == {"A": "id", "B": "ood"} and ag.n_slices == {"A": 6, "B": 6}
+    np.testing.assert_allclose(ag.matrices["A"], _dice_reference(masks), atol=1e-12)
+    assert np.isnan(ag.matrices["B"][3]).all() and np.isnan(ag.matrices["B"][:, 3]).all()
+    np.testing.assert_allclose(ag.matrices["B"][:3, :3], _dice_reference(~masks[:3]), atol=1e-12)
+    assert any("no predictions file for 1 member" in n for n in ag.notes)
+    mean = ag.member_mean("A")
+    ref = _dice_reference(masks)
+    assert mean["m0"] == pytest.approx((ref[0, 1] + ref[0, 2] + ref[0, 3]) / 3)
+    pairs = ag.pairs()
+    assert len(pairs) == 6 and list(pairs.columns) == ["member_a", "member_b", "A", "B"]
+
+
+def test_agreement_leaves_out_members_with_other_slices(tmp_path):
+    masks = np.ones((3, 4, 4), bool)
+    records.save_predictions(tmp_path, "m0", "A", masks, ["c"] * 3, [0, 1, 2])
+    records.save_predictions(tmp_path, "m1", "A", masks, ["c"] * 3, [0, 1, 2])
+    records.save_predictions(tmp_path, "m2", "A", masks, ["c"] * 3, [0, 1, 5])
+    ag = agreement_matrices(tmp_path, ["m0", "m1", "m2"], {"A": "id"})
+    assert ag.matrices["A"][0, 1] == 1.0 and np.isnan(ag.matrices["A"][2]).all()
+    assert any("m2" in n and "same slices in the same order" in n for n in ag.notes)
+    assert agreement_matrices(tmp_path / "none", ["m0"], {"A": "id"}).notes[0].startswith("no predicted masks")
+
+
+def test_agreement_on_the_line_over_pairs():
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0.2, 0.9, (10, 10))
+    a = np.triu(a, 1) + np.triu(a, 1).T + np.eye(10)
+    b = stats.norm.cdf(0.7 * probit(a) - 0.3)            # every pair exactly on a probit line
+    st = correlate_pairs(a, b, n_resamples=49)
+    assert st["n"] == 45 and st["n_units"] == 10
+    assert st["probit_slope"] == pytest.approx(0.7) and st["probit_intercept"] == pytest.approx(-0.3)
+    assert st["spearman_rho"] == pytest.approx(1.0) and st["kendall_tau"] == pytest.approx(1.0)
+    assert st["spearman_ci_low"] == pytest.approx(1.0) and st["kendall_ci_high"] == pytest.approx(1.0)
+
+
+# --- indicators and selection -------------------------------------------------------------------
+
+def test_resolve_indicators_expands_groups():
+    assert resolve_indicators(None) == tuple(INDICATORS)
+    assert resolve_indicators(["id_performance", "agreement", "uncertainty"]) == (
+        "id_performance", "id_agreement", "ood_agreement", "uncertain_area")
+
+
+def test_regret_is_zero_when_the_indicator_orders_the_pool_like_the_truth():
+    rng = np.random.default_rng(4)
+    ood = {"B": rng.uniform(0.1, 0.9, 12), "C": rng.uniform(0.1, 0.9, 12)}
+    id_score = rng.uniform(0.5, 0.9, 12)
+    table = _table(ood, id_score,
+                   ood_agreement={t: y ** 2 for t, y in ood.items()},           # same order, higher better
+                   uncertain_area={t: 1 - y for t, y in ood.items()},           # same order, lower better
+                   id_agreement={t: -y for t, y in ood.items()})                # reversed: the worst member
+    sel = select_models(table, ["ood_agreement", "uncertain_area", "id_agreement"]).set_index(["target", "indicator"])
+    for t, y in ood.items():
+        for ind in ("ood_agreement", "uncertain_area"):
+            r = sel.loc[(t, ind)]
+            assert r["regret"] == 0.0 and r["chosen_rank"] == 1 and r["chosen_member"] == r["best_member"]
+            assert r["best_ood"] == y.max()
+        worst = sel.loc[(t, "id_agreement")]
+        assert worst["regret"] == pytest.approx(y.max() - y.min()) and worst["chosen_rank"] == 12
+        assert worst["random_regret"] == pytest.approx(y.max() - y.mean())
+    assert set(sel.reset_index()["direction"]) == {"higher", "lower"}
+
+
+def test_loto_estimates_are_exact_on_a_shared_line():
+    x = np.linspace(0.2, 0.9, 10)
+    line = stats.norm.cdf(0.6 * probit(x) + 0.1)
+    ood = {"B": line, "C": line, "D": line}
+    table = _table(ood, x, uncertain_area={t: 1 - x for t in ood})
+    per_member, summary = loto_estimates(table, ["id_performance", "uncertain_area"])
+    idp = summary[summary["indicator"] == "id_performance"]
+    assert list(idp["target"]) == ["B", "C", "D"]
+    assert idp["mae"].max() < 1e-12 and idp["slope"].to_numpy() == pytest.approx([0.6] * 3)
+    assert summary.loc[summary["indicator"] == BASELINE, "mae"].max() < 1e-12
+    assert len(per_member[per_member["indicator"] == "id_performance"]) == 30
+    one = _table({"B": line}, x)
+    assert loto_estimates(one, ["id_performance"])[1].empty
+
+
+def test_indicator_table_joins_agreement_and_uncertainty():
+    perf = _table({"B": np.array([0.5, 0.6]), "C": np.array([0.4, 0.3])}, np.array([0.8, 0.9]))[PERFORMANCE_COLUMNS]
+    from analysis.agreement import Agreement
+    ag = Agreement(member_ids=["m00", "m01"], matrices={"A": np.array([[1, 0.7], [0.7, 1]]),
+                                                        "B": np.array([[1, 0.4], [0.4, 1]])},
+                   roles={"A": "id", "B": "ood"})
+    ua = pd.Series([0.1, 0.2, 0.3], index=pd.MultiIndex.from_tuples([("m00", "B"), ("m01", "B"), ("m00", "C")]))
+    t = indicator_table(perf, ag, ua).set_index(["member_id", "target"])
+    assert t.loc[("m00", "B"), "id_agreement"] == 0.7 and t.loc[("m01", "C"), "id_agreement"] == 0.7
+    assert t.loc[("m01", "B"), "ood_agreement"] == 0.4 and math.isnan(t.loc[("m00", "C"), "ood_agreement"])
+    assert t.loc[("m01", "B"), "uncertain_area"] == 0.2 and math.isnan(t.loc[("m01", "C"), "uncertain_area"])
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def test_fig4_one_point_per_member_and_pair_axes_span_the_data(tmp_path):
+    from analysis.agreement import Agreement
+    rng = np.random.default_rng(5)
+    n = 9
+    x = rng.uniform(0.3, 0.95, n)
+    a_id = rng.uniform(0.4, 0.95, (n, n))
+    a_id = np.triu(a_id, 1) + np.triu(a_id, 1).T + np.eye(n)
+    a_b = np.clip(a_id - 0.2, 0.01, 1)
+    ag = Agreement(member_ids=[f"m{i:02d}" for i in range(n)], matrices={"A": a_id, "B": a_b},
+                   roles={"A": "id", "B": "ood"})
+    table = _table({"B": x * 0.7}, x, id_agreement={"B": ag.member_mean("A").to_numpy()})
+    fig = figure_fig4(table, "B", ag)
+    assert len(fig.axes) == 3 and _points(fig) == [n, n, n * (n - 1) // 2]
+    for ax, (xs, ys) in zip(fig.axes, [(x, x * 0.7), (table["id_agreement"], x * 0.7),
+                                       (a_id[np.triu_indices(n, 1)], a_b[np.triu_indices(n, 1)])]):
+        px, py = probit(np.asarray(xs)), probit(np.asarray(ys))
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        assert x0 < px.min() and px.max() < x1 and y0 < py.min() and py.max() < y1
+        assert (x1 - x0) < 3 * (max(px.max(), py.max()) - min(px.min(), py.min())) + 1  # not absurdly wide
+    path = save_figure(fig, tmp_path / "fig4.png")
+    assert _png_size(path) == (1800, 636) and path.stat().st_size > 20_000
+    with pytest.raises(ValueError, match="no rows for target 'Z'"):
+        figure_fig4(table, "Z")
+
+
+def test_fig3_one_panel_per_target_one_point_per_member():
+    rng = np.random.default_rng(6)
+    ood = {t: rng.uniform(0.2, 0.8, 7) for t in ("B", "C", "D", "E")}
+    table = _table(ood, rng.uniform(0.5, 0.9, 7), uncertain_area={t: 0.3 - 0.3 * y for t, y in ood.items()})
+    fig = figure_fig3(table)
+    assert _points(fig) == [7, 7, 7, 7]
+    assert all("r = -1.00" in ax.get_title() for ax in fig.axes)
+    ax = fig.axes[0]
+    u = 100 * table.loc[table["target"] == "B", "uncertain_area"]
+    assert ax.get_xlim()[0] <= u.min() and u.max() <= ax.get_xlim()[1]
+    with pytest.raises(ValueError, match="uncertainty stage"):
+        figure_fig3(_table(ood, rng.uniform(0.5, 0.9, 7)))
+
+
+def test_fig6_panels():
+    rng = np.random.default_rng(7)
+    truth = np.zeros((16, 16), bool)
+    truth[4:10, 5:12] = True
+    pred = np.roll(truth, 1, axis=0)
+    ex = Example("m00", "B", "c0", 3, rng.random((16, 16)), truth, pred, truth ^ pred, pred * 0.9,
+                 rng.random((16, 16)))
+    fig = figure_fig6(ex, [("m01", rng.random((16, 16)), 0.2), ("m00 (shown)", ex.uncertainty, 0.1)])
+    titles = [ax.get_title() for ax in fig.axes]
+    for want in ("image", "truth", "prediction", "μ (δ net)", "error map", "uncertainty"):
+        assert want in titles
+    assert sum(1 for t in titles if "uncertain " in t) == 2
+
+
+# --- the whole stage with uncertainty records ---------------------------------------------------
+
+def _write_full_experiment(exp: Path, n_members: int = 8, n_slices: int = 12, size: int = 16) -> None:
+    """Members whose predictions, counts, uncertainty and examples are mutually consistent."""
+    rng = np.random.default_rng(8)
+    sites = {"A": ("id", 0), "B": ("ood", 1), "C": ("ood", 2)}
+    yy, xx = np.mgrid[:size, :size]
+    truth = {s: np.stack([(yy - 8) ** 2 / 16 + (xx - 7 - (i % 3)) ** 2 / 20 < 1 for i in range(n_slices)])
+             for s in sites}
+    cases, idx = [f"c{i // 4}" for i in range(n_slices)], np.arange(n_slices) % 4
+    for m in range(n_members):
+        mid = f"{('unet', 'medsam')[m % 2]}-m{m}"
+        rows, unc = [], []
+        for site, (role, sev) in sites.items():
+            t = truth[site]
+            pred = np.roll(t, (m * (1 + sev)) // 3, axis=2)           # weaker members, farther targets: more shift
+            records.save_predictions(exp, mid, site, pred, cases, idx)
+            tp, fp, fn = (t & pred).sum((1, 2)), (~t & pred).sum((1, 2)), (t & ~pred).sum((1, 2))
+            rows.append(pd.DataFrame({"member_id": mid, "site": site, "role": role, "case_id": cases, "slice_idx": idx,
+                                      "tp": tp, "fp": fp, "fn": fn, "tn": size * size - tp - fp - fn,
+                                      "area_px": size * size}))
+            for method, k in (("ggd", 1.0), ("bayescap", 1.3), ("tta_noise", 3.0)):
+                unc.append(pd.DataFrame({"member_id": mid, "method": method, "site": site, "role": role,
+                                         "case_id": cases, "slice_idx": idx,
+                                         "uncertain_px": np.round(k * (fp + fn)).astype(int) + 2,
+                                         "error_px": fp + fn, "area_px": size * size, "mean_uncertainty": 0.1}))
+        records.write_member_part(exp, {"member_id": mid, "run_id": mid, "arch": mid.split("-")[0], "lr": 1e-3,
+                                        "epochs": 4, "seed": m, "batch_size": 4, "source": "A",
+                                        "checkpoint": "/nowhere"}, pd.concat(rows, ignore_index=True))
+        records.write_uncertainty_part(exp, mid, pd.concat(unc, ignore_index=True))
+        if m < 3:
+            t = truth["C"][:2]
+            pred = np.roll(t, m, axis=2)
+            path = records.records_dir(exp) / "uncertainty" / "examples" / f"{mid}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, image=rng.random(t.shape), truth=t, pred=pred, error=t ^ pred, mu=pred * 1.0,
+                     uncertainty=(t ^ pred) + 0.1 * rng.random(t.shape), site=np.array("C"),
+                     case_id=np.array(cases[:2]), slice_idx=idx[:2])
+
+
+def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
+    exp = tmp_path / "exp"
+    _write_full_experiment(exp)
+    res = run_analysis(exp, n_resamples=29)
+    out = Path(res["out_dir"])
+    names = {str(Path(f).relative_to(out)) for f in res["files"]}
+    assert {"agreement_pairs.csv", "table4.csv", "plots/fig3_uncertainty_vs_ood.png", "plots/fig4_B.png",
+            "plots/fig4_C.png"} <= names
+    assert any(n.startswith("plots/fig6_") for n in names)
+    assert res["notes"] == []
+    corr = pd.DataFrame(res["correlations"])
+    assert set(corr["indicator"]) == {"id_performance", "id_agreement", "ood_agreement", "uncertain_area",
+                                      "agreement_on_the_line"}
+    ua = corr[corr["indicator"] == "uncertain_area"]
+    assert (ua["pearson_r"] < -0.9).all() and (ua["n"] == 8).all()
+    pairs = corr[corr["indicator"] == "agreement_on_the_line"]
+    assert (pairs["n"] == 28).all() and (pairs["n_units"] == 8).all() and (pairs["unit"] == "pair").all()
+    sel = pd.DataFrame(res["selection"])
+    assert (sel.loc[sel["indicator"] == "uncertain_area", "regret"] == 0).all()
+    t4 = pd.read_csv(out / "table4.csv")
+    assert list(t4["method"]) == ["ggd", "bayescap", "tta_noise"]
+    assert list(t4.columns[2:]) == ["A → B", "A → C", "A (same)"]
+    assert (t4.iloc[0, 2:] < t4.iloc[2, 2:]).all()                     # the δ net's area tracks the error best
+    md = (out / "tables.md").read_text()
+    assert "**Table 4.**" in md and "![Fig. 3]" in md and "![Fig. 6]" in md and "Model selection" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["indicators"] == ["id_performance", "id_agreement", "ood_agreement", "uncertain_area"]
+    ex, others = fig6_inputs(exp, pd.read_csv(out / "indicators.csv"), records.load_uncertainty(exp))
+    assert ex.site == "C" and len(others) == 3 and others[0][2] >= others[-1][2]
+    # a rerun without the uncertainty records removes the files that no longer apply
+    for p in (records.records_dir(exp) / "uncertainty").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    (records.records_dir(exp) / "uncertainty.parquet").unlink()
+    res2 = run_analysis(exp, n_resamples=0, indicators=["id_performance", "uncertainty"])
+    assert not (out / "table4.csv").exists() and not list((out / "plots").glob("fig[36]_*"))
+    assert {c["indicator"] for c in res2["correlations"]} == {"id_performance"}

@@ -1,0 +1,424 @@
+"""Post-hoc uncertainty for a frozen pool member (paper §2.3–2.4, Appendix A.2; DESIGN §6).
+
+For a frozen segmenter Φ, a small net δ({ŷ, x}) predicts a per-pixel generalized Gaussian
+GGD(μ, α, β) of the ground truth, trained by maximum likelihood on the source training split
+(Eq. 5 with the GGD of Eq. 7). Its per-pixel variance (Eq. 8), thresholded per image with Otsu's
+method (``skimage.filters.threshold_otsu``), gives the image's *uncertain area*.
+
+Baselines (paper Table 4), each a per-pixel map through the same Otsu area:
+
+* ``bayescap``   δ conditioned on ŷ only (BayesCap). We train it with the same loss as ours: the
+  equations of the paper. BayesCap's public code uses an L1 identity term and writes the GGD term
+  as a product; we keep the paper's λ‖μ − ŷ‖² and the power, so that the two differ only in the input.
+* ``tta_noise``  test-time augmentation with Gaussian pixel noise: variance over N passes of σ(Φ(x + ε)).
+* ``tta_color``  test-time colour (intensity) jitter: random brightness and contrast per pass
+  (``torchvision.transforms.v2.ColorJitter``; saturation and hue do not exist for grey images).
+* ``mc_dropout`` MC dropout before the final layer: the pool's models have no dropout there, so
+  channel dropout (``dropout2d(p)``, always on) is applied to the decoder features that enter
+  ``model.segmentation_head`` (captured with a forward pre-hook; the library's modules are not
+  modified), and the head runs N times on them. Variance over N passes of σ(head(·)).
+
+``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
+Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
+the worker's rank; only rank 0 scores and writes records.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import records
+from .data.cache import SliceCache, open_slice_cache
+from .metrics import confusion_counts
+from .segment import load_member, predict
+
+REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
+DEFAULTS: dict[str, Any] = {
+    "target_split": "test",
+    "epochs": 50,            # paper: Adam 1e-4, 50 epochs, cosine schedule
+    "lr": 1e-4,
+    "lam": 1.0,              # λ of Eq. 5 (identity term)
+    "beta": 2.0,             # fixed shape (the paper's runs); learn_beta makes it a head
+    "learn_beta": False,
+    "width": 16,             # stem channels
+    "batch_size": 8,
+    "baselines": ["bayescap", "tta_noise", "tta_color", "mc_dropout"],
+    "passes": 8,             # N for TTA and MC dropout
+    "noise_std": 0.05,       # TTA pixel noise (images are in [0, 1])
+    "jitter": 0.3,           # TTA brightness/contrast jitter strength
+    "dropout": 0.2,          # MC dropout probability
+    "baseline_roles": ["ood"],  # where baselines are scored (Table 4 is per target); "id" adds the source
+    "n_examples": 4,         # slices kept for the qualitative figure
+    "checkpoint_every": 10,  # epochs between resumable checkpoints (and after the last epoch)
+    "num_threads": None,
+    "device": "auto",
+    "seed": 0,
+    "resume_from": None,
+    "verbose": False,
+}
+EPS = 1e-3
+
+
+# ----------------------------------------------------------------------------- the δ network
+
+class _Stem(nn.Sequential):
+    def __init__(self, cin: int, width: int):
+        super().__init__(nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                         nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+
+
+class DeltaNet(nn.Module):
+    """δ({ŷ, x}): ``B x C x H x W`` image and ``B x 1 x H x W`` prediction -> μ, α, β (``B x 1 x H x W``).
+
+    Two conv stems (x and ŷ), concatenated; a ResNet-18 body (``segmentation_models_pytorch``'s
+    U-Net with a ResNet-18 encoder, so the body keeps the input resolution); the body's output is
+    concatenated with the joint stem features and fused; three 1x1 heads give μ, α > 0 and β > 0.
+    With ``use_image=False`` it is the BayesCap baseline (δ sees ŷ only).
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 16, use_image: bool = True,
+                 learn_beta: bool = False, beta: float = 2.0):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        self.use_image = use_image
+        self.stem_y = _Stem(1, width)
+        self.stem_x = _Stem(in_channels, width) if use_image else None
+        joint = width * (2 if use_image else 1)
+        self.body = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=joint, classes=width,
+                             decoder_channels=(128, 64, 32, 32, 16))
+        self.fuse = nn.Sequential(nn.Conv2d(joint + width, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.head_mu = nn.Conv2d(width, 1, 1)
+        self.head_alpha = nn.Conv2d(width, 1, 1)
+        self.head_beta = nn.Conv2d(width, 1, 1) if learn_beta else None
+        self.register_buffer("beta_fixed", torch.tensor(float(beta)))
+
+    def forward(self, x: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.stem_y(y_hat)
+        if self.use_image:
+            feats = torch.cat([self.stem_x(x), feats], dim=1)
+        h = self.fuse(torch.cat([self.body(feats), feats], dim=1))
+        mu = self.head_mu(h)
+        alpha = F.softplus(self.head_alpha(h)) + EPS
+        if self.head_beta is not None:
+            beta = F.softplus(self.head_beta(h)) + 0.1  # β near 0 makes Γ(1/β) overflow
+        else:
+            beta = self.beta_fixed.expand_as(mu)
+        return mu, alpha, beta
+
+
+# ----------------------------------------------------------------------------- equations
+
+def ggd_nll(y: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Per-pixel negative log-likelihood of GGD(μ, α, β) (Eq. 5/7 without the constant log 2).
+
+    (|y − μ| / α)^β − log β + log α + log Γ(1/β). With β = 2 this is the Gaussian NLL with
+    σ² = α² / 2 up to a constant.
+    """
+    resid = (y - mu).abs() / alpha
+    return resid.clamp_min(1e-12).pow(beta) - torch.log(beta) + torch.log(alpha) + torch.lgamma(1.0 / beta)
+
+
+def delta_loss(y: torch.Tensor, y_hat: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+               lam: float) -> torch.Tensor:
+    """Eq. 5 with the GGD likelihood, averaged over pixels: NLL(y | μ, α, β) + λ (μ − ŷ)²."""
+    return ggd_nll(y, mu, alpha, beta).mean() + lam * (mu - y_hat).pow(2).mean()
+
+
+def ggd_variance(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: the per-pixel uncertainty α² Γ(3/β) / Γ(1/β) (in log space for stability)."""
+    return torch.exp(2 * torch.log(alpha) + torch.lgamma(3.0 / beta) - torch.lgamma(1.0 / beta))
+
+
+def otsu_area(maps: np.ndarray) -> np.ndarray:
+    """Pixels above each image's Otsu threshold: ``N x H x W`` maps -> ``N`` int counts.
+
+    A constant map has no uncertain pixels (Otsu's threshold is then the constant itself).
+    """
+    from skimage.filters import threshold_otsu
+
+    out = np.zeros(len(maps), dtype=np.int64)
+    for i, m in enumerate(np.asarray(maps, dtype=np.float64)):
+        if not np.isfinite(m).all():
+            raise ValueError(f"uncertainty map {i} has {int((~np.isfinite(m)).sum())} non-finite values")
+        if m.max() > m.min():
+            out[i] = int((m > threshold_otsu(m)).sum())
+    return out
+
+
+# ----------------------------------------------------------------------------- baselines
+
+@torch.inference_mode()
+def _prob_variance(model: nn.Module, images: np.ndarray, device: torch.device, passes: int,
+                   perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor], gen: torch.Generator,
+                   batch_size: int = 64) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
+        probs = torch.stack([torch.sigmoid(model(perturb(x, gen)))[:, 0] for _ in range(passes)])
+        out.append(probs.var(dim=0, unbiased=False).cpu().numpy())
+    return np.concatenate(out)
+
+
+def tta_noise_map(model, images, device, passes, std, gen):
+    model.eval()
+    return _prob_variance(model, images, device, passes,
+                          lambda x, g: x + std * torch.randn(x.shape, generator=g).to(x.device), gen)
+
+
+def tta_color_map(model, images, device, passes, strength, gen):
+    from torchvision.transforms.v2 import ColorJitter
+
+    model.eval()
+    jitter = ColorJitter(brightness=strength, contrast=strength)
+
+    def perturb(x, g):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))  # ColorJitter uses the global RNG
+        return torch.stack([jitter(xi) for xi in x.clamp(0, 1)])
+    return _prob_variance(model, images, device, passes, perturb, gen)
+
+
+@torch.inference_mode()
+def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64) -> np.ndarray:
+    """Variance over ``passes`` of σ(head(dropout2d(decoder features))).
+
+    Dropout sits before the final layer only, so the encoder and decoder run once per batch (their
+    output is captured by a forward pre-hook on ``segmentation_head``) and only the head runs N times.
+    """
+    model.eval()
+    head = getattr(model, "segmentation_head", None)
+    if head is None:
+        raise ValueError(f"MC dropout needs a model with a `segmentation_head` (smp models); "
+                         f"{type(model).__name__} has none")
+    captured: dict[str, torch.Tensor] = {}
+    handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    drop_gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
+            model(x)
+            feats = captured["x"]
+            probs = []
+            for _ in range(passes):
+                keep = (torch.rand(feats.shape[:2], generator=drop_gen, device=device) >= p).to(feats.dtype)
+                probs.append(torch.sigmoid(head(feats * keep[:, :, None, None] / (1 - p)))[:, 0])
+            out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
+    finally:
+        handle.remove()
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def _resolve(config: dict) -> dict:
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise KeyError(f"fit_uncertainty config lacks {missing}; required keys: {list(REQUIRED)}")
+    unknown = sorted(set(config) - set(REQUIRED) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"fit_uncertainty config has unknown keys {unknown}; "
+                       f"valid keys: {sorted(set(REQUIRED) | set(DEFAULTS))}")
+    cfg = {**DEFAULTS, **config}
+    bad = [b for b in cfg["baselines"] if b not in records.UNCERTAINTY_METHODS[1:]]
+    if bad:
+        raise ValueError(f"unknown uncertainty baselines {bad}; valid: {list(records.UNCERTAINTY_METHODS[1:])}")
+    if int(cfg["epochs"]) < 1:
+        raise ValueError(f"uncertainty epochs must be >= 1, got {cfg['epochs']!r}")
+    if not Path(cfg["checkpoint"]).is_file():
+        raise FileNotFoundError(f"pool member {cfg['member_id']}: checkpoint {cfg['checkpoint']} does not exist; "
+                                f"rerun the pool stage for this member (delete records/parts/"
+                                f"{cfg['member_id']}.member.json first)")
+    return cfg
+
+
+def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
+    try:
+        model = load_member(cfg["checkpoint"], device)
+    except Exception as e:  # a file that is not ours, or weights for another architecture
+        raise ValueError(f"pool member {cfg['member_id']}: cannot load checkpoint {cfg['checkpoint']}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _nets(cfg: dict, in_channels: int, device: torch.device) -> dict[str, DeltaNet]:
+    nets = {"ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"])}
+    if "bayescap" in cfg["baselines"]:
+        nets["bayescap"] = DeltaNet(in_channels, cfg["width"], False, cfg["learn_beta"], cfg["beta"])
+    return {k: v.to(device) for k, v in nets.items()}
+
+
+@torch.inference_mode()
+def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: torch.device,
+               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, uncertainty) maps ``N x H x W`` of a trained δ for images and the frozen predictions."""
+    net.eval()
+    mus, unc = [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
+        yh = preds[i:i + batch_size, None].float().to(device)
+        mu, a, b = net(x, yh)
+        mus.append(mu[:, 0].cpu().numpy())
+        unc.append(ggd_variance(a, b)[:, 0].cpu().numpy())
+    return np.concatenate(mus), np.concatenate(unc)
+
+
+def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | None = None,
+                    wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+                    world_size: int = 1) -> dict | None:
+    """Fit δ (and BayesCap) for one frozen pool member, then score every site with every method.
+
+    Args:
+        config: see ``REQUIRED`` and ``DEFAULTS``.
+        report: called after every epoch with ``{"epoch", "loss_ggd", ...}`` and, every
+            ``checkpoint_every`` epochs and after the last, a folder with the resumable state.
+        wrap_model: e.g. DDP's ``prepare_model`` when several workers train; identity by default.
+        rank, world_size: this worker's shard of the training slices; only rank 0 scores and writes.
+
+    Returns:
+        On rank 0, a summary dict (mean uncertain area per method and site); else None.
+    """
+    cfg = _resolve(config)
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    torch.manual_seed(int(cfg["seed"]))
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + rank)
+    exp = Path(cfg["experiment_dir"])
+    cache = open_slice_cache(cfg["cache"])
+    frozen = _load_frozen(cfg, device)
+
+    all_rows = cache.rows(cfg["source"], "train")
+    # equal shards: DDP needs every rank to take the same number of steps
+    rows = all_rows[rank::world_size][: len(all_rows) // world_size]
+    x_train = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))
+    y_train = torch.from_numpy(np.asarray(cache.masks[rows], dtype=np.float32))[:, None]
+    yhat_train = predict(frozen, cache.images[rows], device).float()[:, None]  # ŷ once, not per epoch
+
+    nets = _nets(cfg, x_train.shape[1], device)
+    wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
+    opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"])) for k, v in wrapped.items()}
+    scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=int(cfg["epochs"])) for k, o in opts.items()}
+    start = 0
+    if cfg["resume_from"]:
+        state = torch.load(Path(cfg["resume_from"]) / "delta.pt", map_location=device, weights_only=True)
+        for k in nets:
+            nets[k].load_state_dict(state["nets"][k])
+            opts[k].load_state_dict(state["opts"][k])
+            scheds[k].load_state_dict(state["scheds"][k])
+        start = int(state["epoch"])
+        for _ in range(start):
+            torch.randperm(len(x_train), generator=gen)
+
+    bs = int(cfg["batch_size"])
+    epochs = int(cfg["epochs"])
+    for epoch in range(start + 1, epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x_train), generator=gen)
+        sums = {k: torch.zeros((), device=device) for k in wrapped}
+        steps = 0
+        for net in wrapped.values():
+            net.train()
+        for i in range(0, len(perm), bs):
+            b = perm[i:i + bs]
+            if len(b) < 2 and steps:
+                continue
+            x, y, yh = x_train[b].to(device), y_train[b].to(device), yhat_train[b].to(device)
+            for k, net in wrapped.items():
+                loss = delta_loss(y, yh, *net(x, yh), lam=float(cfg["lam"]))
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[k].step()
+                sums[k] += loss.detach()
+            steps += 1
+        for s in scheds.values():
+            s.step()
+        metrics = {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
+                   "epoch_seconds": time.perf_counter() - t0}
+        ckpt = None
+        if report is not None and rank == 0 and (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs):
+            ckpt = tempfile.mkdtemp(prefix="oodsweep-delta-")
+            torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
+                        "opts": {k: v.state_dict() for k, v in opts.items()},
+                        "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch},
+                       Path(ckpt) / "delta.pt")
+        if cfg["verbose"] and rank == 0:
+            print(f"[delta {cfg['member_id']}] epoch {epoch}: " +
+                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss")))
+        if report is not None:
+            report(metrics, ckpt)
+    if rank != 0:
+        return None
+    summary = score_member(cfg, cache, frozen, nets, device, gen)
+    if report is not None:
+        report({"epoch": epochs, "scored": 1, **summary}, None)
+    return summary
+
+
+def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
+                 device: torch.device, gen: torch.Generator) -> dict:
+    """Score every site with δ and the baselines; write the member's uncertainty part and examples."""
+    exp = Path(cfg["experiment_dir"])
+    sets = [(cfg["source"], "id", cache.rows(cfg["source"], "test"))]
+    sets += [(t, "ood", cache.rows(t, cfg["target_split"])) for t in cfg["targets"]]
+    frames, summary, example = [], {}, None
+    for site, role, rows in sets:
+        images = cache.images[rows]
+        truth = torch.from_numpy(np.asarray(cache.masks[rows])).bool()
+        pred = predict(frozen, images, device)
+        cnt = confusion_counts(pred, truth).numpy()
+        idx = cache.index.iloc[rows]
+        maps: dict[str, np.ndarray] = {}
+        mu_ggd = None
+        for name, net in nets.items():
+            mu, unc = delta_maps(net, images, pred, device)
+            maps[name] = unc
+            if name == "ggd":
+                mu_ggd = mu
+        if role in cfg["baseline_roles"]:
+            n = int(cfg["passes"])
+            if "tta_noise" in cfg["baselines"]:
+                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen)
+            if "tta_color" in cfg["baselines"]:
+                maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen)
+            if "mc_dropout" in cfg["baselines"]:
+                maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, float(cfg["dropout"]), gen)
+        for method, m in maps.items():
+            area = otsu_area(m)
+            frames.append(pd.DataFrame({
+                "member_id": cfg["member_id"], "method": method, "site": site, "role": role,
+                "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
+                "uncertain_px": area, "error_px": cnt[:, 1] + cnt[:, 2], "area_px": int(pred[0].numel()),
+                "mean_uncertainty": m.reshape(len(m), -1).mean(1).astype(np.float64)}))
+            summary[f"ua_{method}_{site}"] = float(np.mean(area / pred[0].numel()))
+        if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6
+            fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
+            pick = fg[np.linspace(0, len(fg) - 1, min(int(cfg["n_examples"]), len(fg))).astype(int)] if len(fg) \
+                else np.arange(min(int(cfg["n_examples"]), len(rows)))
+            err = (pred != truth).numpy()
+            example = dict(image=np.asarray(images[pick][:, 0], dtype=np.float32), truth=truth.numpy()[pick],
+                           pred=pred.numpy()[pick], error=err[pick], mu=mu_ggd[pick], uncertainty=maps["ggd"][pick],
+                           site=np.asarray([site] * len(pick)), case_id=idx["case_id"].to_numpy()[pick].astype(str),
+                           slice_idx=idx["slice_idx"].to_numpy()[pick])
+    records.write_uncertainty_part(exp, cfg["member_id"], pd.concat(frames, ignore_index=True))
+    if example is not None:
+        path = records.records_dir(exp) / "uncertainty" / "examples" / f"{cfg['member_id']}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **example)
+        os.replace(tmp, path)
+    return summary

@@ -50,15 +50,19 @@ def member_id(arch: str, lr: float, seed: int, epoch: int) -> str:
     return f"{arch}-lr{lr:.6g}-s{seed}-ep{epoch}"
 
 
-def _resolve(config: dict) -> dict:
-    missing = [k for k in REQUIRED if k not in config]
+def with_defaults(config: dict, required: tuple[str, ...], defaults: dict, who: str) -> dict:
+    """``config`` over ``defaults``; a missing required key or an unknown key is a KeyError naming it."""
+    missing = [k for k in required if k not in config]
     if missing:
-        raise KeyError(f"train_segmenter config lacks {missing}; required keys: {list(REQUIRED)}")
-    unknown = sorted(set(config) - set(REQUIRED) - set(DEFAULTS))
+        raise KeyError(f"{who} config lacks {missing}; required keys: {list(required)}")
+    unknown = sorted(set(config) - set(required) - set(defaults))
     if unknown:
-        raise KeyError(f"train_segmenter config has unknown keys {unknown}; "
-                       f"valid keys: {sorted(set(REQUIRED) | set(DEFAULTS))}")
-    cfg = {**DEFAULTS, **config}
+        raise KeyError(f"{who} config has unknown keys {unknown}; valid keys: {sorted(set(required) | set(defaults))}")
+    return {**defaults, **config}
+
+
+def _resolve(config: dict) -> dict:
+    cfg = with_defaults(config, REQUIRED, DEFAULTS, "train_segmenter")
     snaps = cfg["snapshots"] if cfg["snapshots"] is not None else [cfg["epochs"]]
     if not snaps or any(s is None or int(s) < 1 for s in snaps):
         raise ValueError(f"epochs/snapshots must be positive integers, got epochs={cfg['epochs']!r} "

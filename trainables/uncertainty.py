@@ -40,7 +40,7 @@ from torch import nn
 from . import records
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
-from .segment import load_member, predict
+from .segment import load_member, predict, with_defaults
 
 REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
 DEFAULTS: dict[str, Any] = {
@@ -223,14 +223,7 @@ def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64) 
 # ----------------------------------------------------------------------------- fitting
 
 def _resolve(config: dict) -> dict:
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise KeyError(f"fit_uncertainty config lacks {missing}; required keys: {list(REQUIRED)}")
-    unknown = sorted(set(config) - set(REQUIRED) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"fit_uncertainty config has unknown keys {unknown}; "
-                       f"valid keys: {sorted(set(REQUIRED) | set(DEFAULTS))}")
-    cfg = {**DEFAULTS, **config}
+    cfg = with_defaults(config, REQUIRED, DEFAULTS, "fit_uncertainty")
     bad = [b for b in cfg["baselines"] if b not in records.UNCERTAINTY_METHODS[1:]]
     if bad:
         raise ValueError(f"unknown uncertainty baselines {bad}; valid: {list(records.UNCERTAINTY_METHODS[1:])}")

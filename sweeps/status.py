@@ -7,11 +7,20 @@ from pathlib import Path
 from trainables import records
 
 from .driver import load_experiment_spec
-from .pool import DONE_MARKER, STAGE
+from .pool import DONE_MARKER, STAGE, member_epochs
 
 
-def _trial_states(pool_dir: Path) -> dict[str, dict]:
-    """Per trial folder: its last reported epoch and its error, from the files Tune writes."""
+def _pool_trial_finished(last: dict, params: dict) -> bool:
+    # Tune's result.json does not mark a function trainable's last result as done: compare epochs
+    return bool(last.get("done")) or (bool(params) and int(last.get("epoch") or 0) >= max(member_epochs(params)))
+
+
+def _uncertainty_trial_finished(last: dict, params: dict) -> bool:
+    return bool(last.get("done") or last.get("scored"))
+
+
+def _trial_states(pool_dir: Path, finished=_pool_trial_finished) -> dict[str, dict]:
+    """Per trial folder: its last reported epoch, whether it finished, its error (files Tune writes)."""
     out = {}
     if not pool_dir.is_dir():
         return out
@@ -25,7 +34,8 @@ def _trial_states(pool_dir: Path) -> dict[str, dict]:
             if lines:
                 last = json.loads(lines[-1])
         err = (d / "error.txt").read_text().strip().splitlines() if (d / "error.txt").exists() else None
-        out[d.name] = {"epoch": last.get("epoch"), "done": bool(last.get("done")),
+        params = json.loads((d / "params.json").read_text()) if (d / "params.json").exists() else {}
+        out[d.name] = {"epoch": last.get("epoch"), "done": finished(last, params),
                        "error": err[-1] if err else None}
     return out
 
@@ -44,7 +54,7 @@ def experiment_status(experiment_dir) -> dict:
 
     unc = None
     if spec.uncertainty is not None:
-        utrials = _trial_states(exp / ustage.STAGE)
+        utrials = _trial_states(exp / ustage.STAGE, _uncertainty_trial_finished)
         ufailed = {k: v["error"] for k, v in utrials.items() if v["error"] and not v["done"]}
         udone = len(records.uncertainty_part_ids(exp))
         unc = {"state": "done" if (exp / ustage.STAGE / ustage.DONE_MARKER).exists() and udone >= len(members)

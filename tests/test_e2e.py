@@ -130,7 +130,8 @@ def test_status_and_analyze_without_ray(finished, tmp_path):
     env = {"PYTHONPATH": f"{fake}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
     st = run_cli("status", str(finished["exp"]), env=env)
     assert st.returncode == 0, st.stderr
-    assert "pool      done" in st.stdout and "members 4/4" in st.stdout
+    assert "pool      done" in st.stdout and "members 4/4" in st.stdout and "runs 2/2 finished" in st.stdout
+    assert "unfinished" not in st.stdout and "uncertainty done" in st.stdout
     out = tmp_path / "an"
     proc = run_cli("analyze", str(finished["exp"]), "--metric", "dice_2d", "--out", str(out), "--no-mlflow",
                    env=env)

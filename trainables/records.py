@@ -69,6 +69,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    """Write ``df`` to ``path`` atomically (a reader never sees a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
 def _conform(df: pd.DataFrame, columns: dict[str, str], what: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -82,10 +91,7 @@ def write_member_part(experiment_dir: str | os.PathLike, member: dict, slices: p
     rdir = records_dir(experiment_dir) / "parts"
     mid = member["member_id"]
     slices = _conform(slices, SLICE_COLUMNS, f"slices of {mid}")
-    tmp = rdir / f".{mid}.slices.parquet.tmp"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    slices.to_parquet(tmp, index=False)
-    os.replace(tmp, rdir / f"{mid}.slices.parquet")
+    _write_parquet(slices, rdir / f"{mid}.slices.parquet")
     _atomic_write_bytes(rdir / f"{mid}.member.json", json.dumps(member, indent=1, default=str).encode())
 
 
@@ -104,10 +110,8 @@ def merge_parts(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Dat
     members = _conform(members, MEMBER_COLUMNS, "members")
     slices = pd.concat([pd.read_parquet(rdir / "parts" / f"{i}.slices.parquet") for i in ids], ignore_index=True)
     slices = _conform(slices, SLICE_COLUMNS, "slices")
-    for name, df in (("members.parquet", members), ("slices.parquet", slices)):
-        tmp = rdir / f".{name}.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, rdir / name)
+    _write_parquet(members, rdir / "members.parquet")
+    _write_parquet(slices, rdir / "slices.parquet")
     return members, slices
 
 
@@ -221,12 +225,7 @@ UNCERTAINTY_COLUMNS = {
 
 def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
     rows = _conform(rows, UNCERTAINTY_COLUMNS, f"uncertainty of {member_id}")
-    path = records_dir(experiment_dir) / "uncertainty" / "parts" / f"{member_id}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    rows.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return _write_parquet(rows, records_dir(experiment_dir) / "uncertainty" / "parts" / f"{member_id}.parquet")
 
 
 def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
@@ -248,9 +247,7 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     df = pd.concat([pd.read_parquet(rdir / "uncertainty" / "parts" / f"{i}.parquet") for i in ids],
                    ignore_index=True)
     df = _conform(df, UNCERTAINTY_COLUMNS, "uncertainty")
-    tmp = rdir / ".uncertainty.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, merged)
+    _write_parquet(df, merged)
     return df
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.special
 import scipy.stats
@@ -138,7 +137,7 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     g = unc[unc.method == "ggd"].set_index(["site", "case_id", "slice_idx"])["error_px"]
     assert (g == s.loc[g.index]).all()
     area = records.uncertain_area(unc)
-    assert summary[f"ua_ggd_SiteB"] == pytest.approx(area[(m["member_id"], "SiteB")])
+    assert summary["ua_ggd_SiteB"] == pytest.approx(area[(m["member_id"], "SiteB")])
     t4 = records.table4(unc[unc.role == "ood"]).unstack("site")
     assert set(t4.index) == set(records.UNCERTAINTY_METHODS) and np.isfinite(t4.to_numpy()).all()
     ex = np.load(tmp_path / "records" / "uncertainty" / "examples" / f"{m['member_id']}.npz")

@@ -24,7 +24,6 @@ the worker's rank; only rank 0 scores and writes records.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -291,7 +290,6 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
                           else ("cpu" if cfg["device"] == "auto" else cfg["device"]))
     torch.manual_seed(int(cfg["seed"]))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + rank)
-    exp = Path(cfg["experiment_dir"])
     cache = open_slice_cache(cfg["cache"])
     frozen = _load_frozen(cfg, device)
 

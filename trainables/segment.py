@@ -80,7 +80,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
+def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
     """(site, role, rows): the source's test split (role "id") then each target (role "ood")."""
     sets = [(cfg["source"], "id", cache.rows(cfg["source"], "test"))]
     sets += [(t, "ood", cache.rows(t, cfg["target_split"])) for t in cfg["targets"]]
@@ -174,7 +174,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     # the prostate sites), so it is held in memory once instead of re-read every epoch.
     x_train = torch.from_numpy(np.asarray(cache.images[train_rows], dtype=np.float32))
     y_train = torch.from_numpy(np.asarray(cache.masks[train_rows], dtype=np.float32))[:, None]
-    sets = _eval_sets(cache, cfg)
+    sets = eval_sets(cache, cfg)
 
     model = build_model(cfg["arch"], in_channels=x_train.shape[1], encoder_weights=cfg["encoder_weights"],
                         bn_momentum=cfg["bn_momentum"]).to(device)

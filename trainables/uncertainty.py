@@ -39,7 +39,7 @@ from torch import nn
 from . import records
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
-from .segment import load_member, predict, with_defaults
+from .segment import eval_sets, load_member, predict, with_defaults
 
 REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
 DEFAULTS: dict[str, Any] = {
@@ -364,10 +364,8 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
                  device: torch.device, gen: torch.Generator) -> dict:
     """Score every site with δ and the baselines; write the member's uncertainty part and examples."""
     exp = Path(cfg["experiment_dir"])
-    sets = [(cfg["source"], "id", cache.rows(cfg["source"], "test"))]
-    sets += [(t, "ood", cache.rows(t, cfg["target_split"])) for t in cfg["targets"]]
     frames, summary, example = [], {}, None
-    for site, role, rows in sets:
+    for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
         truth = torch.from_numpy(np.asarray(cache.masks[rows])).bool()
         pred = predict(frozen, images, device)

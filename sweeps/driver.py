@@ -115,6 +115,15 @@ def _init_ray(address: str | None, num_cpus: int | None):
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
 
 
+def _trial_errors(results) -> list[str]:
+    """One line per failed Tune trial: its folder and the last line of its error."""
+    out = []
+    for r in results:
+        text = str(r.error).strip()
+        out.append(f"{r.path}: {text.splitlines()[-1] if text else repr(r.error)}")
+    return out
+
+
 def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
                    num_cpus: int | None = None) -> None:
     from .pool import DONE_MARKER, STAGE, build_tuner
@@ -141,8 +150,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
                                  "members": len(records.member_part_ids(exp))})
     if errors:
         tracker.end(parent, "FAILED")
-        msgs = "\n  - ".join(f"{r.path}: {str(r.error).splitlines()[-1] if str(r.error) else r.error!r}"
-                             for r in errors)
+        msgs = "\n  - ".join(_trial_errors(errors))
         raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; rerun "
                            f"`oodsweep run` to retry only the failed ones):\n  - {msgs}")
     records.merge_parts(exp)
@@ -179,8 +187,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
             log(f"baselines for the {len(with_baselines)} best members by ID {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
         results = stage.build_tuner(spec, cache, tracker, parent, todo, checkpoints, with_baselines).fit()
-        errors = [f"{r.path}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else r.error!r}"
-                  for r in results if r.error is not None]
+        errors = _trial_errors([r for r in results if r.error is not None])
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
     else:
         errors = []

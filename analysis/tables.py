@@ -281,19 +281,32 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 
 
+def _indicator_by_target(df: pd.DataFrame, first: str, column, cell, extra=None) -> tuple[list[dict], list[str]]:
+    """Pivot rows (indicator, target, ...) into one row per indicator and a cell per target ("–" if none).
+
+    ``column(target)`` names a target's column, ``cell(rows)`` formats its rows, ``extra(group)`` adds
+    columns at the end of an indicator's row. Returns the rows and the targets in first-seen order.
+    """
+    targets = list(dict.fromkeys(df["target"].astype(str)))
+    rows = []
+    for ind, g in df.groupby("indicator", sort=False):
+        row = {first: ind}
+        for t in targets:
+            h = g[g["target"].astype(str) == t]
+            row[column(t)] = "–" if h.empty else cell(h)
+        row.update(extra(g) if extra else {})
+        rows.append(row)
+    return rows, targets
+
+
 def correlation_matrix_markdown(corr: pd.DataFrame) -> str:
     """Indicator × target at a glance: ``r / ρ / τ`` per cell."""
     if corr.empty:
         return "(no correlations)"
-    targets = list(dict.fromkeys(corr["target"].astype(str)))
-    rows = []
-    for ind, g in corr.groupby("indicator", sort=False):
-        row = {"indicator": ind}
-        for t in targets:
-            h = g[g["target"].astype(str) == t]
-            row[t] = ("–" if h.empty else f"{_f(h['pearson_r'].iloc[0], '.2f')} / "
-                      f"{_f(h['spearman_rho'].iloc[0], '.2f')} / {_f(h['kendall_tau'].iloc[0], '.2f')}")
-        rows.append(row)
+    rows, targets = _indicator_by_target(
+        corr, "indicator", str,
+        lambda h: f"{_f(h['pearson_r'].iloc[0], '.2f')} / {_f(h['spearman_rho'].iloc[0], '.2f')} / "
+                  f"{_f(h['kendall_tau'].iloc[0], '.2f')}")
     return ("Pearson r / Spearman ρ / Kendall τ per indicator and target:\n\n"
             + markdown_table(pd.DataFrame(rows, columns=["indicator", *targets])))
 
@@ -320,15 +333,9 @@ def loto_markdown(summary: pd.DataFrame, metric: str) -> str:
     """Mean absolute error of the leave-one-target-out OOD estimates, indicator × held-out target."""
     if summary.empty:
         return "(needs at least two targets)"
-    targets = list(dict.fromkeys(summary["target"].astype(str)))
-    rows = []
-    for ind, g in summary.groupby("indicator", sort=False):
-        row = {"estimate from": ind}
-        for t in targets:
-            h = g[g["target"].astype(str) == t]
-            row[f"→ {t}"] = "–" if h.empty else _f(100 * h["mae"].iloc[0], ".2f")
-        row["mean"] = _f(100 * g["mae"].mean(), ".2f")
-        rows.append(row)
+    rows, _ = _indicator_by_target(summary, "estimate from", lambda t: f"→ {t}",
+                                   lambda h: _f(100 * h["mae"].iloc[0], ".2f"),
+                                   extra=lambda g: {"mean": _f(100 * g["mae"].mean(), ".2f")})
     caption = (f"**OOD {metric} estimate per member, leave one target out.** For each held-out target, "
                f"probit(OOD) = a · probit(indicator) + b is fitted by least squares on the other targets' "
                f"(member, target) points and applied to the member's indicator value on the held-out target. "

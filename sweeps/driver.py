@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -124,6 +125,25 @@ def _trial_errors(results) -> list[str]:
     return out
 
 
+def _prune_checkpoints(folders) -> int:
+    """Delete the ``checkpoint_*`` folders under each local folder; return the bytes freed.
+
+    A finished trial's checkpoints only serve to resume it: the pool member weights live in
+    ``records/checkpoints`` and δ's results in ``records/uncertainty``. They hold optimizer
+    state (a few hundred MB per trial) and would otherwise fill the disk of a large sweep.
+    """
+    freed = 0
+    for folder in folders:
+        folder = Path(folder)
+        if "://" in str(folder) or not folder.is_dir():
+            continue  # remote storage: Ray's own retention (num_to_keep) applies
+        for ckpt in folder.glob("checkpoint_*"):
+            if ckpt.is_dir():
+                freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return freed
+
+
 def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
                    num_cpus: int | None = None) -> None:
     from .pool import DONE_MARKER, STAGE, build_tuner
@@ -143,9 +163,13 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
            f"{spec.search.metric})" if spec.search else " (grid)")
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")
     t = time.time()
+    records.clear_scratch(exp)
     tuner = build_tuner(spec, cache, tracker, parent)
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
+    freed = _prune_checkpoints(r.path for r in results if r.error is None)
+    if freed:
+        log(f"removed the finished trials' resume checkpoints ({freed / 2**20:.0f} MB)")
     tracker.log_metrics(parent, {"pool_seconds": time.time() - t, "failed_trials": len(errors),
                                  "members": len(records.member_part_ids(exp))})
     if errors:
@@ -186,8 +210,14 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         if len(with_baselines) < len(members):
             log(f"baselines for the {len(with_baselines)} best members by ID {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
+        records.clear_scratch(exp)
         results = stage.build_tuner(spec, cache, tracker, parent, todo, checkpoints, with_baselines).fit()
         errors = _trial_errors([r for r in results if r.error is not None])
+        scored = set(records.uncertainty_part_ids(exp))
+        train_dir = exp / stage.STAGE / "train"
+        freed = _prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
+        if freed:
+            log(f"removed the scored members' δ resume checkpoints ({freed / 2**20:.0f} MB)")
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
     else:
         errors = []

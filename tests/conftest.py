@@ -7,6 +7,19 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+NEEDED_GIB = 2.0  # what one run of the suite writes (experiment dirs, Ray sessions), with room to spare
+
+
+def pytest_report_header(config):
+    """Free disk where the tests write: a full disk otherwise shows up as odd errors in torch.save."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    line = f"oodsweep: {free:.1f} GiB free in {tempfile.gettempdir()} (the suite writes about 1.5 GiB)"
+    if free < NEEDED_GIB:
+        line += f"  WARNING: under {NEEDED_GIB} GiB, tests may fail with I/O errors; free some disk"
+    return line
 SITES = ["SiteA", "SiteB", "SiteC"]
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,10 +121,17 @@ def _member(tmp_path, tiny_cache):
 def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     m = _member(tmp_path, tiny_cache)
     reports = []
+
+    def report(r, c):  # like the Ray reporter: the folder is consumed, then removed
+        reports.append((r, c))
+        if c is not None:
+            assert (Path(c) / "delta.pt").is_file()
+            shutil.rmtree(c)
+
     summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
                                "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path),
                                "epochs": 2, "lr": 1e-3, "passes": 3, "batch_size": 4, "num_threads": 1,
-                               "checkpoint_every": 1}, report=lambda r, c: reports.append((r, c)))
+                               "checkpoint_every": 1}, report=report)
     assert [r["epoch"] for r, _ in reports] == [1, 2, 2] and reports[-1][0]["scored"] == 1
     assert all(c is not None for _, c in reports[:2])  # resumable state at every checkpoint_every epoch
     unc = records.load_uncertainty(tmp_path)

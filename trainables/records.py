@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,22 @@ SLICE_COLUMNS = {
 
 def records_dir(experiment_dir: str | os.PathLike) -> Path:
     return Path(experiment_dir) / RECORDS_DIR
+
+
+def scratch_dir(experiment_dir: str | os.PathLike) -> Path:
+    """Where trials stage checkpoint folders before Ray copies them into its storage.
+
+    Inside the experiment rather than the system temp folder so that a folder left by a killed
+    trial is found and removed by the driver when the next stage starts (``clear_scratch``).
+    """
+    path = Path(experiment_dir) / ".scratch"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clear_scratch(experiment_dir: str | os.PathLike) -> None:
+    """Remove staged checkpoint folders; call only while no trial of this experiment runs."""
+    shutil.rmtree(Path(experiment_dir) / ".scratch", ignore_errors=True)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

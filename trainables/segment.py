@@ -220,7 +220,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
             members.append(_write_member(exp, cfg, run_id, epoch, model, slices, preds, cache, sets))
             metrics["member_id"] = members[-1]["member_id"]
             if report is not None:  # the reporter owns (and removes) this folder
-                ckpt_dir = tempfile.mkdtemp(prefix="oodsweep-ckpt-")
+                ckpt_dir = tempfile.mkdtemp(prefix="ckpt-", dir=records.scratch_dir(exp))
                 _save_state(Path(ckpt_dir) / "state.pt", model, opt, epoch, cfg)
         if cfg["verbose"]:
             print(f"[{run_id}] epoch {epoch}: loss {metrics['train_loss']:.4f} "

@@ -342,7 +342,7 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
                    "epoch_seconds": time.perf_counter() - t0}
         ckpt = None
         if report is not None and rank == 0 and (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs):
-            ckpt = tempfile.mkdtemp(prefix="oodsweep-delta-")
+            ckpt = tempfile.mkdtemp(prefix="delta-", dir=records.scratch_dir(cfg["experiment_dir"]))
             torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
                         "opts": {k: v.state_dict() for k, v in opts.items()},
                         "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch},

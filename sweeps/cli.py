@@ -1,6 +1,7 @@
 """The ``oodsweep`` command line.
 
     oodsweep run SPEC [--address ADDR] [--num-cpus N]   run (or continue) a sweep
+    oodsweep resume EXPERIMENT_DIR [--address ADDR]     continue an interrupted sweep from its folder
     oodsweep demo [--storage DIR]                       the embedded-default demo sweep
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
@@ -22,6 +23,14 @@ def _cmd_run(args) -> int:
     from .driver import run_sweep
 
     spec = load_spec(args.spec)
+    run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from .driver import load_experiment_spec, run_sweep
+
+    spec = load_experiment_spec(args.experiment_dir)
     run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
     return 0
 
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted sweep from its experiment folder alone "
+                                      "(finished trials are kept, unfinished ones restart from their checkpoints)")
+    p.add_argument("experiment_dir", help="the folder `oodsweep run` printed: <storage>/<sweep name>")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_cmd_resume)
     p = sub.add_parser("demo", help="the embedded-default demo: synthetic sites, local Ray, SQLite MLflow")
     p.add_argument("--storage", help="where experiments go (default: $OODSWEEP_STORAGE or ./oodsweep-runs)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")

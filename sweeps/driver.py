@@ -39,11 +39,23 @@ def _diff(a, b, key=""):
         for k in sorted(set(a) | set(b)):
             yield from _diff(a.get(k), b.get(k), f"{key}.{k}" if key else k)
     elif a != b:
-        yield f"{key}: {a!r} -> {b!r}"
+        yield key, f"{key}: {a!r} -> {b!r}"
+
+
+#: Spec keys that may change between the launch and a resume: where the experiment folder lies (it
+#: may have been moved), where and how wide trials run, how often they may fail, what the analysis
+#: shows. Everything else defines the results.
+RESUMABLE = ("storage", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
+             "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
+             "analysis")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
 
 
 def prepare_experiment(spec: SweepSpec) -> Path:
-    """Create the experiment dir and freeze the spec; refuse a changed spec on an existing one."""
+    """Create the experiment dir and freeze the spec; refuse a spec changed in a way that cannot resume."""
     exp = spec.experiment_dir
     exp.mkdir(parents=True, exist_ok=True)
     frozen = frozen_spec(spec)
@@ -51,11 +63,16 @@ def prepare_experiment(spec: SweepSpec) -> Path:
     if path.exists():
         old = yaml.safe_load(path.read_text())
         changes = list(_diff(old, frozen))
-        if changes:
+        fixed = [msg for key, msg in changes if not _resumable(key)]
+        if fixed:
             raise SpecError(
-                f"{exp} already holds sweep {spec.name!r} launched from a different spec; changed: "
-                + "; ".join(changes) + f". Give the sweep a new `name`, or move {exp} away to start over "
-                "(its finished work is kept as it is).")
+                f"{exp} already holds sweep {spec.name!r} launched from a different spec, and these changes "
+                f"cannot be resumed: " + "; ".join(fixed) + ". Give the sweep a new `name`, or move "
+                f"{exp} away to start over (its finished work is kept as it is). Only these may change "
+                f"on a resume: {', '.join(RESUMABLE)}.")
+        if changes:
+            log("continuing with a changed spec: " + "; ".join(msg for _, msg in changes))
+            path.write_text(yaml.safe_dump(frozen, sort_keys=False))
     else:
         path.write_text(yaml.safe_dump(frozen, sort_keys=False))
     return exp
@@ -102,18 +119,14 @@ def tracker_for(spec: SweepSpec) -> Tracker:
     return Tracker(spec.tracking(), spec.name, artifact_dir=spec.experiment_dir / "mlartifacts")
 
 
-def _init_ray(address: str | None, num_cpus: int | None):
-    import ray
+def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> None:
+    """Connect (or start a local Ray), then check that every node can reach the experiment's storage."""
+    from . import cluster
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address)
-    else:
-        log("starting a local Ray")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    cluster.connect(address, num_cpus)
+    hosts = cluster.node_hosts()
+    cluster.check_storage(spec.experiment_dir, hosts, "storage")
+    cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
 
 
 def _trial_errors(results) -> list[str]:
@@ -158,7 +171,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
         return
     tracker.reopen(parent)
-    _init_ray(address, num_cpus)
+    _init_ray(spec, address, num_cpus)
     how = (f", searched by Ray Tune's OptunaSearch ({spec.search.num_samples} samples, {spec.search.mode} "
            f"{spec.search.metric})" if spec.search else " (grid)")
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")
@@ -201,7 +214,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         return []
     if todo:
         tracker.reopen(parent)
-        _init_ray(address, num_cpus)
+        _init_ray(spec, address, num_cpus)
         log(f"uncertainty stage: a δ net per pool member ({len(todo)} to fit, {len(done)} done), "
             f"{u.epochs} epochs, baselines {', '.join(u.baselines) or 'none'}")
         t = time.time()
@@ -265,11 +278,64 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     return result
 
 
+DRIVER_LOCK = ".driver.lock"
+
+
+def driver_lock(exp: Path):
+    """Hold ``<exp>/.driver.lock`` while a driver runs this experiment (released even on SIGKILL).
+
+    Two drivers on one experiment would run the same trials twice; the second is refused.
+    """
+    import fcntl
+
+    path = exp / DRIVER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RuntimeError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
+                           f"wait for it, or stop it first (`oodsweep status {exp}` shows its progress)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(), 0)
+    return fd
+
+
+def driver_running(exp: Path) -> str | None:
+    """Who holds the experiment's driver lock on this machine (None when no driver runs)."""
+    import fcntl
+
+    path = exp / DRIVER_LOCK
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "a driver"
+    finally:
+        os.close(fd)
+    return None
+
+
 def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None = None) -> dict:
     """Run every stage of ``spec`` that is not done yet; return where the results are."""
-    t0 = time.time()
     exp = prepare_experiment(spec)
+    lock = driver_lock(exp)
+    try:
+        return _run_stages(spec, address, num_cpus)
+    finally:
+        os.close(lock)
+
+
+def _run_stages(spec: SweepSpec, address: str | None, num_cpus: int | None) -> dict:
+    from .cluster import check_tracking
+
+    t0 = time.time()
+    exp = spec.experiment_dir
     log(f"experiment {exp}")
+    check_tracking(spec.tracking())
     cache = prepare_data(spec)
     tracker = tracker_for(spec)
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")

@@ -33,6 +33,16 @@ def pool_trial(config: dict) -> None:
         finally:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    from trainables import records
+    from trainables.segment import member_id
+
+    # Tune saves its experiment state every ~10 s: a driver killed just after a run finished may
+    # restore it as unfinished. Its members are in the records already: never train it again.
+    mids = [member_id(config["arch"], float(config["lr"]), int(config["seed"]), e) for e in member_epochs(config)]
+    done = set(records.member_part_ids(config["experiment_dir"]))
+    if all(m in done for m in mids):
+        tune.report({"epoch": max(member_epochs(config)), "skipped": 1})
+        return
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         train_segmenter(config, report=report)
@@ -89,22 +99,29 @@ def run_name(config: dict) -> str:
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str):
     """A new Tuner for the pool stage, or the restored one if this experiment already started it."""
-    import ray
     from ray import tune
+
+    from . import cluster
 
     storage = str(spec.experiment_dir)
     path = spec.experiment_dir / STAGE
-    trainable = tune.with_resources(pool_trial, {"cpu": spec.pool.cpu, "gpu": spec.pool.gpu})
+    cap = cluster.capacity()
+    has_gpu = cap.get("GPU", 0) > 0
+    archs = spec.pool.arch.values if spec.pool.arch.kind in ("grid", "choice") else tuple(spec.pool.per_arch)
+    demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+               for a in archs}
+    for a, d in demands.items():
+        print(f"[oodsweep] pool trials of {a}: {d['cpu']:g} CPU, {d['gpu']:g} GPU")
+    # the architecture is a searched parameter: each trial asks for its own architecture's share
+    trainable = tune.with_resources(
+        pool_trial, lambda config: cluster.trial_resources(config["arch"], spec.pool.cpu, spec.pool.gpu,
+                                                           spec.pool.per_arch, has_gpu))
     if tune.Tuner.can_restore(str(path)):
         print(f"[oodsweep] resuming the pool stage from {path}")
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space(spec, cache_dir))
-    max_conc = spec.pool.max_concurrent_trials
-    if max_conc is None:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        max_conc = max(1, int(cpus // spec.pool.cpu))
-        if spec.pool.gpu:
-            max_conc = min(max_conc, max(1, int(ray.cluster_resources().get("GPU", 0) // spec.pool.gpu)))
+    max_conc = spec.pool.max_concurrent_trials or cluster.max_concurrent(list(demands.values()), cap)
+    print(f"[oodsweep] up to {max_conc} pool trials at once (cluster: {cap['CPU']:g} CPU, {cap['GPU']:g} GPU)")
     search_alg, num_samples = None, 1
     if spec.search is not None:
         from ray.tune.search.optuna import OptunaSearch

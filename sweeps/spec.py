@@ -96,7 +96,11 @@ class PoolSpec:
     batch_size: int = 8
     weight_decay: float = 0.0
     cpu: float = 1.0
-    gpu: float = 0.0
+    #: GPU fraction per trial; None = "auto": the architecture's share (sweeps.cluster.GPU_SHARE)
+    #: when the cluster has (or can autoscale to) GPUs, else 0
+    gpu: float | None = None
+    #: per-architecture overrides, e.g. {"transunet": {"gpu": 1, "cpu": 8}}
+    per_arch: dict = field(default_factory=dict)
     max_concurrent_trials: int | None = None
     max_failures: int = 1
 
@@ -125,7 +129,7 @@ class UncertaintySpec:
     passes: int = 8
     workers: int = 1          # Ray Train workers per member (DDP when > 1)
     cpu: float = 1.0          # per Train worker
-    gpu: float = 0.0          # per Train worker
+    gpu: float | None = None  # per Train worker; None = "auto" (a quarter GPU when there are GPUs)
     trial_cpu: float = 0.5    # the Tune trial that drives the Train run
     max_concurrent_trials: int | None = None
     max_failures: int = 1
@@ -276,6 +280,11 @@ def _path(v: str, base: Path) -> Path:
 
 # --------------------------------------------------------------------------- parsing
 
+def _gpu(c, v, key: str) -> float | None:
+    """A GPU fraction, or ``auto`` (None): decided from the architecture and the cluster at launch."""
+    return None if v == "auto" else c.number(v, key, nonneg=True)
+
+
 def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | None = None) -> SweepSpec:
     """Validate a spec mapping. Relative paths resolve against ``base_dir`` (default: the cwd)."""
     base = Path(base_dir or os.getcwd()).resolve()
@@ -360,14 +369,20 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     if not isinstance(evals, list) or not evals:
         raise c.fail(f"pool.epochs.{emode}", f"expected a non-empty list of epochs, got {evals!r}")
     evals = sorted({c.number(v, f"pool.epochs.{emode}[{i}]", integer=True, positive=True) for i, v in enumerate(evals)})
-    res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False})
+    res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False, "per_arch": False})
+    per_arch = {}
+    for a, r in (res.get("per_arch") or {}).items():
+        c.choice(a, "pool.resources.per_arch", tuple(MODELS))
+        r = c.keys(r or {}, f"pool.resources.per_arch.{a}", {"cpu": False, "gpu": False})
+        per_arch[a] = {k: c.number(v, f"pool.resources.per_arch.{a}.{k}", nonneg=(k == "gpu"),
+                                   positive=(k == "cpu")) for k, v in r.items()}
     mct = p.get("max_concurrent_trials")
     pool = PoolSpec(
         arch=arch, lr=lr, epochs=Epochs(emode, tuple(evals)), seed=seed,
         batch_size=c.number(p.get("batch_size", 8), "pool.batch_size", integer=True, positive=True),
         weight_decay=c.number(p.get("weight_decay", 0.0), "pool.weight_decay", nonneg=True),
         cpu=c.number(res.get("cpu", 1), "pool.resources.cpu", positive=True),
-        gpu=c.number(res.get("gpu", 0), "pool.resources.gpu", nonneg=True),
+        gpu=_gpu(c, res.get("gpu", "auto"), "pool.resources.gpu"), per_arch=per_arch,
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True))
@@ -416,7 +431,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             passes=c.number(u.get("passes", 8), "uncertainty.passes", integer=True, positive=True),
             workers=c.number(u.get("workers", 1), "uncertainty.workers", integer=True, positive=True),
             cpu=c.number(ur.get("cpu", 1.0), "uncertainty.resources.cpu", positive=True),
-            gpu=c.number(ur.get("gpu", 0.0), "uncertainty.resources.gpu", nonneg=True),
+            gpu=_gpu(c, ur.get("gpu", "auto"), "uncertainty.resources.gpu"),
             trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", nonneg=True),
             max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
                                                                      integer=True, positive=True),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from trainables import records
 
-from .driver import load_experiment_spec
+from .driver import driver_running, load_experiment_spec
 from .pool import DONE_MARKER, STAGE, member_epochs
 
 
@@ -60,8 +60,14 @@ def experiment_status(experiment_dir) -> dict:
         unc = {"state": "done" if (exp / ustage.STAGE / ustage.DONE_MARKER).exists() and udone >= len(members)
                else ("failed" if ufailed else ("running" if utrials else "pending")),
                "members_done": udone, "members_expected": len(members) or expected, "failed": ufailed}
-    return {
+    attempts = records.load_attempts(exp)
+    restarts = {stage: int(len(g) - g["run"].nunique()) for stage, g in attempts.groupby("stage")}
+    driver = driver_running(exp)
+    finished = (exp / "analysis" / "summary.json").exists()
+    return _interrupted({
         "experiment": str(exp), "name": spec.name,
+        "driver": driver or ("finished" if finished else "not running"),
+        "restarts": restarts,
         "pool": {"state": "done" if pool_done else ("failed" if failed else ("running" if running or members
                                                                               else "pending")),
                  "members_done": len(members), "members_expected": expected,
@@ -70,21 +76,36 @@ def experiment_status(experiment_dir) -> dict:
         "uncertainty": unc,
         "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",
                      "dir": str(analysis_dir)},
-    }
+    })
+
+
+def _interrupted(st: dict) -> dict:
+    """With no driver alive, a stage that was "running" is interrupted."""
+    if st["driver"] in ("not running", "finished"):
+        for key in ("pool", "uncertainty"):
+            if st.get(key) and st[key]["state"] == "running":
+                st[key]["state"] = "interrupted"
+    return st
 
 
 def format_status(st: dict) -> str:
     p, a = st["pool"], st["analysis"]
     lines = [f"experiment {st['name']}  ({st['experiment']})",
-             f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
-             f"runs {p['runs_done']}/{p['runs_expected']} finished"]
+             f"  driver    {st['driver']}"]
+    if st["driver"] == "not running" and (p["state"] != "done" or (st.get("uncertainty") or {}).get("state")
+                                          not in (None, "done")):
+        lines.append(f"            interrupted: `oodsweep resume {st['experiment']}` continues it")
+    lines += [f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
+             f"runs {p['runs_done']}/{p['runs_expected']} finished"
+             + (f", {st['restarts']['pool']} restarted from a checkpoint" if st["restarts"].get("pool") else "")]
     for name in p["runs_unfinished"]:
         lines.append(f"            unfinished: {name}")
     for name, err in p["failed"].items():
         lines.append(f"            FAILED {name}: {err}")
     u = st.get("uncertainty")
     if u is not None:
-        lines.append(f"  uncertainty {u['state']:6s} members {u['members_done']}/{u['members_expected']}")
+        lines.append(f"  uncertainty {u['state']:6s} members {u['members_done']}/{u['members_expected']}"
+                     + (f", {st['restarts']['uncertainty']} restarted" if st["restarts"].get("uncertainty") else ""))
         for name, err in u["failed"].items():
             lines.append(f"            FAILED {name}: {err}")
     lines.append(f"  analysis  {a['state']:8s} {a['dir']}")

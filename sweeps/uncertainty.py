@@ -93,7 +93,10 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
                 with_baselines: set[str]) -> dict:
     from ray import tune
 
+    from . import cluster
+
     u = spec.uncertainty
+    gpu = cluster.gpu_share(None, u.gpu, None, cluster.capacity().get("GPU", 0) > 0)
     # one grid point per member: its id, checkpoint and whether it also gets the baselines
     return {
         "member": tune.grid_search([{"member_id": m, "checkpoint": checkpoints[m],
@@ -104,7 +107,7 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta, "learn_beta": u.learn_beta,
         "batch_size": u.batch_size, "passes": u.passes,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)),
-        "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": u.gpu,
+        "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
                    "storage": str(spec.experiment_dir / STAGE / "train")},
     }
 
@@ -117,7 +120,6 @@ def _trial_fn(config: dict) -> None:
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str, todo: list[str],
                 checkpoints: dict[str, str], with_baselines: set[str]):
-    import ray
     from ray import tune
 
     from .callbacks import MlflowMemberCallback
@@ -132,8 +134,11 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_i
                                   param_space=space)
     max_conc = u.max_concurrent_trials
     if max_conc is None:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        max_conc = max(1, int(cpus // (u.trial_cpu + u.workers * u.cpu)))
+        from . import cluster
+
+        t = space["_train"]
+        demand = {"cpu": u.trial_cpu + u.workers * u.cpu, "gpu": u.workers * t["gpu"]}
+        max_conc = cluster.max_concurrent([demand], cluster.capacity())
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,36 @@ def tiny_cache(tiny_data, tmp_path_factory) -> Path:
 
     return build_slice_cache("prostate_multisite", tiny_data, SITES, 32, tmp_path_factory.mktemp("cache"),
                              test_fraction=0.25, progress=False)
+
+
+OODSWEEP = [sys.executable, "-m", "sweeps.cli"]
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    return subprocess.run(OODSWEEP + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def tiny_spec(storage: Path, data: Path) -> dict:
+    """The tiny end-to-end sweep: 2 architectures x 1 lr, members at epochs 1 and 2, δ for 1 epoch."""
+    return {"name": "tiny", "storage": str(storage),
+            "data": {"layout": "prostate_multisite", "root": str(data), "source": "SiteA",
+                     "targets": ["SiteB", "SiteC"], "image_size": 32, "test_fraction": 0.25},
+            "pool": {"arch": {"grid": ["unet_r18", "unet_effb0"]}, "lr": {"grid": [1e-3]},
+                     "epochs": {"snapshots": [1, 2]}, "seed": {"grid": [0]}, "batch_size": 4,
+                     "resources": {"cpu": 1}},
+            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5}},
+            "analysis": {"metric": "iou_3d"}}
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, tiny_data):
+    """The tiny sweep run once, uninterrupted, through the CLI on a local Ray with 2 CPUs."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tmp / "runs", tiny_data)))
+    proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"spec": path, "exp": tmp / "runs" / "tiny", "out": proc.stdout + proc.stderr, "tmp": tmp}

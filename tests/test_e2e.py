@@ -6,8 +6,6 @@ without Ray; bad data fails with the file named and leaves the finished experime
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,30 +13,7 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.integration
-OODSWEEP = [sys.executable, "-m", "sweeps.cli"]
-
-
-def run_cli(*args, env=None, cwd=None, timeout=600):
-    return subprocess.run(OODSWEEP + list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_data):
-    tmp = tmp_path_factory.mktemp("e2e")
-    spec = {"name": "tiny", "storage": str(tmp / "runs"),
-            "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
-                     "targets": ["SiteB", "SiteC"], "image_size": 32, "test_fraction": 0.25},
-            "pool": {"arch": {"grid": ["unet_r18", "unet_effb0"]}, "lr": {"grid": [1e-3]},
-                     "epochs": {"snapshots": [1, 2]}, "seed": {"grid": [0]}, "batch_size": 4,
-                     "resources": {"cpu": 1}},
-            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5}},
-            "analysis": {"metric": "iou_3d"}}
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"spec": path, "exp": tmp / "runs" / "tiny", "out": proc.stdout + proc.stderr, "tmp": tmp}
+from conftest import run_cli  # noqa: E402  (the shared `finished` sweep lives in conftest)
 
 
 def test_records(finished):

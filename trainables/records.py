@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,31 @@ def scratch_dir(experiment_dir: str | os.PathLike) -> Path:
 def clear_scratch(experiment_dir: str | os.PathLike) -> None:
     """Remove staged checkpoint folders; call only while no trial of this experiment runs."""
     shutil.rmtree(Path(experiment_dir) / ".scratch", ignore_errors=True)
+
+
+def log_attempt(experiment_dir: str | os.PathLike, stage: str, run: str, start_epoch: int) -> None:
+    """Append one line to ``records/attempts.jsonl``: a training run (re)starting at an epoch.
+
+    The audit trail of a sweep that was interrupted: a run that resumed from a checkpoint shows a
+    second line with ``start_epoch > 0``; a finished run never shows up again. One short
+    ``O_APPEND`` write per line, so concurrent trials do not interleave.
+    """
+    path = records_dir(experiment_dir) / "attempts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"stage": stage, "run": run, "start_epoch": int(start_epoch), "pid": os.getpid(),
+                       "time": round(time.time(), 3)}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def load_attempts(experiment_dir: str | os.PathLike) -> pd.DataFrame:
+    """The attempts log as a table (empty when nothing has started yet)."""
+    path = records_dir(experiment_dir) / "attempts.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return pd.DataFrame(rows, columns=["stage", "run", "start_epoch", "pid", "time"])
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

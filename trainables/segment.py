@@ -192,6 +192,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
             torch.randperm(len(x_train), generator=rng)
 
     run_id = f"{cfg['arch']}-lr{float(cfg['lr']):.6g}-s{int(cfg['seed'])}-E{max(cfg['snapshots'])}"
+    records.log_attempt(exp, "pool", run_id, start_epoch)
     members: list[dict] = []
     bs = int(cfg["batch_size"])
     for epoch in range(start_epoch + 1, max(cfg["snapshots"]) + 1):

@@ -315,6 +315,8 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
         for _ in range(start):
             torch.randperm(len(x_train), generator=gen)
 
+    if rank == 0:
+        records.log_attempt(cfg["experiment_dir"], "uncertainty", cfg["member_id"], start)
     bs = int(cfg["batch_size"])
     epochs = int(cfg["epochs"])
     for epoch in range(start + 1, epochs + 1):

@@ -1,0 +1,113 @@
+"""Faults during a sweep: a trial's process killed mid-training resumes from its last checkpoint; a
+two-node cluster (``ray.cluster_utils.Cluster``) that loses its worker node finishes on the head."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import OODSWEEP
+
+from trainables import records
+
+pytestmark = pytest.mark.integration
+
+
+def _pool_spec(tmp_path: Path, data: Path, archs: list[str], snapshots: list[int]) -> Path:
+    spec = {"name": "faults", "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(data), "source": "SiteA",
+                     "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25},
+            "pool": {"arch": {"grid": archs}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": snapshots},
+                     "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}, "max_failures": 2},
+            "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _check_pool(exp: Path, runs: int, snapshots: list[int]) -> pd.DataFrame:
+    members, slices = records.load_records(exp)
+    assert len(members) == runs * len(snapshots) and not members["member_id"].duplicated().any()
+    assert not slices.duplicated(["member_id", "site", "case_id", "slice_idx"]).any()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    all_runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    children = [r.info.run_name for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(children) == sorted(members["member_id"])  # a restarted trial reuses its MLflow runs
+    return records.load_attempts(exp)
+
+
+def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, tiny_data):
+    snapshots = [1, 2, 3, 4]
+    spec = _pool_spec(tmp_path, tiny_data, ["unet_r18"], snapshots)
+    exp = tmp_path / "runs" / "faults"
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(OODSWEEP + ["run", str(spec), "--num-cpus", "2"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        # once the driver has taken the epoch-1 result and its checkpoint (Tune's result.json shows it),
+        # kill the trial's process: it is then in epoch 2
+        def registered() -> bool:
+            res = [p for p in (exp / "pool").glob("*/result.json") if p.stat().st_size]
+            return any((p.parent / "checkpoint_000000").is_dir() and '"epoch": 1' in p.read_text() for p in res)
+
+        _wait(registered, proc, "the first checkpoint")
+        pid = int(records.load_attempts(exp)["pid"].iloc[0])
+        last = max(int(line.split('"epoch": ')[1].split(",")[0]) for p in (exp / "pool").glob("*/result.json")
+                   for line in p.read_text().splitlines() if '"epoch": ' in line)
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    att = _check_pool(exp, 1, snapshots)
+    # restarted once, from the checkpoint of the last epoch the driver had taken (or of the one it
+    # was taking at the moment of the kill), not from scratch
+    assert len(att) == 2 and att["start_epoch"].iloc[0] == 0, att
+    assert last < snapshots[-1] and att["start_epoch"].iloc[1] in (last, last + 1), (last, att)
+    assert att["pid"].iloc[1] != pid
+
+
+def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
+    from ray.cluster_utils import Cluster
+
+    snapshots = [1, 2]
+    spec = _pool_spec(tmp_path, tiny_data, ["unet_r18", "unet_effb0"], snapshots)
+    exp = tmp_path / "runs" / "faults"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    proc = None
+    try:
+        log = (tmp_path / "run.log").open("w")
+        proc = subprocess.Popen(OODSWEEP + ["run", str(spec), "--address", cluster.address], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        # two trials on two 1-CPU nodes: one runs on the worker node; take the node away mid-training
+        _wait(lambda: len(records.load_attempts(exp)) >= 2, proc, "both trials to start")
+        time.sleep(1.0)
+        cluster.remove_node(worker, allow_graceful=False)
+        assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        out = (tmp_path / "run.log").read_text()
+        assert "connecting to the Ray cluster" in out
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        cluster.shutdown()
+    att = _check_pool(exp, 2, snapshots)
+    assert len(att) == 3, att  # the trial that lost its node started once more, on the head
+    assert att.groupby("run").size().sort_values().tolist() == [1, 2]

@@ -253,7 +253,7 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
             raise DataError(f"data root {r} does not exist; set data.root in the spec (or the environment "
                             f"variable it names) to the folder holding the {lay} sites")
     cache_root = Path(cache_root).expanduser().resolve()
-    modality, all_labels, chosen = _labels_for(sources, labels)
+    modality, _, chosen = _labels_for(sources, labels)
     cases, problems = scan_sources(sources)
     key, ident = cache_key(layout, root, sites, image_size, split_seed, test_fraction, site_sources=site_sources,
                            labels=labels, window=window, split=split, cases=cases)

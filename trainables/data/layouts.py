@@ -268,8 +268,8 @@ def check_orientation(image_path: Path, mask_path: Path, tol_mm: float = 1e-2) -
         )
     diff = float(np.abs(a_img - a_msk).max())
     if diff > tol_mm:
-        return [f"{mask_path}: its affine differs from the image's by up to {diff:.3g} mm "
-                f"(same orientation {''.join(o_img)}); used as if it matched voxel for voxel"]
+        return [(f"{mask_path}: its affine differs from the image's by up to {diff:.3g} mm "
+                 f"(same orientation {''.join(o_img)}); used as if it matched voxel for voxel")]
     return []
 
 

@@ -26,7 +26,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .layouts import Case, CaseFiles, DataError, check_root, load_volume_case, pair_problems, raise_problems
+from .layouts import (
+    Case,
+    CaseFiles,
+    DataError,
+    check_root,
+    load_volume_case,
+    pair_problems,
+    raise_problems,
+)
 
 __all__ = ["LiTS", "FLARE"]
 

@@ -127,6 +127,22 @@ def test_data_prepare_builds_the_cache_the_sweep_reads(fundus, capsys):
     assert cache.parent == spec.cache_root and len(list(spec.cache_root.iterdir())) == 1
 
 
+def test_multilabel_loss_is_per_channel():
+    import torch
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from trainables.segment import segmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    x1, y1 = torch.randn(2, 1, 8, 8, generator=g), (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    assert torch.isclose(segmentation_loss(1)(x1, y1), DiceCELoss(sigmoid=True)(x1, y1))
+    x, y = torch.randn(2, 3, 8, 8, generator=g), (torch.rand(2, 3, 8, 8, generator=g) > 0.5).float()
+    y[:, 1] = y[:, 0]  # overlapping labels: not mutually exclusive classes
+    want = DiceLoss(sigmoid=True)(x, y) + torch.nn.functional.binary_cross_entropy_with_logits(x, y)
+    assert torch.isclose(segmentation_loss(3)(x, y), want)
+    assert not torch.isclose(segmentation_loss(3)(x, y), DiceCELoss(sigmoid=True)(x, y))  # softmax CE there
+
+
 def test_multilabel_training_and_uncertainty(fundus, tmp_path):
     """Fundus lesions end to end: L output channels, counts summed over lesions, δ on the union."""
     import torch

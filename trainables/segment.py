@@ -153,6 +153,25 @@ def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu
     return model.to(device).eval()
 
 
+def segmentation_loss(n_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels.
+
+    One channel: MONAI's ``DiceCELoss(sigmoid=True)``. Several (multi-label, e.g. fundus lesions):
+    ``DiceLoss(sigmoid=True)`` + ``BCEWithLogitsLoss``, since ``DiceCELoss`` takes a softmax
+    cross-entropy across channels whenever there is more than one, which treats the labels as
+    mutually exclusive classes.
+    """
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if n_labels == 1:
+        return DiceCELoss(sigmoid=True)
+    dice, bce = DiceLoss(sigmoid=True), torch.nn.BCEWithLogitsLoss()
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dice(logits, target) + bce(logits, target)
+    return loss
+
+
 def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     """Train one run; write a pool member at each snapshot epoch; return the member records.
 
@@ -183,9 +202,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
 
     model = build_model(cfg["arch"], in_channels=x_train.shape[1], classes=y_train.shape[1],
                         encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]).to(device)
-    from monai.losses import DiceCELoss
-
-    loss_fn = DiceCELoss(sigmoid=True)
+    loss_fn = segmentation_loss(y_train.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     start_epoch = 0
     if cfg["resume_from"]:

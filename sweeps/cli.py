@@ -5,6 +5,8 @@
     oodsweep demo [--storage DIR]                       the embedded-default demo sweep
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
+    oodsweep data check ROOT --layout NAME [--sites A,B]  validate a dataset folder, print a summary
+    oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ from pathlib import Path
 from .spec import METRICS, SpecError, load_spec
 
 PRESETS = Path(__file__).parent / "presets"
+
+
+def _layouts() -> list[str]:
+    from trainables.data.layouts import LAYOUTS
+
+    return sorted(LAYOUTS)
 
 
 def _cmd_run(args) -> int:
@@ -69,6 +77,35 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_data_check(args) -> int:
+    from trainables.data.check import check_dataset, format_report
+
+    sites = [s for s in args.sites.split(",") if s] if args.sites else None
+    report = check_dataset(args.root, args.layout, sites=sites, progress=True)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _cmd_data_prepare(args) -> int:
+    from trainables.data.cache import open_slice_cache
+
+    from .driver import prepare_data
+
+    spec = load_spec(args.spec)
+    cache = open_slice_cache(prepare_data(spec, progress=True))
+    m = cache.manifest
+    print(f"[oodsweep] slice cache ready: {cache.path}")
+    print(f"  {m['n_slices']} slices of {spec.data.image_size}x{spec.data.image_size}, modality {m['modality']}, "
+          f"labels {cache.labels}")
+    for k, v in m["counts"].items():
+        print(f"  {k}: {v['cases']} cases, {v['slices']} slices")
+    for site, how in m.get("split_source", {}).items():
+        print(f"  split of {site}: {how}")
+    for sk in m["skipped"]:
+        print(f"  skipped {sk['site']}/{sk['case_id']}: {sk['reason']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oodsweep", description="Which segmentation model will hold up at a "
                                      "site whose data it has never seen? Pools, uncertainty, on-the-line analysis.")
@@ -98,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the analysis to MLflow")
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("check", help="validate a dataset folder and print a summary (every problem in one pass)")
+    q.add_argument("root", help="the dataset folder")
+    q.add_argument("--layout", required=True, help="dataset layout: " + ", ".join(_layouts()))
+    q.add_argument("--sites", help="comma-separated sites to check (default: every site found)")
+    q.set_defaults(func=_cmd_data_check)
+    q = dsub.add_parser("prepare", help="build (or find) the slice cache a spec's sweep will read")
+    q.add_argument("spec", help="sweep spec YAML")
+    q.set_defaults(func=_cmd_data_prepare)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -29,6 +29,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
     raw = json.loads(json.dumps(spec.raw))  # deep copy
     raw["storage"] = str(spec.storage)
     raw["data"]["root"] = str(spec.data.root)
+    for site, _, root in spec.data.sites:
+        raw["data"]["sites"][site]["root"] = str(root)
     if spec.data.cache_dir:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
     return raw
@@ -78,7 +80,7 @@ def prepare_experiment(spec: SweepSpec) -> Path:
     return exp
 
 
-def prepare_data(spec: SweepSpec) -> Path:
+def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:
     """Generate synthetic sites if the spec asks for them, then build (or find) the slice cache."""
     from trainables.data.cache import build_slice_cache
 
@@ -92,7 +94,8 @@ def prepare_data(spec: SweepSpec) -> Path:
     t = time.time()
     cache = build_slice_cache(d.layout, d.root, [d.source, *d.targets], d.image_size, spec.cache_root,
                               split_seed=d.split_seed, test_fraction=d.test_fraction,
-                              skip_bad_cases=d.skip_bad_cases)
+                              skip_bad_cases=d.skip_bad_cases, progress=progress,
+                              site_sources=d.site_sources(), labels=d.labels, window=d.window, split=d.split)
     log(f"slice cache {cache} ({time.time() - t:.1f}s)")
     _check_sites(spec, cache)
     return cache

@@ -29,10 +29,12 @@ from typing import Any
 
 import yaml
 
+from trainables.data.layouts import LAYOUTS as _LAYOUT_REGISTRY
 from trainables.models import MODELS
 
 METRICS = ("iou_3d", "dice_2d", "dice_global")
-LAYOUTS = ("prostate_multisite",)
+LAYOUTS = tuple(_LAYOUT_REGISTRY)
+SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 INDICATORS = ("id_performance", "agreement", "uncertainty")
 BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
@@ -85,6 +87,18 @@ class DataSpec:
     cache_dir: Path | None = None
     skip_bad_cases: bool = False
     synthetic: SyntheticSpec | None = None
+    #: (site, layout, root) of sites stored apart from ``root`` (``data.sites``), e.g. IDRiD and FGADR
+    sites: tuple[tuple[str, str, Path], ...] = ()
+    #: the label channels kept (``data.lesions`` for fundus layouts); None keeps all
+    labels: tuple[str, ...] | None = None
+    #: CT window in HU (``data.window``); None: the liver window [-160, 240]
+    window: tuple[float, float] | None = None
+    #: "dataset" (the release's own split where it has one, else 80/20 by case) or "random"
+    split: str = "dataset"
+
+    def site_sources(self) -> dict[str, tuple[str, Path]]:
+        """Site -> (layout, root) for the sites listed under ``data.sites``."""
+        return {site: (layout, root) for site, layout, root in self.sites}
 
 
 @dataclass(frozen=True)
@@ -297,11 +311,44 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
     storage = _path(raw.get("storage") or os.environ.get("OODSWEEP_STORAGE") or "./oodsweep-runs", base)
 
-    d = c.keys(raw["data"], "data", {"layout": True, "root": True, "source": True, "targets": True,
+    d = c.keys(raw["data"], "data", {"layout": False, "root": False, "source": True, "targets": True,
                                       "image_size": False, "split_seed": False, "test_fraction": False,
                                       "target_split": False, "cache_dir": False, "skip_bad_cases": False,
-                                      "synthetic": False})
-    layout = c.choice(d["layout"], "data.layout", LAYOUTS)
+                                      "synthetic": False, "sites": False, "lesions": False, "window": False,
+                                      "split": False})
+    source = d["source"]
+    if not isinstance(source, str) or not source:
+        raise c.fail("data.source", f"expected a site name, got {source!r}")
+    targets = d["targets"]
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise c.fail("data.targets", f"expected a non-empty list of site names, got {targets!r}")
+    if source in targets:
+        raise c.fail("data.targets", f"contains the source site {source!r}; a target must be another site "
+                                     f"(the source's own test split is always scored as ID)")
+    if len(set(targets)) != len(targets):
+        raise c.fail("data.targets", f"has repeated sites {targets!r}")
+    site_entries: list[tuple[str, str, Path]] = []
+    for site, entry in (c.keys(d.get("sites") or {}, "data.sites", {k: False for k in (d.get("sites") or {})})
+                        .items()):
+        e = c.keys(entry, f"data.sites.{site}", {"layout": True, "root": True})
+        lay = c.choice(e["layout"], f"data.sites.{site}.layout", LAYOUTS)
+        sroot = _path(e["root"], base)
+        if not sroot.is_dir():
+            raise c.fail(f"data.sites.{site}.root", f"folder {sroot} does not exist; point it at the {lay} data "
+                                                    "(or set the environment variable it names)")
+        site_entries.append((str(site), lay, sroot))
+    listed = {s for s, _, _ in site_entries}
+    unlisted = [s for s in [source, *targets] if s not in listed]
+    if unlisted and ("layout" not in d or "root" not in d):
+        missing = "data.layout" if "layout" not in d else "data.root"
+        raise c.fail(missing, f"is required for sites {unlisted} (or list each under data.sites with its layout "
+                              f"and root)")
+    if "layout" in d:
+        layout = c.choice(d["layout"], "data.layout", LAYOUTS)
+    else:
+        layout = next(lay for s, lay, _ in site_entries if s == source) if source in listed else site_entries[0][1]
     synthetic = None
     if d.get("synthetic") is not None:
         s = c.keys(d["synthetic"] or {}, "data.synthetic", {"cases_per_site": False, "shape": False, "seed": False})
@@ -316,28 +363,53 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             seed=c.number(s.get("seed", 0), "data.synthetic.seed", integer=True, nonneg=True))
         if synthetic.cases_per_site < 2:
             raise c.fail("data.synthetic.cases_per_site", f"needs >= 2 (one train, one test), got {synthetic.cases_per_site}")
-    root = _path(d["root"], base)
-    if synthetic is None and not root.is_dir():
-        raise c.fail("data.root", f"folder {root} does not exist; point it at the dataset (or add "
-                                  f"`synthetic: {{}}` under data to generate synthetic sites there)")
-    source = d["source"]
-    if not isinstance(source, str) or not source:
-        raise c.fail("data.source", f"expected a site name, got {source!r}")
-    targets = d["targets"]
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise c.fail("data.targets", f"expected a non-empty list of site names, got {targets!r}")
-    if source in targets:
-        raise c.fail("data.targets", f"contains the source site {source!r}; a target must be another site "
-                                     f"(the source's own test split is always scored as ID)")
-    if len(set(targets)) != len(targets):
-        raise c.fail("data.targets", f"has repeated sites {targets!r}")
+        if layout != "prostate_multisite" or site_entries:
+            raise c.fail("data.synthetic", "synthetic sites are written in the prostate_multisite layout under "
+                                           "data.root; drop data.sites and set data.layout: prostate_multisite")
+    if "root" in d:
+        root = _path(d["root"], base)
+        if synthetic is None and not root.is_dir():
+            raise c.fail("data.root", f"folder {root} does not exist; point it at the dataset (or add "
+                                      f"`synthetic: {{}}` under data to generate synthetic sites there)")
+    else:
+        root = next(r for s, _, r in site_entries if s == source) if source in listed else site_entries[0][2]
     if synthetic is not None:
         from trainables.data.synthetic import SYNTHETIC_SITES
 
         for k, site in [("data.source", source)] + [(f"data.targets[{i}]", t) for i, t in enumerate(targets)]:
             c.choice(site, k, tuple(SYNTHETIC_SITES))
+    used = {s: lay for s, lay, _ in site_entries}
+    lays = {used.get(s, layout) for s in [source, *targets]}
+    modalities = {_LAYOUT_REGISTRY[x].modality for x in lays}
+    if len(modalities) > 1:
+        raise c.fail("data.sites", f"the sites mix modalities {sorted(modalities)} (layouts {sorted(lays)}); a sweep's "
+                                   "sites must share one")
+    modality = modalities.pop()
+    labels = None
+    if d.get("lesions") is not None:
+        les = d["lesions"]
+        valid = tuple(_LAYOUT_REGISTRY[next(iter(lays))].labels)
+        if modality != "fundus":
+            raise c.fail("data.lesions", f"applies to the fundus layouts (idrid, fgadr) only; {sorted(lays)} has the "
+                                         f"labels {list(valid)}")
+        if isinstance(les, str):
+            les = [les]
+        if not isinstance(les, list) or not les:
+            raise c.fail("data.lesions", f"expected a non-empty list of lesions from {list(valid)}, got {les!r}")
+        labels = tuple(c.choice(x, f"data.lesions[{i}]", valid) for i, x in enumerate(les))
+        if len(set(labels)) != len(labels):
+            raise c.fail("data.lesions", f"has repeated lesions {list(labels)}")
+    window = None
+    if d.get("window") is not None:
+        w = d["window"]
+        if modality != "ct":
+            raise c.fail("data.window", f"is a CT window (HU) and applies to the CT layouts (lits, flare) only, not "
+                                        f"{sorted(lays)}")
+        if not (isinstance(w, list) and len(w) == 2):
+            raise c.fail("data.window", f"expected [low, high] in HU, e.g. [-160, 240], got {w!r}")
+        window = (c.number(w[0], "data.window[0]"), c.number(w[1], "data.window[1]"))
+        if not window[0] < window[1]:
+            raise c.fail("data.window", f"low must be < high, got {list(w)}")
     image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
     if image_size % 32:
         raise c.fail("data.image_size", f"must be a multiple of 32 (the encoders down-sample 32x), got {image_size}")
@@ -347,7 +419,9 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         test_fraction=c.number(d.get("test_fraction", 0.2), "data.test_fraction", positive=True, maximum=0.9),
         target_split=c.choice(d.get("target_split", "test"), "data.target_split", ("test", "all")),
         cache_dir=_path(d["cache_dir"], base) if d.get("cache_dir") else None,
-        skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic)
+        skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic,
+        sites=tuple(site_entries), labels=labels, window=window,
+        split=c.choice(d.get("split", "dataset"), "data.split", SPLITS))
 
     p = c.keys(raw["pool"], "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                                       "weight_decay": False, "resources": False, "max_concurrent_trials": False,

@@ -41,6 +41,8 @@ MEMBER_COLUMNS = {
 }
 
 #: One row per member x site x case x slice. Every metric derives from these counts.
+#: Multi-label tasks (the fundus lesions, one mask channel each): the counts are summed over the
+#: label channels (micro-average), so area_px is L * H * W and every metric pools the lesions.
 SLICE_COLUMNS = {
     "member_id": "string",
     "site": "string",        # site name as the spec names it
@@ -51,7 +53,7 @@ SLICE_COLUMNS = {
     "fp": "int64",
     "fn": "int64",
     "tn": "int64",
-    "area_px": "int64",      # pixels in the evaluated slice (H*W); tp+fp+fn+tn == area_px
+    "area_px": "int64",      # pixels in the evaluated slice (H*W, x L labels); tp+fp+fn+tn == area_px
 }
 
 

@@ -89,12 +89,16 @@ def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Binary masks ``N x H x W`` (bool, on the CPU) for ``N x C x H x W`` images (logit > 0)."""
+    """Binary masks ``N x H x W`` (bool, on the CPU) for ``N x C x H x W`` images (logit > 0).
+
+    A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``.
+    """
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-        out.append((model(x)[:, 0] > 0).cpu())
+        logits = model(x)
+        out.append(((logits[:, 0] if logits.shape[1] == 1 else logits) > 0).cpu())  # per-channel threshold
     return torch.cat(out)
 
 
@@ -144,9 +148,28 @@ def model_in_channels(model: torch.nn.Module) -> int:
 def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a frozen pool member from its ``records/checkpoints/<member>.pt`` file."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)
-    model = build_model(state["arch"], in_channels=state["in_channels"])
+    model = build_model(state["arch"], in_channels=state["in_channels"], classes=state.get("classes", 1))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def segmentation_loss(n_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels.
+
+    One channel: MONAI's ``DiceCELoss(sigmoid=True)``. Several (multi-label, e.g. fundus lesions):
+    ``DiceLoss(sigmoid=True)`` + ``BCEWithLogitsLoss``, since ``DiceCELoss`` takes a softmax
+    cross-entropy across channels whenever there is more than one, which treats the labels as
+    mutually exclusive classes.
+    """
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if n_labels == 1:
+        return DiceCELoss(sigmoid=True)
+    dice, bce = DiceLoss(sigmoid=True), torch.nn.BCEWithLogitsLoss()
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dice(logits, target) + bce(logits, target)
+    return loss
 
 
 def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
@@ -173,14 +196,13 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     # The training split of these datasets is small (a few thousand slices at most for the demo and
     # the prostate sites), so it is held in memory once instead of re-read every epoch.
     x_train = torch.from_numpy(np.asarray(cache.images[train_rows], dtype=np.float32))
-    y_train = torch.from_numpy(np.asarray(cache.masks[train_rows], dtype=np.float32))[:, None]
+    y_train = torch.from_numpy(np.asarray(cache.masks[train_rows], dtype=np.float32))
+    y_train = y_train[:, None] if y_train.ndim == 3 else y_train  # N x L x H x W: one channel per label
     sets = eval_sets(cache, cfg)
 
-    model = build_model(cfg["arch"], in_channels=x_train.shape[1], encoder_weights=cfg["encoder_weights"],
-                        bn_momentum=cfg["bn_momentum"]).to(device)
-    from monai.losses import DiceCELoss
-
-    loss_fn = DiceCELoss(sigmoid=True)
+    model = build_model(cfg["arch"], in_channels=x_train.shape[1], classes=y_train.shape[1],
+                        encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]).to(device)
+    loss_fn = segmentation_loss(y_train.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     start_epoch = 0
     if cfg["resume_from"]:
@@ -238,7 +260,7 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     torch.save({"model": model.state_dict(), "arch": cfg["arch"], "in_channels": model_in_channels(model),
-                "epoch": epoch}, tmp)
+                "classes": len(cache.labels), "epoch": epoch}, tmp)
     os.replace(tmp, ckpt)
     for site, _, rows in sets:
         idx = cache.index.iloc[rows]

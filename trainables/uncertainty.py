@@ -155,6 +155,17 @@ def otsu_area(maps: np.ndarray) -> np.ndarray:
     return out
 
 
+def union(masks: torch.Tensor) -> torch.Tensor:
+    """Multi-label masks ``N x L x H x W`` -> their union ``N x H x W``; ``N x H x W`` unchanged.
+
+    δ models one ŷ channel: for a multi-label task (fundus lesions) it sees the union of the
+    lesions, and the error and uncertain areas are those of the union. The baselines likewise
+    take the largest lesion probability per pixel (``amax`` over channels; the one channel of a
+    binary model).
+    """
+    return masks.any(1) if masks.ndim == 4 else masks
+
+
 # ----------------------------------------------------------------------------- baselines
 
 @torch.inference_mode()
@@ -164,7 +175,7 @@ def _prob_variance(model: nn.Module, images: np.ndarray, device: torch.device, p
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-        probs = torch.stack([torch.sigmoid(model(perturb(x, gen)))[:, 0] for _ in range(passes)])
+        probs = torch.stack([torch.sigmoid(model(perturb(x, gen))).amax(1) for _ in range(passes)])
         out.append(probs.var(dim=0, unbiased=False).cpu().numpy())
     return np.concatenate(out)
 
@@ -212,7 +223,7 @@ def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64) 
             probs = []
             for _ in range(passes):
                 keep = (torch.rand(feats.shape[:2], generator=drop_gen, device=device) >= p).to(feats.dtype)
-                probs.append(torch.sigmoid(head(feats * keep[:, :, None, None] / (1 - p)))[:, 0])
+                probs.append(torch.sigmoid(head(feats * keep[:, :, None, None] / (1 - p))).amax(1))
             out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
     finally:
         handle.remove()
@@ -297,8 +308,8 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     # equal shards: DDP needs every rank to take the same number of steps
     rows = all_rows[rank::world_size][: len(all_rows) // world_size]
     x_train = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))
-    y_train = torch.from_numpy(np.asarray(cache.masks[rows], dtype=np.float32))[:, None]
-    yhat_train = predict(frozen, cache.images[rows], device).float()[:, None]  # ŷ once, not per epoch
+    y_train = union(torch.from_numpy(np.asarray(cache.masks[rows]))).float()[:, None]
+    yhat_train = union(predict(frozen, cache.images[rows], device)).float()[:, None]  # ŷ once, not per epoch
 
     nets = _nets(cfg, x_train.shape[1], device)
     wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
@@ -369,8 +380,8 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
     frames, summary, example = [], {}, None
     for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
-        truth = torch.from_numpy(np.asarray(cache.masks[rows])).bool()
-        pred = predict(frozen, images, device)
+        truth = union(torch.from_numpy(np.asarray(cache.masks[rows]))).bool()
+        pred = union(predict(frozen, images, device))
         cnt = confusion_counts(pred, truth).numpy()
         idx = cache.index.iloc[rows]
         maps: dict[str, np.ndarray] = {}

@@ -2,16 +2,28 @@
 
 A cache is a folder ``<cache_root>/<key>/`` holding
 
-* ``images.npy``  float16, ``N x C x S x S`` (C = 1 for MR), intensities in [0, 1]
-* ``masks.npy``   uint8,   ``N x S x S`` in {0, 1}
+* ``images.npy``  float16, ``N x C x S x S`` (C = 1 for MR and CT, 3 for fundus RGB), in [0, 1]
+* ``masks.npy``   uint8 in {0, 1}: ``N x S x S`` for one label, ``N x L x S x S`` for L > 1 labels
+  (the fundus lesions; channel order in the manifest's ``labels``)
 * ``index.parquet`` one row per slice: site, case_id, slice_idx, split ("train" | "test")
 * ``manifest.json`` what built it, per-site counts, the content hash of the arrays
 
-``key`` hashes the layout, the sites, the image size, the split and a fingerprint of the input
-files (relative path, size, modification time), so a changed dataset gets a new cache and every
-trial and every sweep on the same data shares one. Building streams one case at a time (memory
-is bounded by the largest case), writes into a temporary folder and renames it into place, so a
-reader never sees a half-written cache and a failed build leaves nothing behind.
+Preprocessing per modality: MR clipped to its 0.5/99.5 percentiles (per volume), CT windowed
+(default [-160, 240] HU, the liver window), fundus photographs kept RGB; all rescaled to [0, 1]
+and resized to ``S x S`` (bilinear; masks nearest). 3D volumes become 2D slices along their last
+axis; a 2D photograph is one slice. Each row keeps its case and slice index, so predictions merge
+back into volumes (:meth:`SliceCache.case_volume`).
+
+Split: the dataset's own where the layout gives one (IDRiD's training/testing sets), else 80/20
+by case with a fixed seed (``split="random"`` forces the latter everywhere).
+
+``key`` hashes the sites (each with its layout and root), the image size, the labels, the CT
+window, the split and a fingerprint of the input files (relative path, size, modification time),
+so a changed dataset gets a new cache and every trial and every sweep on the same data shares one.
+Building streams one case at a time and each case slab by slab (memory is bounded by the largest
+case as read, e.g. ~1.5 GB for a 512 x 512 x 987 LiTS volume), writes into a temporary folder and
+renames it into place, so a reader never sees a half-written cache and a failed build leaves nothing
+behind.
 """
 from __future__ import annotations
 
@@ -25,21 +37,27 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .layouts import DataError, get_layout
+from .layouts import CaseFiles, DataError, get_layout
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: The liver window (HU) CT volumes are clipped to unless the spec gives another.
+DEFAULT_CT_WINDOW = (-160.0, 240.0)
+#: Slices preprocessed at a time (bounded temporaries on big volumes).
+SLAB = 32
+SPLIT_MODES = ("dataset", "random")
 
 
-def _file_fingerprint(paths: Sequence[Path], root: Path) -> list[tuple[str, int, int]]:
+def _file_fingerprint(cases: Sequence[CaseFiles], roots: Mapping[str, Path]) -> list[tuple[str, str, int, int]]:
     out = []
-    for p in paths:
-        st = p.stat()
-        out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    for cf in cases:
+        for p in cf.paths():
+            st = p.stat()
+            out.append((cf.site, str(p.relative_to(roots[cf.site])), st.st_size, st.st_mtime_ns))
     return sorted(out)
 
 
@@ -62,115 +80,257 @@ def split_cases(case_ids: Sequence[str], site: str, seed: int = 0, test_fraction
     return {c: ("test" if c in test else "train") for c in ids}
 
 
-def _preprocess(image: np.ndarray, mask: np.ndarray, modality: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``H x W x D`` volume -> (``D x 1 x S x S`` float16 image, ``D x S x S`` uint8 mask)."""
-    from monai.transforms import Resize, ScaleIntensityRangePercentiles
-
-    img = image[None].astype(np.float32)  # channel-first 1 x H x W x D for MONAI
-    if modality == "mr":
-        img = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(img)
-    else:
-        raise ValueError(f"modality {modality!r} has no preprocessing yet; known: mr")
-    img = Resize(spatial_size=(size, size, -1), mode="bilinear", align_corners=False)(img)
-    msk = Resize(spatial_size=(size, size, -1), mode="nearest")(mask[None].astype(np.float32))
-    img = np.asarray(img, dtype=np.float32)[0]
-    msk = np.asarray(msk)[0] > 0.5
-    return (np.moveaxis(img, -1, 0)[:, None].astype(np.float16),
-            np.moveaxis(msk, -1, 0).astype(np.uint8))
+def _intensity_range(image: np.ndarray, modality: str, window: tuple[float, float] | None) -> tuple[float, float]:
+    if modality == "mr":  # the volume's 0.5/99.5 percentiles, as MONAI's ScaleIntensityRangePercentiles
+        lo, hi = np.percentile(image, [0.5, 99.5])
+        return float(lo), float(hi)
+    if modality == "ct":
+        return tuple(float(v) for v in (window or DEFAULT_CT_WINDOW))  # type: ignore[return-value]
+    if modality == "fundus":
+        return 0.0, 255.0
+    raise ValueError(f"modality {modality!r} has no preprocessing; known: mr, ct, fundus")
 
 
-def cache_key(layout: str, root: Path, sites: Sequence[str], image_size: int, split_seed: int,
-              test_fraction: float) -> tuple[str, dict]:
-    lay = get_layout(layout)
-    files: list[Path] = []
+def preprocess_case(image: np.ndarray, mask: np.ndarray, modality: str, size: int,
+                    window: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A case's arrays -> its cache rows.
+
+    Args:
+        image: ``H x W x D`` or ``H x W x D x C`` raw intensities.
+        mask: ``H x W x D`` or ``H x W x D x L`` in {0, 1}.
+        modality: ``"mr"`` (clip to the 0.5/99.5 percentiles), ``"ct"`` (clip to ``window``,
+            default :data:`DEFAULT_CT_WINDOW`) or ``"fundus"`` (0..255); then scaled to [0, 1].
+        size: output side ``S``.
+        window: CT window in HU.
+
+    Returns:
+        ``D x C x S x S`` float16 image rows and ``D x S x S`` (one label) or ``D x L x S x S``
+        uint8 mask rows. Slabs of :data:`SLAB` slices are processed at a time; depth is never
+        resampled, so slab by slab equals the whole volume at once.
+    """
+    from monai.transforms import Resize, ScaleIntensityRange
+
+    img = image if image.ndim == 4 else image[..., None]  # H x W x D x C
+    msk = mask if mask.ndim == 4 else mask[..., None]     # H x W x D x L
+    lo, hi = _intensity_range(img, modality, window)
+    scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    # big down-sampling factors (fundus photographs of 4288 px) alias without smoothing first
+    resize_img = Resize(spatial_size=(size, size, -1), mode="bilinear", align_corners=False,
+                        anti_aliasing=modality == "fundus")
+    resize_msk = Resize(spatial_size=(size, size, -1), mode="nearest")
+    depth, n_ch, n_lab = img.shape[2], img.shape[3], msk.shape[3]
+    out_img = np.empty((depth, n_ch, size, size), np.float16)
+    out_msk = np.empty((depth, n_lab, size, size), np.uint8)
+    for z in range(0, depth, SLAB):
+        slab = np.moveaxis(img[:, :, z:z + SLAB, :], -1, 0).astype(np.float32)  # C x H x W x d (MONAI)
+        slab = np.asarray(resize_img(scale(slab)), dtype=np.float32)
+        out_img[z:z + SLAB] = np.moveaxis(slab, -1, 0)
+        mslab = np.moveaxis(msk[:, :, z:z + SLAB, :], -1, 0).astype(np.float32)
+        out_msk[z:z + SLAB] = np.moveaxis(np.asarray(resize_msk(mslab)) > 0.5, -1, 0)
+    return out_img, (out_msk[:, 0] if n_lab == 1 else out_msk)
+
+
+#: A site's data: (layout name, root folder).
+SiteSource = tuple[str, Path]
+
+
+def resolve_sources(layout: str, root: str | os.PathLike | None, sites: Sequence[str],
+                    site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None) -> dict[str, SiteSource]:
+    """Site -> (layout, absolute root): ``site_sources`` where it names the site, else ``(layout, root)``."""
+    out: dict[str, SiteSource] = {}
     for site in sites:
-        for cf in lay.list_cases(root, site):
-            files += [cf.image, cf.mask]
-    ident = {"version": CACHE_VERSION, "layout": layout, "sites": list(sites), "image_size": int(image_size),
-             "split_seed": int(split_seed), "test_fraction": float(test_fraction),
-             "files": _file_fingerprint(files, root)}
+        lay, r = (site_sources or {}).get(site, (layout, root))
+        if r is None:
+            raise DataError(f"site {site!r} has no data root: give data.root, or data.sites.{site}.root")
+        get_layout(lay)
+        out[site] = (lay, Path(r).expanduser().resolve())
+    return out
+
+
+def _labels_for(sources: Mapping[str, SiteSource], labels: Sequence[str] | None) -> tuple[str, tuple[str, ...],
+                                                                                       tuple[int, ...]]:
+    """(modality, the layouts' label names, indices of the chosen labels); all sites must agree."""
+    lays = {site: get_layout(lay) for site, (lay, _) in sources.items()}
+    modalities = {lay.modality for lay in lays.values()}
+    names = {tuple(lay.labels) for lay in lays.values()}
+    if len(modalities) > 1 or len(names) > 1:
+        raise DataError("sites of one cache must share a modality and labels; got "
+                        + ", ".join(f"{s}: {lay.name} ({lay.modality}, labels {list(lay.labels)})"
+                                    for s, lay in lays.items()))
+    all_labels = next(iter(names))
+    if labels is None:
+        return next(iter(modalities)), all_labels, tuple(range(len(all_labels)))
+    bad = [x for x in labels if x not in all_labels]
+    if bad or not labels or len(set(labels)) != len(labels):
+        raise DataError(f"labels {list(labels)}: each must be one of {list(all_labels)}, once")
+    return next(iter(modalities)), all_labels, tuple(all_labels.index(x) for x in labels)
+
+
+def scan_sources(sources: Mapping[str, SiteSource]) -> tuple[list[CaseFiles], list[dict]]:
+    """Every site's well-paired cases, and the pairing problems as skipped entries (site, case_id, reason)."""
+    cases, problems = [], []
+    for site, (lay, root) in sources.items():
+        if not root.is_dir():
+            raise DataError(f"data root {root} of site {site!r} does not exist; set data.root (or data.sites."
+                            f"{site}.root, or the environment variable the spec names) to the folder holding "
+                            f"the {lay} data")
+        found, probs = get_layout(lay).scan_cases(root, site)
+        cases += found
+        # a pairing problem has no case yet: its entry names the file the message starts with
+        problems += [{"site": site, "case_id": Path(p.split(": ")[0]).name, "reason": p} for p in probs]
+    return cases, problems
+
+
+def cache_key(layout: str, root: Path | None, sites: Sequence[str], image_size: int, split_seed: int,
+              test_fraction: float, *, site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None,
+              labels: Sequence[str] | None = None, window: tuple[float, float] | None = None,
+              split: str = "dataset", cases: Sequence[CaseFiles] | None = None) -> tuple[str, dict]:
+    """The cache folder name and the identity it hashes (see the module docstring)."""
+    sources = resolve_sources(layout, root, sites, site_sources)
+    modality, all_labels, chosen = _labels_for(sources, labels)
+    if cases is None:
+        cases, _ = scan_sources(sources)
+    layouts = sorted({lay for lay, _ in sources.values()})
+    ident = {"version": CACHE_VERSION, "layout": layouts[0] if len(layouts) == 1 else layouts,
+             "sites": list(sites), "sources": {s: lay for s, (lay, _) in sources.items()},
+             "image_size": int(image_size), "split_seed": int(split_seed), "test_fraction": float(test_fraction),
+             "split": split, "modality": modality, "labels": [all_labels[i] for i in chosen],
+             "window": list(window or DEFAULT_CT_WINDOW) if modality == "ct" else None,
+             "files": _file_fingerprint(cases, {s: r for s, (_, r) in sources.items()})}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{layout}-{image_size}-{key}", ident
+    return f"{'+'.join(layouts)}-{image_size}-{key}", ident
 
 
-def build_slice_cache(layout: str, root: str | os.PathLike, sites: Sequence[str], image_size: int,
+class _Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal; every 10% otherwise)."""
+
+    def __init__(self, total: int, enabled: bool, what: str = "slice cache") -> None:
+        self.total, self.enabled, self.what = total, enabled, what
+        self.tty, self.t0, self.step = sys.stderr.isatty(), time.time(), max(1, total // 10)
+
+    def update(self, done: int, slices: int) -> None:
+        if not self.enabled or not (self.tty or done % self.step == 0 or done == self.total):
+            return
+        filled = int(30 * done / max(self.total, 1))
+        line = (f"[oodsweep] {self.what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} cases, "
+                f"{slices} slices, {time.time() - self.t0:.0f}s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequence[str], image_size: int,
                       cache_root: str | os.PathLike, split_seed: int = 0, test_fraction: float = 0.2,
-                      skip_bad_cases: bool = False, progress: bool = True) -> Path:
-    """Build (or find) the slice cache of ``sites`` under ``root``; return its folder.
+                      skip_bad_cases: bool = False, progress: bool = True, *,
+                      site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None,
+                      labels: Sequence[str] | None = None, window: tuple[float, float] | None = None,
+                      split: str = "dataset") -> Path:
+    """Build (or find) the slice cache of ``sites``; return its folder.
 
-    Every case is checked before anything is written; all problems are reported together in one
+    Args:
+        layout, root: the layout and data root of every site not in ``site_sources``.
+        sites: site names, source first.
+        image_size: side ``S`` of the cached slices.
+        cache_root: folder holding the caches.
+        split_seed, test_fraction: the 80/20-by-case split of sites without a split of their own.
+        skip_bad_cases: skip bad cases with a warning (listed in the manifest) instead of failing.
+        progress: draw a progress bar on stderr.
+        site_sources: site -> (layout, root) for sites stored elsewhere (e.g. IDRiD and FGADR).
+        labels: the label channels to keep (fundus: a subset of MA, HE, EX, SE); None keeps all.
+        window: CT window in HU (default :data:`DEFAULT_CT_WINDOW`).
+        split: ``"dataset"`` (the release's own split where it has one) or ``"random"``.
+
+    Every case is checked before anything is kept; all problems are reported together in one
     ``DataError`` (or, with ``skip_bad_cases``, skipped with a warning and listed in the manifest).
     """
-    root = Path(root).expanduser().resolve()
+    if split not in SPLIT_MODES:
+        raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+    sources = resolve_sources(layout, root, sites, site_sources)
+    for site, (lay, r) in sources.items():
+        if not r.is_dir():
+            raise DataError(f"data root {r} does not exist; set data.root in the spec (or the environment "
+                            f"variable it names) to the folder holding the {lay} sites")
     cache_root = Path(cache_root).expanduser().resolve()
-    lay = get_layout(layout)
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; set data.root in the spec (or the environment "
-                        f"variable it names) to the folder holding the {layout} sites")
-    key, ident = cache_key(layout, root, sites, image_size, split_seed, test_fraction)
+    modality, _, chosen = _labels_for(sources, labels)
+    cases, problems = scan_sources(sources)
+    key, ident = cache_key(layout, root, sites, image_size, split_seed, test_fraction, site_sources=site_sources,
+                           labels=labels, window=window, split=split, cases=cases)
     final = cache_root / key
     if (final / "manifest.json").exists():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".build-{key}-"))
     try:
-        chunks, rows, problems, skipped = [], [], [], []
-        cases = [cf for site in sites for cf in lay.list_cases(root, site)]
-        t0 = time.time()
-        tty, step = sys.stderr.isatty(), max(1, len(cases) // 10)
-        cr, end = ("\r", "") if tty else ("", "\n")
+        chunks, rows, skipped, warnings = [], [], list(problems), []
+        case_split: dict[tuple[str, str], str | None] = {}
+        bar = _Progress(len(cases), progress)
         for i, cf in enumerate(cases):
             try:
-                case = lay.load_case(cf)
+                case = get_layout(sources[cf.site][0]).load_case(cf)
             except DataError as e:
-                problems.append(str(e))
                 skipped.append({"site": cf.site, "case_id": cf.case_id, "reason": str(e)})
                 continue
-            img, msk = _preprocess(case.image, case.mask, lay.modality, image_size)
+            warnings += list(case.warnings)
+            mask = case.mask if case.mask.ndim == 3 else case.mask[..., list(chosen)]
+            img, msk = preprocess_case(case.image, mask, modality, image_size, window)
+            del case, mask
             np.save(tmp / f"chunk{i:05d}_img.npy", img)
             np.save(tmp / f"chunk{i:05d}_msk.npy", msk)
             chunks.append(i)
             rows += [(cf.site, cf.case_id, z) for z in range(img.shape[0])]
-            if progress and (tty or (i + 1) % step == 0 or i + 1 == len(cases)):
-                print(f"{cr}[oodsweep] slice cache: {i + 1}/{len(cases)} cases ({time.time() - t0:.0f}s)",
-                      end=end, file=sys.stderr, flush=True)
-        if progress and tty:
-            print(file=sys.stderr)
-        if problems and not skip_bad_cases:
-            raise DataError(f"{len(problems)} bad case(s) in {root} (nothing was cached; fix or remove them, "
-                            f"or set data.skip_bad_cases: true):\n  - " + "\n  - ".join(problems))
-        for p in problems:
-            print(f"[oodsweep] WARNING skipped: {p}", file=sys.stderr)
+            case_split[(cf.site, cf.case_id)] = cf.split
+            bar.update(i + 1, len(rows))
+        bar.close()
+        if skipped and not skip_bad_cases:
+            raise DataError(f"{len(skipped)} bad case(s) under {sorted({str(r) for _, r in sources.values()})} "
+                            f"(nothing was cached; fix or remove them, or set data.skip_bad_cases: true):\n  - "
+                            + "\n  - ".join(s["reason"] for s in skipped))
+        for s in skipped:
+            print(f"[oodsweep] WARNING skipped: {s['reason']}", file=sys.stderr)
+        for w in warnings:
+            print(f"[oodsweep] WARNING: {w}", file=sys.stderr)
         index = pd.DataFrame(rows, columns=["site", "case_id", "slice_idx"])
         if index.empty:
-            raise DataError(f"no usable slices under {root} for sites {list(sites)}")
-        split = {}
-        for site, g in index.groupby("site"):
-            split.update({(site, c): s for c, s in split_cases(g["case_id"].unique(), site, split_seed,
-                                                                 test_fraction).items()})
-        index["split"] = [split[(s, c)] for s, c in zip(index["site"], index["case_id"])]
+            raise DataError(f"no usable slices for sites {list(sites)}")
+        split_of, split_source = {}, {}
+        for site, g in index.groupby("site", sort=False):
+            ids = list(g["case_id"].unique())
+            own = [case_split[(site, c)] for c in ids]
+            if split == "dataset" and all(o in ("train", "test") for o in own) and {"train", "test"} <= set(own):
+                split_of.update({(site, c): o for c, o in zip(ids, own)})
+                split_source[site] = "dataset"
+            else:
+                split_of.update({(site, c): s for c, s in split_cases(ids, site, split_seed, test_fraction).items()})
+                split_source[site] = f"random {1 - test_fraction:.0%}/{test_fraction:.0%} by case, seed {split_seed}"
+        index["split"] = [split_of[(s, c)] for s, c in zip(index["site"], index["case_id"])]
         first = np.load(tmp / f"chunk{chunks[0]:05d}_img.npy", mmap_mode="r")
+        first_m = np.load(tmp / f"chunk{chunks[0]:05d}_msk.npy", mmap_mode="r")
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float16,
                                            shape=(len(index),) + first.shape[1:])
         masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8,
-                                          shape=(len(index), image_size, image_size))
+                                          shape=(len(index),) + first_m.shape[1:])
+        del first, first_m
         hi, hm = hashlib.sha256(), hashlib.sha256()
         pos = 0
-        for i in chunks:
+        for i in chunks:  # one case at a time: bounded memory
             ci, cm = np.load(tmp / f"chunk{i:05d}_img.npy"), np.load(tmp / f"chunk{i:05d}_msk.npy")
             images[pos:pos + len(ci)], masks[pos:pos + len(ci)] = ci, cm
             hi.update(ci.tobytes()), hm.update(cm.tobytes())
             pos += len(ci)
             (tmp / f"chunk{i:05d}_img.npy").unlink(), (tmp / f"chunk{i:05d}_msk.npy").unlink()
         images.flush(), masks.flush()
-        del images, masks, first
+        del images, masks
         index.to_parquet(tmp / "index.parquet", index=False)
         counts = index.groupby(["site", "split"]).agg(cases=("case_id", "nunique"), slices=("slice_idx", "size"))
-        manifest = {**{k: v for k, v in ident.items() if k != "files"}, "key": key, "root": str(root),
-                    "modality": lay.modality, "n_slices": int(len(index)), "n_files": len(ident["files"]),
+        manifest = {**{k: v for k, v in ident.items() if k != "files"}, "key": key,
+                    "root": str(sources[sites[0]][1]), "roots": {s: str(r) for s, (_, r) in sources.items()},
+                    "n_slices": int(len(index)), "n_files": len(ident["files"]), "split_source": split_source,
                     "counts": {f"{s}/{sp}": {"cases": int(r.cases), "slices": int(r.slices)}
                                for (s, sp), r in counts.iterrows()},
-                    "content_sha256": _combine(hi, hm), "skipped": skipped, "created": time.time()}
+                    "content_sha256": _combine(hi, hm), "skipped": skipped, "warnings": warnings,
+                    "created": time.time()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, final)
@@ -189,9 +349,32 @@ class SliceCache:
 
     path: Path
     images: np.ndarray  # N x C x S x S float16
-    masks: np.ndarray   # N x S x S uint8
+    masks: np.ndarray   # N x S x S uint8 (one label) or N x L x S x S (L labels)
     index: pd.DataFrame
     manifest: dict
+
+    @property
+    def labels(self) -> list[str]:
+        """Names of the mask channels (one for a binary task)."""
+        return list(self.manifest.get("labels") or ["foreground"])
+
+    def case_volume(self, site: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """A case's slices merged back into a volume, in slice order.
+
+        Returns:
+            ``(image, mask)``: ``S x S x D`` (``S x S x D x C`` for C > 1) float32 and
+            ``S x S x D`` (``S x S x D x L`` for L > 1) uint8, i.e. the layout's ``Case`` axes.
+        """
+        sel = (self.index["site"] == site) & (self.index["case_id"] == case_id)
+        rows = np.flatnonzero(sel.to_numpy())
+        if len(rows) == 0:
+            raise KeyError(f"no slices for case {case_id!r} of site {site!r} in cache {self.path}")
+        rows = rows[np.argsort(self.index["slice_idx"].to_numpy()[rows], kind="stable")]
+        img = np.moveaxis(np.asarray(self.images[rows], dtype=np.float32), 0, -1)  # C x S x S x D
+        img = np.moveaxis(img, 0, -1)                                               # S x S x D x C
+        msk = np.asarray(self.masks[rows])
+        msk = np.moveaxis(msk, 0, -1) if msk.ndim == 3 else np.moveaxis(np.moveaxis(msk, 0, -1), 0, -1)
+        return (img[..., 0] if img.shape[-1] == 1 else img), msk
 
     def rows(self, site: str, split: str | None = None) -> np.ndarray:
         """Row numbers of ``site`` (optionally one split), ordered by case and slice."""

@@ -2,7 +2,7 @@
 
     oodsweep run SPEC [--address ADDR] [--num-cpus N]   run (or continue) a sweep
     oodsweep resume EXPERIMENT_DIR [--address ADDR]     continue an interrupted sweep from its folder
-    oodsweep demo [--storage DIR]                       the embedded-default demo sweep
+    oodsweep demo [--storage DIR] [--smoke]             the embedded-default demo sweep
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
     oodsweep data check ROOT --layout NAME [--sites A,B]  validate a dataset folder, print a summary
@@ -43,13 +43,41 @@ def _cmd_resume(args) -> int:
     return 0
 
 
+#: `oodsweep demo --smoke`: the demo's pipeline in about a minute on 2 CPUs (tiny sites, one
+#: architecture, two members, δ for one epoch with one baseline), for checking an installation or
+#: a cluster rather than for results.
+SMOKE = {"name": "demo-smoke",
+         "data": {"synthetic": {"cases_per_site": 4, "shape": [40, 40, 8], "seed": 0}, "image_size": 32,
+                  "test_fraction": 0.25, "targets": ["SiteB", "SiteC"]},
+         "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1.0e-3]}, "epochs": {"snapshots": [1, 2]},
+                  "batch_size": 4},
+         "uncertainty": {"epochs": 1, "passes": 2, "batch_size": 4, "baselines": ["bayescap"],
+                         "baseline_members": "all"}}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in (
+            "arch", "lr", "epochs", "synthetic") else v
+    return out
+
+
 def _cmd_demo(args) -> int:
+    import yaml
+
     from .driver import run_sweep
+    from .spec import parse_spec
 
     if args.storage:
         os.environ["OODSWEEP_STORAGE"] = str(Path(args.storage).resolve())
-    spec = load_spec(PRESETS / "demo.yaml")
-    run_sweep(spec, num_cpus=args.num_cpus)
+    if args.smoke:
+        raw = _merge(yaml.safe_load((PRESETS / "demo.yaml").read_text()), SMOKE)
+        raw["data"]["root"] = raw["data"]["root"].replace("synthetic-prostate", "synthetic-prostate-smoke")
+        spec = parse_spec(raw, where="demo --smoke")
+    else:
+        spec = load_spec(PRESETS / "demo.yaml")
+    run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
     return 0
 
 
@@ -124,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the embedded-default demo: synthetic sites, local Ray, SQLite MLflow")
     p.add_argument("--storage", help="where experiments go (default: $OODSWEEP_STORAGE or ./oodsweep-runs)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--smoke", action="store_true", help="a one-minute version (tiny sites, 2 members) to check "
+                                                        "an installation or a cluster")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("status", help="per stage: done, failed, pending")
     p.add_argument("experiment_dir")

@@ -46,6 +46,7 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
              "fuse.sshfs", "9p", "virtiofs")
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+_started_local = False  # set by connect(): a local Ray of our own cannot autoscale
 
 
 def log(msg: str) -> None:
@@ -58,6 +59,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster ``address`` or ``$RAY_ADDRESS`` names, else start a local Ray."""
     import ray
 
+    global _started_local
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -70,7 +72,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                                f"$RAY_ADDRESS, or unset both to run on a local Ray") from e
     else:
         log("starting a local Ray")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        # "local": a new Ray of our own, even when `ray start` left a cluster running on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        _started_local = True
 
 
 def node_hosts() -> list[str]:
@@ -181,7 +185,7 @@ def capacity() -> dict[str, float]:
     import ray
 
     now = ray.cluster_resources()
-    grow = bootstrap_capacity()
+    grow = {} if _started_local else bootstrap_capacity()
     return {k: max(float(now.get(k, 0.0)), grow.get(k, 0.0)) for k in ("CPU", "GPU")}
 
 

@@ -37,6 +37,7 @@ prompted architectures) and writes the same records through ``segment``'s helper
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -222,6 +223,8 @@ class MedSAM(nn.Module):
 
         self.sam = sam
         self.source = dict(source)
+        #: how ground-truth boxes are drawn from masks ("mask" or "components"); set by train_medsam
+        self.box_mode = "mask"
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         for part in (sam.image_encoder, sam.prompt_encoder):
             part.requires_grad_(False)
@@ -449,6 +452,7 @@ MEDSAM_DEFAULTS: dict[str, Any] = {
     "box_mode": "mask",           # "mask": one box per slice; "components": one per connected component
     "embedding_dir": None,        # default <slice cache root>/sam-embeddings
     "embed_batch_size": 8,
+    "amp": "auto",                # decoder steps under bf16 autocast: "auto" (on CUDA only), true, false
 }
 
 
@@ -466,6 +470,34 @@ def _resolve(config: dict) -> dict:
     return {**segment._resolve(base), **{k: cfg[k] for k in MEDSAM_DEFAULTS}}
 
 
+def amp_dtype(setting: Any, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for decoder steps on CUDA (the ANCHORS.md decoder numbers use it), none on the CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if isinstance(setting, bool):
+        return torch.bfloat16 if setting else None
+    raise ValueError(f"train_medsam: amp must be 'auto', true or false, got {setting!r}")
+
+
+def decoder_step(model: MedSAM, opt: torch.optim.Optimizer, loss_fn: nn.Module, emb: torch.Tensor,
+                 boxes: torch.Tensor, targets: torch.Tensor, image_hw: tuple[int, int],
+                 amp: torch.dtype | None = None) -> torch.Tensor:
+    """One optimisation step of the mask decoder; returns the (detached) loss.
+
+    ``emb``: ``B x D x h x w`` float embeddings; ``boxes``: ``B x 4`` (already jittered) in the
+    ``image_hw`` slices' coordinates; ``targets``: ``B x 1 x H x W`` float masks. Training, the
+    bench and the GPU check all time this function.
+    """
+    ctx = torch.autocast(emb.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model.upsample(model.decode(emb, boxes, image_hw), image_hw)
+    loss = loss_fn(logits.float(), targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def build_member_model(cfg: dict, in_channels: int) -> MedSAM:
     from .models import get_model_spec
 
@@ -475,25 +507,65 @@ def build_member_model(cfg: dict, in_channels: int) -> MedSAM:
                         decoder_seed=None if cfg["sam_checkpoint"] else int(cfg["seed"]))
 
 
-@torch.no_grad()
-def predict_prompted(model: MedSAM, embeddings: np.ndarray | torch.Tensor, masks: np.ndarray, device: torch.device,
-                     mode: str = "mask", batch_size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
-    """Oracle-box predictions: (``N x H x W`` bool masks, ``N`` boxes per slice).
+#: The merged logit of a slice without a box prompt: predicted empty, probability ~0.
+NO_BOX_LOGIT = -100.0
 
-    Each slice is prompted with the ground-truth box(es) of ``masks`` (no jitter); a slice without
-    foreground has no box and is predicted empty; several boxes of one slice are merged by union.
+
+@torch.no_grad()
+def prompted_logits(model: MedSAM, embeddings: np.ndarray | torch.Tensor, masks: np.ndarray,
+                    device: torch.device, mode: str = "mask", batch_size: int = 64,
+                    rows: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Oracle-box logits: (``N x H x W`` float on the CPU, ``N`` boxes per slice).
+
+    Each slice is prompted with the ground-truth box(es) of ``masks`` (no jitter); several boxes of a
+    slice are merged by their maximum logit (so thresholding gives the union of their masks); a slice
+    without foreground has no box and gets ``NO_BOX_LOGIT`` everywhere (predicted empty).
+    ``embeddings[rows[i]]`` is slice i's embedding (``rows`` None: ``embeddings[i]``); only the
+    batch's rows are read from a memory-mapped cache.
     """
     model.eval()
     masks = np.asarray(masks)
     hw = tuple(masks.shape[-2:])
     pos, boxes, _ = slice_prompts(masks, mode)
-    hits = torch.zeros((len(masks), *hw), dtype=torch.int32)  # boxes voting foreground, per pixel
+    merged = torch.full((len(masks), *hw), NO_BOX_LOGIT)
     for i in range(0, len(pos), batch_size):
-        p = pos[i:i + batch_size]
-        emb = torch.as_tensor(np.asarray(embeddings[p]), dtype=torch.float32).to(device)
-        logits = model.upsample(model.decode(emb, torch.from_numpy(boxes[i:i + batch_size]), hw), hw)
-        hits.index_put_((torch.from_numpy(p),), (logits[:, 0] > 0).cpu().int(), accumulate=True)
-    return hits > 0, np.bincount(pos, minlength=len(masks))
+        p = torch.from_numpy(pos[i:i + batch_size])
+        r = p.numpy() if rows is None else np.asarray(rows)[p.numpy()]
+        if isinstance(embeddings, torch.Tensor):
+            emb = embeddings[torch.from_numpy(r).to(embeddings.device)].to(device, torch.float32)
+        else:
+            emb = torch.from_numpy(np.asarray(embeddings[r], dtype=np.float32)).to(device)
+        logits = model.upsample(model.decode(emb, torch.from_numpy(boxes[i:i + batch_size]), hw), hw)[:, 0]
+        flat = logits.reshape(len(p), -1).float().cpu()
+        merged.view(len(masks), -1).scatter_reduce_(0, p[:, None].expand_as(flat), flat, "amax", include_self=False)
+    return merged, np.bincount(pos, minlength=len(masks))
+
+
+def predict_prompted(model: MedSAM, embeddings: np.ndarray | torch.Tensor, masks: np.ndarray, device: torch.device,
+                     mode: str = "mask", batch_size: int = 64,
+                     rows: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Oracle-box predictions: (``N x H x W`` bool masks, ``N`` boxes per slice); see ``prompted_logits``."""
+    logits, n_boxes = prompted_logits(model, embeddings, masks, device, mode, batch_size, rows)
+    return logits > 0, n_boxes
+
+
+@torch.no_grad()
+def oracle_forward(model: MedSAM, images: torch.Tensor, masks: np.ndarray, mode: str | None = None) -> torch.Tensor:
+    """``B x 1 x H x W`` logits of ``images`` (encoder run on them, no cache) prompted with ``masks``' boxes.
+
+    For code that perturbs the images (test-time augmentation): the prompts stay the ground truth's.
+    """
+    emb = model.embed(images)
+    logits, _ = prompted_logits(model, emb, masks, emb.device, mode or model.box_mode, batch_size=len(images) or 1)
+    return logits[:, None].to(images.device)
+
+
+def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,
+                        batch_size: int = 64) -> torch.Tensor:
+    """A frozen MedSAM member's ``N x H x W`` bool predictions on cache rows (oracle boxes, cached embeddings)."""
+    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    return predict_prompted(model, embeddings, np.asarray(cache.masks[rows]), device, model.box_mode,
+                            batch_size, rows)[0]
 
 
 def evaluate_prompted(model: MedSAM, cache: SliceCache, embeddings: np.ndarray, sets, device: torch.device,
@@ -504,7 +576,7 @@ def evaluate_prompted(model: MedSAM, cache: SliceCache, embeddings: np.ndarray, 
     frames, preds = [], {}
     for site, role, rows in sets:
         truth = np.asarray(cache.masks[rows])
-        pred, n_boxes = predict_prompted(model, embeddings[rows], truth, device, mode, batch_size)
+        pred, n_boxes = predict_prompted(model, embeddings, truth, device, mode, batch_size, rows)
         counts = confusion_counts(pred, torch.from_numpy(truth).bool()).numpy()
         idx = cache.index.iloc[rows]
         frames.append(pd.DataFrame({
@@ -518,7 +590,8 @@ def evaluate_prompted(model: MedSAM, cache: SliceCache, embeddings: np.ndarray, 
 def member_state(model: MedSAM, cfg: dict, epoch: int) -> dict:
     """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
     return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg["arch"],
-            "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source)}
+            "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
+            "box_mode": model.box_mode}
 
 
 def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSAM:
@@ -531,6 +604,7 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
     model = build_medsam(in_channels=int(src["in_channels"]), variant=src["variant"], img_size=int(src["img_size"]),
                          sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
     model.sam.mask_decoder.load_state_dict(state["model"])
+    model.box_mode = state.get("box_mode", "mask")
     return model.to(device).eval()
 
 
@@ -552,6 +626,7 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     exp = Path(cfg["experiment_dir"])
     cache = open_slice_cache(cfg["cache"])
     model = build_member_model(cfg, in_channels=int(cache.images.shape[1])).to(device)
+    model.box_mode = cfg["box_mode"]
     t0 = time.perf_counter()
     embeddings, computed = ensure_embeddings(model, cache, embeddings_root(cache, cfg["embedding_dir"]), device,
                                              int(cfg["embed_batch_size"]))
@@ -564,14 +639,19 @@ def train_medsam(config: dict, report=None) -> list[dict]:
         raise ValueError(f"train_medsam: no slice of {cfg['source']}'s training split in {cache.path} has "
                          f"foreground, so there is no box prompt to train on")
     skipped_train = int(len(train_rows) - len(np.unique(pos)))
-    # the training split's embeddings are read once (float16) instead of from the memmap every step
-    emb_train = torch.from_numpy(np.asarray(embeddings[train_rows])).to(device)
-    boxes_t = torch.from_numpy(boxes)
+    # The training split's embeddings (float16) and targets are read once and kept on the device, not
+    # read from the memmap every step (ViT-B: 2 MiB a slice); on a GPU too small for them they stay on
+    # the host and each batch is copied over.
+    emb_train = torch.from_numpy(np.asarray(embeddings[train_rows]))
     targets_t = torch.from_numpy(targets)
+    if device.type == "cuda" and emb_train.nbytes + targets_t.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        emb_train, targets_t = emb_train.to(device), targets_t.to(device)
+    boxes_t = torch.from_numpy(boxes)
     pos_t = torch.from_numpy(pos)
     sets = segment.eval_sets(cache, cfg)
 
     decoder = model.sam.mask_decoder
+    amp = amp_dtype(cfg["amp"], device)
     loss_fn = DiceCELoss(sigmoid=True)
     opt = torch.optim.Adam(decoder.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     start_epoch = 0
@@ -601,13 +681,9 @@ def train_medsam(config: dict, report=None) -> list[dict]:
         for i in range(0, len(perm), bs):
             b = perm[i:i + bs]
             box = jitter_boxes(boxes_t[b], hw, cfg["box_shift"], rng)
-            emb = emb_train[pos_t[b].to(emb_train.device)].float()
-            logits = model.upsample(model.decode(emb, box, hw), hw)
-            loss = loss_fn(logits, targets_t[b][:, None].to(device, torch.float32))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
+            emb = emb_train[pos_t[b].to(emb_train.device)].to(device, torch.float32, non_blocking=True)
+            target = targets_t[b.to(targets_t.device)][:, None].to(device, torch.float32, non_blocking=True)
+            loss_sum += decoder_step(model, opt, loss_fn, emb, box, target, hw, amp)
             n_steps += 1
         train_s = time.perf_counter() - t0
         slices, preds = evaluate_prompted(model, cache, embeddings, sets, device, cfg["box_mode"],

@@ -13,7 +13,7 @@ import torch
 from trainables import records
 from trainables.data.cache import open_slice_cache
 from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, jitter_boxes, mask_boxes,
-                               predict_prompted, slice_prompts)
+                               predict_member_rows, predict_prompted, slice_prompts)
 from trainables.models import is_prompted
 from trainables.segment import load_member, train_segmenter
 
@@ -229,17 +229,25 @@ def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_
 
 # ----------------------------------------------------------------------------- a training run
 
-def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, tmp_path):
-    exp = tmp_path / "exp"
+@pytest.fixture(scope="module")
+def medsam_run(tiny_cache, tmp_path_factory):
+    """One medsam_tiny run (2 epochs, a member at each) through train_segmenter."""
+    tmp = tmp_path_factory.mktemp("medsam_run")
+    exp = tmp / "exp"
     cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
            "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 8,
-           "embedding_dir": str(tmp_path / "emb")}
+           "embedding_dir": str(tmp / "emb"), "num_threads": 1}
     reports = []
     with pytest.warns(UserWarning, match="RANDOMLY"):
         members = train_segmenter(cfg, report=lambda m, d: reports.append((m, d)))
+    return exp, members, reports
+
+
+def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_run):
+    exp, members, reports = medsam_run
     assert [m["epochs"] for m in members] == [1, 2]
-    assert [r[0]["epoch"] for r in reports] == [1, 2] and all(r[1] for r in reports)
-    assert all(np.isfinite(r[0]["train_loss"]) and 0 <= r[0]["id_iou_3d"] <= 1 for r, _ in [(x, 0) for x in reports])
+    assert [m["epoch"] for m, _ in reports] == [1, 2] and all(d for _, d in reports)  # resumable state
+    assert all(np.isfinite(m["train_loss"]) and 0 <= m["id_iou_3d"] <= 1 for m, _ in reports)
 
     cache = open_slice_cache(tiny_cache)
     slices = pd.read_parquet(records.records_dir(exp) / "parts" / f"{members[-1]['member_id']}.slices.parquet")
@@ -263,5 +271,49 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, tmp_path)
     saved, _, _ = records.load_predictions(records.records_dir(exp) / "predictions" / members[-1]["member_id"]
                                            / "SiteB.npz")
     assert (pred.numpy() != saved).mean() < 0.001  # same predictions, up to float16 embedding rounding
+    from_cache = predict_member_rows(model, cache, rows, torch.device("cpu"))  # reads the shared cache
+    assert torch.equal(from_cache, torch.from_numpy(saved))  # exactly what the pool recorded
+    fresh = build_sam("tiny", 64, init_seed=0, decoder_seed=0)
+    assert all(torch.equal(v, fresh.image_encoder.state_dict()[k]) for k, v in model.sam.image_encoder.state_dict().items())
+    assert not all(torch.equal(v, fresh.mask_decoder.state_dict()[k])  # the trained decoder, not a new one
+                   for k, v in model.sam.mask_decoder.state_dict().items())
     merged_members, merged = records.merge_parts(exp)
     assert len(merged_members) == 2 and "n_boxes" in merged.columns
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_cache, medsam_run, tmp_path):
+    exp, members, reports = medsam_run
+    state_dir = reports[0][1]  # the epoch-1 state the reporter would have kept
+    cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
+           "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path / "exp"), "snapshots": [1, 2],
+           "batch_size": 8, "embedding_dir": str(Path(exp).parent / "emb"), "resume_from": state_dir}
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        resumed = train_segmenter(cfg)
+    assert [m["epochs"] for m in resumed] == [2]
+    a = torch.load(members[-1]["checkpoint"], weights_only=True)["model"]
+    b = torch.load(resumed[0]["checkpoint"], weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
+    from trainables.uncertainty import fit_uncertainty
+
+    exp, members, _ = medsam_run
+    m = members[-1]
+    summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
+                               "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp),
+                               "epochs": 1, "passes": 2, "batch_size": 8, "num_threads": 1})
+    unc = records.load_uncertainty(exp)
+    assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color"}  # no MC dropout place in SAM
+    # error_px is the pool's fp + fn: ŷ is the member's oracle-box prediction
+    _, slices = records.load_records(exp)
+    s = slices[slices.member_id == m["member_id"]].assign(err=lambda d: d.fp + d.fn)
+    s = s.set_index(["site", "case_id", "slice_idx"])["err"]
+    g = unc[unc.method == "ggd"].set_index(["site", "case_id", "slice_idx"])["error_px"]
+    assert (g == s.loc[g.index]).all()
+    # a slice without a box is predicted empty in every TTA pass: no variance, no uncertain pixels
+    tta = unc[unc.method == "tta_noise"].set_index(["site", "case_id", "slice_idx"])
+    no_box = slices[(slices.member_id == m["member_id"]) & (slices.n_boxes == 0)].set_index(
+        ["site", "case_id", "slice_idx"]).index.intersection(tta.index)
+    assert len(no_box) and (tta.loc[no_box, "uncertain_px"] == 0).all()
+    assert np.isfinite(summary["ua_ggd_SiteB"])

@@ -30,6 +30,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
     raw["data"]["root"] = str(spec.data.root)
     if spec.data.cache_dir:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
+    if spec.pool.sam_checkpoint:
+        raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
     return raw
 
 

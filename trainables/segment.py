@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder_weights": None,
     "bn_momentum": 0.1,      # see trainables.models.build_model; None keeps each encoder's own
     "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
+    "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
     "verbose": False,
 }
 

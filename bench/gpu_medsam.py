@@ -136,9 +136,6 @@ def main() -> int:
               "samples/s", ANCHOR_DECODER, smoke)
         if device.type == "cuda":
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        del emb_dev, model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
         # 4. the trainable itself (embeddings already cached for the registry's medsam at 1024 px
         #    only when img is 1024; the smoke run uses medsam_tiny and builds its own)

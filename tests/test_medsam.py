@@ -304,7 +304,7 @@ def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
                                "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp),
                                "epochs": 1, "passes": 2, "batch_size": 8, "num_threads": 1})
     unc = records.load_uncertainty(exp)
-    assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color"}  # no MC dropout place in SAM
+    assert set(unc["method"]) == set(records.UNCERTAINTY_METHODS)  # every method, MC dropout included
     # error_px is the pool's fp + fn: ŷ is the member's oracle-box prediction
     _, slices = records.load_records(exp)
     s = slices[slices.member_id == m["member_id"]].assign(err=lambda d: d.fp + d.fn)
@@ -316,4 +316,6 @@ def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
     no_box = slices[(slices.member_id == m["member_id"]) & (slices.n_boxes == 0)].set_index(
         ["site", "case_id", "slice_idx"]).index.intersection(tta.index)
     assert len(no_box) and (tta.loc[no_box, "uncertain_px"] == 0).all()
+    mc = unc[unc.method == "mc_dropout"].set_index(["site", "case_id", "slice_idx"])
+    assert (mc.loc[no_box, "uncertain_px"] == 0).all() and (mc["mean_uncertainty"] > 0).any()  # dropout acts
     assert np.isfinite(summary["ua_ggd_SiteB"])

@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.cache import SliceCache, open_slice_cache
@@ -278,8 +277,9 @@ class MedSAM(nn.Module):
             masks, _ = decoder(image_embeddings=emb[None], image_pe=image_pe, sparse_prompt_embeddings=sp[None],
                                dense_prompt_embeddings=de[None], multimask_output=False)
             return masks[0]
-        # vmap: each sample is one image with one prompt, so the library's per-prompt repeat is by 1
-        return torch.func.vmap(one)(embeddings, sparse, dense)
+        # vmap: each sample is one image with one prompt, so the library's per-prompt repeat is by 1;
+        # randomness="different": MC dropout (``mc_dropout_map``) draws a mask per sample
+        return torch.func.vmap(one, randomness="different")(embeddings, sparse, dense)
 
     def upsample(self, low_res: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Low-res logits -> logits at the slices' resolution (``Sam.postprocess_masks``)."""
@@ -558,6 +558,33 @@ def oracle_forward(model: MedSAM, images: torch.Tensor, masks: np.ndarray, mode:
     emb = model.embed(images)
     logits, _ = prompted_logits(model, emb, masks, emb.device, mode or model.box_mode, batch_size=len(images) or 1)
     return logits[:, None].to(images.device)
+
+
+def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device, passes: int,
+                   p: float, gen: torch.Generator, batch_size: int = 64) -> np.ndarray:
+    """MC dropout for a frozen MedSAM member: ``N x H x W`` variance over ``passes`` of σ(merged logit).
+
+    SAM's mask decoder ends in the product of the mask token's hypernetwork output with the upscaled
+    image features (``mask_decoder.output_upscaling``'s output): those features are what enters the
+    final layer, as the decoder features entering an smp model's ``segmentation_head`` are, so channel
+    dropout (always on) is applied there by a forward hook (the library's module is not modified).
+    The decoder runs once per pass from the cached embeddings; prompts are the ground-truth boxes.
+    """
+    import torch.nn.functional as F
+
+    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    masks = np.asarray(cache.masks[rows])
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
+        lambda module, inputs, out: F.dropout2d(out, p, training=True))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # dropout draws from the global RNG; keep the run reproducible
+            probs = torch.stack([torch.sigmoid(prompted_logits(model, embeddings, masks, device, model.box_mode,
+                                                               batch_size, rows)[0]) for _ in range(passes)])
+    finally:
+        hook.remove()
+    return probs.var(dim=0, unbiased=False).numpy()
 
 
 def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,

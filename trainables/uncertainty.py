@@ -18,11 +18,10 @@ Baselines (paper Table 4), each a per-pixel map through the same Otsu area:
   ``model.segmentation_head`` (captured with a forward pre-hook; the library's modules are not
   modified), and the head runs N times on them. Variance over N passes of σ(head(·)).
 
-Box-prompted members (MedSAM) are scored as the pool scored them: ŷ and every TTA pass use the
-ground-truth boxes of the slice (the oracle prompt; ``trainables.medsam``), ŷ from the shared
-embedding cache. MC dropout has no place in SAM's decoder that matches "before the final layer"
-of the smp models (no ``segmentation_head``), so it is not scored for them (no rows; Table 4 then
-leaves them out, as it leaves out any member not scored by every method).
+Box-prompted members (MedSAM) are scored as the pool scored them: ŷ and every TTA and MC-dropout
+pass use the ground-truth boxes of the slice (the oracle prompt), ŷ and MC dropout read the shared
+embedding cache; MC dropout drops channels of the upscaled image features that enter SAM's final
+mask product (``trainables.medsam.mc_dropout_map``).
 
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
 Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
@@ -389,8 +388,6 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
     exp = Path(cfg["experiment_dir"])
     frames, summary, example = [], {}, None
     prompted = bool(getattr(frozen, "prompted", False))
-    if prompted and "mc_dropout" in cfg["baselines"]:
-        print(f"[delta {cfg['member_id']}] mc_dropout is not scored for box-prompted (MedSAM) members", flush=True)
     for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
         truth = torch.from_numpy(np.asarray(cache.masks[rows])).bool()
@@ -411,7 +408,11 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
                 maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen, prompts)
             if "tta_color" in cfg["baselines"]:
                 maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen, prompts)
-            if "mc_dropout" in cfg["baselines"] and not prompted:  # see the module docstring
+            if "mc_dropout" in cfg["baselines"] and prompted:
+                from .medsam import mc_dropout_map as prompted_mc_dropout_map
+
+                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, float(cfg["dropout"]), gen)
+            elif "mc_dropout" in cfg["baselines"]:
                 maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, float(cfg["dropout"]), gen)
         for method, m in maps.items():
             area = otsu_area(m)

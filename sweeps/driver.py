@@ -33,6 +33,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
         raw["data"]["sites"][site]["root"] = str(root)
     if spec.data.cache_dir:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
+    if spec.pool.sam_checkpoint:
+        raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
     return raw
 
 

@@ -82,6 +82,8 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         "weight_decay": pool.weight_decay,
         "num_threads": max(1, int(pool.cpu)),
     }
+    if pool.sam_checkpoint is not None:
+        space["sam_checkpoint"] = str(pool.sam_checkpoint)
     if pool.epochs.mode == "snapshots":
         space["snapshots"] = list(pool.epochs.values)
     else:

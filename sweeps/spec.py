@@ -117,6 +117,8 @@ class PoolSpec:
     per_arch: dict = field(default_factory=dict)
     max_concurrent_trials: int | None = None
     max_failures: int = 1
+    #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
+    sam_checkpoint: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -425,10 +427,20 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
 
     p = c.keys(raw["pool"], "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                                       "weight_decay": False, "resources": False, "max_concurrent_trials": False,
-                                      "max_failures": False})
+                                      "max_failures": False, "sam_checkpoint": False})
     arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
     if arch.kind in ("loguniform", "uniform"):
         raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
+    sam_checkpoint = None
+    if p.get("sam_checkpoint") is not None:
+        sam_checkpoint = _path(p["sam_checkpoint"], base)
+        prompted = [n for n, m in MODELS.items() if m.prompted]
+        if not sam_checkpoint.is_file():
+            raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
+                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth")
+        if not any(v in prompted for v in arch.values):
+            raise c.fail("pool.sam_checkpoint", f"is set but pool.arch has none of the SAM models "
+                                                f"({', '.join(prompted)}) that use it")
     lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
     seed = c.param(p.get("seed", 0), "pool.seed", lambda v, k: c.number(v, k, integer=True, nonneg=True))
     if seed.kind in ("loguniform", "uniform"):
@@ -459,7 +471,8 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         gpu=_gpu(c, res.get("gpu", "auto"), "pool.resources.gpu"), per_arch=per_arch,
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
                                                                  positive=True),
-        max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True))
+        max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
+        sam_checkpoint=sam_checkpoint)
 
     search = None
     if raw.get("search") is not None:

@@ -63,6 +63,8 @@ def test_demo_preset_is_valid():
     ("pool.lr", {"loguniform": [1e-5, 1e-3]}, ["pool.lr", "needs a search", "optuna"]),
     ("name", "a b/c", ["name", "folder-safe"]),
     ("pool.arch", KeyError, ["pool.arch", "required"]),
+    ("pool.sam_checkpoint", "/nonexistent/sam.pth", ["pool.sam_checkpoint", "/nonexistent/sam.pth",
+                                                     "does not exist", "medsam_vit_b.pth"]),
 ])
 def test_invalid_specs(tmp_path, path, value, expect):
     with pytest.raises(SpecError) as e:
@@ -115,3 +117,17 @@ def test_yaml_roundtrip(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(base(tmp_path)))
     assert load_spec(p).source_file == p.resolve()
+
+
+def test_sam_checkpoint_goes_to_the_trials(tmp_path):
+    from sweeps.pool import param_space
+
+    ckpt = tmp_path / "medsam_vit_b.pth"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(SpecError, match="pool.sam_checkpoint: is set but pool.arch has none of the SAM models"):
+        parse_spec(edit(base(tmp_path), "pool.sam_checkpoint", str(ckpt)))
+    raw = edit(edit(base(tmp_path), "pool.sam_checkpoint", str(ckpt)), "pool.arch", {"grid": ["unet_r18", "medsam"]})
+    spec = parse_spec(raw)
+    assert spec.pool.sam_checkpoint == ckpt
+    assert param_space(spec, tmp_path / "cache")["sam_checkpoint"] == str(ckpt)
+    assert "sam_checkpoint" not in param_space(parse_spec(base(tmp_path)), tmp_path / "cache")

@@ -3,6 +3,10 @@
 ``build_model(name, in_channels=1, classes=1, encoder_weights=None)`` returns an ``nn.Module``
 mapping ``B x in_channels x H x W`` images to ``B x classes x H x W`` **logits**. Nothing is
 downloaded unless ``encoder_weights`` is given explicitly (e.g. ``"imagenet"``).
+
+Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``) also take one box per
+image, ``model(images, boxes)``, and are trained by ``trainables.medsam`` (decoder only, from cached
+image embeddings); ``train_segmenter`` dispatches to it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ class ModelSpec:
     description: str = ""
     #: H and W must be multiples of this (encoder down-sampling).
     size_multiple: int = 32
+    #: True for box-prompted models: ``forward(images, boxes)``, trained by ``trainables.medsam``.
+    prompted: bool = False
 
 
 def _smp(arch: str) -> Callable[..., nn.Module]:
@@ -33,6 +39,23 @@ def _smp(arch: str) -> Callable[..., nn.Module]:
     return make
 
 
+def _transunet(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
+    from .transunet import TransUNet
+
+    return TransUNet(in_channels=in_channels, classes=classes, encoder_weights=encoder_weights, **kw)
+
+
+def _medsam(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
+    from .medsam import build_medsam
+
+    if encoder_weights is not None:
+        raise ValueError(f"medsam: encoder_weights={encoder_weights!r} is not used; SAM weights come from "
+                         f"the sam_checkpoint config key (an official SAM ViT-B/L/H file or medsam_vit_b.pth)")
+    if classes != 1:
+        raise ValueError(f"medsam predicts one (merged) mask per box prompt: classes must be 1, got {classes}")
+    return build_medsam(in_channels=in_channels, **kw)
+
+
 MODELS: dict[str, ModelSpec] = {
     "unet_r18": ModelSpec(_smp("Unet"), {"encoder_name": "resnet18"}, "UNet, ResNet-18 encoder (CPU-sized)"),
     "unet_r50": ModelSpec(_smp("Unet"), {"encoder_name": "resnet50"}, "UNet, ResNet-50 encoder"),
@@ -40,6 +63,15 @@ MODELS: dict[str, ModelSpec] = {
     "unet_effb0": ModelSpec(_smp("Unet"), {"encoder_name": "efficientnet-b0"}, "UNet, EfficientNet-b0 encoder"),
     "unetpp_effb0": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "efficientnet-b0"},
                               "UNet++, EfficientNet-b0 encoder"),
+    "transunet": ModelSpec(_transunet, {}, "TransUNet: R50-ViT-B/16 hybrid (timm) + cascaded upsampler",
+                           size_multiple=16),
+    "transunet_tiny": ModelSpec(_transunet, {"depth": 2, "embed_dim": 192, "num_heads": 3},
+                                "TransUNet with a 2-layer ViT (R50 kept; CPU-sized)", size_multiple=16),
+    "medsam": ModelSpec(_medsam, {"variant": "vit_b", "img_size": 1024},
+                        "MedSAM: SAM ViT-B (segment_anything), frozen encoders, trained mask decoder, "
+                        "ground-truth box prompts", size_multiple=1, prompted=True),
+    "medsam_tiny": ModelSpec(_medsam, {"variant": "tiny", "img_size": 64},
+                             "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True),
 }
 
 
@@ -52,6 +84,12 @@ def get_model_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}") from None
+
+
+def is_prompted(name: str) -> bool:
+    """True if ``name`` is a registered box-prompted model (False for unknown names too)."""
+    spec = MODELS.get(name)
+    return bool(spec and spec.prompted)
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:

@@ -24,7 +24,7 @@ import torch
 from . import records
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
-from .models import build_model, get_model_spec
+from .models import build_model, get_model_spec, is_prompted
 
 #: Keys a config must have; the rest have defaults (see ``DEFAULTS``).
 REQUIRED = ("arch", "lr", "seed", "cache", "source", "targets", "experiment_dir")
@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder_weights": None,
     "bn_momentum": 0.1,      # see trainables.models.build_model; None keeps each encoder's own
     "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
+    "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
     "verbose": False,
 }
 
@@ -148,6 +149,10 @@ def model_in_channels(model: torch.nn.Module) -> int:
 def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a frozen pool member from its ``records/checkpoints/<member>.pt`` file."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if is_prompted(state["arch"]):  # MedSAM members store the decoder and where the frozen encoders are
+        from .medsam import load_medsam_member
+
+        return load_medsam_member(state, device)
     model = build_model(state["arch"], in_channels=state["in_channels"], classes=state.get("classes", 1))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
@@ -184,6 +189,10 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).
     """
+    if is_prompted(config.get("arch", "")):  # box-prompted foundation models: decoder-only training
+        from .medsam import train_medsam
+
+        return train_medsam(config, report)
     cfg = _resolve(config)
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
@@ -254,13 +263,18 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
 
 
 def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: pd.DataFrame,
-                  preds: dict[str, torch.Tensor], cache: SliceCache, sets) -> dict:
+                  preds: dict[str, torch.Tensor], cache: SliceCache, sets, state: dict | None = None,
+                  extra: dict | None = None) -> dict:
+    """Write a member's checkpoint, predictions and records. ``state`` replaces the default checkpoint
+    dict (MedSAM stores its decoder only); ``extra`` adds fields to the member record."""
     mid = member_id(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), epoch)
     ckpt = records.records_dir(exp) / "checkpoints" / f"{mid}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    torch.save({"model": model.state_dict(), "arch": cfg["arch"], "in_channels": model_in_channels(model),
-                "classes": len(cache.labels), "epoch": epoch}, tmp)
+    if state is None:
+        state = {"model": model.state_dict(), "arch": cfg["arch"], "in_channels": model_in_channels(model),
+                 "classes": len(cache.labels), "epoch": epoch}
+    torch.save(state, tmp)
     os.replace(tmp, ckpt)
     for site, _, rows in sets:
         idx = cache.index.iloc[rows]
@@ -268,6 +282,6 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
                                  idx["slice_idx"].to_numpy())
     member = {"member_id": mid, "run_id": run_id, "arch": cfg["arch"], "lr": float(cfg["lr"]), "epochs": epoch,
               "seed": int(cfg["seed"]), "batch_size": int(cfg["batch_size"]), "source": cfg["source"],
-              "checkpoint": str(ckpt)}
+              "checkpoint": str(ckpt), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
     return member

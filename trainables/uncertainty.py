@@ -18,6 +18,11 @@ Baselines (paper Table 4), each a per-pixel map through the same Otsu area:
   ``model.segmentation_head`` (captured with a forward pre-hook; the library's modules are not
   modified), and the head runs N times on them. Variance over N passes of σ(head(·)).
 
+Box-prompted members (MedSAM) are scored as the pool scored them: ŷ and every TTA and MC-dropout
+pass use the ground-truth boxes of the slice (the oracle prompt), ŷ and MC dropout read the shared
+embedding cache; MC dropout drops channels of the upscaled image features that enter SAM's final
+mask product (``trainables.medsam.mc_dropout_map``).
+
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
 Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
 the worker's rank; only rank 0 scores and writes records.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,22 +177,29 @@ def union(masks: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def _prob_variance(model: nn.Module, images: np.ndarray, device: torch.device, passes: int,
                    perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor], gen: torch.Generator,
-                   batch_size: int = 64) -> np.ndarray:
+                   batch_size: int = 64, masks: np.ndarray | None = None) -> np.ndarray:
+    """Variance over passes of σ(Φ(perturb(x))); ``masks``: the prompts' ground truth for box-prompted Φ."""
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-        probs = torch.stack([torch.sigmoid(model(perturb(x, gen))).amax(1) for _ in range(passes)])
+        if masks is None:
+            forward = model
+        else:
+            from .medsam import oracle_forward
+
+            forward = partial(oracle_forward, model, masks=np.asarray(masks[i:i + batch_size]))
+        probs = torch.stack([torch.sigmoid(forward(perturb(x, gen))).amax(1) for _ in range(passes)])
         out.append(probs.var(dim=0, unbiased=False).cpu().numpy())
     return np.concatenate(out)
 
 
-def tta_noise_map(model, images, device, passes, std, gen):
+def tta_noise_map(model, images, device, passes, std, gen, masks=None):
     model.eval()
     return _prob_variance(model, images, device, passes,
-                          lambda x, g: x + std * torch.randn(x.shape, generator=g).to(x.device), gen)
+                          lambda x, g: x + std * torch.randn(x.shape, generator=g).to(x.device), gen, masks=masks)
 
 
-def tta_color_map(model, images, device, passes, strength, gen):
+def tta_color_map(model, images, device, passes, strength, gen, masks=None):
     from torchvision.transforms.v2 import ColorJitter
 
     model.eval()
@@ -195,7 +208,7 @@ def tta_color_map(model, images, device, passes, strength, gen):
     def perturb(x, g):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))  # ColorJitter uses the global RNG
         return torch.stack([jitter(xi) for xi in x.clamp(0, 1)])
-    return _prob_variance(model, images, device, passes, perturb, gen)
+    return _prob_variance(model, images, device, passes, perturb, gen, masks=masks)
 
 
 @torch.inference_mode()
@@ -257,6 +270,15 @@ def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
     return model
 
 
+def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes."""
+    if getattr(model, "prompted", False):
+        from .medsam import predict_member_rows
+
+        return predict_member_rows(model, cache, rows, device)
+    return predict(model, cache.images[rows], device)
+
+
 def _nets(cfg: dict, in_channels: int, device: torch.device) -> dict[str, DeltaNet]:
     nets = {"ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"])}
     if "bayescap" in cfg["baselines"]:
@@ -309,7 +331,7 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     rows = all_rows[rank::world_size][: len(all_rows) // world_size]
     x_train = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))
     y_train = union(torch.from_numpy(np.asarray(cache.masks[rows]))).float()[:, None]
-    yhat_train = union(predict(frozen, cache.images[rows], device)).float()[:, None]  # ŷ once, not per epoch
+    yhat_train = union(frozen_predict(frozen, cache, rows, device)).float()[:, None]  # ŷ once, not per epoch
 
     nets = _nets(cfg, x_train.shape[1], device)
     wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
@@ -378,10 +400,11 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
     """Score every site with δ and the baselines; write the member's uncertainty part and examples."""
     exp = Path(cfg["experiment_dir"])
     frames, summary, example = [], {}, None
+    prompted = bool(getattr(frozen, "prompted", False))
     for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
         truth = union(torch.from_numpy(np.asarray(cache.masks[rows]))).bool()
-        pred = union(predict(frozen, images, device))
+        pred = union(frozen_predict(frozen, cache, rows, device))
         cnt = confusion_counts(pred, truth).numpy()
         idx = cache.index.iloc[rows]
         maps: dict[str, np.ndarray] = {}
@@ -393,11 +416,16 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
                 mu_ggd = mu
         if role in cfg["baseline_roles"]:
             n = int(cfg["passes"])
+            prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
             if "tta_noise" in cfg["baselines"]:
-                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen)
+                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen, prompts)
             if "tta_color" in cfg["baselines"]:
-                maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen)
-            if "mc_dropout" in cfg["baselines"]:
+                maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen, prompts)
+            if "mc_dropout" in cfg["baselines"] and prompted:
+                from .medsam import mc_dropout_map as prompted_mc_dropout_map
+
+                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, float(cfg["dropout"]), gen)
+            elif "mc_dropout" in cfg["baselines"]:
                 maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, float(cfg["dropout"]), gen)
         for method, m in maps.items():
             area = otsu_area(m)

@@ -1,0 +1,321 @@
+"""MedSAM: equivalence with SamPredictor, box prompts, checkpoints, the embedding cache, one training run."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trainables import records
+from trainables.data.cache import open_slice_cache
+from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, jitter_boxes, mask_boxes,
+                               predict_member_rows, predict_prompted, slice_prompts)
+from trainables.models import is_prompted
+from trainables.segment import load_member, train_segmenter
+
+
+def _tiny(seed: int = 0, img_size: int = 64, **kw):
+    return build_medsam(in_channels=1, variant="tiny", img_size=img_size, init_seed=seed, quiet=True, **kw)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+def test_batched_forward_matches_sampredictor_image_by_image():
+    from segment_anything import SamPredictor
+
+    model = _tiny(seed=3, decoder_seed=4).eval()
+    rng = np.random.default_rng(0)
+    size = 48  # not the encoder's 64: ResizeLongestSide and the box transform are exercised
+    images = rng.random((4, 1, size, size)).astype(np.float32)
+    boxes = np.array([[3, 5, 30, 40], [10, 2, 47, 20], [0, 0, 47, 47], [20, 21, 28, 33]])
+    with torch.no_grad():
+        ours = model.decode(model.embed(images), torch.from_numpy(boxes), (size, size))
+    assert ours.shape == (4, 1, 32, 32)  # low-res logits: 4x the 8x8 embedding grid
+    predictor = SamPredictor(model.sam)
+    for i in range(4):
+        u8 = np.clip(np.rint(images[i, 0] * 255), 0, 255).astype(np.uint8)
+        predictor.set_image(np.repeat(u8[..., None], 3, axis=-1))
+        masks, _, low = predictor.predict(box=boxes[i], multimask_output=False, return_logits=True)
+        torch.testing.assert_close(ours[i], torch.from_numpy(low), atol=1e-5, rtol=0)
+        # and the full-resolution logits are SamPredictor's too
+        full = model.upsample(ours[i:i + 1], (size, size))[0]
+        torch.testing.assert_close(full, torch.from_numpy(masks), atol=1e-5, rtol=0)
+
+
+def test_decoder_batch_is_not_squared():
+    model = _tiny()
+    seen = []
+    transformer = model.sam.mask_decoder.transformer
+    handle = transformer.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    emb, boxes = torch.randn(5, 64, 8, 8), torch.tensor([[1, 1, 30, 30]] * 5)
+    try:
+        out = model.decode(emb, boxes, (64, 64))
+    finally:
+        handle.remove()
+    assert out.shape == (5, 1, 32, 32)
+    # one vmapped transformer call in which each of the 5 samples is one image row (the library's
+    # per-prompt repeat is by 1), not 5 x 5 rows
+    assert seen == [(1, 64, 8, 8)]
+
+
+def test_forward_without_boxes_says_what_is_missing():
+    model = _tiny()
+    assert is_prompted("medsam_tiny") and is_prompted("medsam") and not is_prompted("unet_r18")
+    with pytest.raises(ValueError, match="box-prompted"):
+        model(torch.rand(2, 1, 32, 32))
+    assert model(torch.rand(2, 1, 32, 32), torch.tensor([[2, 2, 20, 20]] * 2)).shape == (2, 1, 32, 32)
+
+
+def test_only_the_decoder_trains():
+    model = _tiny().train()
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"mask_decoder"}
+    assert not model.sam.image_encoder.training and model.sam.mask_decoder.training
+
+
+# ----------------------------------------------------------------------------- box prompts
+
+def test_jitter_stays_within_bounds():
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10, 12, 40, 50], [0, 0, 63, 63], [30, 30, 31, 31], [60, 2, 62, 5]]).repeat(250, 1)
+    out = jitter_boxes(boxes, (64, 64), 20, gen)  # 20 px at 256 = 5 px at 64
+    grow = (out - boxes) * torch.tensor([-1, -1, 1, 1])
+    inside = (out >= 0).all() and (out[:, [0, 2]] <= 63).all() and (out[:, [1, 3]] <= 63).all()
+    assert inside
+    assert (grow >= 0).all() and (grow <= 5).all()  # outward only, at most 5 px
+    free = (boxes[:, 0] >= 5) & (boxes[:, 1] >= 5) & (boxes[:, 2] <= 58) & (boxes[:, 3] <= 58)
+    assert set(grow[free].unique().tolist()) == {0, 1, 2, 3, 4, 5}  # the whole range is drawn
+    assert (jitter_boxes(boxes, (256, 256), 20, gen) - boxes).abs().max() == 20
+    assert torch.equal(jitter_boxes(boxes, (64, 64), 0, gen), boxes)
+
+
+def test_boxes_from_multi_component_masks():
+    m = np.zeros((32, 32), dtype=np.uint8)
+    m[2:6, 3:9] = 1       # component 1: x 3..8, y 2..5
+    m[20:31, 15:18] = 1   # component 2: x 15..17, y 20..30
+    m[7, 10] = 1          # component 3, diagonal to nothing: its own box
+    boxes, targets = mask_boxes(m, "components")
+    assert sorted(map(tuple, boxes.tolist())) == [(3, 2, 8, 5), (10, 7, 10, 7), (15, 20, 17, 30)]
+    assert np.array_equal(targets.any(0), m > 0) and targets.sum() == m.sum()  # merged back = the mask
+    one, target = mask_boxes(m, "mask")
+    assert one.tolist() == [[3, 2, 17, 30]] and np.array_equal(target[0], m > 0)
+    # one channel per lesion type: boxes per type, all merged into one mask
+    lesions = np.stack([m, np.pad(np.ones((2, 2)), ((0, 30), (0, 30)))])
+    b2, t2 = mask_boxes(lesions, "components")
+    assert len(b2) == 4 and [0, 0, 1, 1] in b2.tolist()
+    assert mask_boxes(np.zeros((8, 8)), "components")[0].shape == (0, 4)
+    with pytest.raises(ValueError, match="box_mode"):
+        mask_boxes(m, "points")
+
+
+def test_prompted_prediction_merges_boxes_and_leaves_empty_slices_empty():
+    model = _tiny().eval()
+    masks = np.zeros((3, 32, 32), dtype=np.uint8)
+    masks[0, 2:8, 2:8] = 1
+    masks[0, 20:30, 18:28] = 1
+    masks[2, 10:20, 10:20] = 1  # slice 1 has no foreground
+    images = torch.rand(3, 1, 32, 32)
+    emb = model.embed(images)
+    pred, n_boxes = predict_prompted(model, emb, masks, torch.device("cpu"), mode="components")
+    assert n_boxes.tolist() == [2, 0, 1]
+    assert not pred[1].any()
+    pos, boxes, _ = slice_prompts(masks, "components")
+    with torch.no_grad():
+        each = model.upsample(model.decode(emb[pos], torch.from_numpy(boxes), (32, 32)), (32, 32))[:, 0] > 0
+    assert torch.equal(pred[0], each[0] | each[1]) and torch.equal(pred[2], each[2])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _evil(path):  # what a malicious checkpoint would run on load
+    Path(path).write_text("ran")
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _evil, (self.path,)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    ref = build_sam("tiny", 64, init_seed=7)
+    good = tmp_path / "sam_tiny.pth"
+    torch.save(ref.state_dict(), good)
+    model = build_medsam(1, "vit_b", 64, sam_checkpoint=good)  # the variant is read from the file
+    assert model.source["variant"] == "tiny" and model.source["sam_sha256"]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.sam.state_dict()[k], v), k
+    wrapped = tmp_path / "medsam_train.pth"  # MedSAM's training checkpoints: {"model": ..., "epoch": ...}
+    torch.save({"model": ref.state_dict(), "epoch": 3}, wrapped)
+    assert build_medsam(1, "tiny", 64, sam_checkpoint=wrapped).source["variant"] == "tiny"
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes\.pth is not a checkpoint .*weights_only=True.*medsam_vit_b"):
+        build_medsam(1, "tiny", 64, sam_checkpoint=text)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_medsam(1, "tiny", 64, sam_checkpoint=tmp_path / "nowhere.pth")
+
+    partial = {k: v for k, v in ref.state_dict().items() if not k.startswith("mask_decoder.iou")}
+    partial["mask_decoder.extra.weight"] = torch.zeros(1)
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing keys \['mask_decoder\.iou_prediction_head.*unexpected keys "
+                                         r"\['mask_decoder\.extra\.weight'\]"):
+        build_medsam(1, "tiny", 64, sam_checkpoint=tmp_path / "partial.pth")
+
+    torch.save({"image_encoder.foo": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a SAM checkpoint"):
+        build_medsam(1, "tiny", 64, sam_checkpoint=tmp_path / "other.pth")
+
+    marker = tmp_path / "ran.txt"
+    torch.save({"x": _Payload(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        build_medsam(1, "tiny", 64, sam_checkpoint=tmp_path / "evil.pth")
+    assert not marker.exists()  # its code never ran
+
+
+def test_random_init_is_announced_loudly(capsys):
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        build_medsam(1, "tiny", 64)
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the embedding cache
+
+def _embed_worker(cache_dir: str, root: str, marker: str, barrier) -> None:
+    torch.set_num_threads(1)
+    model = build_medsam(1, "tiny", 64, init_seed=0, quiet=True)
+    cache = open_slice_cache(cache_dir)
+    barrier.wait()  # both trials ask for the embeddings at the same moment
+    emb, computed = ensure_embeddings(model, cache, root, progress=False)
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()} {int(computed)} {float(np.asarray(emb, dtype=np.float64).sum())!r}\n")
+
+
+def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    marker = tmp_path / "runs.txt"
+    procs = [ctx.Process(target=_embed_worker, args=(str(tiny_cache), str(tmp_path / "emb"), str(marker), barrier))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = [ln.split() for ln in marker.read_text().splitlines()]
+    assert len(lines) == 2 and sorted(int(c) for _, c, _ in lines) == [0, 1]  # one encoder run, one reader
+    assert lines[0][2] == lines[1][2]  # both read the same, complete embeddings
+    folders = [p for p in (tmp_path / "emb").iterdir() if not p.name.startswith(".")]
+    assert len(folders) == 1 and (folders[0] / "manifest.json").exists()
+    assert not [p for p in (tmp_path / "emb").iterdir() if p.name.startswith(".build")]  # no leftovers
+
+    cache = open_slice_cache(tiny_cache)
+    same = _tiny(seed=0)
+    emb, computed = ensure_embeddings(same, cache, tmp_path / "emb", progress=False)
+    assert not computed and emb.dtype == np.float16 and emb.shape == (len(cache.images), 64, 8, 8)
+    with torch.no_grad():  # the cached embeddings are the encoder's (to float16 precision)
+        direct = same.embed(cache.images[:4]).numpy()
+    np.testing.assert_allclose(emb[:4].astype(np.float32), direct, atol=2e-3, rtol=1e-2)
+    assert embedding_key(_tiny(seed=1), cache) != embedding_key(same, cache)  # another random encoder
+    assert embedding_key(_tiny(seed=0, img_size=32), cache) != embedding_key(same, cache)
+
+
+# ----------------------------------------------------------------------------- a training run
+
+@pytest.fixture(scope="module")
+def medsam_run(tiny_cache, tmp_path_factory):
+    """One medsam_tiny run (2 epochs, a member at each) through train_segmenter."""
+    tmp = tmp_path_factory.mktemp("medsam_run")
+    exp = tmp / "exp"
+    cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
+           "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 8,
+           "embedding_dir": str(tmp / "emb"), "num_threads": 1}
+    reports = []
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        members = train_segmenter(cfg, report=lambda m, d: reports.append((m, d)))
+    return exp, members, reports
+
+
+def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_run):
+    exp, members, reports = medsam_run
+    assert [m["epochs"] for m in members] == [1, 2]
+    assert [m["epoch"] for m, _ in reports] == [1, 2] and all(d for _, d in reports)  # resumable state
+    assert all(np.isfinite(m["train_loss"]) and 0 <= m["id_iou_3d"] <= 1 for m, _ in reports)
+
+    cache = open_slice_cache(tiny_cache)
+    slices = pd.read_parquet(records.records_dir(exp) / "parts" / f"{members[-1]['member_id']}.slices.parquet")
+    n_eval = len(cache.rows("SiteA", "test")) + len(cache.rows("SiteB", "test")) + len(cache.rows("SiteC", "test"))
+    assert len(slices) == n_eval  # every eval slice has its confusion counts
+    assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
+    empty = slices["tp"] + slices["fn"] == 0
+    assert empty.any() and (slices.loc[empty, "n_boxes"] == 0).all() and (slices.loc[~empty, "n_boxes"] >= 1).all()
+    assert (slices.loc[empty, "fp"] == 0).all()  # no box, predicted empty
+    assert members[-1]["unprompted_slices"] == int(empty.sum())
+    train_masks = np.asarray(cache.masks[cache.rows("SiteA", "train")])
+    assert members[-1]["skipped_train_slices"] == int((train_masks.reshape(len(train_masks), -1).max(1) == 0).sum())
+
+    # the member reloads (decoder from its checkpoint, frozen encoder rebuilt from its seed)
+    ckpt = torch.load(members[-1]["checkpoint"], weights_only=True)
+    assert set(ckpt["model"]) == set(build_sam("tiny", 64).mask_decoder.state_dict())  # decoder only
+    model = load_member(members[-1]["checkpoint"])
+    rows = cache.rows("SiteB", "test")
+    masks = np.asarray(cache.masks[rows])
+    pred, _ = predict_prompted(model, model.embed(cache.images[rows]), masks, torch.device("cpu"))
+    saved, _, _ = records.load_predictions(records.records_dir(exp) / "predictions" / members[-1]["member_id"]
+                                           / "SiteB.npz")
+    assert (pred.numpy() != saved).mean() < 0.001  # same predictions, up to float16 embedding rounding
+    from_cache = predict_member_rows(model, cache, rows, torch.device("cpu"))  # reads the shared cache
+    assert torch.equal(from_cache, torch.from_numpy(saved))  # exactly what the pool recorded
+    fresh = build_sam("tiny", 64, init_seed=0, decoder_seed=0)
+    assert all(torch.equal(v, fresh.image_encoder.state_dict()[k]) for k, v in model.sam.image_encoder.state_dict().items())
+    assert not all(torch.equal(v, fresh.mask_decoder.state_dict()[k])  # the trained decoder, not a new one
+                   for k, v in model.sam.mask_decoder.state_dict().items())
+    merged_members, merged = records.merge_parts(exp)
+    assert len(merged_members) == 2 and "n_boxes" in merged.columns
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_cache, medsam_run, tmp_path):
+    exp, members, reports = medsam_run
+    state_dir = reports[0][1]  # the epoch-1 state the reporter would have kept
+    cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
+           "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path / "exp"), "snapshots": [1, 2],
+           "batch_size": 8, "embedding_dir": str(Path(exp).parent / "emb"), "resume_from": state_dir}
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        resumed = train_segmenter(cfg)
+    assert [m["epochs"] for m in resumed] == [2]
+    a = torch.load(members[-1]["checkpoint"], weights_only=True)["model"]
+    b = torch.load(resumed[0]["checkpoint"], weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
+    from trainables.uncertainty import fit_uncertainty
+
+    exp, members, _ = medsam_run
+    m = members[-1]
+    summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
+                               "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp),
+                               "epochs": 1, "passes": 2, "batch_size": 8, "num_threads": 1})
+    unc = records.load_uncertainty(exp)
+    assert set(unc["method"]) == set(records.UNCERTAINTY_METHODS)  # every method, MC dropout included
+    # error_px is the pool's fp + fn: ŷ is the member's oracle-box prediction
+    _, slices = records.load_records(exp)
+    s = slices[slices.member_id == m["member_id"]].assign(err=lambda d: d.fp + d.fn)
+    s = s.set_index(["site", "case_id", "slice_idx"])["err"]
+    g = unc[unc.method == "ggd"].set_index(["site", "case_id", "slice_idx"])["error_px"]
+    assert (g == s.loc[g.index]).all()
+    # a slice without a box is predicted empty in every TTA pass: no variance, no uncertain pixels
+    tta = unc[unc.method == "tta_noise"].set_index(["site", "case_id", "slice_idx"])
+    no_box = slices[(slices.member_id == m["member_id"]) & (slices.n_boxes == 0)].set_index(
+        ["site", "case_id", "slice_idx"]).index.intersection(tta.index)
+    assert len(no_box) and (tta.loc[no_box, "uncertain_px"] == 0).all()
+    mc = unc[unc.method == "mc_dropout"].set_index(["site", "case_id", "slice_idx"])
+    assert (mc.loc[no_box, "uncertain_px"] == 0).all() and (mc["mean_uncertainty"] > 0).any()  # dropout acts
+    assert np.isfinite(summary["ua_ggd_SiteB"])

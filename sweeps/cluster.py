@@ -33,6 +33,7 @@ GPU_SHARE: dict[str, float] = {
     "unet_r50": 0.5,
     "unetpp_r50": 0.5,
     "transunet": 1.0,
+    "transunet_tiny": 0.25,
     "medsam": 1.0,
     "medsam_tiny": 0.25,
 }

@@ -105,8 +105,20 @@ class _Fundus:
     #: what the root should hold, for messages
     expected = ""
 
+    #: the release's top folder (optional: the root may be that folder itself), the image folder
+    #: inside it, and the environment variable the presets read the root from
+    top = ""
+    image_dir = ""
+    env = ""
+
     def _base(self, root: Path) -> Path:
-        raise NotImplementedError
+        root = check_root(root, f"Point it (e.g. ${self.env}) at the {self.site_name} folder holding "
+                                f"{self.expected}.")
+        for base in (root / self.top, root):
+            if (base / self.image_dir).is_dir():
+                return base
+        raise DataError(f"{root} does not look like {self.site_name}: no '{self.image_dir}' folder in it or in "
+                        f"'{root / self.top}'. Expected {self.expected}.")
 
     def _scan(self, base: Path, site: str) -> tuple[list[CaseFiles], list[str]]:
         raise NotImplementedError
@@ -214,13 +226,7 @@ class IDRiD(_Fundus):
     expected = ("A. Segmentation/1. Original Images/{a. Training Set,b. Testing Set}/IDRiD_NN.jpg and "
                 "A. Segmentation/2. All Segmentation Groundtruths/<split>/<N. Lesion>/IDRiD_NN_<MA|HE|EX|SE>.tif")
 
-    def _base(self, root: Path) -> Path:
-        root = check_root(root, f"Point it (e.g. $OODSWEEP_IDRID) at the IDRiD folder holding {self.expected}.")
-        for base in (root / "A. Segmentation", root):
-            if (base / "1. Original Images").is_dir():
-                return base
-        raise DataError(f"{root} does not look like IDRiD: no '1. Original Images' folder in it or in "
-                        f"'{root / 'A. Segmentation'}'. Expected {self.expected}.")
+    top, image_dir, env = "A. Segmentation", "1. Original Images", "OODSWEEP_IDRID"
 
     def _scan(self, base: Path, site: str) -> tuple[list[CaseFiles], list[str]]:
         images: dict[str, Path] = {}
@@ -283,13 +289,7 @@ class FGADR(_Fundus):
     expected = ("Seg-set/Original_Images/NNNN_N.png and same-named masks in Seg-set/{Microaneurysms_Masks,"
                 "Hemohedge_Masks,HardExudate_Masks,SoftExudate_Masks}/")
 
-    def _base(self, root: Path) -> Path:
-        root = check_root(root, f"Point it (e.g. $OODSWEEP_FGADR) at the FGADR folder holding {self.expected}.")
-        for base in (root / "Seg-set", root):
-            if (base / "Original_Images").is_dir():
-                return base
-        raise DataError(f"{root} does not look like FGADR: no 'Original_Images' folder in it or in "
-                        f"'{root / 'Seg-set'}'. Expected {self.expected}.")
+    top, image_dir, env = "Seg-set", "Original_Images", "OODSWEEP_FGADR"
 
     def _scan(self, base: Path, site: str) -> tuple[list[CaseFiles], list[str]]:
         images: dict[str, Path] = {}

@@ -96,7 +96,9 @@ def member_epochs(config: dict) -> list[int]:
 
 
 def run_name(config: dict) -> str:
-    return f"{config['arch']}-lr{float(config['lr']):.6g}-s{int(config['seed'])}-E{max(member_epochs(config))}"
+    from trainables.segment import run_name as name
+
+    return name(config["arch"], float(config["lr"]), int(config["seed"]), max(member_epochs(config)))
 
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str):

@@ -693,7 +693,7 @@ def train_medsam(config: dict, report=None) -> list[dict]:
             for i in range(0, len(perm), int(cfg["batch_size"])):
                 jitter_boxes(boxes_t[perm[i:i + int(cfg["batch_size"])]], hw, cfg["box_shift"], rng)
 
-    run_id = f"{cfg['arch']}-lr{float(cfg['lr']):.6g}-s{int(cfg['seed'])}-E{max(cfg['snapshots'])}"
+    run_id = segment.run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
     records.log_attempt(exp, "pool", run_id, start_epoch)
     if cfg["verbose"]:
         print(f"[{run_id}] embeddings {'computed' if computed else 'cached'} in {embed_s:.1f}s; "
@@ -734,9 +734,5 @@ def train_medsam(config: dict, report=None) -> list[dict]:
                 ckpt_dir = tempfile.mkdtemp(prefix="ckpt-", dir=records.scratch_dir(exp))
                 torch.save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                             "arch": cfg["arch"]}, Path(ckpt_dir) / "state.pt")
-        if cfg["verbose"]:
-            print(f"[{run_id}] epoch {epoch}: loss {metrics['train_loss']:.4f} "
-                  f"id_iou_3d {metrics['id_iou_3d']:.3f} ood_mean_iou_3d {metrics['ood_mean_iou_3d']:.3f}")
-        if report is not None:
-            report(metrics, ckpt_dir)
+        segment.end_epoch(cfg, run_id, metrics, report, ckpt_dir)
     return members

@@ -51,6 +51,20 @@ def member_id(arch: str, lr: float, seed: int, epoch: int) -> str:
     return f"{arch}-lr{lr:.6g}-s{seed}-ep{epoch}"
 
 
+def run_name(arch: str, lr: float, seed: int, last_epoch: int) -> str:
+    """A training run (its members are ``member_id(..., epoch)`` at each snapshot up to ``last_epoch``)."""
+    return f"{arch}-lr{lr:.6g}-s{seed}-E{last_epoch}"
+
+
+def end_epoch(cfg: dict, run_id: str, metrics: dict, report: ReportFn | None, ckpt_dir: str | None) -> None:
+    """Print the epoch's line (``verbose``) and hand its metrics and checkpoint folder to the reporter."""
+    if cfg["verbose"]:
+        print(f"[{run_id}] epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} "
+              f"id_iou_3d {metrics['id_iou_3d']:.3f} ood_mean_iou_3d {metrics['ood_mean_iou_3d']:.3f}")
+    if report is not None:
+        report(metrics, ckpt_dir)
+
+
 def with_defaults(config: dict, required: tuple[str, ...], defaults: dict, who: str) -> dict:
     """``config`` over ``defaults``; a missing required key or an unknown key is a KeyError naming it."""
     missing = [k for k in required if k not in config]
@@ -222,7 +236,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
         for _ in range(start_epoch):  # keep the shuffling stream identical to an uninterrupted run
             torch.randperm(len(x_train), generator=rng)
 
-    run_id = f"{cfg['arch']}-lr{float(cfg['lr']):.6g}-s{int(cfg['seed'])}-E{max(cfg['snapshots'])}"
+    run_id = run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
     records.log_attempt(exp, "pool", run_id, start_epoch)
     members: list[dict] = []
     bs = int(cfg["batch_size"])
@@ -254,11 +268,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
             if report is not None:  # the reporter owns (and removes) this folder
                 ckpt_dir = tempfile.mkdtemp(prefix="ckpt-", dir=records.scratch_dir(exp))
                 _save_state(Path(ckpt_dir) / "state.pt", model, opt, epoch, cfg)
-        if cfg["verbose"]:
-            print(f"[{run_id}] epoch {epoch}: loss {metrics['train_loss']:.4f} "
-                  f"id_iou_3d {metrics['id_iou_3d']:.3f} ood_mean_iou_3d {metrics['ood_mean_iou_3d']:.3f}")
-        if report is not None:
-            report(metrics, ckpt_dir)
+        end_epoch(cfg, run_id, metrics, report, ckpt_dir)
     return members
 
 

@@ -213,6 +213,23 @@ _IDRID_FOLDERS = {"MA": r"micro\s*aneurysm", "HE": r"ha?emorrhage", "EX": r"hard
                   "SE": r"soft\s*exudate"}
 
 
+def _files_matching(folder: Path, pattern: re.Pattern):
+    """``(path, match)`` for the files in ``folder`` whose names match ``pattern``, sorted by name."""
+    for path in sorted(folder.iterdir()):
+        m = pattern.match(path.name)
+        if m is not None and path.is_file():
+            yield path, m
+
+
+def _new_image(images: dict[str, Path], case: str, path: Path, problems: list[str]) -> bool:
+    """Record ``path`` as ``case``'s image; a second image for a case is a problem, not a replacement."""
+    if case in images:
+        problems.append(f"{path}: a second image for {case} (first: {images[case]}). Keep one of them.")
+        return False
+    images[case] = path
+    return True
+
+
 def _split_of(name: str) -> str | None:
     low = name.lower()
     return "train" if "train" in low else ("test" if "test" in low else None)
@@ -235,15 +252,10 @@ class IDRiD(_Fundus):
         splits: dict[str, str | None] = {}
         problems: list[str] = []
         for split_dir in sorted(p for p in (base / "1. Original Images").iterdir() if p.is_dir()):
-            for path in sorted(split_dir.iterdir()):
-                m = _IDRID_IMAGE.match(path.name)
-                if m is None or not path.is_file():
-                    continue
+            for path, m in _files_matching(split_dir, _IDRID_IMAGE):
                 case = m.group("case")
-                if case in images:
-                    problems.append(f"{path}: a second image for {case} (first: {images[case]}). Keep one of them.")
-                    continue
-                images[case], numbers[case], splits[case] = path, (int(m.group("num")),), _split_of(split_dir.name)
+                if _new_image(images, case, path, problems):
+                    numbers[case], splits[case] = (int(m.group("num")),), _split_of(split_dir.name)
         if not images:
             raise DataError(f"{base / '1. Original Images'} holds no IDRiD images (expected "
                             f"<split>/IDRiD_NN.jpg). Check the data root; expected {self.expected}.")
@@ -255,10 +267,7 @@ class IDRiD(_Fundus):
                 lesion = _lesion_of(les_dir.name, _IDRID_FOLDERS)
                 if lesion is None:  # "5. Optic Disc" and anything else
                     continue
-                for path in sorted(les_dir.iterdir()):
-                    m = _IDRID_MASK.match(path.name)
-                    if m is None or not path.is_file():
-                        continue
+                for path, m in _files_matching(les_dir, _IDRID_MASK):
                     if m.group("les").upper() != lesion:
                         problems.append(f"{path}: a {m.group('les').upper()} mask in the {lesion} folder "
                                         f"{les_dir.name!r}. Move it to its lesion's folder.")
@@ -294,15 +303,8 @@ class FGADR(_Fundus):
     def _scan(self, base: Path, site: str) -> tuple[list[CaseFiles], list[str]]:
         images: dict[str, Path] = {}
         problems: list[str] = []
-        for path in sorted((base / "Original_Images").iterdir()):
-            m = _FGADR_IMAGE.match(path.name)
-            if m is None or not path.is_file():
-                continue
-            case = m.group("case")
-            if case in images:
-                problems.append(f"{path}: a second image for {case} (first: {images[case]}). Keep one of them.")
-                continue
-            images[case] = path
+        for path, m in _files_matching(base / "Original_Images", _FGADR_IMAGE):
+            _new_image(images, m.group("case"), path, problems)
         if not images:
             raise DataError(f"{base / 'Original_Images'} holds no images (expected NNNN_N.png). Check the data "
                             f"root; expected {self.expected}.")
@@ -314,9 +316,7 @@ class FGADR(_Fundus):
         for folder, lesion in lesion_dirs:
             if lesion is None:
                 continue
-            for path in sorted(folder.iterdir()):
-                m = _FGADR_IMAGE.match(path.name)
-                if m is not None and path.is_file():
-                    masks.setdefault(m.group("case"), {})[lesion] = path
+            for path, m in _files_matching(folder, _FGADR_IMAGE):
+                masks.setdefault(m.group("case"), {})[lesion] = path
         numbers = {c: _natural(c) for c in images}
         return _assemble(site, images, masks, numbers, {}, problems, "Original_Images/{case}.png"), problems

@@ -51,7 +51,8 @@ def _diff(a, b, key=""):
 #: shows. Everything else defines the results.
 RESUMABLE = ("storage", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
              "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
-             "analysis")
+             "analysis", "pool.training.data_placement", "pool.training.loader_workers",
+             "uncertainty.training.data_placement", "uncertainty.training.loader_workers")
 
 
 def _resumable(key: str) -> bool:

@@ -43,6 +43,8 @@ def pool_trial(config: dict) -> None:
     if all(m in done for m in mids):
         tune.report({"epoch": max(member_epochs(config)), "skipped": 1})
         return
+    # the trial's GPU fraction sizes what the loop keeps in device memory (trainables.accel)
+    config = {**config, "gpu_share": tune.get_context().get_trial_resources().required_resources.get("GPU") or None}
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         train_segmenter(config, report=report)
@@ -81,6 +83,7 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         "batch_size": pool.batch_size,
         "weight_decay": pool.weight_decay,
         "num_threads": max(1, int(pool.cpu)),
+        **pool.training,
     }
     if pool.sam_checkpoint is not None:
         space["sam_checkpoint"] = str(pool.sam_checkpoint)

@@ -119,6 +119,9 @@ class PoolSpec:
     max_failures: int = 1
     #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
     sam_checkpoint: Path | None = None
+    #: how the loop runs on its device (trainables.accel.ACCEL_DEFAULTS): amp, channels_last,
+    #: data_placement, loader_workers, augment; only the keys the spec sets
+    training: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class UncertaintySpec:
     #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
     #: ID performance on the source test split (source labels only)
     baseline_members: int | None = None
+    #: as PoolSpec.training, without augment
+    training: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,26 @@ def _path(v: str, base: Path) -> Path:
 
 # --------------------------------------------------------------------------- parsing
 
+#: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
+TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
+                    "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
+
+
+def _training(c, raw, key: str, augment: bool) -> dict:
+    """``pool.training`` / ``uncertainty.training``: the loop's precision, memory format, data placement."""
+    keys = {"amp": False, "channels_last": False, "data_placement": False, "loader_workers": False}
+    if augment:
+        keys["augment"] = False
+    t = c.keys(raw or {}, key, keys)
+    out = {}
+    for k, v in t.items():
+        if k == "loader_workers":
+            out[k] = v if v == "auto" else c.number(v, f"{key}.{k}", integer=True, nonneg=True)
+        else:
+            out[k] = c.choice(v, f"{key}.{k}", TRAINING_CHOICES[k])
+    return out
+
+
 def _gpu(c, v, key: str) -> float | None:
     """A GPU fraction, or ``auto`` (None): decided from the architecture and the cluster at launch."""
     return None if v == "auto" else c.number(v, key, nonneg=True)
@@ -427,7 +452,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
 
     p = c.keys(raw["pool"], "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                                       "weight_decay": False, "resources": False, "max_concurrent_trials": False,
-                                      "max_failures": False, "sam_checkpoint": False})
+                                      "max_failures": False, "sam_checkpoint": False, "training": False})
     arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
     if arch.kind in ("loguniform", "uniform"):
         raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
@@ -472,7 +497,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
-        sam_checkpoint=sam_checkpoint)
+        sam_checkpoint=sam_checkpoint, training=_training(c, p.get("training"), "pool.training", augment=True))
 
     search = None
     if raw.get("search") is not None:
@@ -497,7 +522,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
             "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
             "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
-            "baseline_members": False})
+            "baseline_members": False, "training": False})
         ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
         bl = u.get("baselines", list(BASELINES))
         if not isinstance(bl, list):
@@ -525,7 +550,8 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
             checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
                                       positive=True),
-            baseline_members=None if bm == "all" else bm)
+            baseline_members=None if bm == "all" else bm,
+            training=_training(c, u.get("training"), "uncertainty.training", augment=False))
         if uncertainty.passes < 2 and any(b.startswith(("tta", "mc")) for b in uncertainty.baselines):
             raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
                                                f"{uncertainty.passes}")

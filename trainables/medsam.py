@@ -453,7 +453,6 @@ MEDSAM_DEFAULTS: dict[str, Any] = {
     "box_mode": "mask",           # "mask": one box per slice; "components": one per connected component
     "embedding_dir": None,        # default <slice cache root>/sam-embeddings
     "embed_batch_size": 8,
-    "amp": "auto",                # decoder steps under bf16 autocast: "auto" (on CUDA only), true, false
 }
 
 
@@ -472,12 +471,18 @@ def _resolve(config: dict) -> dict:
 
 
 def amp_dtype(setting: Any, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for decoder steps on CUDA (the ANCHORS.md decoder numbers use it), none on the CPU."""
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if isinstance(setting, bool):
-        return torch.bfloat16 if setting else None
-    raise ValueError(f"train_medsam: amp must be 'auto', true or false, got {setting!r}")
+    """The decoder steps' autocast dtype: ``trainables.accel.amp_dtype`` (bf16 on CUDA, none on the CPU
+    by default; the ANCHORS.md decoder numbers use bf16). fp16 is refused: the decoder step has no
+    gradient scaler."""
+    from .accel import amp_dtype as accel_amp
+
+    dtype = accel_amp(setting, device, "train_medsam")
+    if dtype == torch.float16 and setting in ("auto", True):
+        return None  # a card without bf16: fp32
+    if dtype == torch.float16:
+        raise ValueError(f"train_medsam: amp={setting!r} gives fp16 on {device}, which the decoder step does not "
+                         f"scale; use amp: bf16 or amp: off")
+    return dtype
 
 
 def decoder_step(model: MedSAM, opt: torch.optim.Optimizer, loss_fn: nn.Module, emb: torch.Tensor,

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from . import records
+from .accel import ACCEL_DEFAULTS, Accel, accel_for, augment_flips, place_training_data, resolve_device
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
 from .models import build_model, get_model_spec, is_prompted
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
     "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
     "verbose": False,
+    **ACCEL_DEFAULTS,        # amp, channels_last, data placement, augmentation: trainables.accel
 }
 
 ReportFn = Callable[[dict, "str | None"], None]
@@ -89,10 +91,7 @@ def _resolve(config: dict) -> dict:
     return cfg
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+_device = resolve_device
 
 
 def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
@@ -103,34 +102,97 @@ def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64,
+            accel: Accel | None = None) -> torch.Tensor:
     """Binary masks ``N x H x W`` (bool, on the CPU) for ``N x C x H x W`` images (logit > 0).
 
     A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``.
+    ``accel``: the precision and memory format the model was trained with (default fp32).
     """
     model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-        logits = model(x)
-        out.append(((logits[:, 0] if logits.shape[1] == 1 else logits) > 0).cpu())  # per-channel threshold
+    out = [_binary(_forward(model, _batch(images, i, batch_size), device, accel)).cpu()
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
-def evaluate(model: torch.nn.Module, cache: SliceCache, sets: list[tuple[str, str, np.ndarray]],
-             device: torch.device, batch_size: int = 64) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-    """Score ``model`` on each eval set; return per-slice counts and the predicted masks per site."""
-    frames, preds = [], {}
-    for site, role, rows in sets:
-        pred = predict(model, cache.images[rows], device, batch_size)
-        counts = confusion_counts(pred, torch.from_numpy(np.asarray(cache.masks[rows])).bool()).numpy()
+def _batch(images, i: int, batch_size: int) -> torch.Tensor:
+    b = images[i:i + batch_size]
+    return b if isinstance(b, torch.Tensor) else torch.from_numpy(np.asarray(b))
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device, accel: Accel | None) -> torch.Tensor:
+    if accel is None:
+        return model(x.to(device).float())
+    with accel.autocast():
+        return model(accel.images(x))
+
+
+def _binary(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, 0] if logits.shape[1] == 1 else logits) > 0  # per-channel threshold
+
+
+class EvalData:
+    """Every eval set's slices, concatenated in ``sets`` order, so evaluation runs in full batches
+    across set boundaries. ``resident``: images and masks are read once into the device's memory
+    (they are then never re-read from the cache); otherwise each epoch reads them from the memmap."""
+
+    def __init__(self, cache: SliceCache, sets: list[tuple[str, str, np.ndarray]], device: torch.device,
+                 resident: bool):
+        self.sets = sets
+        self.rows = np.concatenate([rows for _, _, rows in sets])
+        self.bounds = np.cumsum([0] + [len(rows) for _, _, rows in sets])
+        self.resident = resident
+        if resident:
+            self.images = torch.from_numpy(np.asarray(cache.images[self.rows])).to(device)
+            self.masks = torch.from_numpy(np.asarray(cache.masks[self.rows])).to(device)
+        else:
+            self.images, self.masks = _Take(cache.images, self.rows), _Take(cache.masks, self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes + self.masks.nbytes) if self.resident else 0
+
+
+class _Take:
+    """``array[rows]`` sliced lazily (contiguous row ranges of a memmap read as such)."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.array[self.rows[sl]]))
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, cache: SliceCache, data: EvalData, device: torch.device,
+             batch_size: int = 64, accel: Accel | None = None,
+             keep_preds: bool = True) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """Score ``model`` on every eval set; return per-slice counts and (``keep_preds``) the predicted
+    masks per site (CPU). Counts are computed on the device and copied once."""
+    model.eval()
+    counts, preds = [], []
+    for i in range(0, len(data.rows), batch_size):
+        pred = _binary(_forward(model, _batch(data.images, i, batch_size), device, accel))
+        truth = _batch(data.masks, i, batch_size).to(device, non_blocking=True)
+        counts.append(confusion_counts(pred, truth))
+        if keep_preds:
+            preds.append(pred)
+    counts = torch.cat(counts).cpu().numpy()
+    all_preds = torch.cat(preds).cpu() if keep_preds else None
+    frames, by_site = [], {}
+    for (site, role, rows), lo, hi in zip(data.sets, data.bounds[:-1], data.bounds[1:]):
         idx = cache.index.iloc[rows]
+        c = counts[lo:hi]
         frames.append(pd.DataFrame({
             "site": site, "role": role, "case_id": idx["case_id"].to_numpy(),
-            "slice_idx": idx["slice_idx"].to_numpy(), "tp": counts[:, 0], "fp": counts[:, 1],
-            "fn": counts[:, 2], "tn": counts[:, 3], "area_px": pred[0].numel()}))
-        preds[site] = pred
-    return pd.concat(frames, ignore_index=True), preds
+            "slice_idx": idx["slice_idx"].to_numpy(), "tp": c[:, 0], "fp": c[:, 1],
+            "fn": c[:, 2], "tn": c[:, 3], "area_px": int(np.prod(cache.masks.shape[1:]))}))
+        if keep_preds:
+            by_site[site] = all_preds[lo:hi]
+    return pd.concat(frames, ignore_index=True), by_site
 
 
 def summarize(slices: pd.DataFrame) -> dict[str, float]:
@@ -150,9 +212,10 @@ def summarize(slices: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def _save_state(path: Path, model, opt, epoch: int, cfg: dict) -> None:
+def _save_state(path: Path, model, opt, epoch: int, cfg: dict, accel: Accel | None = None) -> None:
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "arch": cfg["arch"], "in_channels": model_in_channels(model)}, path)
+                "arch": cfg["arch"], "in_channels": model_in_channels(model),
+                **({"scaler": accel.scaler.state_dict()} if accel is not None and accel.scaler else {})}, path)
 
 
 def model_in_channels(model: torch.nn.Module) -> int:
@@ -211,65 +274,96 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
     device = _device(cfg["device"])
+    accel = accel_for(cfg, device, "train_segmenter")
     torch.manual_seed(int(cfg["seed"]))
     rng = torch.Generator().manual_seed(int(cfg["seed"]))
     exp = Path(cfg["experiment_dir"])
     cache = open_slice_cache(cfg["cache"])
+    run_id = run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
     train_rows = cache.rows(cfg["source"], "train")
-    # The training split of these datasets is small (a few thousand slices at most for the demo and
-    # the prostate sites), so it is held in memory once instead of re-read every epoch.
-    x_train = torch.from_numpy(np.asarray(cache.images[train_rows], dtype=np.float32))
-    y_train = torch.from_numpy(np.asarray(cache.masks[train_rows], dtype=np.float32))
-    y_train = y_train[:, None] if y_train.ndim == 3 else y_train  # N x L x H x W: one channel per label
+    # The training split (float16 images, uint8 masks as cached) is held in the device's memory when
+    # it fits the trial's share, else streamed from the memmap by a DataLoader (trainables.accel).
+    data, where = place_training_data({"x": (str(cache.path / "images.npy"), train_rows),
+                                       "y": (str(cache.path / "masks.npy"), train_rows)}, device, cfg,
+                                      "train_segmenter")
+    in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
     sets = eval_sets(cache, cfg)
+    evald = EvalData(cache, sets, device, resident=data.placement == "device")
+    print(f"[{run_id}] {accel.describe()}; {where}", flush=True)
 
-    model = build_model(cfg["arch"], in_channels=x_train.shape[1], classes=y_train.shape[1],
-                        encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]).to(device)
-    loss_fn = segmentation_loss(y_train.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    model = accel.model(build_model(cfg["arch"], in_channels=in_channels, classes=n_labels,
+                                    encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]))
+    loss_fn = segmentation_loss(n_labels)
+    opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
+                           fused=device.type == "cuda" or None)
     start_epoch = 0
     if cfg["resume_from"]:
         state = torch.load(Path(cfg["resume_from"]) / "state.pt", map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if accel.scaler is not None and state.get("scaler"):
+            accel.scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
         for _ in range(start_epoch):  # keep the shuffling stream identical to an uninterrupted run
-            torch.randperm(len(x_train), generator=rng)
+            torch.randperm(len(data), generator=rng)
 
-    run_id = run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
     records.log_attempt(exp, "pool", run_id, start_epoch)
     members: list[dict] = []
     bs = int(cfg["batch_size"])
     for epoch in range(start_epoch + 1, max(cfg["snapshots"]) + 1):
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(x_train), generator=rng)
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for i in range(0, len(perm), bs):
-            b = perm[i:i + bs]
-            if len(b) < 2 and n_steps:  # a batch of one breaks BatchNorm; drop the remainder
-                continue
-            x, y = x_train[b].to(device, non_blocking=True), y_train[b].to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            n_steps += 1
+        loss_sum, n_steps = train_epoch(model, opt, loss_fn, data, torch.randperm(len(data), generator=rng), bs,
+                                        accel, _augmenter(cfg, device, epoch))
+        train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
         train_s = time.perf_counter() - t0
-        slices, preds = evaluate(model, cache, sets, device, int(cfg["eval_batch_size"]))
-        metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_steps, 1), **summarize(slices),
+        snapshot = epoch in cfg["snapshots"]
+        slices, preds = evaluate(model, cache, evald, device, int(cfg["eval_batch_size"]), accel, keep_preds=snapshot)
+        metrics = {"epoch": epoch, "train_loss": train_loss, **summarize(slices),
                    "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0 - train_s}
         ckpt_dir = None
-        if epoch in cfg["snapshots"]:
+        if snapshot:
             members.append(_write_member(exp, cfg, run_id, epoch, model, slices, preds, cache, sets))
             metrics["member_id"] = members[-1]["member_id"]
             if report is not None:  # the reporter owns (and removes) this folder
                 ckpt_dir = tempfile.mkdtemp(prefix="ckpt-", dir=records.scratch_dir(exp))
-                _save_state(Path(ckpt_dir) / "state.pt", model, opt, epoch, cfg)
+                _save_state(Path(ckpt_dir) / "state.pt", model, opt, epoch, cfg, accel)
         end_epoch(cfg, run_id, metrics, report, ckpt_dir)
     return members
+
+
+def _augmenter(cfg: dict, device: torch.device, epoch: int):
+    """The epoch's batch augmentation (None: none), drawn on ``device`` from a (seed, epoch) generator
+    so that a resumed run augments exactly as an uninterrupted one."""
+    if cfg["augment"] in (None, "none", False):
+        return None
+    if cfg["augment"] != "flip":
+        raise ValueError(f"train_segmenter: augment must be 'none' or 'flip', got {cfg['augment']!r}")
+    gen = torch.Generator(device=device).manual_seed(int(cfg["seed"]) * 100_003 + epoch)
+    return lambda batch: augment_flips(batch, gen, ("x", "y"))
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, data, perm: torch.Tensor, bs: int,
+                accel: Accel, augment=None) -> tuple[torch.Tensor, int]:
+    """One pass over ``data`` in ``perm`` order; returns the summed loss (a device tensor) and the step count.
+
+    No host synchronisation per step: the batches are gathered on the device (or arrive pinned from
+    the loader), the loss is summed on the device. The bench and the GPU check time this function.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=accel.device)
+    n_steps = 0
+    for batch in data.batches(perm, bs):
+        if augment is not None:
+            batch = augment(batch)
+        x, y = accel.images(batch["x"]), batch["y"].to(accel.device, non_blocking=True).float()
+        y = y[:, None] if y.ndim == 3 else y  # N x L x H x W: one channel per label
+        with accel.autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)  # Dice and BCE in fp32
+        accel.step(loss, opt)
+        loss_sum += loss.detach()
+        n_steps += 1
+    return loss_sum, n_steps
 
 
 def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: pd.DataFrame,

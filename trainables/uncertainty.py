@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import records
+from .accel import ACCEL_DEFAULTS, Accel, accel_for, place_training_data, resolve_device
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
 from .segment import eval_sets, load_member, predict, with_defaults
@@ -70,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "resume_from": None,
     "verbose": False,
+    # amp, channels_last, data placement (trainables.accel); δ trains without augmentation
+    **{k: v for k, v in ACCEL_DEFAULTS.items() if k != "augment"},
 }
 EPS = 1e-3
 
@@ -113,10 +116,11 @@ class DeltaNet(nn.Module):
         if self.use_image:
             feats = torch.cat([self.stem_x(x), feats], dim=1)
         h = self.fuse(torch.cat([self.body(feats), feats], dim=1))
-        mu = self.head_mu(h)
-        alpha = F.softplus(self.head_alpha(h)) + EPS
+        # the heads' outputs leave autocast in fp32: the GGD likelihood (powers, log Γ) needs the precision
+        mu = self.head_mu(h).float()
+        alpha = F.softplus(self.head_alpha(h).float()) + EPS
         if self.head_beta is not None:
-            beta = F.softplus(self.head_beta(h)) + 0.1  # β near 0 makes Γ(1/β) overflow
+            beta = F.softplus(self.head_beta(h).float()) + 0.1  # β near 0 makes Γ(1/β) overflow
         else:
             beta = self.beta_fixed.expand_as(mu)
         return mu, alpha, beta
@@ -270,35 +274,41 @@ def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
     return model
 
 
-def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes."""
+def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device: torch.device,
+                   accel: Accel | None = None) -> torch.Tensor:
+    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes.
+
+    ``accel``: the precision the pool scored the member with (bf16 autocast on a GPU), so that ŷ is the
+    prediction the records hold."""
     if getattr(model, "prompted", False):
         from .medsam import predict_member_rows
 
         return predict_member_rows(model, cache, rows, device)
-    return predict(model, cache.images[rows], device)
+    return predict(model, cache.images[rows], device, accel=accel)
 
 
-def _nets(cfg: dict, in_channels: int, device: torch.device) -> dict[str, DeltaNet]:
+def _nets(cfg: dict, in_channels: int, accel: Accel) -> dict[str, DeltaNet]:
     nets = {"ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"])}
     if "bayescap" in cfg["baselines"]:
         nets["bayescap"] = DeltaNet(in_channels, cfg["width"], False, cfg["learn_beta"], cfg["beta"])
-    return {k: v.to(device) for k, v in nets.items()}
+    return {k: accel.model(v) for k, v in nets.items()}
 
 
 @torch.inference_mode()
 def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: torch.device,
-               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int = 64, accel: Accel | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(μ, uncertainty) maps ``N x H x W`` of a trained δ for images and the frozen predictions."""
     net.eval()
+    accel = accel or Accel(device, None, False)
     mus, unc = [], []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-        yh = preds[i:i + batch_size, None].float().to(device)
-        mu, a, b = net(x, yh)
-        mus.append(mu[:, 0].cpu().numpy())
-        unc.append(ggd_variance(a, b)[:, 0].cpu().numpy())
-    return np.concatenate(mus), np.concatenate(unc)
+        x = accel.images(torch.from_numpy(np.asarray(images[i:i + batch_size])))
+        yh = accel.images(preds[i:i + batch_size, None])
+        with accel.autocast():
+            mu, a, b = net(x, yh)
+        mus.append(mu[:, 0])
+        unc.append(ggd_variance(a, b)[:, 0])
+    return torch.cat(mus).cpu().numpy(), torch.cat(unc).cpu().numpy()
 
 
 def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | None = None,
@@ -319,23 +329,29 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     cfg = _resolve(config)
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
-    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    device = resolve_device(cfg["device"])
+    accel = accel_for(cfg, device, "fit_uncertainty")
     torch.manual_seed(int(cfg["seed"]))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + rank)
     cache = open_slice_cache(cfg["cache"])
     frozen = _load_frozen(cfg, device)
+    frozen = accel.model(frozen)
 
     all_rows = cache.rows(cfg["source"], "train")
     # equal shards: DDP needs every rank to take the same number of steps
     rows = all_rows[rank::world_size][: len(all_rows) // world_size]
-    x_train = torch.from_numpy(np.asarray(cache.images[rows], dtype=np.float32))
-    y_train = union(torch.from_numpy(np.asarray(cache.masks[rows]))).float()[:, None]
-    yhat_train = union(frozen_predict(frozen, cache, rows, device)).float()[:, None]  # ŷ once, not per epoch
+    yhat = union(frozen_predict(frozen, cache, rows, device, accel)).to(torch.uint8)  # ŷ once, not per epoch
+    # images and masks as cached (float16, uint8) and ŷ, on the device when they fit (trainables.accel)
+    data, where = place_training_data({"x": (str(cache.path / "images.npy"), rows),
+                                       "y": (str(cache.path / "masks.npy"), rows)}, device, cfg,
+                                      "fit_uncertainty", extra={"yh": yhat})
+    if rank == 0:
+        print(f"[delta {cfg['member_id']}] {accel.describe()}; {where}", flush=True)
 
-    nets = _nets(cfg, x_train.shape[1], device)
+    nets = _nets(cfg, int(cache.images.shape[1]), accel)
     wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
-    opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"])) for k, v in wrapped.items()}
+    opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"]), fused=device.type == "cuda" or None)
+            for k, v in wrapped.items()}
     scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=int(cfg["epochs"])) for k, o in opts.items()}
     start = 0
     if cfg["resume_from"]:
@@ -344,9 +360,11 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
             nets[k].load_state_dict(state["nets"][k])
             opts[k].load_state_dict(state["opts"][k])
             scheds[k].load_state_dict(state["scheds"][k])
+        if accel.scaler is not None and state.get("scaler"):
+            accel.scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"])
         for _ in range(start):
-            torch.randperm(len(x_train), generator=gen)
+            torch.randperm(len(data), generator=gen)
 
     if rank == 0:
         records.log_attempt(cfg["experiment_dir"], "uncertainty", cfg["member_id"], start)
@@ -354,23 +372,8 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     epochs = int(cfg["epochs"])
     for epoch in range(start + 1, epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(len(x_train), generator=gen)
-        sums = {k: torch.zeros((), device=device) for k in wrapped}
-        steps = 0
-        for net in wrapped.values():
-            net.train()
-        for i in range(0, len(perm), bs):
-            b = perm[i:i + bs]
-            if len(b) < 2 and steps:
-                continue
-            x, y, yh = x_train[b].to(device), y_train[b].to(device), yhat_train[b].to(device)
-            for k, net in wrapped.items():
-                loss = delta_loss(y, yh, *net(x, yh), lam=float(cfg["lam"]))
-                opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[k].step()
-                sums[k] += loss.detach()
-            steps += 1
+        sums, steps = delta_epoch(wrapped, opts, data, torch.randperm(len(data), generator=gen), bs, accel,
+                                  float(cfg["lam"]))
         for s in scheds.values():
             s.step()
         metrics = {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
@@ -380,7 +383,8 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
             ckpt = tempfile.mkdtemp(prefix="delta-", dir=records.scratch_dir(cfg["experiment_dir"]))
             torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
                         "opts": {k: v.state_dict() for k, v in opts.items()},
-                        "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch},
+                        "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch,
+                        **({"scaler": accel.scaler.state_dict()} if accel.scaler else {})},
                        Path(ckpt) / "delta.pt")
         if cfg["verbose"] and rank == 0:
             print(f"[delta {cfg['member_id']}] epoch {epoch}: " +
@@ -389,14 +393,37 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
             report(metrics, ckpt)
     if rank != 0:
         return None
-    summary = score_member(cfg, cache, frozen, nets, device, gen)
+    summary = score_member(cfg, cache, frozen, nets, device, gen, accel)
     if report is not None:
         report({"epoch": epochs, "scored": 1, **summary}, None)
     return summary
 
 
+def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], data, perm: torch.Tensor,
+                bs: int, accel: Accel, lam: float) -> tuple[dict[str, torch.Tensor], int]:
+    """One pass of every δ net over ``data`` (``x``, ``y``, ``yh``) in ``perm`` order; returns the summed
+    losses (device tensors) and the step count. No host synchronisation per step; the bench and the
+    GPU check time this function."""
+    sums = {k: torch.zeros((), device=accel.device) for k in nets}
+    steps = 0
+    for net in nets.values():
+        net.train()
+    for batch in data.batches(perm, bs):
+        x = accel.images(batch["x"])
+        y = union(batch["y"].to(accel.device, non_blocking=True)).float()[:, None]
+        yh = accel.images(batch["yh"].to(accel.device, non_blocking=True)[:, None])
+        for k, net in nets.items():
+            with accel.autocast():
+                out = net(x, yh)
+            loss = delta_loss(y, yh, *out, lam=lam)  # fp32: the heads leave autocast in fp32
+            accel.step(loss, opts[k])
+            sums[k] += loss.detach()
+        steps += 1
+    return sums, steps
+
+
 def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
-                 device: torch.device, gen: torch.Generator) -> dict:
+                 device: torch.device, gen: torch.Generator, accel: Accel | None = None) -> dict:
     """Score every site with δ and the baselines; write the member's uncertainty part and examples."""
     exp = Path(cfg["experiment_dir"])
     frames, summary, example = [], {}, None
@@ -404,13 +431,13 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
     for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
         truth = union(torch.from_numpy(np.asarray(cache.masks[rows]))).bool()
-        pred = union(frozen_predict(frozen, cache, rows, device))
+        pred = union(frozen_predict(frozen, cache, rows, device, accel))
         cnt = confusion_counts(pred, truth).numpy()
         idx = cache.index.iloc[rows]
         maps: dict[str, np.ndarray] = {}
         mu_ggd = None
         for name, net in nets.items():
-            mu, unc = delta_maps(net, images, pred, device)
+            mu, unc = delta_maps(net, images, pred, device, accel=accel)
             maps[name] = unc
             if name == "ggd":
                 mu_ggd = mu

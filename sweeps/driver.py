@@ -39,6 +39,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
 
 
 def _diff(a, b, key=""):
+    if isinstance(a, dict) and b is None or a is None and isinstance(b, dict):  # a block added or removed
+        a, b = a or {}, b or {}
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             yield from _diff(a.get(k), b.get(k), f"{key}.{k}" if key else k)

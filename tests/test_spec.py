@@ -131,3 +131,41 @@ def test_sam_checkpoint_goes_to_the_trials(tmp_path):
     assert spec.pool.sam_checkpoint == ckpt
     assert param_space(spec, tmp_path / "cache")["sam_checkpoint"] == str(ckpt)
     assert "sam_checkpoint" not in param_space(parse_spec(base(tmp_path)), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("pool.training", {"amp": "fp8"}, ["pool.training.amp", "'fp8'", "bf16"]),
+    ("pool.training", {"data_placement": "gpu"}, ["pool.training.data_placement", "'gpu'", "device, stream"]),
+    ("pool.training", {"loader_workers": -1}, ["pool.training.loader_workers", "-1"]),
+    ("pool.training", {"augment": "rotate"}, ["pool.training.augment", "'rotate'", "flip"]),
+    ("pool.training", {"amps": "bf16"}, ["pool.training.amps", "unknown key", "amp"]),
+    ("uncertainty", {"training": {"augment": "flip"}}, ["uncertainty.training.augment", "unknown key"]),
+])
+def test_invalid_training_blocks(tmp_path, path, value, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec(edit(base(tmp_path), path, value), where="my.yaml")
+    for part in expect:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_training_block_goes_to_the_trials(tmp_path):
+    from sweeps.pool import param_space
+
+    raw = edit(base(tmp_path), "pool.training", {"amp": "bf16", "augment": "flip", "data_placement": "stream",
+                                                  "loader_workers": 2})
+    space = param_space(parse_spec(raw), tmp_path / "cache")
+    assert {k: space[k] for k in ("amp", "augment", "data_placement", "loader_workers")} == \
+        {"amp": "bf16", "augment": "flip", "data_placement": "stream", "loader_workers": 2}
+    assert "amp" not in param_space(parse_spec(base(tmp_path)), tmp_path / "cache")  # the trainables' default
+
+
+def test_resume_may_move_data_but_not_change_precision(tmp_path):
+    from sweeps.driver import prepare_experiment
+
+    prepare_experiment(parse_spec(base(tmp_path)))
+    # where the training data lives changes no number: allowed on a resume
+    prepare_experiment(parse_spec(edit(base(tmp_path), "pool.training", {"data_placement": "stream"})))
+    # the precision changes the results: refused, naming the key
+    with pytest.raises(Exception, match="pool.training.amp"):
+        prepare_experiment(parse_spec(edit(base(tmp_path), "pool.training", {"data_placement": "stream",
+                                                                              "amp": "bf16"})))

@@ -25,7 +25,7 @@ On the CPU the same script runs at 64², batch 8, fp32 (CPU figures, ANCHORS.md'
 
     python bench/gpu_check.py                      # every architecture, defaults for the device
     python bench/gpu_check.py --archs unet_r50 delta --steps 20 --parity
-    python bench/gpu_check.py --anchor             # also run anchor_gpu.py's smp/transunet sections
+    python bench/gpu_check.py --anchor [PATH]      # also run anchor_gpu.py's smp/transunet sections
 
 Writes one JSON line per measurement to ``$OUT/gpu_check.jsonl`` when ``OUT`` is set.
 """
@@ -199,7 +199,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 32 on a GPU, 8 on the CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per loop (default 30 on a GPU, 4 on the CPU)")
     ap.add_argument("--parity", action="store_true", help="also compare the Dice of AMP and CPU fp32 training")
-    ap.add_argument("--anchor", action="store_true", help=f"also run {ANCHOR} smp_train transunet_encoder_train")
+    ap.add_argument("--anchor", nargs="?", const=str(ANCHOR), default=None, metavar="ANCHOR_GPU_PY",
+                    help=f"also run anchor_gpu.py's smp_train and transunet_encoder_train sections "
+                         f"(default path {ANCHOR}; the GPU machine needs a copy inside the checkout)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -239,6 +241,7 @@ def main() -> int:
                  **({"raw_delta_net_samples_per_s": round(r["raw_delta_net"], 2),
                      "ratio_vs_delta_net": round(r["loop"] / r["raw_delta_net"], 3)} if "raw_delta_net" in r else {}),
                  accel=r["accel"], data=r["where"], seconds=round(time.perf_counter() - t, 1))
+        p = None
         if args.parity:
             p = parity(device, tmp=Path(tmp))
             emit(name="parity", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()},
@@ -253,13 +256,17 @@ def main() -> int:
         if goal is not None and at_goal_size:
             ok &= r["ratio"] >= goal
         print(f"  {arch:<15} {r['loop']:9.1f} {r['raw']:9.1f} {r['ratio']:6.2f}  {verdict}")
+    if p is not None:
+        ok &= p["abs_diff"] <= 0.05
+        print(f"# parity, unet_r18 Dice: fp32 on the CPU {p['cpu_fp32']:.4f}, {p['amp_accel']} {p['amp']:.4f}, "
+              f"|diff| {p['abs_diff']:.4f} (tolerance 0.05): {'PASS' if p['abs_diff'] <= 0.05 else 'FAIL'}")
     if not cuda:
         print("# CPU figures (fp32); the goals are for a GPU at 256²: python bench/gpu_check.py --parity")
     if args.anchor:
-        if not ANCHOR.exists():
-            print(f"# {ANCHOR} not found: run anchor_gpu.py by hand for the ANCHORS.md table", flush=True)
+        if not Path(args.anchor).exists():
+            print(f"# {args.anchor} not found: run anchor_gpu.py by hand for the ANCHORS.md table", flush=True)
         else:
-            subprocess.run([sys.executable, str(ANCHOR), "smp_train", "transunet_encoder_train"], check=False)
+            subprocess.run([sys.executable, args.anchor, "smp_train", "transunet_encoder_train"], check=False)
     return 0 if ok and not failed else 1
 
 

@@ -198,9 +198,10 @@ class TrainData:
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None, placement: str, device: torch.device,
                  loader: torch.utils.data.DataLoader | None = None, n: int | None = None,
-                 sampler: _EpochBatches | None = None):
+                 sampler: _EpochBatches | None = None, nbytes: int = 0):
         self.tensors, self.placement, self.device, self.loader = tensors, placement, device, loader
         self.sampler = sampler
+        self.nbytes = nbytes  # the split's size (in device memory when placement is "device")
         self.n = n if n is not None else len(next(iter(tensors.values())))
 
     def __len__(self) -> int:
@@ -243,7 +244,7 @@ def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch
     if placement == "device":
         tensors = {k: torch.from_numpy(np.asarray(mm[k][rows])).to(device) for k, (_, rows) in arrays.items()}
         tensors.update({k: t.to(device) for k, t in (extra or {}).items()})
-        return TrainData(tensors, "device", device, n=n), f"training data on {device} ({why})"
+        return TrainData(tensors, "device", device, n=n, nbytes=nbytes), f"training data on {device} ({why})"
     workers = cfg.get("loader_workers", "auto")
     workers = (2 if device.type == "cuda" else 0) if workers == "auto" else int(workers)
     ds = _Rows({k: (str(p), np.asarray(rows)) for k, (p, rows) in arrays.items()})
@@ -252,7 +253,7 @@ def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch
     sampler = _EpochBatches()  # the loop sets each epoch's batches on it; workers read them in order
     loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return TrainData(None, "stream", device, loader, n=n, sampler=sampler), \
+    return TrainData(None, "stream", device, loader, n=n, sampler=sampler, nbytes=nbytes), \
         f"training data streamed ({workers} loader workers{', pinned' if device.type == 'cuda' else ''}; {why})"
 
 

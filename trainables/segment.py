@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from . import records
-from .accel import ACCEL_DEFAULTS, Accel, accel_for, augment_flips, place_training_data, resolve_device
+from .accel import (ACCEL_DEFAULTS, Accel, accel_for, augment_flips, choose_placement, place_training_data,
+                    resolve_device)
 from .data.cache import SliceCache, open_slice_cache
 from .metrics import confusion_counts
 from .models import build_model, get_model_spec, is_prompted
@@ -288,7 +289,13 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
                                       "train_segmenter")
     in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
     sets = eval_sets(cache, cfg)
-    evald = EvalData(cache, sets, device, resident=data.placement == "device")
+    # the eval sets join the training split in device memory when both fit the same budget
+    eval_rows = sum(len(rows) for _, _, rows in sets)
+    eval_bytes = eval_rows * (cache.images[:1].nbytes + cache.masks[:1].nbytes)
+    resident = data.placement == "device" and choose_placement(
+        data.nbytes + eval_bytes, device, cfg["gpu_share"], cfg["data_placement"], "train_segmenter")[0] == "device"
+    evald = EvalData(cache, sets, device, resident=resident)
+    where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
     print(f"[{run_id}] {accel.describe()}; {where}", flush=True)
 
     model = accel.model(build_model(cfg["arch"], in_channels=in_channels, classes=n_labels,

@@ -149,10 +149,6 @@ class EvalData:
         else:
             self.images, self.masks = _Take(cache.images, self.rows), _Take(cache.masks, self.rows)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.images.nbytes + self.masks.nbytes) if self.resident else 0
-
 
 class _Take:
     """``array[rows]`` sliced lazily (contiguous row ranges of a memmap read as such)."""

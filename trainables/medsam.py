@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from . import records
+from .accel import choose_placement
 from .data.cache import SliceCache, open_slice_cache
 
 EMBED_VERSION = 1
@@ -673,11 +674,14 @@ def train_medsam(config: dict, report=None) -> list[dict]:
                          f"foreground, so there is no box prompt to train on")
     skipped_train = int(len(train_rows) - len(np.unique(pos)))
     # The training split's embeddings (float16) and targets are read once and kept on the device, not
-    # read from the memmap every step (ViT-B: 2 MiB a slice); on a GPU too small for them they stay on
-    # the host and each batch is copied over.
+    # read from the memmap every step (ViT-B: 2 MiB a slice), when they fit the trial's share
+    # (trainables.accel.choose_placement, as for the other architectures); otherwise they stay on the
+    # host and each batch is copied over.
     emb_train = torch.from_numpy(np.asarray(embeddings[train_rows]))
     targets_t = torch.from_numpy(targets)
-    if device.type == "cuda" and emb_train.nbytes + targets_t.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+    placement, why = choose_placement(emb_train.nbytes + targets_t.nbytes, device, cfg["gpu_share"],
+                                      cfg["data_placement"], "train_medsam")
+    if placement == "device":
         emb_train, targets_t = emb_train.to(device), targets_t.to(device)
     boxes_t = torch.from_numpy(boxes)
     pos_t = torch.from_numpy(pos)
@@ -701,7 +705,8 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     run_id = segment.run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
     records.log_attempt(exp, "pool", run_id, start_epoch)
     if cfg["verbose"]:
-        print(f"[{run_id}] embeddings {'computed' if computed else 'cached'} in {embed_s:.1f}s; "
+        print(f"[{run_id}] embeddings {'computed' if computed else 'cached'} in {embed_s:.1f}s, "
+              f"{'on ' + str(device) if placement == 'device' else 'on the host'} ({why}); "
               f"{len(pos)} box prompts from {len(train_rows) - skipped_train} training slices "
               f"({skipped_train} without foreground skipped)")
     members: list[dict] = []

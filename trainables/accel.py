@@ -277,8 +277,8 @@ def augment_flips(batch: dict[str, torch.Tensor], gen: torch.Generator, keys: tu
     Written here rather than with MONAI's ``RandFlip``: that transform draws one random state per
     call on a single channel-first item on the host; a batch flip is two ``torch.where`` calls.
     """
-    any_t = batch[keys[0]]
-    flips = torch.rand((2, len(any_t)), generator=gen).to(any_t.device, non_blocking=True) < 0.5
+    # drawn where the generator lives (the loop gives one on the batch's device): no host copy per step
+    flips = (torch.rand((2, len(batch[keys[0]])), generator=gen, device=gen.device) < 0.5).to(batch[keys[0]].device)
     out = dict(batch)
     for k in keys:
         t = out[k]

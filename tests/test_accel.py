@@ -196,3 +196,24 @@ def test_gpu_check_runs_on_the_cpu_and_amp_matches_fp32(tmp_path):
     assert p["cpu_fp32"] > 0.8 and p["amp"] > 0.8  # both learned the task
     assert p["abs_diff"] <= 0.05 and p["ok"]
     assert "unet_r18" in out.stdout and "delta" in out.stdout
+
+
+def test_streamed_batches_carry_in_memory_extras(tiny_cache):
+    """δ's ŷ (an in-memory tensor) travels with the streamed batches exactly as with device-resident ones."""
+    from trainables.data.cache import open_slice_cache
+
+    cache = open_slice_cache(tiny_cache)
+    rows = cache.rows("SiteA", "train")
+    arrays = {"x": (str(cache.path / "images.npy"), rows), "y": (str(cache.path / "masks.npy"), rows)}
+    yh = torch.arange(len(rows), dtype=torch.int64)  # each row's own number: order mistakes show
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(3))
+    got = {}
+    for where, workers in (("device", 0), ("stream", 1)):
+        data, _ = place_training_data(arrays, torch.device("cpu"),
+                                      {"data_placement": where, "loader_workers": workers}, "test", extra={"yh": yh})
+        got[where] = list(data.batches(perm, 5))
+    assert len(got["device"]) == len(got["stream"]) == len(rows) // 5 + (len(rows) % 5 >= 2)
+    for a, b in zip(got["device"], got["stream"]):
+        assert set(a) == set(b) == {"x", "y", "yh"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.cat([b["yh"] for b in got["stream"]]), perm[: sum(len(b["yh"]) for b in got["stream"])])

@@ -157,8 +157,9 @@ class _Rows(torch.utils.data.Dataset):
     """Batches read from the memory-mapped arrays (opened lazily in each worker: a memmap pickled to a
     worker would be copied whole)."""
 
-    def __init__(self, arrays: dict[str, tuple[str, np.ndarray | None]]):
+    def __init__(self, arrays: dict[str, tuple[str, np.ndarray]], extra: dict[str, torch.Tensor] | None = None):
         self.arrays = arrays  # name -> (path of the .npy, rows)
+        self.extra = extra or {}  # name -> in-memory tensor indexed like the rows (δ's ŷ)
         self._open: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -173,6 +174,7 @@ class _Rows(torch.utils.data.Dataset):
             order = np.argsort(sel, kind="stable")  # memmap reads in file order, then back to batch order
             data = np.asarray(self._open[name][sel[order]])
             out[name] = torch.from_numpy(data[np.argsort(order, kind="stable")])
+        out.update({k: v[torch.from_numpy(batch)] for k, v in self.extra.items()})
         return out
 
 
@@ -215,16 +217,12 @@ class TrainData:
         return out
 
     def batches(self, perm: torch.Tensor, bs: int) -> Iterator[dict[str, torch.Tensor]]:
-        parts = self.split_batches(perm, bs)
         if self.placement == "device":
             perm_dev = perm.to(self.device, non_blocking=True)  # one transfer per epoch
-            start = 0
-            for b in parts:
-                idx = perm_dev[start:start + len(b)]
-                start += len(b)
+            for idx in self.split_batches(perm_dev, bs):
                 yield {k: v[idx] for k, v in self.tensors.items()}
             return
-        self.sampler.batches = [b.numpy() for b in parts]
+        self.sampler.batches = [b.numpy() for b in self.split_batches(perm, bs)]
         for batch in self.loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -247,25 +245,13 @@ def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch
         return TrainData(tensors, "device", device, n=n, nbytes=nbytes), f"training data on {device} ({why})"
     workers = cfg.get("loader_workers", "auto")
     workers = (2 if device.type == "cuda" else 0) if workers == "auto" else int(workers)
-    ds = _Rows({k: (str(p), np.asarray(rows)) for k, (p, rows) in arrays.items()})
-    if extra:
-        ds = _WithExtra(ds, {k: t.cpu() for k, t in extra.items()})
+    ds = _Rows({k: (str(p), np.asarray(rows)) for k, (p, rows) in arrays.items()},
+               {k: t.cpu() for k, t in (extra or {}).items()})
     sampler = _EpochBatches()  # the loop sets each epoch's batches on it; workers read them in order
     loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     return TrainData(None, "stream", device, loader, n=n, sampler=sampler, nbytes=nbytes), \
         f"training data streamed ({workers} loader workers{', pinned' if device.type == 'cuda' else ''}; {why})"
-
-
-class _WithExtra(torch.utils.data.Dataset):
-    def __init__(self, base: _Rows, extra: dict[str, torch.Tensor]):
-        self.base, self.extra = base, extra
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
-        return {**self.base[batch], **{k: v[torch.from_numpy(batch)] for k, v in self.extra.items()}}
 
 
 # ----------------------------------------------------------------------------- augmentation

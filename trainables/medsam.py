@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import records
-from .accel import choose_placement
+from .accel import choose_placement, resolve_device
 from .data.cache import SliceCache, open_slice_cache
 
 EMBED_VERSION = 1
@@ -655,7 +655,7 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     cfg = _resolve(config)
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
-    device = segment._device(cfg["device"])
+    device = resolve_device(cfg["device"])
     rng = torch.Generator().manual_seed(int(cfg["seed"]))
     exp = Path(cfg["experiment_dir"])
     cache = open_slice_cache(cfg["cache"])

@@ -92,9 +92,6 @@ def _resolve(config: dict) -> dict:
     return cfg
 
 
-_device = resolve_device
-
-
 def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
     """(site, role, rows): the source's test split (role "id") then each target (role "ood")."""
     sets = [(cfg["source"], "id", cache.rows(cfg["source"], "test"))]
@@ -270,7 +267,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     cfg = _resolve(config)
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
-    device = _device(cfg["device"])
+    device = resolve_device(cfg["device"])
     accel = accel_for(cfg, device, "train_segmenter")
     torch.manual_seed(int(cfg["seed"]))
     rng = torch.Generator().manual_seed(int(cfg["seed"]))

@@ -177,6 +177,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
                                 "image_size": spec.data.image_size, "spec": str(exp / SPEC_FILE)})
     if marker.exists():
         log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
+        tracker.finish_done_stage(parent)
         return
     tracker.reopen(parent)
     _init_ray(spec, address, num_cpus)
@@ -219,6 +220,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
     todo = [m for m in members["member_id"] if m not in done]
     if marker.exists() and not todo:
         log(f"uncertainty stage already done ({len(done)} members): skipped")
+        tracker.finish_done_stage(parent)
         return []
     if todo:
         tracker.reopen(parent)

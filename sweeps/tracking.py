@@ -97,6 +97,12 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def finish_done_stage(self, run_id: str) -> None:
+        """End the run of a stage found done if it is still RUNNING: a driver killed between writing
+        the stage's done marker and ending its run leaves it so, and a resume skips the stage."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.end(run_id, "FINISHED")
+
     def log_artifacts(self, run_id: str, paths: Iterable[Path], base: Path, prefix: str = "") -> None:
         for p in paths:
             p = Path(p)

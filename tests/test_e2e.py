@@ -89,6 +89,16 @@ def test_analysis_files(finished):
 def test_rerun_skips_and_does_not_duplicate(finished):
     from mlflow import MlflowClient
 
+    client = MlflowClient(f"sqlite:///{finished['exp'] / 'mlflow.db'}")
+    e = client.get_experiment_by_name("tiny")
+    # a driver killed between a stage's done marker and the end of its MLflow run leaves the run
+    # RUNNING; the rerun skips the stage and must still end it
+    stage_runs = [r.info.run_id for r in client.search_runs([e.experiment_id])
+                  if r.data.tags.get("oodsweep.stage") in ("pool", "uncertainty")
+                  and "mlflow.parentRunId" not in r.data.tags]
+    assert len(stage_runs) == 2
+    for rid in stage_runs:
+        client.update_run(rid, status="RUNNING")
     proc = run_cli("run", str(finished["spec"]), "--num-cpus", "2", cwd=finished["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pool stage already done" in proc.stdout
@@ -96,6 +106,7 @@ def test_rerun_skips_and_does_not_duplicate(finished):
     e = client.get_experiment_by_name("tiny")
     assert "uncertainty stage already done" in proc.stdout
     assert len(client.search_runs([e.experiment_id])) == 4 + 4 + 3  # members (pool, uncertainty), stages
+    assert all(client.get_run(rid).info.status == "FINISHED" for rid in stage_runs)
 
 
 def test_status_and_analyze_without_ray(finished, tmp_path):

@@ -1,20 +1,29 @@
-"""Agreement between pool members: mean Dice between their predicted masks on a split (DESIGN §7).
+"""Agreement between pool members: one member scored against another's masks (DESIGN §3, §7).
 
 The pool stage stores every member's binary predictions per evaluated site as packed bits
 (``trainables.records.save_predictions``): one file per member and site, the same slices in the same
 order for every member of one experiment. For one site, this module stacks the packed bits of all
-members and computes the Dice of every pair on every slice with one matrix product per slice:
-for a members x pixels 0/1 matrix ``X`` of one slice, ``X @ X.T`` holds the pairwise intersections
-(and its diagonal the mask sizes). Only the pixels where at least one member predicts foreground
-take part in the product, which keeps it small (masks are mostly background).
+members and computes, with one matrix product per slice, the per-slice confusion counts of every
+member's mask against every other member's: for a members x pixels 0/1 matrix ``X`` of one slice,
+``X @ X.T`` holds the pairwise intersections ``tp`` (and its diagonal the mask sizes), so member i
+against member j has ``tp = |Pi ∩ Pj|``, ``fp = |Pi| - tp``, ``fn = |Pj| - tp``. Only the pixels
+where at least two members predict foreground take part in the product (masks are mostly background).
 
-Agreement of members i and j on a split (the convention of ``records.metric_by("dice_2d")``, with
-"at least one of the two masks non-empty" in place of "non-empty ground truth", since agreement
-uses no labels): the mean over the split's slices where at least one of the two masks is non-empty
-of ``2 |Pi ∩ Pj| / (|Pi| + |Pj|)``. Like dice_2d on a split without foreground, it is undefined
-(NaN) for a pair that predicts nothing on every slice: two members that both fail to segment
-anything would otherwise "agree perfectly" and lift each other's agreement. The matrix is
-symmetric; a member's agreement with itself is 1 (NaN only if it predicts nothing anywhere).
+Agreement is on the performance scale (Baek et al.'s "agreement on the line" compares the two lines
+on one scale): member i's masks are scored against member j's as if j's were the truth, aggregated
+exactly as ``trainables.records.metric_by`` aggregates the performance metric:
+
+* ``iou_3d``: per case, |Pi ∩ Pj| / |Pi ∪ Pj| over all its slices; the mean over the cases where the
+  "truth" j is non-empty;
+* ``dice_2d``: per slice 2 |Pi ∩ Pj| / (|Pi| + |Pj|); the mean over the slices where j is non-empty;
+* ``dice_global``: 2 Σ|Pi ∩ Pj| / (Σ|Pi| + Σ|Pj|) over the split (symmetric as it stands).
+
+``iou_3d`` and ``dice_2d`` depend on which member plays the truth (the set of cases or slices
+averaged over), so they are symmetrised: agreement(i, j) is the mean of i scored against j and j
+against i (the one that is defined if only one is: a member that predicts nothing anywhere scores
+0 against the others). NaN for a pair that predicts nothing on the split: two members that both fail
+to segment anything would otherwise "agree perfectly". ``mask_dice`` keeps the earlier convention
+(mean per-slice Dice over the slices where either mask is non-empty), by name, for comparison.
 """
 from __future__ import annotations
 
@@ -104,8 +113,135 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+#: Agreement metrics: ``trainables.records.METRICS`` (the performance scale) and the earlier ``mask_dice``.
+AGREEMENT_METRICS = ("iou_3d", "dice_2d", "dice_global", "mask_dice")
+
+
+def _check_bits(bits: np.ndarray, n_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the ``M x N x B`` packed stack; return it (uint8) and its ``M x N`` mask sizes."""
+    bits = np.asarray(bits, dtype=np.uint8)
+    if bits.ndim != 3 or bits.shape[2] * 8 < n_px:
+        raise ValueError(f"bits must be members x slices x bytes with bytes * 8 >= n_px = {n_px}, "
+                         f"got shape {bits.shape}")
+    if n_px >= 2 ** 24:  # float32 counts are exact below 2**24 (the matrix products run in float32)
+        raise ValueError(f"{n_px} pixels per slice is beyond exact float32 counts (2**24); downsample the masks")
+    return bits, np.bitwise_count(bits).sum(axis=2, dtype=np.int64)
+
+
+def _prepare(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(shared, by_slice)`` for ``_slice_intersections``, computed once per stack."""
+    # A pixel marked by a single member adds to no pairwise intersection: only the pixels that two
+    # or more members mark enter the product (isolated false positives would otherwise widen it).
+    return _shared_bits(bits), np.ascontiguousarray(bits.transpose(1, 0, 2))  # N x M x B: a slice contiguous
+
+
+def _slice_intersections(prep: tuple[np.ndarray, np.ndarray], sizes: np.ndarray, slices: np.ndarray | None = None):
+    """Yield ``(k, nz, inter)`` per slice ``k`` (of ``slices``, default all) where some mask is non-empty.
+
+    ``prep``: ``_prepare(bits)``. ``nz``: the members with a non-empty mask on slice k (a pair with one
+    empty mask has tp = 0 there); ``inter``: ``len(nz) x len(nz)`` float64, ``|Pi ∩ Pj|`` off the
+    diagonal, ``|Pi|`` on it.
+    """
+    shared, by_slice = prep
+    m = by_slice.shape[1]
+    ks = np.flatnonzero(sizes.any(axis=0)) if slices is None else [k for k in slices if sizes[:, k].any()]
+    for k in ks:
+        nz = np.flatnonzero(sizes[:, k])
+        cols = np.flatnonzero(shared[k])          # bytes holding a shared pixel
+        if cols.size:
+            keep = np.unpackbits(shared[k, cols]).astype(bool)
+            rows = by_slice[k] if len(nz) == m else by_slice[k, nz]
+            x = np.unpackbits(rows[:, cols], axis=1)[:, keep].astype(np.float32)  # nz x shared pixels
+            inter = (x @ x.T).astype(np.float64)                                  # |Pi ∩ Pj|, i != j
+        else:
+            inter = np.zeros((len(nz), len(nz)))
+        np.fill_diagonal(inter, sizes[nz, k].astype(np.float64))
+        yield k, nz, inter
+
+
+def _add(acc: np.ndarray, nz: np.ndarray, block: np.ndarray) -> None:
+    if len(nz) == len(acc):
+        acc += block
+    else:
+        acc[np.ix_(nz, nz)] += block
+
+
+def _symmetrised(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Mean of ``total[i, j] / count[j]`` (i scored against j) and ``total[i, j] / count[i]`` (j against i).
+
+    ``total`` is symmetric: the sum of the per-unit score over the units where either mask is
+    non-empty (a unit where only one is non-empty scores 0, so the sum over the units where the
+    "truth" is non-empty is the same). ``count[j]``: units where j is non-empty.
+    """
+    c = count.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(c[None, :] > 0, total / np.where(c > 0, c, 1.0)[None, :], np.nan)  # i against j
+        both = np.stack([d, d.T])
+        ok = np.isfinite(both)
+        n = ok.sum(axis=0)
+        return np.divide(np.where(ok, both, 0.0).sum(axis=0), n, out=np.full(total.shape, np.nan), where=n > 0)
+
+
+def pairwise_agreement(bits: np.ndarray, n_px: int, case_ids: np.ndarray | list[str] | None = None,
+                       metric: str = "iou_3d") -> np.ndarray:
+    """Agreement of every pair of members on one split, on the scale of the performance ``metric``.
+
+    Args:
+        bits: ``M x N x B`` uint8, member m's packed mask of slice n in ``bits[m, n]``
+            (``B * 8 >= n_px``, bits in ``np.packbits`` order, padding bits zero).
+        n_px: pixels per slice (``H * W``).
+        case_ids: ``N`` case ids (``iou_3d`` merges a case's slices; default: one case).
+        metric: one of ``AGREEMENT_METRICS`` (see the module docstring).
+
+    Returns:
+        ``M x M`` float64, symmetric; the diagonal is 1 but for a member that predicts nothing.
+
+    Raises:
+        ValueError: an unknown metric (the message lists the valid ones) or a malformed stack.
+    """
+    if metric not in AGREEMENT_METRICS:
+        raise ValueError(f"unknown agreement metric {metric!r}; valid metrics: {', '.join(AGREEMENT_METRICS)}")
+    if metric == "mask_dice":
+        return pairwise_dice(bits, n_px)
+    bits, sizes = _check_bits(bits, n_px)
+    m, n, _ = bits.shape
+    if metric == "dice_2d":
+        total = np.zeros((m, m))
+        for _, nz, inter in _slice_intersections(_prepare(bits), sizes):
+            a = np.diag(inter).copy()
+            _add(total, nz, 2.0 * inter / np.add.outer(a, a))
+        return _symmetrised(total, (sizes > 0).sum(axis=1))
+    cases = np.zeros(n, dtype=np.int64) if case_ids is None else np.unique(np.asarray(case_ids, dtype=str),
+                                                                             return_inverse=True)[1].ravel()
+    if len(cases) != n:
+        raise ValueError(f"case_ids has {len(cases)} entries for {n} slices")
+    order = np.argsort(cases, kind="stable")
+    bounds = np.flatnonzero(np.diff(cases[order])) + 1
+    total = np.zeros((m, m))
+    count = np.zeros(m, dtype=np.int64)
+    sum_sizes = np.zeros(m)
+    prep = _prepare(bits)
+    for group in np.split(order, bounds):
+        inter_c = np.zeros((m, m))
+        for _, nz, inter in _slice_intersections(prep, sizes, group):
+            _add(inter_c, nz, inter)
+        s = np.diag(inter_c).copy()                # the members' mask sizes in this case
+        if metric == "dice_global":
+            total += inter_c
+            sum_sizes += s
+            continue
+        union = np.add.outer(s, s) - inter_c
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total += np.divide(inter_c, union, out=np.zeros_like(union), where=union > 0)
+        count += s > 0
+    if metric == "dice_global":
+        den = np.add.outer(sum_sizes, sum_sizes)
+        return np.divide(2.0 * total, den, out=np.full_like(den, np.nan), where=den > 0)
+    return _symmetrised(total, count)
+
+
 def pairwise_dice(bits: np.ndarray, n_px: int) -> np.ndarray:
-    """Mean Dice between every pair of members' masks over the slices of one split.
+    """Mean Dice between every pair of members' masks over the slices of one split (``mask_dice``).
 
     Args:
         bits: ``M x N x B`` uint8, member m's packed mask of slice n in ``bits[m, n]``
@@ -117,37 +253,12 @@ def pairwise_dice(bits: np.ndarray, n_px: int) -> np.ndarray:
         non-empty of the per-slice Dice; NaN where both masks are empty on every slice (so the
         diagonal is 1 but for a member that predicts nothing anywhere).
     """
-    bits = np.asarray(bits, dtype=np.uint8)
-    if bits.ndim != 3 or bits.shape[2] * 8 < n_px:
-        raise ValueError(f"bits must be members x slices x bytes with bytes * 8 >= n_px = {n_px}, "
-                         f"got shape {bits.shape}")
+    bits, sizes = _check_bits(bits, n_px)
     m, n, _ = bits.shape
-    if n_px >= 2 ** 24:  # float32 counts are exact below 2**24 (the matrix products run in float32)
-        raise ValueError(f"{n_px} pixels per slice is beyond exact float32 counts (2**24); downsample the masks")
-    sizes = np.bitwise_count(bits).sum(axis=2, dtype=np.int64)  # M x N mask sizes
-    # A pixel marked by a single member adds to no pairwise intersection: only the pixels that two
-    # or more members mark enter the product (isolated false positives would otherwise widen it).
-    shared = _shared_bits(bits)
-    by_slice = np.ascontiguousarray(bits.transpose(1, 0, 2))  # N x M x B: one slice's masks contiguous
     dice_sum = np.zeros((m, m))
-    for k in np.flatnonzero(sizes.any(axis=0)):  # a slice where every mask is empty adds nothing
-        nz = np.flatnonzero(sizes[:, k])          # members with a non-empty mask: a pair with one
-        a = sizes[nz, k].astype(np.float64)       # empty mask has Dice 0 there (adds 0 to the sum)
-        cols = np.flatnonzero(shared[k])          # bytes holding a shared pixel
-        if cols.size:
-            keep = np.unpackbits(shared[k, cols]).astype(bool)
-            rows = by_slice[k] if len(nz) == m else by_slice[k, nz]
-            x = np.unpackbits(rows[:, cols], axis=1)[:, keep].astype(np.float32)  # nz x shared pixels
-            inter = (x @ x.T).astype(np.float64)                                  # |Pi ∩ Pj|, i != j
-        else:
-            inter = np.zeros((len(nz), len(nz)))
-        np.fill_diagonal(inter, a)
-        inter /= np.add.outer(a, a)               # Dice / 2, in place
-        if len(nz) == m:
-            dice_sum += inter
-        else:
-            dice_sum[np.ix_(nz, nz)] += inter
-    dice_sum *= 2.0
+    for _, nz, inter in _slice_intersections(_prepare(bits), sizes):
+        a = np.diag(inter).copy()
+        _add(dice_sum, nz, 2.0 * inter / np.add.outer(a, a))
     # Slices a pair counts: all but those where both masks are empty (E.T @ E counts those; E is
     # slices x members, 1 where the member's mask is empty; exact in float64).
     empty = (sizes == 0).astype(np.float64).T
@@ -166,6 +277,7 @@ class Agreement:
         roles: site -> ``"id"`` or ``"ood"``.
         n_slices: site -> number of slices compared.
         notes: what was skipped and why (for tables.md).
+        metric: the agreement metric (``AGREEMENT_METRICS``; the performance metric's scale).
     """
 
     member_ids: list[str]
@@ -173,6 +285,16 @@ class Agreement:
     roles: dict[str, str] = field(default_factory=dict)
     n_slices: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    metric: str = "iou_3d"
+
+    def subset(self, member_ids: list[str] | tuple[str, ...]) -> Agreement:
+        """The agreement of ``member_ids`` only (e.g. the label-free members): sub-matrices, same sites."""
+        index = {m: i for i, m in enumerate(self.member_ids)}
+        keep = [m for m in member_ids if m in index]
+        pos = np.array([index[m] for m in keep], dtype=np.int64)
+        return Agreement(member_ids=keep, matrices={s: a[np.ix_(pos, pos)] for s, a in self.matrices.items()},
+                         roles=dict(self.roles), n_slices=dict(self.n_slices), notes=list(self.notes),
+                         metric=self.metric)
 
     @property
     def id_site(self) -> str | None:
@@ -200,8 +322,9 @@ class Agreement:
         return out
 
 
-def _stack_site(paths: dict[str, Path], site: str) -> tuple[list[str], np.ndarray | None, int, list[str]]:
-    """Stack the packed bits of the members whose file matches the first one's slices."""
+def _stack_site(paths: dict[str, Path], site: str
+                ) -> tuple[list[str], np.ndarray | None, int, list[str], np.ndarray | None]:
+    """Stack the packed bits of the members whose file matches the first one's slices (and its case ids)."""
     notes: list[str] = []
     ref: PackedPredictions | None = None
     ref_path: Path | None = None
@@ -225,24 +348,28 @@ def _stack_site(paths: dict[str, Path], site: str) -> tuple[list[str], np.ndarra
         stack[len(kept)] = p.bits
         kept.append(mid)
     if ref is None or stack is None:
-        return [], None, 0, notes
-    return kept, stack[: len(kept)], ref.n_px, notes
+        return [], None, 0, notes, None
+    return kept, stack[: len(kept)], ref.n_px, notes, ref.case_id
 
 
 def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
-                       site_roles: dict[str, str]) -> Agreement:
+                       site_roles: dict[str, str], metric: str = "iou_3d") -> Agreement:
     """Pairwise agreement of ``member_ids`` on every site of ``site_roles``, from the stored predictions.
 
     Args:
         experiment_dir: the experiment directory (``records/predictions/<member_id>/<site>.npz``).
         member_ids: the pool members (rows and columns of the matrices, in this order).
         site_roles: site -> role (``"id"`` / ``"ood"``), e.g. from the slice records.
+        metric: the agreement metric (``AGREEMENT_METRICS``): the performance metric, so that
+            agreement and performance are on one scale.
     Returns:
         An ``Agreement``; a site where fewer than two members have predictions gets no matrix
         (and a note), a member without a file on a site gets NaN there (and a note).
     """
     pdir = records_dir(experiment_dir) / "predictions"
-    res = Agreement(member_ids=list(member_ids))
+    if metric not in AGREEMENT_METRICS:
+        raise ValueError(f"unknown agreement metric {metric!r}; valid metrics: {', '.join(AGREEMENT_METRICS)}")
+    res = Agreement(member_ids=list(member_ids), metric=metric)
     index = {mid: i for i, mid in enumerate(res.member_ids)}
     if not pdir.is_dir():
         res.notes.append(f"no predicted masks under {pdir}: agreement skipped (the pool stage stores them with "
@@ -254,13 +381,13 @@ def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
         if missing:
             res.notes.append(f"agreement on {site}: no predictions file for {len(missing)} member(s) "
                              f"(e.g. {pdir / missing[0] / (site + '.npz')}); they are left out there")
-        kept, stack, n_px, notes = _stack_site({k: p for k, p in paths.items() if k not in missing}, site)
+        kept, stack, n_px, notes, case_ids = _stack_site({k: p for k, p in paths.items() if k not in missing}, site)
         res.notes += notes
         if len(kept) < 2 or stack is None:
             res.notes.append(f"agreement on {site}: fewer than two members with usable predictions; skipped")
             continue
         with _one_blas_thread():
-            sub = pairwise_dice(stack, n_px)
+            sub = pairwise_agreement(stack, n_px, case_ids, metric)
         full = np.full((len(res.member_ids),) * 2, np.nan)
         pos = np.array([index[k] for k in kept])
         full[np.ix_(pos, pos)] = sub

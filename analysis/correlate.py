@@ -1,10 +1,15 @@
 """Correlation of an indicator with OOD performance across the pool (DESIGN §7).
 
 Statistics come from ``scipy.stats``: Pearson r with its Fisher-z confidence interval, Spearman ρ,
-Kendall τ (τ-b), least squares (``linregress``) for the probit fit, and ``bootstrap`` for the
-intervals of r, ρ and τ. This module only chooses what to resample (pool members, also when the
-points are pairs of members) and guards the degenerate cases (too few points, constant input) so
-that they give NaN instead of warnings or exceptions.
+Kendall τ (τ-b), least squares (``linregress``) for the probit fit, and ``bootstrap`` (BCa where it
+is defined, else percentile) for the intervals. This module chooses what to resample and guards the
+degenerate cases (too few points, constant input) so that they give NaN instead of warnings.
+
+**The unit of resampling is the training run** (``run_id``): the snapshot members of one run (and
+the pairs they are in) are not independent, so a bootstrap resample draws runs with replacement and
+takes every member of a drawn run (DESIGN §3). Without run ids, each member is its own unit (the
+caller warns). Fisher z and the p-values treat points as independent: they are kept for member
+rows (read them with that caveat) and left out (NaN) on pair rows, where they are plainly wrong.
 """
 from __future__ import annotations
 
@@ -19,16 +24,21 @@ from scipy import stats
 #: Fewer finite (x, y) pairs than this give NaN statistics (the 95% CI needs n > 3).
 MIN_POINTS = 4
 
-#: Bootstrap resamples for the intervals of r, ρ and τ (percentile intervals; modest, to stay fast).
-N_RESAMPLES = 199
+#: Bootstrap resamples for the intervals (2,000: about 50 draws beyond each end of a 95% interval).
+N_RESAMPLES = 2000
+#: Resamples evaluated per vectorised batch (bounds the memory of the pair statistics: B x M x M).
+BOOT_BATCH = 50
 #: Seed of the bootstrap's generator: the same records give the same intervals.
 SEED = 0
 #: Confidence level of every interval.
 CONFIDENCE = 0.95
 
 #: Keys of ``correlate``'s result, in order. ``pearson_ci_*``: Fisher z (scipy), which assumes
-#: independent points; ``*_boot_*`` / ``spearman_ci_*`` / ``kendall_ci_*``: percentile bootstrap over
-#: pool members; ``n_units``: the members resampled (``n`` counts points: members or pairs).
+#: independent points (NaN on pair rows); ``*_boot_*`` / ``spearman_ci_*`` / ``kendall_ci_*``: bootstrap
+#: (BCa, else percentile) over training runs (``resample`` says which unit); ``n_units``: the units
+#: resampled (``n`` counts points: members or pairs). ``kendall_ci_*`` stay NaN (no vectorised τ; see
+#: ``_weighted_rank_stats``); pair rows bootstrap r only (ρ over tens of thousands of pairs per
+#: resample costs too much; its point value is given).
 STAT_KEYS = ("n", "n_units", "pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high",
              "pearson_boot_low", "pearson_boot_high",
              "spearman_rho", "spearman_p", "spearman_ci_low", "spearman_ci_high",
@@ -36,7 +46,61 @@ STAT_KEYS = ("n", "n_units", "pearson_r", "pearson_p", "pearson_ci_low", "pearso
              "probit_slope", "probit_intercept", "probit_r2", "probit_r")
 
 #: Leading columns of ``correlations``' and ``pair_correlations``' results (then ``STAT_KEYS``).
-ID_COLUMNS = ("indicator", "metric", "source", "target", "unit", "x", "y")
+#: ``members``: ``"label-free"`` (members whose evaluation used no labels) or ``"all"``; ``resample``:
+#: the bootstrap's unit (``"run"`` or ``"member"``).
+ID_COLUMNS = ("indicator", "metric", "members", "source", "target", "unit", "resample", "x", "y")
+
+
+def resampling_units(groups: np.ndarray | pd.Series | list | None, n: int) -> tuple[np.ndarray, str]:
+    """The bootstrap's units: ``(units, name)`` with ``units`` an ``R x K`` int array (-1 padded).
+
+    Row r lists the point indices of unit r. ``groups``: a run id per point (None, or any missing
+    value, makes every point its own unit: ``name`` is then ``"member"``, else ``"run"``).
+    """
+    if groups is None or len(groups) == 0 or pd.isna(pd.Series(groups, dtype=object)).any():
+        return np.arange(n, dtype=np.int64)[:, None], "member"
+    codes, uniq = pd.factorize(pd.Series(groups).astype(str), sort=True)
+    counts = np.bincount(codes, minlength=len(uniq))
+    units = np.full((len(uniq), int(counts.max())), -1, dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    units[codes[order], pos] = order
+    return units, ("member" if counts.max() == 1 else "run")
+
+
+def _expand(units: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Unit indices ``... x u`` -> point indices ``... x (u * K)`` (-1 for padding)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return units[idx].reshape(*idx.shape[:-1], -1)
+
+
+def _weighted_rank_stats(x: np.ndarray, y: np.ndarray, w: np.ndarray, rank: bool = True) -> np.ndarray:
+    """(Pearson r, Spearman ρ) of every row of ``x, y`` (``B x L``) over the entries with ``w`` (0/1).
+
+    Written out rather than calling scipy per resample: 2,000 run-level resamples of different sizes
+    (runs hold different numbers of members) per row of the table made scipy's per-call overhead the
+    whole cost. The formulas are scipy's: ρ is Pearson r of the average ranks (``stats.rankdata``,
+    padding ranked last so that it does not move the others' ranks). NaN where an input is constant.
+    Kendall's τ has no vectorised form (its O(L²) sign matrices per resample cost 40x the rest), so
+    its bootstrap interval is not computed; its point value and p-value come from scipy.
+    """
+    w = w.astype(np.float64)
+    n = w.sum(axis=-1)
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ma = (a * w).sum(-1) / n
+            mb = (b * w).sum(-1) / n
+            da, db = (a - ma[..., None]) * w, (b - mb[..., None]) * w
+            return (da * db).sum(-1) / np.sqrt((da * da).sum(-1) * (db * db).sum(-1))
+
+    r = pearson(np.where(w > 0, x, 0.0), np.where(w > 0, y, 0.0))
+    out = np.full((2,) + r.shape, np.nan)
+    out[0] = r
+    if rank:
+        out[1] = pearson(stats.rankdata(np.where(w > 0, x, np.inf), axis=-1),
+                         stats.rankdata(np.where(w > 0, y, np.inf), axis=-1))
+    return np.clip(out, -1.0, 1.0)
 
 
 def probit(p: np.ndarray | pd.Series | float, eps: float = 1e-3) -> np.ndarray:
@@ -56,51 +120,32 @@ def _is_constant(a: np.ndarray) -> bool:
     return bool(a.size == 0 or np.all(a == a[0]))
 
 
-def _rank_stats(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(Pearson r, Spearman ρ, Kendall τ) of one resample; NaN where an input is constant."""
-    if _is_constant(x) or _is_constant(y):
-        return np.full(3, np.nan)
-    return np.array([stats.pearsonr(x, y).statistic, stats.spearmanr(x, y).statistic,
-                     stats.kendalltau(x, y).statistic])
-
-
-def _rank_stats_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``_rank_stats`` of every row of ``x, y`` (``B x n``) at once: ``3 x B``.
-
-    ``stats.spearmanr`` of 2-D input gives a correlation matrix, not row-wise values, so ρ is
-    computed as what spearmanr computes: Pearson r (``stats.pearsonr(axis=-1)``) of the average
-    ranks (``stats.rankdata(axis=-1)``). Kendall's τ has no row-wise form in scipy: one call per row.
-    """
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = stats.pearsonr(x, y, axis=-1).statistic
-        rho = stats.pearsonr(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1), axis=-1).statistic
-    tau = np.array([stats.kendalltau(a, b).statistic if not (_is_constant(a) or _is_constant(b)) else np.nan
-                    for a, b in zip(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))]).reshape(x.shape[:-1])
-    out = np.stack([np.asarray(r, dtype=float), np.asarray(rho, dtype=float), tau])
-    const = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
-    out[:, const] = np.nan
-    return out
-
-
 def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int, n_resamples: int,
-               seed: int, vectorized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap intervals of a vector ``statistic(unit indices)`` over ``n_units`` units.
+               seed: int, n_stats: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap intervals of a vector ``statistic(unit indices, axis=-1)`` over ``n_units`` units.
 
-    ``scipy.stats.bootstrap`` resamples the unit indices; the statistic maps them to the points
-    (members, or the pairs of the resampled members). A resample whose input is constant gives NaN;
-    when scipy's interval is NaN for that reason, it is taken from the finite part of scipy's
-    bootstrap distribution (``np.quantile`` of the finite values), provided at least 90% of the
-    resamples are finite. ``vectorized``: ``statistic(idx, axis=-1)`` takes a batch of resamples.
+    ``scipy.stats.bootstrap`` resamples the unit indices (``BOOT_BATCH`` resamples at a time) and
+    takes the BCa interval (its jackknife leaves one unit out); the statistic maps the indices to the
+    points (the runs' members, or the pairs of those members). Where BCa is not defined (NaN: a
+    resample whose input is constant, or a degenerate jackknife), the interval is the percentile
+    interval of the finite part of the same bootstrap distribution, provided at least 90% of the
+    resamples are finite.
     """
-    nan = np.full(3, np.nan)
+    nan = np.full(n_stats, np.nan)
     if n_resamples <= 0 or n_units < MIN_POINTS:
         return nan, nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate resamples: NaN statistics, handled below
-        res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=vectorized,
-                              method="percentile", confidence_level=CONFIDENCE, rng=np.random.default_rng(seed))
-    lo = np.asarray(res.confidence_interval.low, dtype=float)
-    hi = np.asarray(res.confidence_interval.high, dtype=float)
+        try:
+            res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=True,
+                                  batch=BOOT_BATCH, method="BCa", confidence_level=CONFIDENCE,
+                                  rng=np.random.default_rng(seed))
+        except ValueError:  # e.g. a degenerate jackknife: the percentile interval below
+            res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=True,
+                                  batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,
+                                  rng=np.random.default_rng(seed))
+    lo = np.atleast_1d(np.asarray(res.confidence_interval.low, dtype=float)).copy()
+    hi = np.atleast_1d(np.asarray(res.confidence_interval.high, dtype=float)).copy()
     dist = np.atleast_2d(res.bootstrap_distribution)
     alpha = (1.0 - CONFIDENCE) / 2.0
     for i in np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi))):
@@ -137,18 +182,20 @@ def _point_stats(x: np.ndarray, y: np.ndarray, eps: float) -> dict[str, float]:
 
 def _put_intervals(out: dict[str, float], lo: np.ndarray, hi: np.ndarray) -> dict[str, float]:
     for i, (kl, kh) in enumerate((("pearson_boot_low", "pearson_boot_high"), ("spearman_ci_low", "spearman_ci_high"),
-                                  ("kendall_ci_low", "kendall_ci_high"))):
+                                  ("kendall_ci_low", "kendall_ci_high"))[: len(lo)]):
         out[kl], out[kh] = float(lo[i]), float(hi[i])
     return out
 
 
 def correlate(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, eps: float = 1e-3,
-              n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict[str, float]:
+              n_resamples: int = N_RESAMPLES, seed: int = SEED,
+              groups: np.ndarray | pd.Series | list | None = None) -> dict[str, float]:
     """Correlate an indicator ``x`` with OOD performance ``y`` (both in [0, 1]), one point per member.
 
     Pairs where either value is not finite are dropped first. Pearson r, its 95% confidence
     interval (Fisher z), Spearman ρ and Kendall τ are computed on the raw values; the intervals of
-    r, ρ and τ also come from a percentile bootstrap over the points. ``probit_*`` is the
+    r and ρ also come from a bootstrap (BCa) over ``groups`` (the training runs: a run's
+    members move together), or over the points when ``groups`` is None. ``probit_*`` is the
     least-squares fit ``probit(y) = slope * probit(x) + intercept`` (the "on the line" fit), with
     ``probit_r`` the Pearson r of the probit values and ``probit_r2`` its square.
 
@@ -158,38 +205,66 @@ def correlate(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, eps: float =
         eps: clip margin of ``probit``.
         n_resamples: bootstrap resamples (0: no bootstrap, its keys stay NaN).
         seed: the bootstrap generator's seed.
+        groups: the training run of each point (same length), or None.
 
     Returns:
-        A dict with the keys ``STAT_KEYS``; every statistic is NaN when fewer than
-        ``MIN_POINTS`` pairs remain or an input it needs is constant.
+        A dict with the keys ``STAT_KEYS`` and ``resample`` (``"run"`` or ``"member"``); every
+        statistic is NaN when fewer than ``MIN_POINTS`` pairs remain or an input it needs is constant.
+        ``n_units``: the runs (or members) resampled.
 
     Raises:
-        ValueError: ``x`` and ``y`` differ in length.
+        ValueError: ``x``, ``y`` (and ``groups``) differ in length.
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"x and y differ in length: {x.size} vs {y.size}")
+    if x.shape != y.shape or (groups is not None and len(groups) != x.size):
+        raise ValueError(f"x, y and groups differ in length: {x.size}, {y.size}, "
+                         f"{None if groups is None else len(groups)}")
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    out = _point_stats(x, y, eps)
+    units, unit_name = resampling_units(None if groups is None else np.asarray(groups, dtype=object)[keep], x.size)
+    out: dict = _point_stats(x, y, eps)
+    out["n_units"] = int(len(units))
+    out["resample"] = unit_name
     if x.size >= MIN_POINTS and not (_is_constant(x) or _is_constant(y)):
-        lo, hi = _bootstrap(lambda idx, axis=-1: _rank_stats_rows(x[idx], y[idx]), x.size, n_resamples, seed,
-                            vectorized=True)
+        def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            pts = _expand(units, idx)
+            safe = np.maximum(pts, 0)
+            return _weighted_rank_stats(x[safe], y[safe], pts >= 0)
+
+        lo, hi = _bootstrap(statistic, len(units), n_resamples, seed)
         _put_intervals(out, lo, hi)
     return out
 
 
+def _pair_values(ax: np.ndarray, ay: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of the members ``pts`` (``B x L``, -1 padding): ``(x, y, w)`` each ``B x L*L``.
+
+    A pair is two different positions a < b of the resample holding two different members (never
+    a member with itself; a member drawn twice pairs with the others twice), both values finite.
+    """
+    safe = np.maximum(pts, 0)
+    vx = ax[safe[..., :, None], safe[..., None, :]]
+    vy = ay[safe[..., :, None], safe[..., None, :]]
+    L = pts.shape[-1]
+    upper = np.triu(np.ones((L, L), dtype=bool), k=1)
+    w = (upper & (pts[..., :, None] != pts[..., None, :]) & (pts[..., :, None] >= 0) & (pts[..., None, :] >= 0)
+         & np.isfinite(vx) & np.isfinite(vy))
+    shape = (*pts.shape[:-1], L * L)
+    return np.where(w, vx, 0.0).reshape(shape), np.where(w, vy, 0.0).reshape(shape), w.reshape(shape)
+
+
 def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resamples: int = N_RESAMPLES,
-                    seed: int = SEED) -> dict[str, float]:
+                    seed: int = SEED, groups: np.ndarray | pd.Series | list | None = None) -> dict[str, float]:
     """Correlate two symmetric member x member matrices over the pairs of members (i < j).
 
     The agreement-on-the-line test: ``ax`` the ID agreement, ``ay`` the OOD agreement of each
-    pair. Points are the pairs with both values finite; the bootstrap resamples pool members
-    (a pair is in a resample when both its members are, once per draw of each, never a member
-    with itself), since pairs that share a member are not independent. For the same reason the
-    Fisher-z interval and the p-values, which treat the pairs as independent points, are too
-    narrow; the bootstrap intervals are the ones to read.
+    pair. Points are the pairs with both values finite; the bootstrap resamples training runs
+    (``groups``, one run id per row of the matrices; None: members) and takes the pairs of the
+    drawn runs' members (never a member with itself), since pairs that share a member or a run are
+    not independent. For the same reason the Fisher-z interval and the p-values, which treat the
+    pairs as independent points, are not reported (NaN); the bootstrap interval of r is the one.
+    ρ and τ are given without an interval (their resampled values over ~M²/2 pairs cost too much).
 
     Args:
         ax: ``M x M`` indicator matrix (e.g. ID agreement).
@@ -197,35 +272,43 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
         eps: clip margin of ``probit``.
         n_resamples: bootstrap resamples (0: none).
         seed: the bootstrap generator's seed.
+        groups: the training run of each member (``M``), or None.
 
     Returns:
-        A dict with the keys ``STAT_KEYS``; ``n`` counts pairs, ``n_units`` members.
+        A dict with the keys ``STAT_KEYS`` and ``resample``; ``n`` counts pairs, ``n_units`` the
+        runs (or members) resampled.
     """
     ax = np.asarray(ax, dtype=np.float64)
     ay = np.asarray(ay, dtype=np.float64)
     if ax.shape != ay.shape or ax.ndim != 2 or ax.shape[0] != ax.shape[1]:
         raise ValueError(f"expected two square matrices of one shape, got {ax.shape} and {ay.shape}")
+    if groups is not None and len(groups) != len(ax):
+        raise ValueError(f"groups has {len(groups)} entries for {len(ax)} members")
     members = np.flatnonzero(np.isfinite(ax).any(axis=1) & np.isfinite(ay).any(axis=1))
     ax, ay = ax[np.ix_(members, members)], ay[np.ix_(members, members)]
     iu = np.triu_indices(len(members), k=1)
     x, y = ax[iu], ay[iu]
     keep = np.isfinite(x) & np.isfinite(y)
-    out = _point_stats(x[keep], y[keep], eps)
-    out["n_units"] = int(len(members))
+    out: dict = _point_stats(x[keep], y[keep], eps)
+    for k in ("pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_p", "kendall_p"):
+        out[k] = math.nan  # they treat pairs as independent points
+    units, unit_name = resampling_units(None if groups is None else np.asarray(groups, dtype=object)[members],
+                                        len(members))
+    out["n_units"] = int(len(units))
+    out["resample"] = unit_name
     if keep.sum() >= MIN_POINTS and not (_is_constant(x[keep]) or _is_constant(y[keep])):
-        def statistic(idx: np.ndarray) -> np.ndarray:
-            upper = np.triu(idx[:, None] != idx[None, :], k=1)  # positions a < b, never a member with itself
-            sx, sy = ax[np.ix_(idx, idx)][upper], ay[np.ix_(idx, idx)][upper]
-            ok = np.isfinite(sx) & np.isfinite(sy)
-            return _rank_stats(sx[ok], sy[ok])
+        def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            px, py, w = _pair_values(ax, ay, _expand(units, idx))
+            return _weighted_rank_stats(px, py, w, rank=False)[:1]
 
-        lo, hi = _bootstrap(statistic, len(members), n_resamples, seed)
+        lo, hi = _bootstrap(statistic, len(units), n_resamples, seed, n_stats=1)
         _put_intervals(out, lo, hi)
     return out
 
 
 def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: str = "id_score",
-                 y_col: str = "ood_score", n_resamples: int = N_RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+                 y_col: str = "ood_score", n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                 members: str = "all", group_col: str = "run_id") -> pd.DataFrame:
     """Correlate ``x_col`` with ``y_col`` across the pool, one row per (source, target).
 
     Args:
@@ -236,6 +319,9 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
         y_col: the OOD performance column.
         n_resamples: bootstrap resamples per row.
         seed: the bootstrap generator's seed.
+        members: written in the ``members`` column (``"label-free"`` or ``"all"``).
+        group_col: the training-run column the bootstrap resamples by (absent or with missing
+            values: members).
 
     Returns:
         Columns ``ID_COLUMNS`` then ``STAT_KEYS``, targets in the order they appear in ``perf``;
@@ -251,7 +337,8 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
     metric = str(perf["metric"].iloc[0]) if "metric" in perf.columns and len(perf) else ""
     for (source, target), g in perf.groupby(["source", "target"], sort=False):
         st = correlate(g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float),
-                       n_resamples=n_resamples, seed=seed)
-        rows.append({"indicator": indicator, "metric": metric, "source": str(source), "target": str(target),
-                     "unit": "member", "x": x_col, "y": y_col, **st})
+                       n_resamples=n_resamples, seed=seed,
+                       groups=g[group_col].to_numpy(dtype=object) if group_col in g.columns else None)
+        rows.append({"indicator": indicator, "metric": metric, "members": members, "source": str(source),
+                     "target": str(target), "unit": "member", "x": x_col, "y": y_col, **st})
     return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS])

@@ -9,13 +9,17 @@ indicator          value for member m on target t                               
 =================  ============================================================  ==========  =============
 id_performance     m's score on the source test split (the records' metric)      higher      slice counts
 id_agreement       m's mean agreement with the other members on the source       higher      predictions
-                   test split (agreement: ``analysis.agreement``)
+                   test split (agreement: m scored against each other member's
+                   masks with the performance metric, ``analysis.agreement``)
 ood_agreement      m's mean agreement with the other members on t's images       higher      predictions
 uncertain_area     m's uncertain area on t (``records.uncertain_area``, "ggd")   lower       uncertainty
 =================  ============================================================  ==========  =============
 
 None of them uses labels of the target site: agreement compares predictions, the uncertain area
-thresholds the δ net's variance map.
+thresholds the δ net's variance map; unless the members themselves used labels at evaluation
+(``oracle_prompt``: box-prompted members see each target slice's ground-truth box). The analysis
+computes every label-free result on the label-free members (the pool the agreement is averaged over
+included), and the all-member version beside it.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.agreement import Agreement
-from analysis.table import PERFORMANCE_COLUMNS
+from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class IndicatorInfo:
 #: The registry of indicators (DESIGN §2: one registry dict per kind of plug-in).
 INDICATORS: dict[str, IndicatorInfo] = {
     "id_performance": IndicatorInfo("id_score", True, "ID {metric}", "slices"),
-    "id_agreement": IndicatorInfo("id_agreement", True, "ID agreement (mean Dice with the pool)", "predictions"),
-    "ood_agreement": IndicatorInfo("ood_agreement", True, "OOD agreement (mean Dice with the pool)", "predictions"),
+    "id_agreement": IndicatorInfo("id_agreement", True, "ID agreement (mean with the pool)", "predictions"),
+    "ood_agreement": IndicatorInfo("ood_agreement", True, "OOD agreement (mean with the pool)", "predictions"),
     "uncertain_area": IndicatorInfo("uncertain_area", False, "uncertain area (fraction of the image)", "uncertainty"),
 }
 
@@ -95,9 +99,10 @@ def indicator_table(perf: pd.DataFrame, agreement: Agreement | None = None,
             leaves ``uncertain_area`` NaN.
 
     Returns:
-        ``PERFORMANCE_COLUMNS`` + ``INDICATOR_COLUMNS``, rows as in ``perf``.
+        ``PERFORMANCE_COLUMNS`` (+ the ``MEMBER_EXTRAS`` ``perf`` has) + ``INDICATOR_COLUMNS``, rows as
+        in ``perf``.
     """
-    out = perf[PERFORMANCE_COLUMNS].copy()
+    out = perf[PERFORMANCE_COLUMNS + [c for c in MEMBER_EXTRAS if c in perf.columns]].copy()
     for c in INDICATOR_COLUMNS:
         out[c] = np.nan
     if agreement is not None and agreement.matrices:

@@ -106,10 +106,20 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))
 
 
-def _fmt_r(st: dict, boot: bool = False) -> str:
-    """``r = 0.80 [0.42, 0.94], ρ = 0.92 (n = 12 members)`` from a ``correlate`` result."""
+def _fmt_r(st: dict, boot: bool = False, probit_space: bool = False) -> str:
+    """``r = 0.80 [0.42, 0.94], ρ = 0.92 (n = 12 members)`` from a ``correlate`` result.
+
+    ``probit_space``: lead with the Pearson r of the probit values, the r of the line a probit plot
+    draws (Fig. 4), then the raw r."""
     n, n_units = st.get("n"), st.get("n_units", st.get("n"))
-    count = f"n = {n} pairs of {n_units} members" if n != n_units else f"n = {n} members"
+    unit = st.get("resample") or "member"
+    count = f"n = {n} pairs, {n_units} {unit}s" if st.get("unit") == "pair" or (n != n_units and unit == "member") \
+        else (f"n = {n} members, {n_units} runs" if n != n_units else f"n = {n} members")
+    if probit_space:
+        pr = st.get("probit_r")
+        raw = st.get("pearson_r")
+        head = f"probit r = {pr:.2f}" if _finite(pr) else "probit r = n/a"
+        return head + (f"; raw r = {raw:.2f}" if _finite(raw) else "") + f" ({count})"
     r = st.get("pearson_r")
     if not _finite(r):
         return f"Pearson r = n/a ({count})"
@@ -134,7 +144,7 @@ def _probit_axes(ax: Axes, lo: float, hi: float) -> None:
 
 def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray, colors: dict[str, object],
                      st: dict, xlabel: str, ylabel: str, title: str, size: float = 28, alpha: float = 1.0,
-                     boot_ci: bool = False) -> None:
+                     boot_ci: bool = False, oracle_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Scatter ``y`` against ``x`` on probit axes: one point per entry, y = x, the probit fit.
 
     Args:
@@ -150,10 +160,16 @@ def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
         size: marker size.
         alpha: marker opacity.
         boot_ci: show the bootstrap interval of r instead of the Fisher-z one (pairs).
+        oracle_xy: oracle-prompted members' (x, y), drawn with their own marker and left out of the fit.
+
+    The title gives the probit-space r (the line drawn is fitted in probit space), then the raw r.
     """
     px, py = probit(x), probit(y)
-    if len(px):
-        lo, hi = float(min(px.min(), py.min())), float(max(px.max(), py.max()))
+    ox, oy = (probit(oracle_xy[0]), probit(oracle_xy[1])) if oracle_xy is not None and len(oracle_xy[0]) \
+        else (np.zeros(0), np.zeros(0))
+    allx, ally = np.concatenate([px, ox]), np.concatenate([py, oy])
+    if len(allx):
+        lo, hi = float(min(allx.min(), ally.min())), float(max(allx.max(), ally.max()))
     else:
         lo, hi = float(probit(0.1)), float(probit(0.9))
     pad = max(0.1 * (hi - lo), 0.15)
@@ -164,6 +180,9 @@ def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
         if m.any():
             ax.scatter(px[m], py[m], s=size, color=color, edgecolor="black" if size >= 20 else "none",
                        linewidth=0.4, alpha=alpha, label=g, zorder=3, rasterized=len(px) > 2000)
+    if len(ox):
+        ax.scatter(ox, oy, s=max(size, 20) * 1.3, marker="X", color="black", alpha=0.8, zorder=3,
+                   label="oracle-prompted † (not in the fit)")
     ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1, label="y = x", zorder=1)
     slope, icpt = st.get("probit_slope"), st.get("probit_intercept")
     if _finite(slope) and _finite(icpt):
@@ -174,7 +193,7 @@ def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     _probit_axes(ax, lo, hi)
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
-    ax.set_title(f"{title}\n{_fmt_r(st, boot=boot_ci)}", fontsize=9)
+    ax.set_title(f"{title}\n{_fmt_r(st, boot=boot_ci, probit_space=True)}", fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, markerscale=1.0 if size >= 20 else 2.0)
 
 
@@ -233,7 +252,7 @@ def plot_on_the_line(perf: pd.DataFrame, target: str, path: str | os.PathLike, m
 
 
 def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = None, metric: str | None = None,
-                corr: pd.DataFrame | None = None) -> Figure:
+                corr: pd.DataFrame | None = None, oracle: pd.DataFrame | None = None) -> Figure:
     """The paper's Fig. 4 for one target: performance and agreement "on the line".
 
     Panels (those whose inputs exist): (a) OOD against ID performance, one point per member;
@@ -247,18 +266,21 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         agreement: the pool's pairwise agreement (for panel c).
         metric: the metric's name (default: ``table["metric"]``).
         corr: the correlations table to take the statistics from (default: computed, no bootstrap).
+        oracle: indicator-table rows of oracle-prompted members (drawn with their own marker in the
+            per-member panels, never in the fit).
 
     Raises:
         ValueError: ``target`` has no rows in ``table``.
     """
     g = _target_rows(table, target)
+    og = oracle[oracle["target"].astype(str) == str(target)] if oracle is not None and len(oracle) else None
     metric = metric or str(g["metric"].iloc[0])
     source = ", ".join(sorted(g["source"].astype(str).unique()))
     colors = arch_colors(table["arch"])
     panels: list[tuple] = [("id_performance", "id_score", f"ID {metric} (source {source})",
                             f"(a) OOD vs ID {metric}")]
     if "id_agreement" in g.columns and np.isfinite(g["id_agreement"].astype(float)).sum() >= 2:
-        panels.append(("id_agreement", "id_agreement", f"ID agreement (mean Dice with the pool, {source})",
+        panels.append(("id_agreement", "id_agreement", f"ID agreement (mean with the pool, {source})",
                        f"(b) OOD {metric} vs ID agreement"))
     id_site = agreement.id_site if agreement is not None else None
     has_pairs = bool(agreement is not None and id_site is not None and target in agreement.matrices)
@@ -269,8 +291,12 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         f = _finite_rows(g, col, "ood_score")
         x, y = f[col].to_numpy(dtype=float), f["ood_score"].to_numpy(dtype=float)
         st = _stats_from(corr, name, target) or correlate(x, y, n_resamples=0)
+        oxy = None
+        if og is not None and col in og.columns:
+            of = _finite_rows(og, col, "ood_score")
+            oxy = (of[col].to_numpy(dtype=float), of["ood_score"].to_numpy(dtype=float))
         draw_on_the_line(ax, x, y, f["arch"].to_numpy(), colors, st, f"{xlabel}; probit scale",
-                         f"OOD {metric} (target {target}; probit scale)", title)
+                         f"OOD {metric} (target {target}; probit scale)", title, oracle_xy=oxy)
     if has_pairs:
         assert agreement is not None and id_site is not None
         ax = fig.add_subplot(1, n, n)
@@ -285,8 +311,8 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         st = _stats_from(corr, "agreement_on_the_line", target) or correlate_pairs(a_id, a_t, n_resamples=0)
         size = 28 if ok.sum() <= 300 else 6
         draw_on_the_line(ax, x[ok], y[ok], grp[ok], {"mixed pairs": _MIXED, **colors}, st,
-                         f"ID agreement of a pair (Dice, {id_site}); probit scale",
-                         f"OOD agreement of a pair (Dice, {target}); probit scale",
+                         f"ID agreement of a pair ({agreement.metric}, {id_site}); probit scale",
+                         f"OOD agreement of a pair ({agreement.metric}, {target}); probit scale",
                          "(c) agreement on the line", size=size, alpha=1.0 if size >= 20 else 0.5, boot_ci=True)
     fig.suptitle(f"{source} → {target}", fontsize=11)
     fig.tight_layout()
@@ -294,7 +320,7 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
 
 
 def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFrame | None = None,
-                ncols: int = 3) -> Figure:
+                ncols: int = 3, oracle: pd.DataFrame | None = None) -> Figure:
     """The paper's Fig. 3: uncertain area against OOD performance, one panel per target.
 
     Raw axes (the uncertain area in % of the image, the OOD score in %), one point per member
@@ -306,6 +332,7 @@ def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFra
         metric: the metric's name (default: ``table["metric"]``).
         corr: the correlations table to take the statistics from (default: computed, no bootstrap).
         ncols: panels per row.
+        oracle: indicator-table rows of oracle-prompted members (their own marker, not in the fit).
 
     Raises:
         ValueError: no finite ``uncertain_area`` in ``table``.
@@ -328,6 +355,12 @@ def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFra
             m = (g["arch"].astype(str) == arch).to_numpy()
             if m.any():
                 ax.scatter(x[m], y[m], s=28, color=color, edgecolor="black", linewidth=0.4, label=arch, zorder=3)
+        if oracle is not None and len(oracle):
+            o = _finite_rows(oracle[oracle["target"].astype(str) == t], "uncertain_area", "ood_score")
+            if len(o):
+                ax.scatter(100 * o["uncertain_area"].to_numpy(dtype=float), 100 * o["ood_score"].to_numpy(dtype=float),
+                           s=36, marker="X", color="black", alpha=0.8, zorder=3,
+                           label="oracle-prompted † (not in the fit)")
         st = _stats_from(corr, "uncertain_area", t) or correlate(x / 100, y / 100, n_resamples=0)
         if len(x) >= 2 and np.ptp(x) > 0:
             fit = stats.linregress(x, y)

@@ -10,26 +10,31 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.agreement import Agreement, agreement_matrices
+from analysis.aline import aline_table, lines_test
 from analysis.correlate import ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
 from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
 from analysis.selection import loto_estimates, select_models
 from analysis.table import check_metric, performance_table
-from analysis.tables import (correlation_markdown, correlation_matrix_markdown, correlations_long, loto_markdown,
-                             selection_markdown, table1, table1_long, table1_markdown, table4_frame, table4_markdown)
+from analysis.tables import (aline_markdown, boot_caption, correlation_markdown, correlation_matrix_markdown,
+                             correlations_long, lines_markdown, loto_markdown, selection_markdown, table1, table1_long,
+                             table1_markdown, table4_frame, table4_markdown)
 from trainables.records import load_records, load_uncertainty, member_part_ids, records_dir, table4, uncertain_area
 
 #: The pair-level agreement-on-the-line test's name in the correlation table.
 PAIRS = "agreement_on_the_line"
+#: The ``members`` column's values: results without the oracle-prompted members, and with them.
+LABEL_FREE, ALL = "label-free", "all"
 #: Outputs a run may or may not write: removed first so that a rerun leaves no stale ones.
-_OPTIONAL = ("agreement_pairs.csv", "table4.csv", "loto.csv", "loto_summary.csv")
+_OPTIONAL = ("agreement_pairs.csv", "table4.csv", "loto.csv", "loto_summary.csv", "lines.csv", "aline.csv")
 _OPTIONAL_PLOTS = ("fig3_*.png", "fig4_*.png", "fig6_*.png", "accuracy_on_the_line_*.png")
 
 
@@ -63,20 +68,35 @@ def site_roles(slices: pd.DataFrame) -> dict[str, str]:
     return {**{s: r for s, r in roles.items() if r == "id"}, **{s: r for s, r in roles.items() if r != "id"}}
 
 
-def _pair_correlations(agreement: Agreement, table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
-    """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members."""
-    rows = []
+def _pair_correlations(agreement: Agreement, table: pd.DataFrame, n_resamples: int, seed: int, members: str,
+                       run_of: dict[str, object]) -> tuple[pd.DataFrame, list[dict]]:
+    """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members, and
+    Baek et al.'s comparison of the agreement line with the accuracy line (``aline.lines_test``).
+
+    One run-level bootstrap per target (``lines_test``) gives both lines' intervals and the interval
+    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``)."""
+    rows, lines = [], []
     id_site = agreement.id_site
     if id_site is None:
-        return pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS])
+        return pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS]), lines
     source = ", ".join(sorted(table["source"].astype(str).unique()))
-    for t in dict.fromkeys(table["target"].astype(str)):
+    groups = np.array([run_of.get(m) for m in agreement.member_ids], dtype=object)
+    for t, g in table.groupby("target", sort=False):
+        t = str(t)
         if t not in agreement.matrices:
             continue
-        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed)
-        rows.append({"indicator": PAIRS, "metric": "dice_agreement", "source": source, "target": t, "unit": "pair",
-                     "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
-    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS])
+        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=0, seed=seed,
+                             groups=groups)
+        score = g.set_index(g["member_id"].astype(str))
+        lt = lines_test(score["id_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        score["ood_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        agreement.matrices[id_site], agreement.matrices[t], groups=groups,
+                        n_resamples=n_resamples, seed=seed)
+        st["pearson_boot_low"], st["pearson_boot_high"] = lt["pair_r_low"], lt["pair_r_high"]
+        rows.append({"indicator": PAIRS, "metric": agreement.metric, "members": members, "source": source,
+                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
+        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS]), lines
 
 
 def _clear_stale(out: Path) -> None:
@@ -151,12 +171,34 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     files: list[Path] = []
     notes: list[str] = []
 
+    # --- who is label-free, what the bootstrap resamples ----------------------------------------
+    all_ids = sorted(perf["member_id"].astype(str).unique())
+    oracle_ids = sorted(perf.loc[perf["oracle_prompt"].astype(bool), "member_id"].astype(str).unique())
+    free_ids = [m for m in all_ids if m not in set(oracle_ids)]
+    member_sets: dict[str, list[str]] = {}
+    if free_ids:
+        member_sets[LABEL_FREE] = free_ids
+    if oracle_ids:
+        member_sets[ALL] = all_ids
+        archs = sorted(perf.loc[perf["oracle_prompt"].astype(bool), "arch"].astype(str).unique())
+        notes.append(f"{len(oracle_ids)} of {len(all_ids)} members ({', '.join(archs)}) were evaluated with "
+                     f"ground-truth box prompts (oracle_prompt, marked †): every label-free result is computed "
+                     f"without them (`label-free`), and again with them (`all`) beside it")
+    no_run = perf.drop_duplicates("member_id")["run_id"].isna()
+    if no_run.any():
+        msg = (f"{int(no_run.sum())} of {len(all_ids)} members have no run_id in {records_dir(experiment_dir)} "
+               f"(records written before it existed): the bootstrap falls back to resampling members, whose "
+               f"intervals are too narrow when a run gives several snapshot members; rerun the pool stage to "
+               f"record run_id")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        notes.append(msg)
+    run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
+
     # --- indicators ---------------------------------------------------------------------------
     t = time.perf_counter()
     agreement: Agreement | None = None
     if {"id_agreement", "ood_agreement"} & set(wanted):
-        member_ids = sorted(perf["member_id"].astype(str).unique())
-        agreement = agreement_matrices(experiment_dir, member_ids, roles)
+        agreement = agreement_matrices(experiment_dir, all_ids, roles, metric=metric)
         notes += agreement.notes
         if not agreement.matrices:
             agreement = None
@@ -181,14 +223,23 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             if n_unc < n_pool:
                 notes.append(f"uncertainty records cover {n_unc} of {n_pool} pool members: the uncertain-area "
                              f"correlations, Fig. 3 and Table 4 use those only")
-    table = indicator_table(perf, agreement, ua)
-    available = [n for n in wanted if np.isfinite(table[INDICATORS[n].column].astype(float)).any()]
+    # One indicator table per member set: the agreement indicators average over that set's members
+    # only (a label-free member's agreement with an oracle member would carry the target labels).
+    agreements = {k: (agreement.subset(ids) if agreement is not None else None) for k, ids in member_sets.items()}
+    tables = {k: indicator_table(perf[perf["member_id"].astype(str).isin(ids)], agreements[k], ua)
+              for k, ids in member_sets.items()}
+    main_set = next(iter(member_sets))
+    table = tables[main_set]
+    table_all = tables.get(ALL, table)
+    available = [n for n in wanted if any(np.isfinite(tb[INDICATORS[n].column].astype(float)).any()
+                                          for tb in tables.values())]
     for n in wanted:
         if n not in available and INDICATORS[n].needs == "slices":
             notes.append(f"indicator {n}: no values (does the records hold the source test split, role 'id'?)")
     timings["uncertainty"] = time.perf_counter() - t
     _write_csv(perf, out / "performance.csv", files)
-    _write_csv(table, out / "indicators.csv", files)
+    _write_csv(pd.concat([tb.assign(members=k) for k, tb in tables.items()], ignore_index=True),
+               out / "indicators.csv", files)
     if agreement is not None:
         pairs = agreement.pairs()
         arch = dict(zip(members["member_id"].astype(str), members["arch"].astype(str)))
@@ -196,16 +247,29 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         pairs.insert(3, "arch_b", pairs["member_b"].map(arch))
         _write_csv(pairs, out / "agreement_pairs.csv", files)
 
-    # --- correlations -------------------------------------------------------------------------
+    # --- correlations, Baek's test, ALine -------------------------------------------------------
     t = time.perf_counter()
-    parts = [correlations(table, n, INDICATORS[n].column, "ood_score", n_resamples=n_resamples, seed=seed)
-             for n in available]
-    if agreement is not None:
-        parts.append(_pair_correlations(agreement, table, n_resamples, seed))
+    parts, line_rows, aline_parts, aline_fits = [], [], [], []
+    for k, tb in tables.items():
+        parts += [correlations(tb, n, INDICATORS[n].column, "ood_score", n_resamples=n_resamples, seed=seed,
+                               members=k) for n in available]
+        if agreements[k] is not None:
+            pc, lines = _pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
+            parts.append(pc)
+            line_rows += lines
+            per, fits = aline_table(tb, agreements[k], members=k)
+            aline_parts.append(per)
+            aline_fits += fits
     corr = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(len(p) for p in parts) \
         else pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS])
     _write_csv(corr, out / "correlations.csv", files)
     _write_csv(correlations_long(corr), out / "correlations_long.csv", files)
+    lines_df = pd.DataFrame(line_rows)
+    aline_df = pd.concat(aline_parts, ignore_index=True) if aline_parts else None
+    if line_rows:
+        _write_csv(lines_df, out / "lines.csv", files)
+    if aline_df is not None and len(aline_df):
+        _write_csv(aline_df, out / "aline.csv", files)
     timings["correlations"] = time.perf_counter() - t
 
     # --- tables and selection -----------------------------------------------------------------
@@ -217,9 +281,11 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     if unc is not None:
         t4 = table4_frame(table4(unc), roles, source)
         _write_csv(t4, out / "table4.csv", files)
-    sel = select_models(table, available)
+    sel = pd.concat([select_models(tb, available).assign(members=k) for k, tb in tables.items()], ignore_index=True)
     _write_csv(sel, out / "selection.csv", files)
-    loto, loto_summary = loto_estimates(table, available)
+    lotos = [loto_estimates(tb, available) for tb in tables.values()]
+    loto = pd.concat([lt[0].assign(members=k) for k, lt in zip(tables, lotos)], ignore_index=True)
+    loto_summary = pd.concat([lt[1].assign(members=k) for k, lt in zip(tables, lotos)], ignore_index=True)
     n_targets = perf["target"].nunique()
     if n_targets < 2:
         notes.append(f"leave-one-target-out estimates need at least two targets; this experiment has {n_targets}")
@@ -232,11 +298,13 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     t = time.perf_counter()
     plots = out / "plots"
     fig_files: dict[str, list[Path]] = {"fig4": [], "fig3": [], "fig6": []}
+    corr_main = corr[corr["members"] == main_set] if len(corr) else corr
+    oracle_rows = table_all[table_all["oracle_prompt"].astype(bool)] if "oracle_prompt" in table_all else None
     for target in dict.fromkeys(table["target"].astype(str)):
-        fig = figure_fig4(table, target, agreement, metric, corr)
+        fig = figure_fig4(table, target, agreements[main_set], metric, corr_main, oracle=oracle_rows)
         fig_files["fig4"].append(save_figure(fig, plots / f"fig4_{safe_name(target)}.png"))
     if "uncertain_area" in available:
-        fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr), plots / "fig3_uncertainty_vs_ood.png"))
+        fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr_main, oracle=oracle_rows), plots / "fig3_uncertainty_vs_ood.png"))
     if unc is not None:
         if example_members(experiment_dir):
             try:
@@ -261,9 +329,22 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
           + (f" (also the pair-level `{PAIRS}` test)" if agreement is not None else "") + ".", ""]
     if notes:
         md += ["**Skipped or partial:**", ""] + [f"- {n}" for n in notes] + [""]
+    def per_set(render, df: pd.DataFrame | None) -> list[str]:
+        """One block per member set (label-free first), each under a heading that names the set."""
+        blocks: list[str] = []
+        for k, ids in member_sets.items():
+            sub = df[df["members"] == k] if df is not None and "members" in df.columns else df
+            head = (f"**Label-free members** ({len(ids)}; oracle-prompted † members left out)" if k == LABEL_FREE
+                    else f"**All members** ({len(ids)}; includes the oracle-prompted † members: not label-free)")
+            blocks += [head, "", render(sub), ""]
+        return blocks
+
     md += ["## Tables 1–3: same-domain and cross-domain performance", "", table1_markdown(perf), "",
-           "## Correlation of each indicator with OOD performance", "", correlation_matrix_markdown(corr), "",
-           correlation_markdown(corr), ""]
+           "## Correlation of each indicator with OOD performance", "",
+           boot_caption(n_resamples, corr), ""]
+    md += per_set(lambda c: correlation_matrix_markdown(c) + "\n\n" + correlation_markdown(c), corr)
+    md += ["## Agreement on the line: Baek et al.'s test", ""]
+    md += per_set(lines_markdown, lines_df) if line_rows else ["Skipped: no agreement (see above).", ""]
     md += ["## Figures", ""]
     for target, f in zip(targets, fig_files["fig4"]):
         md += [f"Fig. 4, {source} → {target}: OOD vs ID performance, OOD vs ID agreement (per member and per "
@@ -283,10 +364,15 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         if unc is not None else 0
     md += [table4_markdown(t4, n_t4) if t4 is not None and unc is not None
            else "Skipped: no uncertainty records (see above).", ""]
-    md += ["## Model selection for a new site", "", selection_markdown(sel, metric), "",
-           loto_markdown(loto_summary, metric) if n_targets >= 2
-           else f"Leave-one-target-out estimates: skipped (needs at least two targets; this experiment has "
-                f"{n_targets}).", ""]
+    md += ["## Model selection for a new site", ""]
+    md += per_set(lambda d: selection_markdown(d, metric), sel)
+    md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""]
+    aline_summary = pd.DataFrame(aline_fits)
+    md += per_set(lambda d: aline_markdown(d, metric), aline_summary) if aline_fits \
+        else ["ALine estimates: skipped (they need the agreement on the source test split and the targets).", ""]
+    md += per_set(lambda d: loto_markdown(d, metric), loto_summary) if n_targets >= 2 \
+        else [f"Leave-one-target-out estimates: skipped (needs at least two targets; this experiment has "
+              f"{n_targets}).", ""]
     (out / "tables.md").write_text("\n".join(md), encoding="utf-8")
     files.append(out / "tables.md")
 
@@ -297,6 +383,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                "sources": sorted(perf["source"].astype(str).unique()), "targets": targets,
                "indicators": available, "notes": notes, "correlations": corr_records, "selection": sel_records,
                "loto_mae": _json_clean(loto_summary.to_dict(orient="records")),
+               "aline_mae": _json_clean(aline_fits), "lines": _json_clean(line_rows),
+               "oracle_members": oracle_ids, "member_sets": list(member_sets),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(_json_clean(summary), indent=1, allow_nan=False) + "\n",
                                       encoding="utf-8")

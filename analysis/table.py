@@ -15,6 +15,11 @@ MEMBER_KEYS = ["member_id", "arch", "lr", "epochs", "seed", "source"]
 #: Columns of ``performance_table``'s result, in order.
 PERFORMANCE_COLUMNS = MEMBER_KEYS + ["target", "metric", "id_score", "ood_score"]
 
+#: Member columns ``performance_table`` appends after ``PERFORMANCE_COLUMNS`` (and ``indicator_table``
+#: carries along when present): the training run (the bootstrap's unit; NaN in records without it)
+#: and whether the member's evaluation used labels (box prompts from the ground truth).
+MEMBER_EXTRAS = ["run_id", "oracle_prompt"]
+
 
 def check_metric(metric: str) -> str:
     """Return ``metric`` if it is a known metric, else raise naming the valid ones.
@@ -62,7 +67,7 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
         metric: one of ``trainables.records.METRICS``.
 
     Returns:
-        Columns ``PERFORMANCE_COLUMNS``, sorted by target (in order of first appearance in
+        Columns ``PERFORMANCE_COLUMNS`` + ``MEMBER_EXTRAS``, sorted by target (in order of first appearance in
         ``slices``) then member_id. A member with no ID rows gets a NaN ``id_score``; a
         (member, target) pair without OOD rows gets no row.
 
@@ -77,10 +82,13 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
     ood = long[long["role"] == "ood"].rename(columns={"site": "target", "score": "ood_score"})
     mem = members[MEMBER_KEYS].copy()
     mem["member_id"] = mem["member_id"].astype(str)
+    mem["run_id"] = members["run_id"].astype(object) if "run_id" in members.columns else None
+    mem["oracle_prompt"] = (members["oracle_prompt"].fillna(False).astype(bool)
+                            if "oracle_prompt" in members.columns else False)
     out = (ood[["member_id", "target", "ood_score"]]
            .merge(mem, on="member_id", how="inner")
            .merge(ids[["member_id", "score"]].rename(columns={"score": "id_score"}), on="member_id", how="left"))
     out["metric"] = metric
     order = {t: i for i, t in enumerate(_order_of_appearance(slices.loc[slices["role"] == "ood", "site"]))}
     out = out.assign(_t=out["target"].map(order)).sort_values(["_t", "member_id"], kind="stable")
-    return out[PERFORMANCE_COLUMNS].reset_index(drop=True)
+    return out[PERFORMANCE_COLUMNS + MEMBER_EXTRAS].reset_index(drop=True)

@@ -162,14 +162,34 @@ def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
     and the configuration selection."""
     metric = str(perf["metric"].iloc[0]) if len(perf) else "score"
     best = select_best_configs(perf)
-    chosen = "; ".join(f"{b.arch}: lr {b.lr:g}, {b.epochs} epochs ({b.n_seeds} seeds)"
-                       for b in best.itertuples(index=False))
+    oracle = oracle_archs(perf)
+    chosen = "; ".join(f"{b.arch}{DAGGER if b.arch in oracle else ''}: lr {b.lr:g}, {b.epochs} epochs "
+                       f"({b.n_seeds} seeds)" for b in best.itertuples(index=False))
     caption = (f"**Table 1.** {metric} (%) on the source test split (Same-Dom.) and on each target site "
                f"(Cross-Dom.), mean ± std over seeds (population std). Per architecture, the (lr, epochs) "
                f"configuration with the best mean ID {metric} on the source test split is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
-               f"mean in percentage points. Selected: {chosen}.")
-    return caption + "\n\n" + markdown_table(table1(perf, orient))
+               f"mean in percentage points. Selected: {chosen}."
+               + (f" {DAGGER} oracle-prompted: evaluated with each slice's ground-truth box as the prompt (as "
+                  f"MedSAM in the paper), so its scores are not comparable with the unprompted models' and it "
+                  f"is left out of every label-free result." if oracle else ""))
+    shown = table1(perf, orient)
+    if orient == "settings":
+        shown = shown.rename(columns={a: f"{a} {DAGGER}" for a in oracle})
+    else:
+        shown["arch"] = [f"{a} {DAGGER}" if a in oracle else a for a in shown["arch"]]
+    return caption + "\n\n" + markdown_table(shown)
+
+
+#: The mark of an oracle-prompted member or architecture in every table.
+DAGGER = "†"
+
+
+def oracle_archs(perf: pd.DataFrame) -> set[str]:
+    """Architectures whose members were evaluated with ground-truth box prompts (``oracle_prompt``)."""
+    if "oracle_prompt" not in perf.columns:
+        return set()
+    return set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "arch"].astype(str))
 
 
 def _f(v: object, spec: str) -> str:
@@ -246,7 +266,8 @@ def correlations_long(corr: pd.DataFrame) -> pd.DataFrame:
     from analysis.correlate import STAT_KEYS
 
     keys = [k for k in STAT_KEYS if k in corr.columns]
-    long = corr.melt(id_vars=["indicator", "metric", "source", "target", "unit"], value_vars=keys,
+    ids = [c for c in ("indicator", "metric", "members", "source", "target", "unit", "resample") if c in corr.columns]
+    long = corr.melt(id_vars=ids, value_vars=keys,
                      var_name="statistic", value_name="value")
     return long.sort_values(["indicator", "target"], kind="stable").reset_index(drop=True)
 
@@ -258,6 +279,7 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
         rows.append({
             "indicator": r.indicator, "setting": f"{r.source} → {r.target}",
             "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
+            "units": f"{r.n_units} {getattr(r, 'resample', 'member')}s",
             "Pearson r [95% CI]": (f"{_f(r.pearson_r, '.3f')} [{_f(r.pearson_ci_low, '.3f')}, "
                                    f"{_f(r.pearson_ci_high, '.3f')}]"),
             "r boot. CI": f"[{_f(r.pearson_boot_low, '.3f')}, {_f(r.pearson_boot_high, '.3f')}]",
@@ -271,13 +293,14 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     metric = str(corr["metric"].iloc[0]) if len(corr) else "score"
     present = list(dict.fromkeys(corr["indicator"])) if len(corr) else []
     what = "; ".join(f"`{i}`: {CORRELATION_LABELS.get(i, i)}" for i in present)
+    unit = _unit_phrase(corr)
     caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% interval "
-               f"(Fisher z, which treats the points as independent: too narrow for pairs, which share members); "
-               f"Spearman ρ and Kendall τ (τ-b) with 95% percentile-bootstrap intervals over pool members "
-               f"(r's bootstrap interval in its own column); probit fit: least squares of probit(y) on "
-               f"probit(x). n: members, or pairs / members.")
-    cols = ["indicator", "setting", "n", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]", "Kendall τ [CI]",
-            "probit slope", "probit intercept", "probit R²"]
+               f"(Fisher z, which treats the members as independent; not given for pairs); r's and Spearman "
+               f"ρ's 95% bootstrap intervals resample {unit} (BCa where defined; pairs: r only, percentile); "
+               f"Kendall τ (τ-b) without an interval; probit fit: least squares of probit(y) on probit(x). "
+               f"n: members, or pairs / resampled units.")
+    cols = ["indicator", "setting", "n", "units", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
+            "Kendall τ [CI]", "probit slope", "probit intercept", "probit R²"]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 
 
@@ -297,6 +320,63 @@ def _indicator_by_target(df: pd.DataFrame, first: str, column, cell, extra=None)
         row.update(extra(g) if extra else {})
         rows.append(row)
     return rows, targets
+
+
+def _unit_phrase(df: pd.DataFrame | None) -> str:
+    """What the bootstrap resampled, from a table's ``resample`` column: runs, or members (fallback)."""
+    units = set(df["resample"].dropna().astype(str)) if df is not None and "resample" in df.columns else set()
+    if units == {"run"}:
+        return "training runs (`run_id`: a run's snapshot members move together)"
+    if "member" in units:
+        return "pool members (no run ids in the records, or one member per run)"
+    return "training runs (`run_id`)"
+
+
+def boot_caption(n_resamples: int, corr: pd.DataFrame | None = None) -> str:
+    """One line naming the bootstrap: resamples, unit, method."""
+    if n_resamples <= 0:
+        return "No bootstrap intervals (n_resamples = 0)."
+    return (f"Every interval below: {n_resamples} bootstrap resamples of {_unit_phrase(corr)}, BCa where it "
+            f"is defined (percentile otherwise); 95% level.")
+
+
+def lines_markdown(lines: pd.DataFrame) -> str:
+    """Baek et al.'s test per target: the accuracy line and the agreement line, and whether they agree."""
+    if lines is None or lines.empty:
+        return "(no targets with agreement)"
+    def iv(r, k):
+        return f"{_f(r[k], '.3f')} [{_f(r[k + '_low'], '.3f')}, {_f(r[k + '_high'], '.3f')}]"
+    rows = [{"setting": f"{r['source']} → {r['target']}", "accuracy line slope": iv(r, "acc_slope"),
+             "accuracy line intercept": iv(r, "acc_intercept"), "agreement line slope": iv(r, "agr_slope"),
+             "agreement line intercept": iv(r, "agr_intercept"),
+             "slope diff. CI": f"[{_f(r['slope_diff_low'], '.3f')}, {_f(r['slope_diff_high'], '.3f')}]",
+             "intercept diff. CI": f"[{_f(r['intercept_diff_low'], '.3f')}, {_f(r['intercept_diff_high'], '.3f')}]",
+             "lines agree": {True: "yes", False: "no"}.get(r["lines_agree"], "n/a"),
+             "members / pairs / units": f"{r['n_members']} / {r['n_pairs']} / {r['n_units']} {r.get('resample', '')}s"}
+            for r in lines.to_dict(orient="records")]
+    metric = str(lines["metric"].iloc[0])
+    caption = (f"**Agreement on the line** (Baek et al. 2022): accuracy line = least squares of probit(OOD "
+               f"{metric}) on probit(ID {metric}) over members; agreement line = the same over pairs, agreement "
+               f"being one member scored against the other's masks with {metric}. [95% percentile-bootstrap "
+               f"intervals; the unit of resampling is the training run (`run_id`) unless the last column says "
+               f"members]. The lines agree when the intervals of both differences (accuracy − agreement) "
+               f"contain 0: then the agreement line, which needs no target labels, stands in for the accuracy "
+               f"line (ALine).")
+    return caption + "\n\n" + markdown_table(pd.DataFrame(rows))
+
+
+def aline_markdown(fits: pd.DataFrame, metric: str) -> str:
+    """MAE of the ALine-S / ALine-D estimates, method × target."""
+    if fits is None or fits.empty:
+        return "(no ALine estimates)"
+    rows, _ = _indicator_by_target(fits.rename(columns={"method": "indicator"}), "estimator", lambda t: f"→ {t}",
+                                   lambda h: _f(100 * h["mae"].iloc[0], ".2f"),
+                                   extra=lambda g: {"mean": _f(100 * g["mae"].mean(), ".2f")})
+    caption = (f"**ALine-S / ALine-D estimates of each member's OOD {metric}** (Baek et al. 2022) from the "
+               f"source labels (ID {metric}) and the unlabelled target predictions (agreement) only. Cells: "
+               f"mean absolute error against the true OOD {metric} over members (percentage points); per "
+               f"member in `aline.csv`. The leave-one-target-out table below uses other targets' labels.")
+    return caption + "\n\n" + markdown_table(pd.DataFrame(rows))
 
 
 def correlation_matrix_markdown(corr: pd.DataFrame) -> str:

@@ -16,7 +16,7 @@ from scipy import stats
 from analysis import run_analysis
 from analysis.correlate import MIN_POINTS, STAT_KEYS, correlate, correlations, probit
 from analysis.plots import plot_on_the_line, probit_ticks
-from analysis.table import PERFORMANCE_COLUMNS, performance_table, scores_long
+from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS, performance_table, scores_long
 from analysis.tables import format_cell, select_best_configs, table1, table1_long
 from trainables.records import write_member_part
 
@@ -64,7 +64,7 @@ def test_performance_table_known_scores():
         _slices("m2", {("A", "id"): 0.90, ("B", "ood"): 0.70, ("C", "ood"): 0.60}),
     ], ignore_index=True)
     perf = performance_table(members, slices, "iou_3d")
-    assert list(perf.columns) == PERFORMANCE_COLUMNS
+    assert list(perf.columns) == PERFORMANCE_COLUMNS + MEMBER_EXTRAS
     assert len(perf) == 4
     got = {(r.member_id, r.target): (r.id_score, r.ood_score) for r in perf.itertuples()}
     # tp / 100 with integer tp is the double nearest the decimal literal: exact comparison.
@@ -143,7 +143,7 @@ def test_degenerate_input_gives_nan_without_warnings(x, y):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         st = correlate(np.array(x, dtype=float), np.array(y, dtype=float))
-    assert list(st) == list(STAT_KEYS)
+    assert list(st) == [*STAT_KEYS, "resample"] and st["resample"] == "member"
     for k in ("pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_rho", "spearman_ci_low",
               "kendall_tau", "kendall_ci_high", "pearson_boot_low", "probit_r2"):
         assert math.isnan(st[k]), k
@@ -261,23 +261,31 @@ def test_run_analysis_writes_every_file(tmp_path):
     for f in res["files"]:
         assert Path(f).stat().st_size > 0, f
     assert len(pd.read_csv(out / "performance.csv")) == 24
-    # no predictions and no uncertainty records: only ID performance, and the notes say why
-    assert len(res["correlations"]) == 2
+    # no predictions and no uncertainty records: only ID performance, and the notes say why; the
+    # medsam_tiny members are oracle-prompted: every row once without them (label-free), once with them
+    assert len(res["correlations"]) == 4
     assert {c["indicator"] for c in res["correlations"]} == {"id_performance"}
+    assert [c["members"] for c in res["correlations"]] == ["label-free"] * 2 + ["all"] * 2
+    assert [c["n"] for c in res["correlations"]] == [6, 6, 12, 12]
+    assert any("6 of 12 members (medsam_tiny)" in n and "oracle_prompt" in n for n in res["notes"])
     assert any("no predicted masks" in n for n in res["notes"])
     assert any("no uncertainty records" in n and "Table 4" in n for n in res["notes"])
-    b = next(c for c in res["correlations"] if c["target"] == "B")
+    b = next(c for c in res["correlations"] if c["target"] == "B" and c["members"] == "all")
     assert b["pearson_r"] > 0.95 and b["n"] == 12
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "iou_3d" and summary["n_members"] == 12
-    assert [c["target"] for c in summary["correlations"]] == ["B", "C site"]
+    assert [c["target"] for c in summary["correlations"]] == ["B", "C site"] * 2
+    assert summary["oracle_members"] == sorted(f"medsam_tiny-lr{lr:g}-s{s}-ep3" for lr in (1e-3, 1e-4) for s in (0, 1, 2))
     md = (out / "tables.md").read_text()
     assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
     assert "Fig. 3: skipped" in md and "Table 4: uncertainty methods" in md and "Skipped: no uncertainty" in md
     t1 = pd.read_csv(out / "table1.csv")
     assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18"]
+    assert "| medsam_tiny † |" in md and "† oracle-prompted" in md and "Label-free members** (6" in md
+    assert "29 bootstrap resamples of pool members (no run ids in the records, or one member per run)" in md
     sel = pd.read_csv(out / "selection.csv")
-    assert set(sel["indicator"]) == {"id_performance"} and len(sel) == 2
+    assert set(sel["indicator"]) == {"id_performance"} and len(sel) == 4
+    assert not sel.loc[sel["members"] == "label-free", "chosen_arch"].str.startswith("medsam").any()
 
     other = run_analysis(exp, metric="dice_global", out_dir=tmp_path / "other", n_resamples=0)
     assert Path(other["out_dir"]) == tmp_path / "other" and (tmp_path / "other" / "tables.md").exists()
@@ -289,7 +297,7 @@ def test_correlations_match_scipy_on_the_written_columns(tmp_path):
     res = run_analysis(exp, n_resamples=0)
     table = pd.read_csv(Path(res["out_dir"]) / "indicators.csv")
     for c in res["correlations"]:
-        g = table[table["target"] == c["target"]]
+        g = table[(table["target"] == c["target"]) & (table["members"] == c["members"])]
         x, y = g["id_score"].to_numpy(), g["ood_score"].to_numpy()
         assert c["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
         assert c["spearman_rho"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
@@ -308,9 +316,9 @@ def test_bootstrap_intervals_are_reproducible_and_cover_the_estimate():
     a, b = correlate(x, y, n_resamples=99, seed=5), correlate(x, y, n_resamples=99, seed=5)
     assert a == b
     for est, lo, hi in (("spearman_rho", "spearman_ci_low", "spearman_ci_high"),
-                        ("kendall_tau", "kendall_ci_low", "kendall_ci_high"),
                         ("pearson_r", "pearson_boot_low", "pearson_boot_high")):
         assert -1 <= a[lo] < a[est] < a[hi] <= 1, est
+    assert math.isnan(a["kendall_ci_low"])  # no vectorised τ: no interval (correlate._weighted_rank_stats)
     assert math.isnan(correlate(x, y, n_resamples=0)["spearman_ci_low"])
 
 

@@ -12,8 +12,9 @@ import pytest
 from scipy import stats
 
 from analysis import run_analysis
-from analysis.agreement import agreement_matrices, pairwise_dice, read_packed
-from analysis.correlate import correlate_pairs, probit
+from analysis.agreement import agreement_matrices, pairwise_agreement, pairwise_dice, read_packed
+from analysis.aline import aline_estimates, lines_test
+from analysis.correlate import correlate, correlate_pairs, probit, resampling_units
 from analysis.examples import Example, fig6_inputs
 from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, save_figure
@@ -111,7 +112,7 @@ def test_agreement_from_stored_predictions(tmp_path):
             records.save_predictions(tmp_path, f"m{i}", site, m, cases, idx)
     p = read_packed(records.records_dir(tmp_path) / "predictions" / "m0" / "A.npz")
     assert p.shape == (6, 8, 8) and list(p.case_id) == cases
-    ag = agreement_matrices(tmp_path, ["m0", "m1", "m2", "m3"], {"A": "id", "B": "ood"})
+    ag = agreement_matrices(tmp_path, ["m0", "m1", "m2", "m3"], {"A": "id", "B": "ood"}, metric="mask_dice")
     assert ag.id_site == "A" and ag.roles == {"A": "id", "B": "ood"} and ag.n_slices == {"A": 6, "B": 6}
     np.testing.assert_allclose(ag.matrices["A"], _dice_reference(masks), atol=1e-12)
     assert np.isnan(ag.matrices["B"][3]).all() and np.isnan(ag.matrices["B"][:, 3]).all()
@@ -141,10 +142,12 @@ def test_agreement_on_the_line_over_pairs():
     a = np.triu(a, 1) + np.triu(a, 1).T + np.eye(10)
     b = stats.norm.cdf(0.7 * probit(a) - 0.3)            # every pair exactly on a probit line
     st = correlate_pairs(a, b, n_resamples=49)
-    assert st["n"] == 45 and st["n_units"] == 10
+    assert st["n"] == 45 and st["n_units"] == 10 and st["resample"] == "member"
     assert st["probit_slope"] == pytest.approx(0.7) and st["probit_intercept"] == pytest.approx(-0.3)
     assert st["spearman_rho"] == pytest.approx(1.0) and st["kendall_tau"] == pytest.approx(1.0)
-    assert st["spearman_ci_low"] == pytest.approx(1.0) and st["kendall_ci_high"] == pytest.approx(1.0)
+    assert st["pearson_boot_low"] <= st["pearson_r"] <= st["pearson_boot_high"] <= 1.0
+    # pairs share members: no interval or p-value that treats them as independent points
+    assert all(math.isnan(st[k]) for k in ("pearson_p", "pearson_ci_low", "pearson_ci_high", "spearman_p"))
 
 
 # --- indicators and selection -------------------------------------------------------------------
@@ -306,23 +309,37 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     names = {str(Path(f).relative_to(out)) for f in res["files"]}
     assert {"agreement_pairs.csv", "table4.csv", "plots/fig3_uncertainty_vs_ood.png", "plots/fig4_B.png",
             "plots/fig4_C.png"} <= names
-    assert any(n.startswith("plots/fig6_") for n in names)
-    assert res["notes"] == []
+    assert any(n.startswith("plots/fig6_") for n in names) and {"aline.csv", "lines.csv"} <= names
+    # the medsam members (records without oracle_prompt: derived from the arch) are left out of label-free rows
+    assert len(res["notes"]) == 1 and "4 of 8 members (medsam)" in res["notes"][0]
     corr = pd.DataFrame(res["correlations"])
     assert set(corr["indicator"]) == {"id_performance", "id_agreement", "ood_agreement", "uncertain_area",
                                       "agreement_on_the_line"}
+    assert list(dict.fromkeys(corr["members"])) == ["label-free", "all"] and set(corr["resample"]) == {"member"}
     ua = corr[corr["indicator"] == "uncertain_area"]
-    assert (ua["pearson_r"] < -0.9).all() and (ua["n"] == 8).all()
+    assert (ua["pearson_r"] < -0.9).all() and list(ua["n"]) == [4, 4, 8, 8]
     pairs = corr[corr["indicator"] == "agreement_on_the_line"]
-    assert (pairs["n"] == 28).all() and (pairs["n_units"] == 8).all() and (pairs["unit"] == "pair").all()
+    assert list(pairs["n"]) == [6, 6, 28, 28] and list(pairs["n_units"]) == [4, 4, 8, 8]
+    assert (pairs["unit"] == "pair").all() and (pairs["metric"] == "iou_3d").all()
+    assert pairs["pearson_p"].isna().all() and pairs["pearson_ci_low"].isna().all()  # no Fisher z on pairs
     sel = pd.DataFrame(res["selection"])
     assert (sel.loc[sel["indicator"] == "uncertain_area", "regret"] == 0).all()
+    assert not sel.loc[sel["members"] == "label-free", "chosen_member"].str.startswith("medsam").any()
+    aline = pd.read_csv(out / "aline.csv")
+    assert list(aline.columns) == ["members", "source", "target", "member_id", "arch", "oracle_prompt", "method",
+                                   "estimate", "truth", "error"]
+    assert len(aline) == 2 * 2 * (4 + 8) and set(aline["method"]) == {"aline_s", "aline_d"}
+    assert not aline.loc[aline["members"] == "label-free", "oracle_prompt"].any()
+    np.testing.assert_allclose(aline["error"], (aline["estimate"] - aline["truth"]).abs())
+    lines = pd.read_csv(out / "lines.csv")
+    assert len(lines) == 4 and {"acc_slope", "agr_slope", "slope_diff_low", "lines_agree"} <= set(lines.columns)
     t4 = pd.read_csv(out / "table4.csv")
     assert list(t4["method"]) == ["ggd", "bayescap", "tta_noise"]
     assert list(t4.columns[2:]) == ["A → B", "A → C", "A (same)"]
     assert (t4.iloc[0, 2:] < t4.iloc[2, 2:]).all()                     # the δ net's area tracks the error best
     md = (out / "tables.md").read_text()
     assert "**Table 4.**" in md and "![Fig. 3]" in md and "![Fig. 6]" in md and "Model selection" in md
+    assert "ALine-S / ALine-D" in md and "Baek et al.'s test" in md and md.count("**Label-free members** (4") >= 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["indicators"] == ["id_performance", "id_agreement", "ood_agreement", "uncertain_area"]
     ex, others = fig6_inputs(exp, pd.read_csv(out / "indicators.csv"), records.load_uncertainty(exp))
@@ -335,3 +352,104 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     res2 = run_analysis(exp, n_resamples=0, indicators=["id_performance", "uncertainty"])
     assert not (out / "table4.csv").exists() and not list((out / "plots").glob("fig[36]_*"))
     assert {c["indicator"] for c in res2["correlations"]} == {"id_performance"}
+
+
+# --- agreement on the performance scale, ALine, run-level intervals, oracle members -------------
+
+def _confusion_rows(masks: np.ndarray, i: int, j: int, cases: list[str]) -> pd.DataFrame:
+    """Member i's masks scored against member j's as truth: slice rows for records.metric_by."""
+    a, b = masks[i], masks[j]
+    tp, fp, fn = (a & b).sum((1, 2)), (a & ~b).sum((1, 2)), (~a & b).sum((1, 2))
+    return pd.DataFrame({"member_id": "x", "site": "s", "case_id": cases, "tp": tp, "fp": fp, "fn": fn})
+
+
+@pytest.mark.parametrize("metric", records.METRICS)
+def test_agreement_is_records_metric_by_of_one_member_against_the_other(metric):
+    rng = np.random.default_rng(11)
+    masks = rng.random((5, 10, 6, 7)) < 0.2
+    masks[:, 2] = False                               # a slice empty for everyone
+    masks[1, :5] = False                              # member 1 empty on the first case
+    masks[4] = False                                  # member 4 predicts nothing: 0 against the others
+    cases = [f"c{k // 5}" for k in range(10)]
+    ag = pairwise_agreement(_packed(masks), 42, cases, metric)
+    for i in range(4):
+        for j in range(4):
+            ij = records.metric_by(_confusion_rows(masks, i, j, cases), metric).iloc[0]
+            ji = records.metric_by(_confusion_rows(masks, j, i, cases), metric).iloc[0]
+            assert ag[i, j] == pytest.approx((ij + ji) / 2, abs=1e-12), (i, j)
+    assert ag[0, 4] == 0.0 and np.isnan(ag[4, 4]) and np.allclose(ag, ag.T, equal_nan=True)
+
+
+def test_agreement_hand_example_two_blobs_on_empty_slices():
+    # two members perfect on the shared foreground F, each with one false-positive blob (A, B) on a
+    # different empty slice: iou_3d agreement is |F| / (|F| + |A| + |B|), not the old mask Dice
+    f = np.zeros((4, 8, 8), bool)
+    f[0, 2:6, 2:6] = f[1, 1:7, 1:7] = True            # |F| = 16 + 36
+    a, b = f.copy(), f.copy()
+    a[2, 0:2, 0:2] = True                             # |A| = 4
+    b[3, 5:8, 5:8] = True                             # |B| = 9
+    bits = _packed(np.stack([a, b]))
+    hand = 52 / (52 + 4 + 9)
+    assert pairwise_agreement(bits, 64, ["c"] * 4, "iou_3d")[0, 1] == pytest.approx(hand)
+    assert pairwise_agreement(bits, 64, ["c"] * 4, "dice_global")[0, 1] == pytest.approx(104 / (104 + 13))
+    assert pairwise_agreement(bits, 64, ["c"] * 4, "dice_2d")[0, 1] == pytest.approx(2 / 3)   # 1, 1, 0 per side
+    assert pairwise_dice(bits, 64)[0, 1] == pytest.approx(0.5)                               # the old convention
+    with pytest.raises(ValueError, match="valid metrics: iou_3d, dice_2d, dice_global, mask_dice"):
+        pairwise_agreement(bits, 64, None, "auc")
+
+
+def _aline_pool(shift: float, m: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(-0.5, 1.5, m)                      # probit ID scores
+    g = rng.uniform(0.0, 2.0, (m, m))
+    g = np.triu(g, 1) + np.triu(g, 1).T + 3 * np.eye(m)  # probit ID agreements
+    a, b = 0.8, -0.3
+    return (stats.norm.cdf(p), stats.norm.cdf(a * p + b), stats.norm.cdf(g), stats.norm.cdf(a * g + b + shift))
+
+
+def test_aline_recovers_ood_scores_when_the_lines_coincide_and_not_otherwise():
+    acc_id, acc_ood, agr_id, agr_ood = _aline_pool(0.0)
+    est = aline_estimates(acc_id, agr_id, agr_ood)
+    assert est["slope"] == pytest.approx(0.8) and est["intercept"] == pytest.approx(-0.3)
+    assert np.abs(est["aline_s"] - acc_ood).max() < 0.01 and np.abs(est["aline_d"] - acc_ood).max() < 0.01
+    lt = lines_test(acc_id, acc_ood, agr_id, agr_ood, n_resamples=200)
+    assert lt["lines_agree"] is True
+    acc_id, acc_ood, agr_id, agr_ood = _aline_pool(0.5)   # agreement line shifted up by 0.5 probit
+    est = aline_estimates(acc_id, agr_id, agr_ood)
+    assert np.abs(est["aline_s"] - acc_ood).mean() > 0.05 and np.abs(est["aline_d"] - acc_ood).mean() > 0.05
+    lt = lines_test(acc_id, acc_ood, agr_id, agr_ood, n_resamples=200)
+    assert lt["lines_agree"] is False and lt["intercept_diff_high"] < 0
+
+
+def test_run_level_bootstrap_is_wider_than_member_level_with_snapshot_members():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.3, 0.9, 10)
+    y = np.clip(0.6 * x + rng.normal(0, 0.12, 10), 0.01, 0.99)
+    # each run gives three snapshot members with (nearly) the same scores
+    xs = np.repeat(x, 3) + rng.normal(0, 1e-3, 30)
+    ys = np.repeat(y, 3) + rng.normal(0, 1e-3, 30)
+    runs = np.repeat([f"run{k}" for k in range(10)], 3)
+    by_member = correlate(xs, ys, n_resamples=2000, seed=1)
+    by_run = correlate(xs, ys, n_resamples=2000, seed=1, groups=runs)
+    assert by_member["resample"] == "member" and by_run["resample"] == "run" and by_run["n_units"] == 10
+    width = {k: st["pearson_boot_high"] - st["pearson_boot_low"] for k, st in (("m", by_member), ("r", by_run))}
+    assert width["r"] > 1.3 * width["m"]
+    assert by_run["pearson_boot_low"] < by_run["pearson_r"] < by_run["pearson_boot_high"]
+    units, name = resampling_units(runs, 30)
+    assert name == "run" and units.shape == (10, 3) and sorted(units.ravel()) == list(range(30))
+    assert resampling_units(np.array(["a", None, "b"], dtype=object), 3)[1] == "member"
+
+
+def test_members_without_run_id_or_oracle_prompt_fall_back_with_warnings(tmp_path):
+    exp = tmp_path / "exp"
+    _write_full_experiment(exp)
+    rdir = records.records_dir(exp)
+    mem, _ = records.merge_parts(exp)
+    assert mem["oracle_prompt"].tolist() == [a == "medsam" for a in mem["arch"]]  # derived from the arch
+    mem.drop(columns=["run_id", "oracle_prompt"]).to_parquet(rdir / "members.parquet")  # older records
+    with pytest.warns(UserWarning) as rec:
+        res = run_analysis(exp, n_resamples=0, indicators=["id_performance"])
+    msgs = [str(w.message) for w in rec]
+    assert any("no 'oracle_prompt' column" in m and "medsam" in m for m in msgs)
+    assert any("8 of 8 members have no run_id" in m and "falls back to resampling members" in m for m in msgs)
+    assert any("falls back to resampling members" in n for n in res["notes"])

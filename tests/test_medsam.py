@@ -246,6 +246,7 @@ def medsam_run(tiny_cache, tmp_path_factory):
 def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_run):
     exp, members, reports = medsam_run
     assert [m["epochs"] for m in members] == [1, 2]
+    assert all(m["oracle_prompt"] is True for m in members)  # box-prompted (models.MODELS[arch].prompted)
     assert [m["epoch"] for m, _ in reports] == [1, 2] and all(d for _, d in reports)  # resumable state
     assert all(np.isfinite(m["train_loss"]) and 0 <= m["id_iou_3d"] <= 1 for m, _ in reports)
 

@@ -30,6 +30,7 @@ def test_train_writes_members_and_records(tiny_cache, tmp_path):
         shutil.rmtree(c)
     mem, slices = records.merge_parts(tmp_path)
     assert len(mem) == 2 and set(mem["epochs"]) == {1, 2}
+    assert mem["oracle_prompt"].dtype == bool and not mem["oracle_prompt"].any()  # unprompted: label-free
     assert list(slices.columns[: len(records.SLICE_COLUMNS)]) == list(records.SLICE_COLUMNS)
     assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
     assert set(slices["role"]) == {"id", "ood"}

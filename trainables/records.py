@@ -27,6 +27,10 @@ import pandas as pd
 
 RECORDS_DIR = "records"
 
+#: The box-prompted archs of the model registry when ``oracle_prompt`` was added to MEMBER_COLUMNS:
+#: records written before then lack the column, and it is derived from these names (with a warning).
+LEGACY_PROMPTED_ARCHS = ("medsam", "medsam_tiny")
+
 #: One row per pool member.
 MEMBER_COLUMNS = {
     "member_id": "string",   # unique in the experiment, e.g. "unet_r18-lr0.001-s0-ep4"
@@ -38,6 +42,10 @@ MEMBER_COLUMNS = {
     "batch_size": "int64",
     "source": "string",      # source site name
     "checkpoint": "string",  # absolute path (or URI) of the member's weights
+    # True when the member's evaluation used labels: box-prompted members (models.MODELS[arch].prompted)
+    # are prompted with each evaluated slice's ground-truth box, so their predictions (and every
+    # "label-free" indicator computed from them) encode the target labels.
+    "oracle_prompt": "bool",
 }
 
 #: One row per member x site x case x slice. Every metric derives from these counts.
@@ -123,7 +131,27 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _derive_oracle_prompt(members: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Records written before ``oracle_prompt`` existed: derive it from the arch, with a warning.
+
+    The records module may not import the model registry (the analysis imports ``trainables.records``
+    only, without torch), so the derivation uses ``LEGACY_PROMPTED_ARCHS``: records without the column
+    predate it, and these were the registry's box-prompted models then (newer ones always write it).
+    """
+    import warnings
+
+    if "oracle_prompt" in members.columns or "arch" not in members.columns:
+        return members
+    derived = members["arch"].astype(str).isin(LEGACY_PROMPTED_ARCHS)
+    warnings.warn(f"{what}: no 'oracle_prompt' column (records written before it existed); derived it from "
+                  f"the arch (box-prompted medsam* members: {int(derived.sum())} of {len(members)}). Rewrite "
+                  f"the records with the current pool stage to store it", UserWarning, stacklevel=3)
+    return members.assign(oracle_prompt=derived)
+
+
 def _conform(df: pd.DataFrame, columns: dict[str, str], what: str) -> pd.DataFrame:
+    if columns is MEMBER_COLUMNS:
+        df = _derive_oracle_prompt(df, what)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: missing columns {missing}; expected {list(columns)}")
@@ -168,7 +196,7 @@ def load_records(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Da
     if mp.exists() and sp.exists():
         members = pd.read_parquet(mp)
         if set(members["member_id"]) >= set(parts):
-            return members, pd.read_parquet(sp)
+            return _derive_oracle_prompt(members, str(mp)), pd.read_parquet(sp)
     return merge_parts(experiment_dir)
 
 

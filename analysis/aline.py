@@ -1,0 +1,224 @@
+"""Agreement-on-the-line: Baek et al.'s test and the ALine-S / ALine-D estimators (DESIGN §7).
+
+Baek, Jiang, Raghunathan, Kolter, "Agreement-on-the-line: Predicting the performance of neural
+networks under distribution shift" (NeurIPS 2022). Across a pool of models, OOD accuracy is linear
+in ID accuracy in probit space (the *accuracy line*), and when it is, OOD agreement between two
+models is linear in their ID agreement with **the same slope and intercept** (the *agreement line*).
+Agreement needs no labels, so the agreement line, fitted on unlabelled target predictions, gives
+the accuracy line, and each model's OOD accuracy follows from its ID accuracy.
+
+Here accuracy is the performance metric and agreement one member scored against another's masks
+with the same metric (``analysis.agreement``), so both lines are on one scale. With Φ⁻¹ the probit,
+``p_i = Φ⁻¹(ID score of i)``, ``g_ij = Φ⁻¹(ID agreement)``, ``h_ij = Φ⁻¹(OOD agreement)``:
+
+* **ALine-S**: fit ``h_ij = a g_ij + b`` by least squares over the pairs; estimate
+  ``OOD score of i = Φ(a p_i + b)``.
+* **ALine-D**: averaging the accuracy line over i and j and subtracting the agreement line gives,
+  per pair, ``(w_i + w_j) / 2 = h_ij + a ((p_i + p_j) / 2 - g_ij)`` in the unknown probit OOD
+  scores ``w``; solve the over-determined system (one row per pair) by least squares
+  (``numpy.linalg.lstsq``) and estimate ``Φ(w_i)``. Baek et al. found it more robust than ALine-S
+  when the lines do not pass through the pool exactly.
+
+Both use only the source labels (ID scores) and unlabelled target predictions (agreements). The
+test (``lines_test``) fits both lines on the labelled target too and asks whether their slopes and
+intercepts agree: a bootstrap over training runs of the differences, "agree" when both 95%
+intervals contain 0.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, _expand, _pair_values, _weighted_rank_stats,
+                                probit, resampling_units)
+
+#: Estimators of ``aline_estimates``.
+ALINE_METHODS = ("aline_s", "aline_d")
+
+#: Keys of ``lines_test``'s result (each ``*_low`` / ``*_high`` pair is a bootstrap interval).
+LINE_KEYS = ("n_members", "n_pairs", "n_units", "acc_slope", "acc_slope_low", "acc_slope_high", "acc_intercept",
+             "acc_intercept_low", "acc_intercept_high", "agr_slope", "agr_slope_low", "agr_slope_high",
+             "agr_intercept", "agr_intercept_low", "agr_intercept_high", "slope_diff_low", "slope_diff_high",
+             "intercept_diff_low", "intercept_diff_high", "pair_r_low", "pair_r_high", "lines_agree")
+
+
+def _pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(m, k=1)
+
+
+def aline_estimates(id_score: np.ndarray, id_agreement: np.ndarray, ood_agreement: np.ndarray,
+                    eps: float = 1e-3) -> dict[str, object]:
+    """ALine-S and ALine-D estimates of every member's OOD score (see the module docstring).
+
+    Args:
+        id_score: ``M`` ID scores (source test split, labels of the source only).
+        id_agreement: ``M x M`` agreement on the source test split.
+        ood_agreement: ``M x M`` agreement on the target's (unlabelled) images.
+        eps: clip margin of ``probit``.
+
+    Returns:
+        ``{"aline_s": M array, "aline_d": M array, "slope": a, "intercept": b, "n_pairs": int}``;
+        NaN estimates where a member has no finite ID score (ALine-S) or no usable pair (ALine-D),
+        all NaN when fewer than ``MIN_POINTS`` pairs are usable.
+    """
+    acc = np.asarray(id_score, dtype=float)
+    m = len(acc)
+    ia, ib = _pairs(m)
+    g = probit(np.asarray(id_agreement, dtype=float)[ia, ib], eps)
+    h = probit(np.asarray(ood_agreement, dtype=float)[ia, ib], eps)
+    p = probit(acc, eps)
+    ok = np.isfinite(g) & np.isfinite(h) & np.isfinite(p[ia]) & np.isfinite(p[ib])
+    out: dict[str, object] = {"aline_s": np.full(m, np.nan), "aline_d": np.full(m, np.nan), "slope": math.nan,
+                              "intercept": math.nan, "n_pairs": int(ok.sum())}
+    if ok.sum() < MIN_POINTS or np.ptp(g[ok]) == 0:
+        return out
+    fit = stats.linregress(g[ok], h[ok])
+    a, b = float(fit.slope), float(fit.intercept)
+    out.update(slope=a, intercept=b, aline_s=stats.norm.cdf(a * p + b))
+    rows = np.flatnonzero(ok)
+    design = np.zeros((len(rows), m))
+    design[np.arange(len(rows)), ia[rows]] = 0.5
+    design[np.arange(len(rows)), ib[rows]] = 0.5
+    rhs = h[rows] + a * ((p[ia[rows]] + p[ib[rows]]) / 2.0 - g[rows])
+    used = design.any(axis=0)
+    w, *_ = np.linalg.lstsq(design[:, used], rhs, rcond=None)
+    est = np.full(m, np.nan)
+    est[used] = stats.norm.cdf(w)
+    out["aline_d"] = est
+    return out
+
+
+def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise weighted least squares ``y = slope x + intercept`` (weights 0/1): (slope, intercept)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = w.sum(-1)
+        mx, my = (x * w).sum(-1) / n, (y * w).sum(-1) / n
+        dx = (x - mx[..., None]) * w
+        slope = (dx * (y - my[..., None])).sum(-1) / (dx * dx).sum(-1)
+        return slope, my - slope * mx
+
+
+def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.ndarray, ood_agreement: np.ndarray,
+               groups: np.ndarray | list | None = None, n_resamples: int = 2000, seed: int = 0,
+               eps: float = 1e-3) -> dict[str, object]:
+    """Baek et al.'s question for one target: do the accuracy and agreement lines coincide?
+
+    Accuracy line: least squares of probit(OOD score) on probit(ID score) over members; agreement
+    line: of probit(OOD agreement) on probit(ID agreement) over pairs (i < j). The intervals (and
+    that of the pairs' Pearson r of the raw agreements, ``pair_r_*``) come from one percentile
+    bootstrap over training runs (``groups``; None: members) of 2,000 resamples: both lines are
+    refitted on the same resampled runs, so the differences' intervals account for their
+    dependence. ``lines_agree``: both differences' 95% intervals contain 0 (None if undefined).
+
+    Returns:
+        A dict with ``LINE_KEYS`` and ``resample`` (the unit).
+    """
+    acc_id = np.asarray(id_score, dtype=float)
+    acc_ood = np.asarray(ood_score, dtype=float)
+    a_id = np.asarray(id_agreement, dtype=float)
+    a_ood = np.asarray(ood_agreement, dtype=float)
+    m = len(acc_id)
+    out: dict[str, object] = {k: math.nan for k in LINE_KEYS}
+    out["lines_agree"] = None
+    pi, po = probit(acc_id, eps), probit(acc_ood, eps)
+    gi, go = probit(a_id, eps), probit(a_ood, eps)
+    mem = np.isfinite(pi) & np.isfinite(po)
+    ia, ib = _pairs(m)
+    pair_ok = np.isfinite(gi[ia, ib]) & np.isfinite(go[ia, ib])
+    units, unit_name = resampling_units(groups, m)
+    out.update(n_members=int(mem.sum()), n_pairs=int(pair_ok.sum()), n_units=int(len(units)), resample=unit_name)
+    if mem.sum() < MIN_POINTS or pair_ok.sum() < MIN_POINTS:
+        return out
+    acc = stats.linregress(pi[mem], po[mem])
+    agr = stats.linregress(gi[ia, ib][pair_ok], go[ia, ib][pair_ok])
+    out.update(acc_slope=float(acc.slope), acc_intercept=float(acc.intercept), agr_slope=float(agr.slope),
+               agr_intercept=float(agr.intercept))
+    if n_resamples <= 0 or len(units) < MIN_POINTS:
+        return out
+    pi0, po0 = np.where(mem, pi, 0.0), np.where(mem, po, 0.0)
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        pts = _expand(units, idx)
+        safe = np.maximum(pts, 0)
+        w = (pts >= 0) & mem[safe]
+        s_acc, i_acc = _wls(pi0[safe], po0[safe], w)
+        gx, gy, pw = _pair_values(gi, go, pts)
+        s_agr, i_agr = _wls(gx, gy, pw)
+        rx, ry, rw = _pair_values(a_id, a_ood, pts)
+        r = _weighted_rank_stats(rx, ry, rw, rank=False)[0]
+        return np.stack([s_acc, i_acc, s_agr, i_agr, s_acc - s_agr, i_acc - i_agr, r])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((np.arange(len(units)),), statistic, n_resamples=n_resamples, vectorized=True,
+                              batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,
+                              rng=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution)
+    alpha = (1.0 - CONFIDENCE) / 2.0
+    names = ("acc_slope", "acc_intercept", "agr_slope", "agr_intercept", "slope_diff", "intercept_diff", "pair_r")
+    for k, name in enumerate(names):
+        finite = dist[k][np.isfinite(dist[k])]
+        if finite.size >= 0.9 * dist.shape[1]:
+            out[f"{name}_low"], out[f"{name}_high"] = (float(v) for v in np.quantile(finite, [alpha, 1 - alpha]))
+    sd = (out["slope_diff_low"], out["slope_diff_high"], out["intercept_diff_low"], out["intercept_diff_high"])
+    if all(math.isfinite(v) for v in sd):
+        out["lines_agree"] = bool(sd[0] <= 0 <= sd[1] and sd[2] <= 0 <= sd[3])
+    return out
+
+
+#: Columns of ``aline_table``'s result (``analysis/aline.csv``).
+ALINE_COLUMNS = ["members", "source", "target", "member_id", "arch", "oracle_prompt", "method", "estimate", "truth",
+                 "error"]
+
+
+def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
+                eps: float = 1e-3) -> tuple[pd.DataFrame, list[dict]]:
+    """ALine-S and ALine-D estimates for every (member, target) of an indicator table.
+
+    Args:
+        table: an ``indicator_table`` (its members are the pool the lines are fitted on).
+        agreement: an ``analysis.agreement.Agreement`` over the same members.
+        members: written in the ``members`` column.
+        eps: clip margin of ``probit``.
+
+    Returns:
+        ``(per_member, fits)``: per_member has ``ALINE_COLUMNS`` (``error = |estimate - truth|``);
+        fits one dict per (target, method) with the agreement line's slope/intercept and the MAE.
+    """
+    rows: list[pd.DataFrame] = []
+    fits: list[dict] = []
+    id_site = agreement.id_site if agreement is not None else None
+    if id_site is None:
+        return pd.DataFrame(columns=ALINE_COLUMNS), fits
+    index = {m: i for i, m in enumerate(agreement.member_ids)}
+    for (source, target), g in table.groupby(["source", "target"], sort=False):
+        target = str(target)
+        if target not in agreement.matrices:
+            continue
+        g = g[g["member_id"].astype(str).isin(index)]
+        pos = np.array([index[m] for m in g["member_id"].astype(str)], dtype=np.int64)
+        if len(pos) < 3:
+            continue
+        a_id = agreement.matrices[id_site][np.ix_(pos, pos)]
+        a_t = agreement.matrices[target][np.ix_(pos, pos)]
+        est = aline_estimates(g["id_score"].to_numpy(dtype=float), a_id, a_t, eps)
+        truth = g["ood_score"].to_numpy(dtype=float)
+        for method in ALINE_METHODS:
+            e = np.asarray(est[method], dtype=float)
+            err = np.abs(e - truth)
+            rows.append(pd.DataFrame({
+                "members": members, "source": str(source), "target": target,
+                "member_id": g["member_id"].astype(str).to_numpy(), "arch": g["arch"].astype(str).to_numpy(),
+                "oracle_prompt": (g["oracle_prompt"].to_numpy(dtype=bool) if "oracle_prompt" in g.columns
+                                  else np.zeros(len(g), dtype=bool)),
+                "method": method, "estimate": e, "truth": truth, "error": err}))
+            ok = np.isfinite(err)
+            fits.append({"members": members, "source": str(source), "target": target, "method": method,
+                         "n": int(ok.sum()), "slope": est["slope"], "intercept": est["intercept"],
+                         "mae": float(err[ok].mean()) if ok.any() else math.nan})
+    per_member = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ALINE_COLUMNS)
+    return per_member[ALINE_COLUMNS], fits

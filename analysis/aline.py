@@ -15,8 +15,8 @@ with the same metric (``analysis.agreement``), so both lines are on one scale. W
   ``OOD score of i = Φ(a p_i + b)``.
 * **ALine-D**: averaging the accuracy line over i and j and subtracting the agreement line gives,
   per pair, ``(w_i + w_j) / 2 = h_ij + a ((p_i + p_j) / 2 - g_ij)`` in the unknown probit OOD
-  scores ``w``; solve the over-determined system (one row per pair) by least squares
-  (``numpy.linalg.lstsq``) and estimate ``Φ(w_i)``. Baek et al. found it more robust than ALine-S
+  scores ``w``; solve the over-determined system (one row per pair) by least squares (its normal
+  equations, ``numpy.linalg.lstsq``) and estimate ``Φ(w_i)``. Baek et al. found it more robust than ALine-S
   when the lines do not pass through the pool exactly.
 
 Both use only the source labels (ID scores) and unlabelled target predictions (agreements). The
@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, _expand, _pair_values, _weighted_rank_stats,
-                                probit, resampling_units)
+from analysis.agreement import _one_blas_thread
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, _point_weights, moments_line, pair_mats,
+                                pair_moments, probit, resampling_units, unit_of_points)
 
 #: Estimators of ``aline_estimates``.
 ALINE_METHODS = ("aline_s", "aline_d")
@@ -79,13 +80,19 @@ def aline_estimates(id_score: np.ndarray, id_agreement: np.ndarray, ood_agreemen
     fit = stats.linregress(g[ok], h[ok])
     a, b = float(fit.slope), float(fit.intercept)
     out.update(slope=a, intercept=b, aline_s=stats.norm.cdf(a * p + b))
+    # Least squares of the pair system A w = rhs (row (i, j): 1/2 at i and at j) through its normal
+    # equations, M x M: A^T A = (deg + adjacency) / 4 and A^T rhs = (Σ_j rhs_ij) / 2. Forming A (pairs x M)
+    # and calling lstsq on it took 4 s per target for 200 members; the M x M system is the same solution.
     rows = np.flatnonzero(ok)
-    design = np.zeros((len(rows), m))
-    design[np.arange(len(rows)), ia[rows]] = 0.5
-    design[np.arange(len(rows)), ib[rows]] = 0.5
-    rhs = h[rows] + a * ((p[ia[rows]] + p[ib[rows]]) / 2.0 - g[rows])
-    used = design.any(axis=0)
-    w, *_ = np.linalg.lstsq(design[:, used], rhs, rcond=None)
+    i, j = ia[rows], ib[rows]
+    rhs = h[rows] + a * ((p[i] + p[j]) / 2.0 - g[rows])
+    ata = np.zeros((m, m))
+    np.add.at(ata, (i, j), 0.25)
+    ata += ata.T
+    ata[np.diag_indices(m)] = 0.25 * np.bincount(np.r_[i, j], minlength=m)
+    atb = 0.5 * (np.bincount(i, rhs, minlength=m) + np.bincount(j, rhs, minlength=m))
+    used = ata.diagonal() > 0
+    w, *_ = np.linalg.lstsq(ata[np.ix_(used, used)], atb[used], rcond=None)
     est = np.full(m, np.nan)
     est[used] = stats.norm.cdf(w)
     out["aline_d"] = est
@@ -93,12 +100,12 @@ def aline_estimates(id_score: np.ndarray, id_agreement: np.ndarray, ood_agreemen
 
 
 def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise weighted least squares ``y = slope x + intercept`` (weights 0/1): (slope, intercept)."""
+    """Row-wise weighted least squares ``y = slope x + intercept`` (``w``: draws per point): (slope, intercept)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         n = w.sum(-1)
         mx, my = (x * w).sum(-1) / n, (y * w).sum(-1) / n
-        dx = (x - mx[..., None]) * w
-        slope = (dx * (y - my[..., None])).sum(-1) / (dx * dx).sum(-1)
+        dx = x - mx[..., None]
+        slope = (w * dx * (y - my[..., None])).sum(-1) / (w * dx * dx).sum(-1)
         return slope, my - slope * mx
 
 
@@ -140,19 +147,17 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
     if n_resamples <= 0 or len(units) < MIN_POINTS:
         return out
     pi0, po0 = np.where(mem, pi, 0.0), np.where(mem, po, 0.0)
+    unit_of = unit_of_points(units, m)
+    probit_mats, raw_mats = pair_mats(gi, go), pair_mats(a_id, a_ood)
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        pts = _expand(units, idx)
-        safe = np.maximum(pts, 0)
-        w = (pts >= 0) & mem[safe]
-        s_acc, i_acc = _wls(pi0[safe], po0[safe], w)
-        gx, gy, pw = _pair_values(gi, go, pts)
-        s_agr, i_agr = _wls(gx, gy, pw)
-        rx, ry, rw = _pair_values(a_id, a_ood, pts)
-        r = _weighted_rank_stats(rx, ry, rw, rank=False)[0]
+        c = _point_weights(idx, unit_of, len(units))           # draws per member
+        s_acc, i_acc = _wls(pi0, po0, c * mem)
+        s_agr, i_agr, _ = moments_line(pair_moments(probit_mats, c))
+        r = moments_line(pair_moments(raw_mats, c))[2]
         return np.stack([s_acc, i_acc, s_agr, i_agr, s_acc - s_agr, i_acc - i_agr, r])
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _one_blas_thread():  # small products: threads only contend (correlate)
         warnings.simplefilter("ignore")
         res = stats.bootstrap((np.arange(len(units)),), statistic, n_resamples=n_resamples, vectorized=True,
                               batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,

@@ -21,13 +21,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.agreement import _one_blas_thread
+
 #: Fewer finite (x, y) pairs than this give NaN statistics (the 95% CI needs n > 3).
 MIN_POINTS = 4
 
 #: Bootstrap resamples for the intervals (2,000: about 50 draws beyond each end of a 95% interval).
 N_RESAMPLES = 2000
-#: Resamples evaluated per vectorised batch (bounds the memory of the pair statistics: B x M x M).
-BOOT_BATCH = 50
+#: Resamples evaluated per vectorised batch (bounds the memory: B x points per statistic).
+BOOT_BATCH = 500
 #: Seed of the bootstrap's generator: the same records give the same intervals.
 SEED = 0
 #: Confidence level of every interval.
@@ -134,7 +136,8 @@ def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int, n_resamples: 
     nan = np.full(n_stats, np.nan)
     if n_resamples <= 0 or n_units < MIN_POINTS:
         return nan, nan
-    with warnings.catch_warnings():
+    # one BLAS thread: the products are small, and threads on a busy machine made them 6x slower here
+    with warnings.catch_warnings(), _one_blas_thread():
         warnings.simplefilter("ignore")  # degenerate resamples: NaN statistics, handled below
         try:
             res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=True,
@@ -237,21 +240,59 @@ def correlate(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, eps: float =
     return out
 
 
-def _pair_values(ax: np.ndarray, ay: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of the members ``pts`` (``B x L``, -1 padding): ``(x, y, w)`` each ``B x L*L``.
+def unit_of_points(units: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of ``resampling_units``: the unit (row) of each of the ``n`` points."""
+    out = np.empty(n, dtype=np.int64)
+    rows, cols = np.nonzero(units >= 0)
+    out[units[rows, cols]] = rows
+    return out
 
-    A pair is two different positions a < b of the resample holding two different members (never
-    a member with itself; a member drawn twice pairs with the others twice), both values finite.
+
+def _point_weights(idx: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:
+    """Resampled unit indices ``... x u`` -> how often each point is drawn, ``... x M`` (float64)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    flat = idx.reshape(-1, idx.shape[-1])
+    counts = np.zeros((len(flat), n_units))
+    np.add.at(counts, (np.arange(len(flat))[:, None], flat), 1.0)
+    return counts[:, unit_of].reshape(*idx.shape[:-1], len(unit_of))
+
+
+def pair_mats(fx: np.ndarray, fy: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``M x M`` matrices whose quadratic forms ``pair_moments`` takes (computed once per bootstrap)."""
+    ok = np.isfinite(fx) & np.isfinite(fy)
+    np.fill_diagonal(ok, False)
+    x, y = np.where(ok, fx, 0.0), np.where(ok, fy, 0.0)
+    return {"n": ok.astype(np.float64), "sx": x, "sy": y, "sxx": x * x, "syy": y * y, "sxy": x * y}
+
+
+def pair_moments(mats: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Weighted sums over the pairs of a resample, without listing its pairs.
+
+    A resample that draws member i ``c_i`` times holds ``c_i c_j`` pairs of members i != j (never a
+    member with itself), so a sum over its pairs is the quadratic form ``Σ_{i<j} c_i c_j F_ij =
+    c F cᵀ / 2`` of a symmetric ``F`` with zero diagonal: one matrix product for the whole batch of
+    resamples instead of gathering ``B x M x M`` pair values.
+
+    Args:
+        mats: ``pair_mats(fx, fy)`` of the ``M x M`` symmetric pair values (NaN: the pair is left out).
+        weights: ``... x M`` draws per member (``_point_weights``).
+
+    Returns:
+        ``n, sx, sy, sxx, syy, sxy`` each of shape ``...``.
     """
-    safe = np.maximum(pts, 0)
-    vx = ax[safe[..., :, None], safe[..., None, :]]
-    vy = ay[safe[..., :, None], safe[..., None, :]]
-    L = pts.shape[-1]
-    upper = np.triu(np.ones((L, L), dtype=bool), k=1)
-    w = (upper & (pts[..., :, None] != pts[..., None, :]) & (pts[..., :, None] >= 0) & (pts[..., None, :] >= 0)
-         & np.isfinite(vx) & np.isfinite(vy))
-    shape = (*pts.shape[:-1], L * L)
-    return np.where(w, vx, 0.0).reshape(shape), np.where(w, vy, 0.0).reshape(shape), w.reshape(shape)
+    return {k: 0.5 * np.einsum("...i,...i->...", weights @ f, weights) for k, f in mats.items()}
+
+
+def moments_line(mo: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slope, intercept, Pearson r) of least squares ``y = slope x + intercept`` from ``pair_moments``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = mo["n"]
+        cxy = mo["sxy"] - mo["sx"] * mo["sy"] / n
+        cxx = mo["sxx"] - mo["sx"] ** 2 / n
+        cyy = mo["syy"] - mo["sy"] ** 2 / n
+        slope = cxy / cxx
+        r = np.clip(cxy / np.sqrt(cxx * cyy), -1.0, 1.0)
+        return slope, (mo["sy"] - slope * mo["sx"]) / n, r
 
 
 def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resamples: int = N_RESAMPLES,
@@ -297,9 +338,11 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
     out["n_units"] = int(len(units))
     out["resample"] = unit_name
     if keep.sum() >= MIN_POINTS and not (_is_constant(x[keep]) or _is_constant(y[keep])):
+        unit_of = unit_of_points(units, len(members))
+        mats = pair_mats(ax, ay)
+
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-            px, py, w = _pair_values(ax, ay, _expand(units, idx))
-            return _weighted_rank_stats(px, py, w, rank=False)[:1]
+            return moments_line(pair_moments(mats, _point_weights(idx, unit_of, len(units))))[2][None]
 
         lo, hi = _bootstrap(statistic, len(units), n_resamples, seed, n_stats=1)
         _put_intervals(out, lo, hi)

@@ -100,8 +100,10 @@ def build(root: Path, n_members: int, n_targets: int, n_slices: int, size: int, 
                                          "case_id": case_ids, "slice_idx": slice_idx,
                                          "uncertain_px": unc_px.astype(np.int64), "error_px": err, "area_px": area,
                                          "mean_uncertainty": unc_px / area}))
-        member = {"member_id": mid, "run_id": mid.rsplit("-ep", 1)[0], "arch": arch, "lr": lr, "epochs": epochs,
-                  "seed": mseed, "batch_size": 8, "source": "Source", "checkpoint": f"/nowhere/{mid}.pt"}
+        # a training run is (arch, lr, seed): its snapshot epochs are members of one run
+        member = {"member_id": mid, "run_id": f"{arch}-lr{lr:g}-s{mseed}", "arch": arch, "lr": lr, "epochs": epochs,
+                  "seed": mseed, "batch_size": 8, "source": "Source", "checkpoint": f"/nowhere/{mid}.pt",
+                  "oracle_prompt": arch == "medsam"}
         records.write_member_part(root, member, pd.concat(parts, ignore_index=True))
         records.write_uncertainty_part(root, mid, pd.concat(unc, ignore_index=True))
         if m < 12:  # qualitative examples: three slices of the last target

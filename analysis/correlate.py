@@ -50,7 +50,12 @@ STAT_KEYS = ("n", "n_units", "pearson_r", "pearson_p", "pearson_ci_low", "pearso
 #: Leading columns of ``correlations``' and ``pair_correlations``' results (then ``STAT_KEYS``).
 #: ``members``: ``"label-free"`` (members whose evaluation used no labels) or ``"all"``; ``resample``:
 #: the bootstrap's unit (``"run"`` or ``"member"``).
-ID_COLUMNS = ("indicator", "metric", "members", "source", "target", "unit", "resample", "x", "y")
+#: ``n_degenerate``: points of this row's data below the degenerate floor (rows whose ``members`` ends in
+#: ``(non-degenerate)`` leave them out: see ``correlations``).
+ID_COLUMNS = ("indicator", "metric", "members", "source", "target", "unit", "resample", "n_degenerate", "x", "y")
+
+#: Default floor below which a score or agreement marks a member as degenerate (``analysis.degenerate_floor``).
+DEGENERATE_FLOOR = 0.01
 
 
 def resampling_units(groups: np.ndarray | pd.Series | list | None, n: int) -> tuple[np.ndarray, str]:
@@ -351,7 +356,8 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
 
 def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: str = "id_score",
                  y_col: str = "ood_score", n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                 members: str = "all", group_col: str = "run_id") -> pd.DataFrame:
+                 members: str = "all", group_col: str = "run_id", floor: float | None = None,
+                 floor_x: bool = True) -> pd.DataFrame:
     """Correlate ``x_col`` with ``y_col`` across the pool, one row per (source, target).
 
     Args:
@@ -365,10 +371,15 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
         members: written in the ``members`` column (``"label-free"`` or ``"all"``).
         group_col: the training-run column the bootstrap resamples by (absent or with missing
             values: members).
+        floor: degenerate floor: a point with ``y`` (or, if ``floor_x``, ``x``) below it is degenerate
+            (a member that predicts (almost) nothing sits at the probit floor and can set a slope by
+            itself). Where a target has such points, a second row, ``members`` suffixed
+            ``" (non-degenerate)"``, repeats the statistics without them. None: no flagging.
+        floor_x: whether the floor applies to ``x`` too (scores and agreements: yes; areas: no).
 
     Returns:
-        Columns ``ID_COLUMNS`` then ``STAT_KEYS``, targets in the order they appear in ``perf``;
-        ``unit`` is ``"member"``.
+        Columns ``ID_COLUMNS`` then ``STAT_KEYS``, targets in the order they appear in ``perf``
+        (a non-degenerate row right after its target's row); ``unit`` is ``"member"``.
 
     Raises:
         KeyError: ``x_col`` or ``y_col`` is not a column of ``perf``.
@@ -379,9 +390,18 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
     rows = []
     metric = str(perf["metric"].iloc[0]) if "metric" in perf.columns and len(perf) else ""
     for (source, target), g in perf.groupby(["source", "target"], sort=False):
-        st = correlate(g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float),
-                       n_resamples=n_resamples, seed=seed,
-                       groups=g[group_col].to_numpy(dtype=object) if group_col in g.columns else None)
-        rows.append({"indicator": indicator, "metric": metric, "members": members, "source": str(source),
-                     "target": str(target), "unit": "member", "x": x_col, "y": y_col, **st})
+        x, y = g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float)
+        groups = g[group_col].to_numpy(dtype=object) if group_col in g.columns else None
+        deg = np.zeros(len(g), dtype=bool)
+        if floor is not None:
+            deg = (y < floor) | ((x < floor) if floor_x else False)
+        base = {"indicator": indicator, "metric": metric, "source": str(source), "target": str(target),
+                "unit": "member", "x": x_col, "y": y_col}
+        st = correlate(x, y, n_resamples=n_resamples, seed=seed, groups=groups)
+        rows.append({**base, "members": members, "n_degenerate": int(deg.sum()), **st})
+        if deg.any():
+            keep = ~deg
+            st = correlate(x[keep], y[keep], n_resamples=n_resamples, seed=seed,
+                           groups=None if groups is None else groups[keep])
+            rows.append({**base, "members": f"{members} (non-degenerate)", "n_degenerate": 0, **st})
     return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS])

@@ -18,7 +18,8 @@ import pandas as pd
 
 from analysis.agreement import Agreement, agreement_matrices
 from analysis.aline import aline_table, lines_test
-from analysis.correlate import ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs, correlations
+from analysis.correlate import (DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs,
+                                correlations)
 from analysis.examples import example_members, examples_dir, fig6_inputs
 from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
@@ -114,7 +115,8 @@ def _write_csv(df: pd.DataFrame, path: Path, files: list[Path]) -> None:
 
 def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_dir: str | os.PathLike | None = None,
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
-                 seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None) -> dict:
+                 seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
+                 degenerate_floor: float | None = DEGENERATE_FLOOR) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -140,6 +142,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         fig6_member: the member Fig. 6 shows (default: the best mean OOD score among members
             with examples).
         fig6_index: which of its example slices (default: the largest error).
+        degenerate_floor: a member scoring below it on an axis (ID/OOD score, agreement) is flagged
+            (``performance.csv``'s ``degenerate``) and the member correlations are repeated without
+            the flagged points (rows ``members = "... (non-degenerate)"``); None: no flagging.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -237,6 +242,13 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         if n not in available and INDICATORS[n].needs == "slices":
             notes.append(f"indicator {n}: no values (does the records hold the source test split, role 'id'?)")
     timings["uncertainty"] = time.perf_counter() - t
+    if degenerate_floor is not None:
+        perf = perf.assign(degenerate=(perf["id_score"] < degenerate_floor) | (perf["ood_score"] < degenerate_floor))
+        n_deg = int(perf.loc[perf["degenerate"], "member_id"].nunique())
+        if n_deg:
+            notes.append(f"{n_deg} member(s) score below the degenerate floor {degenerate_floor:g} on the source "
+                         f"or a target (`degenerate` in performance.csv): each member correlation is also given "
+                         f"without them (`... (non-degenerate)` rows)")
     _write_csv(perf, out / "performance.csv", files)
     _write_csv(pd.concat([tb.assign(members=k) for k, tb in tables.items()], ignore_index=True),
                out / "indicators.csv", files)
@@ -252,7 +264,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     parts, line_rows, aline_parts, aline_fits = [], [], [], []
     for k, tb in tables.items():
         parts += [correlations(tb, n, INDICATORS[n].column, "ood_score", n_resamples=n_resamples, seed=seed,
-                               members=k) for n in available]
+                               members=k, floor=degenerate_floor, floor_x=INDICATORS[n].higher_is_better)
+                  for n in available]
         if agreements[k] is not None:
             pc, lines = _pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
             parts.append(pc)
@@ -333,7 +346,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         """One block per member set (label-free first), each under a heading that names the set."""
         blocks: list[str] = []
         for k, ids in member_sets.items():
-            sub = df[df["members"] == k] if df is not None and "members" in df.columns else df
+            sub = (df[df["members"].isin([k, f"{k} (non-degenerate)"])] if df is not None and "members" in df.columns
+                   else df)
             head = (f"**Label-free members** ({len(ids)}; oracle-prompted † members left out)" if k == LABEL_FREE
                     else f"**All members** ({len(ids)}; includes the oracle-prompted † members: not label-free)")
             blocks += [head, "", render(sub), ""]

@@ -276,8 +276,13 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     """The ``correlations`` table in markdown: one row per (indicator, source → target)."""
     rows = []
     for r in corr.itertuples(index=False):
+        nondeg = str(getattr(r, "members", "")).endswith("(non-degenerate)")
+        n_deg = getattr(r, "n_degenerate", 0)
         rows.append({
-            "indicator": r.indicator, "setting": f"{r.source} → {r.target}",
+            "indicator": r.indicator + (" (without degenerate members)" if nondeg else ""),
+            "setting": f"{r.source} → {r.target}",
+            "degenerate": "left out" if nondeg else (f"{int(n_deg)} in" if isinstance(n_deg, (int, np.integer, float))
+                                                      and math.isfinite(float(n_deg)) and n_deg else "0"),
             "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
             "units": f"{r.n_units} {getattr(r, 'resample', 'member')}s",
             "Pearson r [95% CI]": (f"{_f(r.pearson_r, '.3f')} [{_f(r.pearson_ci_low, '.3f')}, "
@@ -298,8 +303,10 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
                f"(Fisher z, which treats the members as independent; not given for pairs); r's and Spearman "
                f"ρ's 95% bootstrap intervals resample {unit} (BCa where defined; pairs: r only, percentile); "
                f"Kendall τ (τ-b) without an interval; probit fit: least squares of probit(y) on probit(x). "
-               f"n: members, or pairs / resampled units.")
-    cols = ["indicator", "setting", "n", "units", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
+               f"n: members, or pairs / resampled units. Degenerate: members below the degenerate floor on "
+               f"an axis (they sit at the probit floor and can set a slope alone); where there are any, the "
+               f"row is repeated without them.")
+    cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
             "Kendall τ [CI]", "probit slope", "probit intercept", "probit R²"]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 

@@ -264,7 +264,8 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     exp = spec.experiment_dir
     metric = metric or spec.analysis.metric
     t = time.time()
-    result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators))
+    result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
+                          degenerate_floor=spec.analysis.degenerate_floor)
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:
@@ -272,12 +273,16 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
         tracker.reopen(rid)
         tracker.log_params(rid, {"metric": metric, "indicators": ",".join(spec.analysis.indicators)})
         stats = ("pearson_r", "spearman_rho", "kendall_tau", "probit_slope", "probit_r2")
+        def tag(row: dict) -> str:  # label-free rows keep the plain key; other member sets say which
+            return "" if row.get("members") in (None, "label-free") else "/" + str(row["members"]).replace(" ", "_")
+
         for c in result.get("correlations", []):
-            tracker.log_metrics(rid, {f"{c.get('indicator')}/{c.get('target')}_{k}": c.get(k) for k in stats
+            tracker.log_metrics(rid, {f"{c.get('indicator')}/{c.get('target')}{tag(c)}_{k}": c.get(k) for k in stats
                                       if c.get(k) is not None})
         for sel in result.get("selection", []):
             if sel.get("regret") is not None:
-                tracker.log_metrics(rid, {f"regret/{sel.get('indicator')}/{sel.get('target')}": sel["regret"]})
+                tracker.log_metrics(rid, {f"regret/{sel.get('indicator')}/{sel.get('target')}{tag(sel)}":
+                                          sel["regret"]})
         tracker.log_metrics(rid, {"analysis_seconds": time.time() - t})
         out = Path(result["out_dir"])
         files = [Path(f) for f in result["files"]]

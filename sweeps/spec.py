@@ -164,6 +164,9 @@ class UncertaintySpec:
 class AnalysisSpec:
     metric: str = "iou_3d"
     indicators: tuple[str, ...] = ("id_performance", "agreement")
+    #: members scoring below this on an axis (ID/OOD score, agreement) are flagged "degenerate" and the
+    #: correlations are reported with and without them (a member predicting nothing sits at the probit floor)
+    degenerate_floor: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -556,14 +559,17 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
                                                f"{uncertainty.passes}")
 
-    a = c.keys(raw.get("analysis") or {}, "analysis", {"metric": False, "indicators": False})
+    a = c.keys(raw.get("analysis") or {}, "analysis", {"metric": False, "indicators": False,
+                                                        "degenerate_floor": False})
     default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
         raise c.fail("analysis.indicators", f"expected a list, got {indicators!r}")
     analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
                             indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", INDICATORS)
-                                             for i, v in enumerate(indicators)))
+                                             for i, v in enumerate(indicators)),
+                            degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01), "analysis.degenerate_floor",
+                                                            nonneg=True, maximum=0.5)))
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
     if "uncertainty" in analysis.indicators and uncertainty is None:
         raise c.fail("analysis.indicators", "lists 'uncertainty' but the spec has no `uncertainty:` section "

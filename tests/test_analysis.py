@@ -337,3 +337,18 @@ def test_analysis_imports_no_ray_torch_sweeps_or_pyplot():
             "or m == 'matplotlib.pyplot'); print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_degenerate_members_are_flagged_and_left_out_of_a_second_row():
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0.4, 0.9, 12)
+    y = np.clip(stats.norm.cdf(0.9 * probit(x) - 0.2) + rng.normal(0, 0.02, 12), 0.02, 0.98)
+    x[0], y[0] = 0.005, 0.001                         # a member that predicts (almost) nothing
+    perf = _perf([(f"m{i}", "unet", 1e-3, 5, i, "B", x[i], y[i]) for i in range(12)])
+    out = correlations(perf, n_resamples=0, members="label-free", floor=0.01)
+    assert list(out["members"]) == ["label-free", "label-free (non-degenerate)"]
+    assert list(out["n_degenerate"]) == [1, 0] and list(out["n"]) == [12, 11]
+    fit = stats.linregress(probit(x[1:]), probit(y[1:]))
+    assert out["probit_slope"].iloc[1] == pytest.approx(fit.slope)
+    assert abs(out["probit_slope"].iloc[0] - fit.slope) > 0.05  # the floor point pulls the slope alone
+    assert len(correlations(perf, n_resamples=0, floor=None)) == 1

@@ -37,6 +37,7 @@ def edit(d: dict, path: str, value) -> dict:
 def test_valid_spec(tmp_path):
     spec = parse_spec(base(tmp_path))
     assert spec.n_runs() == 2 and spec.n_members() == 4
+    assert spec.analysis.degenerate_floor == 0.01
     assert spec.experiment_dir == tmp_path / "runs" / "t"
     assert spec.tracking().startswith("sqlite:////") and spec.tracking().endswith("/runs/t/mlflow.db")
 
@@ -60,6 +61,7 @@ def test_demo_preset_is_valid():
     ("data.layout", "prostate", ["data.layout", "'prostate'", "prostate_multisite"]),
     ("data.image_size", 50, ["data.image_size", "multiple of 32", "50"]),
     ("analysis", {"metric": "hd95"}, ["analysis.metric", "hd95", "iou_3d"]),
+    ("analysis", {"degenerate_floor": 0.9}, ["analysis.degenerate_floor", "must be <= 0.5", "0.9"]),
     ("pool.lr", {"loguniform": [1e-5, 1e-3]}, ["pool.lr", "needs a search", "optuna"]),
     ("name", "a b/c", ["name", "folder-safe"]),
     ("pool.arch", KeyError, ["pool.arch", "required"]),

@@ -63,8 +63,11 @@ def _check_records(experiment_dir: Path) -> None:
 
 
 def site_roles(slices: pd.DataFrame) -> dict[str, str]:
-    """Site -> role from the slice records: the ID site first, then the targets in order of appearance."""
-    pairs = slices[["site", "role"]].drop_duplicates()
+    """Site -> role from the slice records: the ID site first, then the targets in order of appearance.
+
+    The validation split (role "val", the source's held-out training cases) is left out: it chooses
+    configurations and is not an evaluated site of the analysis."""
+    pairs = slices.loc[slices["role"] != "val", ["site", "role"]].drop_duplicates()
     roles = {str(s): str(r) for s, r in zip(pairs["site"], pairs["role"])}
     return {**{s: r for s, r in roles.items() if r == "id"}, **{s: r for s, r in roles.items() if r != "id"}}
 

@@ -20,6 +20,10 @@ PERFORMANCE_COLUMNS = MEMBER_KEYS + ["target", "metric", "id_score", "ood_score"
 #: and whether the member's evaluation used labels (box prompts from the ground truth).
 MEMBER_EXTRAS = ["run_id", "oracle_prompt"]
 
+#: The member's score on the validation split (role "val": source training cases held out, DESIGN §3),
+#: which chooses configurations; NaN in records without one. Appended after ``MEMBER_EXTRAS``.
+VAL_COLUMN = "val_score"
+
 
 def check_metric(metric: str) -> str:
     """Return ``metric`` if it is a known metric, else raise naming the valid ones.
@@ -67,7 +71,7 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
         metric: one of ``trainables.records.METRICS``.
 
     Returns:
-        Columns ``PERFORMANCE_COLUMNS`` + ``MEMBER_EXTRAS``, sorted by target (in order of first appearance in
+        Columns ``PERFORMANCE_COLUMNS`` + ``MEMBER_EXTRAS`` + ``[VAL_COLUMN]``, sorted by target (in order of first appearance in
         ``slices``) then member_id. A member with no ID rows gets a NaN ``id_score``; a
         (member, target) pair without OOD rows gets no row.
 
@@ -80,6 +84,7 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
     if len(dup):
         raise ValueError(f"members with ID rows on more than one site: {sorted(set(dup))[:5]}")
     ood = long[long["role"] == "ood"].rename(columns={"site": "target", "score": "ood_score"})
+    val = long[long["role"] == "val"].groupby("member_id")["score"].first().rename(VAL_COLUMN)
     mem = members[MEMBER_KEYS].copy()
     mem["member_id"] = mem["member_id"].astype(str)
     mem["run_id"] = members["run_id"].astype(object) if "run_id" in members.columns else None
@@ -89,6 +94,7 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
            .merge(mem, on="member_id", how="inner")
            .merge(ids[["member_id", "score"]].rename(columns={"score": "id_score"}), on="member_id", how="left"))
     out["metric"] = metric
+    out[VAL_COLUMN] = out["member_id"].map(val).astype(float)
     order = {t: i for i, t in enumerate(_order_of_appearance(slices.loc[slices["role"] == "ood", "site"]))}
     out = out.assign(_t=out["target"].map(order)).sort_values(["_t", "member_id"], kind="stable")
-    return out[PERFORMANCE_COLUMNS + MEMBER_EXTRAS].reset_index(drop=True)
+    return out[PERFORMANCE_COLUMNS + MEMBER_EXTRAS + [VAL_COLUMN]].reset_index(drop=True)

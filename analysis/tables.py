@@ -3,10 +3,10 @@
 Tables 1–3 (same- vs cross-domain performance) differ in the paper only by dataset, metric and
 orientation: Table 1 has a "Same-Dom." row per source and a "Cross-Dom." row ``S → T`` per target, one
 column per architecture. A cell is the mean ± std over seeds, in percent, of one
-configuration per architecture: the (lr, epochs) with the best mean ID score on the source
-test split (selection uses source labels only). Cross-domain cells add the change against
-the same architecture's Same-Dom. mean in percentage points: ``56.11 ± 4.93 (↓ 20.7)``.
-The std is the population std (``ddof=0``), so a single seed gives ``± 0.00``. Tables 2–3 put
+configuration per architecture: the (lr, epochs) with the best mean score on the validation split
+(source training cases held out; the source test split only for records without one). Cross-domain
+cells add the change against the same architecture's Same-Dom. mean in percentage points:
+``56.11 ± 4.93 (↓ 20.7)``. The std is the sample std (``ddof=1``); a single seed gives ``± –``. Tables 2–3 put
 the architectures in rows and the settings in columns (``table1(perf, orient="archs")``). A
 performance table that concatenates experiments with different sources gives one Same-Dom. row
 per source, as the paper's Table 1 does for BMC and BIDMC.
@@ -31,13 +31,13 @@ def format_cell(mean_pct: float, std_pct: float, change_pct: float | None = None
 
     Args:
         mean_pct: mean in percent (NaN gives ``"–"``).
-        std_pct: std in percent.
+        std_pct: std in percent (NaN, e.g. one seed: shown as ``–``).
         change_pct: cross-domain minus same-domain mean, percentage points; ``None``/NaN for none.
             It is shown with one decimal; a change that rounds to zero shows ``(= 0.0)``.
     """
     if not math.isfinite(mean_pct):
         return "–"
-    cell = f"{mean_pct:.2f} ± {std_pct:.2f}"
+    cell = f"{mean_pct:.2f} ± {std_pct:.2f}" if math.isfinite(std_pct) else f"{mean_pct:.2f} ± –"
     if change_pct is not None and math.isfinite(change_pct):
         mag = f"{abs(change_pct):.1f}"
         arrow = "=" if float(mag) == 0.0 else ("↓" if change_pct < 0 else "↑")
@@ -46,25 +46,40 @@ def format_cell(mean_pct: float, std_pct: float, change_pct: float | None = None
 
 
 def _members(perf: pd.DataFrame) -> pd.DataFrame:
-    """One row per member with its ID score (``perf`` repeats it once per target)."""
-    return perf.drop_duplicates("member_id")[["member_id", "arch", "lr", "epochs", "seed", "source", "id_score"]]
+    """One row per member with its ID (and validation) score (``perf`` repeats them once per target)."""
+    cols = ["member_id", "arch", "lr", "epochs", "seed", "source", "id_score"]
+    return perf.drop_duplicates("member_id")[cols + (["val_score"] if "val_score" in perf.columns else [])]
+
+
+def selection_split(perf: pd.DataFrame) -> str:
+    """``"val_score"`` when the records hold a validation split (role "val"), else ``"id_score"``."""
+    return "val_score" if "val_score" in perf.columns and np.isfinite(perf["val_score"].astype(float)).any() \
+        else "id_score"
 
 
 def select_best_configs(perf: pd.DataFrame) -> pd.DataFrame:
-    """Per (source, arch): the (lr, epochs) with the best mean ID score over seeds.
+    """Per (source, arch): the (lr, epochs) with the best mean validation score over seeds.
 
-    Ties go to the smaller lr, then the fewer epochs; configurations whose ID score is NaN
-    for every seed are chosen only when nothing else is left.
+    The validation split (source training cases held out, never reported) chooses, so the reported
+    test split is not also the one the configuration was picked on (the paper selects "depending on
+    validation performance"). Records without one (older experiments, ``data.val_fraction: 0``)
+    fall back to the source test split's ID score, and ``table1_markdown`` says so.
+    Ties go to the smaller lr, then the fewer epochs; configurations whose score is NaN for every
+    seed are chosen only when nothing else is left.
 
     Args:
         perf: a ``performance_table``.
 
     Returns:
-        Columns ``source, arch, lr, epochs, id_mean, n_seeds``, one row per (source, arch).
+        Columns ``source, arch, lr, epochs, id_mean, n_seeds, selected_on``, one row per (source, arch);
+        ``id_mean`` is the mean of the score it was chosen on (``selected_on``: ``val_score`` or
+        ``id_score``).
     """
     m = _members(perf)
+    on = selection_split(perf)
     cfg = (m.groupby(["source", "arch", "lr", "epochs"], sort=True)
-           .agg(id_mean=("id_score", "mean"), n_seeds=("member_id", "size")).reset_index())
+           .agg(id_mean=(on, "mean"), n_seeds=("member_id", "size")).reset_index())
+    cfg["selected_on"] = on
     cfg = cfg.sort_values(["source", "arch", "id_mean", "lr", "epochs"],
                           ascending=[True, True, False, True, True], na_position="last", kind="stable")
     return cfg.groupby(["source", "arch"], sort=False).head(1).reset_index(drop=True)
@@ -75,7 +90,8 @@ def _mean_std_pct(values: pd.Series) -> tuple[float, float, int]:
     v = v[np.isfinite(v)]
     if not v.size:
         return math.nan, math.nan, 0
-    return 100.0 * float(v.mean()), 100.0 * float(v.std(ddof=0)), int(v.size)
+    # sample std (ddof=1) over seeds; undefined (NaN, shown "–") for a single seed
+    return 100.0 * float(v.mean()), 100.0 * float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
 def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
@@ -165,9 +181,13 @@ def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
     oracle = oracle_archs(perf)
     chosen = "; ".join(f"{b.arch}{DAGGER if b.arch in oracle else ''}: lr {b.lr:g}, {b.epochs} epochs "
                        f"({b.n_seeds} seeds)" for b in best.itertuples(index=False))
+    on_val = selection_split(perf) == "val_score"
+    chosen_on = (f"the validation split (source training cases held out from training, never reported here)"
+                 if on_val else f"the source test split, the same split as the Same-Dom. row (no validation split "
+                                f"in the records: optimistic; set data.val_fraction and rerun the pool)")
     caption = (f"**Table 1.** {metric} (%) on the source test split (Same-Dom.) and on each target site "
-               f"(Cross-Dom.), mean ± std over seeds (population std). Per architecture, the (lr, epochs) "
-               f"configuration with the best mean ID {metric} on the source test split is reported "
+               f"(Cross-Dom.), mean ± sample std (ddof = 1) over seeds (– with one seed). Per architecture, the "
+               f"(lr, epochs) configuration with the best mean {metric} on {chosen_on} is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
                f"mean in percentage points. Selected: {chosen}."
                + (f" {DAGGER} oracle-prompted: evaluated with each slice's ground-truth box as the prompt (as "

@@ -79,6 +79,8 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         "source": spec.data.source,
         "targets": list(spec.data.targets),
         "target_split": spec.data.target_split,
+        "val_fraction": spec.data.val_fraction,
+        "split_seed": spec.data.split_seed,
         "experiment_dir": str(spec.experiment_dir),
         "batch_size": pool.batch_size,
         "weight_decay": pool.weight_decay,

@@ -83,6 +83,9 @@ class DataSpec:
     image_size: int = 64
     split_seed: int = 0
     test_fraction: float = 0.2
+    #: share of the source's training cases held out (by case, seeded by split_seed) as the validation
+    #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)
+    val_fraction: float = 0.1
     target_split: str = "test"
     cache_dir: Path | None = None
     skip_bad_cases: bool = False
@@ -128,7 +131,8 @@ class PoolSpec:
 class SearchSpec:
     algo: str = "optuna"
     num_samples: int = 8
-    metric: str = "id_iou_3d"
+    #: a per-epoch scalar of the trials: the validation split's score by default (never the reported test split)
+    metric: str = "val_iou_3d"
     mode: str = "max"
     seed: int = 0
 
@@ -343,6 +347,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
 
     d = c.keys(raw["data"], "data", {"layout": False, "root": False, "source": True, "targets": True,
                                       "image_size": False, "split_seed": False, "test_fraction": False,
+                                      "val_fraction": False,
                                       "target_split": False, "cache_dir": False, "skip_bad_cases": False,
                                       "synthetic": False, "sites": False, "lesions": False, "window": False,
                                       "split": False})
@@ -447,6 +452,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
         split_seed=c.number(d.get("split_seed", 0), "data.split_seed", integer=True, nonneg=True),
         test_fraction=c.number(d.get("test_fraction", 0.2), "data.test_fraction", positive=True, maximum=0.9),
+        val_fraction=c.number(d.get("val_fraction", 0.1), "data.val_fraction", nonneg=True, maximum=0.5),
         target_split=c.choice(d.get("target_split", "test"), "data.target_split", ("test", "all")),
         cache_dir=_path(d["cache_dir"], base) if d.get("cache_dir") else None,
         skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic,
@@ -509,10 +515,13 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         search = SearchSpec(
             algo=c.choice(s.get("algo", "optuna"), "search.algo", ("optuna",)),
             num_samples=c.number(s.get("num_samples", 8), "search.num_samples", integer=True, positive=True),
-            metric=c.choice(s.get("metric", "id_iou_3d"), "search.metric",
-                            tuple(f"id_{m}" for m in ("iou_3d", "dice_2d"))),
+            metric=c.choice(s.get("metric", "val_iou_3d"), "search.metric",
+                            tuple(f"{r}_{m}" for r in ("val", "id") for m in ("iou_3d", "dice_2d"))),
             mode=c.choice(s.get("mode", "max"), "search.mode", ("max", "min")),
             seed=c.number(s.get("seed", 0), "search.seed", integer=True, nonneg=True))
+        if search.metric.startswith("val_") and data.val_fraction == 0:
+            raise c.fail("search.metric", f"{search.metric!r} scores the validation split but data.val_fraction is 0; "
+                                          f"set data.val_fraction (e.g. 0.1)")
     else:
         for k, prm in (("pool.arch", arch), ("pool.lr", lr), ("pool.seed", seed)):
             if not prm.is_grid:

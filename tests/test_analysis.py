@@ -17,7 +17,7 @@ from analysis import run_analysis
 from analysis.correlate import MIN_POINTS, STAT_KEYS, correlate, correlations, probit
 from analysis.plots import plot_on_the_line, probit_ticks
 from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS, performance_table, scores_long
-from analysis.tables import format_cell, select_best_configs, table1, table1_long
+from analysis.tables import format_cell, select_best_configs, table1, table1_long, table1_markdown
 from trainables.records import write_member_part
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_performance_table_known_scores():
         _slices("m2", {("A", "id"): 0.90, ("B", "ood"): 0.70, ("C", "ood"): 0.60}),
     ], ignore_index=True)
     perf = performance_table(members, slices, "iou_3d")
-    assert list(perf.columns) == PERFORMANCE_COLUMNS + MEMBER_EXTRAS
+    assert list(perf.columns) == PERFORMANCE_COLUMNS + MEMBER_EXTRAS + ["val_score"]
     assert len(perf) == 4
     got = {(r.member_id, r.target): (r.id_score, r.ood_score) for r in perf.itertuples()}
     # tp / 100 with integer tp is the double nearest the decimal literal: exact comparison.
@@ -175,13 +175,13 @@ def test_format_cell_paper_form():
 
 def _table_pool() -> pd.DataFrame:
     rows = []
-    # unet, lr 1e-3: ID 0.80 / 0.70 (mean 75.00, std 5.00); OOD B 0.50 / 0.60, OOD C 0.80 / 0.76.
+    # unet, lr 1e-3: ID 0.80 / 0.70 (mean 75.00, sample std 7.07); OOD B 0.50 / 0.60, OOD C 0.80 / 0.76.
     for s, (i, b, c) in enumerate([(0.80, 0.50, 0.80), (0.70, 0.60, 0.76)]):
         rows += [(f"u3-{s}", "unet", 1e-3, 5, s, "B", i, b), (f"u3-{s}", "unet", 1e-3, 5, s, "C", i, c)]
     # unet, lr 1e-4: worse on ID (mean 0.61) but better on B: must not be selected.
     for s, (i, b, c) in enumerate([(0.60, 0.58, 0.59), (0.62, 0.60, 0.61)]):
         rows += [(f"u4-{s}", "unet", 1e-4, 5, s, "B", i, b), (f"u4-{s}", "unet", 1e-4, 5, s, "C", i, c)]
-    # medsam: a single seed -> std 0.00.
+    # medsam: a single seed -> no std.
     rows += [("ms-0", "medsam", 1e-4, 10, 0, "B", 0.90, 0.45), ("ms-0", "medsam", 1e-4, 10, 0, "C", 0.90, 0.90)]
     return _perf(rows)
 
@@ -194,21 +194,32 @@ def test_best_config_selection_uses_id_score():
     assert best.loc["medsam", "lr"] == 1e-4 and best.loc["medsam", "epochs"] == 10
 
 
+def test_best_config_selection_uses_the_validation_split_when_there_is_one():
+    perf = _table_pool()
+    perf["val_score"] = np.where(perf["member_id"].str.startswith("u4"), 0.9, 0.5)  # validation prefers lr 1e-4
+    best = select_best_configs(perf).set_index("arch")
+    assert best.loc["unet", "lr"] == 1e-4 and best.loc["unet", "selected_on"] == "val_score"
+    md = table1_markdown(perf)
+    assert "on the validation split (source training cases held out" in md and "ddof = 1" in md
+    assert "60.00 ± 1.41" in md                                  # the Same-Dom. row reports the test split
+    assert "no validation split in the records" in table1_markdown(_table_pool())
+
+
 def test_table1_cells():
     wide = table1(_table_pool()).set_index("setting")
     assert list(wide.columns) == ["domain", "medsam", "unet"]
     assert list(wide.index) == ["A", "A → B", "A → C"]
     assert wide.loc["A", "domain"] == "Same-Dom." and wide.loc["A → B", "domain"] == "Cross-Dom."
-    assert wide.loc["A", "unet"] == "75.00 ± 5.00"
-    assert wide.loc["A → B", "unet"] == "55.00 ± 5.00 (↓ 20.0)"
-    assert wide.loc["A → C", "unet"] == "78.00 ± 2.00 (↑ 3.0)"
-    assert wide.loc["A", "medsam"] == "90.00 ± 0.00"
-    assert wide.loc["A → B", "medsam"] == "45.00 ± 0.00 (↓ 45.0)"
-    assert wide.loc["A → C", "medsam"] == "90.00 ± 0.00 (= 0.0)"
+    assert wide.loc["A", "unet"] == "75.00 ± 7.07"               # sample std (ddof=1) over two seeds
+    assert wide.loc["A → B", "unet"] == "55.00 ± 7.07 (↓ 20.0)"
+    assert wide.loc["A → C", "unet"] == "78.00 ± 2.83 (↑ 3.0)"
+    assert wide.loc["A", "medsam"] == "90.00 ± –"
+    assert wide.loc["A → B", "medsam"] == "45.00 ± – (↓ 45.0)"
+    assert wide.loc["A → C", "medsam"] == "90.00 ± – (= 0.0)"
 
     by_arch = table1(_table_pool(), orient="archs").set_index("arch")  # the layout of the paper's Tables 2-3
     assert list(by_arch.columns) == ["Same-Dom.: A", "Cross-Dom.: A → B", "Cross-Dom.: A → C"]
-    assert by_arch.loc["unet", "Cross-Dom.: A → B"] == "55.00 ± 5.00 (↓ 20.0)"
+    assert by_arch.loc["unet", "Cross-Dom.: A → B"] == "55.00 ± 7.07 (↓ 20.0)"
     with pytest.raises(ValueError, match="orient must be 'settings'"):
         table1(_table_pool(), orient="sideways")
 

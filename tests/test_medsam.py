@@ -15,7 +15,7 @@ from trainables.data.cache import open_slice_cache
 from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, jitter_boxes, mask_boxes,
                                predict_member_rows, predict_prompted, slice_prompts)
 from trainables.models import is_prompted
-from trainables.segment import load_member, train_segmenter
+from trainables.segment import load_member, train_segmenter, train_val_rows
 
 
 def _tiny(seed: int = 0, img_size: int = 64, **kw):
@@ -252,14 +252,17 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_ru
 
     cache = open_slice_cache(tiny_cache)
     slices = pd.read_parquet(records.records_dir(exp) / "parts" / f"{members[-1]['member_id']}.slices.parquet")
-    n_eval = len(cache.rows("SiteA", "test")) + len(cache.rows("SiteB", "test")) + len(cache.rows("SiteC", "test"))
+    n_val = len(train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})[1])  # the validation split
+    n_eval = (len(cache.rows("SiteA", "test")) + len(cache.rows("SiteB", "test")) + len(cache.rows("SiteC", "test"))
+              + n_val)
+    assert n_val > 0 and (slices["role"] == "val").sum() == n_val
     assert len(slices) == n_eval  # every eval slice has its confusion counts
     assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
     empty = slices["tp"] + slices["fn"] == 0
     assert empty.any() and (slices.loc[empty, "n_boxes"] == 0).all() and (slices.loc[~empty, "n_boxes"] >= 1).all()
     assert (slices.loc[empty, "fp"] == 0).all()  # no box, predicted empty
     assert members[-1]["unprompted_slices"] == int(empty.sum())
-    train_masks = np.asarray(cache.masks[cache.rows("SiteA", "train")])
+    train_masks = np.asarray(cache.masks[train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})[0]])
     assert members[-1]["skipped_train_slices"] == int((train_masks.reshape(len(train_masks), -1).max(1) == 0).sum())
 
     # the member reloads (decoder from its checkpoint, frozen encoder rebuilt from its seed)

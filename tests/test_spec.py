@@ -89,6 +89,9 @@ def test_search_spec(tmp_path):
     d["search"] = {"algo": "optuna", "num_samples": 3}
     spec = parse_spec(d)
     assert spec.search.num_samples == 3 and spec.n_runs() == 3
+    assert spec.search.metric == "val_iou_3d" and spec.data.val_fraction == 0.1  # chosen on validation
+    with pytest.raises(SpecError, match="search.metric.*val_iou_3d.*data.val_fraction is 0"):
+        parse_spec({**d, "data": {**d["data"], "val_fraction": 0}})
     with pytest.raises(SpecError, match="search.algo.*'hyperopt'.*optuna"):
         parse_spec({**d, "search": {"algo": "hyperopt"}})
 

@@ -9,7 +9,8 @@ import torch
 
 from trainables import records
 from trainables.records import load_predictions
-from trainables.segment import load_member, predict, train_segmenter
+from trainables.data.cache import open_slice_cache
+from trainables.segment import load_member, predict, train_segmenter, train_val_rows
 
 
 def cfg(tiny_cache, exp, **kw):
@@ -23,7 +24,7 @@ def test_train_writes_members_and_records(tiny_cache, tmp_path):
     members = train_segmenter(cfg(tiny_cache, tmp_path), report=lambda m, c: reports.append((m, c)))
     assert [m["member_id"] for m in members] == ["unet_r18-lr0.001-s0-ep1", "unet_r18-lr0.001-s0-ep2"]
     assert [r[0]["epoch"] for r in reports] == [1, 2]
-    assert {"train_loss", "id_iou_3d", "id_dice_2d", "ood_SiteB_iou_3d", "ood_SiteC_iou_3d",
+    assert {"train_loss", "id_iou_3d", "id_dice_2d", "val_iou_3d", "ood_SiteB_iou_3d", "ood_SiteC_iou_3d",
             "ood_mean_iou_3d"} <= set(reports[0][0])
     assert all(c is not None for _, c in reports)  # each snapshot hands a checkpoint folder to the reporter
     for _, c in reports:
@@ -33,7 +34,14 @@ def test_train_writes_members_and_records(tiny_cache, tmp_path):
     assert mem["oracle_prompt"].dtype == bool and not mem["oracle_prompt"].any()  # unprompted: label-free
     assert list(slices.columns[: len(records.SLICE_COLUMNS)]) == list(records.SLICE_COLUMNS)
     assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
-    assert set(slices["role"]) == {"id", "ood"}
+    assert set(slices["role"]) == {"id", "ood", "val"}
+    # the validation cases: carved from the source's training cases, never trained on, scored every epoch
+    cache = open_slice_cache(tiny_cache)
+    train, val = train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})
+    val_cases = set(slices.loc[slices.role == "val", "case_id"])
+    assert val_cases == set(cache.index["case_id"].to_numpy()[val]) and len(val_cases) >= 1
+    assert not val_cases & set(cache.index["case_id"].to_numpy()[train])
+    assert not val_cases & set(slices.loc[slices.role == "id", "case_id"])
     assert set(slices.loc[slices.role == "id", "site"]) == {"SiteA"}
     # the reported per-epoch scalars are the ones the records give
     m2 = slices[slices.member_id == members[1]["member_id"]]
@@ -43,7 +51,6 @@ def test_train_writes_members_and_records(tiny_cache, tmp_path):
     model = load_member(members[1]["checkpoint"])
     masks, case_ids, slice_idx = load_predictions(tmp_path / "records" / "predictions" / members[1]["member_id"]
                                                   / "SiteB.npz")
-    from trainables.data.cache import open_slice_cache
 
     cache = open_slice_cache(tiny_cache)
     rows = cache.rows("SiteB", "test")

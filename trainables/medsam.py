@@ -617,7 +617,8 @@ def evaluate_prompted(model: MedSAM, cache: SliceCache, embeddings: np.ndarray, 
             "site": site, "role": role, "case_id": idx["case_id"].to_numpy(),
             "slice_idx": idx["slice_idx"].to_numpy(), "tp": counts[:, 0], "fp": counts[:, 1],
             "fn": counts[:, 2], "tn": counts[:, 3], "area_px": pred[0].numel(), "n_boxes": n_boxes}))
-        preds[site] = pred
+        if role != "val":  # the validation split is scored, not stored (segment.evaluate)
+            preds[site] = pred
     return pd.concat(frames, ignore_index=True), preds
 
 
@@ -666,7 +667,7 @@ def train_medsam(config: dict, report=None) -> list[dict]:
                                              int(cfg["embed_batch_size"]))
     embed_s = time.perf_counter() - t0
 
-    train_rows = cache.rows(cfg["source"], "train")
+    train_rows = segment.train_val_rows(cache, cfg)[0]
     hw = tuple(cache.masks.shape[-2:])
     pos, boxes, targets = slice_prompts(np.asarray(cache.masks[train_rows]), cfg["box_mode"])
     if len(pos) == 0:
@@ -685,7 +686,7 @@ def train_medsam(config: dict, report=None) -> list[dict]:
         emb_train, targets_t = emb_train.to(device), targets_t.to(device)
     boxes_t = torch.from_numpy(boxes)
     pos_t = torch.from_numpy(pos)
-    sets = segment.eval_sets(cache, cfg)
+    sets = segment.eval_sets(cache, cfg) + segment.val_set(cache, cfg)
 
     decoder = model.sam.mask_decoder
     amp = amp_dtype(cfg["amp"], device)

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "eval_batch_size": 64,
     "target_split": "test",  # which split of each target site to score: "test" or "all"
+    "val_fraction": 0.1,     # share of the source's training cases held out as the validation split (by case)
+    "split_seed": 0,         # seeds the choice of the validation cases
     "weight_decay": 0.0,
     "num_threads": None,     # torch CPU threads (None: leave torch's default)
     "device": "auto",
@@ -90,6 +92,36 @@ def _resolve(config: dict) -> dict:
         raise ValueError(f"target_split must be 'test' or 'all', got {cfg['target_split']!r}")
     get_model_spec(cfg["arch"])  # fail early on an unknown architecture
     return cfg
+
+
+def train_val_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The source's training rows split by case into (train, validation) rows.
+
+    ``val_fraction`` of the training cases (rounded; at least one when the fraction is positive and
+    the source has three or more training cases; never all of them), drawn with ``split_seed``. The
+    validation cases are scored every epoch (role ``"val"``) and choose configurations; they are never
+    trained on and never reported as a result. Computed here rather than in the slice cache so that
+    the cache (shared by experiments with other fractions) keeps the dataset's train/test split.
+    """
+    rows = cache.rows(cfg["source"], "train")
+    frac = float(cfg.get("val_fraction") or 0.0)
+    cases = cache.index["case_id"].to_numpy()[rows].astype(str)
+    uniq = np.unique(cases)
+    n_val = int(round(frac * len(uniq)))
+    if n_val == 0 and frac > 0 and len(uniq) >= 3:
+        n_val = 1
+    n_val = min(n_val, len(uniq) - 1)
+    if n_val <= 0:
+        return rows, rows[:0]
+    val_cases = np.random.default_rng(int(cfg.get("split_seed") or 0)).permutation(uniq)[:n_val]
+    is_val = np.isin(cases, val_cases)
+    return rows[~is_val], rows[is_val]
+
+
+def val_set(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
+    """``[(source, "val", rows)]`` for the validation split (empty when there is none)."""
+    val_rows = train_val_rows(cache, cfg)[1]
+    return [(cfg["source"], "val", val_rows)] if len(val_rows) else []
 
 
 def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
@@ -184,21 +216,22 @@ def evaluate(model: torch.nn.Module, cache: SliceCache, data: EvalData, device: 
             "site": site, "role": role, "case_id": idx["case_id"].to_numpy(),
             "slice_idx": idx["slice_idx"].to_numpy(), "tp": c[:, 0], "fp": c[:, 1],
             "fn": c[:, 2], "tn": c[:, 3], "area_px": int(np.prod(cache.masks.shape[1:]))}))
-        if keep_preds:
+        if keep_preds and role != "val":  # agreement and the uncertainty stage use the id/ood sets
             by_site[site] = all_preds[lo:hi]
     return pd.concat(frames, ignore_index=True), by_site
 
 
 def summarize(slices: pd.DataFrame) -> dict[str, float]:
-    """Per-epoch scalars: ``id_<metric>``, ``ood_<site>_<metric>`` and ``ood_mean_<metric>``."""
+    """Per-epoch scalars: ``id_<metric>``, ``val_<metric>`` (the validation split, when scored),
+    ``ood_<site>_<metric>`` and ``ood_mean_<metric>``."""
     out: dict[str, float] = {}
     for metric in ("iou_3d", "dice_2d"):
         per = records.metric_by(slices, metric, by=("site", "role"))
         ood = []
         for (site, role), v in per.items():
             v = float(v) if not math.isnan(v) else 0.0
-            if role == "id":
-                out[f"id_{metric}"] = v
+            if role in ("id", "val"):
+                out[f"{role}_{metric}"] = v
             else:
                 out[f"ood_{site}_{metric}"] = v
                 ood.append(v)
@@ -274,14 +307,14 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     exp = Path(cfg["experiment_dir"])
     cache = open_slice_cache(cfg["cache"])
     run_id = run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
-    train_rows = cache.rows(cfg["source"], "train")
+    train_rows = train_val_rows(cache, cfg)[0]
     # The training split (float16 images, uint8 masks as cached) is held in the device's memory when
     # it fits the trial's share, else streamed from the memmap by a DataLoader (trainables.accel).
     data, where = place_training_data({"x": (str(cache.path / "images.npy"), train_rows),
                                        "y": (str(cache.path / "masks.npy"), train_rows)}, device, cfg,
                                       "train_segmenter")
     in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
-    sets = eval_sets(cache, cfg)
+    sets = eval_sets(cache, cfg) + val_set(cache, cfg)
     # the eval sets join the training split in device memory when both fit the same budget
     eval_rows = sum(len(rows) for _, _, rows in sets)
     eval_bytes = eval_rows * (cache.images[:1].nbytes + cache.masks[:1].nbytes)
@@ -380,7 +413,9 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
                  "classes": len(cache.labels), "epoch": epoch}
     torch.save(state, tmp)
     os.replace(tmp, ckpt)
-    for site, _, rows in sets:
+    for site, role, rows in sets:
+        if role == "val":
+            continue
         idx = cache.index.iloc[rows]
         records.save_predictions(exp, mid, site, preds[site].numpy(), idx["case_id"].tolist(),
                                  idx["slice_idx"].to_numpy())

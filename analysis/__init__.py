@@ -5,6 +5,6 @@ Imports only ``trainables.records`` from the project (DESIGN §2); never Ray or 
 from __future__ import annotations
 
 from analysis.indicators import INDICATOR_GROUPS, INDICATORS
-from analysis.run import run_analysis
+from analysis.run import joint_tables, run_analysis
 
-__all__ = ["INDICATORS", "INDICATOR_GROUPS", "run_analysis"]
+__all__ = ["INDICATORS", "INDICATOR_GROUPS", "joint_tables", "run_analysis"]

@@ -206,7 +206,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     t = time.perf_counter()
     agreement: Agreement | None = None
     if {"id_agreement", "ood_agreement"} & set(wanted):
-        agreement = agreement_matrices(experiment_dir, all_ids, roles, metric=metric)
+        # the stored masks pool the label channels, so a micro metric's agreement is the base metric's
+        agreement = agreement_matrices(experiment_dir, all_ids, roles, metric=metric.removesuffix("_micro"))
         notes += agreement.notes
         if not agreement.matrices:
             agreement = None
@@ -408,3 +409,44 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     files.append(out / "summary.json")
     return {"out_dir": str(out), "files": [str(f) for f in files], "correlations": corr_records,
             "selection": sel_records, "notes": notes}
+
+
+def joint_tables(experiment_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Tables 1–3 across experiments on the same data (e.g. BMC → … and BIDMC → …), as in the paper.
+
+    Joins each experiment's ``analysis/performance.csv`` (written by ``run_analysis``) and writes
+    ``table1_joint.csv`` and ``table1_joint.md`` under ``out_dir``: one Same-Dom. row per source,
+    then its Cross-Dom. rows (``analysis.tables.table1`` on the concatenated table).
+
+    Raises:
+        FileNotFoundError: an experiment has no ``analysis/performance.csv`` (run its analysis first).
+        ValueError: the experiments' metrics differ, or two experiments share a source (the message
+            names the files).
+    """
+    paths = [Path(e) / "analysis" / "performance.csv" for e in experiment_dirs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no performance table at {missing[0]}: run `oodsweep analyze` on that experiment "
+                                f"first (or pass the experiments together, which runs each one)")
+    perfs = [pd.read_csv(p, dtype={"member_id": str, "run_id": object, "source": str, "target": str}) for p in paths]
+    metrics = {str(p): sorted(set(f["metric"].astype(str))) for p, f in zip(paths, perfs)}
+    if len({tuple(v) for v in metrics.values()}) > 1:
+        raise ValueError(f"the experiments were analysed with different metrics ({metrics}); rerun them with the "
+                         f"same --metric")
+    seen: dict[str, Path] = {}
+    for p, f in zip(paths, perfs):
+        for s in sorted(set(f["source"].astype(str))):
+            if s in seen:
+                raise ValueError(f"source {s!r} is in both {seen[s]} and {p}: a joint Table 1 has one Same-Dom. "
+                                 f"row per source; pass one experiment per source")
+            seen[s] = p
+    perf = pd.concat(perfs, ignore_index=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table1(perf).to_csv(out / "table1_joint.csv", index=False)
+    md = [f"# Tables 1–3 across {len(paths)} experiments", "",
+          "Experiments: " + ", ".join(f"`{Path(e).name}`" for e in experiment_dirs) + ".", "",
+          table1_markdown(perf), "", "Tables 2–3 layout (architectures in rows):", "",
+          table1_markdown(perf, orient="archs"), ""]
+    (out / "table1_joint.md").write_text("\n".join(md), encoding="utf-8")
+    return [out / "table1_joint.csv", out / "table1_joint.md"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from trainables.records import METRICS, metric_by
+from trainables.records import ALL_METRICS, metric_by
 
 #: Pool-member columns carried into the performance table.
 MEMBER_KEYS = ["member_id", "arch", "lr", "epochs", "seed", "source"]
@@ -29,10 +29,10 @@ def check_metric(metric: str) -> str:
     """Return ``metric`` if it is a known metric, else raise naming the valid ones.
 
     Raises:
-        ValueError: ``metric`` is not in ``trainables.records.METRICS``.
+        ValueError: ``metric`` is not in ``trainables.records.ALL_METRICS`` (per lesion, or ``*_micro``).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    if metric not in ALL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(ALL_METRICS)}")
     return metric
 
 

@@ -82,6 +82,17 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    dirs = args.experiment_dir
+    if len(dirs) > 1:  # each experiment's own analysis, then Tables 1-3 joined across them
+        from analysis import joint_tables
+
+        for d in dirs:
+            _cmd_analyze(argparse.Namespace(**{**vars(args), "experiment_dir": [d], "out": None}))
+        out = Path(args.out).resolve() if args.out else Path(dirs[0]).resolve() / "analysis"
+        for f in joint_tables(dirs, out):
+            print(f"[oodsweep] joint table written to {f}")
+        return 0
+    args.experiment_dir = dirs[0]
     from .driver import load_experiment_spec, run_analysis_stage, tracker_for
 
     spec = load_experiment_spec(args.experiment_dir)
@@ -160,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment_dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
-    p = sub.add_parser("analyze", help="recompute the analysis of a finished experiment (no Ray needed)")
-    p.add_argument("experiment_dir")
+    p = sub.add_parser("analyze", help="recompute the analysis of a finished experiment (no Ray needed); several "
+                                       "experiments on the same data (one per source) also get a joint Table 1")
+    p.add_argument("experiment_dir", nargs="+")
     p.add_argument("--metric", choices=METRICS, help="default: the spec's analysis.metric")
-    p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
+    p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis; with several experiments, where "
+                                 "the joint tables go: default the first one's analysis folder)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the analysis to MLflow")
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")

@@ -31,8 +31,10 @@ import yaml
 
 from trainables.data.layouts import LAYOUTS as _LAYOUT_REGISTRY
 from trainables.models import MODELS
+from trainables.records import ALL_METRICS as _ALL_METRICS
 
-METRICS = ("iou_3d", "dice_2d", "dice_global")
+#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
+METRICS = _ALL_METRICS
 LAYOUTS = tuple(_LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")

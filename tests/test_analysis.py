@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import run_analysis
+from analysis import joint_tables, run_analysis
 from analysis.correlate import MIN_POINTS, STAT_KEYS, correlate, correlations, probit
 from analysis.plots import plot_on_the_line, probit_ticks
 from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS, performance_table, scores_long
@@ -363,3 +363,30 @@ def test_degenerate_members_are_flagged_and_left_out_of_a_second_row():
     assert out["probit_slope"].iloc[1] == pytest.approx(fit.slope)
     assert abs(out["probit_slope"].iloc[0] - fit.slope) > 0.05  # the floor point pulls the slope alone
     assert len(correlations(perf, n_resamples=0, floor=None)) == 1
+
+
+def test_joint_table1_across_experiments_has_every_source_same_domain_row(tmp_path):
+    _write_experiment(tmp_path / "bmc")
+    for i, mid in enumerate(("u-s0", "u-s1", "u-s2", "u-s3")):                # a second source, D
+        write_member_part(tmp_path / "bidmc", _member(mid, "unet_r18", 1e-3, 3, i, source="D"),
+                          _slices(mid, {("D", "id"): 0.6 + 0.05 * i, ("B", "ood"): 0.4 + 0.02 * i}))
+    for name in ("bmc", "bidmc"):
+        run_analysis(tmp_path / name, n_resamples=0)
+    files = joint_tables([tmp_path / "bmc", tmp_path / "bidmc"], tmp_path / "report")
+    t1 = pd.read_csv(files[0])
+    assert list(t1["setting"]) == ["A", "A → B", "A → C site", "D", "D → B"]
+    assert list(t1["domain"]) == ["Same-Dom.", "Cross-Dom.", "Cross-Dom.", "Same-Dom.", "Cross-Dom."]
+    assert "medsam_tiny †" in files[1].read_text()
+    with pytest.raises(ValueError, match="source 'A' is in both"):
+        joint_tables([tmp_path / "bmc", tmp_path / "bmc"], tmp_path / "report")
+    with pytest.raises(FileNotFoundError, match="run `oodsweep analyze`"):
+        joint_tables([tmp_path / "nowhere"], tmp_path / "report")
+
+
+def test_cli_unknown_metric_lists_the_choices(capsys):
+    from sweeps.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["analyze", "some/experiment", "--metric", "auc"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'auc'" in err and "iou_3d, dice_2d" not in err and "'dice_global_micro'" in err

@@ -65,3 +65,29 @@ def test_metrics_match_monai(seed):
     t3 = truth[:, None].float()
     iou = MeanIoU(include_background=True, reduction="mean")(p3, t3)
     assert metric_by(s, "iou_3d")[("m", "A")] == pytest.approx(float(iou.mean()), abs=1e-6)
+
+
+def test_multilabel_metrics_average_per_lesion_like_monai():
+    from monai.metrics import DiceMetric
+
+    # two lesions on 2 slices of one case: a perfect 1000-px-like exudate and a missed 10-px microaneurysm
+    hw = 40
+    truth = torch.zeros(2, 2, hw, hw, dtype=torch.bool)   # slices x lesions x H x W
+    truth[:, 0, :25, :] = True                            # lesion 0: 1000 px per slice
+    truth[0, 1, 30:32, 30:35] = True                      # lesion 1: 10 px on slice 0 only
+    pred = truth.clone()
+    pred[0, 1] = False                                    # lesion 1 missed
+    cnt = confusion_counts(pred, truth, per_channel=True)  # 2 x 2 x 4
+    assert cnt.shape == (2, 2, 4) and cnt[0, 1].tolist() == [0, 0, 10, hw * hw - 10]
+    rows = [("m", "A", "c0", z, *cnt[z, k, :3].tolist(), name) for z in range(2) for k, name in enumerate(("EX", "MA"))]
+    s = pd.DataFrame(rows, columns=["member_id", "site", "case_id", "slice_idx", "tp", "fp", "fn", "label"])
+    dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    dice(pred.float(), truth.float())                     # each slice an image, each lesion a channel
+    per_lesion = dice.aggregate()                         # mean over slices per lesion: [1, 0]
+    monai = float(per_lesion.mean())                      # then over lesions
+    assert monai == pytest.approx(0.5)
+    assert metric_by(s, "dice_2d")[("m", "A")] == pytest.approx(monai)
+    assert metric_by(s, "iou_3d")[("m", "A")] == pytest.approx(0.5)           # per lesion per case, then mean
+    assert metric_by(s, "dice_global")[("m", "A")] == pytest.approx(0.5)
+    assert metric_by(s, "dice_global_micro")[("m", "A")] == pytest.approx(4000 / 4010)  # the pooled lesions
+    assert metric_by(s, "dice_2d_micro")[("m", "A")] == pytest.approx((2000 / 2010 + 1) / 2)

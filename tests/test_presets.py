@@ -144,7 +144,7 @@ def test_multilabel_loss_is_per_channel():
 
 
 def test_multilabel_training_and_uncertainty(fundus, tmp_path):
-    """Fundus lesions end to end: L output channels, counts summed over lesions, δ on the union."""
+    """Fundus lesions end to end: L output channels, counts per lesion (label column), δ on the union."""
     import torch
 
     from sweeps.driver import prepare_data
@@ -161,7 +161,8 @@ def test_multilabel_training_and_uncertainty(fundus, tmp_path):
                                "source": "IDRiD", "targets": ["FGADR"], "experiment_dir": str(tmp_path),
                                "epochs": 1, "batch_size": 2, "num_threads": 1})
     _, slices = records.merge_parts(tmp_path)
-    assert (slices["area_px"] == 2 * 32 * 32).all()  # micro-average over the two lesions
+    assert (slices["area_px"] == 32 * 32).all()  # one row per slice and lesion
+    assert sorted(slices["label"].unique()) == sorted(cache.labels) and len(cache.labels) == 2
     assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
     model = load_member(members[0]["checkpoint"])
     rows = cache.rows("FGADR", "test")

@@ -49,8 +49,10 @@ MEMBER_COLUMNS = {
 }
 
 #: One row per member x site x case x slice. Every metric derives from these counts.
-#: Multi-label tasks (the fundus lesions, one mask channel each): the counts are summed over the
-#: label channels (micro-average), so area_px is L * H * W and every metric pools the lesions.
+#: Multi-label tasks (the fundus lesions, one mask channel each) add a ``label`` column (LABEL_COLUMN):
+#: one row per slice and lesion, so that ``metric_by`` scores each lesion and averages them (MONAI's
+#: per-channel mean); ``<metric>_micro`` pools the lesions' counts first. Records written before the
+#: column existed hold one row per slice with the counts summed over the channels (micro only).
 SLICE_COLUMNS = {
     "member_id": "string",
     "site": "string",        # site name as the spec names it
@@ -232,6 +234,14 @@ def load_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, n
 METRICS = ("iou_3d", "dice_2d", "dice_global")
 
 
+#: The same metrics on the counts summed over the label channels (the micro average) first.
+MICRO_METRICS = tuple(f"{m}_micro" for m in METRICS)
+#: Every name ``metric_by`` takes.
+ALL_METRICS = METRICS + MICRO_METRICS
+#: The optional per-lesion column of the slice records (multi-label tasks).
+LABEL_COLUMN = "label"
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
@@ -243,15 +253,37 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...] = ("member_id", "site")) -> pd.Series:
     """Aggregate per-slice confusion counts into ``metric`` per group of ``by`` columns.
 
+    Multi-label records (a ``label`` column with more than one value): ``metric`` is computed per
+    label and averaged over the labels where it is defined, as MONAI's ``DiceMetric`` averages per
+    channel (``reduction="mean_batch"`` then the mean over channels); a missed 10-pixel lesion beside
+    a perfect 1000-pixel one then scores 0.5, not 0.995. ``<metric>_micro`` sums the labels' counts
+    per slice first (one pooled mask).
+
     Args:
-        slices: rows with at least ``by``, ``case_id``, ``tp``, ``fp``, ``fn``.
-        metric: one of ``METRICS``.
+        slices: rows with at least ``by``, ``case_id``, ``tp``, ``fp``, ``fn`` (and optionally ``label``).
+        metric: one of ``ALL_METRICS``.
         by: grouping columns (default one value per member and site).
 
     Returns:
         A Series indexed by ``by`` with values in [0, 1] (NaN where undefined).
     """
     by = list(by)
+    if metric not in ALL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(ALL_METRICS)}")
+    multi = LABEL_COLUMN in slices.columns and LABEL_COLUMN not in by and slices[LABEL_COLUMN].nunique() > 1
+    if metric.endswith("_micro"):
+        metric = metric[: -len("_micro")]
+        if multi:
+            keys = [c for c in slices.columns if c not in ("tp", "fp", "fn", "tn", "area_px", LABEL_COLUMN)]
+            slices = slices.groupby(keys, sort=False, dropna=False)[["tp", "fp", "fn"]].sum().reset_index()
+        out = metric_by(slices, metric, by)
+        out.name = f"{metric}_micro"
+        return out
+    if multi:
+        per_label = metric_by(slices, metric, by + [LABEL_COLUMN])
+        out = per_label.groupby(level=list(range(len(by)))).mean()  # NaN (lesion absent) left out
+        out.name = metric
+        return out
     if metric == "dice_2d":
         s = slices[slices["tp"] + slices["fn"] > 0]
         per = pd.Series(_ratio(2 * s["tp"], 2 * s["tp"] + s["fp"] + s["fn"]), index=s.index)
@@ -261,11 +293,9 @@ def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...]
         case = case[case["tp"] + case["fn"] > 0]
         per = pd.Series(_ratio(case["tp"], case["tp"] + case["fp"] + case["fn"]), index=case.index)
         out = per.groupby(level=list(range(len(by)))).mean()
-    elif metric == "dice_global":
+    else:  # dice_global
         tot = slices.groupby(by)[["tp", "fp", "fn"]].sum()
         out = pd.Series(_ratio(2 * tot["tp"], 2 * tot["tp"] + tot["fp"] + tot["fn"]), index=tot.index)
-    else:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     out.name = metric
     return out
 

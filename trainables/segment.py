@@ -203,7 +203,7 @@ def evaluate(model: torch.nn.Module, cache: SliceCache, data: EvalData, device: 
     for i in range(0, len(data.rows), batch_size):
         pred = _binary(_forward(model, _batch(data.images, i, batch_size), device, accel))
         truth = _batch(data.masks, i, batch_size).to(device, non_blocking=True)
-        counts.append(confusion_counts(pred, truth))
+        counts.append(confusion_counts(pred, truth, per_channel=pred.ndim == 4))  # multi-label: per lesion
         if keep_preds:
             preds.append(pred)
     counts = torch.cat(counts).cpu().numpy()
@@ -212,10 +212,16 @@ def evaluate(model: torch.nn.Module, cache: SliceCache, data: EvalData, device: 
     for (site, role, rows), lo, hi in zip(data.sets, data.bounds[:-1], data.bounds[1:]):
         idx = cache.index.iloc[rows]
         c = counts[lo:hi]
+        case_id, slice_idx = idx["case_id"].to_numpy(), idx["slice_idx"].to_numpy()
+        extra = {}
+        if c.ndim == 3:  # multi-label: one row per slice and lesion (records.LABEL_COLUMN)
+            n_lab = c.shape[1]
+            case_id, slice_idx = np.repeat(case_id, n_lab), np.repeat(slice_idx, n_lab)
+            extra = {records.LABEL_COLUMN: np.tile(np.asarray(cache.labels, dtype=str), len(c))}
+            c = c.reshape(-1, 4)
         frames.append(pd.DataFrame({
-            "site": site, "role": role, "case_id": idx["case_id"].to_numpy(),
-            "slice_idx": idx["slice_idx"].to_numpy(), "tp": c[:, 0], "fp": c[:, 1],
-            "fn": c[:, 2], "tn": c[:, 3], "area_px": int(np.prod(cache.masks.shape[1:]))}))
+            "site": site, "role": role, "case_id": case_id, "slice_idx": slice_idx, "tp": c[:, 0], "fp": c[:, 1],
+            "fn": c[:, 2], "tn": c[:, 3], "area_px": int(np.prod(cache.masks.shape[-2:])), **extra}))
         if keep_preds and role != "val":  # agreement and the uncertainty stage use the id/ood sets
             by_site[site] = all_preds[lo:hi]
     return pd.concat(frames, ignore_index=True), by_site

@@ -18,12 +18,19 @@ emptied on some slices, with sparse false-positive speckle. Only the timing is t
 correlations it prints are those of this toy generator.
 
     python bench/analysis.py [--members 200] [--targets 4] [--slices 2000] [--image-size 64] [--keep DIR]
+                             [--compare OTHER_CHECKOUT]
+
+``--compare`` times another checkout's ``run_analysis`` (its own defaults, e.g. the analysis before
+the run-level bootstrap: ``git worktree add /tmp/old 533f3d0``) on the same records, right after this
+one, in a subprocess with that checkout first on the path, and prints the ratio of the wall times.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +44,7 @@ import pandas as pd
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from analysis import run_analysis  # noqa: E402
+from analysis.correlate import N_RESAMPLES  # noqa: E402
 from trainables import records  # noqa: E402
 
 ARCHS = ("unet_r50", "unetpp_r50", "unet_effb0", "unetpp_effb0", "medsam")
@@ -129,6 +137,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=2000, help="slices per site")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--metric", default="iou_3d", choices=records.METRICS)
+    ap.add_argument("--compare", help="another checkout of the project whose analysis to time on the same records")
     ap.add_argument("--keep", help="build the records in this folder and keep them (default: a temporary one)")
     args = ap.parse_args()
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="oodsweep-bench-analysis-"))
@@ -143,8 +152,19 @@ def main() -> int:
         wall = time.perf_counter() - t
         parts = json.loads((Path(res["out_dir"]) / "summary.json").read_text())["seconds"]
         print("run_analysis: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items() if k != "total"))
-        print(f"run_analysis wall time: {wall:.1f} s (goal: under 60 s); {len(res['files'])} files, "
-              f"{len(res['correlations'])} correlation rows")
+        print(f"run_analysis wall time: {wall:.1f} s (goal: under 60 s, {N_RESAMPLES} resamples of "
+              f"{res['correlations'][0]['resample'] if res['correlations'] else '?'}s); {len(res['files'])} files, "
+              f"{len(res['correlations'])} correlation rows", flush=True)
+        if args.compare:
+            code = ("import sys, time; from analysis import run_analysis; t = time.perf_counter(); "
+                    f"run_analysis({str(tmp)!r}, metric={args.metric!r}, out_dir={str(tmp / 'analysis_compare')!r}); "
+                    "print(time.perf_counter() - t)")
+            env = {**os.environ, "PYTHONPATH": str(Path(args.compare).resolve())}
+            r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=args.compare,
+                               capture_output=True, text=True, check=True)
+            other = float(r.stdout.strip().splitlines()[-1])
+            print(f"{args.compare} run_analysis wall time on the same records: {other:.1f} s; "
+                  f"ratio this / that: {wall / other:.2f}")
         return 0
     finally:
         if not args.keep:

@@ -131,6 +131,11 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     * ``table1.csv`` / ``table1_long.csv`` (Tables 1–3), ``table4.csv`` (uncertainty methods by MSE);
     * ``selection.csv`` (model selection per target and indicator), ``loto.csv`` and
       ``loto_summary.csv`` (leave-one-target-out OOD estimates and their MAE);
+    * ``lines.csv`` (Baek et al.'s test per target: accuracy and agreement lines, intervals, whether
+      they agree) and ``aline.csv`` (ALine-S / ALine-D estimate per member and target, truth, error);
+
+    Every result table has a ``members`` column: ``label-free`` (members whose evaluation used no
+    labels; the default reading) and, when the pool has oracle-prompted members, ``all`` beside it.
     * ``plots/fig4_<target>.png``, ``plots/fig3_uncertainty_vs_ood.png``, ``plots/fig6_<member>.png``;
     * ``tables.md`` (every table, the figures, and what was skipped and why) and ``summary.json``.
 

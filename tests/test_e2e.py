@@ -22,6 +22,8 @@ def test_records(finished):
     slices = pd.read_parquet(exp / "records" / "slices.parquet")
     assert len(members) == 4 and set(members["arch"]) == {"unet_r18", "unet_effb0"}
     assert set(members["epochs"]) == {1, 2}
+    assert not members["oracle_prompt"].any() and members["run_id"].nunique() == 2  # two runs, 2 snapshots each
+    assert set(slices["role"]) == {"id", "ood", "val"}  # the validation split is scored too
     assert all(Path(c).exists() for c in members["checkpoint"])
     assert set(slices["member_id"]) == set(members["member_id"])
     assert set(slices["site"]) == {"SiteA", "SiteB", "SiteC"}
@@ -75,15 +77,19 @@ def test_analysis_files(finished):
     for t in ("SiteB", "SiteC"):
         assert (an / "plots" / f"fig4_{t}.png").stat().st_size > 1000
     corr = pd.read_csv(an / "correlations.csv")
-    members = corr[corr["unit"] == "member"]
+    members = corr[(corr["unit"] == "member") & (corr["members"] == "label-free")]
     assert set(members["target"]) == {"SiteB", "SiteC"} and (members["n"] == 4).all()
+    assert set(corr["resample"]) == {"run"}  # the bootstrap resamples the two training runs
     assert {"id_performance", "id_agreement", "uncertain_area"} <= set(corr["indicator"])
     assert (an / "plots" / "fig3_uncertainty_vs_ood.png").stat().st_size > 1000
     assert list((an / "plots").glob("fig6_*.png"))
     assert "Table 4" in (an / "tables.md").read_text()
     perf = pd.read_csv(an / "performance.csv")
     assert perf[["id_score", "ood_score"]].drop_duplicates().shape[0] > 1  # a spread, not one point
-    assert "SiteA → SiteB" in (an / "tables.md").read_text()
+    md = (an / "tables.md").read_text()
+    assert "SiteA → SiteB" in md
+    assert "on the validation split (source training cases held out" in md
+    assert (an / "aline.csv").exists() and (an / "lines.csv").exists()
 
 
 def test_rerun_skips_and_does_not_duplicate(finished):

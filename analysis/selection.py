@@ -26,7 +26,7 @@ from analysis.indicators import INDICATORS
 #: Columns of ``select_models``' result.
 SELECTION_COLUMNS = ["source", "target", "indicator", "direction", "n", "chosen_member", "chosen_arch",
                      "chosen_value", "chosen_ood", "chosen_rank", "best_member", "best_ood", "regret",
-                     "pool_mean_ood", "random_regret"]
+                     "pool_mean_ood", "random_regret", "chosen_oracle_prompt"]
 
 #: The reference estimate of ``loto_estimates`` (not an indicator: it uses other targets' labels).
 BASELINE = "mean_ood_other_targets"
@@ -45,8 +45,9 @@ def select_models(table: pd.DataFrame, indicators: list[str] | tuple[str, ...]) 
     Returns:
         ``SELECTION_COLUMNS``: ``chosen_rank`` is the chosen member's rank by true OOD score
         (1 = best); ``regret = best_ood - chosen_ood``; ``random_regret = best_ood -
-        pool_mean_ood``, the expected regret of a random pick. An indicator without values on a
-        target gives no row there.
+        pool_mean_ood``, the expected regret of a random pick; ``chosen_oracle_prompt``: the chosen
+        member's evaluation used labels (only possible on an all-member table). An indicator without
+        values on a target gives no row there.
     """
     rows = []
     for (source, target), g in table.groupby(["source", "target"], sort=False):
@@ -71,6 +72,7 @@ def select_models(table: pd.DataFrame, indicators: list[str] | tuple[str, ...]) 
                 "best_member": str(sub["member_id"].iloc[best]), "best_ood": float(y[best]),
                 "regret": float(y[best] - y[pick]), "pool_mean_ood": float(y.mean()),
                 "random_regret": float(y[best] - y.mean()),
+                "chosen_oracle_prompt": bool(sub["oracle_prompt"].iloc[pick]) if "oracle_prompt" in sub else False,
             })
     return pd.DataFrame(rows, columns=SELECTION_COLUMNS)
 

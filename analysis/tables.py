@@ -310,8 +310,7 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
             "r boot. CI": f"[{_f(r.pearson_boot_low, '.3f')}, {_f(r.pearson_boot_high, '.3f')}]",
             "Spearman ρ [CI]": (f"{_f(r.spearman_rho, '.3f')} [{_f(r.spearman_ci_low, '.3f')}, "
                                 f"{_f(r.spearman_ci_high, '.3f')}]"),
-            "Kendall τ [CI]": (f"{_f(r.kendall_tau, '.3f')} [{_f(r.kendall_ci_low, '.3f')}, "
-                               f"{_f(r.kendall_ci_high, '.3f')}]"),
+            "Kendall τ": _f(r.kendall_tau, '.3f'),
             "probit slope": _f(r.probit_slope, '.3f'), "probit intercept": _f(r.probit_intercept, '.3f'),
             "probit R²": _f(r.probit_r2, '.3f'),
         })
@@ -327,7 +326,7 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
                f"an axis (they sit at the probit floor and can set a slope alone); where there are any, the "
                f"row is repeated without them.")
     cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
-            "Kendall τ [CI]", "probit slope", "probit intercept", "probit R²"]
+            "Kendall τ", "probit slope", "probit intercept", "probit R²"]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 
 
@@ -425,14 +424,16 @@ def selection_markdown(sel: pd.DataFrame, metric: str) -> str:
     if sel.empty:
         return "(no indicator had values on any target)"
     rows = [{"setting": f"{r.source} → {r.target}", "indicator": f"{r.indicator} ({r.direction} is better)",
-             "chosen member": f"{r.chosen_member}", f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
+             "chosen member": f"{r.chosen_member}" + (f" {DAGGER}" if getattr(r, "chosen_oracle_prompt", False)
+                                                       is True else ""), f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
              "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": _f(100 * r.best_ood, ".2f"),
              "regret": _f(100 * r.regret, ".2f"), "random pick regret": _f(100 * r.random_regret, ".2f")}
             for r in sel.itertuples(index=False)]
     caption = (f"**Model selection for a new site.** Each target is treated as the new site: the pool is ranked "
                f"by a label-free indicator, the top member is deployed, and its true OOD {metric} (%) is compared "
                f"with the best member's. Regret = best − chosen (percentage points; 0: the indicator found the "
-               f"best member). Random pick regret: best − pool mean, what choosing blindly costs on average.")
+               f"best member). Random pick regret: best − pool mean, what choosing blindly costs on average. "
+               f"{DAGGER}: an oracle-prompted member (its target predictions used the target labels).")
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows))
 
 

@@ -326,7 +326,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         fig = figure_fig4(table, target, agreements[main_set], metric, corr_main, oracle=oracle_rows)
         fig_files["fig4"].append(save_figure(fig, plots / f"fig4_{safe_name(target)}.png"))
     if "uncertain_area" in available:
-        fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr_main, oracle=oracle_rows), plots / "fig3_uncertainty_vs_ood.png"))
+        fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr_main, oracle=oracle_rows),
+                                             plots / "fig3_uncertainty_vs_ood.png"))
     if unc is not None:
         if example_members(experiment_dir):
             try:

@@ -71,7 +71,8 @@ def performance_table(members: pd.DataFrame, slices: pd.DataFrame, metric: str) 
         metric: one of ``trainables.records.METRICS``.
 
     Returns:
-        Columns ``PERFORMANCE_COLUMNS`` + ``MEMBER_EXTRAS`` + ``[VAL_COLUMN]``, sorted by target (in order of first appearance in
+        Columns ``PERFORMANCE_COLUMNS`` + ``MEMBER_EXTRAS`` + ``[VAL_COLUMN]``, sorted by target (in
+        order of first appearance in
         ``slices``) then member_id. A member with no ID rows gets a NaN ``id_score``; a
         (member, target) pair without OOD rows gets no row.
 

@@ -425,7 +425,8 @@ def selection_markdown(sel: pd.DataFrame, metric: str) -> str:
         return "(no indicator had values on any target)"
     rows = [{"setting": f"{r.source} → {r.target}", "indicator": f"{r.indicator} ({r.direction} is better)",
              "chosen member": f"{r.chosen_member}" + (f" {DAGGER}" if getattr(r, "chosen_oracle_prompt", False)
-                                                       is True else ""), f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
+                                                       is True else ""),
+             f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
              "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": _f(100 * r.best_ood, ".2f"),
              "regret": _f(100 * r.regret, ".2f"), "random pick regret": _f(100 * r.random_regret, ".2f")}
             for r in sel.itertuples(index=False)]

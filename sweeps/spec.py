@@ -579,8 +579,8 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
                             indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", INDICATORS)
                                              for i, v in enumerate(indicators)),
-                            degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01), "analysis.degenerate_floor",
-                                                            nonneg=True, maximum=0.5)))
+                            degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
+                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)))
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
     if "uncertainty" in analysis.indicators and uncertainty is None:
         raise c.fail("analysis.indicators", "lists 'uncertainty' but the spec has no `uncertainty:` section "

@@ -286,7 +286,8 @@ def test_run_analysis_writes_every_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "iou_3d" and summary["n_members"] == 12
     assert [c["target"] for c in summary["correlations"]] == ["B", "C site"] * 2
-    assert summary["oracle_members"] == sorted(f"medsam_tiny-lr{lr:g}-s{s}-ep3" for lr in (1e-3, 1e-4) for s in (0, 1, 2))
+    assert summary["oracle_members"] == sorted(f"medsam_tiny-lr{lr:g}-s{s}-ep3"
+                                               for lr in (1e-3, 1e-4) for s in (0, 1, 2))
     md = (out / "tables.md").read_text()
     assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
     assert "Fig. 3: skipped" in md and "Table 4: uncertainty methods" in md and "Skipped: no uncertainty" in md

@@ -1,6 +1,7 @@
 """MedSAM: equivalence with SamPredictor, box prompts, checkpoints, the embedding cache, one training run."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 
 from trainables import records
 from trainables.data.cache import open_slice_cache
-from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, jitter_boxes, mask_boxes,
-                               predict_member_rows, predict_prompted, slice_prompts)
+from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, foreground_rows, jitter_boxes,
+                               mask_boxes, predict_member_rows, predict_prompted, slice_prompts)
 from trainables.models import is_prompted
 from trainables.segment import load_member, train_segmenter
 
@@ -220,9 +221,17 @@ def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_
     same = _tiny(seed=0)
     emb, computed = ensure_embeddings(same, cache, tmp_path / "emb", progress=False)
     assert not computed and emb.dtype == np.float16 and emb.shape == (len(cache.images), 64, 8, 8)
+    fg = foreground_rows(cache)
+    masks = np.asarray(cache.masks)
+    assert fg.tolist() == [i for i in range(len(masks)) if masks[i].any()] and 0 < len(fg) < len(masks)
     with torch.no_grad():  # the cached embeddings are the encoder's (to float16 precision)
-        direct = same.embed(cache.images[:4]).numpy()
-    np.testing.assert_allclose(emb[:4].astype(np.float32), direct, atol=2e-3, rtol=1e-2)
+        direct = same.embed(cache.images[fg[:4]]).numpy()
+    np.testing.assert_allclose(emb[fg[:4]].astype(np.float32), direct, atol=2e-3, rtol=1e-2)
+    # only the slices with foreground (a box prompt) are embedded; the others' rows stay zero
+    empty = np.setdiff1d(np.arange(len(masks)), fg)
+    assert not np.asarray(emb[empty]).any() and np.asarray(emb[fg]).any(axis=(1, 2, 3)).all()
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert (manifest["embedded_slices"], manifest["skipped_empty_slices"]) == (len(fg), len(empty))
     assert embedding_key(_tiny(seed=1), cache) != embedding_key(same, cache)  # another random encoder
     assert embedding_key(_tiny(seed=0, img_size=32), cache) != embedding_key(same, cache)
 

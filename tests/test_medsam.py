@@ -450,6 +450,9 @@ def test_medsam_lite_member_trains_resumes_and_is_scored(lite_run, tmp_path):
                                "num_threads": 2, "baselines": ["bayescap", "mc_dropout"]})
     unc = records.load_uncertainty(exp)
     assert set(unc["method"]) == {"ggd", "bayescap", "mc_dropout"} and np.isfinite(summary["ua_ggd_SiteB"])
+    # the stage read the pool's embeddings (the member records where they are): nothing recomputed
+    assert [p.name for p in Path(cfg["embedding_dir"]).iterdir() if not p.name.startswith(".")] == [folder.name]
+    assert not (Path(cfg["cache"]).parent / "sam-embeddings").exists()
     fg = unc.merge(slices[slices.member_id == m["member_id"]][["site", "case_id", "slice_idx", "n_boxes"]])
     mc = fg[fg.method == "mc_dropout"]
     assert (mc.loc[mc.n_boxes == 0, "uncertain_px"] == 0).all() and (mc["mean_uncertainty"] > 0).any()

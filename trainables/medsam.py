@@ -729,7 +729,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
     """
     import torch.nn.functional as F
 
-    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
     masks = np.asarray(cache.masks[rows])
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
@@ -747,7 +747,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
 def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,
                         batch_size: int = 64) -> torch.Tensor:
     """A frozen MedSAM member's ``N x H x W`` bool predictions on cache rows (oracle boxes, cached embeddings)."""
-    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
     return predict_prompted(model, embeddings, np.asarray(cache.masks[rows]), device, model.box_mode,
                             batch_size, rows)[0]
 
@@ -775,7 +775,7 @@ def member_state(model: MedSAM, cfg: dict, epoch: int) -> dict:
     """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
     return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg["arch"],
             "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
-            "box_mode": model.box_mode}
+            "box_mode": model.box_mode, "embedding_dir": cfg["embedding_dir"]}
 
 
 def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSAM:
@@ -791,6 +791,8 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
                          sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
     model.sam.mask_decoder.load_state_dict(state["model"])
     model.box_mode = state.get("box_mode", "mask")
+    #: where the pool found its embeddings (None: beside the slice cache), so later stages reuse them
+    model.embedding_dir = state.get("embedding_dir")
     return model.to(device).eval()
 
 

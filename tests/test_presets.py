@@ -42,7 +42,11 @@ def test_every_preset_parses(data_env):
         spec = load_spec(PRESETS / f"{name}.yaml")
         assert (spec.data.source, spec.data.targets) == (source, targets), name
         assert set(spec.pool.lr.values) == {1e-4, 3e-4, 5e-4, 1e-5} and spec.pool.seed.values == (0, 1, 2)
-        assert set(spec.pool.arch.values) >= {"unet_r50", "unetpp_r50", "unet_effb0", "unetpp_effb0"}
+        # the paper's six architectures; MedSAM as medsam_lite (bundled weights, no sam_checkpoint given)
+        assert set(spec.pool.arch.values) == {"unet_r50", "unetpp_r50", "unet_effb0", "unetpp_effb0", "transunet",
+                                              "medsam_lite"}, name
+        assert spec.pool.sam_checkpoint is None and spec.pool.encoder_weights == "imagenet", name
+        assert spec.pool.epochs.values == (10, 20, 40), name
         assert spec.data.target_split == "test"  # every site scored on its held-out split
         roots = {spec.data.root} | {r for _, _, r in spec.data.sites}
         assert roots == {data_env / v for v in env}, name
@@ -183,3 +187,48 @@ def test_multilabel_training_and_uncertainty(fundus, tmp_path):
     union_err = (pred.numpy().any(1) != truth.any(1)).reshape(len(rows), -1).sum(1)
     fg = unc[(unc.site == "FGADR") & (unc.method == "ggd")]
     assert fg["error_px"].tolist() == union_err.tolist()
+
+
+def test_imagenet_without_network_fails_before_launch_and_local_weights_are_checked(data_env, tmp_path):
+    """`encoder_weights: imagenet` needs the weight hosts (checked with a short TCP timeout before any trial
+    starts); the offline form, a directory of <encoder>.pth files, is checked file by file at parse time."""
+    import socket
+
+    import torch
+
+    from sweeps.cluster import check_pretrained_weights
+    from trainables.models import build_model
+
+    spec = load_spec(PRESETS / "prostate-bmc.yaml")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: like a weight host behind a firewall
+    with pytest.raises(SpecError, match=r"pool\.encoder_weights: 'imagenet'.*127\.0\.0\.1:\d+ cannot be reached.*"
+                                        r"dir holding efficientnet-b0\.pth, resnet50\.pth, "
+                                        r"vit_base_r50_s16_224\.pth"):
+        check_pretrained_weights(spec, hosts=(("127.0.0.1", port),), timeout=0.5)
+    with socket.socket() as listening:  # a reachable host: no error
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_pretrained_weights(spec, hosts=(listening.getsockname(),), timeout=0.5)
+
+    raw = yaml.safe_load((PRESETS / "prostate-bmc.yaml").read_text())
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    raw["pool"]["encoder_weights"] = str(weights)
+    with pytest.raises(SpecError, match=r"pool\.encoder_weights.*weights/resnet50\.pth does not exist.*"
+                                        r"unet_r50 needs resnet50\.pth"):
+        parse_spec(raw)
+    raw["pool"]["arch"] = {"grid": ["unet_r18", "medsam_lite"]}
+    import segmentation_models_pytorch as smp
+
+    ref = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=3, classes=1).encoder
+    state = {**ref.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}  # torchvision's
+    torch.save(state, weights / "resnet18.pth")
+    spec = parse_spec(raw)
+    assert spec.pool.encoder_weights == weights
+    check_pretrained_weights(spec, hosts=(("127.0.0.1", port),))  # local weights: no network needed
+    model = build_model("unet_r18", in_channels=1, encoder_weights=str(weights))  # as the trial does
+    torch.testing.assert_close(model.encoder.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))  # smp's 1-channel rule
+    assert torch.equal(model.encoder.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)

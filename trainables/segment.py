@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "bn_momentum": 0.1,      # see trainables.models.build_model; None keeps each encoder's own
     "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
     "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
+    "sam_sha256": None,      # the sha256 sam_checkpoint must have (checked before loading); others ignore it
     "verbose": False,
     **ACCEL_DEFAULTS,        # amp, channels_last, data placement, augmentation: trainables.accel
 }

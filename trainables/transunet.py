@@ -71,14 +71,22 @@ class TransUNet(nn.Module):
                  **vit: int):
         """``vit``: overrides of timm's ViT-B (``depth``, ``embed_dim``, ``num_heads``) for reduced variants."""
         super().__init__()
-        if encoder_weights not in (None, "imagenet"):
-            raise ValueError(f"transunet: encoder_weights must be None (random init) or 'imagenet' "
-                             f"(timm's ImageNet-21k/1k R50-ViT-B/16, downloaded), got {encoder_weights!r}")
+        from pathlib import Path
+
+        local = isinstance(encoder_weights, Path) or (encoder_weights not in (None, "imagenet")
+                                                      and Path(str(encoder_weights)).is_file())
+        if encoder_weights not in (None, "imagenet") and not local:
+            raise ValueError(f"transunet: encoder_weights must be None (random init), 'imagenet' "
+                             f"(timm's ImageNet-21k/1k R50-ViT-B/16, downloaded) or a local timm "
+                             f"vit_base_r50_s16_224 weights file, got {encoder_weights!r}")
         import timm  # heavy import kept out of module import
 
-        self.encoder = timm.create_model("vit_base_r50_s16_224", pretrained=encoder_weights == "imagenet",
+        # a local file goes through timm's own loader (pretrained_cfg_overlay file=...): the same
+        # checkpoint filtering and in_chans adaptation as the download
+        overlay = {"pretrained_cfg_overlay": {"file": str(encoder_weights)}} if local else {}
+        self.encoder = timm.create_model("vit_base_r50_s16_224", pretrained=encoder_weights is not None,
                                          in_chans=in_channels, num_classes=0, global_pool="",
-                                         class_token=False, dynamic_img_size=True, **vit)
+                                         class_token=False, dynamic_img_size=True, **overlay, **vit)
         backbone = self.encoder.patch_embed.backbone
         self._skips: dict[str, torch.Tensor] = {}
         # 1/2 (stem, before its max-pool), 1/4 and 1/8: timm's feature_info names these modules

@@ -94,7 +94,8 @@ def _write_csv(df: pd.DataFrame, path: Path, files: list[Path]) -> None:
 
 def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_dir: str | os.PathLike | None = None,
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
-                 seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None) -> dict:
+                 seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
+                 missing: list[str] | None = None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -120,6 +121,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         fig6_member: the member Fig. 6 shows (default: the best mean OOD score among members
             with examples).
         fig6_index: which of its example slices (default: the largest error).
+        missing: records the experiment's spec calls for that are missing or unreadable (the driver
+            checks; ``oodsweep analyze --allow-incomplete``): listed at the top of ``tables.md``.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -259,6 +262,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
           f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
           f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
           + (f" (also the pair-level `{PAIRS}` test)" if agreement is not None else "") + ".", ""]
+    if missing:
+        md += [f"**Incomplete experiment: {len(missing)} record(s) missing, analysed without them** "
+               f"(`oodsweep resume` redoes them):", ""] + [f"- {m}" for m in missing] + [""]
     if notes:
         md += ["**Skipped or partial:**", ""] + [f"- {n}" for n in notes] + [""]
     md += ["## Tables 1–3: same-domain and cross-domain performance", "", table1_markdown(perf), "",
@@ -295,7 +301,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     timings["total"] = time.perf_counter() - t0
     summary = {"metric": metric, "n_members": n_members,
                "sources": sorted(perf["source"].astype(str).unique()), "targets": targets,
-               "indicators": available, "notes": notes, "correlations": corr_records, "selection": sel_records,
+               "indicators": available, "notes": notes, "missing": list(missing or []), "correlations": corr_records, "selection": sel_records,
                "loto_mae": _json_clean(loto_summary.to_dict(orient="records")),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(_json_clean(summary), indent=1, allow_nan=False) + "\n",

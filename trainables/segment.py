@@ -386,6 +386,7 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
                                  idx["slice_idx"].to_numpy())
     member = {"member_id": mid, "run_id": run_id, "arch": cfg["arch"], "lr": float(cfg["lr"]), "epochs": epoch,
               "seed": int(cfg["seed"]), "batch_size": int(cfg["batch_size"]), "source": cfg["source"],
-              "checkpoint": str(ckpt), **(extra or {})}
+              # relative to the experiment, so that a moved experiment folder still finds it
+              "checkpoint": ckpt.relative_to(exp).as_posix(), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
     return member

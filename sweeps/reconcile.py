@@ -162,7 +162,7 @@ def invalidate_uncertainty(spec: SweepSpec, gaps: dict[str, str]) -> None:
     quarantine(exp, [records.records_dir(exp) / "uncertainty" / "parts" / f"{m}.parquet" for m in gaps])
     for mid in gaps:
         run = exp / stage.STAGE / "train" / f"delta-{mid}"
-        if run.is_dir() and not any(run.glob("checkpoint_*")):
+        if run.is_dir() and not any(p.is_dir() for p in run.glob("checkpoint_*")):  # (not the snapshot .json)
             _supersede(exp / stage.STAGE, [run])
 
 

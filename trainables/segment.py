@@ -389,4 +389,4 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
               # relative to the experiment, so that a moved experiment folder still finds it
               "checkpoint": ckpt.relative_to(exp).as_posix(), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
-    return member
+    return {**member, "checkpoint": str(ckpt)}  # to the caller: the file itself

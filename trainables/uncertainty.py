@@ -267,9 +267,11 @@ def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
     try:
         model = load_member(cfg["checkpoint"], device)
     except Exception as e:  # a file that is not ours, or weights for another architecture
-        # torch's own message would suggest weights_only=False (unpickling arbitrary code): not passed on
-        raise ValueError(f"pool member {cfg['member_id']}: checkpoint {cfg['checkpoint']} is damaged or not a "
-                         f"pool member's weights ({type(e).__name__}); delete it and run `oodsweep resume "
+        # torch's unpickling message suggests weights_only=False (running arbitrary code): never passed on
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        why = type(e).__name__ + (f": {first}" if first and "weights_only" not in str(e) else "")
+        raise ValueError(f"pool member {cfg['member_id']}: cannot load checkpoint {cfg['checkpoint']}: it is damaged "
+                         f"or not a pool member's weights ({why}); delete it and run `oodsweep resume "
                          f"{cfg['experiment_dir']}`, which trains that member again") from None
     for p in model.parameters():
         p.requires_grad_(False)

@@ -479,6 +479,9 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
     log(f"  records:  {exp / records.RECORDS_DIR}")
     log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
     log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    # MLflow 3.17's UI opens on its GenAI view unless the workflow is named in the link (the experiment's
+    # mlflow.experimentKind tag alone does not switch it: checked in headless Chromium)
+    log(f"            then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
     if errors:
         raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
                            f"analysed. Fix the cause and run `oodsweep resume {exp}` to retry only those:\n  - "

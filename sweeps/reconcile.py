@@ -206,7 +206,7 @@ def relocated(spec: SweepSpec) -> str | None:
             old = str(Path(frozen["storage"]) / frozen["name"])
         except Exception:  # noqa: BLE001  (a first run: nothing frozen yet)
             return None
-    return old if Path(old) != exp else None
+    return old if Path(old).resolve() != exp.resolve() else None  # (the same folder through a symlink is not a move)
 
 
 def record_location(spec: SweepSpec) -> None:

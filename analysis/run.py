@@ -119,7 +119,7 @@ def _write_csv(df: pd.DataFrame, path: Path, files: list[Path]) -> None:
 def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_dir: str | os.PathLike | None = None,
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
-                 degenerate_floor: float | None = DEGENERATE_FLOOR) -> dict:
+                 degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -153,6 +153,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         degenerate_floor: a member scoring below it on an axis (ID/OOD score, agreement) is flagged
             (``performance.csv``'s ``degenerate``) and the member correlations are repeated without
             the flagged points (rows ``members = "... (non-degenerate)"``); None: no flagging.
+        missing: records the experiment's spec calls for that are missing or unreadable (the driver
+            checks; ``oodsweep analyze --allow-incomplete``): listed at the top of ``tables.md``.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -350,6 +352,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
           f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
           f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
           + (f" (also the pair-level `{PAIRS}` test)" if agreement is not None else "") + ".", ""]
+    if missing:
+        md += [f"**Incomplete experiment: {len(missing)} record(s) missing, analysed without them** "
+               f"(`oodsweep resume` redoes them):", ""] + [f"- {m}" for m in missing] + [""]
     if notes:
         md += ["**Skipped or partial:**", ""] + [f"- {n}" for n in notes] + [""]
     def per_set(render, df: pd.DataFrame | None) -> list[str]:
@@ -405,7 +410,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     timings["total"] = time.perf_counter() - t0
     summary = {"metric": metric, "n_members": n_members,
                "sources": sorted(perf["source"].astype(str).unique()), "targets": targets,
-               "indicators": available, "notes": notes, "correlations": corr_records, "selection": sel_records,
+               "indicators": available, "notes": notes, "missing": list(missing or []), "correlations": corr_records, "selection": sel_records,
                "loto_mae": _json_clean(loto_summary.to_dict(orient="records")),
                "aline_mae": _json_clean(aline_fits), "lines": _json_clean(line_rows),
                "oracle_members": oracle_ids, "member_sets": list(member_sets),

@@ -69,8 +69,9 @@ def _cmd_demo(args) -> int:
     from .driver import run_sweep
     from .spec import parse_spec
 
-    if args.storage:
+    if args.storage:  # everything under it: the experiments and the synthetic data
         os.environ["OODSWEEP_STORAGE"] = str(Path(args.storage).resolve())
+        os.environ["OODSWEEP_DATA"] = str(Path(args.storage).resolve() / "data")
     if args.smoke:
         raw = _merge(yaml.safe_load((PRESETS / "demo.yaml").read_text()), SMOKE)
         raw["data"]["root"] = raw["data"]["root"].replace("synthetic-prostate", "synthetic-prostate-smoke")
@@ -96,8 +97,20 @@ def _cmd_analyze(args) -> int:
     from .driver import load_experiment_spec, run_analysis_stage, tracker_for
 
     spec = load_experiment_spec(args.experiment_dir)
+    out = None
+    if args.out:
+        out = Path(args.out).resolve()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".oodsweep-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise SpecError(f"--out {args.out}: cannot write the analysis there ({e.strerror or e}); pass a "
+                            f"folder you can create and write to, or leave --out out to write into "
+                            f"{spec.experiment_dir / 'analysis'}") from None
     tracker = None if args.no_mlflow else tracker_for(spec)
-    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=Path(args.out).resolve() if args.out else None)
+    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
     def f(v):
         return "nan" if v is None else f"{v:.3f}"
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis; with several experiments, where "
                                  "the joint tables go: default the first one's analysis folder)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the analysis to MLflow")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="analyse an experiment with missing pool or δ records (tables.md lists them); by "
+                        "default it is refused, and `oodsweep resume` redoes them")
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"oodsweep: invalid spec: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # failed trials: the finished work is kept, the message says what to do
+    except RuntimeError as e:  # failed trials, damaged records: the message names the file and what to do
         print(f"oodsweep: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, KeyError) as e:

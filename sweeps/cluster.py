@@ -79,6 +79,41 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         _started_local = True
 
 
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_address(address: str | None = None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse an unreachable cluster address (``--address`` or ``$RAY_ADDRESS``) within ``timeout`` seconds.
+
+    ``ray.init`` keeps retrying an address where nothing answers (minutes of GCS warnings); one TCP
+    connection to the head's port says the same at once. "auto" and "local" are left to Ray.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    where = "--address" if address != os.environ.get("RAY_ADDRESS") else "$RAY_ADDRESS"
+    u = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = u.hostname, u.port or (10001 if address.startswith("ray://") else 6379)
+    except ValueError as e:
+        raise RuntimeError(f"{where} {address!r} is not a cluster address ({e}); give HOST:PORT of the head "
+                           f"node (e.g. 10.0.0.5:6379), or unset it to run on a local Ray") from None
+    if not host:
+        raise RuntimeError(f"{where} {address!r} is not a cluster address; give HOST:PORT of the head node "
+                           f"(e.g. 10.0.0.5:6379), or unset it to run on a local Ray")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot reach the Ray cluster at {address!r} ({where}): {e.strerror or e} within {timeout:g} s. "
+            f"Check that the head node runs and the port is open: `ray status --address {host}:{port}` on a "
+            f"machine that can see it (the head prints its address at `ray start --head`); then fix {where}, "
+            f"or unset it to run on a local Ray. Nothing was started or frozen.") from None
+
+
 def node_hosts() -> list[str]:
     """The IP addresses of the cluster's live nodes (one entry per node)."""
     import ray

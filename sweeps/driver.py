@@ -63,28 +63,64 @@ def _resumable(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
 
 
-def prepare_experiment(spec: SweepSpec) -> Path:
-    """Create the experiment dir and freeze the spec; refuse a spec changed in a way that cannot resume."""
+def _read_frozen(path: Path) -> dict:
+    """The frozen spec of an experiment; a damaged one is an error naming the file and the fix."""
+    fix = (f"it is the copy oodsweep froze at launch: replace it with the spec the sweep was launched from "
+           f"(`cp <your spec.yaml> {path}`; a resume checks it against the records' settings), or move "
+           f"{path.parent} away to start over")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path} is damaged: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
+                        f"{fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or "name" not in raw:
+        raise SpecError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, pool, ...), "
+                        f"got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
+    return raw
+
+
+def check_frozen(spec: SweepSpec) -> tuple[dict, list[str]]:
+    """The spec to freeze and its resumable changes; refuse one changed in a way that cannot resume.
+
+    Reads only: nothing is written until every check that can refuse the spec has passed (``freeze``).
+    """
     exp = spec.experiment_dir
-    exp.mkdir(parents=True, exist_ok=True)
     frozen = frozen_spec(spec)
     path = exp / SPEC_FILE
-    if path.exists():
-        old = yaml.safe_load(path.read_text())
-        changes = list(_diff(old, frozen))
-        fixed = [msg for key, msg in changes if not _resumable(key)]
-        if fixed:
-            raise SpecError(
-                f"{exp} already holds sweep {spec.name!r} launched from a different spec, and these changes "
-                f"cannot be resumed: " + "; ".join(fixed) + ". Give the sweep a new `name`, or move "
-                f"{exp} away to start over (its finished work is kept as it is). Only these may change "
-                f"on a resume: {', '.join(RESUMABLE)}.")
-        if changes:
-            log("continuing with a changed spec: " + "; ".join(msg for _, msg in changes))
-            path.write_text(yaml.safe_dump(frozen, sort_keys=False))
-    else:
-        path.write_text(yaml.safe_dump(frozen, sort_keys=False))
-    return exp
+    if not path.exists():
+        return frozen, []
+    old = _read_frozen(path)
+    changes = list(_diff(old, frozen))
+    fixed = [msg for key, msg in changes if not _resumable(key)]
+    if fixed:
+        raise SpecError(
+            f"{exp} already holds sweep {spec.name!r} launched from a different spec, and these changes "
+            f"cannot be resumed: " + "; ".join(fixed) + ". Give the sweep a new `name`, or move "
+            f"{exp} away to start over (its finished work is kept as it is). Only these may change "
+            f"on a resume: {', '.join(RESUMABLE)}.")
+    return frozen, [msg for _, msg in changes]
+
+
+def freeze(spec: SweepSpec, frozen: dict, changes: list[str]) -> None:
+    path = spec.experiment_dir / SPEC_FILE
+    if changes:
+        log("continuing with a changed spec: " + "; ".join(changes))
+    if changes or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SPEC_FILE}.tmp")
+        tmp.write_text(yaml.safe_dump(frozen, sort_keys=False))
+        os.replace(tmp, path)
+
+
+def prepare_experiment(spec: SweepSpec) -> Path:
+    """Create the experiment dir and freeze the spec; refuse a spec changed in a way that cannot resume."""
+    frozen, changes = check_frozen(spec)
+    freeze(spec, frozen, changes)
+    return spec.experiment_dir
 
 
 def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:
@@ -168,8 +204,10 @@ def _prune_checkpoints(folders) -> int:
 
 
 def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
-                   num_cpus: int | None = None) -> None:
+                   num_cpus: int | None = None, relocated: bool = False) -> None:
     from .pool import DONE_MARKER, STAGE, build_tuner
+
+    from . import reconcile
 
     exp = spec.experiment_dir
     marker = exp / STAGE / DONE_MARKER
@@ -177,10 +215,17 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     tracker.log_params(parent, {"n_runs": spec.n_runs(), "n_members": spec.n_members(),
                                 "source": spec.data.source, "targets": ",".join(spec.data.targets),
                                 "image_size": spec.data.image_size, "spec": str(exp / SPEC_FILE)})
-    if marker.exists():
+    gaps = reconcile.pool_gaps(spec)
+    if marker.exists() and not gaps:
         log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
         tracker.finish_done_stage(parent)
         return
+    retire = marker.exists() or relocated  # Tune's state says done, or holds the old folder's paths
+    if gaps and marker.exists():
+        for mid, why in gaps.items():
+            log(f"pool member {mid}: {why}; its training run is done again")
+    reconcile.invalidate_members(spec, {m: w for m, w in gaps.items() if m != "(search)"})
+    marker.unlink(missing_ok=True)
     tracker.reopen(parent)
     _init_ray(spec, address, num_cpus)
     how = (f", searched by Ray Tune's OptunaSearch ({spec.search.num_samples} samples, {spec.search.mode} "
@@ -188,9 +233,18 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")
     t = time.time()
     records.clear_scratch(exp)
-    tuner = build_tuner(spec, cache, tracker, parent)
-    results = tuner.fit()
+    if retire and reconcile.retire_tune_state(exp / STAGE):
+        log("pool stage: Tune's saved state set aside (pool/.superseded/); the records say what is left")
+    results = build_tuner(spec, cache, tracker, parent).fit()
     errors = [r for r in results if r.error is not None]
+    still = reconcile.pool_gaps(spec)
+    if still and not errors:  # Tune restored trials it counts as finished whose records are gone
+        log(f"pool stage: {len(still)} member(s) still without a record after Tune's restore "
+            f"({', '.join(sorted(still))}); running them again")
+        reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"})
+        reconcile.retire_tune_state(exp / STAGE)
+        results = build_tuner(spec, cache, tracker, parent).fit()
+        errors = [r for r in results if r.error is not None]
     freed = _prune_checkpoints(r.path for r in results if r.error is None)
     if freed:
         log(f"removed the finished trials' resume checkpoints ({freed / 2**20:.0f} MB)")
@@ -199,15 +253,15 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     if errors:
         tracker.end(parent, "FAILED")
         msgs = "\n  - ".join(_trial_errors(errors))
-        raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; rerun "
-                           f"`oodsweep run` to retry only the failed ones):\n  - {msgs}")
+        raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; "
+                           f"`oodsweep resume {exp}` retries only the failed ones):\n  - {msgs}")
     records.merge_parts(exp)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     tracker.end(parent, "FINISHED")
 
 
 def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
-                          num_cpus: int | None = None) -> list[str]:
+                          num_cpus: int | None = None, relocated: bool = False) -> list[str]:
     """Fit δ for every pool member that has no uncertainty records yet; return the failed trials' errors."""
     from . import uncertainty as stage
 
@@ -217,27 +271,49 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
     u = spec.uncertainty
     tracker.log_params(parent, {"epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta,
                                 "baselines": ",".join(u.baselines), "passes": u.passes, "workers": u.workers})
+    from . import reconcile
+
     members, slices = records.load_records(exp)
-    done = set(records.uncertainty_part_ids(exp))
-    todo = [m for m in members["member_id"] if m not in done]
+    gaps = reconcile.uncertainty_gaps(spec, members["member_id"])
+    todo = [m for m in members["member_id"] if m in gaps]
+    done = set(members["member_id"]) - set(todo)
     if marker.exists() and not todo:
         log(f"uncertainty stage already done ({len(done)} members): skipped")
         tracker.finish_done_stage(parent)
         return []
     if todo:
+        if marker.exists():
+            for mid in todo:
+                log(f"uncertainty of {mid}: {gaps[mid]}; δ is fitted again")
+        retire = marker.exists() or relocated
+        reconcile.invalidate_uncertainty(spec, gaps)
+        marker.unlink(missing_ok=True)
         tracker.reopen(parent)
         _init_ray(spec, address, num_cpus)
         log(f"uncertainty stage: a δ net per pool member ({len(todo)} to fit, {len(done)} done), "
             f"{u.epochs} epochs, baselines {', '.join(u.baselines) or 'none'}")
         t = time.time()
-        checkpoints = dict(zip(members["member_id"], members["checkpoint"]))
+        checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
+                                                                                   members["checkpoint"])}
         with_baselines = stage.baseline_members(spec, members, slices)
         if len(with_baselines) < len(members):
             log(f"baselines for the {len(with_baselines)} best members by ID {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
         records.clear_scratch(exp)
+        if retire and reconcile.retire_tune_state(exp / stage.STAGE):
+            log("uncertainty stage: Tune's saved state set aside (uncertainty/.superseded/); the records say "
+                "what is left")
         results = stage.build_tuner(spec, cache, tracker, parent, todo, checkpoints, with_baselines).fit()
         errors = _trial_errors([r for r in results if r.error is not None])
+        still = reconcile.uncertainty_gaps(spec, todo)
+        if still and not errors:  # Tune restored trials it counts as finished whose records are gone
+            log(f"uncertainty stage: {len(still)} member(s) still without a δ record after Tune's restore; "
+                f"fitting them again")
+            reconcile.invalidate_uncertainty(spec, still)
+            reconcile.retire_tune_state(exp / stage.STAGE)
+            results = stage.build_tuner(spec, cache, tracker, parent, list(still), checkpoints,
+                                        with_baselines).fit()
+            errors = _trial_errors([r for r in results if r.error is not None])
         scored = set(records.uncertainty_part_ids(exp))
         train_dir = exp / stage.STAGE / "train"
         freed = _prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
@@ -259,15 +335,40 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
     return errors
 
 
+class IncompleteError(RuntimeError):
+    """The analysis was asked for on an experiment whose records are not all there."""
+
+
+def missing_records(spec: SweepSpec) -> list[str]:
+    """One line per pool member or δ record the spec calls for that is missing or unreadable."""
+    from . import reconcile
+
+    gaps = reconcile.pool_gaps(spec)
+    out = [f"pool member {m}: {w}" for m, w in gaps.items()]
+    if spec.uncertainty is not None:
+        ids = [m for m in (reconcile.expected_members(spec) or records.member_part_ids(spec.experiment_dir))]
+        out += [f"uncertainty of {m}: {w}" for m, w in reconcile.uncertainty_gaps(spec, ids).items() if m not in gaps]
+    return out
+
+
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
-                       out_dir: Path | None = None) -> dict:
+                       out_dir: Path | None = None, allow_incomplete: bool = False) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
     metric = metric or spec.analysis.metric
+    missing = missing_records(spec)
+    if missing and not allow_incomplete:
+        raise IncompleteError(
+            f"{exp} is incomplete, the analysis would leave these out: " + "; ".join(missing[:10])
+            + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
+            + f". `oodsweep resume {exp}` redoes them; `oodsweep analyze {exp} --allow-incomplete` analyses "
+              f"what is there and lists what is missing in tables.md")
+    for line in missing:
+        log(f"analysis without {line}")
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
-                          degenerate_floor=spec.analysis.degenerate_floor)
+                          degenerate_floor=spec.analysis.degenerate_floor, missing=missing)
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:
@@ -337,31 +438,47 @@ def driver_running(exp: Path) -> str | None:
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Run every stage of ``spec`` that is not done yet; return where the results are."""
-    exp = prepare_experiment(spec)
+    """Run every stage of ``spec`` that is not done yet; return where the results are.
+
+    Order: every check that can refuse the spec (a changed frozen spec, the cluster's address, the
+    tracking store, the data) runs before the spec is frozen, so a refused first run leaves nothing
+    that blocks the corrected one.
+    """
+    from . import cluster, reconcile
+
+    exp = spec.experiment_dir
+    exp.mkdir(parents=True, exist_ok=True)
     lock = driver_lock(exp)
     try:
-        return _run_stages(spec, address, num_cpus)
+        frozen, changes = check_frozen(spec)
+        cluster.check_address(address)
+        cluster.check_tracking(spec.tracking())
+        cluster.check_pretrained_weights(spec)
+        log(f"experiment {exp}")
+        cache = prepare_data(spec)
+        moved_from = reconcile.relocated(spec)
+        freeze(spec, frozen, changes)
+        if moved_from:
+            log(f"this experiment ran from {moved_from} before: its paths now resolve under {exp}")
+        reconcile.record_location(spec)
+        return _run_stages(spec, cache, address, num_cpus, relocated=moved_from is not None)
     finally:
         os.close(lock)
 
 
-def _run_stages(spec: SweepSpec, address: str | None, num_cpus: int | None) -> dict:
-    from .cluster import check_pretrained_weights, check_tracking
-
+def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int | None,
+                relocated: bool = False) -> dict:
     t0 = time.time()
     exp = spec.experiment_dir
-    log(f"experiment {exp}")
-    check_tracking(spec.tracking())
-    check_pretrained_weights(spec)
-    cache = prepare_data(spec)
     tracker = tracker_for(spec)
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")
-    run_pool_stage(spec, cache, tracker, address=address, num_cpus=num_cpus)
+    run_pool_stage(spec, cache, tracker, address=address, num_cpus=num_cpus, relocated=relocated)
     errors = []
     if spec.uncertainty is not None:
-        errors = run_uncertainty_stage(spec, cache, tracker, address=address, num_cpus=num_cpus)
-    result = run_analysis_stage(spec, tracker)
+        errors = run_uncertainty_stage(spec, cache, tracker, address=address, num_cpus=num_cpus,
+                                       relocated=relocated)
+    # after failed δ trials the others are analysed, and tables.md lists what is missing
+    result = run_analysis_stage(spec, tracker, allow_incomplete=bool(errors))
     summary = {"experiment_dir": str(exp), "tracking_uri": tracker.tracking_uri,
                "analysis_dir": result["out_dir"], "seconds": round(time.time() - t0, 1),
                "members": len(records.member_part_ids(exp))}
@@ -369,20 +486,31 @@ def _run_stages(spec: SweepSpec, address: str | None, num_cpus: int | None) -> d
     log(f"  records:  {exp / records.RECORDS_DIR}")
     log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
     log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    # MLflow 3.17's UI opens on its GenAI view unless the workflow is named in the link (the experiment's
+    # mlflow.experimentKind tag alone does not switch it: checked in headless Chromium)
+    log(f"            then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
     if errors:
         raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
-                           f"analysed. Fix the cause and rerun `oodsweep run` to retry only those:\n  - "
+                           f"analysed. Fix the cause and run `oodsweep resume {exp}` to retry only those:\n  - "
                            + "\n  - ".join(errors))
     return summary
 
 
 def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
-    """The frozen spec of an existing experiment directory."""
-    exp = Path(experiment_dir).resolve()
+    """The frozen spec of an existing experiment directory, placed where the folder is now.
+
+    The folder may have been moved or renamed since it ran: its location is the folder given, not
+    the frozen ``storage``/``name``.
+    """
+    exp = Path(os.path.abspath(experiment_dir))  # as given (not through symlinks), made absolute
     path = exp / SPEC_FILE
+    if not exp.is_dir():
+        raise SpecError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
+                        f"e.g. <storage>/<sweep name>")
     if not path.exists():
         raise SpecError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
                         f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
-    raw = yaml.safe_load(path.read_text())
+    raw = _read_frozen(path)
     raw["storage"] = str(exp.parent)  # the folder may have been moved since
-    return parse_spec(raw, where=str(path))
+    spec = parse_spec(raw, where=str(path))
+    return SweepSpec(**{**spec.__dict__, "location": exp})

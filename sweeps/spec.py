@@ -193,10 +193,12 @@ class SweepSpec:
     tracking_uri: str | None = None
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the experiment folder when it is not <storage>/<name> (`resume`/`status` of a renamed folder)
+    location: Path | None = None
 
     @property
     def experiment_dir(self) -> Path:
-        return self.storage / self.name
+        return self.location or self.storage / self.name
 
     @property
     def cache_root(self) -> Path:
@@ -541,7 +543,12 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     emode, evals = next(iter(e.items()))
     if not isinstance(evals, list) or not evals:
         raise c.fail(f"pool.epochs.{emode}", f"expected a non-empty list of epochs, got {evals!r}")
-    evals = sorted({c.number(v, f"pool.epochs.{emode}[{i}]", integer=True, positive=True) for i, v in enumerate(evals)})
+    evals = [c.number(v, f"pool.epochs.{emode}[{i}]", integer=True, positive=True) for i, v in enumerate(evals)]
+    if emode == "snapshots" and any(b <= a for a, b in zip(evals, evals[1:])):
+        # not sorted for the user: the frozen spec keeps what was written, and a resume compares it
+        raise c.fail("pool.epochs.snapshots", f"snapshot epochs must be strictly increasing, got {evals!r}; "
+                                              f"write them in order without repeats, e.g. {sorted(set(evals))!r}")
+    evals = sorted(set(evals))
     res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False, "per_arch": False})
     per_arch = {}
     for a, r in (res.get("per_arch") or {}).items():
@@ -645,6 +652,10 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Read and validate a spec file. Relative paths in it resolve against the current directory."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"it is an experiment folder: continue it with `oodsweep resume {path}`"
+                if (path / "spec.yaml").is_file() else "give a spec YAML file, e.g. sweeps/presets/demo.yaml")
+        raise SpecError(f"{path} is a folder, not a spec file; {hint}")
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
     text = path.read_text()

@@ -28,26 +28,33 @@ def _trial_states(pool_dir: Path, finished=_pool_trial_finished) -> dict[str, di
         res = d / "result.json"
         if not res.exists() and not (d / "error.txt").exists():
             continue
-        last = {}
-        if res.exists():
-            lines = [ln for ln in res.read_text().splitlines() if ln.strip()]
-            if lines:
-                last = json.loads(lines[-1])
+        last, params = {}, {}
+        try:  # Tune's files only inform: a damaged one is read as "no result yet"
+            if res.exists():
+                lines = [ln for ln in res.read_text().splitlines() if ln.strip()]
+                if lines:
+                    last = json.loads(lines[-1])
+            params = json.loads((d / "params.json").read_text()) if (d / "params.json").exists() else {}
+        except (OSError, ValueError):
+            pass
         err = (d / "error.txt").read_text().strip().splitlines() if (d / "error.txt").exists() else None
-        params = json.loads((d / "params.json").read_text()) if (d / "params.json").exists() else {}
         out[d.name] = {"epoch": last.get("epoch"), "done": finished(last, params),
                        "error": err[-1] if err else None}
     return out
 
 
 def experiment_status(experiment_dir) -> dict:
+    """Where each stage stands, from the records first (what `resume` would redo) and Tune's files second."""
+    from . import reconcile
+
     spec = load_experiment_spec(experiment_dir)
     exp = spec.experiment_dir
-    members = records.member_part_ids(exp)
+    gaps = reconcile.pool_gaps(spec)
+    members = [m for m in (reconcile.expected_members(spec) or records.member_part_ids(exp)) if m not in gaps]
     trials = _trial_states(exp / STAGE)
     failed = {k: v["error"] for k, v in trials.items() if v["error"] and not v["done"]}
     running = [k for k, v in trials.items() if not v["done"] and not v["error"]]
-    pool_done = (exp / STAGE / DONE_MARKER).exists()
+    pool_done = (exp / STAGE / DONE_MARKER).exists() and not gaps
     expected = spec.n_members()
     analysis_dir = exp / "analysis"
     from . import uncertainty as ustage
@@ -56,10 +63,15 @@ def experiment_status(experiment_dir) -> dict:
     if spec.uncertainty is not None:
         utrials = _trial_states(exp / ustage.STAGE, _uncertainty_trial_finished)
         ufailed = {k: v["error"] for k, v in utrials.items() if v["error"] and not v["done"]}
-        udone = len(records.uncertainty_part_ids(exp))
-        unc = {"state": "done" if (exp / ustage.STAGE / ustage.DONE_MARKER).exists() and udone >= len(members)
-               else ("failed" if ufailed else ("running" if utrials else "pending")),
-               "members_done": udone, "members_expected": len(members) or expected, "failed": ufailed}
+        want = reconcile.expected_members(spec) or records.member_part_ids(exp)
+        ugaps = reconcile.uncertainty_gaps(spec, want)
+        udone = len(want) - len(ugaps)
+        marked = (exp / ustage.STAGE / ustage.DONE_MARKER).exists()
+        unc = {"state": "done" if marked and not ugaps and not gaps
+               else ("failed" if ufailed else ("running" if utrials and not marked else "incomplete" if marked
+                                               else "pending")),
+               "members_done": udone, "members_expected": len(want) or expected, "failed": ufailed,
+               "missing": ugaps}
     attempts = records.load_attempts(exp)
     restarts = {stage: int(len(g) - g["run"].nunique()) for stage, g in attempts.groupby("stage")}
     driver = driver_running(exp)
@@ -68,8 +80,10 @@ def experiment_status(experiment_dir) -> dict:
         "experiment": str(exp), "name": spec.name,
         "driver": driver or ("finished" if finished else "not running"),
         "restarts": restarts,
-        "pool": {"state": "done" if pool_done else ("failed" if failed else ("running" if running or members
-                                                                              else "pending")),
+        "pool": {"state": "done" if pool_done else ("incomplete" if (exp / STAGE / DONE_MARKER).exists()
+                                                    else "failed" if failed
+                                                    else ("running" if running or members else "pending")),
+                 "missing": gaps,
                  "members_done": len(members), "members_expected": expected,
                  "runs_done": sum(v["done"] for v in trials.values()), "runs_expected": spec.n_runs(),
                  "runs_unfinished": running, "failed": failed},
@@ -92,8 +106,12 @@ def format_status(st: dict) -> str:
     p, a = st["pool"], st["analysis"]
     lines = [f"experiment {st['name']}  ({st['experiment']})",
              f"  driver    {st['driver']}"]
-    if st["driver"] == "not running" and (p["state"] != "done" or (st.get("uncertainty") or {}).get("state")
-                                          not in (None, "done")):
+    u = st.get("uncertainty")
+    states = (p["state"], (u or {}).get("state"))
+    if st["driver"] in ("not running", "finished") and "incomplete" in states:
+        lines.append(f"            incomplete (records missing, listed below): `oodsweep resume {st['experiment']}` "
+                     f"redoes them")
+    elif st["driver"] == "not running" and any(s not in (None, "done") for s in states):
         lines.append(f"            interrupted: `oodsweep resume {st['experiment']}` continues it")
     lines += [f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
              f"runs {p['runs_done']}/{p['runs_expected']} finished"
@@ -102,11 +120,16 @@ def format_status(st: dict) -> str:
         lines.append(f"            unfinished: {name}")
     for name, err in p["failed"].items():
         lines.append(f"            FAILED {name}: {err}")
-    u = st.get("uncertainty")
+    for name, why in p.get("missing", {}).items():
+        if p["state"] == "incomplete":
+            lines.append(f"            missing {name}: {why}")
     if u is not None:
         lines.append(f"  uncertainty {u['state']:6s} members {u['members_done']}/{u['members_expected']}"
                      + (f", {st['restarts']['uncertainty']} restarted" if st["restarts"].get("uncertainty") else ""))
         for name, err in u["failed"].items():
             lines.append(f"            FAILED {name}: {err}")
+        for name, why in u.get("missing", {}).items():
+            if u["state"] == "incomplete":
+                lines.append(f"            missing {name}: {why}")
     lines.append(f"  analysis  {a['state']:8s} {a['dir']}")
     return "\n".join(lines)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 STAGE_TAG = "oodsweep.stage"
+#: MLflow 3's experiment type: a model-training experiment opens the UI on its runs (not the GenAI overview)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 MEMBER_TAG = "oodsweep.member_id"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -47,10 +49,43 @@ class Tracker:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 loc = self.artifact_dir.as_uri() if self.artifact_dir else None
-                self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=loc)
+                self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=loc,
+                                                                    tags={KIND_TAG: KIND})
             else:
                 self._experiment_id = exp.experiment_id
+                if exp.tags.get(KIND_TAG) != KIND:
+                    self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+                self._relocate(exp)
         return self._experiment_id
+
+    def _relocate(self, exp) -> None:
+        """Point the experiment's artifact location (and its runs') at ``artifact_dir`` when they differ.
+
+        An experiment folder moved with its embedded ``mlflow.db`` keeps the old absolute artifact
+        URIs, and MLflow would log new artifacts there, re-creating the old folder. MLflow has no API
+        to change an artifact location, so for the embedded SQLite store inside the experiment (and
+        only that one: a shared tracking server is never rewritten) the two columns are updated here.
+        """
+        if not self.artifact_dir or not self.tracking_uri.startswith("sqlite:///"):
+            return
+        new = self.artifact_dir.as_uri()
+        old = exp.artifact_location
+        db = Path(self.tracking_uri[len("sqlite:///"):])
+        if old == new or not db.is_relative_to(self.artifact_dir.parent):
+            return
+        import sqlite3
+
+        con = sqlite3.connect(db)
+        try:
+            with con:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                            (new, int(exp.experiment_id)))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                            (new, len(old) + 1, int(exp.experiment_id), len(old), old))
+        finally:
+            con.close()
+        print(f"[oodsweep] MLflow artifacts of {self.experiment_name!r} now go to {new} (were {old})", flush=True)
 
     def find_run(self, tags: dict[str, str]):
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

@@ -41,7 +41,7 @@ MEMBER_COLUMNS = {
     "seed": "int64",
     "batch_size": "int64",
     "source": "string",      # source site name
-    "checkpoint": "string",  # absolute path (or URI) of the member's weights
+    "checkpoint": "string",  # the member's weights, relative to the experiment (resolve_checkpoint)
     # True when the member's evaluation used labels: box-prompted members (models.MODELS[arch].prompted)
     # are prompted with each evaluated slice's ground-truth box, so their predictions (and every
     # "label-free" indicator computed from them) encode the target labels.
@@ -175,15 +175,79 @@ def member_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
     return sorted(p.name[: -len(".member.json")] for p in rdir.glob("*.member.json"))
 
 
+def resolve_checkpoint(experiment_dir: str | os.PathLike, checkpoint: str) -> Path:
+    """The file a member record's ``checkpoint`` names, in the experiment's current location.
+
+    New records store ``records/checkpoints/<member>.pt`` relative to the experiment, so a moved or
+    renamed experiment folder still finds its members. Records written before that hold an absolute
+    path: one ending in ``records/checkpoints/<file>`` is re-resolved under the experiment when that
+    file is there (the folder was moved); any other absolute path (a URI) is taken as it is.
+    """
+    exp = Path(experiment_dir)
+    path = Path(str(checkpoint))
+    if not path.is_absolute():
+        return exp / path
+    parts = path.parts
+    if len(parts) >= 3 and parts[-3:-1] == (RECORDS_DIR, "checkpoints"):
+        here = records_dir(exp) / "checkpoints" / parts[-1]
+        if here.exists() or not path.exists():
+            return here
+    return path
+
+
+class RecordsError(RuntimeError):
+    """A records file that cannot be read, with what to do about it."""
+
+
+def _stale(merged: Path, parts: list[Path]) -> bool:
+    """A merged table older than one of its parts (a part was redone since the merge)."""
+    t = merged.stat().st_mtime_ns
+    return any(p.stat().st_mtime_ns > t for p in parts if p.exists())
+
+
+def _read_merged(path: Path, ids: list[str], note: str):
+    """Read a merged table; None (with a note on stderr) when it is unreadable and ``parts/`` can rebuild it."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if not ids:
+            raise RecordsError(f"{path} is damaged ({reason}) and {note} holds no parts to rebuild it from; "
+                               f"delete it and run `oodsweep resume {path.parent.parent}` to redo the stage "
+                               f"that writes it") from None
+        import sys
+
+        print(f"[oodsweep] {path} is damaged ({reason}); rebuilt it from {note} ({len(ids)} parts)",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def merge_parts(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Merge every member part into members.parquet and slices.parquet; return both tables."""
     rdir = records_dir(experiment_dir)
     ids = member_part_ids(experiment_dir)
     if not ids:
         raise FileNotFoundError(f"no pool members recorded under {rdir / 'parts'}: has the pool stage run?")
-    members = pd.DataFrame([json.loads((rdir / "parts" / f"{i}.member.json").read_text()) for i in ids])
+    rows = []
+    for i in ids:
+        part = rdir / "parts" / f"{i}.member.json"
+        try:
+            rows.append(json.loads(part.read_text()))
+        except (OSError, ValueError) as e:
+            raise RecordsError(f"{part} is damaged ({type(e).__name__}: {e}); delete it and run `oodsweep resume "
+                               f"{Path(experiment_dir)}` to train that member again") from None
+    members = pd.DataFrame(rows)
     members = _conform(members, MEMBER_COLUMNS, "members")
-    slices = pd.concat([pd.read_parquet(rdir / "parts" / f"{i}.slices.parquet") for i in ids], ignore_index=True)
+    frames = []
+    for i in ids:
+        part = rdir / "parts" / f"{i}.slices.parquet"
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+            raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and "
+                               f"{rdir / 'parts' / f'{i}.member.json'}, then run `oodsweep resume "
+                               f"{Path(experiment_dir)}` to train that member again") from None
+    slices = pd.concat(frames, ignore_index=True)
     slices = _conform(slices, SLICE_COLUMNS, "slices")
     _write_parquet(members, rdir / "members.parquet")
     _write_parquet(slices, rdir / "slices.parquet")
@@ -196,9 +260,14 @@ def load_records(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Da
     mp, sp = rdir / "members.parquet", rdir / "slices.parquet"
     parts = member_part_ids(experiment_dir)
     if mp.exists() and sp.exists():
-        members = pd.read_parquet(mp)
-        if set(members["member_id"]) >= set(parts):
-            return _derive_oracle_prompt(members, str(mp)), pd.read_parquet(sp)
+        # the parts are the truth: a merged table is used only while it holds exactly them, and is
+        # newer than every one of them (a member redone since the merge is merged again)
+        files = [rdir / "parts" / f"{i}.member.json" for i in parts]
+        members = _read_merged(mp, parts, str(rdir / "parts"))
+        slices = _read_merged(sp, parts, str(rdir / "parts")) if members is not None else None
+        if slices is not None and (not parts or (set(members["member_id"].unique()) == set(parts)
+                                                 and not _stale(mp, files))):
+            return _derive_oracle_prompt(members, str(mp)), slices
     return merge_parts(experiment_dir)
 
 
@@ -342,14 +411,23 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     ids = uncertainty_part_ids(experiment_dir)
     merged = rdir / "uncertainty.parquet"
     if merged.exists():
-        df = pd.read_parquet(merged)
+        pdir = rdir / "uncertainty" / "parts"
+        df = _read_merged(merged, ids, str(pdir))
         # unique() first: iterating millions of Arrow-backed strings into a set took 10-30 s (bench/analysis.py)
-        if set(df["member_id"].unique()) >= set(ids):
+        if df is not None and (not ids or (set(df["member_id"].unique()) == set(ids)
+                                           and not _stale(merged, [pdir / f"{i}.parquet" for i in ids]))):
             return df
     if not ids:
         return None
-    df = pd.concat([pd.read_parquet(rdir / "uncertainty" / "parts" / f"{i}.parquet") for i in ids],
-                   ignore_index=True)
+    frames = []
+    for i in ids:
+        part = rdir / "uncertainty" / "parts" / f"{i}.parquet"
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception as e:  # noqa: BLE001
+            raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
+                               f"{Path(experiment_dir)}` to fit that member's δ again") from None
+    df = pd.concat(frames, ignore_index=True)
     df = _conform(df, UNCERTAINTY_COLUMNS, "uncertainty")
     _write_parquet(df, merged)
     return df

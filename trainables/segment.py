@@ -428,8 +428,9 @@ def _write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: 
                                  idx["slice_idx"].to_numpy())
     member = {"member_id": mid, "run_id": run_id, "arch": cfg["arch"], "lr": float(cfg["lr"]), "epochs": epoch,
               "seed": int(cfg["seed"]), "batch_size": int(cfg["batch_size"]), "source": cfg["source"],
-              "checkpoint": str(ckpt),
+              # relative to the experiment, so that a moved experiment folder still finds it
+              "checkpoint": ckpt.relative_to(exp).as_posix(),
               # box-prompted members are prompted with each slice's ground-truth box (labels used)
               "oracle_prompt": bool(get_model_spec(cfg["arch"]).prompted), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
-    return member
+    return {**member, "checkpoint": str(ckpt)}  # to the caller: the file itself

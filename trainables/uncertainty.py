@@ -256,10 +256,10 @@ def _resolve(config: dict) -> dict:
         raise ValueError(f"unknown uncertainty baselines {bad}; valid: {list(records.UNCERTAINTY_METHODS[1:])}")
     if int(cfg["epochs"]) < 1:
         raise ValueError(f"uncertainty epochs must be >= 1, got {cfg['epochs']!r}")
+    cfg["checkpoint"] = str(records.resolve_checkpoint(cfg["experiment_dir"], cfg["checkpoint"]))
     if not Path(cfg["checkpoint"]).is_file():
         raise FileNotFoundError(f"pool member {cfg['member_id']}: checkpoint {cfg['checkpoint']} does not exist; "
-                                f"rerun the pool stage for this member (delete records/parts/"
-                                f"{cfg['member_id']}.member.json first)")
+                                f"`oodsweep resume {cfg['experiment_dir']}` trains that member again")
     return cfg
 
 
@@ -267,8 +267,12 @@ def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
     try:
         model = load_member(cfg["checkpoint"], device)
     except Exception as e:  # a file that is not ours, or weights for another architecture
-        raise ValueError(f"pool member {cfg['member_id']}: cannot load checkpoint {cfg['checkpoint']}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        # torch's unpickling message suggests weights_only=False (running arbitrary code): never passed on
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        why = type(e).__name__ + (f": {first}" if first and "weights_only" not in str(e) else "")
+        raise ValueError(f"pool member {cfg['member_id']}: cannot load checkpoint {cfg['checkpoint']}: it is damaged "
+                         f"or not a pool member's weights ({why}); delete it and run `oodsweep resume "
+                         f"{cfg['experiment_dir']}`, which trains that member again") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -1,0 +1,213 @@
+"""The records are the truth (DESIGN §3): what each stage still owes, read from the experiment folder.
+
+Ray Tune's experiment state only says what to schedule. Before a stage runs (and for `status` and
+`analyze`), every pool member and δ record the spec calls for is checked here; one that is missing
+or unreadable is owed, whatever Tune's state says, and the driver redoes it. Damaged files are moved
+to ``records/.damaged/<time>/`` (not deleted) so that a trial never takes them for finished work.
+
+Also here: an experiment folder that was moved or renamed since its last run (``relocated``), and
+retiring a stage's Tune state when it can no longer be restored as it is (``retire_tune_state``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+from trainables import records
+
+from .spec import SweepSpec
+
+LOCATION_FILE = ".oodsweep-location"
+SUPERSEDED = ".superseded"
+
+
+def expected_members(spec: SweepSpec) -> list[str] | None:
+    """Every pool member id a grid spec calls for (None for a search: its samples are not known ahead)."""
+    from trainables.segment import member_id
+
+    p = spec.pool
+    if spec.search is not None:
+        return None
+    out = []
+    for arch in p.arch.values:
+        for lr in p.lr.values:
+            for seed in p.seed.values:
+                for e in p.epochs.values:
+                    out.append(member_id(arch, float(lr), int(seed), int(e)))
+    return out
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"its checkpoint {path} is missing"
+    if not zipfile.is_zipfile(path):
+        return f"its checkpoint {path} is damaged (not a torch checkpoint)"
+    try:  # mmap: reads the archive's index and tensor headers, not the weights
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  (torch's message suggests unsafe loading: not passed on)
+        return f"its checkpoint {path} is damaged ({type(e).__name__})"
+    return None
+
+
+def member_problem(exp: Path, mid: str, sites: list[str]) -> tuple[str | None, list[Path]]:
+    """Why member ``mid``'s record is not usable (None when it is), and its files that exist."""
+    parts = records.records_dir(exp) / "parts"
+    mj, sp = parts / f"{mid}.member.json", parts / f"{mid}.slices.parquet"
+    present = [f for f in (mj, sp) if f.exists()]
+    if not mj.exists():
+        return f"its record {mj} is missing", present
+    try:
+        member = json.loads(mj.read_text())
+        ckpt = records.resolve_checkpoint(exp, member["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its record {mj} is damaged ({type(e).__name__})", present
+    if not sp.exists():
+        return f"its slice counts {sp} are missing", present
+    try:
+        import pyarrow.parquet as pq
+
+        pq.read_metadata(sp)
+    except Exception as e:  # noqa: BLE001
+        return f"its slice counts {sp} are damaged ({type(e).__name__})", present
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        return problem, present + [ckpt] * ckpt.exists()
+    for site in sites:
+        pred = records.records_dir(exp) / "predictions" / mid / f"{site}.npz"
+        if not pred.exists():
+            return f"its predictions {pred} are missing", present
+        if not zipfile.is_zipfile(pred):
+            return f"its predictions {pred} are damaged", present
+    return None, present
+
+
+def pool_gaps(spec: SweepSpec) -> dict[str, str]:
+    """Member id -> what is wrong with its record, for every member the spec calls for that is not usable."""
+    exp = spec.experiment_dir
+    sites = [spec.data.source, *spec.data.targets]
+    want = expected_members(spec)
+    have = records.member_part_ids(exp)
+    out = {}
+    for mid in (want if want is not None else have):
+        problem, _ = member_problem(exp, mid, sites)
+        if problem:
+            out[mid] = problem
+    if want is None and spec.n_members() and len(have) < spec.n_members():
+        out["(search)"] = f"{len(have)} of {spec.n_members()} members recorded"
+    return out
+
+
+def uncertainty_gaps(spec: SweepSpec, member_ids) -> dict[str, str]:
+    """Member id -> what is wrong with its δ record, for every member without a usable one."""
+    import pyarrow.parquet as pq
+
+    pdir = records.records_dir(spec.experiment_dir) / "uncertainty" / "parts"
+    out = {}
+    for mid in member_ids:
+        part = pdir / f"{mid}.parquet"
+        if not part.exists():
+            out[mid] = f"its δ record {part} is missing"
+            continue
+        try:
+            pq.read_metadata(part)
+        except Exception as e:  # noqa: BLE001
+            out[mid] = f"its δ record {part} is damaged ({type(e).__name__})"
+    return out
+
+
+def quarantine(exp: Path, files) -> Path | None:
+    """Move damaged files to ``records/.damaged/<time>/`` (kept for a look, never read again)."""
+    files = [Path(f) for f in files if Path(f).exists()]
+    if not files:
+        return None
+    dest = records.records_dir(exp) / ".damaged" / time.strftime("%Y%m%dT%H%M%S")
+    for f in files:
+        rel = f.relative_to(records.records_dir(exp)) if f.is_relative_to(records.records_dir(exp)) else Path(f.name)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), str(dest / rel))
+    return dest
+
+
+def invalidate_members(spec: SweepSpec, gaps: dict[str, str]) -> None:
+    """Set owed members up to be trained again: their damaged files and stale δ records are moved away."""
+    exp = spec.experiment_dir
+    sites = [spec.data.source, *spec.data.targets]
+    rdir = records.records_dir(exp)
+    move = []
+    for mid in gaps:
+        _, present = member_problem(exp, mid, sites)
+        move += present
+    # the whole training run is done again, rewriting every member of it: their δ records go stale
+    runs = {m.rsplit("-ep", 1)[0] for m in gaps}
+    for mid in set(records.member_part_ids(exp)) | set(gaps):
+        if mid.rsplit("-ep", 1)[0] in runs:
+            move += [rdir / "uncertainty" / "parts" / f"{mid}.parquet"]
+    quarantine(exp, move)
+
+
+def invalidate_uncertainty(spec: SweepSpec, gaps: dict[str, str]) -> None:
+    """Move damaged δ records away, and the finished (checkpoint-pruned) Ray Train runs of owed members.
+
+    A Train run whose checkpoints were removed after it scored its member cannot be resumed (Ray
+    Train refuses a run folder whose checkpoints are gone); the δ fit starts again instead.
+    """
+    from . import uncertainty as stage
+
+    exp = spec.experiment_dir
+    quarantine(exp, [records.records_dir(exp) / "uncertainty" / "parts" / f"{m}.parquet" for m in gaps])
+    for mid in gaps:
+        run = exp / stage.STAGE / "train" / f"delta-{mid}"
+        if run.is_dir() and not any(p.is_dir() for p in run.glob("checkpoint_*")):  # (not the snapshot .json)
+            _supersede(exp / stage.STAGE, [run])
+
+
+def _supersede(stage_dir: Path, paths) -> Path:
+    dest = stage_dir / SUPERSEDED / time.strftime("%Y%m%dT%H%M%S")
+    for p in paths:
+        rel = p.relative_to(stage_dir)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(p), str(dest / rel))
+    return dest
+
+
+def retire_tune_state(stage_dir: Path) -> Path | None:
+    """Move a stage's Tune experiment (state files and trial folders) to ``<stage>/.superseded/<time>/``.
+
+    Used when Tune's state cannot be restored as it is: it says a trial finished whose record is
+    gone, or it holds the paths of the folder's old location. The next Tuner starts afresh; finished
+    members are found in the records and skipped. The δ Train runs (``uncertainty/train``, which
+    carry their own resume checkpoints) and the stage's done marker stay.
+    """
+    if not stage_dir.is_dir():
+        return None
+    keep = {"train", SUPERSEDED, ".oodsweep-done"}
+    paths = [p for p in stage_dir.iterdir() if p.name not in keep]
+    return _supersede(stage_dir, paths) if paths else None
+
+
+def relocated(spec: SweepSpec) -> str | None:
+    """The folder this experiment last ran from, when that is not where it is now (moved or renamed)."""
+    exp = spec.experiment_dir
+    f = exp / LOCATION_FILE
+    try:
+        old = f.read_text().strip() if f.exists() else None
+    except OSError:
+        old = None
+    if old is None:  # experiments from before the location file: the frozen spec's storage and name
+        import yaml
+
+        try:
+            frozen = yaml.safe_load((exp / "spec.yaml").read_text())
+            old = str(Path(frozen["storage"]) / frozen["name"])
+        except Exception:  # noqa: BLE001  (a first run: nothing frozen yet)
+            return None
+    return old if Path(old).resolve() != exp.resolve() else None  # (the same folder through a symlink is not a move)
+
+
+def record_location(spec: SweepSpec) -> None:
+    (spec.experiment_dir / LOCATION_FILE).write_text(str(spec.experiment_dir) + "\n")

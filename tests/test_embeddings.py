@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import OODSWEEP
 
 from trainables import records
 from trainables.data.cache import open_slice_cache
@@ -94,34 +90,33 @@ def test_pre_stage_only_for_pools_with_a_prompted_arch(tiny_data, tiny_cache, tm
 
 
 @pytest.mark.integration
-def test_two_node_cluster_runs_the_encoder_once(tmp_path, tiny_data):
-    """Two medsam_tiny trials on a head and a worker node (1 CPU each, so they run one per node): the
-    pre-stage's Ray task embeds the slices once, before either trial starts; both trials read."""
+def test_two_node_cluster_runs_the_encoder_once(tmp_path, tiny_data, capfd):
+    """``run_sweep`` (what `oodsweep run --address` calls; in this process, to save a CLI start) on a head and
+    a worker node of 1 CPU each, two medsam_tiny trials of 1 CPU (so they run one per node): the pre-stage's
+    Ray task embeds the slices once, before either trial starts; both trials only read."""
+    import ray
     from ray.cluster_utils import Cluster
 
-    spec = {"name": "sam2", "storage": str(tmp_path / "runs"),
-            "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
-                     "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25,
-                     "cache_dir": str(tmp_path / "cache")},
-            "pool": {"arch": {"grid": ["medsam_tiny"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1]},
-                     "seed": {"grid": [0, 1]}, "batch_size": 8, "resources": {"cpu": 1}},
-            "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    from sweeps.driver import run_sweep
+    from sweeps.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "sam2", "storage": str(tmp_path / "runs"),
+        "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA", "targets": ["SiteB"],
+                 "image_size": 32, "test_fraction": 0.25, "cache_dir": str(tmp_path / "cache")},
+        "pool": {"arch": {"grid": ["medsam_tiny"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1]},
+                 "seed": {"grid": [0, 1]}, "batch_size": 8, "resources": {"cpu": 1}},
+        "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}})
     exp = tmp_path / "runs" / "sam2"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    proc = None
     try:
-        proc = subprocess.Popen(OODSWEEP + ["run", str(path), "--address", cluster.address], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-5000:]
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run_sweep(spec, address=cluster.address)
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        ray.shutdown()
         cluster.shutdown()
+    out = capfd.readouterr().out
     emb = tmp_path / "cache" / "sam-embeddings"
     (folder,) = [p for p in emb.iterdir() if not p.name.startswith(".")]
     runs = encoder_runs(emb)

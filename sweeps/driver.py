@@ -228,6 +228,9 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     marker.unlink(missing_ok=True)
     tracker.reopen(parent)
     _init_ray(spec, address, num_cpus)
+    from .embeddings import precompute_embeddings
+
+    precompute_embeddings(spec, cache)  # SAM embeddings once per cache key, before any trial (cluster-wide)
     how = (f", searched by Ray Tune's OptunaSearch ({spec.search.num_samples} samples, {spec.search.mode} "
            f"{spec.search.metric})" if spec.search else " (grid)")
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")

@@ -93,6 +93,10 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["sam_sha256"] = pool.sam_sha256
     if pool.encoder_weights is not None:
         space["encoder_weights"] = str(pool.encoder_weights)
+    from trainables.models import is_prompted
+
+    if any(is_prompted(a) for a in pool.arch.values):
+        space["embeddings_ready"] = True  # the pool's pre-stage computes them (sweeps.embeddings): trials only read
     if pool.epochs.mode == "snapshots":
         space["snapshots"] = list(pool.epochs.values)
     else:

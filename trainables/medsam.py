@@ -25,8 +25,11 @@ patched. What this module adds:
   prompt, so their embedding is never read; their rows stay zero), into a float16 ``.npy`` next to the slice
   cache (``<slice cache root>/sam-embeddings/<key>/``; on a cluster the slice cache root is on the
   shared storage, so every trial and later sweep reuses it). It is written into a temporary folder
-  renamed into place, under an ``fcntl.flock`` lock, so trials starting together compute it once
-  and never read a half-written file. A randomly initialised encoder is built from a fixed seed
+  renamed into place, under an ``fcntl.flock`` lock, so processes of one machine starting together
+  compute it once and never read a half-written file. flock is host-local, so in a sweep the driver's
+  pre-stage (``sweeps.embeddings``) computes each cache once, with ``prepare_embeddings(config)``, before
+  the pool's trials start, and the trials (``embeddings_ready``) only read it; each computation leaves a
+  record under ``<root>/.encoder-runs/`` (``encoder_runs``). A randomly initialised encoder is built from a fixed seed
   (``sam_init_seed``, not the trial's seed) and the key names that seed.
 * **Checkpoints**: ``sam_checkpoint`` takes the official SAM ViT-B/L/H files and MedSAM's
   ``medsam_vit_b.pth`` (a plain ``Sam`` state dict, or a dict with a ``model`` entry); loaded with
@@ -357,9 +360,7 @@ class MedSAM(nn.Module):
 
     def encoder_key(self) -> str:
         """What the frozen image encoder is: the checkpoint's hash, or the seed of its random init."""
-        s = self.source
-        weights = s["sam_sha256"] or f"random-{s['init_seed']}"
-        return f"{s['variant']}-{s['img_size']}-{weights}"
+        return encoder_key(self.source)
 
     # -- preprocessing (SamPredictor's) -------------------------------------------------------
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -486,11 +487,105 @@ def embeddings_root(cache: SliceCache, override: str | os.PathLike | None = None
     return Path(override) if override else Path(cache.path).parent / "sam-embeddings"
 
 
-def embedding_key(model: MedSAM, cache: SliceCache) -> str:
-    ident = {"version": EMBED_VERSION, "slices": cache.manifest["content_sha256"], "encoder": model.encoder_key(),
+def encoder_key(source: dict) -> str:
+    """What a frozen image encoder is (``MedSAM.source``'s): the checkpoint's hash, or the seed of its random init."""
+    weights = source["sam_sha256"] or f"random-{source['init_seed']}"
+    return f"{source['variant']}-{source['img_size']}-{weights}"
+
+
+def _key_of(source: dict, content_sha256: str) -> str:
+    ident = {"version": EMBED_VERSION, "slices": content_sha256, "encoder": encoder_key(source),
              "preprocess": "sam-rgb-uint8-resize-longest-normalise-pad"}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{model.source['variant']}-{model.img_size}-{digest}"
+    return f"{source['variant']}-{int(source['img_size'])}-{digest}"
+
+
+def embedding_key(model: MedSAM, cache: SliceCache) -> str:
+    return _key_of({**model.source, "img_size": model.img_size}, cache.manifest["content_sha256"])
+
+
+def encoder_source(config: dict) -> dict:
+    """The ``MedSAM.source`` fields that name the frozen encoder ``build_member_model(config)`` builds, read
+    without building it (the variant of a ``sam_checkpoint`` from the file, memory-mapped; its sha256 hashed
+    once per process), so that the driver can tell which embedding caches a pool needs."""
+    from .models import get_model_spec
+
+    cfg = {**MEDSAM_DEFAULTS, **config}
+    kw = get_model_spec(cfg["arch"]).kwargs
+    variant, ckpt, sha = kw["variant"], cfg["sam_checkpoint"], None
+    if ckpt is not None:
+        path = Path(ckpt).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"sam_checkpoint {path} does not exist; {_FIX}")
+        variant = checkpoint_family(path)
+        st = path.stat()
+        sha = _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    elif variant == LITE:
+        sha = LITE_SHA256  # the bundled weights (build_medsam checks the file has this hash)
+    return {"variant": variant, "img_size": int(kw["img_size"]), "sam_sha256": sha,
+            "init_seed": int(cfg["sam_init_seed"])}
+
+
+def embedding_key_for(config: dict) -> str:
+    """``embedding_key`` of the model and slice cache a pool trial's ``config`` names, without building it."""
+    cache = open_slice_cache(config["cache"])
+    return _key_of(encoder_source(config), cache.manifest["content_sha256"])
+
+
+def embedding_folder(config: dict) -> Path:
+    """Where the embeddings of a pool trial's ``config`` are (or will be): ``<root>/<key>``."""
+    cache = open_slice_cache(config["cache"])
+    return embeddings_root(cache, config.get("embedding_dir")) / embedding_key_for(config)
+
+
+#: Under ``<root>/.encoder-runs/``: one small JSON file per computation of an embedding cache (key, host,
+#: pid, start), written before the encoder runs, so that "computed once" can be checked on shared storage.
+ENCODER_RUNS = ".encoder-runs"
+
+
+def encoder_runs(root: str | os.PathLike, key: str | None = None) -> list[dict]:
+    """The computations of embedding caches under ``root`` (of ``key`` only, if given), oldest first."""
+    folder = Path(root) / ENCODER_RUNS
+    if not folder.is_dir():
+        return []
+    runs = [json.loads(f.read_text()) for f in folder.glob(f"{key or '*'}.*.json")]
+    return sorted((r for r in runs if key is None or r["key"] == key), key=lambda r: r["started"])
+
+
+def _log_encoder_run(root: Path, key: str) -> None:
+    import socket
+
+    host, pid, now = socket.gethostname(), os.getpid(), time.time()
+    (root / ENCODER_RUNS).mkdir(exist_ok=True)
+    (root / ENCODER_RUNS / f"{key}.{host}.{pid}.{time.time_ns()}.json").write_text(
+        json.dumps({"key": key, "host": host, "pid": pid, "started": now}))
+
+
+def prepare_embeddings(config: dict) -> Path:
+    """Compute (or find) the embedding cache a pool trial's ``config`` needs, without training: its folder.
+
+    The driver's pre-stage (``sweeps.embeddings``) calls this once per distinct cache key, in a Ray task
+    with the trial's resources, before the pool's trials start; the trials are then told
+    ``embeddings_ready`` and only read the cache. ``config``: a pool trial's config (``train_segmenter``'s
+    keys); read here are ``arch`` (box-prompted), ``cache``, ``sam_checkpoint``, ``sam_sha256``,
+    ``sam_init_seed``, ``embedding_dir``, ``embed_batch_size``, ``device`` and ``num_threads``.
+    """
+    from .models import MODELS, is_prompted
+
+    for k in ("arch", "cache"):
+        if k not in config:
+            raise KeyError(f"prepare_embeddings: the config lacks {k!r}; give a pool trial's config")
+    if not is_prompted(config["arch"]):
+        raise ValueError(f"prepare_embeddings: arch {config['arch']!r} is not box-prompted, so it has no SAM "
+                         f"embeddings; give one of {', '.join(n for n, m in MODELS.items() if m.prompted)}")
+    cfg = {**MEDSAM_DEFAULTS, "seed": 0, "device": "auto", "num_threads": None, **config}
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    cache = open_slice_cache(cfg["cache"])
+    model = build_member_model(cfg, in_channels=int(cache.images.shape[1]))
+    root = embeddings_root(cache, cfg["embedding_dir"])
+    ensure_embeddings(model, cache, root, resolve_device(cfg["device"]), int(cfg["embed_batch_size"]))
+    return root / embedding_key(model, cache)
 
 
 def _open_embeddings(folder: Path) -> np.ndarray:
@@ -499,14 +594,18 @@ def _open_embeddings(folder: Path) -> np.ndarray:
 
 def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike | None = None,
                       device: torch.device | str = "cpu", batch_size: int = 8,
-                      progress: bool = True) -> tuple[np.ndarray, bool]:
+                      progress: bool = True, compute: bool = True) -> tuple[np.ndarray, bool]:
     """The float16 image embeddings ``N x D x h x w`` of every slice of ``cache`` (memory-mapped).
 
-    Computed at most once per key: the first caller takes an exclusive ``fcntl.flock`` on
-    ``<root>/.<key>.lock``, writes into a temporary folder and renames it into place; callers that
-    arrive meanwhile wait on the lock and then read the finished folder. (flock works across
-    processes of one machine and on NFSv4/Lustre mounts that support it; on object storage use a
-    driver-side pre-stage instead.)
+    Computed at most once per key on one machine: the first caller takes an exclusive ``fcntl.flock``
+    on ``<root>/.<key>.lock``, writes into a temporary folder and renames it into place; callers that
+    arrive meanwhile wait on the lock and then read the finished folder. flock is host-local (and not
+    honoured on object storage such as s3fs): on a cluster the pool's pre-stage (``sweeps.embeddings``,
+    through ``prepare_embeddings``) computes every cache before the trials start, and the trials call
+    this with ``compute=False``. Every computation leaves a record (``encoder_runs``).
+
+    Args:
+        compute: False: only read; a missing cache is a FileNotFoundError naming its folder.
 
     Returns:
         (embeddings, computed): ``computed`` is True if this call ran the encoder.
@@ -516,6 +615,13 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
     final = root / key
     if (final / "manifest.json").exists():
         return _open_embeddings(final), False
+    if not compute:
+        raise FileNotFoundError(
+            f"the SAM embeddings {final} (manifest.json) are missing, but the driver's pre-stage computes them "
+            f"before the pool's trials start (embeddings_ready): this node does not see the storage the driver "
+            f"wrote to, or the folder was deleted meanwhile. Put data.cache_dir (or storage) on storage every "
+            f"node mounts at the same path, then rerun `oodsweep run` (finished members are kept; the "
+            f"pre-stage computes the embeddings again)")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{key}.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -523,6 +629,7 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
             if (final / "manifest.json").exists():  # another trial finished it while we waited
                 return _open_embeddings(final), False
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".build-{key}-"))
+            _log_encoder_run(root, key)
             try:
                 _compute_embeddings(model, cache, tmp, key, torch.device(device), batch_size, progress)
                 os.rename(tmp, final)
@@ -817,8 +924,9 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     model = build_member_model(cfg, in_channels=int(cache.images.shape[1])).to(device)
     model.box_mode = cfg["box_mode"]
     t0 = time.perf_counter()
+    # embeddings_ready: the driver's pre-stage computed them (sweeps.embeddings): read only, never compute
     embeddings, computed = ensure_embeddings(model, cache, embeddings_root(cache, cfg["embedding_dir"]), device,
-                                             int(cfg["embed_batch_size"]))
+                                             int(cfg["embed_batch_size"]), compute=not cfg["embeddings_ready"])
     embed_s = time.perf_counter() - t0
 
     train_rows = segment.train_val_rows(cache, cfg)[0]

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
     "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
     "sam_sha256": None,      # the sha256 sam_checkpoint must have (checked before loading); others ignore it
+    "embeddings_ready": False,  # True: the driver computed the SAM embeddings, trials only read; others ignore it
     "verbose": False,
     **ACCEL_DEFAULTS,        # amp, channels_last, data placement, augmentation: trainables.accel
 }

@@ -1,0 +1,106 @@
+"""The pool's pre-stage: every SAM embedding cache the pool needs, computed once before its trials start.
+
+The embedding cache (``trainables.medsam``) is guarded by an ``fcntl.flock``, which is host-local and not
+honoured on object storage (s3fs): two trials starting together on two nodes would both run the frozen
+encoder. So the driver, at the start of the pool stage, finds the distinct cache keys of the pool's
+box-prompted architectures (``trainables.models.MODELS[arch].prompted``), and runs one Ray task per key
+that is not on the storage yet, with that architecture's trial resources (so a ViT-B encoder runs on a
+GPU node), calling ``trainables.medsam.prepare_embeddings``. The trials are then told ``embeddings_ready``
+(``sweeps.pool.param_space``) and only read the cache. A pool without a box-prompted architecture skips
+all of it (no task, no Ray call).
+
+Ray is imported inside functions only.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .spec import SweepSpec
+
+
+def log(msg: str) -> None:
+    print(f"[oodsweep] {msg}", flush=True)
+
+
+def prompted_archs(spec: SweepSpec) -> list[str]:
+    """The pool's box-prompted architectures, in the spec's order."""
+    from trainables.models import is_prompted
+
+    return [a for a in spec.pool.arch.values if is_prompted(a)]
+
+
+def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, dict]:
+    """``{cache key: the config of its first architecture}``: one entry per distinct embedding cache the
+    pool's box-prompted trials read (empty when the pool has none). The key is computed without building
+    a model (``trainables.medsam.embedding_key_for``)."""
+    archs = prompted_archs(spec)
+    if not archs:
+        return {}
+    from trainables.medsam import embedding_key_for
+
+    from .pool import param_space
+
+    space = param_space(spec, cache_dir)
+    fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device")
+             if k in space}
+    jobs: dict[str, dict] = {}
+    for arch in archs:
+        cfg = {**fixed, "arch": arch}
+        jobs.setdefault(embedding_key_for(cfg), cfg)
+    return jobs
+
+
+def _prepare(config: dict) -> tuple[str, float]:
+    """The Ray task: ``prepare_embeddings`` on the node Ray chose; (folder, seconds)."""
+    from trainables.medsam import prepare_embeddings
+
+    t = time.perf_counter()
+    return str(prepare_embeddings(config)), time.perf_counter() - t
+
+
+def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
+    """Make every embedding cache the pool needs exist before its trials start; return their folders.
+
+    Caches already on the storage are found by the driver (no task); the others are computed by one Ray
+    task each, with the resources of a trial of their architecture, all at once. Needs Ray connected
+    (the pool stage has), unless the pool has no box-prompted architecture.
+    """
+    jobs = embedding_jobs(spec, cache_dir)
+    if not jobs:
+        return []
+    from trainables.medsam import embedding_folder
+
+    from . import cluster
+
+    folders = {key: embedding_folder(cfg) for key, cfg in jobs.items()}
+    todo = {key: cfg for key, cfg in jobs.items() if not (folders[key] / "manifest.json").exists()}
+    for key in set(jobs) - set(todo):
+        log(f"SAM embeddings {key}: found in {folders[key].parent}")
+    if todo:
+        import ray
+
+        has_gpu = cluster.capacity().get("GPU", 0) > 0
+        refs = {}
+        for key, cfg in todo.items():
+            res = cluster.trial_resources(cfg["arch"], spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+            log(f"SAM embeddings {key} ({cfg['arch']}): computing once, before the trials, in a Ray task "
+                f"({res['cpu']:g} CPU, {res['gpu']:g} GPU)")
+            task = ray.remote(_prepare).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1,
+                                                name=f"sam-embeddings-{key}")
+            refs[key] = task.remote(cfg)
+        for key, ref in refs.items():
+            try:
+                folder, seconds = ray.get(ref)
+            except Exception as e:  # RayTaskError wraps the task's own error: keep its last line
+                text = str(e).strip()
+                last = text.splitlines()[-1] if text else type(e).__name__
+                raise RuntimeError(f"computing the SAM embeddings {folders[key]} ({todo[key]['arch']}) failed: "
+                                   f"{last}. Fix the cause and rerun `oodsweep run` (finished pool members are "
+                                   f"kept)") from None
+            if Path(folder) != folders[key]:  # trainables' key and the driver's disagree: a bug, not bad input
+                raise RuntimeError(f"the SAM embeddings were written to {folder}, but the driver expected "
+                                   f"{folders[key]} (trainables.medsam.embedding_key_for disagrees with "
+                                   f"embedding_key)")
+            log(f"SAM embeddings {key}: ready in {folders[key].parent} ({seconds:.1f}s)")
+    return [folders[key] for key in jobs]

@@ -38,6 +38,7 @@ SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 INDICATORS = ("id_performance", "agreement", "uncertainty")
 BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
+FIT_SPLITS = ("train", "val")
 
 
 class SpecError(ValueError):
@@ -140,7 +141,7 @@ class UncertaintySpec:
     method: str = "ggd"
     epochs: int = 50
     lr: float = 1e-4
-    lam: float = 1.0
+    lam: float = 1.0          # λ of Eq. 5, > 0
     beta: float = 2.0
     learn_beta: bool = False
     batch_size: int = 8
@@ -158,6 +159,8 @@ class UncertaintySpec:
     baseline_members: int | None = None
     #: as PoolSpec.training, without augment
     training: dict = field(default_factory=dict)
+    #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
+    fit_split: str = "train"
 
 
 @dataclass(frozen=True)
@@ -522,7 +525,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
             "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
             "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
-            "baseline_members": False, "training": False})
+            "baseline_members": False, "training": False, "fit_split": False})
         ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
         bl = u.get("baselines", list(BASELINES))
         if not isinstance(bl, list):
@@ -535,7 +538,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
             epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
             lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
-            lam=c.number(u.get("lam", 1.0), "uncertainty.lam", nonneg=True),
+            lam=c.number(u.get("lam", 1.0), "uncertainty.lam", positive=True),
             beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
             learn_beta=bool(u.get("learn_beta", False)),
             batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),
@@ -551,7 +554,12 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
                                       positive=True),
             baseline_members=None if bm == "all" else bm,
+            fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
             training=_training(c, u.get("training"), "uncertainty.training", augment=False))
+        # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12
+        if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
+            raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "
+                                                  "data.val_fraction (e.g. 0.2) or use fit_split: train (the paper's)")
         if uncertainty.passes < 2 and any(b.startswith(("tta", "mc")) for b in uncertainty.baselines):
             raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
                                                f"{uncertainty.passes}")

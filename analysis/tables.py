@@ -179,8 +179,8 @@ def _f(v: object, spec: str) -> str:
 # --- Table 4 ------------------------------------------------------------------------------------
 
 #: Row labels of Table 4 (the paper's names for the uncertainty methods).
-METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (δ on ŷ)", "tta_noise": "TTDAp",
-                 "tta_color": "TTDAc", "mc_dropout": "DropOut"}
+METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (as published, on ŷ)", "tta_noise": "TTDAp",
+                 "tta_color": "TTDAc", "mc_dropout": "DropOut", "ggd_yhat_only": "Ablation: our δ on ŷ only"}
 
 
 def table4_frame(mse: pd.Series, site_roles: dict[str, str], source: str) -> pd.DataFrame:

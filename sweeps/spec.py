@@ -37,7 +37,7 @@ LAYOUTS = tuple(_LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 INDICATORS = ("id_performance", "agreement", "uncertainty")
-BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
+BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout", "ggd_yhat_only")
 FIT_SPLITS = ("train", "val")
 
 
@@ -161,6 +161,8 @@ class UncertaintySpec:
     training: dict = field(default_factory=dict)
     #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
     fit_split: str = "train"
+    #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
+    bayescap: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,14 @@ def _path(v: str, base: Path) -> Path:
 #: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
+
+
+def _bayescap(c, raw: Any) -> dict:
+    """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16)."""
+    b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
+    return {"bayescap_width": c.number(b.get("width", 64), "uncertainty.bayescap.width", integer=True, positive=True),
+            "bayescap_blocks": c.number(b.get("blocks", 16), "uncertainty.bayescap.blocks", integer=True,
+                                        nonneg=True)}
 
 
 def _training(c, raw, key: str, augment: bool) -> dict:
@@ -525,7 +535,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
             "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
             "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
-            "baseline_members": False, "training": False, "fit_split": False})
+            "baseline_members": False, "training": False, "fit_split": False, "bayescap": False})
         ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
         bl = u.get("baselines", list(BASELINES))
         if not isinstance(bl, list):
@@ -555,6 +565,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
                                       positive=True),
             baseline_members=None if bm == "all" else bm,
             fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
+            bayescap=_bayescap(c, u.get("bayescap")),
             training=_training(c, u.get("training"), "uncertainty.training", augment=False))
         # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12
         if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):

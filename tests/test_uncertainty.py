@@ -131,7 +131,8 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
                                "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path),
                                "epochs": 2, "lr": 1e-3, "passes": 3, "batch_size": 4, "num_threads": 1,
-                               "checkpoint_every": 1}, report=report)
+                               "checkpoint_every": 1, "baselines": list(records.UNCERTAINTY_METHODS[1:]),
+                               "bayescap_width": 4, "bayescap_blocks": 1}, report=report)
     assert [r["epoch"] for r, _ in reports] == [1, 2, 2] and reports[-1][0]["scored"] == 1
     assert all(c is not None for _, c in reports[:2])  # resumable state at every checkpoint_every epoch
     unc = records.load_uncertainty(tmp_path)

@@ -244,7 +244,8 @@ def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...]
 
 # --- the uncertainty stage's records (DESIGN §3, §6) -------------------------------------------
 # One row per member x method x site x case x slice. ``method`` is "ggd" (the paper's delta net on
-# {y_hat, x}), "bayescap" (delta on y_hat only), "tta_noise", "tta_color" or "mc_dropout". The
+# {y_hat, x}), "bayescap" (BayesCap as published, on y_hat only), "tta_noise", "tta_color", "mc_dropout"
+# or "ggd_yhat_only" (the ablation: our delta without the image). The
 # DESIGN's ``uncertain_px`` column of slices.parquet is the "ggd" rows here: several methods score
 # the same slice, so they live in their own long table instead of widening slices.parquet.
 #
@@ -258,7 +259,7 @@ def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...]
 #   records/uncertainty/examples/<member_id>.npz    a few slices for the qualitative figure:
 #       image (K x H x W float), truth, pred, error (K x H x W bool), mu, uncertainty (K x H x W float),
 #       site, case_id (K str), slice_idx (K int)
-UNCERTAINTY_METHODS = ("ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout")
+UNCERTAINTY_METHODS = ("ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout", "ggd_yhat_only")
 UNCERTAINTY_COLUMNS = {
     "member_id": "string",
     "method": "string",

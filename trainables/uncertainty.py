@@ -7,9 +7,12 @@ method (``skimage.filters.threshold_otsu``), gives the image's *uncertain area*.
 
 Baselines (paper Table 4), each a per-pixel map through the same Otsu area:
 
-* ``bayescap``   δ conditioned on ŷ only (BayesCap). We train it with the same loss as ours: the
-  equations of the paper. BayesCap's public code uses an L1 identity term and writes the GGD term
-  as a product; we keep the paper's λ‖μ − ŷ‖² and the power, so that the two differ only in the input.
+* ``bayescap``   BayesCap as published (Upadhyay et al., ECCV 2022; ExplainableML/BayesCap): its own net
+  on ŷ only (``BayesCapNet``: a 9x9 stem, residual trunk, 1/α and β heads with ReLU) and its loss
+  (``bayescap_loss``, the public ``TempCombLoss``: T1 · L1(μ, ŷ) + T2 · its GGD term, which writes
+  (|μ − y| / α)^β as the product |μ − y| · (1/α) · β, clamped), T1 = 1, T2 = 5e-2 as its training code.
+* ``ggd_yhat_only`` the ablation: our δ and loss with the image removed (δ on ŷ only), what earlier
+  versions called "bayescap".
 * ``tta_noise``  test-time augmentation with Gaussian pixel noise: variance over N passes of σ(Φ(x + ε)).
 * ``tta_color``  test-time colour (intensity) jitter: random brightness and contrast per pass
   (``torchvision.transforms.v2.ColorJitter``; saturation and hue do not exist for grey images).
@@ -62,6 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "padding": "replicate",  # δ's convolutions pad by repeating the edge ("zeros": the maps' bright frame)
     "batch_size": 8,
     "baselines": ["bayescap", "tta_noise", "tta_color", "mc_dropout"],
+    "bayescap_width": 64,    # BayesCap's trunk width and residual blocks (published: 64, 16)
+    "bayescap_blocks": 16,
+    "bayescap_t1": 1.0,      # BayesCap's loss weights: T1 on the L1 identity term, T2 on its GGD term
+    "bayescap_t2": 5e-2,
     "passes": 8,             # N for TTA and MC dropout
     "noise_std": 0.05,       # TTA pixel noise (images are in [0, 1])
     "jitter": 0.3,           # TTA brightness/contrast jitter strength
@@ -151,6 +158,82 @@ def set_padding(net: nn.Module, mode: str) -> nn.Module:
         if isinstance(m, nn.Conv2d) and any(int(p) > 0 for p in m.padding):
             m.padding_mode = mode
     return net
+
+
+class _BCResBlock(nn.Module):
+    """BayesCap's residual block (conv-BN-PReLU-conv-BN plus the input), as its SRGAN trunk."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.PReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class BayesCapNet(nn.Module):
+    """BayesCap's net (ExplainableML/BayesCap ``src/networks_SRGAN.py``, class ``BayesCap``) on ŷ only.
+
+    ``B x 1 x H x W`` ŷ -> μ, 1/α (>= 0), β (>= 0). A 9x9 stem, ``blocks`` residual blocks, a conv-BN
+    skip, a 4x-wide conv block, and 9x9 heads; the 1/α and β heads end in ReLU (the published heads).
+    No library ships it, so it is written here from the paper's code, at a configurable width and depth
+    (published: 64 and 16; the CPU demo uses a small one). ``forward(x, y_hat)`` ignores x: the same
+    call as ``DeltaNet``.
+    """
+
+    def __init__(self, width: int = 64, blocks: int = 16, padding: str = "replicate"):
+        super().__init__()
+        w4 = 4 * width
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 9, padding=4), nn.PReLU())
+        self.trunk = nn.Sequential(*[_BCResBlock(width) for _ in range(blocks)])
+        self.skip = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.wide = nn.Sequential(nn.Conv2d(width, w4, 3, padding=1), nn.PReLU(), nn.Conv2d(w4, w4, 3, padding=1),
+                                  nn.PReLU())
+        self.head_mu = nn.Conv2d(w4, 1, 9, padding=4)
+
+        def head() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(w4, width, 9, padding=4), nn.PReLU(), nn.Conv2d(width, width, 9, padding=4),
+                                 nn.PReLU(), nn.Conv2d(width, 1, 9, padding=4), nn.ReLU())
+        self.head_one_over_alpha = head()
+        self.head_beta = head()
+        set_padding(self, padding)
+
+    def forward(self, x: torch.Tensor | None, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out1 = self.stem(y_hat)
+        h = self.wide(out1 + self.skip(self.trunk(out1)))
+        return self.head_mu(h).float(), self.head_one_over_alpha(h).float(), self.head_beta(h).float()
+
+
+# BayesCap's published constants (TempCombLoss / GenGaussLoss defaults; get_uncer_BayesCap's map)
+BC_ALPHA_EPS, BC_BETA_EPS, BC_RESI = 1e-4, 1e-4, (1e-4, 1e3)
+BC_MAP_ALPHA_EPS, BC_MAP_BETA_EPS = 1e-5, 1e-2
+
+
+def bayescap_loss(y: torch.Tensor, y_hat: torch.Tensor, mu: torch.Tensor, one_over_alpha: torch.Tensor,
+                  beta: torch.Tensor, t1: float = 1.0, t2: float = 5e-2) -> torch.Tensor:
+    """BayesCap's loss as published (``TempCombLoss``): T1 · L1(μ, ŷ) + T2 · mean GGD term on y.
+
+    The GGD term is the public code's: resi = clamp(|μ − y| · (1/α + ε) · (β + ε), 1e-4, 1e3);
+    resi − log(1/α + ε) + log Γ(1/(β + ε)) − log(β + ε). Note the product where Eq. 7 has the power
+    (|μ − y| / α)^β; it is kept, since this is the baseline as published.
+    """
+    oa, b = one_over_alpha + BC_ALPHA_EPS, beta + BC_BETA_EPS
+    resi = ((mu - y).abs() * oa * b).clamp(*BC_RESI)
+    ggd = resi - torch.log(oa) + torch.lgamma(1.0 / b) - torch.log(b)
+    return t1 * (mu - y_hat).abs().mean() + t2 * ggd.mean()
+
+
+def bayescap_variance(one_over_alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """BayesCap's uncertainty map (``get_uncer_BayesCap``): α = 1/(1/α + 1e-5), β + 1e-2 in Eq. 8.
+
+    Its ReLU heads give β = 0 (dead pixels at the start of training), where Γ(3/β)/Γ(1/β) overflows:
+    computed in float64 and capped at float32's largest value, so that such pixels rank as the most
+    uncertain (as the published map's inf would) and the map stays finite for Otsu.
+    """
+    v = ggd_variance(1.0 / (one_over_alpha.double() + BC_MAP_ALPHA_EPS), beta.double() + BC_MAP_BETA_EPS)
+    big = torch.finfo(torch.float32).max
+    return torch.nan_to_num(v, nan=big, posinf=big).clamp_max(big).float()
 
 
 # ----------------------------------------------------------------------------- equations
@@ -380,10 +463,14 @@ def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device
     return predict(model, cache.images[rows], device, accel=accel)
 
 
-def _nets(cfg: dict, in_channels: int, accel: Accel) -> dict[str, DeltaNet]:
-    nets = {"ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"], cfg["padding"])}
+def _nets(cfg: dict, in_channels: int, accel: Accel) -> dict[str, nn.Module]:
+    nets: dict[str, nn.Module] = {
+        "ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"], cfg["padding"])}
     if "bayescap" in cfg["baselines"]:
-        nets["bayescap"] = DeltaNet(in_channels, cfg["width"], False, cfg["learn_beta"], cfg["beta"], cfg["padding"])
+        nets["bayescap"] = BayesCapNet(int(cfg["bayescap_width"]), int(cfg["bayescap_blocks"]), cfg["padding"])
+    if "ggd_yhat_only" in cfg["baselines"]:
+        nets["ggd_yhat_only"] = DeltaNet(in_channels, cfg["width"], False, cfg["learn_beta"], cfg["beta"],
+                                         cfg["padding"])
     return {k: accel.model(v) for k, v in nets.items()}
 
 
@@ -400,7 +487,7 @@ def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: 
         with accel.autocast():
             mu, a, b = net(x, yh)
         mus.append(mu[:, 0])
-        unc.append(ggd_variance(a, b)[:, 0])
+        unc.append((bayescap_variance(a, b) if isinstance(_unwrap(net), BayesCapNet) else ggd_variance(a, b))[:, 0])
     return torch.cat(mus).cpu().numpy(), torch.cat(unc).cpu().numpy()
 
 
@@ -471,7 +558,7 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     for epoch in range(start + 1, epochs + 1):
         t0 = time.perf_counter()
         sums, steps = delta_epoch(wrapped, opts, data, torch.randperm(len(data), generator=gen), bs, accel,
-                                  float(cfg["lam"]))
+                                  float(cfg["lam"]), (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
         for s in scheds.values():
             s.step()
         metrics = {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
@@ -555,8 +642,13 @@ def heldout_metrics(net: nn.Module, images: np.ndarray, y: torch.Tensor, yhat: t
             "heldout_dice_mu_y": dice(mu_b, y.bool())}
 
 
+def _unwrap(net: nn.Module) -> nn.Module:
+    return getattr(net, "module", net)  # DDP keeps the net in .module
+
+
 def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], data, perm: torch.Tensor,
-                bs: int, accel: Accel, lam: float) -> tuple[dict[str, torch.Tensor], int]:
+                bs: int, accel: Accel, lam: float, bayescap_t: tuple[float, float] = (1.0, 5e-2)
+                ) -> tuple[dict[str, torch.Tensor], int]:
     """One pass of every δ net over ``data`` (``x``, ``y``, ``yh``) in ``perm`` order; returns the summed
     losses (device tensors) and the step count. No host synchronisation per step; the bench and the
     GPU check time this function."""
@@ -571,7 +663,10 @@ def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimize
         for k, net in nets.items():
             with accel.autocast():
                 out = net(x, yh)
-            loss = delta_loss(y, yh, *out, lam=lam)  # fp32: the heads leave autocast in fp32
+            if isinstance(_unwrap(net), BayesCapNet):
+                loss = bayescap_loss(y, yh, *out, *bayescap_t)
+            else:
+                loss = delta_loss(y, yh, *out, lam=lam)  # fp32: the heads leave autocast in fp32
             accel.step(loss, opts[k])
             sums[k] += loss.detach()
         steps += 1

@@ -60,7 +60,7 @@ def _train_worker(config: dict) -> None:
 def uncertainty_trial(config: dict) -> None:
     """Ray Tune function trainable: one pool member's δ, as a Ray Train run."""
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -74,8 +74,9 @@ def uncertainty_trial(config: dict) -> None:
         scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,
                                      resources_per_worker={"CPU": train_cfg["cpu"],
                                                            **({"GPU": train_cfg["gpu"]} if train_cfg["gpu"] else {})}),
+        # a resume needs the latest state only: older checkpoints are deleted as new ones arrive
         run_config=RunConfig(name=f"delta-{cfg['member_id']}", storage_path=train_cfg["storage"],
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
 

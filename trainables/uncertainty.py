@@ -572,7 +572,7 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
         if report is not None and rank == 0 and (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs):
             ckpt = tempfile.mkdtemp(prefix="delta-", dir=records.scratch_dir(cfg["experiment_dir"]))
             torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
-                        "opts": {k: v.state_dict() for k, v in opts.items()},
+                        "opts": {k: compact_optimizer_state(v.state_dict()) for k, v in opts.items()},
                         "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch, "curve": curve,
                         **({"scaler": accel.scaler.state_dict()} if accel.scaler else {})},
                        Path(ckpt) / "delta.pt")
@@ -591,6 +591,23 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     if report is not None:
         report({"epoch": epochs, "scored": 1, **summary}, None)
     return summary
+
+
+def compact_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict with its floating-point per-parameter buffers in bfloat16.
+
+    Adam's two moments are twice the weights: in fp32 they made δ's resume checkpoint three times
+    its net (144 MB of 192 at demo size). A resume needs them (a fresh Adam would restart its step
+    sizes), but not to the last bit: bfloat16 keeps fp32's exponent range, so tiny second moments
+    survive, and ``Optimizer.load_state_dict`` casts them back to the parameters' fp32. A resumed fit
+    therefore follows the uninterrupted one to about 3 significant digits of the moments, not
+    bit for bit. The weights stay fp32.
+    """
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for i, st in state["state"].items():
+        out["state"][i] = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and v.ndim > 0
+                               else v) for k, v in st.items()}
+    return out
 
 
 def fit_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -642,6 +659,23 @@ def heldout_metrics(net: nn.Module, images: np.ndarray, y: torch.Tensor, yhat: t
             "heldout_dice_mu_y": dice(mu_b, y.bool())}
 
 
+def _finite_step(loss: torch.Tensor, opt: torch.optim.Optimizer, net: nn.Module) -> None:
+    """A step whose non-finite gradient entries count as 0 (no host synchronisation).
+
+    For the nets that see ŷ only (BayesCap, ``ggd_yhat_only``): a batch where the member predicted
+    nothing is a constant input, every activation is then constant over the batch and the image
+    (replicate padding keeps it so), and the backward pass of the ResNet body's BatchNorms gave NaN
+    gradients on the demo's data. Zeroing them skips what that batch cannot teach (as a grad scaler
+    skips an overflowing step) instead of poisoning the weights.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in net.parameters():
+        if p.grad is not None:
+            p.grad.nan_to_num_(0.0, 0.0, 0.0)
+    opt.step()
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "module", net)  # DDP keeps the net in .module
 
@@ -663,11 +697,15 @@ def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimize
         for k, net in nets.items():
             with accel.autocast():
                 out = net(x, yh)
-            if isinstance(_unwrap(net), BayesCapNet):
+            inner = _unwrap(net)
+            if isinstance(inner, BayesCapNet):
                 loss = bayescap_loss(y, yh, *out, *bayescap_t)
             else:
                 loss = delta_loss(y, yh, *out, lam=lam)  # fp32: the heads leave autocast in fp32
-            accel.step(loss, opts[k])
+            if accel.scaler is None and not getattr(inner, "use_image", False):
+                _finite_step(loss, opts[k], net)
+            else:
+                accel.step(loss, opts[k])
             sums[k] += loss.detach()
         steps += 1
     return sums, steps

@@ -120,3 +120,23 @@ def test_delta_refuses_lam_zero_and_a_missing_fit_split(tmp_path, tiny_cache):
         fit_uncertainty({**base, "lam": 0})
     with pytest.raises(ValueError, match="fit_split must be one of"):
         fit_uncertainty({**base, "fit_split": "test"})
+
+
+def test_compact_optimizer_state_halves_the_moments_and_loads_back_as_fp32():
+    import io
+
+    from trainables.uncertainty import compact_optimizer_state
+
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = torch.optim.Adam([w], lr=1e-3)
+    (w ** 2).sum().backward()
+    opt.step()
+    full, small = io.BytesIO(), io.BytesIO()
+    torch.save(opt.state_dict(), full)
+    torch.save(compact_optimizer_state(opt.state_dict()), small)
+    assert small.tell() < 0.6 * full.tell()
+    fresh = torch.optim.Adam([w], lr=1e-3)
+    fresh.load_state_dict(torch.load(io.BytesIO(small.getvalue()), weights_only=True))
+    st = fresh.state_dict()["state"][0]
+    assert st["exp_avg"].dtype == torch.float32 and float(st["step"]) == 1.0
+    torch.testing.assert_close(st["exp_avg_sq"], opt.state_dict()["state"][0]["exp_avg_sq"], rtol=1e-2, atol=0)

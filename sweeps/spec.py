@@ -141,7 +141,7 @@ class UncertaintySpec:
     method: str = "ggd"
     epochs: int = 50
     lr: float = 1e-4
-    lam: float = 1.0          # λ of Eq. 5, > 0
+    lam: float | tuple[float, ...] = 1.0  # λ of Eq. 5, > 0; a tuple (``{grid: [...]}``) fits δ once per value
     beta: float = 2.0
     learn_beta: bool = False
     batch_size: int = 8
@@ -309,6 +309,19 @@ def _path(v: str, base: Path) -> Path:
 #: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
+
+
+def _lam(c, raw: Any) -> float | tuple[float, ...]:
+    """``uncertainty.lam``: a number > 0, or ``{grid: [λ, ...]}`` (δ fitted once per value, the first primary)."""
+    if isinstance(raw, dict):
+        g = c.keys(raw, "uncertainty.lam", {"grid": True})["grid"]
+        if not isinstance(g, list) or not g:
+            raise c.fail("uncertainty.lam.grid", f"expected a non-empty list of numbers > 0, got {g!r}")
+        vals = tuple(c.number(v, f"uncertainty.lam.grid[{i}]", positive=True) for i, v in enumerate(g))
+        if len(set(vals)) < len(vals):
+            raise c.fail("uncertainty.lam.grid", f"lists a value twice: {list(vals)}")
+        return vals[0] if len(vals) == 1 else vals
+    return c.number(raw, "uncertainty.lam", positive=True)
 
 
 def _bayescap(c, raw: Any) -> dict:
@@ -548,7 +561,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
             epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
             lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
-            lam=c.number(u.get("lam", 1.0), "uncertainty.lam", positive=True),
+            lam=_lam(c, u.get("lam", 1.0)),
             beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
             learn_beta=bool(u.get("learn_beta", False)),
             batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),

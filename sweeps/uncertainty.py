@@ -105,7 +105,7 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
                                     for m in member_ids]),
         "cache": str(cache_dir), "source": spec.data.source, "targets": list(spec.data.targets),
         "target_split": spec.data.target_split, "experiment_dir": str(spec.experiment_dir),
-        "epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta, "learn_beta": u.learn_beta,
+        "epochs": u.epochs, "lr": u.lr, "lam": list(u.lam) if isinstance(u.lam, tuple) else u.lam, "beta": u.beta, "learn_beta": u.learn_beta,
         "batch_size": u.batch_size, "passes": u.passes, "fit_split": u.fit_split, **u.bayescap,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,

@@ -116,7 +116,7 @@ def test_delta_refuses_lam_zero_and_a_missing_fit_split(tmp_path, tiny_cache):
     ck.write_bytes(b"x")
     base = {"member_id": "m", "checkpoint": str(ck), "cache": str(tiny_cache), "source": "SiteA",
             "targets": ["SiteB"], "experiment_dir": str(tmp_path), "epochs": 1}
-    with pytest.raises(ValueError, match=r"lam \(λ of Eq. 5\) must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"lam \(λ of Eq. 5\) must be > 0 \(or a non-empty list of such\), got 0"):
         fit_uncertainty({**base, "lam": 0})
     with pytest.raises(ValueError, match="fit_split must be one of"):
         fit_uncertainty({**base, "fit_split": "test"})

@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "target_split": "test",
     "epochs": 50,            # paper: Adam 1e-4, 50 epochs, cosine schedule
     "lr": 1e-4,
-    "lam": 1.0,              # λ of Eq. 5 (identity term), > 0
+    "lam": 1.0,              # λ of Eq. 5 (identity term), > 0; a list fits one δ per value (a sweep):
+                             # the first is method "ggd", the others "ggd_lam<λ>"
     "fit_split": "train",    # the source split δ is fitted on: "train" (the paper) or "val" (a validation split)
     "holdout": 0.1,          # fraction of the fit split's cases held out to record δ's convergence (0: none)
     "beta": 2.0,             # fixed shape (the paper's runs); learn_beta makes it a head
@@ -423,9 +424,11 @@ def _resolve(config: dict) -> dict:
     bad = [b for b in cfg["baselines"] if b not in records.UNCERTAINTY_METHODS[1:]]
     if bad:
         raise ValueError(f"unknown uncertainty baselines {bad}; valid: {list(records.UNCERTAINTY_METHODS[1:])}")
-    if not float(cfg["lam"]) > 0:
-        raise ValueError(f"uncertainty lam (λ of Eq. 5) must be > 0, got {cfg['lam']!r}: without the identity term "
-                         f"μ need not follow ŷ; the paper's default is 1.0")
+    lams = cfg["lam"] if isinstance(cfg["lam"], (list, tuple)) else [cfg["lam"]]
+    if not lams or not all(isinstance(v, (int, float)) and float(v) > 0 for v in lams):
+        raise ValueError(f"uncertainty lam (λ of Eq. 5) must be > 0 (or a non-empty list of such), got {cfg['lam']!r}: "
+                         f"without the identity term μ need not follow ŷ; the paper's default is 1.0")
+    cfg["lams"] = {("ggd" if i == 0 else lam_method(v)): float(v) for i, v in enumerate(lams)}
     if cfg["fit_split"] not in FIT_SPLITS:
         raise ValueError(f"uncertainty fit_split must be one of {list(FIT_SPLITS)}, got {cfg['fit_split']!r}")
     if not 0 <= float(cfg["holdout"]) < 1:
@@ -463,9 +466,15 @@ def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device
     return predict(model, cache.images[rows], device, accel=accel)
 
 
+def lam_method(lam: float) -> str:
+    """The method name of δ fitted with a swept λ other than the first: ``ggd_lam100``."""
+    return f"ggd_lam{float(lam):g}"
+
+
 def _nets(cfg: dict, in_channels: int, accel: Accel) -> dict[str, nn.Module]:
     nets: dict[str, nn.Module] = {
-        "ggd": DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"], cfg["padding"])}
+        name: DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"], cfg["padding"])
+        for name in cfg["lams"]}
     if "bayescap" in cfg["baselines"]:
         nets["bayescap"] = BayesCapNet(int(cfg["bayescap_width"]), int(cfg["bayescap_blocks"]), cfg["padding"])
     if "ggd_yhat_only" in cfg["baselines"]:
@@ -558,13 +567,14 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     for epoch in range(start + 1, epochs + 1):
         t0 = time.perf_counter()
         sums, steps = delta_epoch(wrapped, opts, data, torch.randperm(len(data), generator=gen), bs, accel,
-                                  float(cfg["lam"]), (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
+                                  {**cfg["lams"], "ggd_yhat_only": cfg["lams"]["ggd"]},
+                                  (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
         for s in scheds.values():
             s.step()
         metrics = {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
                    "epoch_seconds": time.perf_counter() - t0}
         if rank == 0 and len(held):
-            metrics.update(heldout_metrics(nets["ggd"], *held_data, float(cfg["lam"]), device, accel))
+            metrics.update(heldout_metrics(nets["ggd"], *held_data, cfg["lams"]["ggd"], device, accel))
         for k, v in metrics.items():
             if k.startswith(("loss_", "heldout_")):
                 curve.setdefault(k, []).append(float(v))
@@ -583,7 +593,8 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
             report(metrics, ckpt)
     if rank != 0:
         return None
-    fit = {"fit_split": cfg["fit_split"], "epochs": epochs, "lam": float(cfg["lam"]), "lr": float(cfg["lr"]),
+    fit = {"fit_split": cfg["fit_split"], "epochs": epochs, "lam": cfg["lams"]["ggd"], "lams": cfg["lams"],
+           "lr": float(cfg["lr"]),
            "beta": float(cfg["beta"]), "fit_slices": int(len(all_rows)), "heldout_slices": int(len(held)),
            "curve": curve, **{f"final_{k}": v[-1] for k, v in curve.items() if v}}
     summary = score_member(cfg, cache, frozen, nets, device, gen, accel, fit=fit)
@@ -681,7 +692,7 @@ def _unwrap(net: nn.Module) -> nn.Module:
 
 
 def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], data, perm: torch.Tensor,
-                bs: int, accel: Accel, lam: float, bayescap_t: tuple[float, float] = (1.0, 5e-2)
+                bs: int, accel: Accel, lam: float | dict[str, float], bayescap_t: tuple[float, float] = (1.0, 5e-2)
                 ) -> tuple[dict[str, torch.Tensor], int]:
     """One pass of every δ net over ``data`` (``x``, ``y``, ``yh``) in ``perm`` order; returns the summed
     losses (device tensors) and the step count. No host synchronisation per step; the bench and the
@@ -701,7 +712,8 @@ def delta_epoch(nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimize
             if isinstance(inner, BayesCapNet):
                 loss = bayescap_loss(y, yh, *out, *bayescap_t)
             else:
-                loss = delta_loss(y, yh, *out, lam=lam)  # fp32: the heads leave autocast in fp32
+                # fp32: the heads leave autocast in fp32; λ per net when λ is swept
+                loss = delta_loss(y, yh, *out, lam=lam[k] if isinstance(lam, dict) else lam)
             if accel.scaler is None and not getattr(inner, "use_image", False):
                 _finite_step(loss, opts[k], net)
             else:

@@ -50,7 +50,8 @@ def build_pool(work: Path, archs: list[str] | None, lrs: list[float] | None) -> 
             done = pool_dir / f"{arch}-{lr:g}.done"
             t = time.perf_counter()
             if not done.exists():
-                train_segmenter({**common, "arch": arch, "lr": lr, "seed": 0, "snapshots": list(spec.pool.epochs.values),
+                train_segmenter({**common, "arch": arch, "lr": lr, "seed": 0,
+                                 "snapshots": list(spec.pool.epochs.values),
                                  "batch_size": spec.pool.batch_size, "experiment_dir": str(pool_dir)})
                 done.touch()
                 print(f"trained {arch} lr {lr:g} in {time.perf_counter() - t:.1f}s", flush=True)

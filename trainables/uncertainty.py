@@ -785,7 +785,8 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
             example = dict(image=np.asarray(images[pick][:, 0], dtype=np.float32), truth=truth.numpy()[pick],
                            pred=pred.numpy()[pick], error=error[pick], mu=mu_ggd[pick],
                            uncertainty=maps["ggd"][pick], site=np.asarray([site] * len(pick)),
-                           case_id=idx["case_id"].to_numpy()[pick].astype(str), slice_idx=idx["slice_idx"].to_numpy()[pick])
+                           case_id=idx["case_id"].to_numpy()[pick].astype(str),
+                           slice_idx=idx["slice_idx"].to_numpy()[pick])
     records.write_uncertainty_sites(exp, cfg["member_id"], pd.DataFrame(site_rows))
     if fit is not None:
         records.write_uncertainty_fit(exp, cfg["member_id"], fit)

@@ -13,6 +13,9 @@ id_agreement       m's mean agreement with the other members on the source      
                    masks with the performance metric, ``analysis.agreement``)
 ood_agreement      m's mean agreement with the other members on t's images       higher      predictions
 uncertain_area     m's uncertain area on t (``records.uncertain_area``, "ggd")   lower       uncertainty
+mean_uncertainty,  the other readings of the same δ maps: their mean level, the     lower       uncertainty
+fixed_threshold_   area above a threshold fixed on the source, the Otsu area with
+area, guarded_area a flatness guard (``analysis.uncertainty_indicators``)
 =================  ============================================================  ==========  =============
 
 None of them uses labels of the target site: agreement compares predictions, the uncertain area
@@ -55,16 +58,22 @@ INDICATORS: dict[str, IndicatorInfo] = {
     "id_agreement": IndicatorInfo("id_agreement", True, "ID agreement (mean with the pool)", "predictions"),
     "ood_agreement": IndicatorInfo("ood_agreement", True, "OOD agreement (mean with the pool)", "predictions"),
     "uncertain_area": IndicatorInfo("uncertain_area", False, "uncertain area (fraction of the image)", "uncertainty"),
+    "mean_uncertainty": IndicatorInfo("mean_uncertainty", False, "mean uncertainty (δ's variance)", "uncertainty"),
+    "fixed_threshold_area": IndicatorInfo("fixed_threshold_area", False,
+                                          "uncertain area above the source threshold (fraction)", "uncertainty"),
+    "guarded_area": IndicatorInfo("guarded_area", False, "uncertain area, flat maps certain (fraction)",
+                                  "uncertainty"),
 }
 
 #: Names a spec may use for several indicators at once (DESIGN §4's ``indicators`` list).
 INDICATOR_GROUPS: dict[str, tuple[str, ...]] = {
     "agreement": ("id_agreement", "ood_agreement"),
-    "uncertainty": ("uncertain_area",),
+    "uncertainty": ("uncertain_area", "mean_uncertainty", "fixed_threshold_area", "guarded_area"),
 }
 
 #: Columns ``indicator_table`` adds to ``PERFORMANCE_COLUMNS`` (``id_score`` is already there).
-INDICATOR_COLUMNS = ["id_agreement", "ood_agreement", "uncertain_area"]
+INDICATOR_COLUMNS = ["id_agreement", "ood_agreement", "uncertain_area", "mean_uncertainty", "fixed_threshold_area",
+                     "guarded_area"]
 
 
 def resolve_indicators(names: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -88,15 +97,16 @@ def resolve_indicators(names: list[str] | tuple[str, ...] | None) -> tuple[str, 
 
 
 def indicator_table(perf: pd.DataFrame, agreement: Agreement | None = None,
-                    uncertain: pd.Series | None = None) -> pd.DataFrame:
+                    uncertain: pd.Series | pd.DataFrame | None = None) -> pd.DataFrame:
     """The performance table with every available indicator as a column.
 
     Args:
         perf: a ``performance_table`` (one row per member and target).
         agreement: the pool's pairwise agreement (``agreement_matrices``); None leaves the
             agreement columns NaN.
-        uncertain: uncertain area per (member_id, site) (``records.uncertain_area``); None
-            leaves ``uncertain_area`` NaN.
+        uncertain: uncertain area per (member_id, site) (``records.uncertain_area``), or a frame so
+            indexed whose columns are uncertainty indicators (``analysis.uncertainty_indicators``);
+            None leaves them NaN.
 
     Returns:
         ``PERFORMANCE_COLUMNS`` (+ the ``MEMBER_EXTRAS`` ``perf`` has) + ``INDICATOR_COLUMNS``, rows as
@@ -115,9 +125,11 @@ def indicator_table(perf: pd.DataFrame, agreement: Agreement | None = None,
             keys = pd.MultiIndex.from_arrays([out["target"].astype(str), out["member_id"].astype(str)])
             out["ood_agreement"] = long.reindex(keys).to_numpy(dtype=float)
     if uncertain is not None and len(uncertain):
-        u = uncertain.copy()
+        u = uncertain.to_frame("uncertain_area") if isinstance(uncertain, pd.Series) else uncertain.copy()
         u.index = pd.MultiIndex.from_arrays([u.index.get_level_values(0).astype(str),
                                              u.index.get_level_values(1).astype(str)])
         keys = pd.MultiIndex.from_arrays([out["member_id"].astype(str), out["target"].astype(str)])
-        out["uncertain_area"] = u.reindex(keys).to_numpy(dtype=float)
+        for c in u.columns:
+            if c in INDICATOR_COLUMNS:
+                out[c] = u[c].reindex(keys).to_numpy(dtype=float)
     return out

@@ -27,15 +27,17 @@ from analysis.selection import loto_estimates, select_models
 from analysis.table import check_metric, performance_table
 from analysis.tables import (aline_markdown, boot_caption, correlation_markdown, correlation_matrix_markdown,
                              correlations_long, lines_markdown, loto_markdown, selection_markdown, table1, table1_long,
-                             table1_markdown, table4_frame, table4_markdown)
-from trainables.records import load_records, load_uncertainty, member_part_ids, records_dir, table4, uncertain_area
+                             table1_markdown)
+from analysis.uncertainty_indicators import uncertainty_indicator_frame, uncertainty_sections
+from trainables.records import load_records, load_uncertainty, member_part_ids, records_dir
 
 #: The pair-level agreement-on-the-line test's name in the correlation table.
 PAIRS = "agreement_on_the_line"
 #: The ``members`` column's values: results without the oracle-prompted members, and with them.
 LABEL_FREE, ALL = "label-free", "all"
 #: Outputs a run may or may not write: removed first so that a rerun leaves no stale ones.
-_OPTIONAL = ("agreement_pairs.csv", "table4.csv", "loto.csv", "loto_summary.csv", "lines.csv", "aline.csv")
+_OPTIONAL = ("agreement_pairs.csv", "table4.csv", "table4_readings.csv", "error_ranking.csv", "uncertainty_fits.csv",
+             "loto.csv", "loto_summary.csv", "lines.csv", "aline.csv")
 _OPTIONAL_PLOTS = ("fig3_*.png", "fig4_*.png", "fig6_*.png", "accuracy_on_the_line_*.png")
 
 
@@ -128,7 +130,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
       with every indicator), ``agreement_pairs.csv`` (agreement of every pair on every site);
     * ``correlations.csv`` (indicator × target, one column per statistic) and
       ``correlations_long.csv`` (indicator × target × statistic, one value per row);
-    * ``table1.csv`` / ``table1_long.csv`` (Tables 1–3), ``table4.csv`` (uncertainty methods by MSE);
+    * ``table1.csv`` / ``table1_long.csv`` (Tables 1–3), ``table4.csv`` (uncertainty methods by MSE, the
+      area reading on the default members), ``table4_readings.csv`` (both readings, SAM family and pooled),
+      ``error_ranking.csv`` (the maps' pixel AUROC/AP per site), ``uncertainty_fits.csv`` (δ's convergence);
     * ``selection.csv`` (model selection per target and indicator), ``loto.csv`` and
       ``loto_summary.csv`` (leave-one-target-out OOD estimates and their MAE);
     * ``lines.csv`` (Baek et al.'s test per target: accuracy and agreement lines, intervals, whether
@@ -222,7 +226,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     t = time.perf_counter()
     unc = None
     ua = None
-    if "uncertain_area" in wanted:
+    if any(INDICATORS[n].needs == "uncertainty" for n in wanted):
         unc = load_uncertainty(experiment_dir)
         if unc is None:
             notes.append(f"no uncertainty records ({records_dir(experiment_dir) / 'uncertainty.parquet'} or "
@@ -233,7 +237,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                          f"{sorted(unc['method'].astype(str).unique())}): the uncertain-area indicator and Fig. 3 "
                          f"are skipped")
         else:
-            ua = uncertain_area(unc, method="ggd")
+            ua = uncertainty_indicator_frame(unc, method="ggd")  # the paper's area and the other readings
         if unc is not None:
             n_unc, n_pool = unc["member_id"].nunique(), perf["member_id"].nunique()
             if n_unc < n_pool:
@@ -302,9 +306,10 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     _write_csv(table1_long(perf), out / "table1_long.csv", files)
     source = ", ".join(sorted(perf["source"].astype(str).unique()))
     t4 = None
+    unc_md: list[str] = []
     if unc is not None:
-        t4 = table4_frame(table4(unc), roles, source)
-        _write_csv(t4, out / "table4.csv", files)
+        # Table 4 (both readings, SAM family and pooled), the maps' AUROC/AP, δ's fits: their own module
+        t4, unc_md = uncertainty_sections(experiment_dir, unc, roles, source, out, files, notes)
     sel = pd.concat([select_models(tb, available).assign(members=k) for k, tb in tables.items()], ignore_index=True)
     _write_csv(sel, out / "selection.csv", files)
     lotos = [loto_estimates(tb, available) for tb in tables.values()]
@@ -388,11 +393,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     if not fig_files["fig6"]:
         md += ["Fig. 6: skipped (no uncertainty examples; see above).", ""]
     md += ["## Table 4: uncertainty methods", ""]
-    # Table 4 compares methods on the members every method scored (records.table4)
-    n_t4 = int((unc.groupby("member_id")["method"].nunique() == unc["method"].nunique()).sum()) \
-        if unc is not None else 0
-    md += [table4_markdown(t4, n_t4) if t4 is not None and unc is not None
-           else "Skipped: no uncertainty records (see above).", ""]
+    md += unc_md if t4 is not None else ["Skipped: no uncertainty records (see above).", ""]
     md += ["## Model selection for a new site", ""]
     md += per_set(lambda d: selection_markdown(d, metric), sel)
     md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""]

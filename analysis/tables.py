@@ -219,8 +219,8 @@ def _f(v: object, spec: str) -> str:
 # --- Table 4 ------------------------------------------------------------------------------------
 
 #: Row labels of Table 4 (the paper's names for the uncertainty methods).
-METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (δ on ŷ)", "tta_noise": "TTDAp",
-                 "tta_color": "TTDAc", "mc_dropout": "DropOut"}
+METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (as published, on ŷ)", "tta_noise": "TTDAp",
+                 "tta_color": "TTDAc", "mc_dropout": "DropOut", "ggd_yhat_only": "Ablation: our δ on ŷ only"}
 
 
 def table4_frame(mse: pd.Series, site_roles: dict[str, str], source: str) -> pd.DataFrame:
@@ -248,9 +248,10 @@ def table4_frame(mse: pd.Series, site_roles: dict[str, str], source: str) -> pd.
     return out
 
 
-def table4_markdown(t4: pd.DataFrame, n_members: int | None = None) -> str:
+def table4_markdown(t4: pd.DataFrame, n_members: int | None = None, caption: str | None = None) -> str:
     """Table 4 in markdown: MSE with three decimals (or 3 significant digits when small), the smallest
-    per column in bold; ``n_members``: how many members the uncertainty records cover."""
+    per column in bold; ``n_members``: how many members the uncertainty records cover; ``caption``
+    replaces the default caption (the area reading)."""
     cols = [c for c in t4.columns if c not in ("method", "label")]
     values = t4[cols].to_numpy(dtype=float) if cols else np.zeros((0, 0))
     finite = values[np.isfinite(values)]
@@ -265,7 +266,7 @@ def table4_markdown(t4: pd.DataFrame, n_members: int | None = None) -> str:
                "fraction (Otsu threshold of the method's per-pixel map) and its error fraction (fp + fn of the "
                "frozen member), averaged over every image of every pool member with uncertainty records"
                + (f" ({n_members})" if n_members is not None else "") + ". Smaller is better; the best per column "
-               "in bold; n/a: the method did not score that split.")
+               "in bold; n/a: the method did not score that split.") if caption is None else caption
     return caption + "\n\n" + markdown_table(shown)
 
 
@@ -277,6 +278,9 @@ CORRELATION_LABELS = {
     "id_agreement": "OOD score vs mean ID agreement with the pool (per member)",
     "ood_agreement": "OOD score vs mean OOD agreement with the pool (per member)",
     "uncertain_area": "OOD score vs uncertain area on the target (per member)",
+    "mean_uncertainty": "OOD score vs mean δ variance on the target (per member)",
+    "fixed_threshold_area": "OOD score vs area above the member's source threshold on the target (per member)",
+    "guarded_area": "OOD score vs uncertain area with the flatness guard on the target (per member)",
     "agreement_on_the_line": "OOD agreement vs ID agreement (per pair of members)",
 }
 

@@ -84,7 +84,7 @@ class MlflowMemberCallback(tune.Callback):
                 f"{self.stage}-{mid}", {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage})
             if created:
                 self.tracker.log_params(rid, {k: cfg[k] for k in ("member_id", "epochs", "lr", "lam", "beta",
-                                                                  "batch_size", "passes") if k in cfg})
+                                                                  "batch_size", "passes", "fit_split") if k in cfg})
                 self.tracker.log_params(rid, {"baselines": ",".join(cfg.get("baselines", [])),
                                               "trial_id": trial.trial_id})
             else:
@@ -99,7 +99,9 @@ class MlflowMemberCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rid = self._run(trial)
         epoch = int(result.get("epoch", 0))
-        metrics = {k: v for k, v in result.items() if k.startswith(("loss_", "ua_")) or k in ("epoch", "epoch_seconds")}
+        # δ's convergence (held-out loss and Dice(μ > 0.5, ŷ) each epoch) and the maps' AUROC per site
+        metrics = {k: v for k, v in result.items()
+                   if k.startswith(("loss_", "ua_", "heldout_", "final_", "auroc_")) or k in ("epoch", "epoch_seconds")}
         if result.get("scored"):
             self.tracker.log_metrics(rid, metrics, step=epoch)
         elif epoch > self._last_step.get(rid, 0):

@@ -52,6 +52,7 @@ SMOKE = {"name": "demo-smoke",
          "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1.0e-3]}, "epochs": {"snapshots": [1, 2]},
                   "batch_size": 4},
          "uncertainty": {"epochs": 1, "passes": 2, "batch_size": 4, "baselines": ["bayescap"],
+                         "bayescap": {"width": 8, "blocks": 1},
                          "baseline_members": "all"}}
 
 

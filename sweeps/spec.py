@@ -39,7 +39,9 @@ LAYOUTS = tuple(_LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 INDICATORS = ("id_performance", "agreement", "uncertainty")
-BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
+BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout", "ggd_yhat_only")
+DEFAULT_BASELINES = BASELINES[:4]  # Table 4's; ggd_yhat_only (the ablation) only when asked for
+FIT_SPLITS = ("train", "val")
 
 
 class SpecError(ValueError):
@@ -152,7 +154,7 @@ class UncertaintySpec:
     method: str = "ggd"
     epochs: int = 50
     lr: float = 1e-4
-    lam: float = 1.0
+    lam: float | tuple[float, ...] = 1.0  # λ of Eq. 5, > 0; a tuple (``{grid: [...]}``) fits δ once per value
     beta: float = 2.0
     learn_beta: bool = False
     batch_size: int = 8
@@ -170,6 +172,10 @@ class UncertaintySpec:
     baseline_members: int | None = None
     #: as PoolSpec.training, without augment
     training: dict = field(default_factory=dict)
+    #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
+    fit_split: str = "train"
+    #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
+    bayescap: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,27 @@ def _path(v: str, base: Path) -> Path:
 #: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
+
+
+def _lam(c, raw: Any) -> float | tuple[float, ...]:
+    """``uncertainty.lam``: a number > 0, or ``{grid: [λ, ...]}`` (δ fitted once per value, the first primary)."""
+    if isinstance(raw, dict):
+        g = c.keys(raw, "uncertainty.lam", {"grid": True})["grid"]
+        if not isinstance(g, list) or not g:
+            raise c.fail("uncertainty.lam.grid", f"expected a non-empty list of numbers > 0, got {g!r}")
+        vals = tuple(c.number(v, f"uncertainty.lam.grid[{i}]", positive=True) for i, v in enumerate(g))
+        if len(set(vals)) < len(vals):
+            raise c.fail("uncertainty.lam.grid", f"lists a value twice: {list(vals)}")
+        return vals[0] if len(vals) == 1 else vals
+    return c.number(raw, "uncertainty.lam", positive=True)
+
+
+def _bayescap(c, raw: Any) -> dict:
+    """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16)."""
+    b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
+    return {"bayescap_width": c.number(b.get("width", 64), "uncertainty.bayescap.width", integer=True, positive=True),
+            "bayescap_blocks": c.number(b.get("blocks", 16), "uncertainty.bayescap.blocks", integer=True,
+                                        nonneg=True)}
 
 
 def _training(c, raw, key: str, augment: bool) -> dict:
@@ -595,9 +622,9 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
             "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
             "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
-            "baseline_members": False, "training": False})
+            "baseline_members": False, "training": False, "fit_split": False, "bayescap": False})
         ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
-        bl = u.get("baselines", list(BASELINES))
+        bl = u.get("baselines", list(DEFAULT_BASELINES))
         if not isinstance(bl, list):
             raise c.fail("uncertainty.baselines", f"expected a list (possibly empty), got {bl!r}")
         umct = u.get("max_concurrent_trials")
@@ -608,7 +635,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
             epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
             lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
-            lam=c.number(u.get("lam", 1.0), "uncertainty.lam", nonneg=True),
+            lam=_lam(c, u.get("lam", 1.0)),
             beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
             learn_beta=bool(u.get("learn_beta", False)),
             batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),
@@ -624,7 +651,13 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
                                       positive=True),
             baseline_members=None if bm == "all" else bm,
+            fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
+            bayescap=_bayescap(c, u.get("bayescap")),
             training=_training(c, u.get("training"), "uncertainty.training", augment=False))
+        # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12
+        if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
+            raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "
+                                                  "data.val_fraction (e.g. 0.2) or use fit_split: train (the paper's)")
         if uncertainty.passes < 2 and any(b.startswith(("tta", "mc")) for b in uncertainty.baselines):
             raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
                                                f"{uncertainty.passes}")

@@ -60,7 +60,7 @@ def _train_worker(config: dict) -> None:
 def uncertainty_trial(config: dict) -> None:
     """Ray Tune function trainable: one pool member's δ, as a Ray Train run."""
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -74,8 +74,9 @@ def uncertainty_trial(config: dict) -> None:
         scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,
                                      resources_per_worker={"CPU": train_cfg["cpu"],
                                                            **({"GPU": train_cfg["gpu"]} if train_cfg["gpu"] else {})}),
+        # a resume needs the latest state only: older checkpoints are deleted as new ones arrive
         run_config=RunConfig(name=f"delta-{cfg['member_id']}", storage_path=train_cfg["storage"],
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
 
@@ -104,8 +105,9 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
                                     for m in member_ids]),
         "cache": str(cache_dir), "source": spec.data.source, "targets": list(spec.data.targets),
         "target_split": spec.data.target_split, "experiment_dir": str(spec.experiment_dir),
-        "epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta, "learn_beta": u.learn_beta,
-        "batch_size": u.batch_size, "passes": u.passes,
+        "epochs": u.epochs, "lr": u.lr, "lam": list(u.lam) if isinstance(u.lam, tuple) else u.lam,
+        "beta": u.beta, "learn_beta": u.learn_beta,
+        "batch_size": u.batch_size, "passes": u.passes, "fit_split": u.fit_split, **u.bayescap,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,

@@ -58,7 +58,8 @@ def tiny_spec(storage: Path, data: Path) -> dict:
             "pool": {"arch": {"grid": ["unet_r18", "unet_effb0"]}, "lr": {"grid": [1e-3]},
                      "epochs": {"snapshots": [1, 2]}, "seed": {"grid": [0]}, "batch_size": 4,
                      "resources": {"cpu": 1}},
-            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5}},
+            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5},
+                            "bayescap": {"width": 8, "blocks": 1}},
             "analysis": {"metric": "iou_3d"}}
 
 

@@ -155,7 +155,8 @@ def test_agreement_on_the_line_over_pairs():
 def test_resolve_indicators_expands_groups():
     assert resolve_indicators(None) == tuple(INDICATORS)
     assert resolve_indicators(["id_performance", "agreement", "uncertainty"]) == (
-        "id_performance", "id_agreement", "ood_agreement", "uncertain_area")
+        "id_performance", "id_agreement", "ood_agreement", "uncertain_area", "mean_uncertainty",
+        "fixed_threshold_area", "guarded_area")
 
 
 def test_regret_is_zero_when_the_indicator_orders_the_pool_like_the_truth():
@@ -286,7 +287,10 @@ def _write_full_experiment(exp: Path, n_members: int = 8, n_slices: int = 12, si
                 unc.append(pd.DataFrame({"member_id": mid, "method": method, "site": site, "role": role,
                                          "case_id": cases, "slice_idx": idx,
                                          "uncertain_px": np.round(k * (fp + fn)).astype(int) + 2,
-                                         "error_px": fp + fn, "area_px": size * size, "mean_uncertainty": 0.1}))
+                                         "error_px": fp + fn, "area_px": size * size,
+                                         "mean_uncertainty": 0.01 * k * (fp + fn) / size ** 2,
+                                         "uncertain_error_px": fp + fn, "fixed_px": np.round(k * (fp + fn)),
+                                         "map_ptp": 0.2}))
         records.write_member_part(exp, {"member_id": mid, "run_id": mid, "arch": mid.split("-")[0], "lr": 1e-3,
                                         "epochs": 4, "seed": m, "batch_size": 4, "source": "A",
                                         "checkpoint": "/nowhere"}, pd.concat(rows, ignore_index=True))
@@ -314,6 +318,7 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert len(res["notes"]) == 1 and "4 of 8 members (medsam)" in res["notes"][0]
     corr = pd.DataFrame(res["correlations"])
     assert set(corr["indicator"]) == {"id_performance", "id_agreement", "ood_agreement", "uncertain_area",
+                                      "mean_uncertainty", "fixed_threshold_area", "guarded_area",
                                       "agreement_on_the_line"}
     assert list(dict.fromkeys(corr["members"])) == ["label-free", "all"] and set(corr["resample"]) == {"member"}
     ua = corr[corr["indicator"] == "uncertain_area"]
@@ -338,10 +343,16 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert list(t4.columns[2:]) == ["A → B", "A → C", "A (same)"]
     assert (t4.iloc[0, 2:] < t4.iloc[2, 2:]).all()                     # the δ net's area tracks the error best
     md = (out / "tables.md").read_text()
-    assert "**Table 4.**" in md and "![Fig. 3]" in md and "![Fig. 6]" in md and "Model selection" in md
+    assert "**Table 4 (area reading" in md and "![Fig. 3]" in md and "![Fig. 6]" in md and "Model selection" in md
     assert "ALine-S / ALine-D" in md and "Baek et al.'s test" in md and md.count("**Label-free members** (4") >= 5
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["indicators"] == ["id_performance", "id_agreement", "ood_agreement", "uncertain_area"]
+    assert summary["indicators"] == ["id_performance", "id_agreement", "ood_agreement", "uncertain_area",
+                                     "mean_uncertainty", "fixed_threshold_area", "guarded_area"]
+    # Table 4's pixel reading beside the area reading (here every error pixel is uncertain: pixel MSE =
+    # the surplus uncertain fraction), pooled (the records say nothing of SAM-family members)
+    t4r = pd.read_csv(out / "table4_readings.csv")
+    assert set(zip(t4r["reading"], t4r["members"])) == {("area", "pooled"), ("pixel", "pooled")}
+    assert "Table 4 (pixel reading, every pool member)" in md and "`guarded_area`" in md
     ex, others = fig6_inputs(exp, pd.read_csv(out / "indicators.csv"), records.load_uncertainty(exp))
     assert ex.site == "C" and len(others) == 3 and others[0][2] >= others[-1][2]
     # a rerun without the uncertainty records removes the files that no longer apply

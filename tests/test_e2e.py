@@ -37,6 +37,11 @@ def test_records(finished):
     assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout"}
     t4 = pd.read_csv(exp / "records" / "table4.csv", index_col=0)
     assert set(t4.columns) == {"SiteB", "SiteC"} and len(t4) == 5
+    # the records that answer the question: per slice the intersection, per site the maps' AUROC, δ's fit
+    assert (unc["uncertain_error_px"] <= unc["error_px"]).all() and unc["map_ptp"].notna().all()
+    sites = pd.read_parquet(exp / "records" / "uncertainty_sites.parquet")
+    assert set(zip(sites["member_id"], sites["method"])) == set(zip(unc["member_id"], unc["method"]))
+    assert len(list((exp / "records" / "uncertainty" / "fits").glob("*.json"))) == len(members)
     assert "pool members" in finished["out"] and str(exp / "analysis") in finished["out"]
 
 
@@ -64,7 +69,8 @@ def test_mlflow_runs(finished):
     for r in unc:
         assert r.info.status == "FINISHED"
         assert client.get_metric_history(r.info.run_id, "loss_ggd")
-        assert {"ua_ggd_SiteB", "ua_ggd_SiteC", "ua_tta_noise_SiteB"} <= set(r.data.metrics)
+        assert {"ua_ggd_SiteB", "ua_ggd_SiteC", "ua_tta_noise_SiteB", "auroc_ggd_SiteB"} <= set(r.data.metrics)
+        assert client.get_metric_history(r.info.run_id, "heldout_dice_mu_yhat")  # δ's convergence, per epoch
     assert any(k.startswith("table4_") for k in by_stage["uncertainty"].data.metrics)
     arts = {a.path for a in client.list_artifacts(by_stage["analysis"].info.run_id)}
     assert {"tables.md", "correlations.csv", "plots"} <= arts
@@ -81,7 +87,9 @@ def test_analysis_files(finished):
     members = corr[(corr["unit"] == "member") & (corr["members"] == "label-free")]
     assert set(members["target"]) == {"SiteB", "SiteC"} and (members["n"] == 4).all()
     assert set(corr["resample"]) == {"run"}  # the bootstrap resamples the two training runs
-    assert {"id_performance", "id_agreement", "uncertain_area"} <= set(corr["indicator"])
+    assert {"id_performance", "id_agreement", "uncertain_area", "mean_uncertainty", "fixed_threshold_area",
+            "guarded_area"} <= set(corr["indicator"])
+    assert {"table4_readings.csv", "error_ranking.csv", "uncertainty_fits.csv"} <= {p.name for p in an.iterdir()}
     assert (an / "plots" / "fig3_uncertainty_vs_ood.png").stat().st_size > 1000
     assert list((an / "plots").glob("fig6_*.png"))
     assert "Table 4" in (an / "tables.md").read_text()

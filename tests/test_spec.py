@@ -174,3 +174,24 @@ def test_resume_may_move_data_but_not_change_precision(tmp_path):
     with pytest.raises(Exception, match="pool.training.amp"):
         prepare_experiment(parse_spec(edit(base(tmp_path), "pool.training", {"data_placement": "stream",
                                                                               "amp": "bf16"})))
+
+
+@pytest.mark.parametrize("value,expect", [
+    ({"lam": 0}, ["uncertainty.lam", "must be > 0", "0"]),
+    ({"lam": {"grid": [1.0, -5]}}, ["uncertainty.lam.grid[1]", "must be > 0", "-5"]),
+    ({"baselines": ["bayescap", "deep_ensemble"]}, ["uncertainty.baselines[1]", "deep_ensemble", "tta_noise"]),
+    ({"fit_split": "val"}, ["uncertainty.fit_split", "no validation split", "data.val_fraction"]),
+    ({"fit_split": "test"}, ["uncertainty.fit_split", "'test'", "train"]),
+])
+def test_invalid_uncertainty_sections(tmp_path, value, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base(tmp_path), "uncertainty": value}, where="my.yaml")
+    for part in expect:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_lam_grid_and_bayescap_size(tmp_path):
+    spec = parse_spec({**base(tmp_path), "uncertainty": {"lam": {"grid": [1.0, 100.0]}, "bayescap": {"width": 8}}})
+    assert spec.uncertainty.lam == (1.0, 100.0) and spec.uncertainty.fit_split == "train"
+    assert spec.uncertainty.bayescap == {"bayescap_width": 8, "bayescap_blocks": 16}
+    assert parse_spec({**base(tmp_path), "uncertainty": {"lam": 100}}).uncertainty.lam == 100

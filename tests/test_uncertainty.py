@@ -131,11 +131,12 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
                                "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path),
                                "epochs": 2, "lr": 1e-3, "passes": 3, "batch_size": 4, "num_threads": 1,
-                               "checkpoint_every": 1}, report=report)
+                               "checkpoint_every": 1, "baselines": list(records.UNCERTAINTY_METHODS[1:]),
+                               "bayescap_width": 4, "bayescap_blocks": 1, "lam": [1.0, 100.0]}, report=report)
     assert [r["epoch"] for r, _ in reports] == [1, 2, 2] and reports[-1][0]["scored"] == 1
     assert all(c is not None for _, c in reports[:2])  # resumable state at every checkpoint_every epoch
     unc = records.load_uncertainty(tmp_path)
-    assert set(unc["method"]) == set(records.UNCERTAINTY_METHODS)
+    assert set(unc["method"]) == set(records.UNCERTAINTY_METHODS) | {"ggd_lam100"}  # λ swept: one δ per value
     # δ methods score every site; the test-time baselines score the targets (Table 4 is per target)
     assert set(unc.loc[unc.method == "ggd", "site"]) == {"SiteA", "SiteB", "SiteC"}
     assert set(unc.loc[unc.method == "tta_noise", "site"]) == {"SiteB", "SiteC"}
@@ -148,7 +149,20 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     area = records.uncertain_area(unc)
     assert summary["ua_ggd_SiteB"] == pytest.approx(area[(m["member_id"], "SiteB")])
     t4 = records.table4(unc[unc.role == "ood"]).unstack("site")
-    assert set(t4.index) == set(records.UNCERTAINTY_METHODS) and np.isfinite(t4.to_numpy()).all()
+    assert set(t4.index) == set(records.UNCERTAINTY_METHODS) | {"ggd_lam100"} and np.isfinite(t4.to_numpy()).all()
+    # the intersection and the source-fixed area per slice; the maps' AUROC/AP per site; δ's fit record
+    assert (unc["uncertain_error_px"] <= unc[["uncertain_px", "error_px"]].min(axis=1)).all()
+    assert unc.loc[unc.method == "ggd", "fixed_px"].notna().all() and unc.loc[unc.method == "tta_noise", "fixed_px"].isna().all()
+    sites = records.load_uncertainty_sites(tmp_path)
+    assert len(sites) == len(unc.groupby(["method", "site"])) and not sites["prompted"].any()
+    ok = sites["auroc"].dropna()
+    assert len(ok) and ((ok >= 0) & (ok <= 1)).all() and (sites["error_px"] > 0).all() == sites["auroc"].notna().all()
+    fit = records.load_uncertainty_fits(tmp_path).iloc[0]
+    assert fit["fit_split"] == "train" and fit["epochs"] == 2 and fit["heldout_slices"] > 0
+    assert fit["lam"] == 1.0 and fit["lams"] == {"ggd": 1.0, "ggd_lam100": 100.0}
+    assert len(fit["curve"]["loss_ggd"]) == len(fit["curve"]["heldout_dice_mu_yhat"]) == 2
+    assert 0 <= summary["final_heldout_dice_mu_yhat"] <= 1
+    assert "heldout_dice_mu_yhat" in reports[0][0]          # reported each epoch (the driver logs it to MLflow)
     ex = np.load(tmp_path / "records" / "uncertainty" / "examples" / f"{m['member_id']}.npz")
     assert ex["image"].shape == ex["uncertainty"].shape == ex["mu"].shape and ex["error"].dtype == bool
 

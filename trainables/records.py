@@ -371,16 +371,22 @@ def metric_by(slices: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...]
 
 # --- the uncertainty stage's records (DESIGN §3, §6) -------------------------------------------
 # One row per member x method x site x case x slice. ``method`` is "ggd" (the paper's delta net on
-# {y_hat, x}), "bayescap" (delta on y_hat only), "tta_noise", "tta_color" or "mc_dropout". The
+# {y_hat, x}), "bayescap" (BayesCap as published, on y_hat only), "tta_noise", "tta_color", "mc_dropout"
+# or "ggd_yhat_only" (the ablation: our delta without the image). The
 # DESIGN's ``uncertain_px`` column of slices.parquet is the "ggd" rows here: several methods score
 # the same slice, so they live in their own long table instead of widening slices.parquet.
 #
-#   records/uncertainty/parts/<member_id>.parquet   written by one uncertainty trial
-#   records/uncertainty.parquet                     merged by the driver
+#   records/uncertainty/parts/<member_id>.parquet   per slice (UNCERTAINTY_COLUMNS), written by one
+#                                                   uncertainty trial, last (the trial's done marker)
+#   records/uncertainty/sites/<member_id>.parquet   per method x site (UNCERTAINTY_SITE_COLUMNS)
+#   records/uncertainty/fits/<member_id>.json       the member's δ fit: settings and convergence
+#                                                   (loss per epoch, Dice(μ > 0.5, ŷ) on held-out slices)
+#   records/uncertainty.parquet                     merged by the driver (or the first reader)
+#   records/uncertainty_sites.parquet               merged likewise
 #   records/uncertainty/examples/<member_id>.npz    a few slices for the qualitative figure:
 #       image (K x H x W float), truth, pred, error (K x H x W bool), mu, uncertainty (K x H x W float),
 #       site, case_id (K str), slice_idx (K int)
-UNCERTAINTY_METHODS = ("ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout")
+UNCERTAINTY_METHODS = ("ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout", "ggd_yhat_only")
 UNCERTAINTY_COLUMNS = {
     "member_id": "string",
     "method": "string",
@@ -392,17 +398,87 @@ UNCERTAINTY_COLUMNS = {
     "error_px": "int64",         # fp + fn of the frozen member's prediction on this slice
     "area_px": "int64",
     "mean_uncertainty": "float64",
+    "uncertain_error_px": "Int64",  # pixels both uncertain (Otsu, as uncertain_px) and wrong (error_px)
+    "fixed_px": "Int64",         # pixels above the member's source threshold (Otsu fitted once on every
+                                 # source test map of this method); <NA> where the method did not score the source
+    "map_ptp": "float64",        # max - min of the slice's map (the flatness guard reads it)
+}
+#: Columns added after the first release: records written before them read as <NA> / NaN there.
+_UNCERTAINTY_LATER = ("uncertain_error_px", "fixed_px", "map_ptp")
+
+#: One row per member x method x site: how well the map ranks the member's error pixels.
+UNCERTAINTY_SITE_COLUMNS = {
+    "member_id": "string",
+    "method": "string",
+    "site": "string",
+    "role": "string",
+    "prompted": "bool",          # the member is box-prompted (SAM family): the paper's Table 4 is for these
+    "auroc": "float64",          # sklearn roc_auc_score(error mask, map) over every pixel of the site; NaN if
+    "ap": "float64",             # the site has no error pixel or no correct one; average_precision_score likewise
+    "error_px": "int64",         # error pixels of the site (the positives)
+    "area_px": "int64",          # pixels of the site
+    "source_threshold": "float64",  # the threshold behind fixed_px (NaN: no source maps)
 }
 
 
+def _part_path(experiment_dir: str | os.PathLike, kind: str, member_id: str, suffix: str = ".parquet") -> Path:
+    return records_dir(experiment_dir) / "uncertainty" / kind / f"{member_id}{suffix}"
+
+
+def write_uncertainty_sites(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
+    rows = _conform(rows, UNCERTAINTY_SITE_COLUMNS, f"uncertainty sites of {member_id}")
+    return _write_parquet(rows, _part_path(experiment_dir, "sites", member_id))
+
+
+def write_uncertainty_fit(experiment_dir: str | os.PathLike, member_id: str, fit: dict) -> Path:
+    """The member's δ fit record (JSON): settings, loss per epoch, held-out Dice(μ > 0.5, ŷ) per epoch."""
+    path = _part_path(experiment_dir, "fits", member_id, ".json")
+    _atomic_write_bytes(path, json.dumps({"member_id": member_id, **fit}, indent=1, default=float).encode())
+    return path
+
+
+def load_uncertainty_fits(experiment_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per member's δ fit (the JSON records as columns; lists stay lists); empty if none."""
+    pdir = records_dir(experiment_dir) / "uncertainty" / "fits"
+    rows = [json.loads(p.read_text()) for p in sorted(pdir.glob("*.json"))] if pdir.is_dir() else []
+    return pd.DataFrame(rows)
+
+
+def load_uncertainty_sites(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The per member x method x site table (merging the parts if needed), or None if there is none."""
+    rdir = records_dir(experiment_dir)
+    pdir = rdir / "uncertainty" / "sites"
+    ids = sorted(p.stem for p in pdir.glob("*.parquet")) if pdir.is_dir() else []
+    merged = rdir / "uncertainty_sites.parquet"
+    if merged.exists():
+        df = pd.read_parquet(merged)
+        if set(df["member_id"]) >= set(ids):
+            return df
+    if not ids:
+        return None
+    df = _conform(pd.concat([pd.read_parquet(pdir / f"{i}.parquet") for i in ids], ignore_index=True),
+                  UNCERTAINTY_SITE_COLUMNS, "uncertainty sites")
+    _write_parquet(df, merged)
+    return df
+
+
 def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
-    rows = _conform(rows, UNCERTAINTY_COLUMNS, f"uncertainty of {member_id}")
+    rows = _conform(_with_later_columns(rows.copy()), UNCERTAINTY_COLUMNS, f"uncertainty of {member_id}")
     return _write_parquet(rows, records_dir(experiment_dir) / "uncertainty" / "parts" / f"{member_id}.parquet")
 
 
 def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
     pdir = records_dir(experiment_dir) / "uncertainty" / "parts"
     return sorted(p.stem for p in pdir.glob("*.parquet"))
+
+
+def _with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """An experiment scored before ``_UNCERTAINTY_LATER`` existed: those columns as <NA> / NaN."""
+    for c in _UNCERTAINTY_LATER:
+        if c not in df.columns:
+            dtype = UNCERTAINTY_COLUMNS[c]
+            df[c] = pd.Series(pd.NA if dtype == "Int64" else np.nan, index=df.index, dtype=dtype)
+    return df
 
 
 def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
@@ -416,7 +492,7 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
         # unique() first: iterating millions of Arrow-backed strings into a set took 10-30 s (bench/analysis.py)
         if df is not None and (not ids or (set(df["member_id"].unique()) == set(ids)
                                            and not _stale(merged, [pdir / f"{i}.parquet" for i in ids]))):
-            return df
+            return _with_later_columns(df)
     if not ids:
         return None
     frames = []
@@ -428,7 +504,7 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
             raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
                                f"{Path(experiment_dir)}` to fit that member's δ again") from None
     df = pd.concat(frames, ignore_index=True)
-    df = _conform(df, UNCERTAINTY_COLUMNS, "uncertainty")
+    df = _conform(_with_later_columns(df), UNCERTAINTY_COLUMNS, "uncertainty")
     _write_parquet(df, merged)
     return df
 
@@ -443,15 +519,28 @@ def uncertain_area(unc: pd.DataFrame, method: str = "ggd",
     return out
 
 
-def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site")) -> pd.Series:
-    """Table 4: mean over images of (uncertain-area fraction - pixel-error fraction)^2.
+#: Table 4's readings of the paper's "MSE between the uncertainty values and the actual errors".
+TABLE4_READINGS = ("area", "pixel")
+
+
+def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site"), reading: str = "area") -> pd.Series:
+    """Table 4: the mean over images of a squared error between the uncertain mask and the error mask.
+
+    ``reading="area"``: (uncertain-area fraction - pixel-error fraction)^2 per image (where they are
+    does not count); ``"pixel"``: the pixel-wise MSE between the binary uncertain mask and the binary
+    error mask, (uncertain_px + error_px - 2 uncertain_error_px) / area_px per image (location counts).
 
     Only members scored by every method present are counted, so that the methods are compared on
     the same images (the baselines may run on a subset of the pool: uncertainty.baseline_members).
     """
+    if reading not in TABLE4_READINGS:
+        raise ValueError(f"unknown Table 4 reading {reading!r}; valid: {', '.join(TABLE4_READINGS)}")
     methods = unc.groupby("member_id")["method"].nunique()
     unc = unc[unc["member_id"].isin(methods[methods == unc["method"].nunique()].index)]
-    sq = ((unc["uncertain_px"] - unc["error_px"]) / unc["area_px"]) ** 2
+    if reading == "area":
+        sq = ((unc["uncertain_px"] - unc["error_px"]) / unc["area_px"]) ** 2
+    else:
+        sq = (unc["uncertain_px"] + unc["error_px"] - 2 * unc["uncertain_error_px"]) / unc["area_px"]
     out = sq.groupby([unc[c] for c in by]).mean()
     out.name = "mse"
     return out

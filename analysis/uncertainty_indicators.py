@@ -1,0 +1,241 @@
+"""Uncertainty indicators beside the paper's Otsu area, and how well each method's map finds errors.
+
+All read the uncertainty stage's records (``trainables.records``: per slice ``uncertain_px``,
+``uncertain_error_px``, ``fixed_px``, ``map_ptp``, ``mean_uncertainty``; per site ``auroc``, ``ap``),
+never the maps themselves. One value per (pool member, site), from the δ net's ("ggd") maps:
+
+======================  =============================================================================
+indicator               value for member m on site t (a mean over t's images)
+======================  =============================================================================
+uncertain_area          the paper's: pixels above each image's own Otsu threshold, as a fraction of the
+                        image (the primary, unchanged). Otsu splits any histogram in two, so a flat
+                        map plus noise still gets an area, and scaling a map changes nothing.
+mean_uncertainty        the mean of the map (Eq. 8's variance): the level, with no threshold.
+fixed_threshold_area    pixels above one threshold per member, Otsu fitted once on all of the
+                        member's source test maps and applied to every site: a target whose maps are
+                        higher gets more area (the level counts).
+guarded_area            the paper's area, but an image whose map spreads less than ``FLAT_TOL``
+                        (max - min, in the variance's units) counts as certain (area 0): Otsu's split
+                        of a flat map is noise.
+======================  =============================================================================
+
+Lower is better for each (more uncertainty promises a worse OOD score).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+#: The flatness guard's tolerance: a map whose max - min is below this counts as certain. The maps
+#: are variances of a [0, 1] target (δ's Eq. 8; the baselines' variance of probabilities), at most
+#: 0.25 for a coin flip; 0.01 is 4% of that range, far above float noise, far below a real error's map.
+FLAT_TOL = 0.01
+
+#: name -> (column of the indicator table, what it measures: the caption line in tables.md).
+UNCERTAINTY_INDICATORS: dict[str, str] = {
+    "uncertain_area": "the paper's: mean fraction of each image above its own Otsu threshold (primary)",
+    "mean_uncertainty": "the mean of the variance map (Eq. 8): the level of uncertainty, no threshold",
+    "fixed_threshold_area": "mean fraction above the member's source threshold (Otsu fitted once on its "
+                            "source test maps, applied to every site): the level counts",
+    "guarded_area": f"the paper's area with a flatness guard: an image whose map spreads (max − min) less "
+                    f"than {FLAT_TOL:g} counts as certain",
+}
+
+
+def uncertainty_indicator_frame(unc: pd.DataFrame, method: str = "ggd", flat_tol: float = FLAT_TOL) -> pd.DataFrame:
+    """Every uncertainty indicator per (member_id, site) from one method's slice records.
+
+    Args:
+        unc: ``records.load_uncertainty`` (one row per member x method x site x slice).
+        method: the method whose maps are read (the δ net: ``"ggd"``).
+        flat_tol: the flatness guard's tolerance on ``map_ptp``.
+
+    Returns:
+        Indexed by (member_id, site), one column per ``UNCERTAINTY_INDICATORS`` name; NaN where
+        the records lack the column (an experiment scored before it existed).
+    """
+    u = unc[unc["method"] == method]
+    area = u["area_px"].astype(float)
+    ptp = u["map_ptp"].astype(float)
+    cols = {
+        "uncertain_area": u["uncertain_px"].astype(float) / area,
+        "mean_uncertainty": u["mean_uncertainty"].astype(float),
+        "fixed_threshold_area": u["fixed_px"].astype("Float64").astype(float) / area,
+        # NaN spread (old records): the guard cannot be applied, so no value
+        "guarded_area": (u["uncertain_px"].astype(float) / area).where(ptp >= flat_tol, 0.0).where(ptp.notna()),
+    }
+    df = pd.DataFrame(cols)
+    keys = [u["member_id"].astype(str), u["site"].astype(str)]
+    # a member x site with any NaN slice has no value (a mean over part of the images would mislead)
+    out = df.groupby(keys).mean()
+    nan_any = df.isna().groupby(keys).any()
+    out = out.mask(nan_any)
+    out.index.names = ["member_id", "site"]
+    return out
+
+
+def guarded_area(uncertain_px: np.ndarray, map_ptp: np.ndarray, area_px: np.ndarray | int,
+                 flat_tol: float = FLAT_TOL) -> np.ndarray:
+    """Per image: the Otsu area fraction, 0 where the map's spread is below ``flat_tol``."""
+    frac = np.asarray(uncertain_px, dtype=float) / np.asarray(area_px, dtype=float)
+    return np.where(np.asarray(map_ptp, dtype=float) >= flat_tol, frac, 0.0)
+
+
+# --- how well each method's map finds the error pixels ------------------------------------------
+
+def error_ranking_table(sites: pd.DataFrame, roles: dict[str, str], source: str) -> pd.DataFrame:
+    """Median (over members) pixel AUROC and AP of each method's map for the error pixels, per site.
+
+    Args:
+        sites: ``records.load_uncertainty_sites``.
+        roles: site -> role; columns in the order OOD targets, then the source.
+        source: the source's name for the column labels.
+
+    Returns:
+        Columns ``method, statistic`` (``"AUROC"``, ``"AP"``, ``"members"``) then one per site.
+    """
+    order = [s for s, r in roles.items() if r == "ood"] + [s for s, r in roles.items() if r == "id"]
+    order += sorted(set(sites["site"].astype(str)) - set(order))
+    rows = []
+    for method, g in sites.groupby("method", sort=False):
+        for stat, col in (("AUROC", "auroc"), ("AP", "ap")):
+            med = g.groupby(g["site"].astype(str))[col].median()
+            rows.append({"method": method, "statistic": f"median {stat}", **{s: med.get(s, math.nan) for s in order}})
+        n = g.groupby(g["site"].astype(str))["auroc"].count()
+        rows.append({"method": method, "statistic": "members", **{s: float(n.get(s, 0)) for s in order}})
+    out = pd.DataFrame(rows, columns=["method", "statistic", *order])
+    out.columns = ["method", "statistic"] + [f"{source} → {s}" if roles.get(s) == "ood" else f"{s} (same)"
+                                             for s in order]
+    return out
+
+
+def error_ranking_markdown(t: pd.DataFrame, labels: dict[str, str]) -> str:
+    """The AUROC/AP table in markdown (three decimals; member counts as integers)."""
+    cols = [c for c in t.columns if c not in ("method", "statistic")]
+    shown = pd.DataFrame({"method": [labels.get(m, m) for m in t["method"]], "statistic": t["statistic"]})
+    for c in cols:
+        shown[c] = [("–" if not math.isfinite(float(v)) else (f"{int(v)}" if s == "members" else f"{float(v):.3f}"))
+                    for v, s in zip(t[c], t["statistic"])]
+    caption = ("**Does the map find the errors?** Per method and site, the median over pool members of the pixel "
+               "AUROC and average precision of the method's uncertainty map as a score for the member's error "
+               "pixels (every pixel of the site's images; scikit-learn). 0.5 is chance; AP's chance level is the "
+               "error fraction. members: how many members the site's median is over (an AUROC is undefined for a "
+               "member with no error pixel).")
+    from analysis.tables import markdown_table
+
+    return caption + "\n\n" + markdown_table(shown)
+
+
+def indicators_markdown(flat_tol: float = FLAT_TOL) -> str:
+    """What each uncertainty indicator measures (the tables.md section)."""
+    lines = ["**Uncertainty indicators** (each from the δ net's per-pixel variance map, mean over the site's "
+             "images; lower promises a better OOD score):", ""]
+    for name, what in UNCERTAINTY_INDICATORS.items():
+        lines.append(f"- `{name}`: {what.replace(f'{FLAT_TOL:g}', f'{flat_tol:g}')}.")
+    return "\n".join(lines)
+
+
+# --- Table 4, both readings; the maps' AUROC; δ's fits: the analysis' uncertainty sections -------
+
+#: Table 4's captions per reading (``trainables.records.TABLE4_READINGS``).
+TABLE4_CAPTIONS = {
+    "area": "mean over images of (uncertain-area fraction − error fraction)²: how much is uncertain, not where",
+    "pixel": "mean over images of the pixel-wise MSE between the binary uncertain mask (Otsu) and the binary "
+             "error mask, (uncertain + error − 2 · both) / pixels: where it is uncertain counts",
+}
+
+
+def _members_scored_by_all(unc: pd.DataFrame) -> int:
+    return int((unc.groupby("member_id")["method"].nunique() == unc["method"].nunique()).sum())
+
+
+def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str], source: str, out,
+                         files: list, notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Write the uncertainty stage's tables and return (the default Table 4, its tables.md lines).
+
+    Files under ``out``: ``table4.csv`` (area reading, default members), ``table4_readings.csv`` (both
+    readings x SAM family / pooled, long), ``error_ranking.csv`` (median AUROC/AP per method and
+    site), ``uncertainty_fits.csv`` (each member's δ fit: settings and final held-out numbers).
+
+    Table 4's default members are the SAM family (box-prompted, ``prompted`` in the site records),
+    as in the paper; the pooled version (every member) stands beside it. Without SAM-family members
+    (or records that say which they are), the default is the pooled one, and a note says so.
+    """
+    from pathlib import Path
+
+    from analysis.tables import METHOD_LABELS, table4_frame, table4_markdown
+    from trainables.records import load_uncertainty_fits, load_uncertainty_sites, table4
+
+    out = Path(out)
+    sites = load_uncertainty_sites(experiment_dir)
+    prompted = set(sites.loc[sites["prompted"].astype(bool), "member_id"].astype(str)) if sites is not None else set()
+    subsets = {"pooled": unc}
+    sam = unc[unc["member_id"].astype(str).isin(prompted)]
+    if len(sam):
+        subsets = {"sam": sam, "pooled": unc}
+    elif sites is not None:
+        notes.append("Table 4: no SAM-family (box-prompted) member has uncertainty records; the default "
+                     "Table 4 is the pooled one")
+    default = next(iter(subsets))
+    frames, md = [], []
+    have_pixel = unc["uncertain_error_px"].notna().all()
+    for reading in ("area", "pixel"):
+        if reading == "pixel" and not have_pixel:
+            notes.append("Table 4, pixel reading: the uncertainty records lack uncertain_error_px (scored "
+                         "before it existed); rerun the uncertainty stage to get it")
+            continue
+        for who, sub in subsets.items():
+            t4 = table4_frame(table4(sub, reading=reading), roles, source)
+            frames.append(t4.assign(reading=reading, members=who))
+            n = _members_scored_by_all(sub)
+            whom = "SAM-family (box-prompted) members, as in the paper" if who == "sam" else "every pool member"
+            cap = (f"**Table 4 ({reading} reading, {whom}).** {TABLE4_CAPTIONS[reading]}; over the {n} members "
+                   f"every method scored. Smaller is better; the best per column in bold; n/a: the method did not "
+                   f"score that split.")
+            md += [table4_markdown(t4, n, caption=cap), ""]
+    default_t4 = frames[0].drop(columns=["reading", "members"])
+    default_t4.to_csv(out / "table4.csv", index=False)
+    files.append(out / "table4.csv")
+    long = pd.concat(frames, ignore_index=True)
+    long = long[["reading", "members", *[c for c in long.columns if c not in ("reading", "members")]]]
+    long.to_csv(out / "table4_readings.csv", index=False)
+    files.append(out / "table4_readings.csv")
+    md.insert(0, f"Default: the {'SAM family' if default == 'sam' else 'pooled members'}, area reading "
+                 f"(`table4.csv`); every version in `table4_readings.csv`.")
+    md.insert(1, "")
+    if sites is not None:
+        er = error_ranking_table(sites, roles, source)
+        er.to_csv(out / "error_ranking.csv", index=False)
+        files.append(out / "error_ranking.csv")
+        md += ["## Uncertainty maps against the error pixels", "", error_ranking_markdown(er, METHOD_LABELS), ""]
+    md += [indicators_markdown(), ""]
+    fits = load_uncertainty_fits(experiment_dir)
+    if len(fits):
+        keep = [c for c in fits.columns if c != "curve"]
+        fits[keep].to_csv(out / "uncertainty_fits.csv", index=False)
+        files.append(out / "uncertainty_fits.csv")
+        md += [fits_markdown(fits), ""]
+    return default_t4, md
+
+
+def fits_markdown(fits: pd.DataFrame) -> str:
+    """δ's convergence across the pool, per (epochs, λ): median final held-out numbers."""
+    cols = [c for c in ("final_loss_ggd", "final_heldout_loss_ggd", "final_heldout_dice_mu_yhat",
+                        "final_heldout_dice_mu_y") if c in fits.columns]
+    keys = [k for k in ("fit_split", "epochs", "lam") if k in fits.columns]
+    if not cols or not keys:
+        return ""
+    g = fits.groupby(keys)[cols].median().reset_index()
+    g.insert(len(keys), "members", fits.groupby(keys).size().to_numpy())
+    from analysis.tables import markdown_table
+
+    shown = g.astype(object)
+    for c in cols:
+        shown[c] = [f"{float(v):.3f}" if math.isfinite(float(v)) else "–" for v in g[c]]
+    caption = ("**δ's fit** (per fit split, epochs and λ: the median over members of the last epoch's training "
+               "loss, and on slices of held-out source cases δ never trained on, its loss, Dice(μ > 0.5, ŷ) — has "
+               "μ learnt to follow the frozen prediction — and Dice(μ > 0.5, y)). Per member and epoch in "
+               "`records/uncertainty/fits/`.")
+    return caption + "\n\n" + markdown_table(shown)

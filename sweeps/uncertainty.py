@@ -108,6 +108,7 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "epochs": u.epochs, "lr": u.lr, "lam": list(u.lam) if isinstance(u.lam, tuple) else u.lam,
         "beta": u.beta, "learn_beta": u.learn_beta,
         "batch_size": u.batch_size, "passes": u.passes, "fit_split": u.fit_split, **u.bayescap,
+        "val_fraction": spec.data.val_fraction, "split_seed": spec.data.split_seed,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,

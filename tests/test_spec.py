@@ -180,13 +180,21 @@ def test_resume_may_move_data_but_not_change_precision(tmp_path):
     ({"lam": 0}, ["uncertainty.lam", "must be > 0", "0"]),
     ({"lam": {"grid": [1.0, -5]}}, ["uncertainty.lam.grid[1]", "must be > 0", "-5"]),
     ({"baselines": ["bayescap", "deep_ensemble"]}, ["uncertainty.baselines[1]", "deep_ensemble", "tta_noise"]),
-    ({"fit_split": "val"}, ["uncertainty.fit_split", "no validation split", "data.val_fraction"]),
     ({"fit_split": "test"}, ["uncertainty.fit_split", "'test'", "train"]),
 ])
 def test_invalid_uncertainty_sections(tmp_path, value, expect):
     with pytest.raises(SpecError) as e:
         parse_spec({**base(tmp_path), "uncertainty": value}, where="my.yaml")
     for part in expect:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_fit_split_val_needs_a_validation_split(tmp_path):
+    d = base(tmp_path)
+    assert parse_spec({**d, "uncertainty": {"fit_split": "val"}}).uncertainty.fit_split == "val"  # val_fraction 0.1
+    with pytest.raises(SpecError) as e:
+        parse_spec({**d, "data": {**d["data"], "val_fraction": 0}, "uncertainty": {"fit_split": "val"}}, where="my.yaml")
+    for part in ("uncertainty.fit_split", "no validation split", "data.val_fraction"):
         assert part in str(e.value), (part, str(e.value))
 
 

@@ -49,7 +49,7 @@ from torch import nn
 from . import records
 from .accel import ACCEL_DEFAULTS, Accel, accel_for, place_training_data, resolve_device
 from .data.cache import SliceCache, open_slice_cache
-from .segment import eval_sets, load_member, predict, with_defaults
+from .segment import eval_sets, load_member, predict, train_val_rows, with_defaults
 
 REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
 DEFAULTS: dict[str, Any] = {
@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "lam": 1.0,              # λ of Eq. 5 (identity term), > 0; a list fits one δ per value (a sweep):
                              # the first is method "ggd", the others "ggd_lam<λ>"
     "fit_split": "train",    # the source split δ is fitted on: "train" (the paper) or "val" (a validation split)
+    "val_fraction": 0.0,     # the pool's validation split of the source's training cases (data.val_fraction)
+    "split_seed": 0,         # and its seed (data.split_seed): fit_split's "train" / "val" rows
     "holdout": 0.1,          # fraction of the fit split's cases held out to record δ's convergence (0: none)
     "beta": 2.0,             # fixed shape (the paper's runs); learn_beta makes it a head
     "learn_beta": False,
@@ -632,12 +634,14 @@ def fit_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     more), chosen with ``seed``; it is never trained on.
     """
     split, source = cfg["fit_split"], cfg["source"]
-    splits = sorted(cache.index.loc[cache.index["site"] == source, "split"].astype(str).unique())
-    if split not in splits:
-        raise ValueError(f"uncertainty.fit_split: {split!r}, but the source site {source!r} has no {split!r} split "
-                         f"in cache {cache.path} (its splits: {splits}); use fit_split: train, or give the source a "
-                         f"validation split (data.val_fraction)")
-    rows = cache.rows(source, split)
+    # the pool's own split of the source's training cases (segment.train_val_rows: val_fraction,
+    # split_seed): "train" is what the member trained on, "val" its validation cases
+    train, val = train_val_rows(cache, cfg)
+    rows = train if split == "train" else val
+    if not len(rows):
+        raise ValueError(f"uncertainty.fit_split: {split!r}, but the source site {source!r} has no {split!r} cases "
+                         f"in cache {cache.path} (data.val_fraction = {cfg.get('val_fraction')}); use fit_split: "
+                         f"train, or give the source a validation split (data.val_fraction, e.g. 0.1)")
     frac = float(cfg["holdout"])
     cases = cache.index["case_id"].to_numpy()[rows].astype(str)
     uniq = np.unique(cases)

@@ -83,10 +83,29 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, tiny_data):
     assert att["pid"].iloc[1] != pid
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc: psutil is not a dependency)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
     from ray.cluster_utils import Cluster
 
-    snapshots = [1, 2]
+    # 8 epochs: on an idle machine 2 epochs of this tiny task took ~1 s, so the node was removed after
+    # both trials had finished and nothing was lost
+    snapshots = [1, 8]
     spec = _pool_spec(tmp_path, tiny_data, ["unet_r18", "unet_effb0"], snapshots)
     exp = tmp_path / "runs" / "faults"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -100,7 +119,15 @@ def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
         # two trials on two 1-CPU nodes: one runs on the worker node; take the node away mid-training
         _wait(lambda: len(records.load_attempts(exp)) >= 2, proc, "both trials to start")
         time.sleep(1.0)
+        # A lost node takes every process on it along: remove_node kills its raylet and stores, and its
+        # worker processes (the trial's among them) are killed here, as a machine that goes away would
+        doomed = [d for p in worker.all_processes.get("raylet", []) for d in _descendants(p.process.pid)]
         cluster.remove_node(worker, allow_graceful=False)
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
         out = (tmp_path / "run.log").read_text()
         assert "connecting to the Ray cluster" in out

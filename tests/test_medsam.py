@@ -326,7 +326,8 @@ def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
                                "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp),
                                "epochs": 1, "passes": 2, "batch_size": 8, "num_threads": 1})
     unc = records.load_uncertainty(exp)
-    assert set(unc["method"]) == set(records.UNCERTAINTY_METHODS)  # every method, MC dropout included
+    # δ and every default baseline, MC dropout included (the ggd_yhat_only ablation is opt-in)
+    assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout"}
     # error_px is the pool's fp + fn: ŷ is the member's oracle-box prediction
     _, slices = records.load_records(exp)
     s = slices[slices.member_id == m["member_id"]].assign(err=lambda d: d.fp + d.fn)

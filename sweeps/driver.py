@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -300,7 +301,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                                                                                    members["checkpoint"])}
         with_baselines = stage.baseline_members(spec, members, slices)
         if len(with_baselines) < len(members):
-            log(f"baselines for the {len(with_baselines)} best members by ID {spec.analysis.metric} "
+            split = "validation" if (slices["role"] == "val").any() else "ID test"
+            log(f"baselines for the {len(with_baselines)} best members by {split} {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
         records.clear_scratch(exp)
         if retire and reconcile.retire_tune_state(exp / stage.STAGE):
@@ -354,6 +356,16 @@ def missing_records(spec: SweepSpec) -> list[str]:
     return out
 
 
+def member_set_tag(row: dict) -> str:
+    """The MLflow metric-key suffix of a result row's member set: "" for the label-free rows (the plain
+    key), else "/<set>" in the characters MLflow allows in a key ("label-free (non-degenerate)" ->
+    "/label-free_non-degenerate")."""
+    members = row.get("members")
+    if members in (None, "label-free"):
+        return ""
+    return "/" + re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_\-.]", "_", str(members))).strip("_")
+
+
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
                        out_dir: Path | None = None, allow_incomplete: bool = False) -> dict:
     from analysis import run_analysis
@@ -379,9 +391,7 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
         tracker.reopen(rid)
         tracker.log_params(rid, {"metric": metric, "indicators": ",".join(spec.analysis.indicators)})
         stats = ("pearson_r", "spearman_rho", "kendall_tau", "probit_slope", "probit_r2")
-        def tag(row: dict) -> str:  # label-free rows keep the plain key; other member sets say which
-            return "" if row.get("members") in (None, "label-free") else "/" + str(row["members"]).replace(" ", "_")
-
+        tag = member_set_tag
         for c in result.get("correlations", []):
             tracker.log_metrics(rid, {f"{c.get('indicator')}/{c.get('target')}{tag(c)}_{k}": c.get(k) for k in stats
                                       if c.get(k) is not None})

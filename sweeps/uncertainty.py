@@ -82,11 +82,14 @@ def uncertainty_trial(config: dict) -> None:
 
 
 def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFrame) -> set[str]:
-    """Members that get the baselines too: all, or the N best by ID performance (source test split)."""
+    """Members that get the baselines too: all, or the N best by performance on the source's validation
+    split (its test split when the experiment has none: data.val_fraction 0), never chosen on a reported split
+    when a validation split exists."""
     n = spec.uncertainty.baseline_members
     if n is None or n >= len(members):
         return set(members["member_id"])
-    score = records.metric_by(slices[slices["role"] == "id"], spec.analysis.metric, by=["member_id"])
+    role = "val" if (slices["role"] == "val").any() else "id"
+    score = records.metric_by(slices[slices["role"] == role], spec.analysis.metric, by=["member_id"])
     return set(score.fillna(-1).sort_values(ascending=False, kind="stable").index[:n])
 
 

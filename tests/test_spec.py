@@ -203,3 +203,20 @@ def test_lam_grid_and_bayescap_size(tmp_path):
     assert spec.uncertainty.lam == (1.0, 100.0) and spec.uncertainty.fit_split == "train"
     assert spec.uncertainty.bayescap == {"bayescap_width": 8, "bayescap_blocks": 16}
     assert parse_spec({**base(tmp_path), "uncertainty": {"lam": 100}}).uncertainty.lam == 100
+
+
+def test_baseline_members_are_chosen_on_the_validation_split(tmp_path):
+    import pandas as pd
+
+    from sweeps.uncertainty import baseline_members
+
+    spec = parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": 1}})
+    members = pd.DataFrame({"member_id": ["a", "b"]})
+    row = {"site": "SiteA", "case_id": "c", "slice_idx": 0, "fn": 0, "tn": 0, "area_px": 10}
+    # a is best on the test split (role id), b on the validation split
+    slices = pd.DataFrame([{**row, "member_id": "a", "role": "id", "tp": 9, "fp": 1},
+                           {**row, "member_id": "b", "role": "id", "tp": 1, "fp": 9},
+                           {**row, "member_id": "a", "role": "val", "tp": 1, "fp": 9},
+                           {**row, "member_id": "b", "role": "val", "tp": 9, "fp": 1}])
+    assert baseline_members(spec, members, slices) == {"b"}
+    assert baseline_members(spec, members, slices[slices["role"] == "id"]) == {"a"}  # no validation split

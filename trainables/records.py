@@ -447,19 +447,8 @@ def load_uncertainty_fits(experiment_dir: str | os.PathLike) -> pd.DataFrame:
 def load_uncertainty_sites(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The per member x method x site table (merging the parts if needed), or None if there is none."""
     rdir = records_dir(experiment_dir)
-    pdir = rdir / "uncertainty" / "sites"
-    ids = sorted(p.stem for p in pdir.glob("*.parquet")) if pdir.is_dir() else []
-    merged = rdir / "uncertainty_sites.parquet"
-    if merged.exists():
-        df = pd.read_parquet(merged)
-        if set(df["member_id"]) >= set(ids):
-            return df
-    if not ids:
-        return None
-    df = _conform(pd.concat([pd.read_parquet(pdir / f"{i}.parquet") for i in ids], ignore_index=True),
-                  UNCERTAINTY_SITE_COLUMNS, "uncertainty sites")
-    _write_parquet(df, merged)
-    return df
+    return _load_merged_parts(experiment_dir, rdir / "uncertainty_sites.parquet", rdir / "uncertainty" / "sites",
+                              UNCERTAINTY_SITE_COLUMNS, "uncertainty sites")
 
 
 def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
@@ -481,32 +470,41 @@ def _with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
-    """The merged uncertainty table (merging the parts if needed), or None if the stage never ran."""
-    rdir = records_dir(experiment_dir)
-    ids = uncertainty_part_ids(experiment_dir)
-    merged = rdir / "uncertainty.parquet"
+def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Path, columns: dict[str, str],
+                       what: str, fill=lambda df: df) -> pd.DataFrame | None:
+    """A merged table of the uncertainty stage's per-member parts (``pdir/<member_id>.parquet``).
+
+    The parts are the truth: the merged file is used only while it holds exactly their members and is
+    newer than each of them (else it is rebuilt, and written back); a damaged part is a ``RecordsError``
+    that says how to redo it. None when there are no parts. ``fill`` adds columns older records lack.
+    """
+    ids = sorted(p.stem for p in pdir.glob("*.parquet"))
     if merged.exists():
-        pdir = rdir / "uncertainty" / "parts"
         df = _read_merged(merged, ids, str(pdir))
         # unique() first: iterating millions of Arrow-backed strings into a set took 10-30 s (bench/analysis.py)
         if df is not None and (not ids or (set(df["member_id"].unique()) == set(ids)
                                            and not _stale(merged, [pdir / f"{i}.parquet" for i in ids]))):
-            return _with_later_columns(df)
+            return fill(df)
     if not ids:
         return None
     frames = []
     for i in ids:
-        part = rdir / "uncertainty" / "parts" / f"{i}.parquet"
+        part = pdir / f"{i}.parquet"
         try:
             frames.append(pd.read_parquet(part))
         except Exception as e:  # noqa: BLE001
             raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
                                f"{Path(experiment_dir)}` to fit that member's δ again") from None
-    df = pd.concat(frames, ignore_index=True)
-    df = _conform(_with_later_columns(df), UNCERTAINTY_COLUMNS, "uncertainty")
+    df = _conform(fill(pd.concat(frames, ignore_index=True)), columns, what)
     _write_parquet(df, merged)
     return df
+
+
+def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The merged uncertainty table (merging the parts if needed), or None if the stage never ran."""
+    rdir = records_dir(experiment_dir)
+    return _load_merged_parts(experiment_dir, rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts",
+                              UNCERTAINTY_COLUMNS, "uncertainty", fill=_with_later_columns)
 
 
 def uncertain_area(unc: pd.DataFrame, method: str = "ggd",

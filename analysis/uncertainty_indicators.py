@@ -64,7 +64,8 @@ def uncertainty_indicator_frame(unc: pd.DataFrame, method: str = "ggd", flat_tol
         "mean_uncertainty": u["mean_uncertainty"].astype(float),
         "fixed_threshold_area": u["fixed_px"].astype("Float64").astype(float) / area,
         # NaN spread (old records): the guard cannot be applied, so no value
-        "guarded_area": (u["uncertain_px"].astype(float) / area).where(ptp >= flat_tol, 0.0).where(ptp.notna()),
+        "guarded_area": pd.Series(guarded_area(u["uncertain_px"], ptp, area, flat_tol),
+                                  index=u.index).where(ptp.notna()),
     }
     df = pd.DataFrame(cols)
     keys = [u["member_id"].astype(str), u["site"].astype(str)]

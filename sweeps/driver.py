@@ -351,7 +351,7 @@ def missing_records(spec: SweepSpec) -> list[str]:
     gaps = reconcile.pool_gaps(spec)
     out = [f"pool member {m}: {w}" for m, w in gaps.items()]
     if spec.uncertainty is not None:
-        ids = [m for m in (reconcile.expected_members(spec) or records.member_part_ids(spec.experiment_dir))]
+        ids = reconcile.expected_members(spec) or records.member_part_ids(spec.experiment_dir)
         out += [f"uncertainty of {m}: {w}" for m, w in reconcile.uncertainty_gaps(spec, ids).items() if m not in gaps]
     return out
 

@@ -25,21 +25,15 @@ DEMO = Path(__file__).resolve().parents[1] / "sweeps" / "presets" / "demo.yaml"
 
 
 def build_pool(work: Path, archs: list[str] | None, lrs: list[float] | None) -> tuple[dict, list[dict]]:
+    from sweeps.driver import prepare_data
     from sweeps.spec import load_spec
-    from trainables.data.cache import build_slice_cache
-    from trainables.data.synthetic import write_synthetic_sites
     from trainables.segment import train_segmenter
 
     os.environ["OODSWEEP_STORAGE"] = str(work)
     os.environ["OODSWEEP_DATA"] = str(work / "data")
     spec = load_spec(DEMO)
     d = spec.data
-    sites = [d.source, *d.targets]
-    if not (Path(d.root) / d.source).exists():
-        write_synthetic_sites(d.root, sites=sites, cases_per_site=d.synthetic.cases_per_site,
-                              shape=d.synthetic.shape, seed=d.synthetic.seed)
-    cache = build_slice_cache(d.layout, d.root, sites, d.image_size, work / "cache", d.split_seed,
-                              d.test_fraction, progress=False)
+    cache = prepare_data(spec, progress=False)  # the demo's synthetic sites and slice cache, as a sweep builds them
     common = {"cache": str(cache), "source": d.source, "targets": list(d.targets), "num_threads": 1,
               "target_split": d.target_split}
     members = []
@@ -54,9 +48,11 @@ def build_pool(work: Path, archs: list[str] | None, lrs: list[float] | None) -> 
                                  "batch_size": spec.pool.batch_size, "experiment_dir": str(pool_dir)})
                 done.touch()
                 print(f"trained {arch} lr {lr:g} in {time.perf_counter() - t:.1f}s", flush=True)
-    from trainables.records import load_records
+    from trainables.records import load_records, resolve_checkpoint
     ms, _ = load_records(pool_dir)
     members = ms.to_dict(orient="records")
+    for m in members:  # the records hold it relative to the pool's folder; δ is fitted in other folders
+        m["checkpoint"] = str(resolve_checkpoint(pool_dir, m["checkpoint"]))
     return common, members
 
 

@@ -127,9 +127,13 @@ def _is_constant(a: np.ndarray) -> bool:
     return bool(a.size == 0 or np.all(a == a[0]))
 
 
-def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int, n_resamples: int,
+def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int | tuple[int, ...], n_resamples: int,
                seed: int, n_stats: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap intervals of a vector ``statistic(unit indices, axis=-1)`` over ``n_units`` units.
+
+    ``n_units`` may be a tuple of sizes: then the units form independent strata (e.g. the runs of
+    each architecture), each resampled on its own, and ``statistic(idx_1, idx_2, ..., axis=-1)`` gets
+    one index array per stratum (scipy's multi-sample bootstrap; each stratum needs 2 units or more).
 
     ``scipy.stats.bootstrap`` resamples the unit indices (``BOOT_BATCH`` resamples at a time) and
     takes the BCa interval (its jackknife leaves one unit out); the statistic maps the indices to the
@@ -139,17 +143,19 @@ def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int, n_resamples: 
     resamples are finite.
     """
     nan = np.full(n_stats, np.nan)
-    if n_resamples <= 0 or n_units < MIN_POINTS:
+    sizes = (int(n_units),) if np.ndim(n_units) == 0 else tuple(int(n) for n in n_units)
+    if n_resamples <= 0 or (sizes[0] < MIN_POINTS if len(sizes) == 1 else min(sizes) < 2):
         return nan, nan
+    data = tuple(np.arange(n) for n in sizes)
     # one BLAS thread: the products are small, and threads on a busy machine made them 6x slower here
     with warnings.catch_warnings(), _one_blas_thread():
         warnings.simplefilter("ignore")  # degenerate resamples: NaN statistics, handled below
         try:
-            res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=True,
+            res = stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=True,
                                   batch=BOOT_BATCH, method="BCa", confidence_level=CONFIDENCE,
                                   rng=np.random.default_rng(seed))
         except ValueError:  # e.g. a degenerate jackknife: the percentile interval below
-            res = stats.bootstrap((np.arange(n_units),), statistic, n_resamples=n_resamples, vectorized=True,
+            res = stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=True,
                                   batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,
                                   rng=np.random.default_rng(seed))
     lo = np.atleast_1d(np.asarray(res.confidence_interval.low, dtype=float)).copy()

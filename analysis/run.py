@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.agreement import Agreement, agreement_matrices
 from analysis.aline import aline_table, lines_test
+from analysis.claims import claims_table, verdicts_markdown, write_claims
 from analysis.correlate import (DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs,
                                 correlations)
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -141,6 +142,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     Every result table has a ``members`` column: ``label-free`` (members whose evaluation used no
     labels; the default reading) and, when the pool has oracle-prompted members, ``all`` beside it.
     * ``plots/fig4_<target>.png``, ``plots/fig3_uncertainty_vs_ood.png``, ``plots/fig6_<member>.png``;
+    * ``claims.csv`` / ``claims.md`` (``analysis.claims``: each claim of the paper with its statistic,
+      run-level interval and verdict; the verdicts are also the first section of ``tables.md``);
     * ``tables.md`` (every table, the figures, and what was skipped and why) and ``summary.json``.
 
     Args:
@@ -323,6 +326,14 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         _write_csv(loto_summary, out / "loto_summary.csv", files)
     timings["tables"] = time.perf_counter() - t
 
+    # --- the claims report (analysis.claims): C2-C4 and the project's rows on the label-free members -----
+    t = time.perf_counter()
+    claims = claims_table(perf, tables.get(LABEL_FREE), agreements.get(LABEL_FREE), unc,
+                          [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
+                          n_resamples=n_resamples, seed=seed, floor=degenerate_floor)
+    files += write_claims(claims, out, experiment_dir.name, metric)
+    timings["claims"] = time.perf_counter() - t
+
     # --- figures ------------------------------------------------------------------------------
     t = time.perf_counter()
     plots = out / "plots"
@@ -373,6 +384,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             blocks += [head, "", render(sub), ""]
         return blocks
 
+    md += ["## Claims", "", "Which of the paper's claims this experiment reproduces, by the rule stated in "
+           "[claims.md](claims.md) (95% intervals over training runs; every row in `claims.csv`):", "",
+           verdicts_markdown(claims), ""]
     md += ["## Tables 1–3: same-domain and cross-domain performance", "", table1_markdown(perf), "",
            "## Correlation of each indicator with OOD performance", "",
            boot_caption(n_resamples, corr), ""]
@@ -415,6 +429,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                "loto_mae": _json_clean(loto_summary.to_dict(orient="records")),
                "aline_mae": _json_clean(aline_fits), "lines": _json_clean(line_rows),
                "oracle_members": oracle_ids, "member_sets": list(member_sets),
+               "claims": _json_clean(claims.to_dict(orient="records")),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(_json_clean(summary), indent=1, allow_nan=False) + "\n",
                                       encoding="utf-8")

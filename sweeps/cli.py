@@ -5,6 +5,7 @@
     oodsweep demo [--storage DIR] [--smoke]             the embedded-default demo sweep
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
+    oodsweep report EXPERIMENT_DIR [--metric M]         the claims report: which of the paper's claims hold
     oodsweep data check ROOT --layout NAME [--sites A,B]  validate a dataset folder, print a summary
     oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
 """
@@ -122,6 +123,15 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from analysis.claims import build_claims, verdicts_markdown
+
+    claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out)
+    print(verdicts_markdown(claims))
+    print(f"\n[oodsweep] claims report written to {files[1]} (every row: {files[0]})")
+    return 0
+
+
 def _cmd_status(args) -> int:
     from .status import experiment_status, format_status
 
@@ -196,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="analyse an experiment with missing pool or δ records (tables.md lists them); by "
                         "default it is refused, and `oodsweep resume` redoes them")
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser("report", help="the claims report: each claim of the paper with its statistic, run-level "
+                                      "interval and verdict, rebuilt from the experiment's files (no Ray, no MLflow)")
+    p.add_argument("experiment_dir", help="a finished experiment folder (holding records/)")
+    p.add_argument("--metric", choices=METRICS, help="default: the frozen spec's analysis.metric, else iou_3d")
+    p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("check", help="validate a dataset folder and print a summary (every problem in one pass)")

@@ -268,7 +268,7 @@ def test_run_analysis_writes_every_file(tmp_path):
     names = {str(Path(f).relative_to(out)) for f in res["files"]}
     assert names == {"performance.csv", "indicators.csv", "correlations.csv", "correlations_long.csv", "table1.csv",
                      "table1_long.csv", "selection.csv", "loto.csv", "loto_summary.csv", "tables.md", "summary.json",
-                     "plots/fig4_B.png", "plots/fig4_C_site.png"}
+                     "plots/fig4_B.png", "plots/fig4_C_site.png", "claims.csv", "claims.md"}
     for f in res["files"]:
         assert Path(f).stat().st_size > 0, f
     assert len(pd.read_csv(out / "performance.csv")) == 24

@@ -3,7 +3,7 @@
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
 statistic, its 95% bootstrap interval **over training runs** (``run_id``: the snapshot members of a
 run move together; the bootstrap is ``analysis.correlate``'s, never a second one), the members it is
-computed on, and a verdict decided by ``RULE`` from the interval alone:
+computed on, and a verdict decided from the interval alone by the rule ``rule_text`` states:
 
 * ``reproduced``: the whole interval lies on the claim's side of its threshold;
 * ``refuted``: the whole interval lies on the other side;
@@ -79,15 +79,22 @@ CLAIM_TEXT = {
 #: Methods of the uncertainty records that are not baselines of C5 (our own ablation of δ).
 NOT_BASELINES = ("ggd", "ggd_yhat_only")
 
-RULE = (f"**Decision rule.** Every interval is a 95% bootstrap interval ({N_RESAMPLES} resamples unless stated, BCa "
-        f"where defined, else percentile) that resamples **training runs** (`run_id`: a run's snapshot members move "
-        f"together; C1 resamples each architecture's runs separately). A claim is **reproduced** when the whole "
-        f"interval lies on the claim's side of its threshold, **refuted** when the whole interval lies on the other "
-        f"side, **inconclusive** when it straddles the threshold or no interval exists (fewer than {MIN_POINTS} "
-        f"runs, or fewer than 2 runs per architecture for C1). Thresholds: \"weak\" = |r| < {WEAK:g}, \"strong\" = "
-        f"|r| ≥ {WEAK:g} (Pearson r on the raw scores); C1: SAM drop − CNN drop < 0 pp; C5: δ's error − the best "
-        f"baseline's < 0. The overall row of a claim is its verdict; per-target rows use the same rule and are "
-        f"given for reading. Extra and project rows use the rule of their column `side`.")
+def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None) -> str:
+    """The decision rule as the report states it."""
+    deg = ("" if floor is None else
+           f" Members below the degenerate floor ({floor:g}) on an axis predict almost nothing and can make a "
+           f"correlation by themselves: C2, C3 and C4 are repeated without them (`overall (non-degenerate)`), and a "
+           f"verdict that differs without them is reported as **inconclusive**.")
+    return (f"**Decision rule.** Every interval is a 95% bootstrap interval ({n_resamples} resamples, BCa where "
+            f"defined, else percentile) that resamples **training runs** (`run_id`: a run's snapshot members move "
+            f"together; C1 resamples each architecture's runs separately). A claim is **reproduced** when the whole "
+            f"interval lies on the claim's side of its threshold, **refuted** when the whole interval lies on the "
+            f"other side, **inconclusive** when it straddles the threshold or no interval exists (fewer than "
+            f"{MIN_POINTS} runs, or fewer than 2 runs per architecture for C1). Thresholds: \"weak\" = |r| < {WEAK:g}, "
+            f"\"strong\" = |r| ≥ {WEAK:g} (Pearson r on the raw scores); C1: SAM drop − CNN drop < 0 pp; C5: δ's "
+            f"error − the best baseline's < 0. The overall row of a claim is its verdict; per-target rows use the "
+            f"same rule and are given for reading. Other indicators and the project's rows use the same rule on "
+            f"their column `side` (holds / does not hold / inconclusive).{deg}")
 
 
 def decide(lo: float, hi: float, side: str) -> str:
@@ -182,6 +189,8 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
         deg = tb["ood_score"] < floor
         if INDICATORS[indicator].higher_is_better:
             deg |= tb[col] < floor
+        if not deg.any():
+            return []
         tb, suffix = tb[~deg], " (non-degenerate)"
     targets = [t for t in dict.fromkeys(tb["target"].astype(str)) if (tb["target"].astype(str) == t).sum() >= MIN_POINTS]
     if not targets:
@@ -211,9 +220,10 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
 # --- C3: agreement on the line over pairs ------------------------------------------------------
 
 def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RESAMPLES,
-                   seed: int = SEED) -> list[dict]:
+                   seed: int = SEED, suffix: str = "") -> list[dict]:
     """C3: Pearson r of OOD agreement against ID agreement over pairs of label-free members, per target
-    and overall (the mean r over targets, one run-level bootstrap)."""
+    and overall (the mean r over targets, one run-level bootstrap). ``suffix``: the overall row only,
+    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones)."""
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or id_site not in agreement.matrices:
         return [_untestable("C3", "no agreement on the source test split (no stored predictions for the label-free "
@@ -235,10 +245,10 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
 
     lo, hi = _interval(statistic, len(units), n_resamples, seed)
     n_pairs = len(ids) * (len(ids) - 1) // 2
-    rows = [_row("C3", "claim", "overall", f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs "
+    rows = [_row("C3", "claim", "overall" + suffix, f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs "
                  f"ID agreement)", _point(statistic, len(units)), lo, hi, "weak",
                  _members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
-    for t in targets:
+    for t in targets if not suffix else []:
         st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
                              groups=groups)
         rows.append(_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
@@ -480,6 +490,22 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
 
 # --- the whole report ---------------------------------------------------------------------------
 
+def _check_degenerate(rows: list[dict], nondegenerate: list[dict]) -> None:
+    """A verdict that does not survive leaving out the degenerate members is inconclusive (in place).
+
+    Members that predict (almost) nothing sit together at the bottom of both axes and can make a
+    correlation by themselves; where the verdict with them differs from the one without them, it is
+    carried by them, and the overall row says so instead of reporting it."""
+    ov = next((r for r in rows if r["scope"] == "overall"), None)
+    nd = next((r for r in nondegenerate if r["scope"].startswith("overall")), None)
+    if ov is None or nd is None or ov["verdict"] not in (REPRODUCED, REFUTED) or nd["verdict"] == ov["verdict"]:
+        return
+    ov["note"] = ((ov["note"] + "; ") if ov["note"] else "") + (
+        f"with every member the interval says {ov['verdict']}, without the degenerate members {nd['verdict']}: the "
+        f"verdict is carried by members that predict almost nothing, so it is reported as inconclusive")
+    ov["verdict"] = INCONCLUSIVE
+
+
 def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None, unc: pd.DataFrame | None = None,
                  aline_fits: list[dict] | None = None, indicators: list[str] | None = None,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None) -> pd.DataFrame:
@@ -493,7 +519,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         aline_fits: ``aline.aline_table``'s fits (for ALine-D's point value).
         indicators: the indicators to give extra and regret rows for (default: those with values).
         n_resamples, seed: the run-level bootstrap's.
-        floor: the degenerate floor: C2 and C4 are repeated without the points below it.
+        floor: the degenerate floor: C2, C3 and C4 are repeated without the members below it (C2, C4: the
+            points; C3: members with a score below it anywhere), and a verdict that changes without them is
+            reported as inconclusive (``_check_degenerate``).
     """
     rows: list[dict] = []
     rows += c1_rows(perf, n_resamples, seed)
@@ -502,7 +530,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
     indicators = [n for n in (indicators or have) if n in have]
     free = "no label-free member (every member is oracle-prompted)"
     empty = table is None or table.empty
-    for claim, ind, side in (("C2", "id_performance", "weak"), ("C4", "uncertain_area", "strong_negative")):
+    run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
+    for claim, ind, side in (("C2", "id_performance", "weak"), ("C3", None, "weak"),
+                             ("C4", "uncertain_area", "strong_negative")):
         if empty:
             rows.append(_untestable(claim, free, statistic="Pearson r"))
             continue
@@ -510,13 +540,20 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
             rows.append(_untestable("C4", "no uncertain-area values for the label-free members (no uncertainty stage, "
                                           "or no δ 'ggd' records)", statistic="Pearson r"))
             continue
-        rows += indicator_rows(table, ind, claim, "claim", side, n_resamples, seed)
-        if floor is not None:
-            rows += indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False)
-        if claim == "C2":
-            run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
-            rows += (agreement_rows(agreement, run_of, n_resamples, seed) if not empty
-                     else [_untestable("C3", free, statistic="pair Pearson r")])
+        if claim == "C3":
+            got = agreement_rows(agreement, run_of, n_resamples, seed)
+            nd = []
+            if floor is not None and agreement is not None and got[0]["verdict"] != NOT_TESTABLE:
+                m = table.groupby(table["member_id"].astype(str)).agg(i=("id_score", "min"), o=("ood_score", "min"))
+                keep = m.index[(m["i"] >= floor) & (m["o"] >= floor)].tolist()
+                if len(keep) < len(m):
+                    nd = agreement_rows(agreement.subset(keep), run_of, n_resamples, seed, " (non-degenerate)")
+        else:
+            got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed)
+            nd = ([] if floor is None else
+                  indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False))
+        _check_degenerate(got, nd)
+        rows += got[:1] + nd + got[1:]
     rows += c5_rows(unc, perf, n_resamples, seed)
     if not empty:
         for n in indicators:
@@ -554,14 +591,15 @@ def verdicts_markdown(claims: pd.DataFrame) -> str:
     return markdown_table(_shown(verdict_rows(claims)))
 
 
-def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = "") -> str:
+def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = "", n_resamples: int = N_RESAMPLES,
+                    floor: float | None = None) -> str:
     """``claims.md``: the decision rule, the verdicts (overall rows), plain-word notes, then every row."""
     shown = _shown
     main = verdict_rows(claims)
     md = [f"# Claims report{': ' + experiment if experiment else ''}", "",
           f"Does this experiment reproduce the claims of Nguyen, Pham et al. 2023? Metric: `{metric}`. "
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
-          f"`claims.csv`.", "", RULE, "", "## Verdicts", ""]
+          f"`claims.csv`.", "", rule_text(n_resamples, floor), "", "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         md.append(f"- **{c}**: {CLAIM_TEXT[c]}.")
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]
@@ -611,12 +649,13 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     return s
 
 
-def write_claims(claims: pd.DataFrame, out_dir: str | Path, experiment: str = "", metric: str = "") -> list[Path]:
+def write_claims(claims: pd.DataFrame, out_dir: str | Path, experiment: str = "", metric: str = "",
+                 n_resamples: int = N_RESAMPLES, floor: float | None = None) -> list[Path]:
     """Write ``claims.csv`` and ``claims.md`` under ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     claims.to_csv(out / "claims.csv", index=False)
-    (out / "claims.md").write_text(claims_markdown(claims, experiment, metric), encoding="utf-8")
+    (out / "claims.md").write_text(claims_markdown(claims, experiment, metric, n_resamples, floor), encoding="utf-8")
     return [out / "claims.csv", out / "claims.md"]
 
 
@@ -681,4 +720,5 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
                           floor=None if floor is None else float(floor))
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
-    return claims, write_claims(claims, out, experiment_dir.name, metric)
+    return claims, write_claims(claims, out, experiment_dir.name, metric, n_resamples,
+                                None if floor is None else float(floor))

@@ -331,7 +331,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     claims = claims_table(perf, tables.get(LABEL_FREE), agreements.get(LABEL_FREE), unc,
                           [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
                           n_resamples=n_resamples, seed=seed, floor=degenerate_floor)
-    files += write_claims(claims, out, experiment_dir.name, metric)
+    files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor)
     timings["claims"] = time.perf_counter() - t
 
     # --- figures ------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.claims import (CLAIM_COLUMNS, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED, aline_rows, c1_rows,
-                             c5_rows, claims_table, decide, indicator_rows, regret_rows)
+from analysis.claims import (CLAIM_COLUMNS, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED, agreement_rows,
+                             aline_rows, c1_rows, c5_rows, claims_table, decide, indicator_rows, regret_rows)
 from analysis.indicators import indicator_table
 from analysis.selection import select_models
 from trainables.records import write_member_part
@@ -281,3 +281,44 @@ def test_a_verdict_carried_by_degenerate_members_is_inconclusive():
     assert c2.loc["overall", "ci_low"] > 0.5                                  # with them: the interval says strong
     assert c2.loc["overall", "verdict"] == INCONCLUSIVE and "carried by" in c2.loc["overall", "note"]
     assert c2.loc["B", "verdict"] == REFUTED                                  # per-target rows keep the raw rule
+
+
+def _agreement(n: int, ood_of_id, seed: int = 6):
+    """An Agreement of ``n`` label-free members on A (id) and B, C (ood): OOD agreement = ood_of_id(ID)."""
+    from analysis.agreement import Agreement
+
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.4, 0.95, (n, n))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 1.0)
+    sym = [ood_of_id(a, rng) for _ in TARGETS]
+    mats = {"A": a, **{t: (b + b.T) / 2 for t, b in zip(TARGETS, sym)}}  # agreement is symmetric
+    return Agreement(member_ids=[f"r{k}-ep1" for k in range(n)], matrices=mats,
+                     roles={"A": "id", "B": "ood", "C": "ood"})
+
+
+def test_c3_agreement_on_the_line_refuted_when_ood_agreement_follows_id_agreement():
+    n = 20
+    ag = _agreement(n, lambda a, rng: np.clip(a - 0.1, 0, 1))
+    run_of = {m: m.split("-")[0] for m in ag.member_ids}
+    rows = agreement_rows(ag, run_of, n_resamples=499)
+    assert rows[0]["scope"] == "overall" and rows[0]["value"] == pytest.approx(1.0) and rows[0]["verdict"] == REFUTED
+    noise = _agreement(n, lambda a, rng: rng.uniform(0.3, 0.9, a.shape))
+    r0 = agreement_rows(noise, run_of, n_resamples=499)[0]
+    assert abs(r0["value"]) < 0.2 and r0["verdict"] == REPRODUCED
+
+
+def test_aline_error_matches_aline_table():
+    from analysis.aline import aline_table
+
+    n = 12
+    ag = _agreement(n, lambda a, rng: np.clip(a - 0.15 + rng.normal(0, 0.02, a.shape), 0.01, 0.99))
+    rng = np.random.default_rng(7)
+    tb = _pool({f"r{k}": [(i, o), (i, o - 0.05)] for k, (i, o) in enumerate(rng.uniform(0.4, 0.9, (n, 2)))})
+    _, fits = aline_table(tb, ag)
+    rows = aline_rows(tb, ag, fits, n_resamples=199)
+    s = np.mean([f["mae"] for f in fits if f["method"] == "aline_s"])
+    d = np.mean([f["mae"] for f in fits if f["method"] == "aline_d"])
+    assert rows[0]["value"] == pytest.approx(100 * s, abs=1e-9)
+    assert rows[0]["ci_low"] <= rows[0]["value"] <= rows[0]["ci_high"]
+    assert rows[1]["value"] == pytest.approx(100 * d, abs=1e-9) and math.isnan(rows[1]["ci_low"])

@@ -192,7 +192,8 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
         if not deg.any():
             return []
         tb, suffix = tb[~deg], " (non-degenerate)"
-    targets = [t for t in dict.fromkeys(tb["target"].astype(str)) if (tb["target"].astype(str) == t).sum() >= MIN_POINTS]
+    counts = tb["target"].astype(str).value_counts()
+    targets = [t for t in dict.fromkeys(tb["target"].astype(str)) if counts[t] >= MIN_POINTS]
     if not targets:
         return [_untestable(label, f"fewer than {MIN_POINTS} label-free members with `{indicator}` and an OOD score "
                                    f"on every target{suffix}", kind, "Pearson r", text)]
@@ -245,8 +246,9 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
 
     lo, hi = _interval(statistic, len(units), n_resamples, seed)
     n_pairs = len(ids) * (len(ids) - 1) // 2
-    rows = [_row("C3", "claim", "overall" + suffix, f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs "
-                 f"ID agreement)", _point(statistic, len(units)), lo, hi, "weak",
+    rows = [_row("C3", "claim", "overall" + suffix,
+                 f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
+                 _point(statistic, len(units)), lo, hi, "weak",
                  _members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
     for t in targets if not suffix else []:
         st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
@@ -305,8 +307,9 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
             def stat(i, j, axis=-1, ds=ds, dc=dc):
                 return ds[i].mean(-1) - dc[j].mean(-1)
             lo, hi = _interval(stat, (len(ds), len(dc)), n_resamples, seed)
-            rows.append(_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp", _point(stat, (len(ds), len(dc))),
-                             lo, hi, "negative", f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
+            rows.append(_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
+                             _point(stat, (len(ds), len(dc))), lo, hi, "negative",
+                             f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
                              len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
                              note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
         if not cnns:
@@ -416,7 +419,8 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         info = INDICATORS[name]
         x = _wide(table, info.column, members, targets)
         ok = np.isfinite(x) & np.isfinite(y)
-        text = f"Selecting the member with the {'highest' if info.higher_is_better else 'lowest'} `{name}` beats a random pick"
+        text = (f"Selecting the member with the {'highest' if info.higher_is_better else 'lowest'} `{name}` beats a "
+                f"random pick")
         if ok.sum(axis=0).max(initial=0) < 2:
             rows.append(_untestable(f"selection: {name}", "fewer than 2 members with values on every target",
                                     "project", "regret − random-pick regret (pp)", text))

@@ -165,9 +165,10 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
-        [dict, ...], "notes": [str, ...]}``: one correlation dict per (indicator, target) with the
-        keys ``ID_COLUMNS`` + ``STAT_KEYS`` (NaN as None); one selection dict per (target,
-        indicator) with ``SELECTION_COLUMNS``; notes say what was skipped.
+        [dict, ...], "notes": [str, ...], "claims": [dict, ...]}``: one correlation dict per
+        (indicator, target) with the keys ``ID_COLUMNS`` + ``STAT_KEYS`` (NaN as None); one selection dict per (target,
+        indicator) with ``SELECTION_COLUMNS``; notes say what was skipped; one claims dict per row of
+        ``claims.csv`` (``analysis.claims.CLAIM_COLUMNS``).
 
     Raises:
         ValueError: unknown metric or indicator (the message lists the valid ones), or records
@@ -435,7 +436,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                                       encoding="utf-8")
     files.append(out / "summary.json")
     return {"out_dir": str(out), "files": [str(f) for f in files], "correlations": corr_records,
-            "selection": sel_records, "notes": notes}
+            "selection": sel_records, "notes": notes, "claims": summary["claims"]}
 
 
 def joint_tables(experiment_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:

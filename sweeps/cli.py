@@ -120,6 +120,11 @@ def _cmd_analyze(args) -> int:
         print(f"  {c.get('indicator')}: {c.get('source')} -> {c.get('target')}: pearson r = {f(c.get('pearson_r'))} "
               f"(95% CI {f(c.get('pearson_ci_low'))}..{f(c.get('pearson_ci_high'))}), "
               f"spearman rho = {f(c.get('spearman_rho'))}, n = {c.get('n')}")
+    verdicts = {c["claim"]: c["verdict"] for c in reversed(res.get("claims", []))
+                if c.get("kind") == "claim" and str(c.get("scope", "")).startswith("overall")}
+    if verdicts:
+        print(f"[oodsweep] claims ({Path(res['out_dir']) / 'claims.md'}): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())))
     return 0
 
 

@@ -27,7 +27,10 @@ C5      δ has the lowest Table-4 error among the uncertainty methods    δ MSE 
 
 Beside them, not claims: the other indicators' correlations (``kind = "extra"``), and the project's
 rows (``kind = "project"``): each indicator's model-selection regret against a random pick, and the
-ALine estimates' mean absolute error. C2–C4 and the project rows use the label-free members only
+ALine estimates' mean absolute error (a number, no verdict). Their verdicts use the same rule on their
+own side and read ``holds`` / ``does not hold`` / ``inconclusive``. Where the pool has degenerate
+members (``analysis.degenerate_floor``), C2–C4 are repeated without them, and a verdict that changes
+without them is reported as inconclusive (``_check_degenerate``). C2–C4 and the project rows use the label-free members only
 (DESIGN §3); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and say so.
 """
 from __future__ import annotations
@@ -179,7 +182,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     the overall row only.
     """
     col = INDICATORS[indicator].column
-    label = f"{claim}: {indicator}" if kind != "claim" else claim
+    label = f"extra: {indicator}" if kind == "extra" else claim
     text = CLAIM_TEXT.get(claim) if kind == "claim" else f"OOD performance vs `{indicator}` (not a claim of the paper)"
     if table is None or table.empty or col not in table.columns or not np.isfinite(table[col].astype(float)).any():
         return [_untestable(label, f"no `{indicator}` values for the label-free members", kind, "Pearson r", text)]
@@ -196,7 +199,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     targets = [t for t in dict.fromkeys(tb["target"].astype(str)) if counts[t] >= MIN_POINTS]
     if not targets:
         return [_untestable(label, f"fewer than {MIN_POINTS} label-free members with `{indicator}` and an OOD score "
-                                   f"on every target{suffix}", kind, "Pearson r", text)]
+                                   f"on any target{suffix}", kind, "Pearson r", text)]
     tb = tb[tb["target"].astype(str).isin(targets)]
     members = sorted(tb["member_id"].astype(str).unique())
     run = tb.drop_duplicates("member_id").set_index(tb.drop_duplicates("member_id")["member_id"].astype(str))["run_id"]
@@ -344,7 +347,8 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     """
     stat_name = "δ MSE − best baseline MSE"
     if unc is None or unc.empty:
-        return [_untestable("C5", "no uncertainty records (run the uncertainty stage)", statistic=stat_name)]
+        return [_untestable("C5", "no uncertainty records (run the uncertainty stage; the analysis reads them when "
+                                  "analysis.indicators names an uncertainty indicator)", statistic=stat_name)]
     if not (unc["method"] == "ggd").any():
         return [_untestable("C5", "the uncertainty records hold no δ ('ggd') rows", statistic=stat_name)]
     baselines = sorted({str(m) for m in unc["method"].unique()} - set(NOT_BASELINES))
@@ -549,7 +553,8 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
             continue
         if claim == "C4" and "uncertain_area" not in have:
             rows.append(_untestable("C4", "no uncertain-area values for the label-free members (no uncertainty stage, "
-                                          "or no δ 'ggd' records)", statistic="Pearson r"))
+                                          "no δ 'ggd' records, or no uncertainty indicator in analysis.indicators)",
+                                    statistic="Pearson r"))
             continue
         if claim == "C3":
             got = agreement_rows(agreement, run_of, n_resamples, seed)
@@ -570,7 +575,7 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         for n in indicators:
             if n in ("id_performance", "uncertain_area"):
                 continue
-            rows += indicator_rows(table, n, "C4" if INDICATORS[n].needs == "uncertainty" else "C2/C3", "extra",
+            rows += indicator_rows(table, n, "extra", "extra",
                                    "weak" if INDICATORS[n].higher_is_better else "strong_negative", n_resamples, seed,
                                    per_target=False)
     rows += regret_rows(None if empty else table, indicators, n_resamples, seed)

@@ -337,13 +337,15 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
 # --- C5: δ against the Table-4 baselines --------------------------------------------------------
 
 def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_RESAMPLES,
-            seed: int = SEED) -> list[dict]:
+            seed: int = SEED, sam_members: set[str] | None = None) -> list[dict]:
     """C5: δ's Table-4 error minus the best baseline's, on the target sites' images, per reading.
 
     Members: those scored by δ and every baseline; the SAM family (box-prompted) by default, as the
     paper's Table 4, else every such member (the row says which). The statistic's means are over the
     drawn members (each member's mean over its target images); the best baseline is the one with the
-    lowest mean in each resample, so its choice is resampled too.
+    lowest mean in each resample, so its choice is resampled too. ``sam_members``: the box-prompted
+    members as Table 4 reads them (the uncertainty site records' ``prompted``); None: the members'
+    ``oracle_prompt``.
     """
     stat_name = "δ MSE − best baseline MSE"
     if unc is None or unc.empty:
@@ -376,7 +378,8 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     if not complete:
         return [_untestable("C5", f"no member was scored on a target by δ and every baseline ({', '.join(baselines)})",
                             statistic=stat_name)]
-    oracle = set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "member_id"].astype(str))
+    oracle = (set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "member_id"].astype(str))
+              if sam_members is None else set(sam_members))
     sam = [m for m in complete if m in oracle]
     who = ("SAM family (box-prompted), as the paper's Table 4" if sam else
            "every member scored by all methods (no SAM-family member was: unlike the paper's Table 4)")
@@ -523,7 +526,8 @@ def _check_degenerate(rows: list[dict], nondegenerate: list[dict]) -> None:
 
 def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None, unc: pd.DataFrame | None = None,
                  aline_fits: list[dict] | None = None, indicators: list[str] | None = None,
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None) -> pd.DataFrame:
+                 n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
+                 sam_members: set[str] | None = None) -> pd.DataFrame:
     """Every claim row (``CLAIM_COLUMNS``).
 
     Args:
@@ -537,6 +541,7 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         floor: the degenerate floor: C2, C3 and C4 are repeated without the members below it (C2, C4: the
             points; C3: members with a score below it anywhere), and a verdict that changes without them is
             reported as inconclusive (``_check_degenerate``).
+        sam_members: C5's SAM family as Table 4 reads it (``sam_members_of``); None: ``oracle_prompt``.
     """
     rows: list[dict] = []
     rows += c1_rows(perf, n_resamples, seed)
@@ -570,7 +575,7 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                   indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False))
         _check_degenerate(got, nd)
         rows += got[:1] + nd + got[1:]
-    rows += c5_rows(unc, perf, n_resamples, seed)
+    rows += c5_rows(unc, perf, n_resamples, seed, sam_members)
     if not empty:
         for n in indicators:
             if n in ("id_performance", "uncertain_area"):
@@ -675,6 +680,15 @@ def write_claims(claims: pd.DataFrame, out_dir: str | Path, experiment: str = ""
     return [out / "claims.csv", out / "claims.md"]
 
 
+def sam_members_of(experiment_dir: str | Path) -> set[str] | None:
+    """The box-prompted members as Table 4 reads them: the uncertainty site records' ``prompted``
+    (``analysis.uncertainty_indicators.uncertainty_sections``); None without site records."""
+    from trainables.records import load_uncertainty_sites
+
+    sites = load_uncertainty_sites(experiment_dir)
+    return None if sites is None else set(sites.loc[sites["prompted"].astype(bool), "member_id"].astype(str))
+
+
 def _spec_analysis(experiment_dir: Path) -> dict:
     """The frozen spec's ``analysis`` section (``{}`` without a readable ``spec.yaml``)."""
     import yaml
@@ -734,7 +748,8 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     table = indicator_table(perf[perf["member_id"].astype(str).isin(free)], agreement, ua) if free else None
     fits = aline_table(table, agreement)[1] if table is not None and agreement is not None else []
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
-                          floor=None if floor is None else float(floor))
+                          floor=None if floor is None else float(floor),
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None)
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     return claims, write_claims(claims, out, experiment_dir.name, metric, n_resamples,
                                 None if floor is None else float(floor))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.agreement import Agreement, agreement_matrices
 from analysis.aline import aline_table, lines_test
-from analysis.claims import claims_table, verdicts_markdown, write_claims
+from analysis.claims import claims_table, sam_members_of, verdicts_markdown, write_claims
 from analysis.correlate import (DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs,
                                 correlations)
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -331,7 +331,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     t = time.perf_counter()
     claims = claims_table(perf, tables.get(LABEL_FREE), agreements.get(LABEL_FREE), unc,
                           [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
-                          n_resamples=n_resamples, seed=seed, floor=degenerate_floor)
+                          n_resamples=n_resamples, seed=seed, floor=degenerate_floor,
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None)
     files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor)
     timings["claims"] = time.perf_counter() - t
 

@@ -355,6 +355,20 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert "Table 4 (pixel reading, every pool member)" in md and "`guarded_area`" in md
     ex, others = fig6_inputs(exp, pd.read_csv(out / "indicators.csv"), records.load_uncertainty(exp))
     assert ex.site == "C" and len(others) == 3 and others[0][2] >= others[-1][2]
+    # the claims report on the same records: every claim computed (none "not testable"), each per-target
+    # value the label-free correlation row's; C5 on the medsam members (no site records here to say which
+    # are box-prompted: their oracle_prompt, derived from the arch, does)
+    claims = pd.read_csv(out / "claims.csv")
+    assert "not testable" not in set(claims.loc[claims["claim"].isin(["C2", "C3", "C4", "C5"]), "verdict"])
+    lf = corr[corr["members"] == "label-free"].set_index(["indicator", "target"])
+    for claim, ind in (("C2", "id_performance"), ("C3", "agreement_on_the_line"), ("C4", "uncertain_area")):
+        per = claims[(claims["claim"] == claim) & claims["scope"].isin(["B", "C"])]
+        assert list(per["value"]) == pytest.approx([lf.loc[(ind, t), "pearson_r"] for t in per["scope"]]), claim
+    c5 = claims[claims["claim"] == "C5"]
+    assert len(c5) == 2 and (c5["value"] < 0).all() and (c5["n_members"] == 4).all()
+    assert c5["members"].str.startswith("SAM family").all()
+    assert {c["claim"] for c in summary["claims"]} >= {"C1", "C2", "C3", "C4", "C5", "ALine error"}
+    assert "## Claims" in md
     # a rerun without the uncertainty records removes the files that no longer apply
     for p in (records.records_dir(exp) / "uncertainty").rglob("*"):
         if p.is_file():

@@ -187,6 +187,10 @@ def test_c5_not_testable_paths():
     # no SAM-family member scored by every method: the pooled members, and the row says so
     pooled = c5_rows(_unc({"ggd": 1, "tta_noise": 3}, [i for i in ids if i.startswith("unet")]), perf, n_resamples=0)
     assert "unlike the paper" in pooled[0]["members"]
+    # the site records say no member is box-prompted (Table 4's reading): pooled too, whatever oracle_prompt says
+    both = _unc({"ggd": 1, "tta_noise": 3}, ids)
+    assert "unlike the paper" in c5_rows(both, perf, n_resamples=0, sam_members=set())[0]["members"]
+    assert c5_rows(both, perf, n_resamples=0)[0]["members"].startswith("SAM family")
 
 
 # --- the project's rows -------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_mlflow_runs(finished):
         assert client.get_metric_history(r.info.run_id, "heldout_dice_mu_yhat")  # δ's convergence, per epoch
     assert any(k.startswith("table4_") for k in by_stage["uncertainty"].data.metrics)
     arts = {a.path for a in client.list_artifacts(by_stage["analysis"].info.run_id)}
-    assert {"tables.md", "correlations.csv", "plots"} <= arts
+    assert {"tables.md", "correlations.csv", "plots", "claims.md", "claims.csv"} <= arts
     assert "analysis" in {a.path for a in client.list_artifacts(pool.info.run_id)}
 
 
@@ -99,6 +99,9 @@ def test_analysis_files(finished):
     assert "SiteA → SiteB" in md
     assert "on the validation split (source training cases held out" in md
     assert (an / "aline.csv").exists() and (an / "lines.csv").exists()
+    claims = pd.read_csv(an / "claims.csv")   # the claims report: every claim has a row and a verdict
+    assert {"C1", "C2", "C3", "C4", "C5"} <= set(claims["claim"]) and claims["verdict"].notna().all()
+    assert "## Claims" in md and "Decision rule" in (an / "claims.md").read_text()
 
 
 def test_rerun_skips_and_does_not_duplicate(finished):

@@ -656,12 +656,14 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     has_ci = math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"])
     ci = f"95% interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if has_ci else "no interval"
     s = f"{r['verdict']}: {r['statistic']} = {_fmt(r['value'])}, {ci}, on {r['members']}."
-    if r["verdict"] == INCONCLUSIVE:
+    carried = "carried by" in str(r["note"])
+    if r["verdict"] == INCONCLUSIVE and not carried:
         s += (f" The interval does not lie wholly on either side of the threshold ({r['side']})." if has_ci else
-              f" Too few training runs to resample (fewer than {MIN_POINTS}, or fewer than 2 per architecture for "
-              f"C1): more seeds would give an interval.")
+              " Too few training runs to resample (" + ("fewer than 2 per architecture" if claim == "C1" else
+                                                        f"fewer than {MIN_POINTS}") + "): more seeds would give one.")
     if r["note"]:
-        s += f" {r['note']}."
+        note = str(r["note"])
+        s += f" {note[:1].upper() if note[:1].isascii() else note[:1]}{note[1:]}."
     nd = g[g["scope"] == "overall (non-degenerate)"]
     if len(nd):
         n = nd.iloc[0]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from trainables.data.layouts import get_layout
-from trainables.data.synthetic import SYNTHETIC_SITES, write_synthetic_sites
+from trainables.data.synthetic import MIXED_SITES, SYNTHETIC_SITES, write_synthetic_sites
 
-SITES = list(SYNTHETIC_SITES)
+SITES = list(MIXED_SITES)  # the default sites: the source and three mixed shifts of growing severity
 N_CASES = 3
 SHAPE = (48, 48, 10)
 
@@ -37,7 +37,7 @@ def cases(root):
 
 def test_site_table_is_ordered_by_severity():
     assert SITES == ["SiteA", "SiteB", "SiteC", "SiteD"]
-    shifts = list(SYNTHETIC_SITES.values())
+    shifts = [SYNTHETIC_SITES[s] for s in SITES]
     for a, b in zip(shifts, shifts[1:]):
         assert a.severity < b.severity
         assert a.gamma <= b.gamma and a.bias_coeff <= b.bias_coeff and a.noise_std <= b.noise_std
@@ -115,6 +115,25 @@ def test_idempotent_and_rewrites_on_new_params(tmp_path):
     assert layout.sites(root) == ["SiteA"]
     assert len(layout.list_cases(root, "SiteA")) == 2
     assert json.loads((root / "synthetic.json").read_text())["cases_per_site"] == 2
+
+
+def test_single_kind_sites(tmp_path):
+    """SiteE-H each apply one kind of shift; only the geometry site moves the mask (by its zoom²)."""
+    kinds = {s: SYNTHETIC_SITES[s].kind for s in ("SiteE", "SiteF", "SiteG", "SiteH")}
+    assert kinds == {"SiteE": "intensity", "SiteF": "resolution", "SiteG": "noise", "SiteH": "geometry"}
+    names = ["SiteA", *kinds]
+    root = write_synthetic_sites(tmp_path, sites=names, cases_per_site=2, shape=(48, 48, 8), seed=1)
+    layout = get_layout("prostate_multisite")
+    case = {s: [layout.load_case(f) for f in layout.list_cases(root, s)] for s in names}
+    for i in range(2):
+        a = case["SiteA"][i]
+        for s in ("SiteE", "SiteF", "SiteG"):
+            np.testing.assert_array_equal(case[s][i].mask, a.mask)
+            assert np.abs(_norm(case[s][i].image) - _norm(a.image)).mean() > 0.01
+        moved = case["SiteH"][i].mask
+        assert set(np.unique(moved)) <= {0, 1} and not np.array_equal(moved, a.mask)
+        zoom = SYNTHETIC_SITES["SiteH"].zoom
+        assert moved.sum() / a.mask.sum() == pytest.approx(zoom ** 2, rel=0.15)
 
 
 def test_unknown_site(tmp_path):

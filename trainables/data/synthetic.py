@@ -15,6 +15,10 @@ No single intensity threshold separates it from the organ-like distractors.
 Each site then applies fixed scanner-like shifts, in this order (on an image in ~[0, 1],
 then scaled by 1000 to MR-like raw intensities):
 
+0. geometry: in-plane rotation by ``rotate`` degrees and isotropic in-plane scaling by ``zoom``
+   about the image centre (a different patient positioning and field of view),
+   ``monai.transforms.Affine``, bilinear for the image and nearest for the mask: the only shift
+   that moves the mask;
 1. contrast: gamma curve, ``monai.transforms.AdjustContrast(gamma)``;
 2. coil bias field: ``monai.transforms.RandBiasField(degree=3, coeff_range=(-b, b))``;
 3. resolution loss: in-plane ``monai.transforms.RandSimulateLowResolution`` with zoom
@@ -22,24 +26,34 @@ then scaled by 1000 to MR-like raw intensities):
 4. Gibbs ringing: in-plane k-space truncation, ``monai.transforms.GibbsNoise(alpha)``;
 5. acquisition noise: Rician (MR magnitude) noise, ``monai.transforms.RandRicianNoise(std)``.
 
-Shifts 3-4 act slice by slice (depth moved to MONAI's channel axis), as in 2D
+Shifts 0 and 3-4 act slice by slice (depth moved to MONAI's channel axis), as in 2D
 multi-slice acquisitions. The random parts of a shift (bias-field coefficients, noise
 draws) come from ``(seed, case index)`` and are shared by all sites, each scaled by its
 site's amplitude, so for every case the distance to SiteA grows with the severity.
 
-=======  ========  =====  ==========  ===========  ========  ===========
-site     severity  gamma  bias_coeff  gibbs_alpha  lowres    noise_std
-=======  ========  =====  ==========  ===========  ========  ===========
-SiteA    0 clean   1.00   0.00        0.00         1.00      0.000
-SiteB    1 mild    1.20   0.15        0.45         0.80      0.015
-SiteC    2 moder.  1.50   0.30        0.60         0.60      0.035
-SiteD    3 severe  2.00   0.50        0.70         0.45      0.060
-=======  ========  =====  ==========  ===========  ========  ===========
+SiteB-D mix every kind of shift at growing strength (the demo's targets); SiteE-H each apply
+one kind, at about SiteC's strength, so that a study can tell the kinds apart (the study preset):
+
+=======  ========  =====  ==========  ===========  ========  ===========  ====  ======
+site     severity  gamma  bias_coeff  gibbs_alpha  lowres    noise_std    zoom  rotate
+=======  ========  =====  ==========  ===========  ========  ===========  ====  ======
+SiteA    0 clean   1.00   0.00        0.00         1.00      0.000        1.00  0
+SiteB    1 mild    1.30   0.20        0.50         0.75      0.020        1.00  0
+SiteC    2 moder.  1.60   0.35        0.62         0.60      0.040        1.00  0
+SiteD    3 severe  2.00   0.50        0.70         0.45      0.060        1.00  0
+SiteE    2 intens. 1.80   0.45        0.00         1.00      0.000        1.00  0
+SiteF    2 resol.  1.00   0.00        0.65         0.50      0.000        1.00  0
+SiteG    2 noise   1.00   0.00        0.00         1.00      0.070        1.00  0
+SiteH    2 geom.   1.00   0.00        0.00         1.00      0.000        0.80  25
+=======  ========  =====  ==========  ===========  ========  ===========  ====  ======
 
 ``gibbs_alpha`` is MONAI's: the kept k-space radius is ``(1 - alpha) * max(H, W) / sqrt(2)``,
 so alpha below ~0.3 only cuts the k-space corners; ``lowres`` is the in-plane zoom of the
 simulated acquisition matrix (1 = full resolution); ``noise_std`` is relative to the
-[0, 1] image before scaling.
+[0, 1] image before scaling; ``zoom`` < 1 shrinks the anatomy in the field of view.
+
+Version 2 (the demo's "pool that learns"): SiteB-D's shifts are a step stronger than version 1's
+(on version 1's SiteB, working members scored *above* the source), SiteE-H are new.
 """
 from __future__ import annotations
 
@@ -52,10 +66,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SiteShift", "SYNTHETIC_SITES", "SYNTHETIC_VERSION", "SPACING", "write_synthetic_sites"]
+__all__ = ["SiteShift", "SYNTHETIC_SITES", "MIXED_SITES", "SYNTHETIC_VERSION", "SPACING", "write_synthetic_sites"]
 
 #: Bump when the generator changes output; makes write_synthetic_sites rewrite old data.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 #: Voxel size in mm (H, W, D), like prostate T2 MR.
 SPACING = (0.6, 0.6, 3.0)
 #: Raw-intensity scale of the written images (MR units are arbitrary).
@@ -74,6 +88,10 @@ class SiteShift:
         gibbs_alpha: MONAI GibbsNoise alpha in [0, 1] (0 = none).
         lowres: in-plane zoom of the simulated acquisition matrix (1 = full resolution).
         noise_std: Rician noise std, relative to the [0, 1] image (0 = none).
+        zoom: in-plane scale of the anatomy about the image centre (1 = unchanged; moves the mask).
+        rotate: in-plane rotation in degrees about the image centre (0 = none; moves the mask).
+        kind: what the shift changes, for tables: "clean", "mixed", "intensity", "resolution",
+            "noise" or "geometry".
     """
 
     severity: float
@@ -82,15 +100,28 @@ class SiteShift:
     gibbs_alpha: float = 0.0
     lowres: float = 1.0
     noise_std: float = 0.0
+    zoom: float = 1.0
+    rotate: float = 0.0
+    kind: str = "mixed"
+
+    @property
+    def moves_mask(self) -> bool:
+        return self.zoom != 1.0 or self.rotate != 0.0
 
 
 #: The synthetic sites, source first, in increasing severity.
 SYNTHETIC_SITES: dict[str, SiteShift] = {
-    "SiteA": SiteShift(severity=0.0),
-    "SiteB": SiteShift(severity=1.0, gamma=1.2, bias_coeff=0.15, gibbs_alpha=0.45, lowres=0.8, noise_std=0.015),
-    "SiteC": SiteShift(severity=2.0, gamma=1.5, bias_coeff=0.30, gibbs_alpha=0.60, lowres=0.6, noise_std=0.035),
+    "SiteA": SiteShift(severity=0.0, kind="clean"),
+    "SiteB": SiteShift(severity=1.0, gamma=1.3, bias_coeff=0.20, gibbs_alpha=0.50, lowres=0.75, noise_std=0.020),
+    "SiteC": SiteShift(severity=2.0, gamma=1.6, bias_coeff=0.35, gibbs_alpha=0.62, lowres=0.6, noise_std=0.040),
     "SiteD": SiteShift(severity=3.0, gamma=2.0, bias_coeff=0.50, gibbs_alpha=0.70, lowres=0.45, noise_std=0.060),
+    "SiteE": SiteShift(severity=2.0, gamma=1.8, bias_coeff=0.45, kind="intensity"),
+    "SiteF": SiteShift(severity=2.0, gibbs_alpha=0.65, lowres=0.5, kind="resolution"),
+    "SiteG": SiteShift(severity=2.0, noise_std=0.070, kind="noise"),
+    "SiteH": SiteShift(severity=2.0, zoom=0.8, rotate=25.0, kind="geometry"),
 }
+#: The source and the three mixed-shift sites of growing severity (the demo's sites).
+MIXED_SITES = ("SiteA", "SiteB", "SiteC", "SiteD")
 
 
 # --------------------------------------------------------------------------------------
@@ -182,6 +213,25 @@ def _anatomy(seed: int, index: int, shape: tuple[int, int, int]) -> tuple[np.nda
 # site shifts (MONAI transforms, fixed random states)
 
 
+def _move(image: np.ndarray, mask: np.ndarray, shift: SiteShift) -> tuple[np.ndarray, np.ndarray]:
+    """A site's geometry shift (rotation and zoom about the centre, slice by slice) of a clean
+    ``H x W x D`` image and its mask; identity when the site has none."""
+    if not shift.moves_mask:
+        return image, mask
+    from monai.transforms import Affine
+    from monai.utils import convert_to_numpy
+
+    # MONAI's Affine maps output to input coordinates: a scale of 1/zoom shows the anatomy zoom x as large
+    move = Affine(rotate_params=np.deg2rad(shift.rotate), scale_params=(1.0 / shift.zoom, 1.0 / shift.zoom),
+                  padding_mode="border", image_only=True)
+    img = np.moveaxis(image, -1, 0)  # D x H x W: 2D transform per slice (depth as MONAI's channel axis)
+    msk = np.moveaxis(mask, -1, 0).astype(np.float32)
+    img = convert_to_numpy(move(img, mode="bilinear"))
+    msk = convert_to_numpy(move(msk, mode="nearest"))
+    return (np.ascontiguousarray(np.moveaxis(img, 0, -1), dtype=np.float32),
+            np.ascontiguousarray(np.moveaxis(msk, 0, -1) > 0.5).astype(np.uint8))
+
+
 def _apply_shift(image: np.ndarray, shift: SiteShift, seed: int, index: int) -> np.ndarray:
     """Applies a site's shift to a clean ``H x W x D`` image in ~[0, 1]; returns float32."""
     from monai.transforms import AdjustContrast, GibbsNoise, RandBiasField, RandRicianNoise, RandSimulateLowResolution
@@ -260,7 +310,7 @@ def write_synthetic_sites(
 
     Args:
         root: folder to write into (created if missing).
-        sites: names from :data:`SYNTHETIC_SITES`; default all four, source first.
+        sites: names from :data:`SYNTHETIC_SITES`; default SiteA-D (:data:`MIXED_SITES`), source first.
         cases_per_site: cases per site, named ``Case00``, ``Case01`` ...
         shape: volume shape ``(H, W, D)``; D >= 6 so the organ can skip the end slices.
         seed: base seed; case ``i`` is the same anatomy at every site.
@@ -272,7 +322,7 @@ def write_synthetic_sites(
         ValueError: unknown site name, ``cases_per_site < 1`` or a too small shape.
     """
     root = Path(root)
-    names = list(SYNTHETIC_SITES) if sites is None else list(sites)
+    names = list(MIXED_SITES) if sites is None else list(sites)
     unknown = [s for s in names if s not in SYNTHETIC_SITES]
     if unknown:
         raise ValueError(f"unknown synthetic site(s) {unknown}; valid sites: {list(SYNTHETIC_SITES)}.")
@@ -313,9 +363,10 @@ def write_synthetic_sites(
     for site in names:
         (root / site).mkdir(parents=True, exist_ok=True)
     for index in range(cases_per_site):
-        clean, mask = _anatomy(seed, index, shape)
+        clean, clean_mask = _anatomy(seed, index, shape)
         for site in names:
-            image = _apply_shift(clean, SYNTHETIC_SITES[site], seed, index)
+            moved, mask = _move(clean, clean_mask, SYNTHETIC_SITES[site])
+            image = _apply_shift(moved, SYNTHETIC_SITES[site], seed, index)
             image = np.clip(image, 0.0, None) * np.float32(INTENSITY_SCALE)
             folder = root / site
             _save(image.astype(np.float32), folder / f"Case{index:02d}.nii.gz", affine)

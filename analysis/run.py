@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.agreement import Agreement, agreement_matrices
 from analysis.aline import aline_table, lines_test
+from analysis.health import health_line, pool_health
 from analysis.claims import claims_table, sam_members_of, verdicts_markdown, write_claims
 from analysis.correlate import (DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs,
                                 correlations)
@@ -122,7 +123,8 @@ def _write_csv(df: pd.DataFrame, path: Path, files: list[Path]) -> None:
 def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_dir: str | os.PathLike | None = None,
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
-                 degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None) -> dict:
+                 degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
+                 target_order: list[str] | None = None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -366,6 +368,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     # --- tables.md and summary.json -------------------------------------------------------------
     n_members = int(members["member_id"].nunique())
     targets = list(dict.fromkeys(perf["target"].astype(str)))
+    # the pool's health (analysis.health), along the targets in the spec's order (growing severity)
+    health = pool_health(perf, [t for t in (target_order or []) if t in targets]
+                         + [t for t in targets if t not in (target_order or [])])
     md = [f"# Analysis: {experiment_dir.name}", "",
           f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
           f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
@@ -386,6 +391,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             blocks += [head, "", render(sub), ""]
         return blocks
 
+    md += ["## Pool health", "", health_line(health, metric) + ".", "",
+           "Collapsed members: " + (", ".join(f"`{m}`" for m in health["collapsed"]) or "none") + ".", ""]
     md += ["## Claims", "", "Which of the paper's claims this experiment reproduces, by the rule stated in "
            "[claims.md](claims.md) (95% intervals over training runs; every row in `claims.csv`):", "",
            verdicts_markdown(claims), ""]
@@ -430,14 +437,14 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                "indicators": available, "notes": notes, "missing": list(missing or []), "correlations": corr_records, "selection": sel_records,
                "loto_mae": _json_clean(loto_summary.to_dict(orient="records")),
                "aline_mae": _json_clean(aline_fits), "lines": _json_clean(line_rows),
-               "oracle_members": oracle_ids, "member_sets": list(member_sets),
+               "oracle_members": oracle_ids, "member_sets": list(member_sets), "pool_health": health,
                "claims": _json_clean(claims.to_dict(orient="records")),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     (out / "summary.json").write_text(json.dumps(_json_clean(summary), indent=1, allow_nan=False) + "\n",
                                       encoding="utf-8")
     files.append(out / "summary.json")
     return {"out_dir": str(out), "files": [str(f) for f in files], "correlations": corr_records,
-            "selection": sel_records, "notes": notes, "claims": summary["claims"]}
+            "selection": sel_records, "notes": notes, "claims": summary["claims"], "pool_health": health}
 
 
 def joint_tables(experiment_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:

@@ -383,7 +383,8 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
         log(f"analysis without {line}")
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
-                          degenerate_floor=spec.analysis.degenerate_floor, missing=missing)
+                          degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
+                          target_order=list(spec.data.targets))
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:
@@ -496,6 +497,10 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
                "analysis_dir": result["out_dir"], "seconds": round(time.time() - t0, 1),
                "members": len(records.member_part_ids(exp))}
     log(f"done in {summary['seconds']:.0f}s: {summary['members']} pool members")
+    if result.get("pool_health"):
+        from analysis.health import health_line
+
+        log(health_line(result["pool_health"], spec.analysis.metric))
     log(f"  records:  {exp / records.RECORDS_DIR}")
     log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
     log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")

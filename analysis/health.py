@@ -1,0 +1,75 @@
+"""Does the pool learn? The three checks a study needs before its correlations mean anything.
+
+A pool whose members predict nothing, or whose "harder" targets score above the source, lets every
+indicator correlate through collapsed-versus-working members, and the study then tests nothing
+(issue 16). :func:`pool_health` reads the analysis's performance table (one row per member and
+target: ``id_score``, ``ood_score``) and reports:
+
+* **learns**: the best member of every architecture reaches ``id_bar`` on the source test split;
+* **few collapsed**: at most ``max_collapsed_share`` of the members score below ``collapse_floor`` on
+  the source (they predict almost nothing);
+* **OOD ordered**: the pool's mean OOD score falls along the targets in the order given (the spec lists
+  them by growing shift severity), and every target's mean is below the source's mean.
+
+The numbers are the pool's as trained: every member, oracle-prompted ones included (they are members
+of the pool; the label-free guarantee concerns indicators, not this check).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+#: The demo's bars (issue 16): best member per architecture, share of collapsed members, collapse floor.
+ID_BAR = 0.70
+MAX_COLLAPSED_SHARE = 0.10
+COLLAPSE_FLOOR = 0.05
+
+
+def pool_health(performance: pd.DataFrame, targets: Sequence[str], id_bar: float = ID_BAR,
+                collapse_floor: float = COLLAPSE_FLOOR, max_collapsed_share: float = MAX_COLLAPSED_SHARE) -> dict:
+    """The pool's health checks (module doc) from ``performance`` (columns ``member_id``, ``arch``,
+    ``target``, ``id_score``, ``ood_score``); ``targets`` in the order of growing shift severity.
+
+    Returns a JSON-able dict: ``best_id`` per architecture, ``collapsed`` (member ids), ``mean_id``,
+    ``mean_ood`` per target, the three verdicts ``learns``, ``few_collapsed``, ``ood_ordered``, ``ok``
+    (all three) and the bars used.
+    """
+    members = performance.drop_duplicates("member_id")
+    best = members.groupby("arch")["id_score"].max().sort_index()
+    collapsed = sorted(members.loc[members["id_score"] < collapse_floor, "member_id"])
+    mean_id = float(members["id_score"].mean())
+    by_target = performance.groupby("target")["ood_score"].mean()
+    targets = [t for t in targets if t in by_target.index]
+    mean_ood = {t: float(by_target[t]) for t in targets}
+    means = [mean_ood[t] for t in targets]
+    ordered = bool(targets) and all(a > b for a, b in zip(means, means[1:])) and all(m < mean_id for m in means)
+    out = {
+        "n_members": int(len(members)),
+        "best_id": {a: float(v) for a, v in best.items()},
+        "collapsed": collapsed,
+        "mean_id": mean_id,
+        "mean_ood": mean_ood,
+        "learns": bool(len(best)) and bool((best >= id_bar).all()),
+        "few_collapsed": len(collapsed) <= max_collapsed_share * len(members),
+        "ood_ordered": ordered,
+        "bars": {"id_bar": id_bar, "collapse_floor": collapse_floor, "max_collapsed_share": max_collapsed_share},
+    }
+    out["ok"] = out["learns"] and out["few_collapsed"] and out["ood_ordered"]
+    return out
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def health_line(h: dict, metric: str) -> str:
+    """One line for the run's final summary, e.g. ``pool health (iou_3d): best ID per architecture ...``."""
+    bars = h["bars"]
+    best = ", ".join(f"{a} {v:.2f}" for a, v in h["best_id"].items())
+    chain = " > ".join(f"{t} {v:.2f}" for t, v in h["mean_ood"].items())
+    return (f"pool health ({metric}): best ID per architecture {best} (bar >= {bars['id_bar']:.2f}: "
+            f"{_mark(h['learns'])}); collapsed (ID < {bars['collapse_floor']:.2f}) {len(h['collapsed'])} of "
+            f"{h['n_members']} (bar <= {bars['max_collapsed_share']:.0%}: {_mark(h['few_collapsed'])}); mean OOD "
+            f"{chain}, source {h['mean_id']:.2f} (falling with severity, all below the source: "
+            f"{_mark(h['ood_ordered'])})")

@@ -37,7 +37,7 @@ def data_env(tmp_path, monkeypatch):
 
 
 def test_every_preset_parses(data_env):
-    assert {p.stem for p in PRESETS.glob("*.yaml")} == {"demo", *PAPER}
+    assert {p.stem for p in PRESETS.glob("*.yaml")} == {"demo", "study", *PAPER}
     for name, (source, targets, env) in PAPER.items():
         spec = load_spec(PRESETS / f"{name}.yaml")
         assert (spec.data.source, spec.data.targets) == (source, targets), name
@@ -51,6 +51,16 @@ def test_every_preset_parses(data_env):
         roots = {spec.data.root} | {r for _, _, r in spec.data.sites}
         assert roots == {data_env / v for v in env}, name
     assert load_spec(PRESETS / "dr-idrid.yaml").data.labels == LESIONS
+    # the study (issue 16): >= 6 graded targets of more than one kind of shift, >= 60 members over several
+    # architectures (TransUNet and the foundation model among them) and seeds, on the demo's generator
+    from trainables.data.synthetic import SYNTHETIC_SITES
+
+    study = load_spec(PRESETS / "study.yaml")
+    assert study.data.synthetic is not None and len(study.data.targets) >= 6
+    assert len({SYNTHETIC_SITES[t].kind for t in study.data.targets}) >= 4
+    assert len({SYNTHETIC_SITES[t].severity for t in study.data.targets}) >= 3
+    assert study.n_members() >= 60 and len(study.pool.seed.values) >= 2
+    assert {"medsam_lite", "transunet_tiny"} <= set(study.pool.arch.values)
     assert load_spec(PRESETS / "liver-lits.yaml").data.window == (-160.0, 240.0)
 
 

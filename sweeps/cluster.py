@@ -252,6 +252,13 @@ def capacity() -> dict[str, float]:
     return {k: max(float(now.get(k, 0.0)), grow.get(k, 0.0)) for k in ("CPU", "GPU")}
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the largest alive node (a task runs on one node): 0 when Ray reports none."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 def gpu_share(arch: str | None, gpu: float | str | None, per_arch: dict[str, dict[str, Any]] | None,
               has_gpu: bool) -> float:
     """The GPU fraction one trial of ``arch`` asks for (``arch`` None: the δ net)."""

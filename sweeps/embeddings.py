@@ -84,6 +84,9 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
         refs = {}
         for key, cfg in todo.items():
             res = cluster.trial_resources(cfg["arch"], spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+            if not res["gpu"]:  # on CPUs the encoder is the slow part and nothing else runs yet: a whole node
+                res["cpu"] = max(res["cpu"], cluster.largest_node_cpus())
+                cfg = {**cfg, "num_threads": max(1, int(res["cpu"]))}
             log(f"SAM embeddings {key} ({cfg['arch']}): computing once, before the trials, in a Ray task "
                 f"({res['cpu']:g} CPU, {res['gpu']:g} GPU)")
             task = ray.remote(_prepare).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1,

@@ -358,6 +358,7 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     bs = int(cfg["batch_size"])
     for epoch in range(start_epoch + 1, max(cfg["snapshots"]) + 1):
         t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(int(cfg["seed"]), epoch))
         loss_sum, n_steps = train_epoch(model, opt, loss_fn, data, torch.randperm(len(data), generator=rng), bs,
                                         accel, _augmenter(cfg, device, epoch))
         train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
@@ -375,6 +376,19 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
                 _save_state(Path(ckpt_dir) / "state.pt", model, opt, epoch, cfg, accel)
         end_epoch(cfg, run_id, metrics, report, ckpt_dir)
     return members
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of torch's global generator for ``epoch`` of a run seeded ``seed``.
+
+    Stochastic layers (EfficientNet's drop-connect, dropout) draw from torch's global generator. A run
+    resumed at epoch e rebuilds its model (which draws its initialisation from that generator), so
+    without a reseed its draws continued from there, not from where the uninterrupted run stood: a
+    resumed ``unet_effb0`` run ended with other weights than the uninterrupted one. Reseeding at every
+    epoch from (seed, epoch) makes the draws of epoch e the same however the run got there. numpy's
+    ``SeedSequence`` derives the seed, so that it is independent of the flips' (seed, epoch) generator.
+    """
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
 
 def _augmenter(cfg: dict, device: torch.device, epoch: int):

@@ -38,7 +38,7 @@ one kind, at about SiteC's strength, so that a study can tell the kinds apart (t
 site     severity  gamma  bias_coeff  gibbs_alpha  lowres    noise_std    zoom  rotate
 =======  ========  =====  ==========  ===========  ========  ===========  ====  ======
 SiteA    0 clean   1.00   0.00        0.00         1.00      0.000        1.00  0
-SiteB    1 mild    1.30   0.20        0.50         0.75      0.020        1.00  0
+SiteB    1 mild    1.40   0.25        0.55         0.70      0.025        1.00  0
 SiteC    2 moder.  1.60   0.35        0.62         0.60      0.040        1.00  0
 SiteD    3 severe  2.00   0.50        0.70         0.45      0.060        1.00  0
 SiteE    2 intens. 1.80   0.45        0.00         1.00      0.000        1.00  0
@@ -112,7 +112,7 @@ class SiteShift:
 #: The synthetic sites, source first, in increasing severity.
 SYNTHETIC_SITES: dict[str, SiteShift] = {
     "SiteA": SiteShift(severity=0.0, kind="clean"),
-    "SiteB": SiteShift(severity=1.0, gamma=1.3, bias_coeff=0.20, gibbs_alpha=0.50, lowres=0.75, noise_std=0.020),
+    "SiteB": SiteShift(severity=1.0, gamma=1.4, bias_coeff=0.25, gibbs_alpha=0.55, lowres=0.7, noise_std=0.025),
     "SiteC": SiteShift(severity=2.0, gamma=1.6, bias_coeff=0.35, gibbs_alpha=0.62, lowres=0.6, noise_std=0.040),
     "SiteD": SiteShift(severity=3.0, gamma=2.0, bias_coeff=0.50, gibbs_alpha=0.70, lowres=0.45, noise_std=0.060),
     "SiteE": SiteShift(severity=2.0, gamma=1.8, bias_coeff=0.45, kind="intensity"),

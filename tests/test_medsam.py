@@ -35,7 +35,7 @@ def test_batched_forward_matches_sampredictor_image_by_image():
     boxes = np.array([[3, 5, 30, 40], [10, 2, 47, 20], [0, 0, 47, 47], [20, 21, 28, 33]])
     with torch.no_grad():
         ours = model.decode(model.embed(images), torch.from_numpy(boxes), (size, size))
-    assert ours.shape == (4, 1, 64, 64)  # low-res logits: 4x the 16x16 embedding grid
+    assert ours.shape == (4, 1, 128, 128)  # low-res logits: 4x the 32x32 embedding grid
     predictor = SamPredictor(model.sam)
     for i in range(4):
         u8 = np.clip(np.rint(images[i, 0] * 255), 0, 255).astype(np.uint8)
@@ -52,15 +52,15 @@ def test_decoder_batch_is_not_squared():
     seen = []
     transformer = model.sam.mask_decoder.transformer
     handle = transformer.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
-    emb, boxes = torch.randn(5, 64, 16, 16), torch.tensor([[1, 1, 30, 30]] * 5)
+    emb, boxes = torch.randn(5, 64, 32, 32), torch.tensor([[1, 1, 30, 30]] * 5)
     try:
         out = model.decode(emb, boxes, (64, 64))
     finally:
         handle.remove()
-    assert out.shape == (5, 1, 64, 64)
+    assert out.shape == (5, 1, 128, 128)
     # one vmapped transformer call in which each of the 5 samples is one image row (the library's
     # per-prompt repeat is by 1), not 5 x 5 rows
-    assert seen == [(1, 64, 16, 16)]
+    assert seen == [(1, 64, 32, 32)]
 
 
 def test_forward_without_boxes_says_what_is_missing():
@@ -229,7 +229,7 @@ def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_
     cache = open_slice_cache(tiny_cache)
     same = _tiny(seed=0)
     emb, computed = ensure_embeddings(same, cache, tmp_path / "emb", progress=False)
-    assert not computed and emb.dtype == np.float16 and emb.shape == (len(cache.images), 64, 16, 16)
+    assert not computed and emb.dtype == np.float16 and emb.shape == (len(cache.images), 64, 32, 32)
     fg = foreground_rows(cache)
     masks = np.asarray(cache.masks)
     assert fg.tolist() == [i for i in range(len(masks)) if masks[i].any()] and 0 < len(fg) < len(masks)

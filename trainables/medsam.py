@@ -85,7 +85,7 @@ SAM_VARIANTS: dict[str, dict[str, Any]] = {
                   prompt_dim=256, mlp_dim=2048, heads=8, iou_hidden=256, mask_in_chans=16),
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn=(7, 15, 23, 31), patch=16, window=14,
                   prompt_dim=256, mlp_dim=2048, heads=8, iou_hidden=256, mask_in_chans=16),
-    "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn=(1,), patch=4, window=4,
+    "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn=(1,), patch=2, window=4,
                  prompt_dim=64, mlp_dim=128, heads=2, iou_hidden=64, mask_in_chans=8),
 }
 _BY_EMBED_DIM = {v["embed_dim"]: k for k, v in SAM_VARIANTS.items()}
@@ -495,7 +495,7 @@ def encoder_key(source: dict) -> str:
 
 def _key_of(source: dict, content_sha256: str) -> str:
     # the variant's sizes too: a randomly initialised encoder is named by its seed alone, and the same
-    # seed builds a different encoder when a variant's sizes change (medsam_tiny's patch went 8 -> 4)
+    # seed builds a different encoder when a variant's sizes change (medsam_tiny's patch went 8 -> 2)
     ident = {"version": EMBED_VERSION, "slices": content_sha256, "encoder": encoder_key(source),
              "sizes": SAM_VARIANTS.get(source["variant"], LITE),
              "preprocess": "sam-rgb-uint8-resize-longest-normalise-pad"}

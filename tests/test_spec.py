@@ -45,7 +45,7 @@ def test_valid_spec(tmp_path):
 def test_demo_preset_is_valid():
     spec = load_spec(PRESETS / "demo.yaml")
     assert spec.n_members() >= 12
-    assert len(spec.pool.arch.values) >= 2 and len(spec.pool.lr.values) >= 3
+    assert len(spec.pool.arch.values) >= 3 and len(spec.pool.lr.values) >= 2
     assert len(spec.pool.epochs.values) >= 2 and len(spec.data.targets) >= 3
     assert 64 <= spec.data.image_size <= 128
 

@@ -97,6 +97,9 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
 
     if any(is_prompted(a) for a in pool.arch.values):
         space["embeddings_ready"] = True  # the pool's pre-stage computes them (sweeps.embeddings): trials only read
+    if searching and not spec.search.metric.startswith("val_"):
+        # the searcher reads its metric in every epoch's report; between snapshots only val_* is scored
+        space["eval_every_epoch"] = True
     if pool.epochs.mode == "snapshots":
         space["snapshots"] = list(pool.epochs.values)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +18,26 @@ def cfg(tiny_cache, exp, **kw):
     return {"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
             "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 4,
             "num_threads": 1, **kw}
+
+
+def test_between_snapshots_only_the_validation_split_is_scored(tiny_cache, tmp_path):
+    """The test splits are scored at snapshot epochs only (eval_every_epoch: every epoch); the members'
+    records do not change."""
+    runs = {}
+    for every in (False, True):
+        exp = tmp_path / f"every{every}"
+        reports = []
+        train_segmenter(cfg(tiny_cache, exp, snapshots=[1, 3], eval_every_epoch=every),
+                        report=lambda m, c: reports.append(m) or (c and shutil.rmtree(c)))
+        runs[every] = (reports, *records.merge_parts(exp))
+    between, every = runs[False][0][1], runs[True][0][1]
+    assert between["epoch"] == 2 and "val_iou_3d" in between and "id_iou_3d" not in between
+    assert "id_iou_3d" in every and "ood_SiteB_iou_3d" in every
+    assert between["val_iou_3d"] == every["val_iou_3d"] and between["train_loss"] == every["train_loss"]
+    assert all("id_iou_3d" in r for r in runs[False][0][::2])  # epochs 1 and 3 are snapshots
+    for a, b in zip(runs[False][1:], runs[True][1:]):
+        a, b = a.drop(columns=["checkpoint"], errors="ignore"), b.drop(columns=["checkpoint"], errors="ignore")
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
 
 
 def test_train_writes_members_and_records(tiny_cache, tmp_path):

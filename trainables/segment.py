@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.medsam); others ignore it
     "sam_sha256": None,      # the sha256 sam_checkpoint must have (checked before loading); others ignore it
     "embeddings_ready": False,  # True: the driver computed the SAM embeddings, trials only read; others ignore it
+    "eval_every_epoch": False,  # False: between snapshots score only the validation split (see train_segmenter)
     "verbose": False,
     **ACCEL_DEFAULTS,        # amp, channels_last, data placement, augmentation: trainables.accel
 }
@@ -66,8 +67,9 @@ def run_name(arch: str, lr: float, seed: int, last_epoch: int) -> str:
 def end_epoch(cfg: dict, run_id: str, metrics: dict, report: ReportFn | None, ckpt_dir: str | None) -> None:
     """Print the epoch's line (``verbose``) and hand its metrics and checkpoint folder to the reporter."""
     if cfg["verbose"]:
-        print(f"[{run_id}] epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} "
-              f"id_iou_3d {metrics['id_iou_3d']:.3f} ood_mean_iou_3d {metrics['ood_mean_iou_3d']:.3f}")
+        scores = " ".join(f"{k} {metrics[k]:.3f}" for k in ("val_iou_3d", "id_iou_3d", "ood_mean_iou_3d")
+                          if k in metrics and not math.isnan(metrics[k]))
+        print(f"[{run_id}] epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} {scores}")
     if report is not None:
         report(metrics, ckpt_dir)
 
@@ -124,6 +126,17 @@ def val_set(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
     """``[(source, "val", rows)]`` for the validation split (empty when there is none)."""
     val_rows = train_val_rows(cache, cfg)[1]
     return [(cfg["source"], "val", val_rows)] if len(val_rows) else []
+
+
+def epoch_sets(cfg: dict, sets: list, epoch: int) -> list:
+    """The eval sets scored at ``epoch``: all of them at a snapshot epoch (or with ``eval_every_epoch``), only
+    the validation split in between, when there is one. A member is frozen only at snapshots, so the test
+    splits scored in between fed nothing but the learning curves (with 7 targets, most of an epoch's time);
+    the validation split drives the search and stays in every epoch's report."""
+    if cfg["eval_every_epoch"] or epoch in cfg["snapshots"]:
+        return sets
+    val = [s for s in sets if s[1] == "val"]
+    return val or sets
 
 
 def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
@@ -334,6 +347,8 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     resident = data.placement == "device" and choose_placement(
         data.nbytes + eval_bytes, device, cfg["gpu_share"], cfg["data_placement"], "train_segmenter")[0] == "device"
     evald = EvalData(cache, sets, device, resident=resident)
+    between = epoch_sets(cfg, sets, 0)  # the sets scored between snapshots (epoch 0 is never a snapshot)
+    evald_between = evald if between is sets else EvalData(cache, between, device, resident=resident)
     where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
     print(f"[{run_id}] {accel.describe()}; {where}", flush=True)
 
@@ -364,7 +379,8 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
         train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
         train_s = time.perf_counter() - t0
         snapshot = epoch in cfg["snapshots"]
-        slices, preds = evaluate(model, cache, evald, device, int(cfg["eval_batch_size"]), accel, keep_preds=snapshot)
+        slices, preds = evaluate(model, cache, evald if snapshot else evald_between, device,
+                                 int(cfg["eval_batch_size"]), accel, keep_preds=snapshot)
         metrics = {"epoch": epoch, "train_loss": train_loss, **summarize(slices),
                    "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0 - train_s}
         ckpt_dir = None

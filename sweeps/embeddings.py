@@ -42,8 +42,9 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, dict]:
     from .pool import param_space
 
     space = param_space(spec, cache_dir)
-    fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device")
-             if k in space}
+    # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
+    fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
+                                   "targets", "target_split") if k in space}
     jobs: dict[str, dict] = {}
     for arch in archs:
         cfg = {**fixed, "arch": arch}
@@ -69,12 +70,12 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
     jobs = embedding_jobs(spec, cache_dir)
     if not jobs:
         return []
-    from trainables.medsam import embedding_folder
+    from trainables.medsam import embedding_folder, missing_embeddings
 
     from . import cluster
 
     folders = {key: embedding_folder(cfg) for key, cfg in jobs.items()}
-    todo = {key: cfg for key, cfg in jobs.items() if not (folders[key] / "manifest.json").exists()}
+    todo = {key: cfg for key, cfg in jobs.items() if missing_embeddings(cfg)}
     for key in set(jobs) - set(todo):
         log(f"SAM embeddings {key}: found in {folders[key].parent}")
     if todo:

@@ -245,6 +245,40 @@ def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_
     assert embedding_key(_tiny(seed=0, img_size=32), cache) != embedding_key(same, cache)
 
 
+def test_embedding_cache_embeds_only_the_rows_a_sweep_reads_and_extends_in_place(tiny_cache, tmp_path):
+    from trainables.medsam import EMBEDDED, sweep_rows
+
+    cache = open_slice_cache(tiny_cache)
+    model, root = _tiny(seed=0), tmp_path / "emb"
+    cfg = {"source": "SiteA", "targets": ["SiteB"], "target_split": "test"}
+    rows = sweep_rows(cache, cfg)  # the source's every split and SiteB's test split
+    assert set(cache.index.iloc[rows]["site"]) == {"SiteA", "SiteB"}
+    assert set(cache.index.iloc[rows][cache.index.iloc[rows]["site"] == "SiteB"]["split"]) == {"test"}
+    assert sweep_rows(cache, {}) is None
+    fg = foreground_rows(cache)
+    need = np.intersect1d(fg, rows)
+    emb, computed = ensure_embeddings(model, cache, root, progress=False, rows=rows)
+    assert computed and 0 < len(need) < len(fg)
+    folder = root / embedding_key(model, cache)
+    embedded = np.load(folder / EMBEDDED)
+    assert np.flatnonzero(embedded).tolist() == need.tolist()
+    assert np.asarray(emb[need]).any(axis=(1, 2, 3)).all() and not np.asarray(emb[np.setdiff1d(fg, need)]).any()
+    first = np.array(emb[need])
+    # the same rows again: read, not computed; rows it lacks: an error when only reading, else extended
+    assert not ensure_embeddings(model, cache, root, progress=False, rows=rows)[1]
+    with pytest.raises(FileNotFoundError, match=r"lack \d+ of the \d+ slices"):
+        ensure_embeddings(model, cache, root, progress=False, compute=False)
+    emb, computed = ensure_embeddings(model, cache, root, progress=False)
+    assert computed and np.load(folder / EMBEDDED)[fg].all()
+    np.testing.assert_array_equal(np.asarray(emb[need]), first)  # the rows already there were kept
+    with torch.no_grad():
+        direct = model.embed(cache.images[np.setdiff1d(fg, need)[:2]]).numpy()
+    np.testing.assert_allclose(emb[np.setdiff1d(fg, need)[:2]].astype(np.float32), direct, atol=2e-3, rtol=1e-2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["embedded_slices"] == len(fg) and manifest["not_read_slices"] == 0
+    assert not ensure_embeddings(model, cache, root, progress=False)[1]
+
+
 # ----------------------------------------------------------------------------- a training run
 
 @pytest.fixture(scope="module")

@@ -544,6 +544,8 @@ def embedding_folder(config: dict) -> Path:
 #: Under ``<root>/.encoder-runs/``: one small JSON file per computation of an embedding cache (key, host,
 #: pid, start), written before the encoder runs, so that "computed once" can be checked on shared storage.
 ENCODER_RUNS = ".encoder-runs"
+#: In an embedding cache's folder: a bool per slice-cache row, True where the row holds an embedding.
+EMBEDDED = "embedded.npy"
 
 
 def encoder_runs(root: str | os.PathLike, key: str | None = None) -> list[dict]:
@@ -587,8 +589,48 @@ def prepare_embeddings(config: dict) -> Path:
     cache = open_slice_cache(cfg["cache"])
     model = build_member_model(cfg, in_channels=int(cache.images.shape[1]))
     root = embeddings_root(cache, cfg["embedding_dir"])
-    ensure_embeddings(model, cache, root, resolve_device(cfg["device"]), int(cfg["embed_batch_size"]))
+    ensure_embeddings(model, cache, root, resolve_device(cfg["device"]), int(cfg["embed_batch_size"]),
+                      rows=sweep_rows(cache, cfg))
     return root / embedding_key(model, cache)
+
+
+def sweep_rows(cache: SliceCache, cfg: dict) -> np.ndarray | None:
+    """The cache rows a sweep with ``cfg``'s ``source``, ``targets`` and ``target_split`` reads: every split
+    of the source (training, validation, test) and each target's ``target_split``; None (every row) when
+    ``cfg`` names no source. A target's training cases are never read, and on a CPU the encoder is the
+    slow part (LiteMedSAM: about 1.5 s a slice on 2 cores), so they are not embedded."""
+    if not cfg.get("source"):
+        return None
+    parts = [cache.rows(cfg["source"])]
+    parts += [cache.rows(t, cfg.get("target_split", "test")) for t in cfg.get("targets") or ()]
+    return np.unique(np.concatenate(parts))
+
+
+def missing_embeddings(config: dict) -> int:
+    """How many of the slices a pool trial's ``config`` reads (``sweep_rows``, with foreground) its embedding
+    cache lacks: all of them when the cache does not exist."""
+    cache = open_slice_cache(config["cache"])
+    need = _needed_rows(cache, sweep_rows(cache, config))
+    folder = embedding_folder(config)
+    if not (folder / "manifest.json").exists():
+        return len(need)
+    return int((~_embedded(folder, cache)[need]).sum())
+
+
+def _needed_rows(cache: SliceCache, rows: np.ndarray | None) -> np.ndarray:
+    fg = foreground_rows(cache)
+    return fg if rows is None else np.intersect1d(fg, rows)
+
+
+def _embedded(folder: Path, cache: SliceCache) -> np.ndarray:
+    """Which rows of the cache in ``folder`` hold an embedding (``embedded.npy``; a cache written before it
+    existed holds every slice with foreground)."""
+    f = folder / EMBEDDED
+    if f.exists():
+        return np.load(f)
+    mask = np.zeros(len(cache.images), dtype=bool)
+    mask[foreground_rows(cache)] = True
+    return mask
 
 
 def _open_embeddings(folder: Path) -> np.ndarray:
@@ -597,8 +639,10 @@ def _open_embeddings(folder: Path) -> np.ndarray:
 
 def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike | None = None,
                       device: torch.device | str = "cpu", batch_size: int = 8,
-                      progress: bool = True, compute: bool = True) -> tuple[np.ndarray, bool]:
-    """The float16 image embeddings ``N x D x h x w`` of every slice of ``cache`` (memory-mapped).
+                      progress: bool = True, compute: bool = True,
+                      rows: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """The float16 image embeddings ``N x D x h x w`` of the slices of ``cache`` (memory-mapped), holding at
+    least the slices with foreground among ``rows`` (None: all of them; ``sweep_rows`` gives a sweep's).
 
     Computed at most once per key on one machine: the first caller takes an exclusive ``fcntl.flock``
     on ``<root>/.<key>.lock``, writes into a temporary folder and renames it into place; callers that
@@ -607,8 +651,12 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
     through ``prepare_embeddings``) computes every cache before the trials start, and the trials call
     this with ``compute=False``. Every computation leaves a record (``encoder_runs``).
 
+    A cache that lacks some of ``rows`` is extended in place under the same lock (the rows already there
+    are not recomputed); ``embedded.npy`` marks the rows that hold an embedding.
+
     Args:
-        compute: False: only read; a missing cache is a FileNotFoundError naming its folder.
+        compute: False: only read; a missing cache (or missing rows) is a FileNotFoundError naming its folder.
+        rows: the cache rows the caller reads.
 
     Returns:
         (embeddings, computed): ``computed`` is True if this call ran the encoder.
@@ -616,9 +664,17 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
     root = Path(root) if root is not None else embeddings_root(cache)
     key = embedding_key(model, cache)
     final = root / key
+    need = _needed_rows(cache, rows)
     if (final / "manifest.json").exists():
-        return _open_embeddings(final), False
-    if not compute:
+        lack = int((~_embedded(final, cache)[need]).sum())
+        if not lack:
+            return _open_embeddings(final), False
+        if not compute:
+            raise FileNotFoundError(
+                f"the SAM embeddings {final} lack {lack} of the {len(need)} slices with foreground this run reads "
+                f"(the driver's pre-stage embeds the rows of the spec's source and targets): rerun `oodsweep run` "
+                f"with the spec that wrote them, or delete {final} so that the pre-stage computes it again")
+    elif not compute:
         raise FileNotFoundError(
             f"the SAM embeddings {final} (manifest.json) are missing, but the driver's pre-stage computes them "
             f"before the pool's trials start (embeddings_ready): this node does not see the storage the driver "
@@ -630,11 +686,17 @@ def ensure_embeddings(model: MedSAM, cache: SliceCache, root: str | os.PathLike 
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if (final / "manifest.json").exists():  # another trial finished it while we waited
-                return _open_embeddings(final), False
+                embedded = _embedded(final, cache)
+                if embedded[need].all():
+                    return _open_embeddings(final), False
+                _log_encoder_run(root, key)  # extend in place: only the missing rows
+                _compute_embeddings(model, cache, final, key, torch.device(device), batch_size, progress,
+                                    need[~embedded[need]], embedded)
+                return _open_embeddings(final), True
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".build-{key}-"))
             _log_encoder_run(root, key)
             try:
-                _compute_embeddings(model, cache, tmp, key, torch.device(device), batch_size, progress)
+                _compute_embeddings(model, cache, tmp, key, torch.device(device), batch_size, progress, need)
                 os.rename(tmp, final)
             finally:
                 if tmp.exists():
@@ -655,17 +717,21 @@ def foreground_rows(cache: SliceCache, chunk: int = 256) -> np.ndarray:
 
 
 def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str, device: torch.device,
-                        batch_size: int, progress: bool) -> None:
-    """Embed the slices with foreground only, into an ``N x D x h x w`` float16 array (rows of slices
-    without foreground stay zero): under the oracle protocol such a slice has no box, is skipped in
-    training and predicted empty, so its embedding is never read."""
+                        batch_size: int, progress: bool, rows: np.ndarray,
+                        embedded: np.ndarray | None = None) -> None:
+    """Embed ``rows`` (slices with foreground) into an ``N x D x h x w`` float16 array: a new one in
+    ``folder``, or (``embedded``: the rows it holds) the existing one, in place. The other rows stay zero:
+    a slice without foreground has no box under the oracle protocol (skipped in training, predicted
+    empty), and the rows a sweep does not read are never read."""
     enc = model.sam.image_encoder
     model.to(device)
     n = len(cache.images)
-    rows = foreground_rows(cache)
     t0 = time.perf_counter()
     out = first = None
-    if not len(rows):  # no foreground anywhere: the shape from one slice, nothing stored
+    if embedded is not None:
+        out = np.load(folder / "embeddings.npy", mmap_mode="r+")
+        first = out[:1]
+    elif not len(rows):  # nothing to embed: the shape from one slice, nothing stored
         first = model.embed(cache.images[:1])
     step = max(1, (len(rows) // batch_size) // 10)
     for k, i in enumerate(range(0, len(rows), batch_size)):
@@ -678,21 +744,32 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
         out[r] = emb
         if progress and (k % step == 0 or i + batch_size >= len(rows)):
             print(f"[oodsweep] SAM embeddings {key}: {min(i + batch_size, len(rows))}/{len(rows)} slices with "
-                  f"foreground ({n - len(rows)} empty skipped; {time.perf_counter() - t0:.0f}s)",
+                  f"foreground ({time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr, flush=True)
     if out is None:
         out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float16,
                                         shape=(n, *first.shape[1:]))
     out.flush()
     del out
+    if embedded is None:
+        embedded = np.zeros(n, dtype=bool)
+    embedded[rows] = True
+    tmp = folder / f".tmp-{os.getpid()}-{EMBEDDED}"
+    with open(tmp, "wb") as f:
+        np.save(f, embedded)
+    os.replace(tmp, folder / EMBEDDED)  # after the embeddings: a reader never sees a row marked before it is
+    fg = len(foreground_rows(cache))
     manifest = {"version": EMBED_VERSION, "key": key, "slice_cache": str(cache.path),
                 "slice_content_sha256": cache.manifest["content_sha256"], "encoder": model.encoder_key(),
                 "source": model.source, "shape": [n, *first.shape[1:]], "dtype": "float16",
-                "embedded_slices": int(len(rows)), "skipped_empty_slices": int(n - len(rows)),
-                "rows": "slices with foreground; the rows of the others are zero (never read)",
+                "embedded_slices": int(embedded.sum()), "skipped_empty_slices": int(n - fg),
+                "not_read_slices": int(fg - embedded.sum()),
+                "rows": "slices with foreground that a sweep reads (embedded.npy); the others are zero (never read)",
                 "encoder_params": sum(p.numel() for p in enc.parameters()), "device": str(device),
                 "seconds": time.perf_counter() - t0, "pid": os.getpid(), "created": time.time()}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tmp = folder / f".tmp-{os.getpid()}-manifest.json"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / "manifest.json")
 
 
 # ----------------------------------------------------------------------------- training and scoring
@@ -839,7 +916,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
     """
     import torch.nn.functional as F
 
-    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device, rows=rows)
     masks = np.asarray(cache.masks[rows])
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
@@ -857,7 +934,7 @@ def mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: t
 def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,
                         batch_size: int = 64) -> torch.Tensor:
     """A frozen MedSAM member's ``N x H x W`` bool predictions on cache rows (oracle boxes, cached embeddings)."""
-    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device)
+    embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device, rows=rows)
     return predict_prompted(model, embeddings, np.asarray(cache.masks[rows]), device, model.box_mode,
                             batch_size, rows)[0]
 
@@ -929,7 +1006,8 @@ def train_medsam(config: dict, report=None) -> list[dict]:
     t0 = time.perf_counter()
     # embeddings_ready: the driver's pre-stage computed them (sweeps.embeddings): read only, never compute
     embeddings, computed = ensure_embeddings(model, cache, embeddings_root(cache, cfg["embedding_dir"]), device,
-                                             int(cfg["embed_batch_size"]), compute=not cfg["embeddings_ready"])
+                                             int(cfg["embed_batch_size"]), compute=not cfg["embeddings_ready"],
+                                             rows=sweep_rows(cache, cfg))
     embed_s = time.perf_counter() - t0
 
     train_rows = segment.train_val_rows(cache, cfg)[0]
@@ -993,7 +1071,8 @@ def train_medsam(config: dict, report=None) -> list[dict]:
             loss_sum += decoder_step(model, opt, loss_fn, emb, box, target, hw, amp)
             n_steps += 1
         train_s = time.perf_counter() - t0
-        slices, preds = evaluate_prompted(model, cache, embeddings, sets, device, cfg["box_mode"],
+        slices, preds = evaluate_prompted(model, cache, embeddings, segment.epoch_sets(cfg, sets, epoch), device,
+                                          cfg["box_mode"],
                                           int(cfg["eval_batch_size"]))
         metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_steps, 1), **segment.summarize(slices),
                    "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0 - train_s,

@@ -101,7 +101,9 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
 
     u = spec.uncertainty
     gpu = cluster.gpu_share(None, u.gpu, None, cluster.capacity().get("GPU", 0) > 0)
-    # one grid point per member: its id, checkpoint and whether it also gets the baselines
+    # one grid point per member: its id, checkpoint and whether it also gets the baselines; the members with
+    # baselines first (they take about twice as long), so that no long trial starts in the last wave
+    member_ids = sorted(member_ids, key=lambda m: m not in with_baselines)
     return {
         "member": tune.grid_search([{"member_id": m, "checkpoint": checkpoints[m],
                                      "baselines": list(u.baselines) if m in with_baselines else []}

@@ -302,7 +302,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         with_baselines = stage.baseline_members(spec, members, slices)
         if len(with_baselines) < len(members):
             split = "validation" if (slices["role"] == "val").any() else "ID test"
-            log(f"baselines for the {len(with_baselines)} best members by {split} {spec.analysis.metric} "
+            each = " of each architecture" if u.baseline_per_arch else ""
+            log(f"baselines for the {len(with_baselines)} best members{each} by {split} {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
         records.clear_scratch(exp)
         if retire and reconcile.retire_tune_state(exp / stage.STAGE):

@@ -168,8 +168,11 @@ class UncertaintySpec:
     max_failures: int = 1
     checkpoint_every: int = 10
     #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
-    #: ID performance on the source test split (source labels only)
+    #: performance on the source's validation split (its test split without one; source labels only)
     baseline_members: int | None = None
+    #: True (``baseline_members: {per_arch: N}``): the N best of each architecture, so that Table 4 covers
+    #: every family (pool-wide, the best members may all be of one architecture)
+    baseline_per_arch: bool = False
     #: as PoolSpec.training, without augment
     training: dict = field(default_factory=dict)
     #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
@@ -629,7 +632,11 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             raise c.fail("uncertainty.baselines", f"expected a list (possibly empty), got {bl!r}")
         umct = u.get("max_concurrent_trials")
         bm = u.get("baseline_members", "all")
-        if bm != "all":
+        per_arch = isinstance(bm, dict)
+        if per_arch:
+            bm = c.keys(bm, "uncertainty.baseline_members", {"per_arch": True})["per_arch"]
+            bm = c.number(bm, "uncertainty.baseline_members.per_arch", integer=True, positive=True)
+        elif bm != "all":
             bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
         uncertainty = UncertaintySpec(
             method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
@@ -650,7 +657,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
             checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
                                       positive=True),
-            baseline_members=None if bm == "all" else bm,
+            baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,
             fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
             bayescap=_bayescap(c, u.get("bayescap")),
             training=_training(c, u.get("training"), "uncertainty.training", augment=False))

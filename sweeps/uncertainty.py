@@ -90,7 +90,11 @@ def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFram
         return set(members["member_id"])
     role = "val" if (slices["role"] == "val").any() else "id"
     score = records.metric_by(slices[slices["role"] == role], spec.analysis.metric, by=["member_id"])
-    return set(score.fillna(-1).sort_values(ascending=False, kind="stable").index[:n])
+    ranked = score.reindex(members["member_id"]).fillna(-1).sort_values(ascending=False, kind="stable")
+    if not spec.uncertainty.baseline_per_arch:
+        return set(ranked.index[:n])
+    arch = members.set_index("member_id")["arch"]
+    return {m for a in arch.unique() for m in ranked[arch.reindex(ranked.index) == a].index[:n]}
 
 
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],

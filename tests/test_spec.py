@@ -220,3 +220,15 @@ def test_baseline_members_are_chosen_on_the_validation_split(tmp_path):
                            {**row, "member_id": "b", "role": "val", "tp": 9, "fp": 1}])
     assert baseline_members(spec, members, slices) == {"b"}
     assert baseline_members(spec, members, slices[slices["role"] == "id"]) == {"a"}  # no validation split
+
+    # {per_arch: N}: the N best of each architecture
+    per_arch = parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arch": 1}}})
+    assert per_arch.uncertainty.baseline_per_arch and per_arch.uncertainty.baseline_members == 1
+    members = pd.DataFrame({"member_id": ["a", "b", "c"], "arch": ["unet_r18", "unet_r18", "medsam_lite"]})
+    slices = pd.concat([slices, pd.DataFrame([{**row, "member_id": "c", "role": "val", "tp": 0, "fp": 9}])])
+    assert baseline_members(per_arch, members, slices) == {"b", "c"}
+    assert baseline_members(spec, members, slices) == {"b"}
+    with pytest.raises(SpecError, match=r"uncertainty\.baseline_members\.per_arch.*-1"):
+        parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arch": -1}}})
+    with pytest.raises(SpecError, match=r"uncertainty\.baseline_members.*per_arc"):
+        parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arc": 2}}})

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,18 +30,22 @@ from typing import Any
 
 import yaml
 
-from trainables.data.layouts import LAYOUTS as _LAYOUT_REGISTRY
+from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
 from trainables.models import MODELS
-from trainables.records import ALL_METRICS as _ALL_METRICS
+from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
 
+# The choice lists come from their registries (DESIGN §2: one registry per kind of plug-in); the
+# analysis' indicators are read where the analysis section is checked (``indicator_choices``).
 #: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
-METRICS = _ALL_METRICS
-LAYOUTS = tuple(_LAYOUT_REGISTRY)
+METRICS = ALL_METRICS
+LAYOUTS = tuple(LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
-INDICATORS = ("id_performance", "agreement", "uncertainty")
-BASELINES = ("bayescap", "tta_noise", "tta_color", "mc_dropout", "ggd_yhat_only")
-DEFAULT_BASELINES = BASELINES[:4]  # Table 4's; ggd_yhat_only (the ablation) only when asked for
+#: δ (``uncertainty.method``) is the records' first uncertainty method; the others are its baselines
+METHODS = UNCERTAINTY_METHODS[:1]
+BASELINES = UNCERTAINTY_METHODS[1:]
+#: Table 4's; ggd_yhat_only (the ablation) only when asked for
+DEFAULT_BASELINES = tuple(b for b in BASELINES if b != "ggd_yhat_only")
 FIT_SPLITS = ("train", "val")
 
 
@@ -117,7 +122,7 @@ class PoolSpec:
     batch_size: int = 8
     weight_decay: float = 0.0
     cpu: float = 1.0
-    #: GPU fraction per trial; None = "auto": the architecture's share (sweeps.cluster.GPU_SHARE)
+    #: GPU fraction per trial; None = "auto": the architecture's share (trainables.models.ModelSpec.gpu_share)
     #: when the cluster has (or can autoscale to) GPUs, else 0
     gpu: float | None = None
     #: per-architecture overrides, e.g. {"transunet": {"gpu": 1, "cpu": 8}}
@@ -158,7 +163,7 @@ class UncertaintySpec:
     beta: float = 2.0
     learn_beta: bool = False
     batch_size: int = 8
-    baselines: tuple[str, ...] = ("bayescap", "tta_noise", "tta_color", "mc_dropout")
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
     passes: int = 8
     workers: int = 1          # Ray Train workers per member (DDP when > 1)
     cpu: float = 1.0          # per Train worker
@@ -370,6 +375,29 @@ def _gpu(c, v, key: str) -> float | None:
     return None if v == "auto" else c.number(v, key, nonneg=True)
 
 
+def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
+    """The names ``analysis.indicators`` takes (the analysis' registry: indicators and their groups), and
+    those computed from δ's maps (they need an ``uncertainty:`` section)."""
+    from analysis import INDICATOR_GROUPS, INDICATORS  # the driver's analysis stage imports it anyway
+
+    delta = {n for n, info in INDICATORS.items() if info.needs == "uncertainty"}
+    delta |= {g for g, names in INDICATOR_GROUPS.items() if set(names) <= delta}
+    return (*INDICATORS, *INDICATOR_GROUPS), delta
+
+
+def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
+    """``data.image_size`` must be a multiple of every pool architecture's ``ModelSpec.size_multiple``
+    (the encoders' down-sampling), and of δ's body when the spec fits δ."""
+    need = {a: MODELS[a].size_multiple for a in archs}
+    if with_delta:  # δ's body is smp's UNet with a ResNet-18 encoder (trainables.uncertainty.DeltaNet)
+        need["the δ net (a ResNet-18 UNet)"] = MODELS["unet_r18"].size_multiple
+    multiple = math.lcm(*need.values())
+    if image_size % multiple:
+        why = ", ".join(f"{a} {m}x" for a, m in need.items() if m > 1)
+        raise c.fail("data.image_size", f"must be a multiple of {multiple} (the encoders down-sample: {why}), got "
+                                        f"{image_size}; use e.g. {max(multiple, round(image_size / multiple) * multiple)}")
+
+
 def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | None = None) -> SweepSpec:
     """Validate a spec mapping. Relative paths resolve against ``base_dir`` (default: the cwd)."""
     base = Path(base_dir or os.getcwd()).resolve()
@@ -452,7 +480,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
             c.choice(site, k, tuple(SYNTHETIC_SITES))
     used = {s: lay for s, lay, _ in site_entries}
     lays = {used.get(s, layout) for s in [source, *targets]}
-    modalities = {_LAYOUT_REGISTRY[x].modality for x in lays}
+    modalities = {LAYOUT_REGISTRY[x].modality for x in lays}
     if len(modalities) > 1:
         raise c.fail("data.sites", f"the sites mix modalities {sorted(modalities)} (layouts {sorted(lays)}); a sweep's "
                                    "sites must share one")
@@ -460,7 +488,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     labels = None
     if d.get("lesions") is not None:
         les = d["lesions"]
-        valid = tuple(_LAYOUT_REGISTRY[next(iter(lays))].labels)
+        valid = tuple(LAYOUT_REGISTRY[next(iter(lays))].labels)
         if modality != "fundus":
             raise c.fail("data.lesions", f"applies to the fundus layouts (idrid, fgadr) only; {sorted(lays)} has the "
                                          f"labels {list(valid)}")
@@ -483,8 +511,6 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         if not window[0] < window[1]:
             raise c.fail("data.window", f"low must be < high, got {list(w)}")
     image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
-    if image_size % 32:
-        raise c.fail("data.image_size", f"must be a multiple of 32 (the encoders down-sample 32x), got {image_size}")
     data = DataSpec(
         layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
         split_seed=c.number(d.get("split_seed", 0), "data.split_seed", integer=True, nonneg=True),
@@ -632,7 +658,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         if bm != "all":
             bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
         uncertainty = UncertaintySpec(
-            method=c.choice(u.get("method", "ggd"), "uncertainty.method", ("ggd",)),
+            method=c.choice(u.get("method", "ggd"), "uncertainty.method", METHODS),
             epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
             lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
             lam=_lam(c, u.get("lam", 1.0)),
@@ -668,15 +694,18 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
         raise c.fail("analysis.indicators", f"expected a list, got {indicators!r}")
+    valid, from_delta = indicator_choices()
     analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
-                            indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", INDICATORS)
+                            indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", valid)
                                              for i, v in enumerate(indicators)),
                             degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
                                                             "analysis.degenerate_floor", nonneg=True, maximum=0.5)))
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
-    if "uncertainty" in analysis.indicators and uncertainty is None:
-        raise c.fail("analysis.indicators", "lists 'uncertainty' but the spec has no `uncertainty:` section "
+    need_delta = [v for v in analysis.indicators if v in from_delta]
+    if need_delta and uncertainty is None:
+        raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "
                                             "(add one, e.g. `uncertainty: {epochs: 50}`)")
+    check_image_size(c, data.image_size, arch.values, uncertainty is not None)
     return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, uncertainty=uncertainty,
                      analysis=analysis,
                      tracking_uri=t.get("uri"), raw=raw)

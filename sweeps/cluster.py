@@ -5,9 +5,9 @@
 * ``check_storage`` / ``check_tracking``: refuse to launch on storage the cluster's nodes do not
   share, or with an MLflow store that cannot be reached, with the fix in the message.
 * ``capacity`` / ``trial_resources`` / ``max_concurrent``: per-architecture GPU shares (the model
-  registry's ``ModelSpec.gpu_share``) so that small models share a GPU (two UNet-R50 trials on one H100 gave 2.17x the throughput of one,
-  ../shared/ANCHORS.md), and the number of concurrent trials from what the cluster has or, on an
-  autoscaling cluster, can grow to.
+  registry's ``ModelSpec.gpu_share``) so that small models share a GPU (two UNet-R50 trials on one
+  H100 gave 2.17x the throughput of one, ../shared/ANCHORS.md), and the number of concurrent trials
+  from what the cluster has or, on an autoscaling cluster, can grow to.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .console import log
 from .spec import SpecError
 
 #: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
@@ -31,10 +32,6 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 _started_local = False  # set by connect(): a local Ray of our own cannot autoscale
-
-
-def log(msg: str) -> None:
-    print(f"[oodsweep] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------ connecting

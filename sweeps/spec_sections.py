@@ -74,8 +74,9 @@ def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
     multiple = math.lcm(*need.values())
     if image_size % multiple:
         why = ", ".join(f"{a} {m}x" for a, m in need.items() if m > 1)
+        fix = max(multiple, round(image_size / multiple) * multiple)
         raise c.fail("data.image_size", f"must be a multiple of {multiple} (the encoders down-sample: {why}), got "
-                                        f"{image_size}; use e.g. {max(multiple, round(image_size / multiple) * multiple)}")
+                                        f"{image_size}; use e.g. {fix}")
 
 
 

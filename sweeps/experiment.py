@@ -144,8 +144,6 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     return SweepSpec(**{**spec.__dict__, "location": exp})
 
 
-
-
 def driver_lock(exp: Path):
     """Hold ``<exp>/.driver.lock`` while a driver runs this experiment (released even on SIGKILL).
 

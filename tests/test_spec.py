@@ -121,6 +121,26 @@ def test_env_vars(tmp_path, monkeypatch):
     assert parse_spec(d).data.root == tmp_path / "data"
 
 
+def test_env_is_passed_not_written(tmp_path, monkeypatch):
+    """${VAR} comes from an env mapping when one is given; `oodsweep demo --storage` passes one instead of
+    overwriting the process environment."""
+    import os
+
+    from sweeps import driver
+    from sweeps.cli import main
+
+    monkeypatch.setenv("OODSWEEP_STORAGE", str(tmp_path / "elsewhere"))
+    spec = load_spec(PRESETS / "demo.yaml", env={"OODSWEEP_STORAGE": str(tmp_path / "s"),
+                                                 "OODSWEEP_DATA": str(tmp_path / "d")})
+    assert spec.storage == tmp_path / "s" and spec.data.root.is_relative_to(tmp_path / "d")
+    seen = {}
+    monkeypatch.setattr(driver, "run_sweep", lambda spec, **kw: seen.setdefault("spec", spec))
+    assert main(["demo", "--storage", str(tmp_path / "store")]) == 0
+    assert seen["spec"].experiment_dir.is_relative_to(tmp_path / "store")
+    assert seen["spec"].data.root.is_relative_to(tmp_path / "store" / "data")
+    assert os.environ["OODSWEEP_STORAGE"] == str(tmp_path / "elsewhere")
+
+
 def test_not_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("name: x\ndata: [unclosed\n  pool: {")

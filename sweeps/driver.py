@@ -21,7 +21,7 @@ from .experiment import (DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, 
 from .spec import SweepSpec
 from .tracking import Tracker
 
-__all__ = ["IncompleteError", "check_frozen", "load_experiment_spec", "member_set_tag", "missing_records",
+__all__ = ["IncompleteError", "check_frozen", "fit_until_recorded", "load_experiment_spec", "member_set_tag", "missing_records",
            "prepare_data", "prepare_experiment", "run_analysis_stage", "run_pool_stage", "run_sweep",
            "run_uncertainty_stage", "tracker_for"]
 
@@ -106,7 +106,7 @@ def _prune_checkpoints(folders) -> int:
     return freed
 
 
-def _fit_until_recorded(stage_dir: Path, fit: Callable[[list[str] | None], list], gaps: Callable[[], dict[str, str]],
+def fit_until_recorded(stage_dir: Path, fit: Callable[[list[str] | None], list], gaps: Callable[[], dict[str, str]],
                         invalidate: Callable[[dict[str, str]], None], what: str) -> tuple[list, list]:
     """Run a stage's Tuner (``fit(None)``); if no trial failed but members are still without ``what``, Tune
     restored trials it counts as finished whose records are gone: set its state aside and run those members
@@ -160,7 +160,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     records.clear_scratch(exp)
     if retire and reconcile.retire_tune_state(exp / POOL_STAGE):
         log("pool stage: Tune's saved state set aside (pool/.superseded/); the records say what is left")
-    results, errors = _fit_until_recorded(
+    results, errors = fit_until_recorded(
         exp / POOL_STAGE, lambda _: build_tuner(spec, cache, tracker, parent).fit(),
         lambda: reconcile.pool_gaps(spec),
         lambda still: reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"}),
@@ -224,7 +224,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         if retire and reconcile.retire_tune_state(exp / UNCERTAINTY_STAGE):
             log("uncertainty stage: Tune's saved state set aside (uncertainty/.superseded/); the records say "
                 "what is left")
-        _, failed = _fit_until_recorded(
+        _, failed = fit_until_recorded(
             exp / UNCERTAINTY_STAGE,
             lambda ids: stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints, with_baselines).fit(),
             lambda: reconcile.uncertainty_gaps(spec, todo), lambda still: reconcile.invalidate_uncertainty(spec, still),

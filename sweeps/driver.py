@@ -21,9 +21,9 @@ from .experiment import (DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, 
 from .spec import SweepSpec
 from .tracking import Tracker
 
-__all__ = ["IncompleteError", "check_frozen", "fit_until_recorded", "load_experiment_spec", "member_set_tag", "missing_records",
-           "prepare_data", "prepare_experiment", "run_analysis_stage", "run_pool_stage", "run_sweep",
-           "run_uncertainty_stage", "tracker_for"]
+__all__ = ["IncompleteError", "check_frozen", "fit_until_recorded", "load_experiment_spec", "member_set_tag",
+           "missing_records", "prepare_data", "prepare_experiment", "run_analysis_stage", "run_pool_stage",
+           "run_sweep", "run_uncertainty_stage", "tracker_for"]
 
 
 def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:

@@ -118,12 +118,12 @@ def resolve_encoder_weights(name: str, encoder_weights: str | os.PathLike | None
 
 MODELS: dict[str, ModelSpec] = {
     "unet_r18": ModelSpec(_smp("Unet"), {"encoder_name": "resnet18"}, "UNet, ResNet-18 encoder (CPU-sized)",
-                         gpu_share=0.25),
+                          gpu_share=0.25),
     "unet_r50": ModelSpec(_smp("Unet"), {"encoder_name": "resnet50"}, "UNet, ResNet-50 encoder", gpu_share=0.5),
     "unetpp_r50": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "resnet50"}, "UNet++, ResNet-50 encoder",
-                           gpu_share=0.5),
+                            gpu_share=0.5),
     "unet_effb0": ModelSpec(_smp("Unet"), {"encoder_name": "efficientnet-b0"}, "UNet, EfficientNet-b0 encoder",
-                           gpu_share=0.5),
+                            gpu_share=0.5),
     "unetpp_effb0": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "efficientnet-b0"},
                               "UNet++, EfficientNet-b0 encoder", gpu_share=0.5),
     "transunet": ModelSpec(_transunet, {}, "TransUNet: R50-ViT-B/16 hybrid (timm) + cascaded upsampler",

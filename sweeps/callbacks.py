@@ -3,19 +3,19 @@ from __future__ import annotations
 
 from ray import tune
 
-from trainables.segment import member_id
-
-from .pool import member_epochs, run_name
+from .members import member_epochs, trial_member_ids, trial_name
 from .tracking import MEMBER_TAG, PARENT_TAG, STAGE_TAG, Tracker
 
 
 class MlflowPoolCallback(tune.Callback):
     """Driver-side: one MLflow child run per pool member, metrics logged as epochs arrive."""
 
-    def __init__(self, tracker: Tracker, parent_run_id: str):
+    # the attribute names stay as they were: Tune pickles the callbacks into an experiment's state, and a
+    # resume of an experiment started by an older version unpickles them
+    def __init__(self, tracker: Tracker, parent_mlflow_id: str):
         self.tracker = tracker
-        self.parent_run_id = parent_run_id
-        self._runs: dict[str, dict[int, str]] = {}  # trial id -> {member epoch: run id}
+        self.parent_run_id = parent_mlflow_id
+        self._runs: dict[str, dict[int, str]] = {}  # trial id -> {member epoch: MLflow run id}
         self._last_step: dict[str, int] = {}
 
     def _member_runs(self, trial) -> dict[int, str]:
@@ -23,14 +23,13 @@ class MlflowPoolCallback(tune.Callback):
             return self._runs[trial.trial_id]
         cfg = trial.config
         runs = {}
-        for ep in member_epochs(cfg):
-            mid = member_id(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), ep)
+        for ep, mid in zip(member_epochs(cfg), trial_member_ids(cfg)):
             rid, created = self.tracker.get_or_create_run(
                 mid, {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id})
             if created:
                 self.tracker.log_params(rid, {
                     "arch": cfg["arch"], "lr": cfg["lr"], "seed": cfg["seed"], "epochs": ep,
-                    "batch_size": cfg["batch_size"], "run_id": run_name(cfg), "source": cfg["source"],
+                    "batch_size": cfg["batch_size"], "run_id": trial_name(cfg), "source": cfg["source"],
                     "targets": ",".join(cfg["targets"]), "trial_id": trial.trial_id})
             else:  # resumed: do not log the epochs it already has a second time
                 hist = self.tracker.client.get_metric_history(rid, "epoch")
@@ -69,9 +68,9 @@ class MlflowPoolCallback(tune.Callback):
 class MlflowMemberCallback(tune.Callback):
     """Driver-side: one MLflow child run per trial of a per-member stage (e.g. uncertainty)."""
 
-    def __init__(self, tracker: Tracker, parent_run_id: str, stage: str):
+    def __init__(self, tracker: Tracker, parent_mlflow_id: str, stage: str):
         self.tracker = tracker
-        self.parent_run_id = parent_run_id
+        self.parent_run_id = parent_mlflow_id  # (the name an older version pickled)
         self.stage = stage
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}

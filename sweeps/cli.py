@@ -37,7 +37,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_resume(args) -> int:
-    from .driver import load_experiment_spec, run_sweep
+    from .driver import run_sweep
+    from .experiment import load_experiment_spec
 
     spec = load_experiment_spec(args.experiment_dir)
     run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
@@ -71,15 +72,16 @@ def _cmd_demo(args) -> int:
     from .driver import run_sweep
     from .spec import parse_spec
 
-    if args.storage:  # everything under it: the experiments and the synthetic data
-        os.environ["OODSWEEP_STORAGE"] = str(Path(args.storage).resolve())
-        os.environ["OODSWEEP_DATA"] = str(Path(args.storage).resolve() / "data")
+    env = dict(os.environ)
+    if args.storage:  # everything under it: the experiments and the synthetic data (the preset's ${VAR}s)
+        env["OODSWEEP_STORAGE"] = str(Path(args.storage).resolve())
+        env["OODSWEEP_DATA"] = str(Path(args.storage).resolve() / "data")
     if args.smoke:
         raw = _merge(yaml.safe_load((PRESETS / "demo.yaml").read_text()), SMOKE)
         raw["data"]["root"] = raw["data"]["root"].replace("synthetic-prostate", "synthetic-prostate-smoke")
-        spec = parse_spec(raw, where="demo --smoke")
+        spec = parse_spec(raw, where="demo --smoke", env=env)
     else:
-        spec = load_spec(PRESETS / "demo.yaml")
+        spec = load_spec(PRESETS / "demo.yaml", env=env)
     run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
     return 0
 
@@ -96,7 +98,8 @@ def _cmd_analyze(args) -> int:
             print(f"[oodsweep] joint table written to {f}")
         return 0
     args.experiment_dir = dirs[0]
-    from .driver import load_experiment_spec, run_analysis_stage, tracker_for
+    from .driver import run_analysis_stage, tracker_for
+    from .experiment import load_experiment_spec
 
     spec = load_experiment_spec(args.experiment_dir)
     out = None

@@ -4,10 +4,10 @@
   the job sets ``$RAY_ADDRESS``), else a local Ray.
 * ``check_storage`` / ``check_tracking``: refuse to launch on storage the cluster's nodes do not
   share, or with an MLflow store that cannot be reached, with the fix in the message.
-* ``capacity`` / ``trial_resources`` / ``max_concurrent``: per-architecture GPU shares so that small
-  models share a GPU (two UNet-R50 trials on one H100 gave 2.17x the throughput of one,
-  ../shared/ANCHORS.md), and the number of concurrent trials from what the cluster has or, on an
-  autoscaling cluster, can grow to.
+* ``capacity`` / ``trial_resources`` / ``max_concurrent``: per-architecture GPU shares (the model
+  registry's ``ModelSpec.gpu_share``) so that small models share a GPU (two UNet-R50 trials on one
+  H100 gave 2.17x the throughput of one, ../shared/ANCHORS.md), and the number of concurrent trials
+  from what the cluster has or, on an autoscaling cluster, can grow to.
 """
 from __future__ import annotations
 
@@ -19,28 +19,11 @@ from typing import Any
 
 import yaml
 
+from .console import log
 from .spec import SpecError
 
-#: Fraction of one GPU a trial of each architecture asks for when the cluster has GPUs and the
-#: spec says ``gpu: auto``. From the peak memory of a training step at 256², batch 32 on an H100
-#: (ANCHORS.md: UNet-R18 1.7 GiB, UNet-R50 3.4, UNet++-R50 7.3, effb0 2.9-3.8, TransUNet's encoder
-#: 7.1, SAM ViT-B encoder 19.4) and the measured gain of sharing (2 processes 2.17x, 4 2.48x):
-#: small UNets take a quarter, the ResNet-50/EfficientNet UNets half, ViT-based models a whole GPU.
-GPU_SHARE: dict[str, float] = {
-    "unet_r18": 0.25,
-    "unet_effb0": 0.5,
-    "unetpp_effb0": 0.5,
-    "unet_r50": 0.5,
-    "unetpp_r50": 0.5,
-    "transunet": 1.0,
-    "transunet_tiny": 0.25,
-    "medsam": 1.0,
-    "medsam_tiny": 0.25,
-    "medsam_lite": 0.25,  # a 10M-parameter TinyViT at 256 px, decoder trained from cached embeddings
-}
 #: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
 DELTA_GPU_SHARE = 0.25
-DEFAULT_GPU_SHARE = 1.0
 
 #: File systems every node of a cluster can see the same way (from ``/proc/mounts``).
 SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs", "ceph", "beegfs", "gpfs",
@@ -49,10 +32,6 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 _started_local = False  # set by connect(): a local Ray of our own cannot autoscale
-
-
-def log(msg: str) -> None:
-    print(f"[oodsweep] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------ connecting
@@ -261,7 +240,17 @@ def largest_node_cpus() -> float:
 
 def gpu_share(arch: str | None, gpu: float | str | None, per_arch: dict[str, dict[str, Any]] | None,
               has_gpu: bool) -> float:
-    """The GPU fraction one trial of ``arch`` asks for (``arch`` None: the δ net)."""
+    """The GPU fraction one trial of ``arch`` asks for (``arch`` None: the δ net).
+
+    The share of ``gpu: auto`` is the registry's (``trainables.models.MODELS[arch].gpu_share``); an
+    architecture the registry does not know is an error listing the registered ones.
+    """
+    from trainables.models import MODELS
+
+    if arch is not None and arch not in MODELS:
+        raise SpecError(f"pool.arch: unknown architecture {arch!r}, so its GPU share is unknown; registered "
+                        f"architectures: {', '.join(MODELS)} (trainables.models.MODELS). Use one of them, or "
+                        f"register it with its gpu_share")
     override = (per_arch or {}).get(arch or "", {}).get("gpu")
     if override is not None:
         return float(override)
@@ -269,7 +258,7 @@ def gpu_share(arch: str | None, gpu: float | str | None, per_arch: dict[str, dic
         return float(gpu)
     if not has_gpu:
         return 0.0
-    return DELTA_GPU_SHARE if arch is None else GPU_SHARE.get(arch, DEFAULT_GPU_SHARE)
+    return DELTA_GPU_SHARE if arch is None else MODELS[arch].gpu_share
 
 
 def trial_resources(arch: str, cpu: float, gpu: float | str | None, per_arch: dict | None,

@@ -4,124 +4,26 @@ Stages hand off through the experiment directory only; a finished stage is skipp
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-
-import yaml
+from typing import Callable
 
 from trainables import records
 
-from .spec import SpecError, SweepSpec, parse_spec
+from .console import log
+# the frozen spec's functions live in sweeps.experiment; prepare_experiment and load_experiment_spec are
+# imported here too for the callers that read them from the driver (tests): temporary aliases
+from .experiment import (DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze,
+                         load_experiment_spec, prepare_experiment)
+from .spec import SweepSpec
 from .tracking import Tracker
 
-SPEC_FILE = "spec.yaml"
-
-
-def log(msg: str) -> None:
-    print(f"[oodsweep] {msg}", flush=True)
-
-
-def frozen_spec(spec: SweepSpec) -> dict:
-    """The spec as launched: environment variables expanded, paths absolute."""
-    raw = json.loads(json.dumps(spec.raw))  # deep copy
-    raw["storage"] = str(spec.storage)
-    raw["data"]["root"] = str(spec.data.root)
-    for site, _, root in spec.data.sites:
-        raw["data"]["sites"][site]["root"] = str(root)
-    if spec.data.cache_dir:
-        raw["data"]["cache_dir"] = str(spec.data.cache_dir)
-    if spec.pool.sam_checkpoint:
-        raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
-    if isinstance(spec.pool.encoder_weights, Path):
-        raw["pool"]["encoder_weights"] = str(spec.pool.encoder_weights)
-    return raw
-
-
-def _diff(a, b, key=""):
-    if isinstance(a, dict) and b is None or a is None and isinstance(b, dict):  # a block added or removed
-        a, b = a or {}, b or {}
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            yield from _diff(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-    elif a != b:
-        yield key, f"{key}: {a!r} -> {b!r}"
-
-
-#: Spec keys that may change between the launch and a resume: where the experiment folder lies (it
-#: may have been moved), where and how wide trials run, how often they may fail, what the analysis
-#: shows. Everything else defines the results.
-RESUMABLE = ("storage", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
-             "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
-             "analysis", "pool.training.data_placement", "pool.training.loader_workers",
-             "uncertainty.training.data_placement", "uncertainty.training.loader_workers")
-
-
-def _resumable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
-
-
-def _read_frozen(path: Path) -> dict:
-    """The frozen spec of an experiment; a damaged one is an error naming the file and the fix."""
-    fix = (f"it is the copy oodsweep froze at launch: replace it with the spec the sweep was launched from "
-           f"(`cp <your spec.yaml> {path}`; a resume checks it against the records' settings), or move "
-           f"{path.parent} away to start over")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path} is damaged: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
-                        f"{fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or "name" not in raw:
-        raise SpecError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, pool, ...), "
-                        f"got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
-    return raw
-
-
-def check_frozen(spec: SweepSpec) -> tuple[dict, list[str]]:
-    """The spec to freeze and its resumable changes; refuse one changed in a way that cannot resume.
-
-    Reads only: nothing is written until every check that can refuse the spec has passed (``freeze``).
-    """
-    exp = spec.experiment_dir
-    frozen = frozen_spec(spec)
-    path = exp / SPEC_FILE
-    if not path.exists():
-        return frozen, []
-    old = _read_frozen(path)
-    changes = list(_diff(old, frozen))
-    fixed = [msg for key, msg in changes if not _resumable(key)]
-    if fixed:
-        raise SpecError(
-            f"{exp} already holds sweep {spec.name!r} launched from a different spec, and these changes "
-            f"cannot be resumed: " + "; ".join(fixed) + ". Give the sweep a new `name`, or move "
-            f"{exp} away to start over (its finished work is kept as it is). Only these may change "
-            f"on a resume: {', '.join(RESUMABLE)}.")
-    return frozen, [msg for _, msg in changes]
-
-
-def freeze(spec: SweepSpec, frozen: dict, changes: list[str]) -> None:
-    path = spec.experiment_dir / SPEC_FILE
-    if changes:
-        log("continuing with a changed spec: " + "; ".join(changes))
-    if changes or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SPEC_FILE}.tmp")
-        tmp.write_text(yaml.safe_dump(frozen, sort_keys=False))
-        os.replace(tmp, path)
-
-
-def prepare_experiment(spec: SweepSpec) -> Path:
-    """Create the experiment dir and freeze the spec; refuse a spec changed in a way that cannot resume."""
-    frozen, changes = check_frozen(spec)
-    freeze(spec, frozen, changes)
-    return spec.experiment_dir
+__all__ = ["IncompleteError", "check_frozen", "fit_until_recorded", "load_experiment_spec", "member_set_tag",
+           "missing_records", "prepare_data", "prepare_experiment", "run_analysis_stage", "run_pool_stage",
+           "run_sweep", "run_uncertainty_stage", "tracker_for"]
 
 
 def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:
@@ -204,15 +106,34 @@ def _prune_checkpoints(folders) -> int:
     return freed
 
 
-def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
-                   num_cpus: int | None = None, relocated: bool = False) -> None:
-    from .pool import DONE_MARKER, STAGE, build_tuner
-
+def fit_until_recorded(stage_dir: Path, fit: Callable[[list[str] | None], list], gaps: Callable[[], dict[str, str]],
+                        invalidate: Callable[[dict[str, str]], None], what: str) -> tuple[list, list]:
+    """Run a stage's Tuner (``fit(None)``); if no trial failed but members are still without ``what``, Tune
+    restored trials it counts as finished whose records are gone: set its state aside and run those members
+    again (``fit(member ids)``). Returns the results and the failed ones."""
     from . import reconcile
 
+    results = fit(None)
+    failed = [r for r in results if r.error is not None]
+    still = gaps()
+    if still and not failed:
+        log(f"{stage_dir.name} stage: {len(still)} member(s) still without {what} after Tune's restore "
+            f"({', '.join(sorted(still))}); running them again")
+        invalidate(still)
+        reconcile.retire_tune_state(stage_dir)
+        results = fit(list(still))
+        failed = [r for r in results if r.error is not None]
+    return results, failed
+
+
+def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None = None,
+                   num_cpus: int | None = None, relocated: bool = False) -> None:
+    from . import reconcile
+    from .pool import build_tuner
+
     exp = spec.experiment_dir
-    marker = exp / STAGE / DONE_MARKER
-    parent = tracker.stage_run(STAGE)
+    marker = exp / POOL_STAGE / DONE_MARKER
+    parent = tracker.stage_run(POOL_STAGE)
     tracker.log_params(parent, {"n_runs": spec.n_runs(), "n_members": spec.n_members(),
                                 "source": spec.data.source, "targets": ",".join(spec.data.targets),
                                 "image_size": spec.data.image_size, "spec": str(exp / SPEC_FILE)})
@@ -237,18 +158,13 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     log(f"pool stage: {spec.n_runs()} training runs -> {spec.n_members()} pool members{how}")
     t = time.time()
     records.clear_scratch(exp)
-    if retire and reconcile.retire_tune_state(exp / STAGE):
+    if retire and reconcile.retire_tune_state(exp / POOL_STAGE):
         log("pool stage: Tune's saved state set aside (pool/.superseded/); the records say what is left")
-    results = build_tuner(spec, cache, tracker, parent).fit()
-    errors = [r for r in results if r.error is not None]
-    still = reconcile.pool_gaps(spec)
-    if still and not errors:  # Tune restored trials it counts as finished whose records are gone
-        log(f"pool stage: {len(still)} member(s) still without a record after Tune's restore "
-            f"({', '.join(sorted(still))}); running them again")
-        reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"})
-        reconcile.retire_tune_state(exp / STAGE)
-        results = build_tuner(spec, cache, tracker, parent).fit()
-        errors = [r for r in results if r.error is not None]
+    results, errors = fit_until_recorded(
+        exp / POOL_STAGE, lambda _: build_tuner(spec, cache, tracker, parent).fit(),
+        lambda: reconcile.pool_gaps(spec),
+        lambda still: reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"}),
+        "a record")
     freed = _prune_checkpoints(r.path for r in results if r.error is None)
     if freed:
         log(f"removed the finished trials' resume checkpoints ({freed / 2**20:.0f} MB)")
@@ -270,8 +186,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
     from . import uncertainty as stage
 
     exp = spec.experiment_dir
-    marker = exp / stage.STAGE / stage.DONE_MARKER
-    parent = tracker.stage_run(stage.STAGE)
+    marker = exp / UNCERTAINTY_STAGE / DONE_MARKER
+    parent = tracker.stage_run(UNCERTAINTY_STAGE)
     u = spec.uncertainty
     tracker.log_params(parent, {"epochs": u.epochs, "lr": u.lr, "lam": u.lam, "beta": u.beta,
                                 "baselines": ",".join(u.baselines), "passes": u.passes, "workers": u.workers})
@@ -306,22 +222,17 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
             log(f"baselines for the {len(with_baselines)} best members{each} by {split} {spec.analysis.metric} "
                 f"(uncertainty.baseline_members)")
         records.clear_scratch(exp)
-        if retire and reconcile.retire_tune_state(exp / stage.STAGE):
+        if retire and reconcile.retire_tune_state(exp / UNCERTAINTY_STAGE):
             log("uncertainty stage: Tune's saved state set aside (uncertainty/.superseded/); the records say "
                 "what is left")
-        results = stage.build_tuner(spec, cache, tracker, parent, todo, checkpoints, with_baselines).fit()
-        errors = _trial_errors([r for r in results if r.error is not None])
-        still = reconcile.uncertainty_gaps(spec, todo)
-        if still and not errors:  # Tune restored trials it counts as finished whose records are gone
-            log(f"uncertainty stage: {len(still)} member(s) still without a δ record after Tune's restore; "
-                f"fitting them again")
-            reconcile.invalidate_uncertainty(spec, still)
-            reconcile.retire_tune_state(exp / stage.STAGE)
-            results = stage.build_tuner(spec, cache, tracker, parent, list(still), checkpoints,
-                                        with_baselines).fit()
-            errors = _trial_errors([r for r in results if r.error is not None])
+        _, failed = fit_until_recorded(
+            exp / UNCERTAINTY_STAGE,
+            lambda ids: stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints, with_baselines).fit(),
+            lambda: reconcile.uncertainty_gaps(spec, todo), lambda still: reconcile.invalidate_uncertainty(spec, still),
+            "a δ record")
+        errors = _trial_errors(failed)
         scored = set(records.uncertainty_part_ids(exp))
-        train_dir = exp / stage.STAGE / "train"
+        train_dir = exp / UNCERTAINTY_STAGE / "train"
         freed = _prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
         if freed:
             log(f"removed the scored members' δ resume checkpoints ({freed / 2**20:.0f} MB)")
@@ -411,47 +322,6 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     return result
 
 
-DRIVER_LOCK = ".driver.lock"
-
-
-def driver_lock(exp: Path):
-    """Hold ``<exp>/.driver.lock`` while a driver runs this experiment (released even on SIGKILL).
-
-    Two drivers on one experiment would run the same trials twice; the second is refused.
-    """
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise RuntimeError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
-                           f"wait for it, or stop it first (`oodsweep status {exp}` shows its progress)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(), 0)
-    return fd
-
-
-def driver_running(exp: Path) -> str | None:
-    """Who holds the experiment's driver lock on this machine (None when no driver runs)."""
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "a driver"
-    finally:
-        os.close(fd)
-    return None
-
-
 def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None = None) -> dict:
     """Run every stage of ``spec`` that is not done yet; return where the results are.
 
@@ -513,23 +383,3 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
                            f"analysed. Fix the cause and run `oodsweep resume {exp}` to retry only those:\n  - "
                            + "\n  - ".join(errors))
     return summary
-
-
-def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
-    """The frozen spec of an existing experiment directory, placed where the folder is now.
-
-    The folder may have been moved or renamed since it ran: its location is the folder given, not
-    the frozen ``storage``/``name``.
-    """
-    exp = Path(os.path.abspath(experiment_dir))  # as given (not through symlinks), made absolute
-    path = exp / SPEC_FILE
-    if not exp.is_dir():
-        raise SpecError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
-                        f"e.g. <storage>/<sweep name>")
-    if not path.exists():
-        raise SpecError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
-                        f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
-    raw = _read_frozen(path)
-    raw["storage"] = str(exp.parent)  # the folder may have been moved since
-    spec = parse_spec(raw, where=str(path))
-    return SweepSpec(**{**spec.__dict__, "location": exp})

@@ -16,11 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .console import log
 from .spec import SweepSpec
-
-
-def log(msg: str) -> None:
-    print(f"[oodsweep] {msg}", flush=True)
 
 
 def prompted_archs(spec: SweepSpec) -> list[str]:

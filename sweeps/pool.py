@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .console import log
+from .experiment import POOL_STAGE
+from .members import member_epochs, trial_member_ids, trial_name
 from .spec import Param, SweepSpec
 from .tracking import Tracker
-
-STAGE = "pool"
-DONE_MARKER = ".oodsweep-done"
 
 
 # ------------------------------------------------------------------ the Tune trial (runs in a worker)
@@ -34,11 +34,10 @@ def pool_trial(config: dict) -> None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     from trainables import records
-    from trainables.segment import member_id
 
     # Tune saves its experiment state every ~10 s: a driver killed just after a run finished may
     # restore it as unfinished. Its members are in the records already: never train it again.
-    mids = [member_id(config["arch"], float(config["lr"]), int(config["seed"]), e) for e in member_epochs(config)]
+    mids = trial_member_ids(config)
     done = set(records.member_part_ids(config["experiment_dir"]))
     if all(m in done for m in mids):
         tune.report({"epoch": max(member_epochs(config)), "skipped": 1})
@@ -107,41 +106,38 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     return space
 
 
-def member_epochs(config: dict) -> list[int]:
-    return sorted(config["snapshots"]) if config.get("snapshots") else [int(config["epochs"])]
-
-
-def run_name(config: dict) -> str:
-    from trainables.segment import run_name as name
-
-    return name(config["arch"], float(config["lr"]), int(config["seed"]), max(member_epochs(config)))
-
-
-def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str):
+def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str):
     """A new Tuner for the pool stage, or the restored one if this experiment already started it."""
     from ray import tune
 
     from . import cluster
 
     storage = str(spec.experiment_dir)
-    path = spec.experiment_dir / STAGE
+    path = spec.experiment_dir / POOL_STAGE
     cap = cluster.capacity()
     has_gpu = cap.get("GPU", 0) > 0
     archs = spec.pool.arch.values if spec.pool.arch.kind in ("grid", "choice") else tuple(spec.pool.per_arch)
     demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
                for a in archs}
     for a, d in demands.items():
-        print(f"[oodsweep] pool trials of {a}: {d['cpu']:g} CPU, {d['gpu']:g} GPU")
+        log(f"pool trials of {a}: {d['cpu']:g} CPU, {d['gpu']:g} GPU")
     # the architecture is a searched parameter: each trial asks for its own architecture's share
     trainable = tune.with_resources(
         pool_trial, lambda config: cluster.trial_resources(config["arch"], spec.pool.cpu, spec.pool.gpu,
                                                            spec.pool.per_arch, has_gpu))
     if tune.Tuner.can_restore(str(path)):
-        print(f"[oodsweep] resuming the pool stage from {path}")
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space(spec, cache_dir))
+        log(f"resuming the pool stage from {path}")
+        try:
+            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                      param_space=param_space(spec, cache_dir))
+        except (AttributeError, ImportError) as e:  # pickled by an older version (e.g. a function since renamed)
+            from .reconcile import retire_tune_state
+
+            retire_tune_state(path)
+            log(f"pool stage: Tune's saved state cannot be loaded by this version ({type(e).__name__}: {e}); set "
+                f"aside (pool/.superseded/), the records say what is left")
     max_conc = spec.pool.max_concurrent_trials or cluster.max_concurrent(list(demands.values()), cap)
-    print(f"[oodsweep] up to {max_conc} pool trials at once (cluster: {cap['CPU']:g} CPU, {cap['GPU']:g} GPU)")
+    log(f"up to {max_conc} pool trials at once (cluster: {cap['CPU']:g} CPU, {cap['GPU']:g} GPU)")
     search_alg, num_samples = None, 1
     if spec.search is not None:
         from ray.tune.search.optuna import OptunaSearch
@@ -150,16 +146,16 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_i
         num_samples = spec.search.num_samples
     from .callbacks import MlflowPoolCallback
 
-    callback = MlflowPoolCallback(tracker, parent_run_id)
+    callback = MlflowPoolCallback(tracker, parent_mlflow_id)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec, cache_dir),
         tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, search_alg=search_alg,
-                                    trial_name_creator=lambda t: run_name(t.config),
-                                    trial_dirname_creator=lambda t: f"{run_name(t.config)}-{t.trial_id}",
+                                    trial_name_creator=lambda t: trial_name(t.config),
+                                    trial_dirname_creator=lambda t: f"{trial_name(t.config)}-{t.trial_id}",
                                     num_samples=num_samples),
         run_config=tune.RunConfig(
-            name=STAGE, storage_path=storage, callbacks=[callback],
+            name=POOL_STAGE, storage_path=storage, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=spec.pool.max_failures),
             # two kept: a forced experiment snapshot happens once per num_to_keep checkpoints
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),

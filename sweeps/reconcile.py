@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainables import records
 
+from .experiment import DONE_MARKER, SPEC_FILE, UNCERTAINTY_STAGE
 from .spec import SweepSpec
 
 LOCATION_FILE = ".oodsweep-location"
@@ -156,14 +157,12 @@ def invalidate_uncertainty(spec: SweepSpec, gaps: dict[str, str]) -> None:
     A Train run whose checkpoints were removed after it scored its member cannot be resumed (Ray
     Train refuses a run folder whose checkpoints are gone); the δ fit starts again instead.
     """
-    from . import uncertainty as stage
-
     exp = spec.experiment_dir
     quarantine(exp, [records.records_dir(exp) / "uncertainty" / "parts" / f"{m}.parquet" for m in gaps])
     for mid in gaps:
-        run = exp / stage.STAGE / "train" / f"delta-{mid}"
+        run = exp / UNCERTAINTY_STAGE / "train" / f"delta-{mid}"
         if run.is_dir() and not any(p.is_dir() for p in run.glob("checkpoint_*")):  # (not the snapshot .json)
-            _supersede(exp / stage.STAGE, [run])
+            _supersede(exp / UNCERTAINTY_STAGE, [run])
 
 
 def _supersede(stage_dir: Path, paths) -> Path:
@@ -185,7 +184,7 @@ def retire_tune_state(stage_dir: Path) -> Path | None:
     """
     if not stage_dir.is_dir():
         return None
-    keep = {"train", SUPERSEDED, ".oodsweep-done"}
+    keep = {"train", SUPERSEDED, DONE_MARKER}
     paths = [p for p in stage_dir.iterdir() if p.name not in keep]
     return _supersede(stage_dir, paths) if paths else None
 
@@ -202,7 +201,7 @@ def relocated(spec: SweepSpec) -> str | None:
         import yaml
 
         try:
-            frozen = yaml.safe_load((exp / "spec.yaml").read_text())
+            frozen = yaml.safe_load((exp / SPEC_FILE).read_text())
             old = str(Path(frozen["storage"]) / frozen["name"])
         except Exception:  # noqa: BLE001  (a first run: nothing frozen yet)
             return None

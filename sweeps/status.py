@@ -6,8 +6,8 @@ from pathlib import Path
 
 from trainables import records
 
-from .driver import driver_running, load_experiment_spec
-from .pool import DONE_MARKER, STAGE, member_epochs
+from .experiment import DONE_MARKER, POOL_STAGE, UNCERTAINTY_STAGE, driver_running, load_experiment_spec
+from .members import member_epochs
 
 
 def _pool_trial_finished(last: dict, params: dict) -> bool:
@@ -51,22 +51,20 @@ def experiment_status(experiment_dir) -> dict:
     exp = spec.experiment_dir
     gaps = reconcile.pool_gaps(spec)
     members = [m for m in (reconcile.expected_members(spec) or records.member_part_ids(exp)) if m not in gaps]
-    trials = _trial_states(exp / STAGE)
+    trials = _trial_states(exp / POOL_STAGE)
     failed = {k: v["error"] for k, v in trials.items() if v["error"] and not v["done"]}
     running = [k for k, v in trials.items() if not v["done"] and not v["error"]]
-    pool_done = (exp / STAGE / DONE_MARKER).exists() and not gaps
+    pool_done = (exp / POOL_STAGE / DONE_MARKER).exists() and not gaps
     expected = spec.n_members()
     analysis_dir = exp / "analysis"
-    from . import uncertainty as ustage
-
     unc = None
     if spec.uncertainty is not None:
-        utrials = _trial_states(exp / ustage.STAGE, _uncertainty_trial_finished)
+        utrials = _trial_states(exp / UNCERTAINTY_STAGE, _uncertainty_trial_finished)
         ufailed = {k: v["error"] for k, v in utrials.items() if v["error"] and not v["done"]}
         want = reconcile.expected_members(spec) or records.member_part_ids(exp)
         ugaps = reconcile.uncertainty_gaps(spec, want)
         udone = len(want) - len(ugaps)
-        marked = (exp / ustage.STAGE / ustage.DONE_MARKER).exists()
+        marked = (exp / UNCERTAINTY_STAGE / DONE_MARKER).exists()
         unc = {"state": "done" if marked and not ugaps and not gaps
                else ("failed" if ufailed else ("running" if utrials and not marked else "incomplete" if marked
                                                else "pending")),
@@ -80,7 +78,7 @@ def experiment_status(experiment_dir) -> dict:
         "experiment": str(exp), "name": spec.name,
         "driver": driver or ("finished" if finished else "not running"),
         "restarts": restarts,
-        "pool": {"state": "done" if pool_done else ("incomplete" if (exp / STAGE / DONE_MARKER).exists()
+        "pool": {"state": "done" if pool_done else ("incomplete" if (exp / POOL_STAGE / DONE_MARKER).exists()
                                                     else "failed" if failed
                                                     else ("running" if running or members else "pending")),
                  "missing": gaps,

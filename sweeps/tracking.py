@@ -23,7 +23,10 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 class Tracker:
-    """Thin wrapper over ``MlflowClient`` for one sweep's experiment."""
+    """Thin wrapper over ``MlflowClient`` for one sweep's experiment.
+
+    Its methods take ``mlflow_id``, an MLflow run's id (not a training run: the records' ``run_id``).
+    """
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_dir: str | Path | None = None):
         self.tracking_uri = tracking_uri
@@ -93,53 +96,54 @@ class Tracker:
                                        order_by=["attributes.start_time ASC"])
         return runs[0] if runs else None
 
-    def get_or_create_run(self, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
-        """Return (run_id, created). A run with the same identifying tags is reused."""
+    def get_or_create_run(self, name: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """Return (MLflow run id, created). A run with the same identifying tags is reused; ``name`` is the
+        new run's display name."""
         run = self.find_run(tags)
         if run is not None:
-            return run.info.run_id, False
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        return run.info.run_id, True
+            return run.info.mlflow_id, False
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.mlflow_id, True
 
     def stage_run(self, stage: str) -> str:
-        run_id, _ = self.get_or_create_run(stage, {STAGE_TAG: stage})
-        return run_id
+        mlflow_id, _ = self.get_or_create_run(stage, {STAGE_TAG: stage})
+        return mlflow_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, mlflow_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(run_id).data.params
+        existing = self.client.get_run(mlflow_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         if new:
-            self.client.log_batch(run_id, params=new)
+            self.client.log_batch(mlflow_id, params=new)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, mlflow_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self.client.log_batch(mlflow_id, metrics=batch)
 
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+    def set_tags(self, mlflow_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+            self.client.set_tag(mlflow_id, k, str(v))
 
-    def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+    def reopen(self, mlflow_id: str) -> None:
+        self.client.update_run(mlflow_id, status="RUNNING")
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end(self, mlflow_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(mlflow_id, status=status)
 
-    def finish_done_stage(self, run_id: str) -> None:
+    def finish_done_stage(self, mlflow_id: str) -> None:
         """End the run of a stage found done if it is still RUNNING: a driver killed between writing
         the stage's done marker and ending its run leaves it so, and a resume skips the stage."""
-        if self.client.get_run(run_id).info.status == "RUNNING":
-            self.end(run_id, "FINISHED")
+        if self.client.get_run(mlflow_id).info.status == "RUNNING":
+            self.end(mlflow_id, "FINISHED")
 
-    def log_artifacts(self, run_id: str, paths: Iterable[Path], base: Path, prefix: str = "") -> None:
+    def log_artifacts(self, mlflow_id: str, paths: Iterable[Path], base: Path, prefix: str = "") -> None:
         for p in paths:
             p = Path(p)
             rel = "/".join(x for x in (prefix, p.parent.relative_to(base).as_posix()) if x and x != ".")
-            self.client.log_artifact(run_id, str(p), artifact_path=rel or None)
+            self.client.log_artifact(mlflow_id, str(p), artifact_path=rel or None)

@@ -15,11 +15,10 @@ import pandas as pd
 
 from trainables import records
 
+from .console import log
+from .experiment import UNCERTAINTY_STAGE
 from .spec import SweepSpec
 from .tracking import Tracker
-
-STAGE = "uncertainty"
-DONE_MARKER = ".oodsweep-done"
 
 
 def _train_worker(config: dict) -> None:
@@ -121,7 +120,7 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
-                   "storage": str(spec.experiment_dir / STAGE / "train")},
+                   "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
 
 
@@ -131,18 +130,18 @@ def _trial_fn(config: dict) -> None:
     uncertainty_trial(cfg)
 
 
-def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_id: str, todo: list[str],
+def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str, todo: list[str],
                 checkpoints: dict[str, str], with_baselines: set[str]):
     from ray import tune
 
     from .callbacks import MlflowMemberCallback
 
     u = spec.uncertainty
-    path = spec.experiment_dir / STAGE
+    path = spec.experiment_dir / UNCERTAINTY_STAGE
     trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
     space = param_space(spec, cache_dir, todo, checkpoints, with_baselines)
     if tune.Tuner.can_restore(str(path)):
-        print(f"[oodsweep] resuming the uncertainty stage from {path}")
+        log(f"resuming the uncertainty stage from {path}")
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True,
                                   param_space=space)
     max_conc = u.max_concurrent_trials
@@ -158,8 +157,8 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_run_i
                                     trial_name_creator=lambda t: f"delta-{t.config['member']['member_id']}",
                                     trial_dirname_creator=lambda t: f"delta-{t.config['member']['member_id']}-"
                                                                     f"{t.trial_id}"),
-        run_config=tune.RunConfig(name=STAGE, storage_path=str(spec.experiment_dir),
-                                  callbacks=[MlflowMemberCallback(tracker, parent_run_id, STAGE)],
+        run_config=tune.RunConfig(name=UNCERTAINTY_STAGE, storage_path=str(spec.experiment_dir),
+                                  callbacks=[MlflowMemberCallback(tracker, parent_mlflow_id, UNCERTAINTY_STAGE)],
                                   failure_config=tune.FailureConfig(max_failures=u.max_failures)),
     )
 

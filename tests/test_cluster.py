@@ -162,6 +162,11 @@ def test_gpu_shares_per_architecture():
     over = {"unet_r50": {"gpu": 0.2, "cpu": 3}}
     assert cluster.trial_resources("unet_r50", 1, None, over, has_gpu=True) == {"cpu": 3.0, "gpu": 0.2}
     assert cluster.gpu_share(None, None, None, has_gpu=True) == cluster.DELTA_GPU_SHARE
+    from trainables.models import MODELS
+
+    assert cluster.trial_resources("medsam_lite", 1, None, {}, has_gpu=True)["gpu"] == MODELS["medsam_lite"].gpu_share
+    with pytest.raises(SpecError, match="unknown architecture 'unet_r1000'.*registered architectures: unet_r18"):
+        cluster.trial_resources("unet_r1000", 1, None, {}, has_gpu=True)  # not a whole GPU by default
     # 8 GPUs, 64 CPUs: quarter-GPU trials are limited by the GPUs (32), 1-CPU CPU trials by the CPUs
     assert cluster.max_concurrent([{"cpu": 1, "gpu": 0.25}, {"cpu": 1, "gpu": 0.5}], {"CPU": 64, "GPU": 8}) == 32
     assert cluster.max_concurrent([{"cpu": 1, "gpu": 0.0}], {"CPU": 2, "GPU": 0}) == 2

@@ -77,6 +77,21 @@ def test_invalid_specs(tmp_path, path, value, expect):
         assert part in msg, (part, msg)
 
 
+def test_image_size_multiple_and_indicators_come_from_the_registries(tmp_path):
+    """data.image_size is checked against the pool's ModelSpec.size_multiple (and δ's body); the analysis'
+    indicator registry gives analysis.indicators its choices."""
+    d = edit(edit(base(tmp_path), "data.image_size", 48), "pool.arch", {"grid": ["transunet_tiny"]})
+    assert parse_spec(d).data.image_size == 48  # TransUNet down-samples 16x
+    with pytest.raises(SpecError, match=r"data.image_size: must be a multiple of 32 .*δ net.*got 48; use e.g. 64"):
+        parse_spec({**d, "uncertainty": {}})  # δ's ResNet-18 UNet down-samples 32x
+    spec = parse_spec({**base(tmp_path), "uncertainty": {}, "analysis": {"indicators": ["uncertain_area"]}})
+    assert spec.analysis.indicators == ("uncertain_area",)
+    with pytest.raises(SpecError, match="analysis.indicators: lists 'guarded_area' but the spec has no `uncertainty:`"):
+        parse_spec({**base(tmp_path), "analysis": {"indicators": ["id_agreement", "guarded_area"]}})
+    with pytest.raises(SpecError, match=r"analysis.indicators\[0\]: unknown value 'accuracy'.*ood_agreement"):
+        parse_spec({**base(tmp_path), "analysis": {"indicators": ["accuracy"]}})
+
+
 def test_unknown_top_level_key_suggests(tmp_path):
     d = base(tmp_path)
     d["analisys"] = {}
@@ -104,6 +119,26 @@ def test_env_vars(tmp_path, monkeypatch):
     assert parse_spec(d).data.root == tmp_path / "data"
     d = edit(base(tmp_path), "data.root", "${OODSWEEP_UNSET_VAR:-" + str(tmp_path / "data") + "}")
     assert parse_spec(d).data.root == tmp_path / "data"
+
+
+def test_env_is_passed_not_written(tmp_path, monkeypatch):
+    """${VAR} comes from an env mapping when one is given; `oodsweep demo --storage` passes one instead of
+    overwriting the process environment."""
+    import os
+
+    from sweeps import driver
+    from sweeps.cli import main
+
+    monkeypatch.setenv("OODSWEEP_STORAGE", str(tmp_path / "elsewhere"))
+    spec = load_spec(PRESETS / "demo.yaml", env={"OODSWEEP_STORAGE": str(tmp_path / "s"),
+                                                 "OODSWEEP_DATA": str(tmp_path / "d")})
+    assert spec.storage == tmp_path / "s" and spec.data.root.is_relative_to(tmp_path / "d")
+    seen = {}
+    monkeypatch.setattr(driver, "run_sweep", lambda spec, **kw: seen.setdefault("spec", spec))
+    assert main(["demo", "--storage", str(tmp_path / "store")]) == 0
+    assert seen["spec"].experiment_dir.is_relative_to(tmp_path / "store")
+    assert seen["spec"].data.root.is_relative_to(tmp_path / "store" / "data")
+    assert os.environ["OODSWEEP_STORAGE"] == str(tmp_path / "elsewhere")
 
 
 def test_not_yaml(tmp_path):

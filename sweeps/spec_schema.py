@@ -1,0 +1,218 @@
+"""The sweep spec as validated, frozen dataclasses, and the choice lists the checks use (DESIGN §4).
+
+``sweeps.spec.parse_spec`` builds these from YAML; the stages read them. The choice lists come from
+their registries (DESIGN §2: one registry per kind of plug-in): metrics and uncertainty methods from
+``trainables.records``, layouts from ``trainables.data.layouts``, architectures from
+``trainables.models`` (read where they are checked); the analysis' indicators from ``analysis``
+(``sweeps.spec_sections.indicator_choices``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
+from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
+
+#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
+METRICS = ALL_METRICS
+LAYOUTS = tuple(LAYOUT_REGISTRY)
+SPLITS = ("dataset", "random")
+DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
+#: δ (``uncertainty.method``) is the records' first uncertainty method; the others are its baselines
+METHODS = UNCERTAINTY_METHODS[:1]
+BASELINES = UNCERTAINTY_METHODS[1:]
+#: Table 4's; ggd_yhat_only (the ablation) only when asked for
+DEFAULT_BASELINES = tuple(b for b in BASELINES if b != "ggd_yhat_only")
+FIT_SPLITS = ("train", "val")
+#: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
+TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
+                    "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
+
+
+class SpecError(ValueError):
+    """An invalid sweep spec. The message names the file, the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable parameter: ``{grid: [...]}``, ``{choice: [...]}``, ``{loguniform: [lo, hi]}``,
+    ``{uniform: [lo, hi]}`` or a plain value (a one-point grid)."""
+
+    kind: str
+    values: tuple
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == "grid"
+
+    def points(self) -> tuple:
+        """The finite values (grid/choice); bounds for loguniform/uniform."""
+        return self.values
+
+
+@dataclass(frozen=True)
+class Epochs:
+    mode: str               # "snapshots" (one run to the max, a member at each) or "grid" (independent runs)
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    cases_per_site: int = 10
+    shape: tuple[int, int, int] = (80, 80, 16)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    layout: str
+    root: Path
+    source: str
+    targets: tuple[str, ...]
+    image_size: int = 64
+    split_seed: int = 0
+    test_fraction: float = 0.2
+    #: share of the source's training cases held out (by case, seeded by split_seed) as the validation
+    #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)
+    val_fraction: float = 0.1
+    target_split: str = "test"
+    cache_dir: Path | None = None
+    skip_bad_cases: bool = False
+    synthetic: SyntheticSpec | None = None
+    #: (site, layout, root) of sites stored apart from ``root`` (``data.sites``), e.g. IDRiD and FGADR
+    sites: tuple[tuple[str, str, Path], ...] = ()
+    #: the label channels kept (``data.lesions`` for fundus layouts); None keeps all
+    labels: tuple[str, ...] | None = None
+    #: CT window in HU (``data.window``); None: the liver window [-160, 240]
+    window: tuple[float, float] | None = None
+    #: "dataset" (the release's own split where it has one, else 80/20 by case) or "random"
+    split: str = "dataset"
+
+    def site_sources(self) -> dict[str, tuple[str, Path]]:
+        """Site -> (layout, root) for the sites listed under ``data.sites``."""
+        return {site: (layout, root) for site, layout, root in self.sites}
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    arch: Param
+    lr: Param
+    epochs: Epochs
+    seed: Param
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    cpu: float = 1.0
+    #: GPU fraction per trial; None = "auto": the architecture's share (trainables.models.ModelSpec.gpu_share)
+    #: when the cluster has (or can autoscale to) GPUs, else 0
+    gpu: float | None = None
+    #: per-architecture overrides, e.g. {"transunet": {"gpu": 1, "cpu": 8}}
+    per_arch: dict = field(default_factory=dict)
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+    #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
+    sam_checkpoint: Path | None = None
+    #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
+    sam_sha256: str | None = None
+    #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
+    #: them at trial start: needs network, checked before launch) or a local file / directory of
+    #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it
+    encoder_weights: str | Path | None = None
+    #: how the loop runs on its device (trainables.accel.ACCEL_DEFAULTS): amp, channels_last,
+    #: data_placement, loader_workers, augment; only the keys the spec sets
+    training: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    algo: str = "optuna"
+    num_samples: int = 8
+    #: a per-epoch scalar of the trials: the validation split's score by default (never the reported test split)
+    metric: str = "val_iou_3d"
+    mode: str = "max"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UncertaintySpec:
+    """The δ net per pool member (paper §2.3) and the Table-4 baselines."""
+
+    method: str = "ggd"
+    epochs: int = 50
+    lr: float = 1e-4
+    lam: float | tuple[float, ...] = 1.0  # λ of Eq. 5, > 0; a tuple (``{grid: [...]}``) fits δ once per value
+    beta: float = 2.0
+    learn_beta: bool = False
+    batch_size: int = 8
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    passes: int = 8
+    workers: int = 1          # Ray Train workers per member (DDP when > 1)
+    cpu: float = 1.0          # per Train worker
+    gpu: float | None = None  # per Train worker; None = "auto" (a quarter GPU when there are GPUs)
+    trial_cpu: float = 0.5    # the Tune trial that drives the Train run
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+    checkpoint_every: int = 10
+    #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
+    #: performance on the source's validation split (its test split without one; source labels only)
+    baseline_members: int | None = None
+    #: True (``baseline_members: {per_arch: N}``): the N best of each architecture, so that Table 4 covers
+    #: every family (pool-wide, the best members may all be of one architecture)
+    baseline_per_arch: bool = False
+    #: as PoolSpec.training, without augment
+    training: dict = field(default_factory=dict)
+    #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
+    fit_split: str = "train"
+    #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
+    bayescap: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    metric: str = "iou_3d"
+    indicators: tuple[str, ...] = ("id_performance", "agreement")
+    #: members scoring below this on an axis (ID/OOD score, agreement) are flagged "degenerate" and the
+    #: correlations are reported with and without them (a member predicting nothing sits at the probit floor)
+    degenerate_floor: float = 0.01
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    storage: Path
+    data: DataSpec
+    pool: PoolSpec
+    search: SearchSpec | None = None
+    uncertainty: UncertaintySpec | None = None
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    tracking_uri: str | None = None
+    source_file: Path | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the experiment folder when it is not <storage>/<name> (`resume`/`status` of a renamed folder)
+    location: Path | None = None
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.location or self.storage / self.name
+
+    @property
+    def cache_root(self) -> Path:
+        return self.data.cache_dir or (self.storage / ".cache" / "slices")
+
+    def tracking(self) -> str:
+        """The MLflow tracking URI: the spec's, else $MLFLOW_TRACKING_URI, else SQLite in the experiment."""
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{(self.experiment_dir / 'mlflow.db').resolve()}")
+
+    def n_runs(self) -> int | None:
+        """Training runs in the pool (None for a search: it is num_samples)."""
+        if self.search:
+            return self.search.num_samples
+        n = len(self.pool.arch.values) * len(self.pool.lr.values) * len(self.pool.seed.values)
+        return n * (len(self.pool.epochs.values) if self.pool.epochs.mode == "grid" else 1)
+
+    def n_members(self) -> int | None:
+        runs = self.n_runs()
+        return runs * len(self.pool.epochs.values) if self.pool.epochs.mode == "snapshots" else runs
+

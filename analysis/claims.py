@@ -43,8 +43,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, _bootstrap, _expand, _point_weights,
-                                _weighted_rank_stats, correlate, correlate_pairs, moments_line, pair_mats,
+from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, run_bootstrap, expand_units, point_weights,
+                                weighted_rank_stats, correlate, correlate_pairs, moments_line, pair_mats,
                                 pair_moments, probit, resampling_units, unit_of_points)
 from analysis.indicators import INDICATORS
 from analysis.tables import markdown_table, select_best_configs
@@ -140,7 +140,7 @@ def _point(stat: Callable[..., np.ndarray], n_units: int | tuple[int, ...]) -> f
 
 
 def _interval(stat, n_units, n_resamples: int, seed: int) -> tuple[float, float]:
-    lo, hi = _bootstrap(stat, n_units, n_resamples, seed, n_stats=1)
+    lo, hi = run_bootstrap(stat, n_units, n_resamples, seed, n_stats=1)
     return float(lo[0]), float(hi[0])
 
 
@@ -161,12 +161,12 @@ def _members_label(n: int, units: int, unit: str, who: str = "label-free") -> st
 def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callable[..., np.ndarray]:
     """Mean over targets of Pearson r(x[:, t], y[:, t]) on the members of the drawn runs."""
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        pts = _expand(units, idx)
+        pts = expand_units(units, idx)
         safe, valid = np.maximum(pts, 0), pts >= 0
         rs = []
         for t in range(x.shape[1]):
             xt, yt = x[safe, t], y[safe, t]
-            rs.append(_weighted_rank_stats(xt, yt, valid & np.isfinite(xt) & np.isfinite(yt), rank=False)[0])
+            rs.append(weighted_rank_stats(xt, yt, valid & np.isfinite(xt) & np.isfinite(yt), rank=False)[0])
         return np.mean(rs, axis=0)
     return statistic
 
@@ -244,7 +244,7 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     mats = [pair_mats(agreement.matrices[id_site], agreement.matrices[t]) for t in targets]
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        c = _point_weights(idx, unit_of, len(units))
+        c = point_weights(idx, unit_of, len(units))
         return np.mean([moments_line(pair_moments(m, c))[2] for m in mats], axis=0)
 
     lo, hi = _interval(statistic, len(units), n_resamples, seed)
@@ -392,7 +392,7 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
         e = means[reading].unstack("method").reindex(index=members, columns=methods).to_numpy(dtype=float)
 
         def stat(idx, axis=-1, e=e):
-            c = _point_weights(idx, unit_of, len(units))
+            c = point_weights(idx, unit_of, len(units))
             mean = (c @ np.nan_to_num(e)) / c.sum(-1, keepdims=True)
             return mean[..., 0] - mean[..., 1:].min(-1)
         lo, hi = _interval(stat, len(units), n_resamples, seed)
@@ -436,7 +436,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         ts = [t for t in range(len(targets)) if ok[:, t].sum() >= 2]
 
         def stat(idx, axis=-1, score=score, ok=ok, ts=ts):
-            c = _point_weights(idx, unit_of, len(units))
+            c = point_weights(idx, unit_of, len(units))
             out = []
             for t in ts:
                 w = c * ok[:, t]
@@ -483,7 +483,7 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
              for t in targets]
 
     def stat(idx, axis=-1):
-        c = _point_weights(idx, unit_of, len(units))
+        c = point_weights(idx, unit_of, len(units))
         out = []
         for mats, truth in parts:
             a, b, _ = moments_line(pair_moments(mats, c))
@@ -728,7 +728,7 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     from analysis.aline import aline_table
     from analysis.indicators import indicator_table
     from analysis.run import _check_records, site_roles
-    from analysis.table import check_metric, performance_table
+    from analysis.performance import check_metric, performance_table
     from analysis.uncertainty_indicators import uncertainty_indicator_frame
     from trainables.records import load_records, load_uncertainty, records_dir
 

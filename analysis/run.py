@@ -26,7 +26,7 @@ from analysis.examples import example_members, examples_dir, fig6_inputs
 from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
 from analysis.selection import loto_estimates, select_models
-from analysis.table import check_metric, performance_table
+from analysis.performance import check_metric, performance_table
 from analysis.tables import (aline_markdown, boot_caption, correlation_markdown, correlation_matrix_markdown,
                              correlations_long, lines_markdown, loto_markdown, selection_markdown, table1, table1_long,
                              table1_markdown)

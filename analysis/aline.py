@@ -34,9 +34,11 @@ import pandas as pd
 from scipy import stats
 
 from analysis.agreement import one_blas_thread
-from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, moments_line, pair_mats, pair_moments,
-                                point_weights, probit, resampling_units, unit_of_points)
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, ID_COLUMNS, MIN_POINTS, STAT_KEYS, correlate_pairs, moments_line,
+                                pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points)
 
+#: The pair-level agreement-on-the-line test's name in the correlation table (``pair_correlations``).
+PAIRS = "agreement_on_the_line"
 #: Estimators of ``aline_estimates``.
 ALINE_METHODS = ("aline_s", "aline_d")
 
@@ -227,3 +229,34 @@ def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
                          "mae": float(err[ok].mean()) if ok.any() else math.nan})
     per_member = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ALINE_COLUMNS)
     return per_member[ALINE_COLUMNS], fits
+
+
+def pair_correlations(agreement, table: pd.DataFrame, n_resamples: int, seed: int, members: str,
+                       run_of: dict[str, object]) -> tuple[pd.DataFrame, list[dict]]:
+    """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members, and
+    Baek et al.'s comparison of the agreement line with the accuracy line (``lines_test``).
+
+    One run-level bootstrap per target (``lines_test``) gives both lines' intervals and the interval
+    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``)."""
+    rows, lines = [], []
+    id_site = agreement.id_site
+    if id_site is None:
+        return pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS]), lines
+    source = ", ".join(sorted(table["source"].astype(str).unique()))
+    groups = np.array([run_of.get(m) for m in agreement.member_ids], dtype=object)
+    for t, g in table.groupby("target", sort=False):
+        t = str(t)
+        if t not in agreement.matrices:
+            continue
+        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=0, seed=seed,
+                             groups=groups)
+        score = g.set_index(g["member_id"].astype(str))
+        lt = lines_test(score["id_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        score["ood_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        agreement.matrices[id_site], agreement.matrices[t], groups=groups,
+                        n_resamples=n_resamples, seed=seed)
+        st["pearson_boot_low"], st["pearson_boot_high"] = lt["pair_r_low"], lt["pair_r_high"]
+        rows.append({"indicator": PAIRS, "metric": agreement.metric, "members": members, "source": source,
+                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
+        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS]), lines

@@ -15,19 +15,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.aline import PAIRS, aline_table, pair_correlations
-from analysis.claims import claims_table, sam_members_of, verdicts_markdown, write_claims
+from analysis.aline import aline_table, pair_correlations
+from analysis.claims import claims_table, sam_members_of, write_claims
 from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
-from analysis.health import health_line, pool_health
+from analysis.health import pool_health
 from analysis.indicators import INDICATORS, resolve_indicators
 from analysis.performance import check_metric
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
 from analysis.prepare import ALL, LABEL_FREE, prepare
+from analysis.report import tables_markdown
 from analysis.selection import loto_estimates, select_models
-from analysis.tables import (aline_markdown, boot_caption, correlation_markdown, correlation_matrix_markdown,
-                             correlations_long, lines_markdown, loto_markdown, selection_markdown, table1, table1_long,
-                             table1_markdown)
+from analysis.tables import correlations_long, table1, table1_long, table1_markdown
 from analysis.uncertainty_indicators import uncertainty_sections
 
 #: Outputs a run may or may not write: removed first so that a rerun leaves no stale ones.
@@ -250,62 +249,12 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     # the pool's health (analysis.health), along the targets in the spec's order (growing severity)
     health = pool_health(perf, [t for t in (target_order or []) if t in targets]
                          + [t for t in targets if t not in (target_order or [])])
-    md = [f"# Analysis: {experiment_dir.name}", "",
-          f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
-          f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
-          + (f" (also the pair-level `{PAIRS}` test)" if agreement is not None else "") + ".", ""]
-    if missing:
-        md += [f"**Incomplete experiment: {len(missing)} record(s) missing, analysed without them** "
-               f"(`oodsweep resume` redoes them):", ""] + [f"- {m}" for m in missing] + [""]
-    if notes:
-        md += ["**Skipped or partial:**", ""] + [f"- {n}" for n in notes] + [""]
-    def per_set(render, df: pd.DataFrame | None) -> list[str]:
-        """One block per member set (label-free first), each under a heading that names the set."""
-        blocks: list[str] = []
-        for k, ids in member_sets.items():
-            sub = (df[df["members"].isin([k, f"{k} (non-degenerate)"])] if df is not None and "members" in df.columns
-                   else df)
-            head = (f"**Label-free members** ({len(ids)}; oracle-prompted † members left out)" if k == LABEL_FREE
-                    else f"**All members** ({len(ids)}; includes the oracle-prompted † members: not label-free)")
-            blocks += [head, "", render(sub), ""]
-        return blocks
-
-    md += ["## Pool health", "", health_line(health, metric) + ".", "",
-           "Collapsed members: " + (", ".join(f"`{m}`" for m in health["collapsed"]) or "none") + ".", ""]
-    md += ["## Claims", "", "Which of the paper's claims this experiment reproduces, by the rule stated in "
-           "[claims.md](claims.md) (95% intervals over training runs; every row in `claims.csv`):", "",
-           verdicts_markdown(claims), ""]
-    md += ["## Tables 1–3: same-domain and cross-domain performance", "", table1_markdown(perf), "",
-           "## Correlation of each indicator with OOD performance", "",
-           boot_caption(n_resamples, corr), ""]
-    md += per_set(lambda c: correlation_matrix_markdown(c) + "\n\n" + correlation_markdown(c), corr)
-    md += ["## Agreement on the line: Baek et al.'s test", ""]
-    md += per_set(lines_markdown, lines_df) if line_rows else ["Skipped: no agreement (see above).", ""]
-    md += ["## Figures", ""]
-    for target, f in zip(targets, fig_files["fig4"]):
-        md += [f"Fig. 4, {source} → {target}: OOD vs ID performance, OOD vs ID agreement (per member and per "
-               f"pair), probit axes.", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
-    for f in fig_files["fig3"]:
-        md += ["Fig. 3: uncertain area against OOD performance.", "", f"![Fig. 3]({f.relative_to(out).as_posix()})", ""]
-    for f in fig_files["fig6"]:
-        md += ["Fig. 6: a member's slice: image, truth, prediction, μ, error, uncertainty.", "",
-               f"![Fig. 6]({f.relative_to(out).as_posix()})", ""]
-    if not fig_files["fig3"]:
-        md += ["Fig. 3: skipped (no uncertain-area values; see above).", ""]
-    if not fig_files["fig6"]:
-        md += ["Fig. 6: skipped (no uncertainty examples; see above).", ""]
-    md += ["## Table 4: uncertainty methods", ""]
-    md += unc_md if t4 is not None else ["Skipped: no uncertainty records (see above).", ""]
-    md += ["## Model selection for a new site", ""]
-    md += per_set(lambda d: selection_markdown(d, metric), sel)
-    md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""]
-    aline_summary = pd.DataFrame(aline_fits)
-    md += per_set(lambda d: aline_markdown(d, metric), aline_summary) if aline_fits \
-        else ["ALine estimates: skipped (they need the agreement on the source test split and the targets).", ""]
-    md += per_set(lambda d: loto_markdown(d, metric), loto_summary) if n_targets >= 2 \
-        else [f"Leave-one-target-out estimates: skipped (needs at least two targets; this experiment has "
-              f"{n_targets}).", ""]
-    (out / "tables.md").write_text("\n".join(md), encoding="utf-8")
+    (out / "tables.md").write_text(tables_markdown(
+        experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
+        available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,
+        member_sets=member_sets, claims=claims, perf=perf, n_resamples=n_resamples, corr=corr,
+        lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out, unc_md=unc_md if t4 is not None else None,
+        sel=sel, aline_fits=aline_fits, loto_summary=loto_summary, n_targets=n_targets), encoding="utf-8")
     files.append(out / "tables.md")
 
     corr_records = _json_clean(corr.to_dict(orient="records"))

@@ -34,8 +34,9 @@ import pandas as pd
 from scipy import stats
 
 from analysis.agreement import one_blas_thread
-from analysis.correlate import (BOOT_BATCH, CONFIDENCE, ID_COLUMNS, MIN_POINTS, STAT_KEYS, correlate_pairs, moments_line,
-                                pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points)
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, ID_COLUMNS, MIN_POINTS, STAT_KEYS, correlate_pairs,
+                                moments_line, pair_mats, pair_moments, point_weights, probit, resampling_units,
+                                unit_of_points)
 
 #: The pair-level agreement-on-the-line test's name in the correlation table (``pair_correlations``).
 PAIRS = "agreement_on_the_line"

@@ -82,7 +82,8 @@ NOT_CLAIM_WORDS = {REPRODUCED: "holds", REFUTED: "does not hold"}
 
 
 def claim_row(claim: str, kind: str, scope: str, statistic: str, value: float, lo: float, hi: float, side: str,
-         members: str, n_members: int, n_units: int, unit: str, note: str = "", text: str | None = None) -> dict:
+              members: str, n_members: int, n_units: int, unit: str, note: str = "", text: str | None = None) -> dict:
+    """One row of ``claims.csv`` (``CLAIM_COLUMNS``), its verdict decided from [lo, hi] by ``decide``."""
     verdict = decide(float(lo), float(hi), side)
     if kind != "claim":
         verdict = NOT_CLAIM_WORDS.get(verdict, verdict)
@@ -93,6 +94,7 @@ def claim_row(claim: str, kind: str, scope: str, statistic: str, value: float, l
 
 
 def untestable_row(claim: str, why: str, kind: str = "claim", statistic: str = "", text: str | None = None) -> dict:
+    """A "not testable" row: the claim's input is missing, and ``why`` (its note) says which."""
     row = claim_row(claim, kind, "overall", statistic, math.nan, math.nan, math.nan, "none", "", 0, 0, "", why, text)
     row["verdict"] = NOT_TESTABLE
     return row
@@ -106,6 +108,7 @@ def point_value(stat: Callable[..., np.ndarray], n_units: int | tuple[int, ...])
 
 
 def run_interval(stat, n_units, n_resamples: int, seed: int) -> tuple[float, float]:
+    """The 95% run-level bootstrap interval of one statistic (``analysis.correlate.run_bootstrap``)."""
     lo, hi = run_bootstrap(stat, n_units, n_resamples, seed, n_stats=1)
     return float(lo[0]), float(hi[0])
 
@@ -119,4 +122,5 @@ def wide_values(table: pd.DataFrame, column: str, members: list[str], targets: l
 
 
 def members_label(n: int, units: int, unit: str, who: str = "label-free") -> str:
+    """The ``members`` cell of a row: who, how many members, how many resampled units."""
     return f"{who}: {n} members, {units} {unit}s"

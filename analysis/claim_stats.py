@@ -75,15 +75,16 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
-                     point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
-                     len(members), len(units), unit, text=text))
+                          point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
+                          len(members), len(units), unit, text=text))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
                        groups=g["run_id"].to_numpy(dtype=object))
-        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"], st["pearson_boot_low"],
-                         st["pearson_boot_high"], side, members_label(st["n"], st["n_units"], st["resample"]),
-                         st["n"], st["n_units"], st["resample"], text=text))
+        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
+                              st["pearson_boot_low"], st["pearson_boot_high"], side,
+                              members_label(st["n"], st["n_units"], st["resample"]),
+                              st["n"], st["n_units"], st["resample"], text=text))
     return rows
 
 
@@ -103,7 +104,7 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     if not targets or len(ids) < 3:
         return [untestable_row("C3", f"agreement needs at least 3 label-free members with predictions on the source "
                                   f"and a target ({len(ids)} members, {len(targets)} targets)",
-                            statistic="pair Pearson r")]
+                               statistic="pair Pearson r")]
     groups = np.array([run_of.get(m) for m in ids], dtype=object)
     units, unit = resampling_units(groups, len(ids))
     unit_of = unit_of_points(units, len(ids))
@@ -116,16 +117,16 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     lo, hi = run_interval(statistic, len(units), n_resamples, seed)
     n_pairs = len(ids) * (len(ids) - 1) // 2
     rows = [claim_row("C3", "claim", "overall" + suffix,
-                 f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
-                 point_value(statistic, len(units)), lo, hi, "weak",
-                 members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
+                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
+                      point_value(statistic, len(units)), lo, hi, "weak",
+                      members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
     for t in targets if not suffix else []:
         st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
                              groups=groups)
         rows.append(claim_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
-                         st["pearson_boot_low"], st["pearson_boot_high"], "weak",
-                         members_label(len(ids), st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
-                         st["n_units"], st["resample"]))
+                              st["pearson_boot_low"], st["pearson_boot_high"], "weak",
+                              members_label(len(ids), st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
+                              st["n_units"], st["resample"]))
     return rows
 
 
@@ -150,7 +151,7 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
     if not sams or not others:
         return [untestable_row("C1", f"needs a SAM-family member and another architecture; the pool has SAM: "
                                   f"{', '.join(sams) or 'none'}, others: {', '.join(others) or 'none'}",
-                            statistic="SAM drop − CNN drop (pp)")]
+                               statistic="SAM drop − CNN drop (pp)")]
     best = select_best_configs(perf)
     drops: dict[str, np.ndarray] = {}
     chosen: dict[str, str] = {}
@@ -179,10 +180,10 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
                 return ds[i].mean(-1) - dc[j].mean(-1)
             lo, hi = run_interval(stat, (len(ds), len(dc)), n_resamples, seed)
             rows.append(claim_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
-                             point_value(stat, (len(ds), len(dc))), lo, hi, "negative",
-                             f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
-                             len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
-                             note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
+                                  point_value(stat, (len(ds), len(dc))), lo, hi, "negative",
+                                  f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
+                                  len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
+                                  note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
         if not cnns:
             continue
         pools = [drops[s]] + [drops[c] for c in cnns]
@@ -194,8 +195,9 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
         lo, hi = run_interval(stat_all, sizes, n_resamples, seed)
         rows.insert(len(rows) - len(cnns), claim_row(
             "C1", "claim", "overall" if len(sams) == 1 else f"overall ({s})",
-            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", point_value(stat_all, sizes), lo, hi,
-            "negative", f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes), sum(sizes),
+            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", point_value(stat_all, sizes), lo,
+            hi, "negative", f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes),
+            sum(sizes),
             "run (per architecture)",
             note=f"evaluation of {s} is oracle-prompted (each slice's ground-truth box), as in the paper; {note_sel}; "
                  f"runs per architecture: {', '.join(f'{a} {n}' for a, n in zip([s, *cnns], sizes))}"))
@@ -224,7 +226,7 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     baselines = sorted({str(m) for m in unc["method"].unique()} - set(NOT_BASELINES))
     if not baselines:
         return [untestable_row("C5", "no baseline method in the uncertainty records (uncertainty.baselines is empty)",
-                            statistic=stat_name)]
+                               statistic=stat_name)]
     methods = ["ggd", *baselines]
     # one pass over the (possibly millions of) slice rows: each member x method's mean per reading on the
     # target sites' images. NaN outside them and a groupby on the columns as they are: selecting the rows
@@ -244,8 +246,8 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     means.index = pd.MultiIndex.from_arrays([means.index.get_level_values(0).astype(str),
                                              means.index.get_level_values(1).astype(str)], names=means.index.names)
     if not complete:
-        return [untestable_row("C5", f"no member was scored on a target by δ and every baseline ({', '.join(baselines)})",
-                            statistic=stat_name)]
+        return [untestable_row("C5", f"no member was scored on a target by δ and every baseline "
+                                     f"({', '.join(baselines)})", statistic=stat_name)]
     oracle = (set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "member_id"].astype(str))
               if sam_members is None else set(sam_members))
     sam = [m for m in complete if m in oracle]
@@ -267,9 +269,10 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
         full = np.nanmean(e, axis=0)
         best = baselines[int(np.argmin(full[1:]))]
         rows.append(claim_row("C5", "claim", "overall" if reading == "area" else "overall (pixel reading)",
-                         f"{stat_name} ({reading} reading, target sites)", point_value(stat, len(units)), lo, hi,
-                         "negative", f"{who}: {len(members)} members, {len(units)} {unit}s", len(members), len(units),
-                         unit, note=f"δ {full[0]:.4g}; best baseline {best} {full[1:].min():.4g}; baselines: "
+                              f"{stat_name} ({reading} reading, target sites)", point_value(stat, len(units)), lo, hi,
+                              "negative", f"{who}: {len(members)} members, {len(units)} {unit}s", len(members),
+                              len(units),
+                              unit, note=f"δ {full[0]:.4g}; best baseline {best} {full[1:].min():.4g}; baselines: "
                                     + ", ".join(f"{b} {v:.4g}" for b, v in zip(baselines, full[1:]))))
     return rows
 
@@ -283,7 +286,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
     rows = []
     if table is None or table.empty:
         return [untestable_row("selection", "no label-free members", "project", "regret − random-pick regret (pp)",
-                            "Selecting by a label-free indicator beats a random pick")]
+                               "Selecting by a label-free indicator beats a random pick")]
     targets = list(dict.fromkeys(table["target"].astype(str)))
     members = sorted(table["member_id"].astype(str).unique())  # ties go to the first member, as select_models
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
@@ -298,7 +301,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
                 f"random pick")
         if ok.sum(axis=0).max(initial=0) < 2:
             rows.append(untestable_row(f"selection: {name}", "fewer than 2 members with values on every target",
-                                    "project", "regret − random-pick regret (pp)", text))
+                                       "project", "regret − random-pick regret (pp)", text))
             continue
         score = np.where(ok, x if info.higher_is_better else -x, -np.inf)
         ts = [t for t in range(len(targets)) if ok[:, t].sum() >= 2]
@@ -319,9 +322,10 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         rand = np.mean([np.nanmax(np.where(ok[:, t], y[:, t], np.nan)) - np.nanmean(np.where(ok[:, t], y[:, t], np.nan))
                         for t in ts])
         rows.append(claim_row(f"selection: {name}", "project", "overall",
-                         f"regret − random-pick regret, mean over {len(ts)} targets (pp)", point_value(stat, len(units)),
-                         lo, hi, "negative", members_label(len(members), len(units), unit), len(members), len(units),
-                         unit, note=f"regret {100 * regret:.2f} pp, random-pick regret {100 * rand:.2f} pp", text=text))
+                              f"regret − random-pick regret, mean over {len(ts)} targets (pp)",
+                              point_value(stat, len(units)), lo, hi, "negative",
+                              members_label(len(members), len(units), unit), len(members), len(units), unit,
+                              note=f"regret {100 * regret:.2f} pp, random-pick regret {100 * rand:.2f} pp", text=text))
     return rows
 
 
@@ -333,13 +337,13 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
     text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or table is None or table.empty:
-        return [untestable_row("ALine error", "no agreement on the source test split (no stored predictions)", "project",
-                            "MAE (pp)", text)]
+        return [untestable_row("ALine error", "no agreement on the source test split (no stored predictions)",
+                               "project", "MAE (pp)", text)]
     ids = list(agreement.member_ids)
     targets = [t for t in dict.fromkeys(table["target"].astype(str)) if t in agreement.matrices]
     if len(ids) < 3 or not targets:
         return [untestable_row("ALine error", "needs 3 label-free members with predictions on the source and a target",
-                            "project", "MAE (pp)", text)]
+                               "project", "MAE (pp)", text)]
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
     p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), eps)
     units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
@@ -362,13 +366,15 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
         return 100.0 * np.mean(out, axis=0)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
-                 point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit), len(ids),
-                 len(units), unit, text=text)]
+                      point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
+                      len(ids), len(units), unit, text=text)]
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
-        rows.append(claim_row("ALine error", "project", "overall (ALine-D)", f"ALine-D MAE, mean over {len(d)} targets (pp)",
-                         100.0 * float(np.nanmean(d)), math.nan, math.nan, "none",
-                         members_label(len(ids), len(units), unit), len(ids), len(units), unit,
-                         note="point value only (no interval: its least-squares solve per resample is not vectorised)",
-                         text=text))
+        rows.append(claim_row("ALine error", "project", "overall (ALine-D)",
+                              f"ALine-D MAE, mean over {len(d)} targets (pp)",
+                              100.0 * float(np.nanmean(d)), math.nan, math.nan, "none",
+                              members_label(len(ids), len(units), unit), len(ids), len(units), unit,
+                              note="point value only (no interval: its least-squares solve per resample is not "
+                                   "vectorised)",
+                              text=text))
     return rows

@@ -103,9 +103,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
             rows.append(untestable_row(claim, free, statistic="Pearson r"))
             continue
         if claim == "C4" and "uncertain_area" not in have:
-            rows.append(untestable_row("C4", "no uncertain-area values for the label-free members (no uncertainty stage, "
-                                          "no δ 'ggd' records, or no uncertainty indicator in analysis.indicators)",
-                                    statistic="Pearson r"))
+            rows.append(untestable_row("C4", "no uncertain-area values for the label-free members (no uncertainty "
+                                             "stage, no δ 'ggd' records, or no uncertainty indicator in "
+                                             "analysis.indicators)", statistic="Pearson r"))
             continue
         if claim == "C3":
             got = agreement_rows(agreement, run_of, n_resamples, seed)

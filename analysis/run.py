@@ -253,8 +253,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
         available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,
         member_sets=member_sets, claims=claims, perf=perf, n_resamples=n_resamples, corr=corr,
-        lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out, unc_md=unc_md if t4 is not None else None,
-        sel=sel, aline_fits=aline_fits, loto_summary=loto_summary, n_targets=n_targets), encoding="utf-8")
+        lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out,
+        unc_md=unc_md if t4 is not None else None, sel=sel, aline_fits=aline_fits, loto_summary=loto_summary,
+        n_targets=n_targets), encoding="utf-8")
     files.append(out / "tables.md")
 
     corr_records = _json_clean(corr.to_dict(orient="records"))

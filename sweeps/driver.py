@@ -327,7 +327,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
     else:
         errors = []
-    records.load_uncertainty(exp)  # merges the members' δ parts into records/uncertainty.parquet (Table 4: the analysis's)
+    records.load_uncertainty(exp)  # merges the δ parts into records/uncertainty.parquet (Table 4: the analysis's)
     if errors:
         tracker.end(parent, "FAILED")
     else:

@@ -99,7 +99,7 @@ def _shared_bits(bits: np.ndarray) -> np.ndarray:
     return twice
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager:
+def one_blas_thread() -> contextlib.AbstractContextManager:
     """Limit BLAS to one thread while the many small products run (``threadpoolctl`` if installed).
 
     The products are small (members x a few hundred pixels): threads gain nothing there, and on a
@@ -386,7 +386,7 @@ def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
         if len(kept) < 2 or stack is None:
             res.notes.append(f"agreement on {site}: fewer than two members with usable predictions; skipped")
             continue
-        with _one_blas_thread():
+        with one_blas_thread():
             sub = pairwise_agreement(stack, n_px, case_ids, metric)
         full = np.full((len(res.member_ids),) * 2, np.nan)
         pos = np.array([index[k] for k in kept])

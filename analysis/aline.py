@@ -33,10 +33,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.agreement import _one_blas_thread
-from analysis.correlate import (BOOT_BATCH, CONFIDENCE, MIN_POINTS, _point_weights, moments_line, pair_mats,
-                                pair_moments, probit, resampling_units, unit_of_points)
+from analysis.agreement import one_blas_thread
+from analysis.correlate import (BOOT_BATCH, CONFIDENCE, ID_COLUMNS, MIN_POINTS, STAT_KEYS, correlate_pairs,
+                                moments_line, pair_mats, pair_moments, point_weights, probit, resampling_units,
+                                unit_of_points)
 
+#: The pair-level agreement-on-the-line test's name in the correlation table (``pair_correlations``).
+PAIRS = "agreement_on_the_line"
 #: Estimators of ``aline_estimates``.
 ALINE_METHODS = ("aline_s", "aline_d")
 
@@ -151,13 +154,13 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
     probit_mats, raw_mats = pair_mats(gi, go), pair_mats(a_id, a_ood)
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        c = _point_weights(idx, unit_of, len(units))           # draws per member
+        c = point_weights(idx, unit_of, len(units))           # draws per member
         s_acc, i_acc = _wls(pi0, po0, c * mem)
         s_agr, i_agr, _ = moments_line(pair_moments(probit_mats, c))
         r = moments_line(pair_moments(raw_mats, c))[2]
         return np.stack([s_acc, i_acc, s_agr, i_agr, s_acc - s_agr, i_acc - i_agr, r])
 
-    with warnings.catch_warnings(), _one_blas_thread():  # small products: threads only contend (correlate)
+    with warnings.catch_warnings(), one_blas_thread():  # small products: threads only contend (correlate)
         warnings.simplefilter("ignore")
         res = stats.bootstrap((np.arange(len(units)),), statistic, n_resamples=n_resamples, vectorized=True,
                               batch=BOOT_BATCH, method="percentile", confidence_level=CONFIDENCE,
@@ -227,3 +230,34 @@ def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
                          "mae": float(err[ok].mean()) if ok.any() else math.nan})
     per_member = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ALINE_COLUMNS)
     return per_member[ALINE_COLUMNS], fits
+
+
+def pair_correlations(agreement, table: pd.DataFrame, n_resamples: int, seed: int, members: str,
+                       run_of: dict[str, object]) -> tuple[pd.DataFrame, list[dict]]:
+    """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members, and
+    Baek et al.'s comparison of the agreement line with the accuracy line (``lines_test``).
+
+    One run-level bootstrap per target (``lines_test``) gives both lines' intervals and the interval
+    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``)."""
+    rows, lines = [], []
+    id_site = agreement.id_site
+    if id_site is None:
+        return pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS]), lines
+    source = ", ".join(sorted(table["source"].astype(str).unique()))
+    groups = np.array([run_of.get(m) for m in agreement.member_ids], dtype=object)
+    for t, g in table.groupby("target", sort=False):
+        t = str(t)
+        if t not in agreement.matrices:
+            continue
+        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=0, seed=seed,
+                             groups=groups)
+        score = g.set_index(g["member_id"].astype(str))
+        lt = lines_test(score["id_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        score["ood_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
+                        agreement.matrices[id_site], agreement.matrices[t], groups=groups,
+                        n_resamples=n_resamples, seed=seed)
+        st["pearson_boot_low"], st["pearson_boot_high"] = lt["pair_r_low"], lt["pair_r_high"]
+        rows.append({"indicator": PAIRS, "metric": agreement.metric, "members": members, "source": source,
+                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
+        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS]), lines

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.agreement import _one_blas_thread
+from analysis.agreement import one_blas_thread
 
 #: Fewer finite (x, y) pairs than this give NaN statistics (the 95% CI needs n > 3).
 MIN_POINTS = 4
@@ -39,7 +39,7 @@ CONFIDENCE = 0.95
 #: independent points (NaN on pair rows); ``*_boot_*`` / ``spearman_ci_*`` / ``kendall_ci_*``: bootstrap
 #: (BCa, else percentile) over training runs (``resample`` says which unit); ``n_units``: the units
 #: resampled (``n`` counts points: members or pairs). ``kendall_ci_*`` stay NaN (no vectorised τ; see
-#: ``_weighted_rank_stats``); pair rows bootstrap r only (ρ over tens of thousands of pairs per
+#: ``weighted_rank_stats``); pair rows bootstrap r only (ρ over tens of thousands of pairs per
 #: resample costs too much; its point value is given).
 STAT_KEYS = ("n", "n_units", "pearson_r", "pearson_p", "pearson_ci_low", "pearson_ci_high",
              "pearson_boot_low", "pearson_boot_high",
@@ -75,13 +75,13 @@ def resampling_units(groups: np.ndarray | pd.Series | list | None, n: int) -> tu
     return units, ("member" if counts.max() == 1 else "run")
 
 
-def _expand(units: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def expand_units(units: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Unit indices ``... x u`` -> point indices ``... x (u * K)`` (-1 for padding)."""
     idx = np.asarray(idx, dtype=np.int64)
     return units[idx].reshape(*idx.shape[:-1], -1)
 
 
-def _weighted_rank_stats(x: np.ndarray, y: np.ndarray, w: np.ndarray, rank: bool = True) -> np.ndarray:
+def weighted_rank_stats(x: np.ndarray, y: np.ndarray, w: np.ndarray, rank: bool = True) -> np.ndarray:
     """(Pearson r, Spearman ρ) of every row of ``x, y`` (``B x L``) over the entries with ``w`` (0/1).
 
     Written out rather than calling scipy per resample: 2,000 run-level resamples of different sizes
@@ -127,8 +127,8 @@ def _is_constant(a: np.ndarray) -> bool:
     return bool(a.size == 0 or np.all(a == a[0]))
 
 
-def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int | tuple[int, ...], n_resamples: int,
-               seed: int, n_stats: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def run_bootstrap(statistic: Callable[..., np.ndarray], n_units: int | tuple[int, ...], n_resamples: int,
+                  seed: int, n_stats: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap intervals of a vector ``statistic(unit indices, axis=-1)`` over ``n_units`` units.
 
     ``n_units`` may be a tuple of sizes: then the units form independent strata (e.g. the runs of
@@ -148,7 +148,7 @@ def _bootstrap(statistic: Callable[..., np.ndarray], n_units: int | tuple[int, .
         return nan, nan
     data = tuple(np.arange(n) for n in sizes)
     # one BLAS thread: the products are small, and threads on a busy machine made them 6x slower here
-    with warnings.catch_warnings(), _one_blas_thread():
+    with warnings.catch_warnings(), one_blas_thread():
         warnings.simplefilter("ignore")  # degenerate resamples: NaN statistics, handled below
         try:
             res = stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=True,
@@ -242,11 +242,11 @@ def correlate(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, eps: float =
     out["resample"] = unit_name
     if x.size >= MIN_POINTS and not (_is_constant(x) or _is_constant(y)):
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-            pts = _expand(units, idx)
+            pts = expand_units(units, idx)
             safe = np.maximum(pts, 0)
-            return _weighted_rank_stats(x[safe], y[safe], pts >= 0)
+            return weighted_rank_stats(x[safe], y[safe], pts >= 0)
 
-        lo, hi = _bootstrap(statistic, len(units), n_resamples, seed)
+        lo, hi = run_bootstrap(statistic, len(units), n_resamples, seed)
         _put_intervals(out, lo, hi)
     return out
 
@@ -259,7 +259,7 @@ def unit_of_points(units: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _point_weights(idx: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:
+def point_weights(idx: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:
     """Resampled unit indices ``... x u`` -> how often each point is drawn, ``... x M`` (float64)."""
     idx = np.asarray(idx, dtype=np.int64)
     flat = idx.reshape(-1, idx.shape[-1])
@@ -286,7 +286,7 @@ def pair_moments(mats: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, 
 
     Args:
         mats: ``pair_mats(fx, fy)`` of the ``M x M`` symmetric pair values (NaN: the pair is left out).
-        weights: ``... x M`` draws per member (``_point_weights``).
+        weights: ``... x M`` draws per member (``point_weights``).
 
     Returns:
         ``n, sx, sy, sxx, syy, sxy`` each of shape ``...``.
@@ -353,9 +353,9 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
         mats = pair_mats(ax, ay)
 
         def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-            return moments_line(pair_moments(mats, _point_weights(idx, unit_of, len(units))))[2][None]
+            return moments_line(pair_moments(mats, point_weights(idx, unit_of, len(units))))[2][None]
 
-        lo, hi = _bootstrap(statistic, len(units), n_resamples, seed, n_stats=1)
+        lo, hi = run_bootstrap(statistic, len(units), n_resamples, seed, n_stats=1)
         _put_intervals(out, lo, hi)
     return out
 

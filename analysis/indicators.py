@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.agreement import Agreement
-from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS
+from analysis.performance import MEMBER_EXTRAS, PERFORMANCE_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -10,33 +10,25 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.agreement import Agreement, agreement_matrices
-from analysis.aline import aline_table, lines_test
-from analysis.health import health_line, pool_health
-from analysis.claims import claims_table, sam_members_of, verdicts_markdown, write_claims
-from analysis.correlate import (DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlate_pairs,
-                                correlations)
+from analysis.aline import aline_table, pair_correlations
+from analysis.claims import claims_table, sam_members_of, write_claims
+from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
-from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
+from analysis.health import pool_health
+from analysis.indicators import INDICATORS, resolve_indicators
+from analysis.performance import check_metric
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
+from analysis.prepare import ALL, LABEL_FREE, prepare
+from analysis.report import tables_markdown
 from analysis.selection import loto_estimates, select_models
-from analysis.table import check_metric, performance_table
-from analysis.tables import (aline_markdown, boot_caption, correlation_markdown, correlation_matrix_markdown,
-                             correlations_long, lines_markdown, loto_markdown, selection_markdown, table1, table1_long,
-                             table1_markdown)
-from analysis.uncertainty_indicators import uncertainty_indicator_frame, uncertainty_sections
-from trainables.records import load_records, load_uncertainty, member_part_ids, records_dir
+from analysis.tables import correlations_long, table1, table1_long, table1_markdown
+from analysis.uncertainty_indicators import uncertainty_sections
 
-#: The pair-level agreement-on-the-line test's name in the correlation table.
-PAIRS = "agreement_on_the_line"
-#: The ``members`` column's values: results without the oracle-prompted members, and with them.
-LABEL_FREE, ALL = "label-free", "all"
 #: Outputs a run may or may not write: removed first so that a rerun leaves no stale ones.
 _OPTIONAL = ("agreement_pairs.csv", "table4.csv", "table4_readings.csv", "error_ranking.csv", "uncertainty_fits.csv",
              "loto.csv", "loto_summary.csv", "lines.csv", "aline.csv")
@@ -54,57 +46,6 @@ def _json_clean(v: object) -> object:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def _check_records(experiment_dir: Path) -> None:
-    rdir = records_dir(experiment_dir)
-    merged = (rdir / "members.parquet").exists() and (rdir / "slices.parquet").exists()
-    if not merged and not member_part_ids(experiment_dir):
-        raise FileNotFoundError(
-            f"no pool records in {rdir} (expected members.parquet + slices.parquet or parts/*.member.json); "
-            f"run the pool stage first, e.g. `oodsweep run <spec.yaml>`, or point at the experiment directory "
-            f"that holds records/")
-
-
-def site_roles(slices: pd.DataFrame) -> dict[str, str]:
-    """Site -> role from the slice records: the ID site first, then the targets in order of appearance.
-
-    The validation split (role "val", the source's held-out training cases) is left out: it chooses
-    configurations and is not an evaluated site of the analysis."""
-    pairs = slices.loc[slices["role"] != "val", ["site", "role"]].drop_duplicates()
-    roles = {str(s): str(r) for s, r in zip(pairs["site"], pairs["role"])}
-    return {**{s: r for s, r in roles.items() if r == "id"}, **{s: r for s, r in roles.items() if r != "id"}}
-
-
-def _pair_correlations(agreement: Agreement, table: pd.DataFrame, n_resamples: int, seed: int, members: str,
-                       run_of: dict[str, object]) -> tuple[pd.DataFrame, list[dict]]:
-    """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members, and
-    Baek et al.'s comparison of the agreement line with the accuracy line (``aline.lines_test``).
-
-    One run-level bootstrap per target (``lines_test``) gives both lines' intervals and the interval
-    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``)."""
-    rows, lines = [], []
-    id_site = agreement.id_site
-    if id_site is None:
-        return pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS]), lines
-    source = ", ".join(sorted(table["source"].astype(str).unique()))
-    groups = np.array([run_of.get(m) for m in agreement.member_ids], dtype=object)
-    for t, g in table.groupby("target", sort=False):
-        t = str(t)
-        if t not in agreement.matrices:
-            continue
-        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=0, seed=seed,
-                             groups=groups)
-        score = g.set_index(g["member_id"].astype(str))
-        lt = lines_test(score["id_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
-                        score["ood_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
-                        agreement.matrices[id_site], agreement.matrices[t], groups=groups,
-                        n_resamples=n_resamples, seed=seed)
-        st["pearson_boot_low"], st["pearson_boot_high"] = lt["pair_r_low"], lt["pair_r_high"]
-        rows.append({"indicator": PAIRS, "metric": agreement.metric, "members": members, "source": source,
-                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
-        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt})
-    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS]), lines
 
 
 def _clear_stale(out: Path) -> None:
@@ -180,80 +121,17 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     check_metric(metric)
     wanted = resolve_indicators(indicators)
     experiment_dir = Path(experiment_dir)
-    _check_records(experiment_dir)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    members, slices = load_records(experiment_dir)
-    perf = performance_table(members, slices, metric)
-    if perf.empty:
-        raise ValueError(f"records in {records_dir(experiment_dir)} hold no OOD (target-site) evaluations: "
-                         f"{len(members)} members, roles {sorted(slices['role'].astype(str).unique())}")
-    roles = site_roles(slices)
-    timings["records"] = time.perf_counter() - t0
+    prep = prepare(experiment_dir, metric, wanted)  # records, member sets, agreement, uncertainty, indicator tables
+    timings: dict[str, float] = dict(prep.timings)
+    members, perf, roles, notes = prep.members, prep.perf, prep.roles, prep.notes
+    member_sets, oracle_ids, run_of = prep.member_sets, prep.oracle_ids, prep.run_of
+    agreement, agreements, unc, tables = prep.agreement, prep.agreements, prep.unc, prep.tables
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale(out)
     files: list[Path] = []
-    notes: list[str] = []
-
-    # --- who is label-free, what the bootstrap resamples ----------------------------------------
-    all_ids = sorted(perf["member_id"].astype(str).unique())
-    oracle_ids = sorted(perf.loc[perf["oracle_prompt"].astype(bool), "member_id"].astype(str).unique())
-    free_ids = [m for m in all_ids if m not in set(oracle_ids)]
-    member_sets: dict[str, list[str]] = {}
-    if free_ids:
-        member_sets[LABEL_FREE] = free_ids
-    if oracle_ids:
-        member_sets[ALL] = all_ids
-        archs = sorted(perf.loc[perf["oracle_prompt"].astype(bool), "arch"].astype(str).unique())
-        notes.append(f"{len(oracle_ids)} of {len(all_ids)} members ({', '.join(archs)}) were evaluated with "
-                     f"ground-truth box prompts (oracle_prompt, marked †): every label-free result is computed "
-                     f"without them (`label-free`), and again with them (`all`) beside it")
-    no_run = perf.drop_duplicates("member_id")["run_id"].isna()
-    if no_run.any():
-        msg = (f"{int(no_run.sum())} of {len(all_ids)} members have no run_id in {records_dir(experiment_dir)} "
-               f"(records written before it existed): the bootstrap falls back to resampling members, whose "
-               f"intervals are too narrow when a run gives several snapshot members; rerun the pool stage to "
-               f"record run_id")
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        notes.append(msg)
-    run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
-
-    # --- indicators ---------------------------------------------------------------------------
     t = time.perf_counter()
-    agreement: Agreement | None = None
-    if {"id_agreement", "ood_agreement"} & set(wanted):
-        # the stored masks pool the label channels, so a micro metric's agreement is the base metric's
-        agreement = agreement_matrices(experiment_dir, all_ids, roles, metric=metric.removesuffix("_micro"))
-        notes += agreement.notes
-        if not agreement.matrices:
-            agreement = None
-    timings["agreement"] = time.perf_counter() - t
-    t = time.perf_counter()
-    unc = None
-    ua = None
-    if any(INDICATORS[n].needs == "uncertainty" for n in wanted):
-        unc = load_uncertainty(experiment_dir)
-        if unc is None:
-            notes.append(f"no uncertainty records ({records_dir(experiment_dir) / 'uncertainty.parquet'} or "
-                         f"{records_dir(experiment_dir) / 'uncertainty' / 'parts'}/): the uncertain-area indicator, "
-                         f"Fig. 3, Fig. 6 and Table 4 are skipped; run the uncertainty stage to get them")
-        elif not (unc["method"] == "ggd").any():
-            notes.append(f"the uncertainty records hold no 'ggd' rows (methods: "
-                         f"{sorted(unc['method'].astype(str).unique())}): the uncertain-area indicator and Fig. 3 "
-                         f"are skipped")
-        else:
-            ua = uncertainty_indicator_frame(unc, method="ggd")  # the paper's area and the other readings
-        if unc is not None:
-            n_unc, n_pool = unc["member_id"].nunique(), perf["member_id"].nunique()
-            if n_unc < n_pool:
-                notes.append(f"uncertainty records cover {n_unc} of {n_pool} pool members: the uncertain-area "
-                             f"correlations, Fig. 3 and Table 4 use those only")
-    # One indicator table per member set: the agreement indicators average over that set's members
-    # only (a label-free member's agreement with an oracle member would carry the target labels).
-    agreements = {k: (agreement.subset(ids) if agreement is not None else None) for k, ids in member_sets.items()}
-    tables = {k: indicator_table(perf[perf["member_id"].astype(str).isin(ids)], agreements[k], ua)
-              for k, ids in member_sets.items()}
     main_set = next(iter(member_sets))
     table = tables[main_set]
     table_all = tables.get(ALL, table)
@@ -262,7 +140,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     for n in wanted:
         if n not in available and INDICATORS[n].needs == "slices":
             notes.append(f"indicator {n}: no values (does the records hold the source test split, role 'id'?)")
-    timings["uncertainty"] = time.perf_counter() - t
+    timings["uncertainty"] += time.perf_counter() - t
     if degenerate_floor is not None:
         perf = perf.assign(degenerate=(perf["id_score"] < degenerate_floor) | (perf["ood_score"] < degenerate_floor))
         n_deg = int(perf.loc[perf["degenerate"], "member_id"].nunique())
@@ -288,7 +166,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                                members=k, floor=degenerate_floor, floor_x=INDICATORS[n].higher_is_better)
                   for n in available]
         if agreements[k] is not None:
-            pc, lines = _pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
+            pc, lines = pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
             parts.append(pc)
             line_rows += lines
             per, fits = aline_table(tb, agreements[k], members=k)
@@ -371,62 +249,13 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     # the pool's health (analysis.health), along the targets in the spec's order (growing severity)
     health = pool_health(perf, [t for t in (target_order or []) if t in targets]
                          + [t for t in targets if t not in (target_order or [])])
-    md = [f"# Analysis: {experiment_dir.name}", "",
-          f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
-          f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
-          + (f" (also the pair-level `{PAIRS}` test)" if agreement is not None else "") + ".", ""]
-    if missing:
-        md += [f"**Incomplete experiment: {len(missing)} record(s) missing, analysed without them** "
-               f"(`oodsweep resume` redoes them):", ""] + [f"- {m}" for m in missing] + [""]
-    if notes:
-        md += ["**Skipped or partial:**", ""] + [f"- {n}" for n in notes] + [""]
-    def per_set(render, df: pd.DataFrame | None) -> list[str]:
-        """One block per member set (label-free first), each under a heading that names the set."""
-        blocks: list[str] = []
-        for k, ids in member_sets.items():
-            sub = (df[df["members"].isin([k, f"{k} (non-degenerate)"])] if df is not None and "members" in df.columns
-                   else df)
-            head = (f"**Label-free members** ({len(ids)}; oracle-prompted † members left out)" if k == LABEL_FREE
-                    else f"**All members** ({len(ids)}; includes the oracle-prompted † members: not label-free)")
-            blocks += [head, "", render(sub), ""]
-        return blocks
-
-    md += ["## Pool health", "", health_line(health, metric) + ".", "",
-           "Collapsed members: " + (", ".join(f"`{m}`" for m in health["collapsed"]) or "none") + ".", ""]
-    md += ["## Claims", "", "Which of the paper's claims this experiment reproduces, by the rule stated in "
-           "[claims.md](claims.md) (95% intervals over training runs; every row in `claims.csv`):", "",
-           verdicts_markdown(claims), ""]
-    md += ["## Tables 1–3: same-domain and cross-domain performance", "", table1_markdown(perf), "",
-           "## Correlation of each indicator with OOD performance", "",
-           boot_caption(n_resamples, corr), ""]
-    md += per_set(lambda c: correlation_matrix_markdown(c) + "\n\n" + correlation_markdown(c), corr)
-    md += ["## Agreement on the line: Baek et al.'s test", ""]
-    md += per_set(lines_markdown, lines_df) if line_rows else ["Skipped: no agreement (see above).", ""]
-    md += ["## Figures", ""]
-    for target, f in zip(targets, fig_files["fig4"]):
-        md += [f"Fig. 4, {source} → {target}: OOD vs ID performance, OOD vs ID agreement (per member and per "
-               f"pair), probit axes.", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
-    for f in fig_files["fig3"]:
-        md += ["Fig. 3: uncertain area against OOD performance.", "", f"![Fig. 3]({f.relative_to(out).as_posix()})", ""]
-    for f in fig_files["fig6"]:
-        md += ["Fig. 6: a member's slice: image, truth, prediction, μ, error, uncertainty.", "",
-               f"![Fig. 6]({f.relative_to(out).as_posix()})", ""]
-    if not fig_files["fig3"]:
-        md += ["Fig. 3: skipped (no uncertain-area values; see above).", ""]
-    if not fig_files["fig6"]:
-        md += ["Fig. 6: skipped (no uncertainty examples; see above).", ""]
-    md += ["## Table 4: uncertainty methods", ""]
-    md += unc_md if t4 is not None else ["Skipped: no uncertainty records (see above).", ""]
-    md += ["## Model selection for a new site", ""]
-    md += per_set(lambda d: selection_markdown(d, metric), sel)
-    md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""]
-    aline_summary = pd.DataFrame(aline_fits)
-    md += per_set(lambda d: aline_markdown(d, metric), aline_summary) if aline_fits \
-        else ["ALine estimates: skipped (they need the agreement on the source test split and the targets).", ""]
-    md += per_set(lambda d: loto_markdown(d, metric), loto_summary) if n_targets >= 2 \
-        else [f"Leave-one-target-out estimates: skipped (needs at least two targets; this experiment has "
-              f"{n_targets}).", ""]
-    (out / "tables.md").write_text("\n".join(md), encoding="utf-8")
+    (out / "tables.md").write_text(tables_markdown(
+        experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
+        available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,
+        member_sets=member_sets, claims=claims, perf=perf, n_resamples=n_resamples, corr=corr,
+        lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out,
+        unc_md=unc_md if t4 is not None else None, sel=sel, aline_fits=aline_fits, loto_summary=loto_summary,
+        n_targets=n_targets), encoding="utf-8")
     files.append(out / "tables.md")
 
     corr_records = _json_clean(corr.to_dict(orient="records"))

@@ -1,4 +1,4 @@
-"""Paper-style tables (DESIGN §7): Tables 1–3, Table 4, correlations and model selection.
+"""Paper-style tables (DESIGN §7): Tables 1–3, correlations and model selection (Table 4: ``analysis.table4``).
 
 Tables 1–3 (same- vs cross-domain performance) differ in the paper only by dataset, metric and
 orientation: Table 1 has a "Same-Dom." row per source and a "Cross-Dom." row ``S → T`` per target, one
@@ -11,10 +11,8 @@ the architectures in rows and the settings in columns (``table1(perf, orient="ar
 performance table that concatenates experiments with different sources gives one Same-Dom. row
 per source, as the paper's Table 1 does for BMC and BIDMC.
 
-Table 4 compares the uncertainty methods by the mean squared error between each image's
-uncertain-area fraction and its error fraction (``trainables.records.table4``); the correlation
-table lists every indicator × target with its statistics; the selection tables report what
-``analysis.selection`` found.
+The correlation table lists every indicator × target with its statistics; the selection tables
+report what ``analysis.selection`` found.
 """
 from __future__ import annotations
 
@@ -212,62 +210,9 @@ def oracle_archs(perf: pd.DataFrame) -> set[str]:
     return set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "arch"].astype(str))
 
 
-def _f(v: object, spec: str) -> str:
+def fmt(v: object, spec: str) -> str:
+    """``v`` formatted with ``spec``, or ``n/a`` where it is not a finite number."""
     return format(float(v), spec) if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)) else "n/a"
-
-
-# --- Table 4 ------------------------------------------------------------------------------------
-
-#: Row labels of Table 4 (the paper's names for the uncertainty methods).
-METHOD_LABELS = {"ggd": "Ours (GGD δ on {ŷ, x})", "bayescap": "BayesCap (as published, on ŷ)", "tta_noise": "TTDAp",
-                 "tta_color": "TTDAc", "mc_dropout": "DropOut", "ggd_yhat_only": "Ablation: our δ on ŷ only"}
-
-
-def table4_frame(mse: pd.Series, site_roles: dict[str, str], source: str) -> pd.DataFrame:
-    """Table 4 as numbers: one row per uncertainty method, one column per setting.
-
-    Args:
-        mse: ``trainables.records.table4(unc)`` (indexed by method, site).
-        site_roles: site -> role (``"id"`` / ``"ood"``); OOD sites become ``S → T`` columns, the
-            ID site a ``S (same)`` column after them.
-        source: the source site's name for the column labels.
-
-    Returns:
-        Columns ``method, label`` then one float column per setting; methods in the order of
-        ``METHOD_LABELS`` (unknown ones after).
-    """
-    wide = mse.unstack("site")
-    sites = [s for s, r in site_roles.items() if r == "ood" and s in wide.columns]
-    sites += [s for s, r in site_roles.items() if r == "id" and s in wide.columns]
-    sites += [s for s in wide.columns if s not in sites]
-    order = [m for m in METHOD_LABELS if m in wide.index] + sorted(m for m in wide.index if m not in METHOD_LABELS)
-    wide = wide.reindex(index=order, columns=sites)
-    wide.columns = [f"{source} → {s}" if site_roles.get(s) == "ood" else f"{s} (same)" for s in sites]
-    out = wide.reset_index().rename(columns={"index": "method"})
-    out.insert(1, "label", [METHOD_LABELS.get(m, m) for m in out["method"]])
-    return out
-
-
-def table4_markdown(t4: pd.DataFrame, n_members: int | None = None, caption: str | None = None) -> str:
-    """Table 4 in markdown: MSE with three decimals (or 3 significant digits when small), the smallest
-    per column in bold; ``n_members``: how many members the uncertainty records cover; ``caption``
-    replaces the default caption (the area reading)."""
-    cols = [c for c in t4.columns if c not in ("method", "label")]
-    values = t4[cols].to_numpy(dtype=float) if cols else np.zeros((0, 0))
-    finite = values[np.isfinite(values)]
-    # three decimals as in the paper, unless an MSE is so small that they would show 0.000
-    spec = ".3f" if finite.size == 0 or finite[finite > 0].min(initial=1.0) >= 0.01 else ".2e"
-    shown = pd.DataFrame({"method": t4["label"]})
-    for c in cols:
-        v = t4[c].astype(float)
-        best = v.min(skipna=True)
-        shown[c] = [("**" + _f(x, spec) + "**") if math.isfinite(x) and x == best else _f(x, spec) for x in v]
-    caption = ("**Table 4.** Uncertainty methods by the mean squared error between each image's uncertain-area "
-               "fraction (Otsu threshold of the method's per-pixel map) and its error fraction (fp + fn of the "
-               "frozen member), averaged over every image of every pool member with uncertainty records"
-               + (f" ({n_members})" if n_members is not None else "") + ". Smaller is better; the best per column "
-               "in bold; n/a: the method did not score that split.") if caption is None else caption
-    return caption + "\n\n" + markdown_table(shown)
 
 
 # --- correlations -------------------------------------------------------------------------------
@@ -309,14 +254,14 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
                                                       and math.isfinite(float(n_deg)) and n_deg else "0"),
             "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
             "units": f"{r.n_units} {getattr(r, 'resample', 'member')}s",
-            "Pearson r [95% CI]": (f"{_f(r.pearson_r, '.3f')} [{_f(r.pearson_ci_low, '.3f')}, "
-                                   f"{_f(r.pearson_ci_high, '.3f')}]"),
-            "r boot. CI": f"[{_f(r.pearson_boot_low, '.3f')}, {_f(r.pearson_boot_high, '.3f')}]",
-            "Spearman ρ [CI]": (f"{_f(r.spearman_rho, '.3f')} [{_f(r.spearman_ci_low, '.3f')}, "
-                                f"{_f(r.spearman_ci_high, '.3f')}]"),
-            "Kendall τ": _f(r.kendall_tau, '.3f'),
-            "probit slope": _f(r.probit_slope, '.3f'), "probit intercept": _f(r.probit_intercept, '.3f'),
-            "probit R²": _f(r.probit_r2, '.3f'),
+            "Pearson r [95% CI]": (f"{fmt(r.pearson_r, '.3f')} [{fmt(r.pearson_ci_low, '.3f')}, "
+                                   f"{fmt(r.pearson_ci_high, '.3f')}]"),
+            "r boot. CI": f"[{fmt(r.pearson_boot_low, '.3f')}, {fmt(r.pearson_boot_high, '.3f')}]",
+            "Spearman ρ [CI]": (f"{fmt(r.spearman_rho, '.3f')} [{fmt(r.spearman_ci_low, '.3f')}, "
+                                f"{fmt(r.spearman_ci_high, '.3f')}]"),
+            "Kendall τ": fmt(r.kendall_tau, '.3f'),
+            "probit slope": fmt(r.probit_slope, '.3f'), "probit intercept": fmt(r.probit_intercept, '.3f'),
+            "probit R²": fmt(r.probit_r2, '.3f'),
         })
     metric = str(corr["metric"].iloc[0]) if len(corr) else "score"
     present = list(dict.fromkeys(corr["indicator"])) if len(corr) else []
@@ -375,12 +320,12 @@ def lines_markdown(lines: pd.DataFrame) -> str:
     if lines is None or lines.empty:
         return "(no targets with agreement)"
     def iv(r, k):
-        return f"{_f(r[k], '.3f')} [{_f(r[k + '_low'], '.3f')}, {_f(r[k + '_high'], '.3f')}]"
+        return f"{fmt(r[k], '.3f')} [{fmt(r[k + '_low'], '.3f')}, {fmt(r[k + '_high'], '.3f')}]"
     rows = [{"setting": f"{r['source']} → {r['target']}", "accuracy line slope": iv(r, "acc_slope"),
              "accuracy line intercept": iv(r, "acc_intercept"), "agreement line slope": iv(r, "agr_slope"),
              "agreement line intercept": iv(r, "agr_intercept"),
-             "slope diff. CI": f"[{_f(r['slope_diff_low'], '.3f')}, {_f(r['slope_diff_high'], '.3f')}]",
-             "intercept diff. CI": f"[{_f(r['intercept_diff_low'], '.3f')}, {_f(r['intercept_diff_high'], '.3f')}]",
+             "slope diff. CI": f"[{fmt(r['slope_diff_low'], '.3f')}, {fmt(r['slope_diff_high'], '.3f')}]",
+             "intercept diff. CI": f"[{fmt(r['intercept_diff_low'], '.3f')}, {fmt(r['intercept_diff_high'], '.3f')}]",
              "lines agree": {True: "yes", False: "no"}.get(r["lines_agree"], "n/a"),
              "members / pairs / units": f"{r['n_members']} / {r['n_pairs']} / {r['n_units']} {r.get('resample', '')}s"}
             for r in lines.to_dict(orient="records")]
@@ -400,8 +345,8 @@ def aline_markdown(fits: pd.DataFrame, metric: str) -> str:
     if fits is None or fits.empty:
         return "(no ALine estimates)"
     rows, _ = _indicator_by_target(fits.rename(columns={"method": "indicator"}), "estimator", lambda t: f"→ {t}",
-                                   lambda h: _f(100 * h["mae"].iloc[0], ".2f"),
-                                   extra=lambda g: {"mean": _f(100 * g["mae"].mean(), ".2f")})
+                                   lambda h: fmt(100 * h["mae"].iloc[0], ".2f"),
+                                   extra=lambda g: {"mean": fmt(100 * g["mae"].mean(), ".2f")})
     caption = (f"**ALine-S / ALine-D estimates of each member's OOD {metric}** (Baek et al. 2022) from the "
                f"source labels (ID {metric}) and the unlabelled target predictions (agreement) only. Cells: "
                f"mean absolute error against the true OOD {metric} over members (percentage points); per "
@@ -415,8 +360,8 @@ def correlation_matrix_markdown(corr: pd.DataFrame) -> str:
         return "(no correlations)"
     rows, targets = _indicator_by_target(
         corr, "indicator", str,
-        lambda h: f"{_f(h['pearson_r'].iloc[0], '.2f')} / {_f(h['spearman_rho'].iloc[0], '.2f')} / "
-                  f"{_f(h['kendall_tau'].iloc[0], '.2f')}")
+        lambda h: f"{fmt(h['pearson_r'].iloc[0], '.2f')} / {fmt(h['spearman_rho'].iloc[0], '.2f')} / "
+                  f"{fmt(h['kendall_tau'].iloc[0], '.2f')}")
     return ("Pearson r / Spearman ρ / Kendall τ per indicator and target:\n\n"
             + markdown_table(pd.DataFrame(rows, columns=["indicator", *targets])))
 
@@ -430,9 +375,9 @@ def selection_markdown(sel: pd.DataFrame, metric: str) -> str:
     rows = [{"setting": f"{r.source} → {r.target}", "indicator": f"{r.indicator} ({r.direction} is better)",
              "chosen member": f"{r.chosen_member}" + (f" {DAGGER}" if getattr(r, "chosen_oracle_prompt", False)
                                                        is True else ""),
-             f"its OOD {metric}": _f(100 * r.chosen_ood, ".2f"),
-             "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": _f(100 * r.best_ood, ".2f"),
-             "regret": _f(100 * r.regret, ".2f"), "random pick regret": _f(100 * r.random_regret, ".2f")}
+             f"its OOD {metric}": fmt(100 * r.chosen_ood, ".2f"),
+             "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": fmt(100 * r.best_ood, ".2f"),
+             "regret": fmt(100 * r.regret, ".2f"), "random pick regret": fmt(100 * r.random_regret, ".2f")}
             for r in sel.itertuples(index=False)]
     caption = (f"**Model selection for a new site.** Each target is treated as the new site: the pool is ranked "
                f"by a label-free indicator, the top member is deployed, and its true OOD {metric} (%) is compared "
@@ -447,8 +392,8 @@ def loto_markdown(summary: pd.DataFrame, metric: str) -> str:
     if summary.empty:
         return "(needs at least two targets)"
     rows, _ = _indicator_by_target(summary, "estimate from", lambda t: f"→ {t}",
-                                   lambda h: _f(100 * h["mae"].iloc[0], ".2f"),
-                                   extra=lambda g: {"mean": _f(100 * g["mae"].mean(), ".2f")})
+                                   lambda h: fmt(100 * h["mae"].iloc[0], ".2f"),
+                                   extra=lambda g: {"mean": fmt(100 * g["mae"].mean(), ".2f")})
     caption = (f"**OOD {metric} estimate per member, leave one target out.** For each held-out target, "
                f"probit(OOD) = a · probit(indicator) + b is fitted by least squares on the other targets' "
                f"(member, target) points and applied to the member's indicator value on the held-out target. "

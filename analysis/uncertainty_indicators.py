@@ -140,7 +140,7 @@ def indicators_markdown(flat_tol: float = FLAT_TOL) -> str:
 
 # --- Table 4, both readings; the maps' AUROC; δ's fits: the analysis' uncertainty sections -------
 
-#: Table 4's captions per reading (``trainables.records.TABLE4_READINGS``).
+#: Table 4's captions per reading (``analysis.table4.TABLE4_READINGS``).
 TABLE4_CAPTIONS = {
     "area": "mean over images of (uncertain-area fraction − error fraction)²: how much is uncertain, not where",
     "pixel": "mean over images of the pixel-wise MSE between the binary uncertain mask (Otsu) and the binary "
@@ -166,8 +166,8 @@ def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str
     """
     from pathlib import Path
 
-    from analysis.tables import METHOD_LABELS, table4_frame, table4_markdown
-    from trainables.records import load_uncertainty_fits, load_uncertainty_sites, table4
+    from analysis.table4 import METHOD_LABELS, table4, table4_frame, table4_markdown
+    from trainables.records import load_uncertainty_fits, load_uncertainty_sites
 
     out = Path(out)
     sites = load_uncertainty_sites(experiment_dir)

@@ -239,10 +239,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
     else:
         errors = []
-    t4 = stage.write_table4(exp)
-    if t4 is not None:
-        tracker.log_metrics(parent, {f"table4_{m}_{s}": v for (m, s), v in t4.stack().items()})
-        tracker.log_artifacts(parent, [records.records_dir(exp) / "table4.csv"], base=records.records_dir(exp))
+    records.load_uncertainty(exp)  # merges the δ parts into records/uncertainty.parquet (Table 4: the analysis's)
     if errors:
         tracker.end(parent, "FAILED")
     else:

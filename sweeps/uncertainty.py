@@ -161,13 +161,3 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
                                   callbacks=[MlflowMemberCallback(tracker, parent_mlflow_id, UNCERTAINTY_STAGE)],
                                   failure_config=tune.FailureConfig(max_failures=u.max_failures)),
     )
-
-
-def write_table4(experiment_dir: Path) -> pd.DataFrame | None:
-    """Merge the members' uncertainty parts and write ``records/table4.csv`` (methods x sites, MSE)."""
-    unc = records.load_uncertainty(experiment_dir)
-    if unc is None:
-        return None
-    t4 = records.table4(unc[unc["role"] == "ood"]).unstack("site")
-    t4.to_csv(records.records_dir(experiment_dir) / "table4.csv")
-    return t4

@@ -16,7 +16,7 @@ from scipy import stats
 from analysis import joint_tables, run_analysis
 from analysis.correlate import MIN_POINTS, STAT_KEYS, correlate, correlations, probit
 from analysis.plots import plot_on_the_line, probit_ticks
-from analysis.table import MEMBER_EXTRAS, PERFORMANCE_COLUMNS, performance_table, scores_long
+from analysis.performance import MEMBER_EXTRAS, PERFORMANCE_COLUMNS, performance_table, scores_long
 from analysis.tables import format_cell, select_best_configs, table1, table1_long, table1_markdown
 from trainables.records import write_member_part
 
@@ -330,7 +330,7 @@ def test_bootstrap_intervals_are_reproducible_and_cover_the_estimate():
     for est, lo, hi in (("spearman_rho", "spearman_ci_low", "spearman_ci_high"),
                         ("pearson_r", "pearson_boot_low", "pearson_boot_high")):
         assert -1 <= a[lo] < a[est] < a[hi] <= 1, est
-    assert math.isnan(a["kendall_ci_low"])  # no vectorised τ: no interval (correlate._weighted_rank_stats)
+    assert math.isnan(a["kendall_ci_low"])  # no vectorised τ: no interval (correlate.weighted_rank_stats)
     assert math.isnan(correlate(x, y, n_resamples=0)["spearman_ci_low"])
 
 

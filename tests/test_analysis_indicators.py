@@ -19,7 +19,7 @@ from analysis.examples import Example, fig6_inputs
 from analysis.indicators import INDICATORS, indicator_table, resolve_indicators
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, save_figure
 from analysis.selection import BASELINE, loto_estimates, select_models
-from analysis.table import PERFORMANCE_COLUMNS
+from analysis.performance import PERFORMANCE_COLUMNS
 from trainables import records
 
 

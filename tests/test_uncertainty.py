@@ -11,6 +11,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from analysis.table4 import table4
 from trainables import records
 from trainables.uncertainty import (DeltaNet, delta_loss, fit_uncertainty, ggd_nll, ggd_variance, otsu_area)
 
@@ -148,7 +149,7 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     assert (g == s.loc[g.index]).all()
     area = records.uncertain_area(unc)
     assert summary["ua_ggd_SiteB"] == pytest.approx(area[(m["member_id"], "SiteB")])
-    t4 = records.table4(unc[unc.role == "ood"]).unstack("site")
+    t4 = table4(unc[unc.role == "ood"]).unstack("site")
     assert set(t4.index) == set(records.UNCERTAINTY_METHODS) | {"ggd_lam100"} and np.isfinite(t4.to_numpy()).all()
     # the intersection and the source-fixed area per slice; the maps' AUROC/AP per site; δ's fit record
     assert (unc["uncertain_error_px"] <= unc[["uncertain_px", "error_px"]].min(axis=1)).all()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from analysis.indicators import resolve_indicators
+from analysis.table4 import table4
 from analysis.uncertainty_indicators import FLAT_TOL, guarded_area, uncertainty_indicator_frame
-from trainables import records
 from trainables.uncertainty import (DeltaNet, error_ranking, ggd_variance, otsu_area, slice_columns,
                                     source_threshold, uncertain_masks)
 
@@ -25,10 +25,10 @@ def test_intersection_of_uncertain_and_error_masks_on_a_hand_made_slice():
     # Table 4's pixel reading: (8 + 6 - 2*2) / 64 wrong in the mask comparison; the area reading (8 - 6)² / 64²
     unc = pd.DataFrame({"method": "ggd", "site": "B", "member_id": "m", **{k: v for k, v in c.items()},
                         "area_px": 64})
-    assert records.table4(unc, reading="pixel").iloc[0] == pytest.approx(10 / 64)
-    assert records.table4(unc, reading="area").iloc[0] == pytest.approx((2 / 64) ** 2)
+    assert table4(unc, reading="pixel").iloc[0] == pytest.approx(10 / 64)
+    assert table4(unc, reading="area").iloc[0] == pytest.approx((2 / 64) ** 2)
     with pytest.raises(ValueError, match="unknown Table 4 reading 'both'; valid: area, pixel"):
-        records.table4(unc, reading="both")
+        table4(unc, reading="both")
 
 
 def test_auroc_of_a_map_equal_to_the_error_mask_is_one():

@@ -42,7 +42,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .layouts import CaseFiles, DataError, get_layout
+from .base import CaseFiles, DataError
+from .layouts import get_layout
 
 CACHE_VERSION = 2
 #: The liver window (HU) CT volumes are clipped to unless the spec gives another.

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .layouts import DataError, get_layout
+from .base import DataError
+from .layouts import get_layout
 
 __all__ = ["SiteReport", "CheckReport", "check_dataset", "format_report"]
 

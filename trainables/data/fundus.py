@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layouts import Case, CaseFiles, DataError, check_root, raise_problems
+from .base import Case, CaseFiles, DataError, check_root, raise_problems
 
 __all__ = ["LESIONS", "LESION_NAMES", "IDRiD", "FGADR", "read_rgb", "read_binary_mask"]
 

@@ -26,15 +26,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .layouts import (
-    Case,
-    CaseFiles,
-    DataError,
-    check_root,
-    load_volume_case,
-    pair_problems,
-    raise_problems,
-)
+from .base import Case, CaseFiles, DataError, check_root, pair_problems, raise_problems
+from .nifti import load_volume_case
 
 __all__ = ["LiTS", "FLARE"]
 

@@ -1,0 +1,380 @@
+"""The statistics behind each claim of the report (``analysis.claims``): one function per claim, each
+returning the claim's rows (``analysis.claim_rule.claim_row``): C2/C4 and the other indicators (an
+indicator's Pearson r with OOD performance), C3 (agreement on the line over pairs), C1 (the foundation
+model's drop against each CNN's), C5 (δ against the Table-4 baselines), and the project's rows (model
+selection regret against a random pick, the ALine estimates' error).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, claim_row, members_label, point_value, run_interval,
+                                 untestable_row, wide_values)
+from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
+                                pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points,
+                                weighted_rank_stats)
+from analysis.indicators import INDICATORS
+from analysis.tables import select_best_configs
+
+
+# --- C2 / C4 / extras: an indicator's Pearson r with OOD performance -----------------------------
+
+def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callable[..., np.ndarray]:
+    """Mean over targets of Pearson r(x[:, t], y[:, t]) on the members of the drawn runs."""
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        pts = expand_units(units, idx)
+        safe, valid = np.maximum(pts, 0), pts >= 0
+        rs = []
+        for t in range(x.shape[1]):
+            xt, yt = x[safe, t], y[safe, t]
+            rs.append(weighted_rank_stats(xt, yt, valid & np.isfinite(xt) & np.isfinite(yt), rank=False)[0])
+        return np.mean(rs, axis=0)
+    return statistic
+
+
+def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, side: str,
+                   n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
+                   per_target: bool = True) -> list[dict]:
+    """Pearson r of ``indicator`` with the OOD score: one row per target and an overall row (the mean r
+    over the targets, bootstrapped as one statistic over the runs, so its interval is honest).
+
+    ``floor``: drop the (member, target) points below the degenerate floor (OOD score, and the indicator
+    when higher is better) and name the row's scope ``... (non-degenerate)``. ``per_target``: False gives
+    the overall row only.
+    """
+    col = INDICATORS[indicator].column
+    label = f"extra: {indicator}" if kind == "extra" else claim
+    text = CLAIM_TEXT.get(claim) if kind == "claim" else f"OOD performance vs `{indicator}` (not a claim of the paper)"
+    if table is None or table.empty or col not in table.columns or not np.isfinite(table[col].astype(float)).any():
+        return [untestable_row(label, f"no `{indicator}` values for the label-free members", kind, "Pearson r", text)]
+    tb = table[np.isfinite(table[col].astype(float)) & np.isfinite(table["ood_score"].astype(float))]
+    suffix = ""
+    if floor is not None:
+        deg = tb["ood_score"] < floor
+        if INDICATORS[indicator].higher_is_better:
+            deg |= tb[col] < floor
+        if not deg.any():
+            return []
+        tb, suffix = tb[~deg], " (non-degenerate)"
+    counts = tb["target"].astype(str).value_counts()
+    targets = [t for t in dict.fromkeys(tb["target"].astype(str)) if counts[t] >= MIN_POINTS]
+    if not targets:
+        return [untestable_row(label, f"fewer than {MIN_POINTS} label-free members with `{indicator}` and an OOD score "
+                                   f"on any target{suffix}", kind, "Pearson r", text)]
+    tb = tb[tb["target"].astype(str).isin(targets)]
+    members = sorted(tb["member_id"].astype(str).unique())
+    run = tb.drop_duplicates("member_id").set_index(tb.drop_duplicates("member_id")["member_id"].astype(str))["run_id"]
+    units, unit = resampling_units(run.reindex(members).to_numpy(dtype=object), len(members))
+    x, y = wide_values(tb, col, members, targets), wide_values(tb, "ood_score", members, targets)
+    rows = []
+    stat = _mean_r_statistic(x, y, units)
+    lo, hi = run_interval(stat, len(units), n_resamples, seed)
+    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
+                          point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
+                          len(members), len(units), unit, text=text))
+    for t in targets if per_target else []:
+        g = tb[tb["target"].astype(str) == t]
+        st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
+                       groups=g["run_id"].to_numpy(dtype=object))
+        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
+                              st["pearson_boot_low"], st["pearson_boot_high"], side,
+                              members_label(st["n"], st["n_units"], st["resample"]),
+                              st["n"], st["n_units"], st["resample"], text=text))
+    return rows
+
+
+# --- C3: agreement on the line over pairs ------------------------------------------------------
+
+def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RESAMPLES,
+                   seed: int = SEED, suffix: str = "") -> list[dict]:
+    """C3: Pearson r of OOD agreement against ID agreement over pairs of label-free members, per target
+    and overall (the mean r over targets, one run-level bootstrap). ``suffix``: the overall row only,
+    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones)."""
+    id_site = agreement.id_site if agreement is not None else None
+    if agreement is None or id_site is None or id_site not in agreement.matrices:
+        return [untestable_row("C3", "no agreement on the source test split (no stored predictions for the label-free "
+                                  "members)", statistic="pair Pearson r")]
+    targets = [s for s, r in agreement.roles.items() if r == "ood" and s in agreement.matrices]
+    ids = list(agreement.member_ids)
+    if not targets or len(ids) < 3:
+        return [untestable_row("C3", f"agreement needs at least 3 label-free members with predictions on the source "
+                                  f"and a target ({len(ids)} members, {len(targets)} targets)",
+                               statistic="pair Pearson r")]
+    groups = np.array([run_of.get(m) for m in ids], dtype=object)
+    units, unit = resampling_units(groups, len(ids))
+    unit_of = unit_of_points(units, len(ids))
+    mats = [pair_mats(agreement.matrices[id_site], agreement.matrices[t]) for t in targets]
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        c = point_weights(idx, unit_of, len(units))
+        return np.mean([moments_line(pair_moments(m, c))[2] for m in mats], axis=0)
+
+    lo, hi = run_interval(statistic, len(units), n_resamples, seed)
+    n_pairs = len(ids) * (len(ids) - 1) // 2
+    rows = [claim_row("C3", "claim", "overall" + suffix,
+                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
+                      point_value(statistic, len(units)), lo, hi, "weak",
+                      members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
+    for t in targets if not suffix else []:
+        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
+                             groups=groups)
+        rows.append(claim_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
+                              st["pearson_boot_low"], st["pearson_boot_high"], "weak",
+                              members_label(len(ids), st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
+                              st["n_units"], st["resample"]))
+    return rows
+
+
+# --- C1: the foundation model's drop against each CNN's ----------------------------------------
+
+def sam_archs(perf: pd.DataFrame) -> list[str]:
+    """The SAM-family architectures of a performance table: those of its box-prompted members.
+
+    ``oracle_prompt`` (members.parquet; derived for records older than the column) says which members were
+    prompted, so the architecture's name is not read."""
+    m = perf.drop_duplicates("member_id")
+    return sorted(set(m.loc[m["oracle_prompt"].fillna(False).astype(bool), "arch"].astype(str)))
+
+
+def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[dict]:
+    """C1: per (SAM arch, other arch), the difference of their mean drops (Same-Dom. − mean over targets,
+    pp) on the configuration Table 1 reports (chosen on the validation split), each architecture's runs
+    resampled separately; overall: the largest difference over the other architectures (< 0: SAM drops
+    less than every one of them)."""
+    sams = sam_archs(perf)
+    others = sorted(set(perf["arch"].astype(str)) - set(sams))
+    if not sams or not others:
+        return [untestable_row("C1", f"needs a SAM-family member and another architecture; the pool has SAM: "
+                                  f"{', '.join(sams) or 'none'}, others: {', '.join(others) or 'none'}",
+                               statistic="SAM drop − CNN drop (pp)")]
+    best = select_best_configs(perf)
+    drops: dict[str, np.ndarray] = {}
+    chosen: dict[str, str] = {}
+    for b in best.itertuples(index=False):
+        sel = perf[(perf["arch"] == b.arch) & (perf["lr"] == b.lr) & (perf["epochs"] == b.epochs)
+                   & (perf["source"] == b.source)]
+        # per run: its Same-Dom. score minus its mean over the targets (the configuration's seeds are its runs)
+        per = sel.groupby(sel["run_id"].astype(str) if sel["run_id"].notna().all() else sel["member_id"].astype(str))
+        d = 100.0 * (per["id_score"].first() - per["ood_score"].mean()).to_numpy(dtype=float)
+        drops[str(b.arch)] = d[np.isfinite(d)]
+        n = int(np.isfinite(d).sum())
+        chosen[str(b.arch)] = f"lr {b.lr:g}, {b.epochs} epochs, {n} run{'s' if n != 1 else ''}"
+    sel_on = str(best["selected_on"].iloc[0]) if len(best) else "val_score"
+    note_sel = ("configurations chosen on the validation split as Table 1" if sel_on == "val_score" else
+                "configurations chosen on the source test split (no validation split in the records: optimistic)")
+    rows = []
+    for s in sams:
+        if not len(drops.get(s, [])):
+            rows.append(untestable_row("C1", f"{s}: no finite drop (no ID or OOD score)"))
+            continue
+        cnns = [c for c in others if len(drops.get(c, []))]
+        for c in cnns:
+            ds, dc = drops[s], drops[c]
+
+            def stat(i, j, axis=-1, ds=ds, dc=dc):
+                return ds[i].mean(-1) - dc[j].mean(-1)
+            lo, hi = run_interval(stat, (len(ds), len(dc)), n_resamples, seed)
+            rows.append(claim_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
+                                  point_value(stat, (len(ds), len(dc))), lo, hi, "negative",
+                                  f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
+                                  len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
+                                  note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
+        if not cnns:
+            continue
+        pools = [drops[s]] + [drops[c] for c in cnns]
+
+        def stat_all(*idx, axis=-1, pools=pools):
+            sam = pools[0][idx[0]].mean(-1)
+            return np.max([sam - p[i].mean(-1) for p, i in zip(pools[1:], idx[1:])], axis=0)
+        sizes = tuple(len(p) for p in pools)
+        lo, hi = run_interval(stat_all, sizes, n_resamples, seed)
+        rows.insert(len(rows) - len(cnns), claim_row(
+            "C1", "claim", "overall" if len(sams) == 1 else f"overall ({s})",
+            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", point_value(stat_all, sizes), lo,
+            hi, "negative", f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes),
+            sum(sizes),
+            "run (per architecture)",
+            note=f"evaluation of {s} is oracle-prompted (each slice's ground-truth box), as in the paper; {note_sel}; "
+                 f"runs per architecture: {', '.join(f'{a} {n}' for a, n in zip([s, *cnns], sizes))}"))
+    return rows or [untestable_row("C1", "no architecture has a finite drop")]
+
+
+# --- C5: δ against the Table-4 baselines --------------------------------------------------------
+
+def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_RESAMPLES,
+            seed: int = SEED, sam_members: set[str] | None = None) -> list[dict]:
+    """C5: δ's Table-4 error minus the best baseline's, on the target sites' images, per reading.
+
+    Members: those scored by δ and every baseline; the SAM family (box-prompted) by default, as the
+    paper's Table 4, else every such member (the row says which). The statistic's means are over the
+    drawn members (each member's mean over its target images); the best baseline is the one with the
+    lowest mean in each resample, so its choice is resampled too. ``sam_members``: the box-prompted
+    members as Table 4 reads them (the uncertainty site records' ``prompted``); None: the members'
+    ``oracle_prompt``.
+    """
+    stat_name = "δ MSE − best baseline MSE"
+    if unc is None or unc.empty:
+        return [untestable_row("C5", "no uncertainty records (run the uncertainty stage; the analysis reads them when "
+                                  "analysis.indicators names an uncertainty indicator)", statistic=stat_name)]
+    if not (unc["method"] == "ggd").any():
+        return [untestable_row("C5", "the uncertainty records hold no δ ('ggd') rows", statistic=stat_name)]
+    baselines = sorted({str(m) for m in unc["method"].unique()} - set(NOT_BASELINES))
+    if not baselines:
+        return [untestable_row("C5", "no baseline method in the uncertainty records (uncertainty.baselines is empty)",
+                               statistic=stat_name)]
+    methods = ["ggd", *baselines]
+    # one pass over the (possibly millions of) slice rows: each member x method's mean per reading on the
+    # target sites' images. NaN outside them and a groupby on the columns as they are: selecting the rows
+    # first (all columns taken) or converting the keys to str cost 10 s at 200 members x 2,000 slices.
+    keep = (unc["role"] == "ood").to_numpy(dtype=bool) & unc["method"].isin(methods).to_numpy(dtype=bool)
+    area = unc["area_px"].to_numpy(dtype=float)
+    unc_px, err_px = unc["uncertain_px"].to_numpy(dtype=float), unc["error_px"].to_numpy(dtype=float)
+    per_image = {"area": np.where(keep, ((unc_px - err_px) / area) ** 2, np.nan)}
+    if unc.loc[keep, "uncertain_error_px"].notna().all():
+        both = unc["uncertain_error_px"].to_numpy(dtype=float, na_value=np.nan)
+        per_image["pixel"] = np.where(keep, (unc_px + err_px - 2 * both) / area, np.nan)
+    means = (pd.DataFrame(per_image, index=unc.index).groupby([unc["member_id"], unc["method"]], sort=False)
+             .mean().dropna(how="all"))
+    means.index.names = ["member_id", "method"]
+    by_member = means.reset_index().groupby("member_id")["method"].nunique()
+    complete = sorted(str(m) for m in by_member[by_member == len(methods)].index)
+    means.index = pd.MultiIndex.from_arrays([means.index.get_level_values(0).astype(str),
+                                             means.index.get_level_values(1).astype(str)], names=means.index.names)
+    if not complete:
+        return [untestable_row("C5", f"no member was scored on a target by δ and every baseline "
+                                     f"({', '.join(baselines)})", statistic=stat_name)]
+    oracle = (set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "member_id"].astype(str))
+              if sam_members is None else set(sam_members))
+    sam = [m for m in complete if m in oracle]
+    who = ("SAM family (box-prompted), as the paper's Table 4" if sam else
+           "every member scored by all methods (no SAM-family member was: unlike the paper's Table 4)")
+    members = sam or complete
+    run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
+    units, unit = resampling_units(np.array([run_of.get(m) for m in members], dtype=object), len(members))
+    unit_of = unit_of_points(units, len(members))
+    rows = []
+    for reading in per_image:
+        e = means[reading].unstack("method").reindex(index=members, columns=methods).to_numpy(dtype=float)
+
+        def stat(idx, axis=-1, e=e):
+            c = point_weights(idx, unit_of, len(units))
+            mean = (c @ np.nan_to_num(e)) / c.sum(-1, keepdims=True)
+            return mean[..., 0] - mean[..., 1:].min(-1)
+        lo, hi = run_interval(stat, len(units), n_resamples, seed)
+        full = np.nanmean(e, axis=0)
+        best = baselines[int(np.argmin(full[1:]))]
+        rows.append(claim_row("C5", "claim", "overall" if reading == "area" else "overall (pixel reading)",
+                              f"{stat_name} ({reading} reading, target sites)", point_value(stat, len(units)), lo, hi,
+                              "negative", f"{who}: {len(members)} members, {len(units)} {unit}s", len(members),
+                              len(units),
+                              unit, note=f"δ {full[0]:.4g}; best baseline {best} {full[1:].min():.4g}; baselines: "
+                                    + ", ".join(f"{b} {v:.4g}" for b, v in zip(baselines, full[1:]))))
+    return rows
+
+
+# --- the project's rows: selection regret, ALine error -----------------------------------------
+
+def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N_RESAMPLES,
+                seed: int = SEED) -> list[dict]:
+    """Per indicator: regret − random-pick regret (pp), the mean over targets, = the pool's mean OOD score
+    minus the picked member's; < 0: the indicator picks better than a uniform random pick."""
+    rows = []
+    if table is None or table.empty:
+        return [untestable_row("selection", "no label-free members", "project", "regret − random-pick regret (pp)",
+                               "Selecting by a label-free indicator beats a random pick")]
+    targets = list(dict.fromkeys(table["target"].astype(str)))
+    members = sorted(table["member_id"].astype(str).unique())  # ties go to the first member, as select_models
+    mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
+    units, unit = resampling_units(mem["run_id"].reindex(members).to_numpy(dtype=object), len(members))
+    unit_of = unit_of_points(units, len(members))
+    y = wide_values(table, "ood_score", members, targets)
+    for name in indicators:
+        info = INDICATORS[name]
+        x = wide_values(table, info.column, members, targets)
+        ok = np.isfinite(x) & np.isfinite(y)
+        text = (f"Selecting the member with the {'highest' if info.higher_is_better else 'lowest'} `{name}` beats a "
+                f"random pick")
+        if ok.sum(axis=0).max(initial=0) < 2:
+            rows.append(untestable_row(f"selection: {name}", "fewer than 2 members with values on every target",
+                                       "project", "regret − random-pick regret (pp)", text))
+            continue
+        score = np.where(ok, x if info.higher_is_better else -x, -np.inf)
+        ts = [t for t in range(len(targets)) if ok[:, t].sum() >= 2]
+
+        def stat(idx, axis=-1, score=score, ok=ok, ts=ts):
+            c = point_weights(idx, unit_of, len(units))
+            out = []
+            for t in ts:
+                w = c * ok[:, t]
+                pick = np.where(w > 0, score[:, t], -np.inf).argmax(-1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean = (w * np.nan_to_num(y[:, t])).sum(-1) / w.sum(-1)
+                out.append(np.where(w.sum(-1) > 0, mean - y[pick, t], np.nan))
+            return 100.0 * np.mean(out, axis=0)
+        lo, hi = run_interval(stat, len(units), n_resamples, seed)
+        regret = np.mean([np.nanmax(np.where(ok[:, t], y[:, t], np.nan))
+                          - y[np.argmax(score[:, t]), t] for t in ts])
+        rand = np.mean([np.nanmax(np.where(ok[:, t], y[:, t], np.nan)) - np.nanmean(np.where(ok[:, t], y[:, t], np.nan))
+                        for t in ts])
+        rows.append(claim_row(f"selection: {name}", "project", "overall",
+                              f"regret − random-pick regret, mean over {len(ts)} targets (pp)",
+                              point_value(stat, len(units)), lo, hi, "negative",
+                              members_label(len(members), len(units), unit), len(members), len(units), unit,
+                              note=f"regret {100 * regret:.2f} pp, random-pick regret {100 * rand:.2f} pp", text=text))
+    return rows
+
+
+def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_resamples: int = N_RESAMPLES,
+               seed: int = SEED, eps: float = 1e-3) -> list[dict]:
+    """The ALine estimates' mean absolute error (pp), mean over targets: ALine-S with a run-level interval
+    (its agreement line refitted on each resample's pairs); ALine-D as a point value (its least-squares
+    solve per resample is not vectorised, so no interval)."""
+    text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
+    id_site = agreement.id_site if agreement is not None else None
+    if agreement is None or id_site is None or table is None or table.empty:
+        return [untestable_row("ALine error", "no agreement on the source test split (no stored predictions)",
+                               "project", "MAE (pp)", text)]
+    ids = list(agreement.member_ids)
+    targets = [t for t in dict.fromkeys(table["target"].astype(str)) if t in agreement.matrices]
+    if len(ids) < 3 or not targets:
+        return [untestable_row("ALine error", "needs 3 label-free members with predictions on the source and a target",
+                               "project", "MAE (pp)", text)]
+    mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
+    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), eps)
+    units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
+    unit_of = unit_of_points(units, len(ids))
+    g = probit(agreement.matrices[id_site], eps)
+    g[~np.isfinite(p), :] = np.nan  # as aline_estimates: a pair counts only when both ID scores are known
+    g[:, ~np.isfinite(p)] = np.nan
+    parts = [(pair_mats(g, probit(agreement.matrices[t], eps)), wide_values(table, "ood_score", ids, [t])[:, 0])
+             for t in targets]
+
+    def stat(idx, axis=-1):
+        c = point_weights(idx, unit_of, len(units))
+        out = []
+        for mats, truth in parts:
+            a, b, _ = moments_line(pair_moments(mats, c))
+            err = np.abs(stats.norm.cdf(a[..., None] * p + b[..., None]) - truth)
+            w = c * np.isfinite(err)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out.append((w * np.nan_to_num(err)).sum(-1) / w.sum(-1))
+        return 100.0 * np.mean(out, axis=0)
+    lo, hi = run_interval(stat, len(units), n_resamples, seed)
+    rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
+                      point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
+                      len(ids), len(units), unit, text=text)]
+    d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
+    if d:
+        rows.append(claim_row("ALine error", "project", "overall (ALine-D)",
+                              f"ALine-D MAE, mean over {len(d)} targets (pp)",
+                              100.0 * float(np.nanmean(d)), math.nan, math.nan, "none",
+                              members_label(len(ids), len(units), unit), len(ids), len(units), unit,
+                              note="point value only (no interval: its least-squares solve per resample is not "
+                                   "vectorised)",
+                              text=text))
+    return rows

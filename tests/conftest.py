@@ -22,6 +22,20 @@ def pytest_report_header(config):
     if free < NEEDED_GIB:
         line += f"  WARNING: under {NEEDED_GIB} GiB, tests may fail with I/O errors; free some disk"
     return line
+
+
+#: Fixtures that run the tiny sweep on a local Ray: a test that uses one is an integration test.
+RAY_FIXTURES = {"finished", "pristine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers' rule (README "Tests"): a test that starts Ray is marked ``integration``; one that asks for
+    a Ray-run fixture gets the mark here even where its module forgot it, and ``rayup`` implies it."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("rayup"):
+            item.add_marker(pytest.mark.integration)
+
+
 SITES = ["SiteA", "SiteB", "SiteC"]
 
 

@@ -175,6 +175,7 @@ def test_loops_do_not_synchronise_per_step(tiny_cache):
     assert counter.calls
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_and_amp_matches_fp32(tmp_path):
     """bench/gpu_check.py on the CPU: the loop-vs-raw lines and the parity of AMP and fp32 training.
 

@@ -71,6 +71,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(u / (positive.sum() * (~positive).sum()))
 
 
+@pytest.mark.slow
 def test_delta_ranks_known_errors_above_correct_pixels():
     """Frozen 'predictions' are wrong exactly where the image carries a texture patch; δ must learn it."""
     rng = np.random.default_rng(0)

@@ -1,13 +1,14 @@
 # Two commands, each doing its own set-up on a fresh clone:
 #   make demo   the embedded-default demo sweep (synthetic sites, local Ray, SQLite MLflow)
-#   make test   the whole test suite
+#   make test   the whole test suite (every tier)
+#   make test-fast  the unit tier: all but the Ray integration, slow and rayup tests (README "Tests")
 # The virtual environment (.venv) is created and filled on first use (about 2-4 minutes, 6.6 GB).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.oodsweep-installed
 
-.PHONY: demo test install bench clean-runs
+.PHONY: demo test test-fast check-architecture install bench clean-runs
 
 install: $(STAMP)
 
@@ -21,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow and not rayup"
+
+check-architecture:
+	$(PYTHON) tools/check_architecture.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/snapshots.py

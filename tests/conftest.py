@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def pytest_report_header(config):
     if free < NEEDED_GIB:
         line += f"  WARNING: under {NEEDED_GIB} GiB, tests may fail with I/O errors; free some disk"
     return line
+
+
+#: Fixtures that run the tiny sweep on a local Ray: a test that uses one is an integration test.
+RAY_FIXTURES = {"finished", "pristine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers' rule (README "Tests"): a test that starts Ray is marked ``integration``; one that asks for
+    a Ray-run fixture gets the mark here even where its module forgot it, and ``rayup`` implies it."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("rayup"):
+            item.add_marker(pytest.mark.integration)
+
+
 SITES = ["SiteA", "SiteB", "SiteC"]
 
 
@@ -40,6 +55,49 @@ def tiny_cache(tiny_data, tmp_path_factory) -> Path:
 
     return build_slice_cache("prostate_multisite", tiny_data, SITES, 32, tmp_path_factory.mktemp("cache"),
                              test_fraction=0.25, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_member(tiny_cache, tmp_path_factory) -> dict:
+    """The tiny unet_r18 run (``helpers.member_config``: members at epochs 1 and 2), trained once per session
+    for every test that needs a trained member, with its records merged as the driver does.
+
+    ``{"config", "exp", "members", "reports"}``: ``reports`` are the reporter's ``(metrics, state folder)``
+    per epoch, the folders copied out of the experiment (the resumable state at epochs 1 and 2). Shared:
+    read it, never write into it; a test that writes copies it first (``helpers.copy_experiment``).
+    """
+    from helpers import member_config
+    from trainables import records
+    from trainables.segment import train_segmenter
+
+    tmp = tmp_path_factory.mktemp("tiny_member")
+    cfg = member_config(tiny_cache, tmp / "exp")
+    reports = []
+
+    def keep(metrics, ckpt):  # like the Ray reporter: the folder is consumed, then removed
+        kept = None if ckpt is None else str(shutil.copytree(ckpt, tmp / f"state-ep{metrics['epoch']}"))
+        if ckpt is not None:
+            shutil.rmtree(ckpt)
+        reports.append((metrics, kept))
+
+    members = train_segmenter(cfg, report=keep)
+    records.merge_parts(cfg["experiment_dir"])
+    return {"config": cfg, "exp": Path(cfg["experiment_dir"]), "members": members, "reports": reports}
+
+
+@pytest.fixture(scope="session")
+def medsam_run(tiny_cache, tmp_path_factory):
+    """One medsam_tiny run (``helpers.medsam_config``: 2 epochs, a member at each) through train_segmenter,
+    once per session: ``(exp, members, reports)``; the reports' state folders are kept where the run put them."""
+    from helpers import medsam_config
+    from trainables.segment import train_segmenter
+
+    tmp = tmp_path_factory.mktemp("medsam_run")
+    cfg = medsam_config(tiny_cache, tmp / "exp", tmp / "emb")
+    reports = []
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        members = train_segmenter(cfg, report=lambda m, d: reports.append((m, d)))
+    return Path(cfg["experiment_dir"]), members, reports
 
 
 OODSWEEP = [sys.executable, "-m", "sweeps.cli"]

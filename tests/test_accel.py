@@ -14,13 +14,13 @@ from trainables import records
 from trainables.accel import Accel, accel_for, augment_flips, choose_placement, place_training_data
 from trainables.segment import train_segmenter
 
+from helpers import member_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(tiny_cache, exp, **kw):
-    return {"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-            "targets": ["SiteB"], "experiment_dir": str(exp), "snapshots": [2], "batch_size": 4,
-            "num_threads": 1, **kw}
+    return member_config(tiny_cache, exp, **{"targets": ["SiteB"], "snapshots": [2], **kw})
 
 
 def test_choose_placement_from_size_and_setting():
@@ -105,12 +105,13 @@ def test_streamed_and_device_resident_training_are_identical(tiny_cache, tmp_pat
     assert (runs["device"][1][cols].to_numpy() == runs["stream"][1][cols].to_numpy()).all()
 
 
-def test_flip_augmentation_trains_and_resumes_exactly(tiny_cache, tmp_path):
+def test_flip_augmentation_trains_and_resumes_exactly(tiny_cache, tiny_member, tmp_path):
     full = []
     train_segmenter(cfg(tiny_cache, tmp_path / "a", augment="flip", snapshots=[1, 2]),
                     report=lambda m, c: full.append(m["train_loss"]))
-    plain = []
-    train_segmenter(cfg(tiny_cache, tmp_path / "p", snapshots=[1, 2]), report=lambda m, c: plain.append(m["train_loss"]))
+    # without flips: the session's tiny run (its other target changes no training loss)
+    assert tiny_member["config"] == member_config(tiny_cache, tiny_member["exp"])
+    plain = [m["train_loss"] for m, _ in tiny_member["reports"]]
     assert full != plain  # the flips change what is trained on
     saved = {}
 
@@ -175,6 +176,7 @@ def test_loops_do_not_synchronise_per_step(tiny_cache):
     assert counter.calls
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_and_amp_matches_fp32(tmp_path):
     """bench/gpu_check.py on the CPU: the loop-vs-raw lines and the parity of AMP and fp32 training.
 

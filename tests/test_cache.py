@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +9,8 @@ import pytest
 
 from trainables.data.cache import build_slice_cache, open_slice_cache, split_cases
 from trainables.data.layouts import DataError, get_layout
+
+from helpers import write_nifti as _write
 
 SITES = ["SiteA", "SiteB", "SiteC"]
 
@@ -59,10 +60,6 @@ def test_split_is_fixed_and_by_case():
     assert s1 == s2 and sum(v == "test" for v in s1.values()) == 2
     assert split_cases(ids, "X", seed=1) != s1
     assert sorted(split_cases(["a", "b"], "X").values()) == ["test", "train"]
-
-
-def _write(path: Path, arr: np.ndarray) -> None:
-    nib.save(nib.Nifti1Image(arr, np.diag([0.6, 0.6, 3.0, 1.0])), path)
 
 
 def test_bad_cases_reported_together_and_nothing_cached(tiny_data, tmp_path):

@@ -21,6 +21,8 @@ from trainables.data.check import check_dataset, format_report
 from trainables.data.fundus import LESIONS
 from trainables.data.layouts import DataError, get_layout
 
+from helpers import write_nifti
+
 VOL = (32, 32, 6)
 PROSTATE = {  # site -> (folder, first case number, mask spelling, extension, labels, cases)
     "BMC": ("ISBI_1.5", 0, "_Segmentation", ".nii.gz", (1,), 3),
@@ -30,12 +32,6 @@ PROSTATE = {  # site -> (folder, first case number, mask spelling, extension, la
     "I2CVB": ("I2CVB", 0, "_segmentation", ".nii.gz", (1,), 2),
     "UCL": ("UCL", 1, "_segmentation", ".nii.gz", (1, 2), 2),
 }
-
-
-def write_nifti(path: Path, array: np.ndarray, spacing=(0.6, 0.6, 3.0), affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0]) if affine is None else affine), str(path))
-    return path
 
 
 def volume(seed: int, lo: float = 0, hi: float = 800, shape=VOL, dtype=np.float32) -> np.ndarray:

@@ -11,6 +11,7 @@ the predicted masks and every checkpoint tensor, bit for bit, on the same machin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from trainables import records
 from trainables.segment import train_segmenter
 from trainables.uncertainty import fit_uncertainty
+
+from helpers import copy_experiment, delta_config, medsam_config, member_config
 
 #: Record columns allowed to differ between two runs with the same seeds, and why. Records hold no
 #: absolute path (checkpoints are relative to the experiment), no wall-clock time and no MLflow id,
@@ -98,14 +101,17 @@ def assert_same_state(a, b, where: str) -> None:
 
 
 def _pool_config(tiny_cache, exp: Path, threads: int, seed: int = 0) -> dict:
-    return {"arch": "unet_r18", "lr": 1e-3, "seed": seed, "cache": str(tiny_cache), "source": "SiteA",
-            "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 4,
-            "num_threads": threads}
+    return member_config(tiny_cache, exp, seed=seed, num_threads=threads)
 
 
-def _train_and_fit(tiny_cache, exp: Path, threads: int) -> dict:
-    """One run (members at epochs 1 and 2, 32 px) and δ with every baseline on its epoch-1 member."""
-    members = train_segmenter(_pool_config(tiny_cache, exp, threads))
+def _train_and_fit(tiny_cache, exp: Path, threads: int, trained: dict | None = None) -> dict:
+    """One run (members at epochs 1 and 2, 32 px) and δ with every baseline on its epoch-1 member.
+    ``trained``: the session's run of this config (``tiny_member``), copied to ``exp`` instead of training."""
+    if trained is None:
+        members = train_segmenter(_pool_config(tiny_cache, exp, threads))
+    else:
+        assert trained["config"] == _pool_config(tiny_cache, trained["exp"], threads)
+        members = copy_experiment(trained["exp"], exp, trained["members"])[1]
     delta = {}
 
     def keep(metrics, ckpt):  # δ's own weights exist only in its resume state: keep them for the comparison
@@ -114,10 +120,8 @@ def _train_and_fit(tiny_cache, exp: Path, threads: int) -> dict:
             shutil.rmtree(ckpt)
 
     m = members[0]
-    fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
-                     "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "epochs": 1,
-                     "lr": 1e-3, "passes": 2, "batch_size": 4, "num_threads": threads, "checkpoint_every": 1,
-                     "baselines": list(records.UNCERTAINTY_METHODS[1:]), "bayescap_width": 4, "bayescap_blocks": 1},
+    fit_uncertainty(delta_config(m, tiny_cache, exp, lr=1e-3, num_threads=threads, checkpoint_every=1,
+                                 baselines=list(records.UNCERTAINTY_METHODS[1:]), bayescap_width=4, bayescap_blocks=1),
                     report=keep)
     records.merge_parts(exp)  # members.parquet / slices.parquet, as the driver writes them
     records.load_uncertainty(exp)        # and the merged uncertainty tables
@@ -125,12 +129,14 @@ def _train_and_fit(tiny_cache, exp: Path, threads: int) -> dict:
     return {"members": members, "delta": delta}
 
 
-def test_trainables_same_seed_same_records(tiny_cache, tmp_path):
+def test_trainables_same_seed_same_records(tiny_cache, tiny_member, tmp_path):
     """train_segmenter and fit_uncertainty twice with one config in two folders: the same member records,
     checkpoints, predictions, δ weights and uncertainty records. One torch thread, as the sweep's trials
     with resources cpu: 1 and the other tests run: with two, this test took 2.3 s on an idle 2-core machine
-    and 445 s on a busy one (threads waiting on each other); two threads gave identical records by hand."""
-    a = _train_and_fit(tiny_cache, tmp_path / "a", 1)
+    and 445 s on a busy one (threads waiting on each other); two threads gave identical records by hand.
+    The first training is the session's ``tiny_member`` (trained earlier in the session, whatever ran
+    between), the second a fresh one here."""
+    a = _train_and_fit(tiny_cache, tmp_path / "a", 1, trained=tiny_member)
     b = _train_and_fit(tiny_cache, tmp_path / "b", 1)
     assert [m["member_id"] for m in a["members"]] == [m["member_id"] for m in b["members"]]
     assert {"ggd", "bayescap", "ggd_yhat_only"} <= set(a["delta"]["nets"])
@@ -148,13 +154,24 @@ class _Killed(Exception):
     pass
 
 
-def test_resumed_run_equals_uninterrupted(tiny_cache, tmp_path):
-    """A run resumed from its epoch-1 state ends with the uninterrupted run's weights, bit for bit.
-    unet_effb0: its drop-connect draws from torch's global generator, which the resume used to leave
+@pytest.mark.parametrize("arch", ["unet_r18", "unet_effb0", "medsam_tiny"])
+def test_resumed_run_equals_uninterrupted(arch, tiny_cache, tmp_path, request):
+    """A run killed after epoch 1 and resumed from its epoch-1 state ends with the uninterrupted run's
+    weights and records, bit for bit, for each training loop: the dense loop (unet_r18; the uninterrupted
+    run is the session's ``tiny_member``), the prompted SAM loop (medsam_tiny, the session's ``medsam_run``)
+    and unet_effb0: its drop-connect draws from torch's global generator, which the resume used to leave
     where the model's initialisation put it (356 of 420 tensors differed, by up to 2.2)."""
-    cfg = {"arch": "unet_effb0", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-           "targets": ["SiteB"], "snapshots": [1, 2], "batch_size": 4, "num_threads": 1}
-    full = train_segmenter({**cfg, "experiment_dir": str(tmp_path / "a")})
+    if arch == "unet_r18":
+        run = request.getfixturevalue("tiny_member")
+        full_exp, full = run["exp"], run["members"]
+        cfg = member_config(tiny_cache, tmp_path / "b")
+    elif arch == "medsam_tiny":
+        full_exp, full, _ = request.getfixturevalue("medsam_run")
+        cfg = medsam_config(tiny_cache, tmp_path / "b", Path(full_exp).parent / "emb")  # its embeddings
+    else:
+        cfg = member_config(tiny_cache, tmp_path / "b", arch="unet_effb0", targets=["SiteB"])
+        full_exp, full = tmp_path / "a", train_segmenter({**cfg, "experiment_dir": str(tmp_path / "a")})
+    records.load_records(full_exp)  # merged as the driver does (a session fixture's: already)
     saved = {}
 
     def keep(metrics, ckpt):
@@ -162,12 +179,13 @@ def test_resumed_run_equals_uninterrupted(tiny_cache, tmp_path):
         shutil.rmtree(ckpt)
         raise _Killed
 
-    with pytest.raises(_Killed):  # the trial dies after epoch 1
-        train_segmenter({**cfg, "experiment_dir": str(tmp_path / "b")}, report=keep)
-    resumed = train_segmenter({**cfg, "experiment_dir": str(tmp_path / "b"), "resume_from": str(saved["dir"])})
-    assert [m["epochs"] for m in resumed] == [2]
-    assert_same_state(torch.load(full[1]["checkpoint"], weights_only=True),
+    # medsam_tiny: a randomly initialised SAM, said loudly
+    with pytest.warns(UserWarning, match="RANDOMLY") if arch == "medsam_tiny" else contextlib.nullcontext():
+        with pytest.raises(_Killed):  # the trial dies after epoch 1
+            train_segmenter(cfg, report=keep)
+        resumed = train_segmenter({**cfg, "resume_from": str(saved["dir"])})
+    assert [m["epochs"] for m in resumed] == [2]  # epoch 1 was not retrained
+    assert_same_state(torch.load(full[-1]["checkpoint"], weights_only=True),
                       torch.load(resumed[0]["checkpoint"], weights_only=True), "epoch-2 checkpoint")
-    for exp in ("a", "b"):
-        records.merge_parts(tmp_path / exp)
-    assert_same_records(tmp_path / "a", tmp_path / "b", uncertainty=False)
+    records.merge_parts(tmp_path / "b")
+    assert_same_records(full_exp, tmp_path / "b", uncertainty=False)

@@ -3,22 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from trainables.data.layouts import LAYOUTS, Case, CaseFiles, DataError, get_layout
+
+import helpers
 
 SHAPE = (12, 10, 5)
 SPACING = (0.5, 0.5, 3.0)
 
 
 def write_nifti(path: Path, array: np.ndarray, spacing=SPACING) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(array, np.diag([*spacing, 1.0]))
-    img.header.set_zooms((tuple(spacing) + (1.0,) * array.ndim)[: array.ndim])
-    nib.save(img, str(path))
-    return path
+    return helpers.write_nifti(path, array, spacing)
 
 
 def make_image(seed: int = 0, shape=SHAPE) -> np.ndarray:

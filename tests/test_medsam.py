@@ -18,6 +18,8 @@ from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_em
 from trainables.models import is_prompted
 from trainables.segment import load_member, train_segmenter, train_val_rows
 
+from helpers import delta_config
+
 
 def _tiny(seed: int = 0, img_size: int = 64, **kw):
     return build_medsam(in_channels=1, variant="tiny", img_size=img_size, init_seed=seed, quiet=True, **kw)
@@ -280,20 +282,7 @@ def test_embedding_cache_embeds_only_the_rows_a_sweep_reads_and_extends_in_place
 
 
 # ----------------------------------------------------------------------------- a training run
-
-@pytest.fixture(scope="module")
-def medsam_run(tiny_cache, tmp_path_factory):
-    """One medsam_tiny run (2 epochs, a member at each) through train_segmenter."""
-    tmp = tmp_path_factory.mktemp("medsam_run")
-    exp = tmp / "exp"
-    cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-           "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 8,
-           "embedding_dir": str(tmp / "emb"), "num_threads": 1}
-    reports = []
-    with pytest.warns(UserWarning, match="RANDOMLY"):
-        members = train_segmenter(cfg, report=lambda m, d: reports.append((m, d)))
-    return exp, members, reports
-
+# (``medsam_run``: conftest's session fixture; resuming it: test_determinism's parametrised resume test)
 
 def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_run):
     exp, members, reports = medsam_run
@@ -337,28 +326,12 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_ru
     assert len(merged_members) == 2 and "n_boxes" in merged.columns
 
 
-def test_resume_continues_like_an_uninterrupted_run(tiny_cache, medsam_run, tmp_path):
-    exp, members, reports = medsam_run
-    state_dir = reports[0][1]  # the epoch-1 state the reporter would have kept
-    cfg = {"arch": "medsam_tiny", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-           "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path / "exp"), "snapshots": [1, 2],
-           "batch_size": 8, "embedding_dir": str(Path(exp).parent / "emb"), "resume_from": state_dir}
-    with pytest.warns(UserWarning, match="RANDOMLY"):
-        resumed = train_segmenter(cfg)
-    assert [m["epochs"] for m in resumed] == [2]
-    a = torch.load(members[-1]["checkpoint"], weights_only=True)["model"]
-    b = torch.load(resumed[0]["checkpoint"], weights_only=True)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-
 def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
     from trainables.uncertainty import fit_uncertainty
 
     exp, members, _ = medsam_run
     m = members[-1]
-    summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
-                               "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp),
-                               "epochs": 1, "passes": 2, "batch_size": 8, "num_threads": 1})
+    summary = fit_uncertainty(delta_config(m, tiny_cache, exp, batch_size=8))
     unc = records.load_uncertainty(exp)
     # δ and every default baseline, MC dropout included (the ggd_yhat_only ablation is opt-in)
     assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout"}

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.rayup]
 BIN = Path(sys.executable).parent
 
 

@@ -13,11 +13,7 @@ from trainables.records import load_predictions
 from trainables.data.cache import open_slice_cache
 from trainables.segment import load_member, predict, train_segmenter, train_val_rows
 
-
-def cfg(tiny_cache, exp, **kw):
-    return {"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-            "targets": ["SiteB", "SiteC"], "experiment_dir": str(exp), "snapshots": [1, 2], "batch_size": 4,
-            "num_threads": 1, **kw}
+from helpers import copy_experiment, member_config as cfg
 
 
 def test_between_snapshots_only_the_validation_split_is_scored(tiny_cache, tmp_path):
@@ -40,16 +36,16 @@ def test_between_snapshots_only_the_validation_split_is_scored(tiny_cache, tmp_p
         pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
 
 
-def test_train_writes_members_and_records(tiny_cache, tmp_path):
-    reports = []
-    members = train_segmenter(cfg(tiny_cache, tmp_path), report=lambda m, c: reports.append((m, c)))
+def test_train_writes_members_and_records(tiny_cache, tiny_member, tmp_path):
+    # the session's tiny run (helpers.member_config), merged again here in a copy of its experiment
+    assert tiny_member["config"] == cfg(tiny_cache, tiny_member["exp"])
+    tmp_path, members = copy_experiment(tiny_member["exp"], tmp_path, tiny_member["members"])
+    reports = tiny_member["reports"]
     assert [m["member_id"] for m in members] == ["unet_r18-lr0.001-s0-ep1", "unet_r18-lr0.001-s0-ep2"]
     assert [r[0]["epoch"] for r in reports] == [1, 2]
     assert {"train_loss", "id_iou_3d", "id_dice_2d", "val_iou_3d", "ood_SiteB_iou_3d", "ood_SiteC_iou_3d",
             "ood_mean_iou_3d"} <= set(reports[0][0])
     assert all(c is not None for _, c in reports)  # each snapshot hands a checkpoint folder to the reporter
-    for _, c in reports:
-        shutil.rmtree(c)
     mem, slices = records.merge_parts(tmp_path)
     assert len(mem) == 2 and set(mem["epochs"]) == {1, 2}
     assert mem["oracle_prompt"].dtype == bool and not mem["oracle_prompt"].any()  # unprompted: label-free
@@ -82,22 +78,7 @@ def test_train_writes_members_and_records(tiny_cache, tmp_path):
     assert list(case_ids) == cache.index.iloc[rows]["case_id"].tolist()
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(tiny_cache, tmp_path):
-    full = train_segmenter(cfg(tiny_cache, tmp_path / "a"))
-    saved = {}
-
-    def keep_first(m, c):
-        if m["epoch"] == 1:
-            saved["dir"] = shutil.copytree(c, tmp_path / "ckpt1")
-        shutil.rmtree(c)
-
-    train_segmenter(cfg(tiny_cache, tmp_path / "b", snapshots=[1]), report=keep_first)
-    resumed = train_segmenter(cfg(tiny_cache, tmp_path / "b", resume_from=str(saved["dir"])))
-    assert [m["epochs"] for m in resumed] == [2]  # epoch 1 was not retrained
-    a = torch.load(full[1]["checkpoint"], weights_only=True)["model"]
-    b = torch.load(resumed[0]["checkpoint"], weights_only=True)["model"]
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+# resume equals uninterrupted: test_determinism.py::test_resumed_run_equals_uninterrupted (every loop)
 
 
 def test_config_errors(tiny_cache, tmp_path):

@@ -15,6 +15,8 @@ from analysis.table4 import table4
 from trainables import records
 from trainables.uncertainty import (DeltaNet, delta_loss, fit_uncertainty, ggd_nll, ggd_variance, otsu_area)
 
+from helpers import copy_experiment, delta_config
+
 
 def test_ggd_with_beta_2_is_gaussian_nll_up_to_a_constant():
     g = torch.Generator().manual_seed(0)
@@ -72,6 +74,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(u / (positive.sum() * (~positive).sum()))
 
 
+@pytest.mark.slow
 def test_delta_ranks_known_errors_above_correct_pixels():
     """Frozen 'predictions' are wrong exactly where the image carries a texture patch; δ must learn it."""
     rng = np.random.default_rng(0)
@@ -110,17 +113,14 @@ def test_delta_ranks_known_errors_above_correct_pixels():
     assert auroc >= 0.75
 
 
-def _member(tmp_path, tiny_cache):
-    from trainables.segment import train_segmenter
-
-    m = train_segmenter({"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": str(tiny_cache), "source": "SiteA",
-                         "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path), "epochs": 1,
-                         "batch_size": 4, "num_threads": 1})[0]
-    return m
+def _member(tmp_path, tiny_member):
+    """The session's tiny unet_r18 member at epoch 1 (trained as with ``epochs: 1``: the same weights),
+    alone in a copy of its experiment at ``tmp_path``."""
+    return copy_experiment(tiny_member["exp"], tmp_path, tiny_member["members"][:1])[1][0]
 
 
-def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
-    m = _member(tmp_path, tiny_cache)
+def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache, tiny_member):
+    m = _member(tmp_path, tiny_member)
     reports = []
 
     def report(r, c):  # like the Ray reporter: the folder is consumed, then removed
@@ -129,11 +129,9 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
             assert (Path(c) / "delta.pt").is_file()
             shutil.rmtree(c)
 
-    summary = fit_uncertainty({"member_id": m["member_id"], "checkpoint": m["checkpoint"], "cache": str(tiny_cache),
-                               "source": "SiteA", "targets": ["SiteB", "SiteC"], "experiment_dir": str(tmp_path),
-                               "epochs": 2, "lr": 1e-3, "passes": 3, "batch_size": 4, "num_threads": 1,
-                               "checkpoint_every": 1, "baselines": list(records.UNCERTAINTY_METHODS[1:]),
-                               "bayescap_width": 4, "bayescap_blocks": 1, "lam": [1.0, 100.0]}, report=report)
+    summary = fit_uncertainty(delta_config(m, tiny_cache, tmp_path, epochs=2, lr=1e-3, passes=3, checkpoint_every=1,
+                                           baselines=list(records.UNCERTAINTY_METHODS[1:]), bayescap_width=4,
+                                           bayescap_blocks=1, lam=[1.0, 100.0]), report=report)
     assert [r["epoch"] for r, _ in reports] == [1, 2, 2] and reports[-1][0]["scored"] == 1
     assert all(c is not None for _, c in reports[:2])  # resumable state at every checkpoint_every epoch
     unc = records.load_uncertainty(tmp_path)
@@ -168,12 +166,12 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache):
     assert ex["image"].shape == ex["uncertainty"].shape == ex["mu"].shape and ex["error"].dtype == bool
 
 
-def test_bad_checkpoints_fail_clearly(tmp_path, tiny_cache):
+def test_bad_checkpoints_fail_clearly(tmp_path, tiny_cache, tiny_member):
     base = {"member_id": "m", "cache": str(tiny_cache), "source": "SiteA", "targets": ["SiteB"],
             "experiment_dir": str(tmp_path), "epochs": 1}
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
         fit_uncertainty({**base, "checkpoint": str(tmp_path / "nope.pt")})
-    m = _member(tmp_path, tiny_cache)
+    m = _member(tmp_path, tiny_member)
     state = torch.load(m["checkpoint"], weights_only=True)
     state["arch"] = "unet_effb0"  # weights of one architecture labelled as another
     torch.save(state, tmp_path / "mismatch.pt")

@@ -218,9 +218,9 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         with_baselines = stage.baseline_members(spec, members, slices)
         if len(with_baselines) < len(members):
             split = "validation" if (slices["role"] == "val").any() else "ID test"
-            each = " of each architecture" if u.baseline_per_arch else ""
-            log(f"baselines for the {len(with_baselines)} best members{each} by {split} {spec.analysis.metric} "
-                f"(uncertainty.baseline_members)")
+            which = (f"{u.baseline_members} best members of each architecture ({len(with_baselines)})"
+                     if u.baseline_per_arch else f"{len(with_baselines)} best members")
+            log(f"baselines for the {which} by {split} {spec.analysis.metric} (uncertainty.baseline_members)")
         records.clear_scratch(exp)
         if retire and reconcile.retire_tune_state(exp / UNCERTAINTY_STAGE):
             log("uncertainty stage: Tune's saved state set aside (uncertainty/.superseded/); the records say "

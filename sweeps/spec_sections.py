@@ -58,7 +58,7 @@ def _gpu(c, v, key: str) -> float | None:
 def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
     """The names ``analysis.indicators`` takes (the analysis' registry: indicators and their groups), and
     those computed from δ's maps (they need an ``uncertainty:`` section)."""
-    from analysis import INDICATOR_GROUPS, INDICATORS  # the driver's analysis stage imports it anyway
+    from analysis.indicators import INDICATOR_GROUPS, INDICATORS  # the registry only (no plotting imports)
 
     delta = {n for n, info in INDICATORS.items() if info.needs == "uncertainty"}
     delta |= {g for g, names in INDICATOR_GROUPS.items() if set(names) <= delta}

@@ -7,9 +7,7 @@ member records, reports) is ``trainables.member``'s.
 """
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,11 +17,11 @@ import torch
 from . import records
 from .accel import Accel, accel_for, augment_flips, choose_placement, place_training_data, resolve_device
 from .data.cache import SliceCache, open_slice_cache
-from .member import (STATE_FILE, ReportFn, end_epoch, epoch_sets, eval_sets, load_state, model_in_channels,
-                     resolve_config, run_name, save_state, summarize, train_val_rows, val_set, write_member)
+from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, resolve_config, summarize,
+                     train_val_rows, val_set)
 from .metrics import confusion_counts
 from .models import build_model
-from .runner import epoch_seed
+from .runner import run_epochs
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64,
@@ -164,83 +162,86 @@ def train_dense(config: dict, report: ReportFn | None = None) -> list[dict]:
     """Train one dense run; write a pool member at each snapshot epoch; return the member records.
 
     Args:
-        config: see ``trainables.member.REQUIRED`` and ``DEFAULTS``. ``cache`` is a slice-cache folder, ``source`` and
-            ``targets`` are site names in it, ``experiment_dir`` an absolute path.
+        config: see ``trainables.member.REQUIRED`` and ``DEFAULTS``. ``cache`` is a slice-cache folder,
+            ``source`` and ``targets`` are site names in it, ``experiment_dir`` an absolute path.
         report: called after every epoch with the epoch's metrics and, at snapshot epochs, a folder
             holding the resumable training state (None at other epochs).
 
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).
     """
-    cfg = resolve_config(config)
-    if cfg["num_threads"]:
-        torch.set_num_threads(int(cfg["num_threads"]))
-    device = resolve_device(cfg["device"])
-    accel = accel_for(cfg, device, "train_segmenter")
-    torch.manual_seed(int(cfg["seed"]))
-    rng = torch.Generator().manual_seed(int(cfg["seed"]))
-    exp = Path(cfg["experiment_dir"])
-    cache = open_slice_cache(cfg["cache"])
-    run_id = run_name(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), max(cfg["snapshots"]))
-    train_rows = train_val_rows(cache, cfg)[0]
-    # The training split (float16 images, uint8 masks as cached) is held in the device's memory when
-    # it fits the trial's share, else streamed from the memmap by a DataLoader (trainables.accel).
-    data, where = place_training_data({"x": (str(cache.path / "images.npy"), train_rows),
-                                       "y": (str(cache.path / "masks.npy"), train_rows)}, device, cfg,
-                                      "train_segmenter")
-    in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
-    sets = eval_sets(cache, cfg) + val_set(cache, cfg)
-    # the eval sets join the training split in device memory when both fit the same budget
-    eval_rows = sum(len(rows) for _, _, rows in sets)
-    eval_bytes = eval_rows * (cache.images[:1].nbytes + cache.masks[:1].nbytes)
-    resident = data.placement == "device" and choose_placement(
-        data.nbytes + eval_bytes, device, cfg["gpu_share"], cfg["data_placement"], "train_segmenter")[0] == "device"
-    evald = EvalData(cache, sets, device, resident=resident)
-    between = epoch_sets(cfg, sets, 0)  # the sets scored between snapshots (epoch 0 is never a snapshot)
-    evald_between = evald if between is sets else EvalData(cache, between, device, resident=resident)
-    where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
-    print(f"[{run_id}] {accel.describe()}; {where}", flush=True)
+    loop = DenseLoop(resolve_config(config))
+    run_epochs(loop, loop.epochs, loop.exp, report, loop.cfg["resume_from"], ("pool", loop.run_id))
+    return loop.members
 
-    model = accel.model(build_model(cfg["arch"], in_channels=in_channels, classes=n_labels,
-                                    encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]))
-    loss_fn = segmentation_loss(n_labels)
-    opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
-                           fused=device.type == "cuda" or None)
-    start_epoch = 0
-    if cfg["resume_from"]:
-        state = load_state(cfg["resume_from"], device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if accel.scaler is not None and state.get("scaler"):
-            accel.scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        for _ in range(start_epoch):  # keep the shuffling stream identical to an uninterrupted run
-            torch.randperm(len(data), generator=rng)
 
-    records.log_attempt(exp, "pool", run_id, start_epoch)
-    members: list[dict] = []
-    bs = int(cfg["batch_size"])
-    for epoch in range(start_epoch + 1, max(cfg["snapshots"]) + 1):
-        t0 = time.perf_counter()
-        torch.manual_seed(epoch_seed(int(cfg["seed"]), epoch))
-        loss_sum, n_steps = train_epoch(model, opt, loss_fn, data, torch.randperm(len(data), generator=rng), bs,
-                                        accel, _augmenter(cfg, device, epoch))
+class DenseLoop(PoolRun):
+    """The dense run as a ``trainables.runner.EpochLoop``: Adam on ``segmentation_loss`` through ``Accel``."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        if cfg["num_threads"]:
+            torch.set_num_threads(int(cfg["num_threads"]))
+        self.device = device = resolve_device(cfg["device"])
+        self.accel = accel = accel_for(cfg, device, "train_segmenter")
+        torch.manual_seed(self.seed)  # the model's initialisation
+        self.rng = torch.Generator().manual_seed(self.seed)  # the shuffling stream
+        self.cache = cache = open_slice_cache(cfg["cache"])
+        train_rows = train_val_rows(cache, cfg)[0]
+        # The training split (float16 images, uint8 masks as cached) is held in the device's memory when
+        # it fits the trial's share, else streamed from the memmap by a DataLoader (trainables.accel).
+        self.data, where = place_training_data({"x": (str(cache.path / "images.npy"), train_rows),
+                                                "y": (str(cache.path / "masks.npy"), train_rows)}, device, cfg,
+                                               "train_segmenter")
+        in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
+        self.sets = sets = eval_sets(cache, cfg) + val_set(cache, cfg)
+        # the eval sets join the training split in device memory when both fit the same budget
+        eval_rows = sum(len(rows) for _, _, rows in sets)
+        eval_bytes = eval_rows * (cache.images[:1].nbytes + cache.masks[:1].nbytes)
+        resident = self.data.placement == "device" and choose_placement(
+            self.data.nbytes + eval_bytes, device, cfg["gpu_share"], cfg["data_placement"],
+            "train_segmenter")[0] == "device"
+        self.evald = EvalData(cache, sets, device, resident=resident)
+        between = epoch_sets(cfg, sets, 0)  # the sets scored between snapshots (epoch 0 is never a snapshot)
+        self.evald_between = self.evald if between is sets else EvalData(cache, between, device, resident=resident)
+        where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
+        print(f"[{self.run_id}] {accel.describe()}; {where}", flush=True)
+
+        self.model = accel.model(build_model(cfg["arch"], in_channels=in_channels, classes=n_labels,
+                                             encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]))
+        self.loss_fn = segmentation_loss(n_labels)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]),
+                                    weight_decay=float(cfg["weight_decay"]), fused=device.type == "cuda" or None)
+
+    def load_state(self, state: dict) -> int:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.accel.scaler is not None and state.get("scaler"):
+            self.accel.scaler.load_state_dict(state["scaler"])
+        return int(state["epoch"])
+
+    def draw(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.data), generator=self.rng)
+
+    def train(self, epoch: int, perm: torch.Tensor) -> dict:
+        self._t0 = time.perf_counter()
+        loss_sum, n_steps = train_epoch(self.model, self.opt, self.loss_fn, self.data, perm, int(self.cfg["batch_size"]),
+                                        self.accel, _augmenter(self.cfg, self.device, epoch))
         train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
-        train_s = time.perf_counter() - t0
-        snapshot = epoch in cfg["snapshots"]
-        slices, preds = evaluate(model, cache, evald if snapshot else evald_between, device,
-                                 int(cfg["eval_batch_size"]), accel, keep_preds=snapshot)
-        metrics = {"epoch": epoch, "train_loss": train_loss, **summarize(slices),
-                   "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0 - train_s}
-        ckpt_dir = None
+        return {"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - self._t0}
+
+    def score(self, epoch: int, metrics: dict) -> dict:
+        snapshot = self.is_snapshot(epoch)
+        slices, preds = evaluate(self.model, self.cache, self.evald if snapshot else self.evald_between, self.device,
+                                 int(self.cfg["eval_batch_size"]), self.accel, keep_preds=snapshot)
+        metrics = {**metrics, **summarize(slices),
+                   "eval_seconds": time.perf_counter() - self._t0 - metrics["train_seconds"]}
         if snapshot:
-            members.append(write_member(exp, cfg, run_id, epoch, model, slices, preds, cache, sets))
-            metrics["member_id"] = members[-1]["member_id"]
-            if report is not None:  # the reporter owns (and removes) this folder
-                ckpt_dir = tempfile.mkdtemp(prefix="ckpt-", dir=records.scratch_dir(exp))
-                save_state(Path(ckpt_dir) / STATE_FILE, training_state(model, opt, epoch, cfg, accel))
-        end_epoch(cfg, run_id, metrics, report, ckpt_dir)
-    return members
+            self.snapshot(epoch, metrics, self.model, slices, preds, self.cache, self.sets)
+        return metrics
+
+    def state(self, epoch: int) -> dict:
+        return training_state(self.model, self.opt, epoch, self.cfg, self.accel)
 
 
 def _augmenter(cfg: dict, device: torch.device, epoch: int):

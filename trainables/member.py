@@ -212,3 +212,41 @@ def write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: p
               "oracle_prompt": bool(get_model_spec(cfg["arch"]).prompted), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
     return {**member, "checkpoint": str(ckpt)}  # to the caller: the file itself
+
+
+class PoolRun:
+    """What the dense and the prompted pool loops share as ``trainables.runner.EpochLoop``s: the run's
+    name and experiment, its members, a checkpoint (the resumable state) at every snapshot epoch, and
+    the verbose epoch line. A subclass sets ``device`` and implements ``load_state``, ``draw``,
+    ``train``, ``score`` (calling ``snapshot`` at snapshot epochs) and ``state``."""
+
+    state_file = STATE_FILE
+    ckpt_prefix = "ckpt-"
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.seed = int(cfg["seed"])
+        self.exp = Path(cfg["experiment_dir"])
+        self.run_id = run_name(cfg["arch"], float(cfg["lr"]), self.seed, max(cfg["snapshots"]))
+        self.members: list[dict] = []
+
+    @property
+    def epochs(self) -> int:
+        return max(self.cfg["snapshots"])
+
+    def is_snapshot(self, epoch: int) -> bool:
+        return epoch in self.cfg["snapshots"]
+
+    def checkpoint(self, epoch: int) -> bool:
+        return self.is_snapshot(epoch)
+
+    def snapshot(self, epoch: int, metrics: dict, model, slices: pd.DataFrame, preds: dict[str, torch.Tensor],
+                 cache: SliceCache, sets, **kw) -> None:
+        """Write the pool member of ``epoch`` (``write_member``) and name it in the epoch's metrics."""
+        member = write_member(self.exp, self.cfg, self.run_id, epoch, model, slices, preds, cache, sets, **kw)
+        self.members.append(member)
+        metrics["member_id"] = member["member_id"]
+
+    def log(self, metrics: dict) -> None:
+        if self.cfg["verbose"]:
+            print_epoch(self.run_id, metrics)

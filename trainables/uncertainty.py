@@ -36,7 +36,6 @@ the worker's rank; only rank 0 scores and writes records.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +50,7 @@ from .baselines import BayesCapNet, bayescap_loss
 from .data.cache import SliceCache, open_slice_cache
 from .delta import DeltaNet, delta_loss, ggd_nll, ggd_variance, unwrap
 from .member import train_val_rows, with_defaults
+from .runner import run_epochs
 from .segment import load_member
 from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, score_member, slice_columns,
                                   source_threshold, uncertain_masks, union)
@@ -172,93 +172,116 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     Returns:
         On rank 0, a summary dict (mean uncertain area per method and site); else None.
     """
-    cfg = _resolve(config)
-    if cfg["num_threads"]:
-        torch.set_num_threads(int(cfg["num_threads"]))
-    device = resolve_device(cfg["device"])
-    accel = accel_for(cfg, device, "fit_uncertainty")
-    torch.manual_seed(int(cfg["seed"]))
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) + rank)
-    cache = open_slice_cache(cfg["cache"])
-    frozen = _load_frozen(cfg, device)
-    frozen = accel.model(frozen)
-
-    all_rows, held = fit_rows(cache, cfg)
-    # equal shards: DDP needs every rank to take the same number of steps
-    rows = all_rows[rank::world_size][: len(all_rows) // world_size]
-    yhat = union(frozen_predict(frozen, cache, rows, device, accel)).to(torch.uint8)  # ŷ once, not per epoch
-    # images and masks as cached (float16, uint8) and ŷ, on the device when they fit (trainables.accel)
-    data, where = place_training_data({"x": (str(cache.path / "images.npy"), rows),
-                                       "y": (str(cache.path / "masks.npy"), rows)}, device, cfg,
-                                      "fit_uncertainty", extra={"yh": yhat})
-    if rank == 0:
-        print(f"[delta {cfg['member_id']}] {accel.describe()}; {where}", flush=True)
-
-    nets = _nets(cfg, int(cache.images.shape[1]), accel)
-    wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
-    opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"]), fused=device.type == "cuda" or None)
-            for k, v in wrapped.items()}
-    scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=int(cfg["epochs"])) for k, o in opts.items()}
-    start = 0
-    curve: dict[str, list[float]] = {}
-    if rank == 0 and len(held):
-        held_data = (np.asarray(cache.images[held]), union(torch.from_numpy(np.asarray(cache.masks[held]))).float(),
-                     union(frozen_predict(frozen, cache, held, device, accel)))
-    if cfg["resume_from"]:
-        state = torch.load(Path(cfg["resume_from"]) / "delta.pt", map_location=device, weights_only=True)
-        for k in nets:
-            nets[k].load_state_dict(state["nets"][k])
-            opts[k].load_state_dict(state["opts"][k])
-            scheds[k].load_state_dict(state["scheds"][k])
-        if accel.scaler is not None and state.get("scaler"):
-            accel.scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-        curve = {k: list(v) for k, v in state.get("curve", {}).items()}
-        for _ in range(start):
-            torch.randperm(len(data), generator=gen)
-
-    if rank == 0:
-        records.log_attempt(cfg["experiment_dir"], "uncertainty", cfg["member_id"], start)
-    bs = int(cfg["batch_size"])
-    epochs = int(cfg["epochs"])
-    for epoch in range(start + 1, epochs + 1):
-        t0 = time.perf_counter()
-        sums, steps = delta_epoch(wrapped, opts, data, torch.randperm(len(data), generator=gen), bs, accel,
-                                  {**cfg["lams"], "ggd_yhat_only": cfg["lams"]["ggd"]},
-                                  (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
-        for s in scheds.values():
-            s.step()
-        metrics = {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
-                   "epoch_seconds": time.perf_counter() - t0}
-        if rank == 0 and len(held):
-            metrics.update(heldout_metrics(nets["ggd"], *held_data, cfg["lams"]["ggd"], device, accel))
-        for k, v in metrics.items():
-            if k.startswith(("loss_", "heldout_")):
-                curve.setdefault(k, []).append(float(v))
-        ckpt = None
-        if report is not None and rank == 0 and (epoch % int(cfg["checkpoint_every"]) == 0 or epoch == epochs):
-            ckpt = tempfile.mkdtemp(prefix="delta-", dir=records.scratch_dir(cfg["experiment_dir"]))
-            torch.save({"nets": {k: v.state_dict() for k, v in nets.items()},
-                        "opts": {k: compact_optimizer_state(v.state_dict()) for k, v in opts.items()},
-                        "scheds": {k: v.state_dict() for k, v in scheds.items()}, "epoch": epoch, "curve": curve,
-                        **({"scaler": accel.scaler.state_dict()} if accel.scaler else {})},
-                       Path(ckpt) / "delta.pt")
-        if cfg["verbose"] and rank == 0:
-            print(f"[delta {cfg['member_id']}] epoch {epoch}: " +
-                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss")))
-        if report is not None:
-            report(metrics, ckpt)
+    fit = DeltaFit(_resolve(config), wrap_model, rank, world_size)
+    cfg = fit.cfg
+    run_epochs(fit, fit.epochs, cfg["experiment_dir"], report, cfg["resume_from"],
+               ("uncertainty", cfg["member_id"]) if rank == 0 else None)
     if rank != 0:
         return None
-    fit = {"fit_split": cfg["fit_split"], "epochs": epochs, "lam": cfg["lams"]["ggd"], "lams": cfg["lams"],
-           "lr": float(cfg["lr"]),
-           "beta": float(cfg["beta"]), "fit_slices": int(len(all_rows)), "heldout_slices": int(len(held)),
-           "curve": curve, **{f"final_{k}": v[-1] for k, v in curve.items() if v}}
-    summary = score_member(cfg, cache, frozen, nets, device, gen, accel, fit=fit)
-    summary.update({k: v for k, v in fit.items() if k.startswith("final_")})
+    record = {"fit_split": cfg["fit_split"], "epochs": fit.epochs, "lam": cfg["lams"]["ggd"], "lams": cfg["lams"],
+              "lr": float(cfg["lr"]),
+              "beta": float(cfg["beta"]), "fit_slices": int(len(fit.all_rows)), "heldout_slices": int(len(fit.held)),
+              "curve": fit.curve, **{f"final_{k}": v[-1] for k, v in fit.curve.items() if v}}
+    summary = score_member(cfg, fit.cache, fit.frozen, fit.nets, fit.device, fit.gen, fit.accel, fit=record)
+    summary.update({k: v for k, v in record.items() if k.startswith("final_")})
     if report is not None:
-        report({"epoch": epochs, "scored": 1, **summary}, None)
+        report({"epoch": fit.epochs, "scored": 1, **summary}, None)
     return summary
+
+
+class DeltaFit:
+    """δ's fit (and BayesCap's, and ``ggd_yhat_only``'s) as a ``trainables.runner.EpochLoop``: the frozen
+    member's ŷ computed once, every net one Adam step per batch, a cosine schedule, the held-out
+    convergence record (``curve``) and a resumable state every ``checkpoint_every`` epochs and after the
+    last (rank 0)."""
+
+    state_file = "delta.pt"
+    ckpt_prefix = "delta-"
+
+    def __init__(self, cfg: dict, wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+                 world_size: int = 1):
+        self.cfg, self.rank = cfg, rank
+        if cfg["num_threads"]:
+            torch.set_num_threads(int(cfg["num_threads"]))
+        self.device = device = resolve_device(cfg["device"])
+        self.accel = accel = accel_for(cfg, device, "fit_uncertainty")
+        self.seed = int(cfg["seed"])
+        self.epochs = int(cfg["epochs"])
+        torch.manual_seed(self.seed)  # the nets' initialisation
+        self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
+        self.cache = cache = open_slice_cache(cfg["cache"])
+        frozen = _load_frozen(cfg, device)
+        self.frozen = frozen = accel.model(frozen)
+
+        self.all_rows, self.held = all_rows, held = fit_rows(cache, cfg)
+        # equal shards: DDP needs every rank to take the same number of steps
+        rows = all_rows[rank::world_size][: len(all_rows) // world_size]
+        yhat = union(frozen_predict(frozen, cache, rows, device, accel)).to(torch.uint8)  # ŷ once, not per epoch
+        # images and masks as cached (float16, uint8) and ŷ, on the device when they fit (trainables.accel)
+        self.data, where = place_training_data({"x": (str(cache.path / "images.npy"), rows),
+                                                "y": (str(cache.path / "masks.npy"), rows)}, device, cfg,
+                                               "fit_uncertainty", extra={"yh": yhat})
+        if rank == 0:
+            print(f"[delta {cfg['member_id']}] {accel.describe()}; {where}", flush=True)
+
+        self.nets = nets = _nets(cfg, int(cache.images.shape[1]), accel)
+        self.wrapped = wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
+        self.opts = opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"]),
+                                                fused=device.type == "cuda" or None) for k, v in wrapped.items()}
+        self.scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.epochs) for k, o in opts.items()}
+        self.curve: dict[str, list[float]] = {}
+        if rank == 0 and len(held):
+            self.held_data = (np.asarray(cache.images[held]),
+                              union(torch.from_numpy(np.asarray(cache.masks[held]))).float(),
+                              union(frozen_predict(frozen, cache, held, device, accel)))
+
+    def load_state(self, state: dict) -> int:
+        for k in self.nets:
+            self.nets[k].load_state_dict(state["nets"][k])
+            self.opts[k].load_state_dict(state["opts"][k])
+            self.scheds[k].load_state_dict(state["scheds"][k])
+        if self.accel.scaler is not None and state.get("scaler"):
+            self.accel.scaler.load_state_dict(state["scaler"])
+        self.curve = {k: list(v) for k, v in state.get("curve", {}).items()}
+        return int(state["epoch"])
+
+    def draw(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.data), generator=self.gen)
+
+    def train(self, epoch: int, perm: torch.Tensor) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        sums, steps = delta_epoch(self.wrapped, self.opts, self.data, perm, int(cfg["batch_size"]), self.accel,
+                                  {**cfg["lams"], "ggd_yhat_only": cfg["lams"]["ggd"]},
+                                  (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
+        for s in self.scheds.values():
+            s.step()
+        return {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
+                "epoch_seconds": time.perf_counter() - t0}
+
+    def score(self, epoch: int, metrics: dict) -> dict:
+        """δ's convergence on the held-out cases (rank 0), appended to the curve with the losses."""
+        if self.rank == 0 and len(self.held):
+            metrics.update(heldout_metrics(self.nets["ggd"], *self.held_data, self.cfg["lams"]["ggd"], self.device,
+                                           self.accel))
+        for k, v in metrics.items():
+            if k.startswith(("loss_", "heldout_")):
+                self.curve.setdefault(k, []).append(float(v))
+        return metrics
+
+    def checkpoint(self, epoch: int) -> bool:
+        return self.rank == 0 and (epoch % int(self.cfg["checkpoint_every"]) == 0 or epoch == self.epochs)
+
+    def state(self, epoch: int) -> dict:
+        return {"nets": {k: v.state_dict() for k, v in self.nets.items()},
+                "opts": {k: compact_optimizer_state(v.state_dict()) for k, v in self.opts.items()},
+                "scheds": {k: v.state_dict() for k, v in self.scheds.items()}, "epoch": epoch, "curve": self.curve,
+                **({"scaler": self.accel.scaler.state_dict()} if self.accel.scaler else {})}
+
+    def log(self, metrics: dict) -> None:
+        if self.cfg["verbose"] and self.rank == 0:
+            print(f"[delta {self.cfg['member_id']}] epoch {metrics['epoch']}: " +
+                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss")))
 
 
 def compact_optimizer_state(state: dict) -> dict:

@@ -225,8 +225,9 @@ class DenseLoop(PoolRun):
 
     def train(self, epoch: int, perm: torch.Tensor) -> dict:
         self._t0 = time.perf_counter()
-        loss_sum, n_steps = train_epoch(self.model, self.opt, self.loss_fn, self.data, perm, int(self.cfg["batch_size"]),
-                                        self.accel, _augmenter(self.cfg, self.device, epoch))
+        augment = _augmenter(self.cfg, self.device, epoch)
+        loss_sum, n_steps = train_epoch(self.model, self.opt, self.loss_fn, self.data, perm,
+                                        int(self.cfg["batch_size"]), self.accel, augment)
         train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
         return {"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - self._t0}
 

@@ -57,9 +57,9 @@ from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, scor
 
 #: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
 #: and ``trainables.uncertainty_scoring``).
-__all__ = ["DEFAULTS", "REQUIRED", "FIT_SPLITS", "DeltaNet", "compact_optimizer_state", "delta_epoch", "delta_loss",
-           "error_ranking", "fit_rows", "fit_uncertainty", "ggd_nll", "ggd_variance", "heldout_metrics", "lam_method",
-           "otsu_area", "slice_columns", "source_threshold", "uncertain_masks"]
+__all__ = ["DEFAULTS", "REQUIRED", "FIT_SPLITS", "DeltaFit", "DeltaNet", "compact_optimizer_state", "delta_epoch",
+           "delta_loss", "error_ranking", "fit_rows", "fit_uncertainty", "ggd_nll", "ggd_variance", "heldout_metrics",
+           "lam_method", "load_frozen", "otsu_area", "slice_columns", "source_threshold", "uncertain_masks"]
 
 REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
 DEFAULTS: dict[str, Any] = {
@@ -125,7 +125,9 @@ def _resolve(config: dict) -> dict:
     return cfg
 
 
-def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
+def load_frozen(cfg: dict, device: torch.device) -> nn.Module:
+    """The frozen pool member of a resolved δ config, its weights without gradients; a damaged or foreign
+    checkpoint is a ValueError naming the member, the file and the fix (``oodsweep resume``)."""
     try:
         model = load_member(cfg["checkpoint"], device)
     except Exception as e:  # a file that is not ours, or weights for another architecture
@@ -138,6 +140,9 @@ def _load_frozen(cfg: dict, device: torch.device) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+_load_frozen = load_frozen  # temporary alias: tests/test_experiment_folder.py imports the old name
 
 
 def lam_method(lam: float) -> str:
@@ -210,7 +215,7 @@ class DeltaFit:
         torch.manual_seed(self.seed)  # the nets' initialisation
         self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
         self.cache = cache = open_slice_cache(cfg["cache"])
-        frozen = _load_frozen(cfg, device)
+        frozen = load_frozen(cfg, device)
         self.frozen = frozen = accel.model(frozen)
 
         self.all_rows, self.held = all_rows, held = fit_rows(cache, cfg)

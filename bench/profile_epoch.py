@@ -9,7 +9,7 @@ end of the last, which is a snapshot (as one epoch in three is in the demo: snap
 The profile is split, from cProfile's caller/callee table, into
 
 * forward: the model's (and the loss module's) calls from ``train_epoch``, and the model's calls
-  from evaluation (``segment._forward``);
+  from evaluation (``trainables.dense._forward``);
 * backward and optimizer step: everything ``Accel.step`` calls (``zero_grad``, ``backward``, ``step``);
 * the rest: batching, transfers, augmentation, confusion counts, per-epoch metrics, member files,
   checkpoints, reporting.
@@ -62,8 +62,8 @@ def _from(stats: dict, caller: tuple, callee_pred) -> float:
 
 def split(stats: dict) -> dict[str, float]:
     """forward / backward+step / window (s) from a pstats table (see the module doc)."""
-    train_epoch = _find(stats, "trainables/segment.py", "train_epoch")
-    fwd_eval = _find(stats, "trainables/segment.py", "_forward")
+    train_epoch = _find(stats, "trainables/dense.py", "train_epoch")
+    fwd_eval = _find(stats, "trainables/dense.py", "_forward")
     step = _find(stats, "trainables/accel.py", "step")
     is_call = lambda f: f[2] in ("_wrapped_call_impl", "_call_impl")  # noqa: E731
     forward = sum(_from(stats, c, is_call) for c in train_epoch + fwd_eval)

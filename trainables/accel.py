@@ -77,6 +77,15 @@ class Accel:
             self.scaler.step(opt)
             self.scaler.update()
 
+    def scaler_state(self) -> dict:
+        """``{"scaler": ...}`` for a loop's resumable state when a gradient scaler runs (fp16), else ``{}``."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_scaler(self, state: dict) -> None:
+        """Restore the gradient scaler from a resumable state written with ``scaler_state``."""
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[self.amp]
         return f"{self.device} {amp}{', channels_last' if self.channels_last else ''}"

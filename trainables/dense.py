@@ -17,8 +17,8 @@ import torch
 from . import records
 from .accel import Accel, accel_for, augment_flips, choose_placement, place_training_data, resolve_device
 from .data.cache import SliceCache, open_slice_cache
-from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, resolve_config, summarize,
-                     train_val_rows, val_set)
+from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, resolve_config, restore_state,
+                     summarize, train_val_rows, val_set)
 from .metrics import confusion_counts
 from .models import build_model
 from .runner import run_epochs
@@ -124,7 +124,7 @@ def training_state(model, opt, epoch: int, cfg: dict, accel: Accel | None = None
     """The dense run's resumable state (``member.save_state`` writes it)."""
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
             "arch": cfg["arch"], "in_channels": model_in_channels(model),
-            **({"scaler": accel.scaler.state_dict()} if accel is not None and accel.scaler else {})}
+            **(accel.scaler_state() if accel is not None else {})}
 
 
 def load_dense_member(state: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -214,11 +214,7 @@ class DenseLoop(PoolRun):
                                     weight_decay=float(cfg["weight_decay"]), fused=device.type == "cuda" or None)
 
     def load_state(self, state: dict) -> int:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.accel.scaler is not None and state.get("scaler"):
-            self.accel.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"])
+        return restore_state(self.model, self.opt, self.accel, state)
 
     def draw(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.data), generator=self.rng)

@@ -179,6 +179,14 @@ def save_state(path: Path, state: dict) -> None:
     torch.save(state, path)
 
 
+def restore_state(module: torch.nn.Module, opt: torch.optim.Optimizer, accel, state: dict) -> int:
+    """Load a pool loop's trained module, optimizer and gradient scaler from ``state``; its epoch."""
+    module.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    accel.load_scaler(state)
+    return int(state["epoch"])
+
+
 def load_state(folder: str | os.PathLike, device: torch.device, name: str = STATE_FILE) -> dict:
     """The resumable training state in a reported checkpoint folder (``weights_only``: no code runs)."""
     return torch.load(Path(folder) / name, map_location=device, weights_only=True)

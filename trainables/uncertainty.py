@@ -245,8 +245,7 @@ class DeltaFit:
             self.nets[k].load_state_dict(state["nets"][k])
             self.opts[k].load_state_dict(state["opts"][k])
             self.scheds[k].load_state_dict(state["scheds"][k])
-        if self.accel.scaler is not None and state.get("scaler"):
-            self.accel.scaler.load_state_dict(state["scaler"])
+        self.accel.load_scaler(state)
         self.curve = {k: list(v) for k, v in state.get("curve", {}).items()}
         return int(state["epoch"])
 
@@ -281,7 +280,7 @@ class DeltaFit:
         return {"nets": {k: v.state_dict() for k, v in self.nets.items()},
                 "opts": {k: compact_optimizer_state(v.state_dict()) for k, v in self.opts.items()},
                 "scheds": {k: v.state_dict() for k, v in self.scheds.items()}, "epoch": epoch, "curve": self.curve,
-                **({"scaler": self.accel.scaler.state_dict()} if self.accel.scaler else {})}
+                **self.accel.scaler_state()}
 
     def log(self, metrics: dict) -> None:
         if self.cfg["verbose"] and self.rank == 0:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..accel import Accel, accel_for, choose_placement, resolve_device
 from ..data.cache import open_slice_cache
-from ..member import PoolRun, ReportFn, epoch_sets, eval_sets, summarize, train_val_rows, val_set
+from ..member import PoolRun, ReportFn, epoch_sets, eval_sets, restore_state, summarize, train_val_rows, val_set
 from ..runner import run_epochs
 from .embeddings import embeddings_root, ensure_embeddings, sweep_rows
 from .frozen import member_state
@@ -121,11 +121,7 @@ class PromptedLoop(PoolRun):
                   f"({skipped_train} without foreground skipped)")
 
     def load_state(self, state: dict) -> int:
-        self.decoder.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.accel.scaler is not None and state.get("scaler"):
-            self.accel.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"])
+        return restore_state(self.decoder, self.opt, self.accel, state)
 
     def draw(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches in shuffled order, each with its jittered boxes (the shuffle, then each
@@ -167,4 +163,4 @@ class PromptedLoop(PoolRun):
     def state(self, epoch: int) -> dict:
         return {"model": self.decoder.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
                 "arch": self.cfg["arch"],
-                **({"scaler": self.accel.scaler.state_dict()} if self.accel.scaler else {})}
+                **self.accel.scaler_state()}

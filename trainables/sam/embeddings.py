@@ -152,8 +152,13 @@ def missing_embeddings(config: dict) -> int:
 
 
 def _needed_rows(cache: SliceCache, rows: np.ndarray | None) -> np.ndarray:
-    fg = foreground_rows(cache)
-    return fg if rows is None else np.intersect1d(fg, rows)
+    """The rows with foreground among ``rows`` (sorted, unique; None: every row). Only the given rows' masks
+    are read: the δ stage asks once per site, and the whole cache's masks need not be read each time."""
+    if rows is None:
+        return foreground_rows(cache)
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    masks = np.asarray(cache.masks[rows])
+    return rows[masks.reshape(len(rows), -1).any(1)]
 
 
 def _embedded(folder: Path, cache: SliceCache) -> np.ndarray:

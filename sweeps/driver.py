@@ -194,9 +194,11 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
     from . import reconcile
 
     members, slices = records.load_records(exp)
-    gaps = reconcile.uncertainty_gaps(spec, members["member_id"])
-    todo = [m for m in members["member_id"] if m in gaps]
-    done = set(members["member_id"]) - set(todo)
+    with_baselines = stage.baseline_members(spec, members, slices)
+    wanted = stage.delta_members(spec, members, with_baselines)
+    gaps = reconcile.uncertainty_gaps(spec, wanted)
+    todo = [m for m in wanted if m in gaps]
+    done = set(wanted) - set(todo)
     if marker.exists() and not todo:
         log(f"uncertainty stage already done ({len(done)} members): skipped")
         tracker.finish_done_stage(parent)
@@ -215,7 +217,9 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         t = time.time()
         checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
                                                                                    members["checkpoint"])}
-        with_baselines = stage.baseline_members(spec, members, slices)
+        if len(wanted) < len(members):
+            log(f"δ skipped for the {len(members) - len(wanted)} box-prompted members without baselines "
+                f"(uncertainty.prompted_members: {u.prompted_members}; their uncertain area is not label-free)")
         if len(with_baselines) < len(members):
             split = "validation" if (slices["role"] == "val").any() else "ID test"
             which = (f"{u.baseline_members} best members of each architecture ({len(with_baselines)})"
@@ -260,7 +264,9 @@ def missing_records(spec: SweepSpec) -> list[str]:
     gaps = reconcile.pool_gaps(spec)
     out = [f"pool member {m}: {w}" for m, w in gaps.items()]
     if spec.uncertainty is not None:
-        ids = reconcile.expected_members(spec) or records.member_part_ids(spec.experiment_dir)
+        from .uncertainty import expected_delta_members
+
+        ids = expected_delta_members(spec, pool_complete=not gaps)
         out += [f"uncertainty of {m}: {w}" for m, w in reconcile.uncertainty_gaps(spec, ids).items() if m not in gaps]
     return out
 

@@ -26,6 +26,8 @@ BASELINES = UNCERTAINTY_METHODS[1:]
 #: Table 4's; ggd_yhat_only (the ablation) only when asked for
 DEFAULT_BASELINES = tuple(b for b in BASELINES if b != "ggd_yhat_only")
 FIT_SPLITS = ("train", "val")
+#: ``uncertainty.prompted_members``: which box-prompted members get δ (UncertaintySpec.prompted_members)
+PROMPTED_MEMBERS = ("all", "with_baselines")
 #: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
@@ -160,6 +162,10 @@ class UncertaintySpec:
     #: True (``baseline_members: {per_arch: N}``): the N best of each architecture, so that Table 4 covers
     #: every family (pool-wide, the best members may all be of one architecture)
     baseline_per_arch: bool = False
+    #: which box-prompted (SAM-family) members get δ: "all", or "with_baselines": only those that also get
+    #: the baselines (Table 4 and C5 read them); the others' uncertain area is oracle-prompted, not
+    #: label-free, so no claim reads it, and their δ trials are skipped
+    prompted_members: str = "all"
     #: as PoolSpec.training, without augment
     training: dict = field(default_factory=dict)
     #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)

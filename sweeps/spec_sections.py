@@ -10,8 +10,8 @@ from typing import Any
 from trainables.models import MODELS
 
 from .spec_checks import Checker, resolve_path
-from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, TRAINING_CHOICES, AnalysisSpec,
-                          DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec)
+from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
+                          TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec)
 
 
 def _lam(c, raw: Any) -> float | tuple[float, ...]:
@@ -224,7 +224,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "method": False, "epochs": False, "lr": False, "lam": False, "beta": False, "learn_beta": False,
         "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
-        "baseline_members": False, "training": False, "fit_split": False, "bayescap": False})
+        "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
+        "bayescap": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -257,6 +258,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
                                   positive=True),
         baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,
+        prompted_members=c.choice(u.get("prompted_members", "all"), "uncertainty.prompted_members",
+                                  PROMPTED_MEMBERS),
         fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
         bayescap=_bayescap(c, u.get("bayescap")),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))

@@ -46,6 +46,7 @@ def _trial_states(pool_dir: Path, finished=_pool_trial_finished) -> dict[str, di
 def experiment_status(experiment_dir) -> dict:
     """Where each stage stands, from the records first (what `resume` would redo) and Tune's files second."""
     from . import reconcile
+    from .uncertainty import expected_delta_members
 
     spec = load_experiment_spec(experiment_dir)
     exp = spec.experiment_dir
@@ -61,7 +62,7 @@ def experiment_status(experiment_dir) -> dict:
     if spec.uncertainty is not None:
         utrials = _trial_states(exp / UNCERTAINTY_STAGE, _uncertainty_trial_finished)
         ufailed = {k: v["error"] for k, v in utrials.items() if v["error"] and not v["done"]}
-        want = reconcile.expected_members(spec) or records.member_part_ids(exp)
+        want = expected_delta_members(spec, pool_complete=not gaps)
         ugaps = reconcile.uncertainty_gaps(spec, want)
         udone = len(want) - len(ugaps)
         marked = (exp / UNCERTAINTY_STAGE / DONE_MARKER).exists()

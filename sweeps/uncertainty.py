@@ -15,6 +15,7 @@ import pandas as pd
 
 from trainables import records
 
+from . import reconcile
 from .console import log
 from .experiment import UNCERTAINTY_STAGE
 from .spec import SweepSpec
@@ -94,6 +95,27 @@ def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFram
         return set(ranked.index[:n])
     arch = members.set_index("member_id")["arch"]
     return {m for a in arch.unique() for m in ranked[arch.reindex(ranked.index) == a].index[:n]}
+
+
+def delta_members(spec: SweepSpec, members: pd.DataFrame, with_baselines: set[str]) -> list[str]:
+    """The members δ is fitted on, in the records' order: all, or with ``uncertainty.prompted_members:
+    with_baselines`` all but the box-prompted members (``oracle_prompt``) that get no baselines."""
+    ids = members["member_id"].astype(str)
+    if spec.uncertainty.prompted_members == "all":
+        return list(ids)
+    prompted = members["oracle_prompt"].fillna(False).astype(bool)
+    return [m for m, p in zip(ids, prompted) if not p or m in with_baselines]
+
+
+def expected_delta_members(spec: SweepSpec, pool_complete: bool) -> list[str]:
+    """The members the δ stage is to record (``status`` and the analysis's completeness check): every pool
+    member, less (``prompted_members: with_baselines``) the box-prompted ones without baselines. Those
+    are read from the pool's records, so before the pool is complete every expected member counts."""
+    ids = reconcile.expected_members(spec) or records.member_part_ids(spec.experiment_dir)
+    if spec.uncertainty.prompted_members == "all" or not pool_complete:
+        return ids
+    members, slices = records.load_records(spec.experiment_dir)
+    return delta_members(spec, members, baseline_members(spec, members, slices))
 
 
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],

@@ -141,6 +141,46 @@ def test_prompted_prediction_merges_boxes_and_leaves_empty_slices_empty():
     assert torch.equal(logits[:, 0] > 0, pred)
 
 
+def test_mc_dropout_runs_the_decoder_once_and_equals_dropout_hooked_on_every_pass():
+    """The fast MC dropout equals the direct one: ``passes`` full decoder runs with ``F.dropout2d`` hooked
+    on the upscaled features, same seed; several boxes per slice, an empty slice and two batches."""
+    import torch.nn.functional as F
+    from trainables.sam.scoring import prompted_dropout_variance, prompted_logits
+
+    model = _tiny(seed=1, decoder_seed=2).eval()
+    masks = np.zeros((4, 32, 32), dtype=np.uint8)
+    masks[0, 2:8, 2:8] = 1
+    masks[0, 20:30, 18:28] = 1
+    masks[2, 10:20, 10:20] = 1  # slice 1 has no foreground
+    masks[3, 5:25, 3:12] = 1
+    model.box_mode = "components"
+    with torch.no_grad():  # a random tiny decoder's logits are ~0.01: scale them to a few units so variance shows
+        model.sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].weight.mul_(300)
+    emb = model.embed(torch.rand(4, 1, 32, 32))
+    cpu, passes, p, seed = torch.device("cpu"), 5, 0.3, 1234
+
+    hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
+        lambda module, inputs, out: F.dropout2d(out, p, training=True))
+    try:
+        torch.manual_seed(seed)
+        direct = torch.stack([torch.sigmoid(prompted_logits(model, emb, masks, cpu, "components", 2)[0])
+                              for _ in range(passes)]).var(dim=0, unbiased=False).numpy()
+    finally:
+        hook.remove()
+    seen = []
+    handle = model.sam.mask_decoder.transformer.register_forward_hook(lambda mod, args, out: seen.append(1))
+    try:
+        state = torch.random.get_rng_state()
+        fast = prompted_dropout_variance(model, emb, masks, cpu, passes, p, seed, batch_size=2)
+        assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left as it was
+    finally:
+        handle.remove()
+    assert len(seen) == 2  # 4 prompts in batches of 2: the transformer ran once per batch, not per pass
+    assert direct.shape == fast.shape == (4, 32, 32) and direct.max() > 1e-3  # dropout did change the masks
+    np.testing.assert_allclose(fast, direct, atol=1e-7, rtol=1e-4)
+    assert (fast[1] == 0).all()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _evil(path):  # what a malicious checkpoint would run on load

@@ -267,3 +267,19 @@ def test_baseline_members_are_chosen_on_the_validation_split(tmp_path):
         parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arch": -1}}})
     with pytest.raises(SpecError, match=r"uncertainty\.baseline_members.*per_arc"):
         parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arc": 2}}})
+
+
+def test_prompted_members_without_baselines_can_skip_delta(tmp_path):
+    import pandas as pd
+
+    from sweeps.uncertainty import delta_members
+
+    members = pd.DataFrame({"member_id": ["cnn", "sam1", "sam2", "cnn2"],
+                            "oracle_prompt": [False, True, True, False]})
+    everyone = parse_spec({**base(tmp_path), "uncertainty": {}})
+    assert everyone.uncertainty.prompted_members == "all"
+    assert delta_members(everyone, members, {"sam1"}) == ["cnn", "sam1", "sam2", "cnn2"]
+    some = parse_spec({**base(tmp_path), "uncertainty": {"prompted_members": "with_baselines"}})
+    assert delta_members(some, members, {"sam1"}) == ["cnn", "sam1", "cnn2"]  # CNNs always, sam2 has no baselines
+    with pytest.raises(SpecError, match=r"uncertainty\.prompted_members.*'baselines'.*with_baselines"):
+        parse_spec({**base(tmp_path), "uncertainty": {"prompted_members": "baselines"}})

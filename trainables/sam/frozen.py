@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.cache import SliceCache
 from .build import build_medsam, file_sha256
 from .embeddings import ensure_embeddings
 from .modeling import MedSAM
-from .scoring import NO_BOX_LOGIT, predict_prompted, prompted_logits
+from .scoring import NO_BOX_LOGIT, predict_prompted, prompted_dropout_variance, prompted_logits
 
 
 def member_state(model: MedSAM, cfg: dict, epoch: int) -> dict:
@@ -63,22 +62,13 @@ def prompted_mc_dropout_map(model: MedSAM, cache: SliceCache, rows: np.ndarray, 
     SAM's mask decoder ends in the product of the mask token's hypernetwork output with the upscaled
     image features (``mask_decoder.output_upscaling``'s output): those features are what enters the
     final layer, as the decoder features entering an smp model's ``segmentation_head`` are, so channel
-    dropout (always on) is applied there by a forward hook (the library's module is not modified).
-    The decoder runs once per pass from the cached embeddings; prompts are the ground-truth boxes.
+    dropout (always on) is applied there (``scoring.prompted_dropout_variance``: the decoder runs once,
+    each pass is the final product). The embeddings are the cached ones; prompts are the ground-truth boxes.
     """
     embeddings, _ = ensure_embeddings(model, cache, getattr(model, "embedding_dir", None), device=device, rows=rows)
-    masks = np.asarray(cache.masks[rows])
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    hook = model.sam.mask_decoder.output_upscaling.register_forward_hook(
-        lambda module, inputs, out: F.dropout2d(out, p, training=True))
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)  # dropout draws from the global RNG; keep the run reproducible
-            probs = torch.stack([torch.sigmoid(prompted_logits(model, embeddings, masks, device, model.box_mode,
-                                                               batch_size, rows)[0]) for _ in range(passes)])
-    finally:
-        hook.remove()
-    return probs.var(dim=0, unbiased=False).numpy()
+    return prompted_dropout_variance(model, embeddings, np.asarray(cache.masks[rows]), device, passes, p, seed,
+                                     batch_size, rows)
 
 
 def predict_member_rows(model: MedSAM, cache: SliceCache, rows: np.ndarray, device: torch.device,

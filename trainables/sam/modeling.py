@@ -182,6 +182,38 @@ class MedSAM(nn.Module):
         # randomness="different": MC dropout (``mc_dropout_map``) draws a mask per sample
         return torch.func.vmap(one, randomness="different")(embeddings, sparse, dense)
 
+    def decode_parts(self, embeddings: torch.Tensor, boxes: torch.Tensor,
+                     image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of ``decode``'s output: (upscaled features ``B x C x 4h x 4w``, the single-mask
+        token's hypernetwork output ``B x C``); ``decode`` = their product over C.
+
+        Read by forward hooks on ``mask_decoder.output_upscaling`` and ``output_hypernetworks_mlps[0]``
+        (the library's modules are not modified), so that MC dropout on the upscaled features can run
+        the decoder's transformer once instead of once per pass.
+        """
+        decoder = self.sam.mask_decoder
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(module, inputs, out):
+                seen[name] = out
+            return hook
+        handles = [decoder.output_upscaling.register_forward_hook(keep("upscaled")),
+                   decoder.output_hypernetworks_mlps[0].register_forward_hook(keep("hyper"))]
+        boxes = self.transform.apply_boxes_torch(boxes.to(embeddings.device, torch.float32), image_hw)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+
+        def one(emb: torch.Tensor, sp: torch.Tensor, de: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            decoder(image_embeddings=emb[None], image_pe=image_pe, sparse_prompt_embeddings=sp[None],
+                    dense_prompt_embeddings=de[None], multimask_output=False)
+            return seen["upscaled"][0], seen["hyper"][0]
+        try:
+            return torch.func.vmap(one)(embeddings, sparse, dense)
+        finally:
+            for h in handles:
+                h.remove()
+
     def upsample(self, low_res: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Low-res logits -> logits at the slices' resolution (``Sam.postprocess_masks``)."""
         input_size = self.transform.get_preprocess_shape(image_hw[0], image_hw[1], self.img_size)

@@ -29,9 +29,7 @@ def build_pool(work: Path, archs: list[str] | None, lrs: list[float] | None) -> 
     from sweeps.spec import load_spec
     from trainables.segment import train_segmenter
 
-    os.environ["OODSWEEP_STORAGE"] = str(work)
-    os.environ["OODSWEEP_DATA"] = str(work / "data")
-    spec = load_spec(DEMO)
+    spec = load_spec(DEMO, env={**os.environ, "OODSWEEP_STORAGE": str(work), "OODSWEEP_DATA": str(work / "data")})
     d = spec.data
     cache = prepare_data(spec, progress=False)  # the demo's synthetic sites and slice cache, as a sweep builds them
     common = {"cache": str(cache), "source": d.source, "targets": list(d.targets), "num_threads": 1,

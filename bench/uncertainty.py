@@ -14,6 +14,7 @@ then fits δ for it with the demo preset's uncertainty settings, both through th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -36,11 +37,7 @@ def main() -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="oodsweep-bench-") as tmp:
         tmp = Path(tmp)
-        import os
-
-        os.environ["OODSWEEP_STORAGE"] = str(tmp)
-        os.environ["OODSWEEP_DATA"] = str(tmp / "data")
-        spec = load_spec(DEMO)
+        spec = load_spec(DEMO, env={**os.environ, "OODSWEEP_STORAGE": str(tmp), "OODSWEEP_DATA": str(tmp / "data")})
         d, u = spec.data, spec.uncertainty
         cache = prepare_data(spec, progress=False)  # the demo's synthetic sites and slice cache, as a sweep builds them
         common = {"cache": str(cache), "source": d.source, "targets": list(d.targets), "num_threads": 1,

@@ -14,16 +14,12 @@ from typing import Callable
 from trainables import records
 
 from .console import log
-# the frozen spec's functions live in sweeps.experiment; prepare_experiment and load_experiment_spec are
-# imported here too for the callers that read them from the driver (tests): temporary aliases
-from .experiment import (DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze,
-                         load_experiment_spec, prepare_experiment)
+from .experiment import DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze
 from .spec import SweepSpec
 from .tracking import Tracker
 
-__all__ = ["IncompleteError", "check_frozen", "fit_until_recorded", "load_experiment_spec", "member_set_tag",
-           "missing_records", "prepare_data", "prepare_experiment", "run_analysis_stage", "run_pool_stage",
-           "run_sweep", "run_uncertainty_stage", "tracker_for"]
+__all__ = ["IncompleteError", "fit_until_recorded", "member_set_tag", "missing_records", "prepare_data",
+           "run_analysis_stage", "run_pool_stage", "run_sweep", "run_uncertainty_stage", "tracker_for"]
 
 
 def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:

@@ -140,7 +140,7 @@ def test_garbage_member_checkpoint_message(pristine, tmp_path, capsys):
 
 
 def reconcile_spec(exp: Path):
-    from sweeps.driver import load_experiment_spec
+    from sweeps.experiment import load_experiment_spec
 
     return load_experiment_spec(exp)
 
@@ -182,7 +182,7 @@ def test_refused_first_run_leaves_nothing_blocking(tmp_path, tiny_data, capsys):
     spec is accepted with nothing to delete by hand."""
     from conftest import tiny_spec
 
-    from sweeps.driver import check_frozen
+    from sweeps.experiment import check_frozen
     from sweeps.spec import load_spec
 
     spec = tiny_spec(tmp_path / "runs", tiny_data)

@@ -200,7 +200,7 @@ def test_training_block_goes_to_the_trials(tmp_path):
 
 
 def test_resume_may_move_data_but_not_change_precision(tmp_path):
-    from sweeps.driver import prepare_experiment
+    from sweeps.experiment import prepare_experiment
 
     prepare_experiment(parse_spec(base(tmp_path)))
     # where the training data lives changes no number: allowed on a resume

@@ -8,8 +8,10 @@ target: ``id_score``, ``ood_score``) and reports:
 * **learns**: the best member of every architecture reaches ``id_bar`` on the source test split;
 * **few collapsed**: at most ``max_collapsed_share`` of the members score below ``collapse_floor`` on
   the source (they predict almost nothing);
-* **OOD ordered**: the pool's mean OOD score falls along the targets in the order given (the spec lists
-  them by growing shift severity), and every target's mean is below the source's mean.
+* **OOD ordered**: the pool's mean OOD score falls along the severity chain (the targets of growing
+  shift severity, in that order: by default all of them in the spec's order), and every target's mean
+  is below the source's mean (the targets outside the chain, e.g. the study's one-kind sites, are
+  only checked against the source).
 
 The numbers are the pool's as trained: every member, oracle-prompted ones included (they are members
 of the pool; the label-free guarantee concerns indicators, not this check).
@@ -27,9 +29,11 @@ COLLAPSE_FLOOR = 0.05
 
 
 def pool_health(performance: pd.DataFrame, targets: Sequence[str], id_bar: float = ID_BAR,
-                collapse_floor: float = COLLAPSE_FLOOR, max_collapsed_share: float = MAX_COLLAPSED_SHARE) -> dict:
+                collapse_floor: float = COLLAPSE_FLOOR, max_collapsed_share: float = MAX_COLLAPSED_SHARE,
+                chain: Sequence[str] | None = None) -> dict:
     """The pool's health checks (module doc) from ``performance`` (columns ``member_id``, ``arch``,
-    ``target``, ``id_score``, ``ood_score``); ``targets`` in the order of growing shift severity.
+    ``target``, ``id_score``, ``ood_score``); ``chain``: the targets of growing shift severity, in that
+    order (None: ``targets``, in their order); the other ``targets`` are not ordered among themselves.
 
     Returns a JSON-able dict: ``best_id`` per architecture, ``collapsed`` (member ids), ``mean_id``,
     ``mean_ood`` per target, the three verdicts ``learns``, ``few_collapsed``, ``ood_ordered``, ``ok``
@@ -42,14 +46,17 @@ def pool_health(performance: pd.DataFrame, targets: Sequence[str], id_bar: float
     by_target = performance.groupby("target")["ood_score"].mean()
     targets = [t for t in targets if t in by_target.index]
     mean_ood = {t: float(by_target[t]) for t in targets}
-    means = [mean_ood[t] for t in targets]
-    ordered = bool(targets) and all(a > b for a, b in zip(means, means[1:])) and all(m < mean_id for m in means)
+    chain = targets if chain is None else [t for t in chain if t in mean_ood]
+    falls = [mean_ood[t] for t in chain]
+    ordered = (bool(targets) and all(a > b for a, b in zip(falls, falls[1:]))
+               and all(m < mean_id for m in mean_ood.values()))
     out = {
         "n_members": int(len(members)),
         "best_id": {a: float(v) for a, v in best.items()},
         "collapsed": collapsed,
         "mean_id": mean_id,
         "mean_ood": mean_ood,
+        "chain": list(chain),
         "learns": bool(len(best)) and bool((best >= id_bar).all()),
         "few_collapsed": len(collapsed) <= max_collapsed_share * len(members),
         "ood_ordered": ordered,
@@ -67,7 +74,11 @@ def health_line(h: dict, metric: str) -> str:
     """One line for the run's final summary, e.g. ``pool health (iou_3d): best ID per architecture ...``."""
     bars = h["bars"]
     best = ", ".join(f"{a} {v:.2f}" for a, v in h["best_id"].items())
-    chain = " > ".join(f"{t} {v:.2f}" for t, v in h["mean_ood"].items())
+    order = h.get("chain", list(h["mean_ood"]))
+    chain = " > ".join(f"{t} {h['mean_ood'][t]:.2f}" for t in order)
+    others = [t for t in h["mean_ood"] if t not in order]
+    if others:
+        chain += "; not in the severity chain: " + ", ".join(f"{t} {h['mean_ood'][t]:.2f}" for t in others)
     return (f"pool health ({metric}): best ID per architecture {best} (bar >= {bars['id_bar']:.2f}: "
             f"{_mark(h['learns'])}); collapsed (ID < {bars['collapse_floor']:.2f}) {len(h['collapsed'])} of "
             f"{h['n_members']} (bar <= {bars['max_collapsed_share']:.0%}: {_mark(h['few_collapsed'])}); mean OOD "

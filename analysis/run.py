@@ -65,7 +65,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
                  degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
-                 target_order: list[str] | None = None) -> dict:
+                 target_order: list[str] | None = None, severity_chain: list[str] | None = None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -105,6 +105,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             the flagged points (rows ``members = "... (non-degenerate)"``); None: no flagging.
         missing: records the experiment's spec calls for that are missing or unreadable (the driver
             checks; ``oodsweep analyze --allow-incomplete``): listed at the top of ``tables.md``.
+        target_order: the targets in the spec's order (tables and the pool-health line follow it).
+        severity_chain: the targets of growing shift severity, in order, along which the pool's mean
+            OOD score should fall (``analysis.health``); None: all of ``target_order``.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -248,7 +251,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     targets = list(dict.fromkeys(perf["target"].astype(str)))
     # the pool's health (analysis.health), along the targets in the spec's order (growing severity)
     health = pool_health(perf, [t for t in (target_order or []) if t in targets]
-                         + [t for t in targets if t not in (target_order or [])])
+                         + [t for t in targets if t not in (target_order or [])], chain=severity_chain)
     (out / "tables.md").write_text(tables_markdown(
         experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
         available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,

@@ -277,6 +277,18 @@ def member_set_tag(row: dict) -> str:
     return "/" + re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_\-.]", "_", str(members))).strip("_")
 
 
+def severity_chain(spec: SweepSpec) -> list[str] | None:
+    """The targets of growing shift severity (the pool-health check): for synthetic sites, those that mix
+    every kind of shift (``trainables.data.synthetic``: SiteB < SiteC < SiteD), not the one-kind sites
+    (SiteE–H, each a kind of its own at about SiteC's strength); None (all targets, in the spec's order)
+    for real data."""
+    if spec.data.synthetic is None:
+        return None
+    from trainables.data.synthetic import SYNTHETIC_SITES
+
+    return [t for t in spec.data.targets if t in SYNTHETIC_SITES and SYNTHETIC_SITES[t].kind == "mixed"]
+
+
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
                        out_dir: Path | None = None, allow_incomplete: bool = False) -> dict:
     from analysis import run_analysis
@@ -295,7 +307,7 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
                           degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
-                          target_order=list(spec.data.targets))
+                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec))
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:

@@ -44,3 +44,16 @@ def test_each_check_can_fail():
     above = [("a1", "unet", 0.5, {"B": 0.9, "C": 0.4, "D": 0.3})]
     h = pool_health(_perf(above), ["B", "C", "D"])
     assert not h["ood_ordered"] and "NOT met" in health_line(h, "iou_3d")
+
+
+def test_targets_outside_the_severity_chain_are_only_checked_against_the_source():
+    # E is a one-kind site: it scores above C but is not in the chain B > C > D
+    rows = [("a1", "unet", 0.9, {"B": 0.8, "C": 0.5, "D": 0.4, "E": 0.7}),
+            ("a2", "unet", 0.8, {"B": 0.7, "C": 0.5, "D": 0.3, "E": 0.6})]
+    h = pool_health(_perf(rows), ["B", "C", "D", "E"], chain=["B", "C", "D"])
+    assert h["ood_ordered"] and h["chain"] == ["B", "C", "D"]
+    line = health_line(h, "iou_3d")
+    assert "B 0.75 > C 0.50 > D 0.35; not in the severity chain: E 0.65" in line and "NOT" not in line
+    assert not pool_health(_perf(rows), ["B", "C", "D", "E"])["ood_ordered"]  # as one chain, E breaks it
+    above = [("a1", "unet", 0.6, {"B": 0.5, "C": 0.4, "D": 0.3, "E": 0.65})]  # E above the source
+    assert not pool_health(_perf(above), ["B", "C", "D", "E"], chain=["B", "C", "D"])["ood_ordered"]

@@ -364,6 +364,15 @@ class MemberConfig(Config):
             why = why or f"they are options of the box-prompted architectures ({prompted}), not of {arch!r}"
         return super().from_dict(config, exclude, ignore_unknown, why)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict ``from_dict`` takes back (without the SAM-only keys for other architectures)."""
+        from .models import MODELS
+
+        out = super().to_dict()
+        if not MODELS[self.arch].prompted:
+            out = {k: v for k, v in out.items() if k in SamOptions.POOL_WIDE or k not in SamOptions.keys()}
+        return out
+
     @property
     def last_epoch(self) -> int:
         return max(self.snapshots)

@@ -87,7 +87,7 @@ class DataSpec:
     source: str
     targets: tuple[str, ...]
     image_size: int = 64
-    split_seed: int = 0
+    split_seed: int = MemberConfig.default("split_seed")
     test_fraction: float = 0.2
     #: share of the source's training cases held out (by case, seeded by split_seed) as the validation
     #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)

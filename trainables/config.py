@@ -159,7 +159,7 @@ class Config:
             sub = f.metadata.get("nested")
             if sub is not None and key in sub.keys():
                 return sub.default(key)
-            if f.name == key:
+            if f.name == key and sub is None:
                 if f.default is MISSING:
                     raise KeyError(f"{cls.__name__}: {key!r} is required, it has no default")
                 return f.default

@@ -114,7 +114,8 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
     image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
     return DataSpec(
         layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
-        split_seed=c.number(d.get("split_seed", default(DataSpec, "split_seed")), "data.split_seed", integer=True, nonneg=True),
+        split_seed=c.number(d.get("split_seed", default(DataSpec, "split_seed")), "data.split_seed", integer=True,
+                            nonneg=True),
         test_fraction=c.number(d.get("test_fraction", 0.2), "data.test_fraction", positive=True, maximum=0.9),
         val_fraction=c.number(d.get("val_fraction", default(DataSpec, "val_fraction")), "data.val_fraction",
                               nonneg=True, maximum=0.5),

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from trainables.accel import accel_for, place_training_data  # noqa: E402
+from trainables.config import AccelConfig  # noqa: E402
 from trainables.models import MODELS, build_model  # noqa: E402
 from trainables.segment import segmentation_loss, train_epoch  # noqa: E402
 
@@ -121,11 +122,11 @@ def loop_rate(run_epoch, data, bs: int, steps: int, device: torch.device) -> flo
 
 
 def check_arch(arch: str, device: torch.device, size: int, bs: int, steps: int, tmp: Path) -> dict:
-    cfg = {"amp": "auto", "channels_last": "auto", "data_placement": "auto"}
-    accel = accel_for(cfg, device, "gpu_check")
+    cfg = AccelConfig(amp="auto", channels_last="auto", data_placement="auto")
+    accel = accel_for(cfg, device)
     in_ch = 1
     arrays = synthetic_split(tmp / arch, steps * bs, size, in_ch)
-    data, where = place_training_data(arrays, device, cfg, "gpu_check")
+    data, where = place_training_data(arrays, device, cfg)
     model = accel.model(build_model(arch, in_channels=in_ch, classes=1, bn_momentum=0.1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     loss_fn = segmentation_loss(1)
@@ -142,11 +143,11 @@ def check_delta(device: torch.device, size: int, bs: int, steps: int, tmp: Path)
 
     from trainables.uncertainty import DeltaNet, delta_epoch
 
-    cfg = {"amp": "auto", "channels_last": "auto", "data_placement": "auto"}
-    accel = accel_for(cfg, device, "gpu_check")
+    cfg = AccelConfig(amp="auto", channels_last="auto", data_placement="auto")
+    accel = accel_for(cfg, device)
     arrays = synthetic_split(tmp / "delta", steps * bs, size)
     yhat = torch.from_numpy(np.load(arrays["y"][0]))  # a frozen member's prediction: the mask itself
-    data, where = place_training_data(arrays, device, cfg, "gpu_check", extra={"yh": yhat})
+    data, where = place_training_data(arrays, device, cfg, extra={"yh": yhat})
     nets = {"ggd": accel.model(DeltaNet(1))}
     opts = {"ggd": torch.optim.Adam(nets["ggd"].parameters(), lr=1e-4, fused=device.type == "cuda" or None)}
     loop = loop_rate(lambda perm: delta_epoch(nets, opts, data, perm, bs, accel, 1.0), data, bs, steps, device)
@@ -170,12 +171,12 @@ def parity(device: torch.device, size: int = 64, epochs: int = 6, tmp: Path | No
     out = {}
     for name, dev, amp in [("cpu_fp32", torch.device("cpu"), "off"), ("amp", device, "auto" if device.type == "cuda"
                                                                         else "bf16")]:
-        cfg = {"amp": amp, "channels_last": "auto", "data_placement": "device"}
-        accel = accel_for(cfg, dev, "gpu_check")
+        cfg = AccelConfig(amp=amp, channels_last="auto", data_placement="device")
+        accel = accel_for(cfg, dev)
         torch.manual_seed(0)
         model = accel.model(build_model("unet_r18", bn_momentum=0.1))
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        data, _ = place_training_data(arrays, dev, cfg, "gpu_check")
+        data, _ = place_training_data(arrays, dev, cfg)
         gen = torch.Generator().manual_seed(0)
         for _ in range(epochs):
             train_epoch(model, opt, segmentation_loss(1), data, torch.randperm(len(data), generator=gen), 8, accel)

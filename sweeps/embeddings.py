@@ -13,8 +13,10 @@ Ray is imported inside functions only.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from .console import log
 from .spec import SweepSpec
@@ -27,14 +29,14 @@ def prompted_archs(spec: SweepSpec) -> list[str]:
     return [a for a in spec.pool.arch.values if is_prompted(a)]
 
 
-def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, dict]:
-    """``{cache key: the config of its first architecture}``: one entry per distinct embedding cache the
-    pool's box-prompted trials read (empty when the pool has none). The key is computed without building
-    a model (``trainables.medsam.embedding_key_for``)."""
+def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
+    """``{cache key: the trainables.medsam.EmbeddingJob of its first architecture}``: one entry per distinct
+    embedding cache the pool's box-prompted trials read (empty when the pool has none). The key is computed
+    without building a model (``trainables.medsam.embedding_key_for``)."""
     archs = prompted_archs(spec)
     if not archs:
         return {}
-    from trainables.medsam import embedding_key_for
+    from trainables.medsam import EmbeddingJob, embedding_key_for
 
     from .pool import param_space
 
@@ -42,19 +44,19 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, dict]:
     # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
     fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
                                    "targets", "target_split") if k in space}
-    jobs: dict[str, dict] = {}
+    jobs: dict[str, Any] = {}
     for arch in archs:
-        cfg = {**fixed, "arch": arch}
-        jobs.setdefault(embedding_key_for(cfg), cfg)
+        job = EmbeddingJob.from_dict({**fixed, "arch": arch})
+        jobs.setdefault(embedding_key_for(job), job)
     return jobs
 
 
-def _prepare(config: dict) -> tuple[str, float]:
-    """The Ray task: ``prepare_embeddings`` on the node Ray chose; (folder, seconds)."""
+def _prepare(job) -> tuple[str, float]:
+    """The Ray task: ``prepare_embeddings`` of an ``EmbeddingJob`` on the node Ray chose; (folder, seconds)."""
     from trainables.medsam import prepare_embeddings
 
     t = time.perf_counter()
-    return str(prepare_embeddings(config)), time.perf_counter() - t
+    return str(prepare_embeddings(job)), time.perf_counter() - t
 
 
 def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
@@ -71,8 +73,8 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
 
     from . import cluster
 
-    folders = {key: embedding_folder(cfg) for key, cfg in jobs.items()}
-    todo = {key: cfg for key, cfg in jobs.items() if missing_embeddings(cfg)}
+    folders = {key: embedding_folder(job) for key, job in jobs.items()}
+    todo = {key: job for key, job in jobs.items() if missing_embeddings(job)}
     for key in set(jobs) - set(todo):
         log(f"SAM embeddings {key}: found in {folders[key].parent}")
     if todo:
@@ -80,23 +82,23 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
 
         has_gpu = cluster.capacity().get("GPU", 0) > 0
         refs = {}
-        for key, cfg in todo.items():
-            res = cluster.trial_resources(cfg["arch"], spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+        for key, job in todo.items():
+            res = cluster.trial_resources(job.arch, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
             if not res["gpu"]:  # on CPUs the encoder is the slow part and nothing else runs yet: a whole node
                 res["cpu"] = max(res["cpu"], cluster.largest_node_cpus())
-                cfg = {**cfg, "num_threads": max(1, int(res["cpu"]))}
-            log(f"SAM embeddings {key} ({cfg['arch']}): computing once, before the trials, in a Ray task "
+                job = dataclasses.replace(job, num_threads=max(1, int(res["cpu"])))
+            log(f"SAM embeddings {key} ({job.arch}): computing once, before the trials, in a Ray task "
                 f"({res['cpu']:g} CPU, {res['gpu']:g} GPU)")
             task = ray.remote(_prepare).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1,
                                                 name=f"sam-embeddings-{key}")
-            refs[key] = task.remote(cfg)
+            refs[key] = task.remote(job)
         for key, ref in refs.items():
             try:
                 folder, seconds = ray.get(ref)
             except Exception as e:  # RayTaskError wraps the task's own error: keep its last line
                 text = str(e).strip()
                 last = text.splitlines()[-1] if text else type(e).__name__
-                raise RuntimeError(f"computing the SAM embeddings {folders[key]} ({todo[key]['arch']}) failed: "
+                raise RuntimeError(f"computing the SAM embeddings {folders[key]} ({todo[key].arch}) failed: "
                                    f"{last}. Fix the cause and rerun `oodsweep run` (finished pool members are "
                                    f"kept)") from None
             if Path(folder) != folders[key]:  # trainables' key and the driver's disagree: a bug, not bad input

@@ -67,7 +67,10 @@ def _tune_param(p: Param, searching: bool):
 
 
 def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
-    """The Tune search space: arch x lr x seed (x epochs in grid mode) plus the fixed trial config."""
+    """The Tune search space: arch x lr x seed (x epochs in grid mode) plus the fixed trial config.
+
+    Its keys are checked against the trial's ``trainables.config.MemberConfig`` (every key a field, every
+    required field given), so that a renamed field fails here, at the driver, not in every trial."""
     searching = spec.search is not None
     pool = spec.pool
     space: dict[str, Any] = {
@@ -103,6 +106,9 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["snapshots"] = list(pool.epochs.values)
     else:
         space["epochs"] = _tune_param(Param("grid", pool.epochs.values), searching)
+    from trainables.config import MemberConfig
+
+    MemberConfig.check_keys(space)
     return space
 
 

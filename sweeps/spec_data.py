@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .spec_checks import Checker, resolve_path
-from .spec_schema import LAYOUT_REGISTRY, LAYOUTS, SPLITS, DataSpec, SyntheticSpec
+from .spec_schema import LAYOUT_REGISTRY, LAYOUTS, SPLITS, DataSpec, SyntheticSpec, default
 
 
 def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
@@ -114,10 +114,13 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
     image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
     return DataSpec(
         layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
-        split_seed=c.number(d.get("split_seed", 0), "data.split_seed", integer=True, nonneg=True),
+        split_seed=c.number(d.get("split_seed", default(DataSpec, "split_seed")), "data.split_seed", integer=True,
+                            nonneg=True),
         test_fraction=c.number(d.get("test_fraction", 0.2), "data.test_fraction", positive=True, maximum=0.9),
-        val_fraction=c.number(d.get("val_fraction", 0.1), "data.val_fraction", nonneg=True, maximum=0.5),
-        target_split=c.choice(d.get("target_split", "test"), "data.target_split", ("test", "all")),
+        val_fraction=c.number(d.get("val_fraction", default(DataSpec, "val_fraction")), "data.val_fraction",
+                              nonneg=True, maximum=0.5),
+        target_split=c.choice(d.get("target_split", default(DataSpec, "target_split")), "data.target_split",
+                              ("test", "all")),
         cache_dir=resolve_path(d["cache_dir"], base) if d.get("cache_dir") else None,
         skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic,
         sites=tuple(site_entries), labels=labels, window=window,

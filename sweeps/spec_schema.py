@@ -4,15 +4,21 @@
 their registries (DESIGN §2: one registry per kind of plug-in): metrics and uncertainty methods from
 ``trainables.records``, layouts from ``trainables.data.layouts``, architectures from
 ``trainables.models`` (read where they are checked); the analysis' indicators from ``analysis``
-(``sweeps.spec_sections.indicator_choices``).
+(``sweeps.spec_sections.indicator_choices``). A default the trials share (a batch size, δ's epochs, the SAM
+weights) is read from the field of the trainables' config (``trainables.config``, ``trainables.delta_config``)
+that keeps it, never written here a second time (``default``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from trainables.config import MemberConfig
 from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
+from trainables.delta_config import DeltaConfig
 from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
 
 #: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
@@ -23,18 +29,25 @@ DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 #: δ (``uncertainty.method``) is the records' first uncertainty method; the others are its baselines
 METHODS = UNCERTAINTY_METHODS[:1]
 BASELINES = UNCERTAINTY_METHODS[1:]
-#: Table 4's; ggd_yhat_only (the ablation) only when asked for
-DEFAULT_BASELINES = tuple(b for b in BASELINES if b != "ggd_yhat_only")
+#: Table 4's (δ's default, ``DeltaConfig.baselines``); ggd_yhat_only (the ablation) only when asked for
+DEFAULT_BASELINES = DeltaConfig.default("baselines")
 FIT_SPLITS = ("train", "val")
 #: ``uncertainty.prompted_members``: which box-prompted members get δ (UncertaintySpec.prompted_members)
 PROMPTED_MEMBERS = ("all", "with_baselines")
-#: Values of the ``training`` blocks (trainables.accel.ACCEL_DEFAULTS documents them).
+#: Values of the ``training`` blocks (trainables.config.AccelConfig documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
 
 
 class SpecError(ValueError):
     """An invalid sweep spec. The message names the file, the key, the value and the fix."""
+
+
+def default(spec_type: type, name: str) -> Any:
+    """The default of field ``name`` of the spec dataclass ``spec_type`` (what the parser fills in when the
+    YAML leaves the key out)."""
+    f = {f.name: f for f in dataclasses.fields(spec_type)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass(frozen=True)
@@ -74,12 +87,12 @@ class DataSpec:
     source: str
     targets: tuple[str, ...]
     image_size: int = 64
-    split_seed: int = 0
+    split_seed: int = MemberConfig.default("split_seed")
     test_fraction: float = 0.2
     #: share of the source's training cases held out (by case, seeded by split_seed) as the validation
     #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)
-    val_fraction: float = 0.1
-    target_split: str = "test"
+    val_fraction: float = MemberConfig.default("val_fraction")
+    target_split: str = MemberConfig.default("target_split")
     cache_dir: Path | None = None
     skip_bad_cases: bool = False
     synthetic: SyntheticSpec | None = None
@@ -103,8 +116,8 @@ class PoolSpec:
     lr: Param
     epochs: Epochs
     seed: Param
-    batch_size: int = 8
-    weight_decay: float = 0.0
+    batch_size: int = MemberConfig.default("batch_size")
+    weight_decay: float = MemberConfig.default("weight_decay")
     cpu: float = 1.0
     #: GPU fraction per trial; None = "auto": the architecture's share (trainables.models.ModelSpec.gpu_share)
     #: when the cluster has (or can autoscale to) GPUs, else 0
@@ -114,14 +127,14 @@ class PoolSpec:
     max_concurrent_trials: int | None = None
     max_failures: int = 1
     #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
-    sam_checkpoint: Path | None = None
+    sam_checkpoint: Path | None = MemberConfig.default("sam_checkpoint")
     #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
-    sam_sha256: str | None = None
+    sam_sha256: str | None = MemberConfig.default("sam_sha256")
     #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
     #: them at trial start: needs network, checked before launch) or a local file / directory of
     #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it
-    encoder_weights: str | Path | None = None
-    #: how the loop runs on its device (trainables.accel.ACCEL_DEFAULTS): amp, channels_last,
+    encoder_weights: str | Path | None = MemberConfig.default("encoder_weights")
+    #: how the loop runs on its device (trainables.config.AccelConfig): amp, channels_last,
     #: data_placement, loader_workers, augment; only the keys the spec sets
     training: dict = field(default_factory=dict)
 
@@ -141,21 +154,22 @@ class UncertaintySpec:
     """The δ net per pool member (paper §2.3) and the Table-4 baselines."""
 
     method: str = "ggd"
-    epochs: int = 50
-    lr: float = 1e-4
-    lam: float | tuple[float, ...] = 1.0  # λ of Eq. 5, > 0; a tuple (``{grid: [...]}``) fits δ once per value
-    beta: float = 2.0
-    learn_beta: bool = False
-    batch_size: int = 8
+    epochs: int = DeltaConfig.default("epochs")
+    lr: float = DeltaConfig.default("lr")
+    #: λ of Eq. 5, > 0; a tuple (``{grid: [...]}``) fits δ once per value
+    lam: float | tuple[float, ...] = DeltaConfig.default("lam")
+    beta: float = DeltaConfig.default("beta")
+    learn_beta: bool = DeltaConfig.default("learn_beta")
+    batch_size: int = DeltaConfig.default("batch_size")
     baselines: tuple[str, ...] = DEFAULT_BASELINES
-    passes: int = 8
+    passes: int = DeltaConfig.default("passes")
     workers: int = 1          # Ray Train workers per member (DDP when > 1)
     cpu: float = 1.0          # per Train worker
     gpu: float | None = None  # per Train worker; None = "auto" (a quarter GPU when there are GPUs)
     trial_cpu: float = 0.5    # the Tune trial that drives the Train run
     max_concurrent_trials: int | None = None
     max_failures: int = 1
-    checkpoint_every: int = 10
+    checkpoint_every: int = DeltaConfig.default("checkpoint_every")
     #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
     #: performance on the source's validation split (its test split without one; source labels only)
     baseline_members: int | None = None
@@ -169,7 +183,7 @@ class UncertaintySpec:
     #: as PoolSpec.training, without augment
     training: dict = field(default_factory=dict)
     #: the source split δ is fitted on: "train" (the paper) or "val" (needs a validation split)
-    fit_split: str = "train"
+    fit_split: str = DeltaConfig.default("fit_split")
     #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
     bayescap: dict = field(default_factory=dict)
 

@@ -11,7 +11,8 @@ from trainables.models import MODELS
 
 from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
-                          TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec)
+                          TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec,
+                          default)
 
 
 def _lam(c, raw: Any) -> float | tuple[float, ...]:
@@ -28,11 +29,14 @@ def _lam(c, raw: Any) -> float | tuple[float, ...]:
 
 
 def _bayescap(c, raw: Any) -> dict:
-    """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16)."""
+    """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16: δ's config's)."""
+    from trainables.delta_config import DeltaConfig
+
     b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
-    return {"bayescap_width": c.number(b.get("width", 64), "uncertainty.bayescap.width", integer=True, positive=True),
-            "bayescap_blocks": c.number(b.get("blocks", 16), "uncertainty.bayescap.blocks", integer=True,
-                                        nonneg=True)}
+    return {"bayescap_width": c.number(b.get("width", DeltaConfig.default("bayescap_width")),
+                                       "uncertainty.bayescap.width", integer=True, positive=True),
+            "bayescap_blocks": c.number(b.get("blocks", DeltaConfig.default("bayescap_blocks")),
+                                        "uncertainty.bayescap.blocks", integer=True, nonneg=True)}
 
 
 def _training(c, raw, key: str, augment: bool) -> dict:
@@ -183,8 +187,10 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
     mct = p.get("max_concurrent_trials")
     return PoolSpec(
         arch=arch, lr=lr, epochs=epochs, seed=seed,
-        batch_size=c.number(p.get("batch_size", 8), "pool.batch_size", integer=True, positive=True),
-        weight_decay=c.number(p.get("weight_decay", 0.0), "pool.weight_decay", nonneg=True),
+        batch_size=c.number(p.get("batch_size", default(PoolSpec, "batch_size")), "pool.batch_size", integer=True,
+                            positive=True),
+        weight_decay=c.number(p.get("weight_decay", default(PoolSpec, "weight_decay")), "pool.weight_decay",
+                              nonneg=True),
         cpu=c.number(res.get("cpu", 1), "pool.resources.cpu", positive=True),
         gpu=_gpu(c, res.get("gpu", "auto"), "pool.resources.gpu"), per_arch=per_arch,
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
@@ -231,6 +237,9 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
     if not isinstance(bl, list):
         raise c.fail("uncertainty.baselines", f"expected a list (possibly empty), got {bl!r}")
     umct = u.get("max_concurrent_trials")
+
+    def dflt(name: str) -> Any:
+        return default(UncertaintySpec, name)
     bm = u.get("baseline_members", "all")
     per_arch = isinstance(bm, dict)
     if per_arch:
@@ -240,14 +249,15 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
     uncertainty = UncertaintySpec(
         method=c.choice(u.get("method", "ggd"), "uncertainty.method", METHODS),
-        epochs=c.number(u.get("epochs", 50), "uncertainty.epochs", integer=True, positive=True),
-        lr=c.number(u.get("lr", 1e-4), "uncertainty.lr", positive=True, maximum=1.0),
-        lam=_lam(c, u.get("lam", 1.0)),
-        beta=c.number(u.get("beta", 2.0), "uncertainty.beta", positive=True),
-        learn_beta=bool(u.get("learn_beta", False)),
-        batch_size=c.number(u.get("batch_size", 8), "uncertainty.batch_size", integer=True, positive=True),
+        epochs=c.number(u.get("epochs", dflt("epochs")), "uncertainty.epochs", integer=True, positive=True),
+        lr=c.number(u.get("lr", dflt("lr")), "uncertainty.lr", positive=True, maximum=1.0),
+        lam=_lam(c, u.get("lam", dflt("lam"))),
+        beta=c.number(u.get("beta", dflt("beta")), "uncertainty.beta", positive=True),
+        learn_beta=bool(u.get("learn_beta", dflt("learn_beta"))),
+        batch_size=c.number(u.get("batch_size", dflt("batch_size")), "uncertainty.batch_size", integer=True,
+                            positive=True),
         baselines=tuple(c.choice(b, f"uncertainty.baselines[{i}]", BASELINES) for i, b in enumerate(bl)),
-        passes=c.number(u.get("passes", 8), "uncertainty.passes", integer=True, positive=True),
+        passes=c.number(u.get("passes", dflt("passes")), "uncertainty.passes", integer=True, positive=True),
         workers=c.number(u.get("workers", 1), "uncertainty.workers", integer=True, positive=True),
         cpu=c.number(ur.get("cpu", 1.0), "uncertainty.resources.cpu", positive=True),
         gpu=_gpu(c, ur.get("gpu", "auto"), "uncertainty.resources.gpu"),
@@ -255,12 +265,12 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
                                                                  integer=True, positive=True),
         max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
-        checkpoint_every=c.number(u.get("checkpoint_every", 10), "uncertainty.checkpoint_every", integer=True,
-                                  positive=True),
+        checkpoint_every=c.number(u.get("checkpoint_every", dflt("checkpoint_every")), "uncertainty.checkpoint_every",
+                                  integer=True, positive=True),
         baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,
         prompted_members=c.choice(u.get("prompted_members", "all"), "uncertainty.prompted_members",
                                   PROMPTED_MEMBERS),
-        fit_split=c.choice(u.get("fit_split", "train"), "uncertainty.fit_split", FIT_SPLITS),
+        fit_split=c.choice(u.get("fit_split", dflt("fit_split")), "uncertainty.fit_split", FIT_SPLITS),
         bayescap=_bayescap(c, u.get("bayescap")),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
     # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12

@@ -118,9 +118,18 @@ def expected_delta_members(spec: SweepSpec, pool_complete: bool) -> list[str]:
     return delta_members(spec, members, baseline_members(spec, members, slices))
 
 
+#: The keys of each member's grid point in the δ stage's space (``param_space``'s ``member``).
+MEMBER_POINT_KEYS = ("member_id", "checkpoint", "baselines")
+
+
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],
                 with_baselines: set[str]) -> dict:
+    """The δ stage's Tune space: one grid point per member (``member``, merged into the trial's config by
+    ``_trial_fn``) and the fixed config, whose keys are checked against ``trainables.delta_config.DeltaConfig``
+    (``_train`` is the trial's own: the Train run's resources and storage)."""
     from ray import tune
+
+    from trainables.delta_config import DeltaConfig
 
     from . import cluster
 
@@ -129,10 +138,10 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     # one grid point per member: its id, checkpoint and whether it also gets the baselines; the members with
     # baselines first (they take about twice as long), so that no long trial starts in the last wave
     member_ids = sorted(member_ids, key=lambda m: m not in with_baselines)
-    return {
-        "member": tune.grid_search([{"member_id": m, "checkpoint": checkpoints[m],
-                                     "baselines": list(u.baselines) if m in with_baselines else []}
-                                    for m in member_ids]),
+    points = [dict(zip(MEMBER_POINT_KEYS, (m, checkpoints[m], list(u.baselines) if m in with_baselines else [])))
+              for m in member_ids]
+    space = {
+        "member": tune.grid_search(points),
         "cache": str(cache_dir), "source": spec.data.source, "targets": list(spec.data.targets),
         "target_split": spec.data.target_split, "experiment_dir": str(spec.experiment_dir),
         "epochs": u.epochs, "lr": u.lr, "lam": list(u.lam) if isinstance(u.lam, tuple) else u.lam,
@@ -144,6 +153,8 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
+    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS))
+    return space
 
 
 def _trial_fn(config: dict) -> None:

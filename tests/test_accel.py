@@ -12,6 +12,7 @@ import torch
 
 from trainables import records
 from trainables.accel import Accel, accel_for, augment_flips, choose_placement, place_training_data
+from trainables.config import AccelConfig
 from trainables.segment import train_segmenter
 
 from helpers import member_config
@@ -32,24 +33,30 @@ def test_choose_placement_from_size_and_setting():
     assert choose_placement(1 << 20, cpu, None, "stream")[0] == "stream"
     assert choose_placement(1 << 50, cpu, None, "device")[0] == "device"
     with pytest.raises(ValueError, match="data_placement.*'gpu'"):
-        choose_placement(1, cpu, None, "gpu", who="train_segmenter")
+        choose_placement(1, cpu, None, "gpu")
 
 
 def test_amp_settings_and_errors():
     cpu = torch.device("cpu")
-    assert accel_for({}, cpu).amp is None and not accel_for({}, cpu).channels_last  # the CPU: fp32 by default
-    assert accel_for({"amp": "bf16"}, cpu).amp == torch.bfloat16
-    a = accel_for({"amp": "fp16"}, cpu)
+    default = accel_for(AccelConfig(), cpu)
+    assert default.amp is None and not default.channels_last  # the CPU: fp32 by default
+    assert accel_for(AccelConfig(amp="bf16"), cpu).amp == torch.bfloat16
+    assert accel_for(AccelConfig.from_dict({"amp": False}), cpu).amp is None  # YAML's `off` reads as false
+    a = accel_for(AccelConfig.from_dict({"amp": "fp16"}), cpu)
     assert a.amp == torch.float16 and a.scaler is not None
-    with pytest.raises(ValueError, match="train_segmenter: amp must be .* got 'fp8'"):
-        accel_for({"amp": "fp8"}, cpu, "train_segmenter")
-    with pytest.raises(ValueError, match="channels_last must be"):
-        accel_for({"channels_last": "yes"}, cpu)
+    with pytest.raises(ValueError, match="AccelConfig: amp must be 'auto', 'bf16', 'fp16' or 'off', got 'fp8'"):
+        AccelConfig.from_dict({"amp": "fp8"})
+    with pytest.raises(ValueError, match="AccelConfig: channels_last must be 'auto', true or false, got 'yes'"):
+        AccelConfig(channels_last="yes")
+    # the pool trial's dict names the same key and value
+    with pytest.raises(ValueError, match="AccelConfig: amp must be .* got 'fp8'"):
+        train_segmenter({"arch": "unet_r18", "lr": 1e-3, "seed": 0, "cache": "c", "source": "A", "targets": [],
+                         "experiment_dir": "e", "epochs": 1, "amp": "fp8"})
 
 
 def test_fp16_step_goes_through_the_grad_scaler():
     torch.manual_seed(0)
-    a = accel_for({"amp": "fp16"}, torch.device("cpu"))
+    a = accel_for(AccelConfig(amp="fp16"), torch.device("cpu"))
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
@@ -158,14 +165,14 @@ def test_loops_do_not_synchronise_per_step(tiny_cache):
     rows = cache.rows("SiteA", "train")
     arrays = {"x": (str(cache.path / "images.npy"), rows), "y": (str(cache.path / "masks.npy"), rows)}
     a = Accel(torch.device("cpu"), None, False)
-    data, _ = place_training_data(arrays, a.device, {}, "test")
+    data, _ = place_training_data(arrays, a.device, AccelConfig())
     model = build_model("unet_r18")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     perm = torch.randperm(len(data))
     with _SyncCounter() as counter:
         loss_sum, steps = train_epoch(model, opt, segmentation_loss(1), data, perm, 4, a)
     assert steps == len(data) // 4 and counter.calls == []
-    ddata, _ = place_training_data(arrays, a.device, {}, "test",
+    ddata, _ = place_training_data(arrays, a.device, AccelConfig(),
                                    extra={"yh": torch.from_numpy(np.asarray(cache.masks[rows]))})
     nets = {"ggd": DeltaNet(1, width=4)}
     with _SyncCounter() as counter:
@@ -212,7 +219,7 @@ def test_streamed_batches_carry_in_memory_extras(tiny_cache):
     got = {}
     for where, workers in (("device", 0), ("stream", 1)):
         data, _ = place_training_data(arrays, torch.device("cpu"),
-                                      {"data_placement": where, "loader_workers": workers}, "test", extra={"yh": yh})
+                                      AccelConfig(data_placement=where, loader_workers=workers), extra={"yh": yh})
         got[where] = list(data.batches(perm, 5))
     assert len(got["device"]) == len(got["stream"]) == len(rows) // 5 + (len(rows) % 5 >= 2)
     for a, b in zip(got["device"], got["stream"]):

@@ -11,8 +11,8 @@ import pytest
 
 from trainables import records
 from trainables.data.cache import open_slice_cache
-from trainables.medsam import (LITE_SHA256, build_member_model, embedding_key, embedding_key_for, encoder_runs,
-                               encoder_source, prepare_embeddings)
+from trainables.medsam import (LITE_SHA256, SamOptions, build_member_model, embedding_key, embedding_key_for,
+                               encoder_runs, encoder_source, prepare_embeddings)
 
 
 def _cfg(cache: Path, emb: Path, **kw) -> dict:
@@ -23,8 +23,7 @@ def test_embedding_key_for_a_config_is_the_built_models(tiny_cache, tmp_path):
     cache = open_slice_cache(tiny_cache)
     cfg = _cfg(tiny_cache, tmp_path / "emb")
     with pytest.warns(UserWarning, match="RANDOMLY"):
-        model = build_member_model({"sam_checkpoint": None, "sam_sha256": None, "sam_init_seed": 0, "seed": 5, **cfg},
-                                   in_channels=1)
+        model = build_member_model("medsam_tiny", SamOptions(), seed=5, in_channels=1)
     # the driver's key (no model built) is the one the trial's model gives; the trial's seed does not enter it
     assert embedding_key_for(cfg) == embedding_key(model, cache) and embedding_key_for(cfg).startswith("tiny-64-")
     assert embedding_key_for({**cfg, "sam_init_seed": 1}) != embedding_key_for(cfg)  # another random encoder
@@ -79,7 +78,8 @@ def test_pre_stage_only_for_pools_with_a_prompted_arch(tiny_data, tiny_cache, tm
     mixed = parse_spec(raw)
     jobs = embedding_jobs(mixed, tiny_cache)  # 2 lrs x 2 seeds of medsam_tiny: one cache key, one task
     assert list(jobs) == [embedding_key_for({"arch": "medsam_tiny", "cache": str(tiny_cache)})]
-    assert jobs[next(iter(jobs))]["arch"] == "medsam_tiny"
+    job = jobs[next(iter(jobs))]
+    assert job.arch == "medsam_tiny" and job.source == "SiteA" and job.targets == ("SiteB",)
     assert param_space(mixed, tiny_cache)["embeddings_ready"] is True
     # once the cache is on the storage, the driver finds it: no task (Ray is not even needed)
     cache = Path(shutil.copytree(tiny_cache, tmp_path / "caches" / tiny_cache.name))

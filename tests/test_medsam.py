@@ -293,10 +293,10 @@ def test_embedding_cache_embeds_only_the_rows_a_sweep_reads_and_extends_in_place
     cache = open_slice_cache(tiny_cache)
     model, root = _tiny(seed=0), tmp_path / "emb"
     cfg = {"source": "SiteA", "targets": ["SiteB"], "target_split": "test"}
-    rows = sweep_rows(cache, cfg)  # the source's every split and SiteB's test split
+    rows = sweep_rows(cache, **cfg)  # the source's every split and SiteB's test split
     assert set(cache.index.iloc[rows]["site"]) == {"SiteA", "SiteB"}
     assert set(cache.index.iloc[rows][cache.index.iloc[rows]["site"] == "SiteB"]["split"]) == {"test"}
-    assert sweep_rows(cache, {}) is None
+    assert sweep_rows(cache, None) is None
     fg = foreground_rows(cache)
     need = np.intersect1d(fg, rows)
     emb, computed = ensure_embeddings(model, cache, root, progress=False, rows=rows)
@@ -333,7 +333,7 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_ru
 
     cache = open_slice_cache(tiny_cache)
     slices = pd.read_parquet(records.records_dir(exp) / "parts" / f"{members[-1]['member_id']}.slices.parquet")
-    n_val = len(train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})[1])  # the validation split
+    n_val = len(train_val_rows(cache, "SiteA", 0.1)[1])  # the validation split
     n_eval = (len(cache.rows("SiteA", "test")) + len(cache.rows("SiteB", "test")) + len(cache.rows("SiteC", "test"))
               + n_val)
     assert n_val > 0 and (slices["role"] == "val").sum() == n_val
@@ -343,7 +343,7 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_ru
     assert empty.any() and (slices.loc[empty, "n_boxes"] == 0).all() and (slices.loc[~empty, "n_boxes"] >= 1).all()
     assert (slices.loc[empty, "fp"] == 0).all()  # no box, predicted empty
     assert members[-1]["unprompted_slices"] == int(empty.sum())
-    train_masks = np.asarray(cache.masks[train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})[0]])
+    train_masks = np.asarray(cache.masks[train_val_rows(cache, "SiteA", 0.1)[0]])
     assert members[-1]["skipped_train_slices"] == int((train_masks.reshape(len(train_masks), -1).max(1) == 0).sum())
 
     # the member reloads (decoder from its checkpoint, frozen encoder rebuilt from its seed)

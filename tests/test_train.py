@@ -54,7 +54,7 @@ def test_train_writes_members_and_records(tiny_cache, tiny_member, tmp_path):
     assert set(slices["role"]) == {"id", "ood", "val"}
     # the validation cases: carved from the source's training cases, never trained on, scored every epoch
     cache = open_slice_cache(tiny_cache)
-    train, val = train_val_rows(cache, {"source": "SiteA", "val_fraction": 0.1})
+    train, val = train_val_rows(cache, "SiteA", 0.1)
     val_cases = set(slices.loc[slices.role == "val", "case_id"])
     assert val_cases == set(cache.index["case_id"].to_numpy()[val]) and len(val_cases) >= 1
     assert not val_cases & set(cache.index["case_id"].to_numpy()[train])

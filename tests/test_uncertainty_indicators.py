@@ -145,13 +145,17 @@ def test_compact_optimizer_state_halves_the_moments_and_loads_back_as_fp32():
 def test_fit_split_uses_the_pools_train_and_validation_cases(tiny_cache):
     from trainables.data.cache import open_slice_cache
     from trainables.segment import train_val_rows
-    from trainables.uncertainty import fit_rows
+    from trainables.uncertainty import DeltaConfig, fit_rows
 
     cache = open_slice_cache(tiny_cache)
-    cfg = {"source": "SiteA", "val_fraction": 0.34, "split_seed": 0, "holdout": 0.0, "seed": 0}
-    train, val = train_val_rows(cache, cfg)
+    cfg = {"member_id": "m", "checkpoint": "m.pt", "cache": str(tiny_cache), "source": "SiteA", "targets": [],
+           "experiment_dir": "exp", "val_fraction": 0.34, "split_seed": 0, "holdout": 0.0, "seed": 0}
+    train, val = train_val_rows(cache, "SiteA", 0.34, 0)
     assert len(train) and len(val) and not set(train) & set(val)
-    assert np.array_equal(fit_rows(cache, {**cfg, "fit_split": "train"})[0], train)  # the member's own data
-    assert np.array_equal(fit_rows(cache, {**cfg, "fit_split": "val"})[0], val)
+
+    def rows(**kw):
+        return fit_rows(cache, DeltaConfig.from_dict({**cfg, **kw}))
+    assert np.array_equal(rows(fit_split="train")[0], train)  # the member's own data
+    assert np.array_equal(rows(fit_split="val")[0], val)
     with pytest.raises(ValueError, match=r"fit_split: 'val'.*data.val_fraction"):
-        fit_rows(cache, {**cfg, "val_fraction": 0.0, "fit_split": "val"})
+        rows(val_fraction=0.0, fit_split="val")

@@ -14,6 +14,9 @@ Both training loops (``segment.train_segmenter`` and ``uncertainty.fit_uncertain
   trial's share of the device (LiTS). ``choose_placement`` decides from the split's size and the
   trial's GPU share (``gpu_share``) and says why; ``data_placement`` in the config forces either.
 
+The settings are an ``AccelConfig`` (``trainables.config``: its fields document the choices and keep the
+defaults), a field of the pool member's and δ's configs.
+
 Nothing here synchronises with the device per step: losses are summed on the device and read once
 per epoch.
 """
@@ -27,16 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-#: Config keys (with defaults) both training loops take; see ``accel_for`` and ``choose_placement``.
-ACCEL_DEFAULTS: dict[str, Any] = {
-    "amp": "auto",             # "auto" (bf16 on CUDA, fp16 + scaler where bf16 is missing; none on CPU),
-                               # "bf16", "fp16", "off" (true/false: "auto"/"off")
-    "channels_last": "auto",   # "auto" (on CUDA), true, false
-    "data_placement": "auto",  # "auto", "device" (whole split in device memory), "stream" (DataLoader)
-    "loader_workers": "auto",  # stream mode: DataLoader worker processes ("auto": 2 with a GPU, else 0)
-    "gpu_share": None,         # the trial's GPU fraction (the sweeps pass it); None: the whole device
-    "augment": "none",         # "none" or "flip": random horizontal/vertical flips, on the batch's device
-}
+from .config import AccelConfig
 
 #: ``device`` placement uses at most this fraction of the trial's share of device memory (the
 #: model, activations and optimizer state need the rest), and at most this fraction of the free
@@ -97,8 +91,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype(setting: Any, device: torch.device, who: str = "config") -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (see ``ACCEL_DEFAULTS``) on ``device``."""
+def amp_dtype(setting: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (see ``AccelConfig.amp``) on ``device``."""
     if setting is True:
         setting = "auto"
     if setting is False or setting == "off":
@@ -111,15 +105,13 @@ def amp_dtype(setting: Any, device: torch.device, who: str = "config") -> torch.
         return torch.bfloat16
     if setting == "fp16":
         return torch.float16
-    raise ValueError(f"{who}: amp must be 'auto', 'bf16', 'fp16' or 'off', got {setting!r}")
+    raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {setting!r}")
 
 
-def accel_for(cfg: dict, device: torch.device, who: str = "config") -> Accel:
-    """The ``Accel`` for a resolved config (keys of ``ACCEL_DEFAULTS``) on ``device``."""
-    amp = amp_dtype(cfg.get("amp", "auto"), device, who)
-    cl = cfg.get("channels_last", "auto")
-    if cl not in ("auto", True, False):
-        raise ValueError(f"{who}: channels_last must be 'auto', true or false, got {cl!r}")
+def accel_for(settings: AccelConfig, device: torch.device) -> Accel:
+    """The ``Accel`` for ``settings`` (checked when the ``AccelConfig`` was built) on ``device``."""
+    amp = amp_dtype(settings.amp, device)
+    cl = settings.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -141,11 +133,11 @@ def _free_ram() -> int:
     return 4 << 30
 
 
-def choose_placement(nbytes: int, device: torch.device, gpu_share: float | None, setting: str = "auto",
-                     who: str = "config") -> tuple[str, str]:
+def choose_placement(nbytes: int, device: torch.device, gpu_share: float | None,
+                     setting: str = "auto") -> tuple[str, str]:
     """("device" | "stream", why) for a training split of ``nbytes`` on ``device``."""
     if setting not in ("auto", "device", "stream"):
-        raise ValueError(f"{who}: data_placement must be 'auto', 'device' or 'stream', got {setting!r}")
+        raise ValueError(f"data_placement must be 'auto', 'device' or 'stream', got {setting!r}")
     size = f"{nbytes / 2**20:.1f} MiB"
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -236,9 +228,10 @@ class TrainData:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
-def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch.device, cfg: dict,
-                        who: str, extra: dict[str, torch.Tensor] | None = None) -> tuple[TrainData, str]:
-    """Place a training split: ``arrays`` name -> (``.npy`` path of the memory-mapped cache array, rows).
+def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch.device, settings: AccelConfig,
+                        extra: dict[str, torch.Tensor] | None = None) -> tuple[TrainData, str]:
+    """Place a training split: ``arrays`` name -> (``.npy`` path of the memory-mapped cache array, rows),
+    as ``settings`` (``data_placement``, ``gpu_share``, ``loader_workers``) and the split's size say.
 
     ``extra``: tensors already in memory (e.g. the frozen member's predictions for δ), indexed like
     the rows; they follow the placement. Returns the data and a line saying where and why.
@@ -246,14 +239,14 @@ def place_training_data(arrays: dict[str, tuple[str, np.ndarray]], device: torch
     mm = {k: np.load(p, mmap_mode="r") for k, (p, _) in arrays.items()}
     nbytes = sum(int(mm[k][:1].nbytes) * len(rows) for k, (_, rows) in arrays.items())
     nbytes += sum(int(t.nbytes) for t in (extra or {}).values())
-    placement, why = choose_placement(nbytes, device, cfg.get("gpu_share"), cfg.get("data_placement", "auto"), who)
+    placement, why = choose_placement(nbytes, device, settings.gpu_share, settings.data_placement)
     n = len(next(iter(arrays.values()))[1])
     if placement == "device":
         tensors = {k: torch.from_numpy(np.asarray(mm[k][rows])).to(device) for k, (_, rows) in arrays.items()}
         tensors.update({k: t.to(device) for k, t in (extra or {}).items()})
         return TrainData(tensors, "device", device, n=n, nbytes=nbytes), f"training data on {device} ({why})"
-    workers = cfg.get("loader_workers", "auto")
-    workers = (2 if device.type == "cuda" else 0) if workers == "auto" else int(workers)
+    workers = settings.loader_workers
+    workers = (2 if device.type == "cuda" else 0) if workers == "auto" else workers
     ds = _Rows({k: (str(p), np.asarray(rows)) for k, (p, rows) in arrays.items()},
                {k: t.cpu() for k, t in (extra or {}).items()})
     sampler = _EpochBatches()  # the loop sets each epoch's batches on it; workers read them in order

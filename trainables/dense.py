@@ -2,8 +2,8 @@
 
 ``train_dense(config, report)`` is ``trainables.segment.train_segmenter`` for the architectures whose
 registry entry says ``loop="dense"``: Adam on MONAI's Dice + cross-entropy, through ``Accel``
-(precision, memory format, data placement). What it shares with the prompted loop (config, splits,
-member records, reports) is ``trainables.member``'s.
+(precision, memory format, data placement). It takes a ``MemberConfig`` (``trainables.config``); what it
+shares with the prompted loop (splits, member records, reports) is ``trainables.member``'s.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 
 from . import records
 from .accel import Accel, accel_for, augment_flips, choose_placement, place_training_data, resolve_device
+from .config import MemberConfig
 from .data.cache import SliceCache, open_slice_cache
-from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, resolve_config, restore_state,
-                     summarize, train_val_rows, val_set)
+from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, restore_state, summarize,
+                     train_val_rows, val_set)
 from .metrics import confusion_counts
 from .models import build_model
 from .runner import run_epochs
@@ -120,10 +121,10 @@ def evaluate(model: torch.nn.Module, cache: SliceCache, data: EvalData, device: 
 
 
 
-def training_state(model, opt, epoch: int, cfg: dict, accel: Accel | None = None) -> dict:
+def training_state(model, opt, epoch: int, cfg: MemberConfig, accel: Accel | None = None) -> dict:
     """The dense run's resumable state (``member.save_state`` writes it)."""
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-            "arch": cfg["arch"], "in_channels": model_in_channels(model),
+            "arch": cfg.arch, "in_channels": model_in_channels(model),
             **(accel.scaler_state() if accel is not None else {})}
 
 
@@ -158,60 +159,60 @@ def segmentation_loss(n_labels: int) -> Callable[[torch.Tensor, torch.Tensor], t
     return loss
 
 
-def train_dense(config: dict, report: ReportFn | None = None) -> list[dict]:
+def train_dense(config: MemberConfig | dict, report: ReportFn | None = None) -> list[dict]:
     """Train one dense run; write a pool member at each snapshot epoch; return the member records.
 
     Args:
-        config: see ``trainables.member.REQUIRED`` and ``DEFAULTS``. ``cache`` is a slice-cache folder,
-            ``source`` and ``targets`` are site names in it, ``experiment_dir`` an absolute path.
+        config: the run's ``MemberConfig`` (a dict is converted with ``MemberConfig.from_dict``). ``cache``
+            is a slice-cache folder, ``source`` and ``targets`` are site names in it, ``experiment_dir`` an
+            absolute path.
         report: called after every epoch with the epoch's metrics and, at snapshot epochs, a folder
             holding the resumable training state (None at other epochs).
 
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).
     """
-    loop = DenseLoop(resolve_config(config))
-    run_epochs(loop, loop.epochs, loop.exp, report, loop.cfg["resume_from"], ("pool", loop.run_id))
+    loop = DenseLoop(config if isinstance(config, MemberConfig) else MemberConfig.from_dict(config))
+    run_epochs(loop, loop.epochs, loop.exp, report, loop.cfg.resume_from, ("pool", loop.run_id))
     return loop.members
 
 
 class DenseLoop(PoolRun):
     """The dense run as a ``trainables.runner.EpochLoop``: Adam on ``segmentation_loss`` through ``Accel``."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: MemberConfig):
         super().__init__(cfg)
-        if cfg["num_threads"]:
-            torch.set_num_threads(int(cfg["num_threads"]))
-        self.device = device = resolve_device(cfg["device"])
-        self.accel = accel = accel_for(cfg, device, "train_segmenter")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = device = resolve_device(cfg.device)
+        self.accel = accel = accel_for(cfg.accel, device)
         torch.manual_seed(self.seed)  # the model's initialisation
         self.rng = torch.Generator().manual_seed(self.seed)  # the shuffling stream
-        self.cache = cache = open_slice_cache(cfg["cache"])
-        train_rows = train_val_rows(cache, cfg)[0]
+        self.cache = cache = open_slice_cache(cfg.cache)
+        train_rows = train_val_rows(cache, cfg.source, cfg.val_fraction, cfg.split_seed)[0]
         # The training split (float16 images, uint8 masks as cached) is held in the device's memory when
         # it fits the trial's share, else streamed from the memmap by a DataLoader (trainables.accel).
         self.data, where = place_training_data({"x": (str(cache.path / "images.npy"), train_rows),
-                                                "y": (str(cache.path / "masks.npy"), train_rows)}, device, cfg,
-                                               "train_segmenter")
+                                                "y": (str(cache.path / "masks.npy"), train_rows)}, device,
+                                               cfg.accel)
         in_channels, n_labels = int(cache.images.shape[1]), len(cache.labels)
         self.sets = sets = eval_sets(cache, cfg) + val_set(cache, cfg)
         # the eval sets join the training split in device memory when both fit the same budget
         eval_rows = sum(len(rows) for _, _, rows in sets)
         eval_bytes = eval_rows * (cache.images[:1].nbytes + cache.masks[:1].nbytes)
         resident = self.data.placement == "device" and choose_placement(
-            self.data.nbytes + eval_bytes, device, cfg["gpu_share"], cfg["data_placement"],
-            "train_segmenter")[0] == "device"
+            self.data.nbytes + eval_bytes, device, cfg.accel.gpu_share, cfg.accel.data_placement)[0] == "device"
         self.evald = EvalData(cache, sets, device, resident=resident)
         between = epoch_sets(cfg, sets, 0)  # the sets scored between snapshots (epoch 0 is never a snapshot)
         self.evald_between = self.evald if between is sets else EvalData(cache, between, device, resident=resident)
         where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
         print(f"[{self.run_id}] {accel.describe()}; {where}", flush=True)
 
-        self.model = accel.model(build_model(cfg["arch"], in_channels=in_channels, classes=n_labels,
-                                             encoder_weights=cfg["encoder_weights"], bn_momentum=cfg["bn_momentum"]))
+        self.model = accel.model(build_model(cfg.arch, in_channels=in_channels, classes=n_labels,
+                                             encoder_weights=cfg.encoder_weights, bn_momentum=cfg.bn_momentum))
         self.loss_fn = segmentation_loss(n_labels)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]),
-                                    weight_decay=float(cfg["weight_decay"]), fused=device.type == "cuda" or None)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    fused=device.type == "cuda" or None)
 
     def load_state(self, state: dict) -> int:
         return restore_state(self.model, self.opt, self.accel, state)
@@ -223,14 +224,14 @@ class DenseLoop(PoolRun):
         self._t0 = time.perf_counter()
         augment = _augmenter(self.cfg, self.device, epoch)
         loss_sum, n_steps = train_epoch(self.model, self.opt, self.loss_fn, self.data, perm,
-                                        int(self.cfg["batch_size"]), self.accel, augment)
+                                        self.cfg.batch_size, self.accel, augment)
         train_loss = float(loss_sum) / max(n_steps, 1)  # the epoch's one host synchronisation
         return {"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - self._t0}
 
     def score(self, epoch: int, metrics: dict) -> dict:
         snapshot = self.is_snapshot(epoch)
         slices, preds = evaluate(self.model, self.cache, self.evald if snapshot else self.evald_between, self.device,
-                                 int(self.cfg["eval_batch_size"]), self.accel, keep_preds=snapshot)
+                                 self.cfg.eval_batch_size, self.accel, keep_preds=snapshot)
         metrics = {**metrics, **summarize(slices),
                    "eval_seconds": time.perf_counter() - self._t0 - metrics["train_seconds"]}
         if snapshot:
@@ -241,14 +242,12 @@ class DenseLoop(PoolRun):
         return training_state(self.model, self.opt, epoch, self.cfg, self.accel)
 
 
-def _augmenter(cfg: dict, device: torch.device, epoch: int):
+def _augmenter(cfg: MemberConfig, device: torch.device, epoch: int):
     """The epoch's batch augmentation (None: none), drawn on ``device`` from a (seed, epoch) generator
-    so that a resumed run augments exactly as an uninterrupted one."""
-    if cfg["augment"] in (None, "none", False):
+    so that a resumed run augments exactly as an uninterrupted one. ``MemberConfig`` checked ``augment``."""
+    if cfg.augment == "none":
         return None
-    if cfg["augment"] != "flip":
-        raise ValueError(f"train_segmenter: augment must be 'none' or 'flip', got {cfg['augment']!r}")
-    gen = torch.Generator(device=device).manual_seed(int(cfg["seed"]) * 100_003 + epoch)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
     return lambda batch: augment_flips(batch, gen, ("x", "y"))
 
 

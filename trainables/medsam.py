@@ -16,7 +16,7 @@ from .sam.frozen import (load_medsam_member, member_state, oracle_forward, predi
 from .sam.loop import decoder_step, train_medsam
 from .sam.modeling import (LITE, LITE_IMG_SIZE, LITE_PIXEL_MEAN, LITE_PIXEL_STD, LITE_SHA256, PIXEL_MEAN, PIXEL_STD,
                            SAM_VARIANTS, MedSAM, build_sam, encoder_key)
-from .sam.options import MEDSAM_DEFAULTS, amp_dtype, build_member_model
+from .sam.options import EmbeddingJob, SamOptions, amp_dtype, build_member_model
 from .sam.prompts import jitter_boxes, mask_boxes, slice_prompts
 from .sam.scoring import NO_BOX_LOGIT, evaluate_prompted, predict_prompted, prompted_logits
 
@@ -30,7 +30,7 @@ __all__ = [
     "decoder_step", "train_medsam",
     "LITE", "LITE_IMG_SIZE", "LITE_PIXEL_MEAN", "LITE_PIXEL_STD", "LITE_SHA256", "PIXEL_MEAN", "PIXEL_STD",
     "SAM_VARIANTS", "MedSAM", "build_sam", "encoder_key",
-    "MEDSAM_DEFAULTS", "amp_dtype", "build_member_model",
+    "EmbeddingJob", "SamOptions", "amp_dtype", "build_member_model",
     "jitter_boxes", "mask_boxes", "slice_prompts",
     "NO_BOX_LOGIT", "evaluate_prompted", "predict_prompted", "prompted_logits",
 ]

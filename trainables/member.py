@@ -1,8 +1,8 @@
 """The pool-member contract (DESIGN §3): what every training loop of the pool shares.
 
 A training *run* (``run_name``) trains one configuration to ``max(snapshots)`` epochs and freezes a
-pool *member* (``member_id``) at each snapshot epoch. This module owns the pool trial's config
-(``REQUIRED``, ``DEFAULTS``, ``resolve_config``), the splits a run reads (``train_val_rows``,
+pool *member* (``member_id``) at each snapshot epoch. This module owns the pool-member contract around the
+trial's config (``MemberConfig``, defined in ``trainables.config``), the splits a run reads (``train_val_rows``,
 ``eval_sets``, ``val_set``, ``epoch_sets``), the per-epoch summary (``summarize``), the report
 (``end_epoch``), writing a member (``write_member``: its checkpoint, predictions and records) and the
 resumable training state (``save_state`` / ``load_state``). The dense loop (``trainables.dense``) and
@@ -13,40 +13,19 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import records
-from .accel import ACCEL_DEFAULTS
+from .config import MemberConfig
 from .data.cache import SliceCache
 from .models import get_model_spec
 
-#: Keys a config must have; the rest have defaults (see ``DEFAULTS``).
-REQUIRED = ("arch", "lr", "seed", "cache", "source", "targets", "experiment_dir")
-DEFAULTS: dict[str, Any] = {
-    "epochs": None,          # int: train this many epochs, one member at the end
-    "snapshots": None,       # list[int]: train to max(snapshots), one member at each
-    "batch_size": 8,
-    "eval_batch_size": 64,
-    "target_split": "test",  # which split of each target site to score: "test" or "all"
-    "val_fraction": 0.1,     # share of the source's training cases held out as the validation split (by case)
-    "split_seed": 0,         # seeds the choice of the validation cases
-    "weight_decay": 0.0,
-    "num_threads": None,     # torch CPU threads (None: leave torch's default)
-    "device": "auto",
-    "encoder_weights": None,
-    "bn_momentum": 0.1,      # see trainables.models.build_model; None keeps each encoder's own
-    "resume_from": None,     # a checkpoint folder written by this function (Tune restarts)
-    "sam_checkpoint": None,  # SAM weights for box-prompted archs (trainables.sam); others ignore it
-    "sam_sha256": None,      # the sha256 sam_checkpoint must have (checked before loading); others ignore it
-    "embeddings_ready": False,  # True: the driver computed the SAM embeddings, trials only read; others ignore it
-    "eval_every_epoch": False,  # False: between snapshots score only the validation split (see epoch_sets)
-    "verbose": False,
-    **ACCEL_DEFAULTS,        # amp, channels_last, data placement, augmentation: trainables.accel
-}
+if TYPE_CHECKING:
+    from .delta_config import DeltaConfig
 
 ReportFn = Callable[[dict, "str | None"], None]
 #: The resumable training state's file in a reported checkpoint folder.
@@ -62,9 +41,9 @@ def run_name(arch: str, lr: float, seed: int, last_epoch: int) -> str:
     return f"{arch}-lr{lr:.6g}-s{seed}-E{last_epoch}"
 
 
-def end_epoch(cfg: dict, run_id: str, metrics: dict, report: ReportFn | None, ckpt_dir: str | None) -> None:
+def end_epoch(cfg: MemberConfig, run_id: str, metrics: dict, report: ReportFn | None, ckpt_dir: str | None) -> None:
     """Print the epoch's line (``verbose``) and hand its metrics and checkpoint folder to the reporter."""
-    if cfg["verbose"]:
+    if cfg.verbose:
         print_epoch(run_id, metrics)
     if report is not None:
         report(metrics, ckpt_dir)
@@ -77,34 +56,9 @@ def print_epoch(run_id: str, metrics: dict) -> None:
     print(f"[{run_id}] epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f} {scores}")
 
 
-def with_defaults(config: dict, required: tuple[str, ...], defaults: dict, who: str) -> dict:
-    """``config`` over ``defaults``; a missing required key or an unknown key is a KeyError naming it."""
-    missing = [k for k in required if k not in config]
-    if missing:
-        raise KeyError(f"{who} config lacks {missing}; required keys: {list(required)}")
-    unknown = sorted(set(config) - set(required) - set(defaults))
-    if unknown:
-        raise KeyError(f"{who} config has unknown keys {unknown}; valid keys: {sorted(set(required) | set(defaults))}")
-    return {**defaults, **config}
-
-
-def resolve_config(config: dict, defaults: dict | None = None, who: str = "train_segmenter") -> dict:
-    """A pool trial's config over ``DEFAULTS`` (or ``defaults``, a superset), checked: sorted unique
-    ``snapshots`` (``epochs`` alone: one snapshot), a known ``target_split`` and architecture."""
-    cfg = with_defaults(config, REQUIRED, DEFAULTS if defaults is None else defaults, who)
-    snaps = cfg["snapshots"] if cfg["snapshots"] is not None else [cfg["epochs"]]
-    if not snaps or any(s is None or int(s) < 1 for s in snaps):
-        raise ValueError(f"epochs/snapshots must be positive integers, got epochs={cfg['epochs']!r} "
-                         f"snapshots={cfg['snapshots']!r}")
-    cfg["snapshots"] = sorted({int(s) for s in snaps})
-    if cfg["target_split"] not in ("test", "all"):
-        raise ValueError(f"target_split must be 'test' or 'all', got {cfg['target_split']!r}")
-    get_model_spec(cfg["arch"])  # fail early on an unknown architecture
-    return cfg
-
-
-def train_val_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The source's training rows split by case into (train, validation) rows.
+def train_val_rows(cache: SliceCache, source: str, val_fraction: float,
+                   split_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``source``'s training rows split by case into (train, validation) rows.
 
     ``val_fraction`` of the training cases (rounded; at least one when the fraction is positive and
     the source has three or more training cases; never all of them), drawn with ``split_seed``. The
@@ -112,8 +66,8 @@ def train_val_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray
     trained on and never reported as a result. Computed here rather than in the slice cache so that
     the cache (shared by experiments with other fractions) keeps the dataset's train/test split.
     """
-    rows = cache.rows(cfg["source"], "train")
-    frac = float(cfg.get("val_fraction") or 0.0)
+    rows = cache.rows(source, "train")
+    frac = val_fraction or 0.0
     cases = cache.index["case_id"].to_numpy()[rows].astype(str)
     uniq = np.unique(cases)
     n_val = int(round(frac * len(uniq)))
@@ -122,32 +76,32 @@ def train_val_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray
     n_val = min(n_val, len(uniq) - 1)
     if n_val <= 0:
         return rows, rows[:0]
-    val_cases = np.random.default_rng(int(cfg.get("split_seed") or 0)).permutation(uniq)[:n_val]
+    val_cases = np.random.default_rng(split_seed or 0).permutation(uniq)[:n_val]
     is_val = np.isin(cases, val_cases)
     return rows[~is_val], rows[is_val]
 
 
-def val_set(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
+def val_set(cache: SliceCache, cfg: MemberConfig) -> list[tuple[str, str, np.ndarray]]:
     """``[(source, "val", rows)]`` for the validation split (empty when there is none)."""
-    val_rows = train_val_rows(cache, cfg)[1]
-    return [(cfg["source"], "val", val_rows)] if len(val_rows) else []
+    val_rows = train_val_rows(cache, cfg.source, cfg.val_fraction, cfg.split_seed)[1]
+    return [(cfg.source, "val", val_rows)] if len(val_rows) else []
 
 
-def epoch_sets(cfg: dict, sets: list, epoch: int) -> list:
+def epoch_sets(cfg: MemberConfig, sets: list, epoch: int) -> list:
     """The eval sets scored at ``epoch``: all of them at a snapshot epoch (or with ``eval_every_epoch``), only
     the validation split in between, when there is one. A member is frozen only at snapshots, so the test
     splits scored in between fed nothing but the learning curves (with 7 targets, most of an epoch's time);
     the validation split drives the search and stays in every epoch's report."""
-    if cfg["eval_every_epoch"] or epoch in cfg["snapshots"]:
+    if cfg.eval_every_epoch or epoch in cfg.snapshots:
         return sets
     val = [s for s in sets if s[1] == "val"]
     return val or sets
 
 
-def eval_sets(cache: SliceCache, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
+def eval_sets(cache: SliceCache, cfg: MemberConfig | DeltaConfig) -> list[tuple[str, str, np.ndarray]]:
     """(site, role, rows): the source's test split (role "id") then each target (role "ood")."""
-    sets = [(cfg["source"], "id", cache.rows(cfg["source"], "test"))]
-    sets += [(t, "ood", cache.rows(t, cfg["target_split"])) for t in cfg["targets"]]
+    sets = [(cfg.source, "id", cache.rows(cfg.source, "test"))]
+    sets += [(t, "ood", cache.rows(t, cfg.target_split)) for t in cfg.targets]
     return sets
 
 
@@ -192,17 +146,17 @@ def load_state(folder: str | os.PathLike, device: torch.device, name: str = STAT
     return torch.load(Path(folder) / name, map_location=device, weights_only=True)
 
 
-def write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: pd.DataFrame,
+def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, slices: pd.DataFrame,
                  preds: dict[str, torch.Tensor], cache: SliceCache, sets, state: dict | None = None,
                  extra: dict | None = None) -> dict:
     """Write a member's checkpoint, predictions and records. ``state`` replaces the default checkpoint
     dict (MedSAM stores its decoder only); ``extra`` adds fields to the member record."""
-    mid = member_id(cfg["arch"], float(cfg["lr"]), int(cfg["seed"]), epoch)
+    mid = member_id(cfg.arch, cfg.lr, cfg.seed, epoch)
     ckpt = records.records_dir(exp) / "checkpoints" / f"{mid}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     if state is None:
-        state = {"model": model.state_dict(), "arch": cfg["arch"], "in_channels": model_in_channels(model),
+        state = {"model": model.state_dict(), "arch": cfg.arch, "in_channels": model_in_channels(model),
                  "classes": len(cache.labels), "epoch": epoch}
     torch.save(state, tmp)
     os.replace(tmp, ckpt)
@@ -212,12 +166,12 @@ def write_member(exp: Path, cfg: dict, run_id: str, epoch: int, model, slices: p
         idx = cache.index.iloc[rows]
         records.save_predictions(exp, mid, site, preds[site].numpy(), idx["case_id"].tolist(),
                                  idx["slice_idx"].to_numpy())
-    member = {"member_id": mid, "run_id": run_id, "arch": cfg["arch"], "lr": float(cfg["lr"]), "epochs": epoch,
-              "seed": int(cfg["seed"]), "batch_size": int(cfg["batch_size"]), "source": cfg["source"],
+    member = {"member_id": mid, "run_id": run_id, "arch": cfg.arch, "lr": cfg.lr, "epochs": epoch,
+              "seed": cfg.seed, "batch_size": cfg.batch_size, "source": cfg.source,
               # relative to the experiment, so that a moved experiment folder still finds it
               "checkpoint": ckpt.relative_to(exp).as_posix(),
               # box-prompted members are prompted with each slice's ground-truth box (labels used)
-              "oracle_prompt": bool(get_model_spec(cfg["arch"]).prompted), **(extra or {})}
+              "oracle_prompt": bool(get_model_spec(cfg.arch).prompted), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
     return {**member, "checkpoint": str(ckpt)}  # to the caller: the file itself
 
@@ -231,19 +185,19 @@ class PoolRun:
     state_file = STATE_FILE
     ckpt_prefix = "ckpt-"
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: MemberConfig):
         self.cfg = cfg
-        self.seed = int(cfg["seed"])
-        self.exp = Path(cfg["experiment_dir"])
-        self.run_id = run_name(cfg["arch"], float(cfg["lr"]), self.seed, max(cfg["snapshots"]))
+        self.seed = cfg.seed
+        self.exp = Path(cfg.experiment_dir)
+        self.run_id = run_name(cfg.arch, cfg.lr, cfg.seed, cfg.last_epoch)
         self.members: list[dict] = []
 
     @property
     def epochs(self) -> int:
-        return max(self.cfg["snapshots"])
+        return self.cfg.last_epoch
 
     def is_snapshot(self, epoch: int) -> bool:
-        return epoch in self.cfg["snapshots"]
+        return epoch in self.cfg.snapshots
 
     def checkpoint(self, epoch: int) -> bool:
         return self.is_snapshot(epoch)
@@ -256,5 +210,5 @@ class PoolRun:
         metrics["member_id"] = member["member_id"]
 
     def log(self, metrics: dict) -> None:
-        if self.cfg["verbose"]:
+        if self.cfg.verbose:
             print_epoch(self.run_id, metrics)

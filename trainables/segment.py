@@ -10,8 +10,9 @@ and every target site (``records/parts``) and its packed predicted masks (``reco
 
 The architecture's registry entry (``trainables.models.ModelSpec.loop``) names its loop: ``"dense"``
 (``trainables.dense``: smp, TransUNet) or ``"prompted"`` (``trainables.sam.loop``: the SAM family).
-This is the one module that imports both; neither imports the other, and what they share (config,
-splits, member records, reports) is ``trainables.member``'s.
+This is the one module that imports both; neither imports the other, and what they share (splits,
+member records, reports) is ``trainables.member``'s. The trial's dict becomes a ``MemberConfig``
+(``trainables.config``) here, once; the loops take the dataclass.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from typing import Callable
 
 import torch
 
+from .config import MemberConfig
 from .dense import (EvalData, evaluate, load_dense_member, predict, segmentation_loss, train_dense,
                     train_epoch)
-from .member import (DEFAULTS, REQUIRED, ReportFn, end_epoch, epoch_sets, eval_sets, member_id,
-                     model_in_channels, run_name, summarize, train_val_rows, val_set, with_defaults)
+from .member import (ReportFn, end_epoch, epoch_sets, eval_sets, member_id, model_in_channels, run_name, summarize,
+                     train_val_rows, val_set)
 from .models import MODELS
 from .runner import epoch_seed
 from .sam.frozen import load_medsam_member
@@ -37,23 +39,22 @@ LOOPS: dict[str, tuple[Callable[..., list[dict]], Callable[..., torch.nn.Module]
 
 #: Names callers imported from here before the split (temporary aliases; new code imports them from
 #: ``trainables.member``, ``trainables.dense`` or ``trainables.runner``).
-__all__ = ["DEFAULTS", "REQUIRED", "LOOPS", "EvalData", "ReportFn", "end_epoch", "epoch_seed", "epoch_sets",
-           "eval_sets", "evaluate", "load_member", "member_id", "model_in_channels", "predict", "run_name",
-           "segmentation_loss", "summarize", "train_epoch", "train_segmenter", "train_val_rows", "val_set",
-           "with_defaults"]
+__all__ = ["LOOPS", "EvalData", "MemberConfig", "ReportFn", "end_epoch", "epoch_seed", "epoch_sets", "eval_sets",
+           "evaluate", "load_member", "member_id", "model_in_channels", "predict", "run_name", "segmentation_loss",
+           "summarize", "train_epoch", "train_segmenter", "train_val_rows", "val_set"]
 
 
 def _loop(arch: str) -> str:
     spec = MODELS.get(arch)
-    return spec.loop if spec is not None else "dense"  # unknown: the dense loop's config check names it
+    return spec.loop if spec is not None else "dense"
 
 
-def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
+def train_segmenter(config: dict | MemberConfig, report: ReportFn | None = None) -> list[dict]:
     """Train one run; write a pool member at each snapshot epoch; return the member records.
 
     Args:
-        config: see ``trainables.member.REQUIRED`` and ``DEFAULTS`` (box-prompted architectures also
-            take ``trainables.sam.options.MEDSAM_DEFAULTS``). ``cache`` is a slice-cache folder,
+        config: a ``MemberConfig`` or its flat dict (``MemberConfig.keys()``; box-prompted architectures
+            also take the ``SamOptions`` keys), converted here once. ``cache`` is a slice-cache folder,
             ``source`` and ``targets`` are site names in it, ``experiment_dir`` an absolute path.
         report: called after every epoch with the epoch's metrics and, at snapshot epochs, a folder
             holding the resumable training state (None at other epochs).
@@ -61,8 +62,9 @@ def train_segmenter(config: dict, report: ReportFn | None = None) -> list[dict]:
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).
     """
-    train, _ = LOOPS[_loop(config.get("arch", ""))]
-    return train(config, report)
+    cfg = config if isinstance(config, MemberConfig) else MemberConfig.from_dict(config)
+    train, _ = LOOPS[_loop(cfg.arch)]
+    return train(cfg, report)
 
 
 def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -36,20 +36,22 @@ the worker's rank; only rank 0 scores and writes records.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import records
-from .accel import ACCEL_DEFAULTS, Accel, accel_for, place_training_data, resolve_device
+from .accel import Accel, accel_for, place_training_data, resolve_device
 from .baselines import BayesCapNet, bayescap_loss
 from .data.cache import SliceCache, open_slice_cache
 from .delta import DeltaNet, delta_loss, ggd_nll, ggd_variance, unwrap
-from .member import train_val_rows, with_defaults
+from .delta_config import DeltaConfig, lam_method
+from .member import train_val_rows
 from .runner import run_epochs
 from .segment import load_member
 from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, score_member, slice_columns,
@@ -57,86 +59,39 @@ from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, scor
 
 #: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
 #: and ``trainables.uncertainty_scoring``).
-__all__ = ["DEFAULTS", "REQUIRED", "FIT_SPLITS", "DeltaFit", "DeltaNet", "compact_optimizer_state", "delta_epoch",
+__all__ = ["DeltaConfig", "FIT_SPLITS", "DeltaFit", "DeltaNet", "compact_optimizer_state", "delta_epoch",
            "delta_loss", "error_ranking", "fit_rows", "fit_uncertainty", "ggd_nll", "ggd_variance", "heldout_metrics",
            "lam_method", "load_frozen", "otsu_area", "slice_columns", "source_threshold", "uncertain_masks"]
 
-REQUIRED = ("member_id", "checkpoint", "cache", "source", "targets", "experiment_dir")
-DEFAULTS: dict[str, Any] = {
-    "target_split": "test",
-    "epochs": 50,            # paper: Adam 1e-4, 50 epochs, cosine schedule
-    "lr": 1e-4,
-    "lam": 1.0,              # λ of Eq. 5 (identity term), > 0; a list fits one δ per value (a sweep):
-                             # the first is method "ggd", the others "ggd_lam<λ>"
-    "fit_split": "train",    # the source split δ is fitted on: "train" (the paper) or "val" (a validation split)
-    "val_fraction": 0.0,     # the pool's validation split of the source's training cases (data.val_fraction)
-    "split_seed": 0,         # and its seed (data.split_seed): fit_split's "train" / "val" rows
-    "holdout": 0.1,          # fraction of the fit split's cases held out to record δ's convergence (0: none)
-    "beta": 2.0,             # fixed shape (the paper's runs); learn_beta makes it a head
-    "learn_beta": False,
-    "width": 16,             # stem channels
-    "padding": "replicate",  # δ's convolutions pad by repeating the edge ("zeros": the maps' bright frame)
-    "batch_size": 8,
-    "baselines": ["bayescap", "tta_noise", "tta_color", "mc_dropout"],
-    "bayescap_width": 64,    # BayesCap's trunk width and residual blocks (published: 64, 16)
-    "bayescap_blocks": 16,
-    "bayescap_t1": 1.0,      # BayesCap's loss weights: T1 on the L1 identity term, T2 on its GGD term
-    "bayescap_t2": 5e-2,
-    "passes": 8,             # N for TTA and MC dropout
-    "noise_std": 0.05,       # TTA pixel noise (images are in [0, 1])
-    "jitter": 0.3,           # TTA brightness/contrast jitter strength
-    "dropout": 0.2,          # MC dropout probability
-    "baseline_roles": ["ood"],  # where baselines are scored (Table 4 is per target); "id" adds the source
-    "n_examples": 4,         # slices kept for the qualitative figure
-    "checkpoint_every": 10,  # epochs between resumable checkpoints (and after the last epoch)
-    "num_threads": None,
-    "device": "auto",
-    "seed": 0,
-    "resume_from": None,
-    "verbose": False,
-    # amp, channels_last, data placement (trainables.accel); δ trains without augmentation
-    **{k: v for k, v in ACCEL_DEFAULTS.items() if k != "augment"},
-}
 FIT_SPLITS = ("train", "val")
 
 
 # ----------------------------------------------------------------------------- fitting
 
-def _resolve(config: dict) -> dict:
-    cfg = with_defaults(config, REQUIRED, DEFAULTS, "fit_uncertainty")
-    bad = [b for b in cfg["baselines"] if b not in records.UNCERTAINTY_METHODS[1:]]
-    if bad:
-        raise ValueError(f"unknown uncertainty baselines {bad}; valid: {list(records.UNCERTAINTY_METHODS[1:])}")
-    lams = cfg["lam"] if isinstance(cfg["lam"], (list, tuple)) else [cfg["lam"]]
-    if not lams or not all(isinstance(v, (int, float)) and float(v) > 0 for v in lams):
-        raise ValueError(f"uncertainty lam (λ of Eq. 5) must be > 0 (or a non-empty list of such), got {cfg['lam']!r}: "
-                         f"without the identity term μ need not follow ŷ; the paper's default is 1.0")
-    cfg["lams"] = {("ggd" if i == 0 else lam_method(v)): float(v) for i, v in enumerate(lams)}
-    if cfg["fit_split"] not in FIT_SPLITS:
-        raise ValueError(f"uncertainty fit_split must be one of {list(FIT_SPLITS)}, got {cfg['fit_split']!r}")
-    if not 0 <= float(cfg["holdout"]) < 1:
-        raise ValueError(f"uncertainty holdout must be in [0, 1), got {cfg['holdout']!r}")
-    if int(cfg["epochs"]) < 1:
-        raise ValueError(f"uncertainty epochs must be >= 1, got {cfg['epochs']!r}")
-    cfg["checkpoint"] = str(records.resolve_checkpoint(cfg["experiment_dir"], cfg["checkpoint"]))
-    if not Path(cfg["checkpoint"]).is_file():
-        raise FileNotFoundError(f"pool member {cfg['member_id']}: checkpoint {cfg['checkpoint']} does not exist; "
-                                f"`oodsweep resume {cfg['experiment_dir']}` trains that member again")
-    return cfg
+def _resolve(config: dict | DeltaConfig) -> DeltaConfig:
+    """The δ config of ``config`` (a dict converted once), its member's checkpoint resolved (relative to the
+    experiment) and present."""
+    cfg = config if isinstance(config, DeltaConfig) else DeltaConfig.from_dict(config)
+    checkpoint = str(records.resolve_checkpoint(cfg.experiment_dir, cfg.checkpoint))
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"pool member {cfg.member_id}: checkpoint {checkpoint} does not exist; "
+                                f"`oodsweep resume {cfg.experiment_dir}` trains that member again")
+    return dataclasses.replace(cfg, checkpoint=checkpoint)
 
 
-def load_frozen(cfg: dict, device: torch.device) -> nn.Module:
-    """The frozen pool member of a resolved δ config, its weights without gradients; a damaged or foreign
-    checkpoint is a ValueError naming the member, the file and the fix (``oodsweep resume``)."""
+def load_frozen(checkpoint: str, member_id: str, experiment_dir: str, device: torch.device) -> nn.Module:
+    """The frozen pool member ``member_id`` of ``checkpoint`` (a resolved δ config's), its weights without
+    gradients; a damaged or foreign checkpoint is a ValueError naming the member, the file and the fix
+    (``oodsweep resume <experiment_dir>``)."""
     try:
-        model = load_member(cfg["checkpoint"], device)
+        model = load_member(checkpoint, device)
     except Exception as e:  # a file that is not ours, or weights for another architecture
         # torch's unpickling message suggests weights_only=False (running arbitrary code): never passed on
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         why = type(e).__name__ + (f": {first}" if first and "weights_only" not in str(e) else "")
-        raise ValueError(f"pool member {cfg['member_id']}: cannot load checkpoint {cfg['checkpoint']}: it is damaged "
+        raise ValueError(f"pool member {member_id}: cannot load checkpoint {checkpoint}: it is damaged "
                          f"or not a pool member's weights ({why}); delete it and run `oodsweep resume "
-                         f"{cfg['experiment_dir']}`, which trains that member again") from None
+                         f"{experiment_dir}`, which trains that member again") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -145,30 +100,23 @@ def load_frozen(cfg: dict, device: torch.device) -> nn.Module:
 _load_frozen = load_frozen  # temporary alias: tests/test_experiment_folder.py imports the old name
 
 
-def lam_method(lam: float) -> str:
-    """The method name of δ fitted with a swept λ other than the first: ``ggd_lam100``."""
-    return f"ggd_lam{float(lam):g}"
-
-
-def _nets(cfg: dict, in_channels: int, accel: Accel) -> dict[str, nn.Module]:
+def _nets(cfg: DeltaConfig, in_channels: int, accel: Accel) -> dict[str, nn.Module]:
     nets: dict[str, nn.Module] = {
-        name: DeltaNet(in_channels, cfg["width"], True, cfg["learn_beta"], cfg["beta"], cfg["padding"])
-        for name in cfg["lams"]}
-    if "bayescap" in cfg["baselines"]:
-        nets["bayescap"] = BayesCapNet(int(cfg["bayescap_width"]), int(cfg["bayescap_blocks"]), cfg["padding"])
-    if "ggd_yhat_only" in cfg["baselines"]:
-        nets["ggd_yhat_only"] = DeltaNet(in_channels, cfg["width"], False, cfg["learn_beta"], cfg["beta"],
-                                         cfg["padding"])
+        name: DeltaNet(in_channels, cfg.width, True, cfg.learn_beta, cfg.beta, cfg.padding) for name in cfg.lams}
+    if "bayescap" in cfg.baselines:
+        nets["bayescap"] = BayesCapNet(cfg.bayescap_width, cfg.bayescap_blocks, cfg.padding)
+    if "ggd_yhat_only" in cfg.baselines:
+        nets["ggd_yhat_only"] = DeltaNet(in_channels, cfg.width, False, cfg.learn_beta, cfg.beta, cfg.padding)
     return {k: accel.model(v) for k, v in nets.items()}
 
 
-def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | None = None,
+def fit_uncertainty(config: dict | DeltaConfig, report: Callable[[dict, str | None], None] | None = None,
                     wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
                     world_size: int = 1) -> dict | None:
     """Fit δ (and BayesCap) for one frozen pool member, then score every site with every method.
 
     Args:
-        config: see ``REQUIRED`` and ``DEFAULTS``.
+        config: a ``DeltaConfig`` or its flat dict (``DeltaConfig.keys()``), converted here once.
         report: called after every epoch with ``{"epoch", "loss_ggd", ...}`` and, every
             ``checkpoint_every`` epochs and after the last, a folder with the resumable state.
         wrap_model: e.g. DDP's ``prepare_model`` when several workers train; identity by default.
@@ -179,13 +127,13 @@ def fit_uncertainty(config: dict, report: Callable[[dict, str | None], None] | N
     """
     fit = DeltaFit(_resolve(config), wrap_model, rank, world_size)
     cfg = fit.cfg
-    run_epochs(fit, fit.epochs, cfg["experiment_dir"], report, cfg["resume_from"],
-               ("uncertainty", cfg["member_id"]) if rank == 0 else None)
+    run_epochs(fit, fit.epochs, cfg.experiment_dir, report, cfg.resume_from,
+               ("uncertainty", cfg.member_id) if rank == 0 else None)
     if rank != 0:
         return None
-    record = {"fit_split": cfg["fit_split"], "epochs": fit.epochs, "lam": cfg["lams"]["ggd"], "lams": cfg["lams"],
-              "lr": float(cfg["lr"]),
-              "beta": float(cfg["beta"]), "fit_slices": int(len(fit.all_rows)), "heldout_slices": int(len(fit.held)),
+    lams = cfg.lams
+    record = {"fit_split": cfg.fit_split, "epochs": fit.epochs, "lam": lams["ggd"], "lams": lams, "lr": cfg.lr,
+              "beta": cfg.beta, "fit_slices": int(len(fit.all_rows)), "heldout_slices": int(len(fit.held)),
               "curve": fit.curve, **{f"final_{k}": v[-1] for k, v in fit.curve.items() if v}}
     summary = score_member(cfg, fit.cache, fit.frozen, fit.nets, fit.device, fit.gen, fit.accel, fit=record)
     summary.update({k: v for k, v in record.items() if k.startswith("final_")})
@@ -203,19 +151,19 @@ class DeltaFit:
     state_file = "delta.pt"
     ckpt_prefix = "delta-"
 
-    def __init__(self, cfg: dict, wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+    def __init__(self, cfg: DeltaConfig, wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
                  world_size: int = 1):
         self.cfg, self.rank = cfg, rank
-        if cfg["num_threads"]:
-            torch.set_num_threads(int(cfg["num_threads"]))
-        self.device = device = resolve_device(cfg["device"])
-        self.accel = accel = accel_for(cfg, device, "fit_uncertainty")
-        self.seed = int(cfg["seed"])
-        self.epochs = int(cfg["epochs"])
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = device = resolve_device(cfg.device)
+        self.accel = accel = accel_for(cfg.accel, device)
+        self.seed = cfg.seed
+        self.epochs = cfg.epochs
         torch.manual_seed(self.seed)  # the nets' initialisation
         self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
-        self.cache = cache = open_slice_cache(cfg["cache"])
-        frozen = load_frozen(cfg, device)
+        self.cache = cache = open_slice_cache(cfg.cache)
+        frozen = load_frozen(cfg.checkpoint, cfg.member_id, cfg.experiment_dir, device)
         self.frozen = frozen = accel.model(frozen)
 
         self.all_rows, self.held = all_rows, held = fit_rows(cache, cfg)
@@ -224,14 +172,14 @@ class DeltaFit:
         yhat = union(frozen_predict(frozen, cache, rows, device, accel)).to(torch.uint8)  # ŷ once, not per epoch
         # images and masks as cached (float16, uint8) and ŷ, on the device when they fit (trainables.accel)
         self.data, where = place_training_data({"x": (str(cache.path / "images.npy"), rows),
-                                                "y": (str(cache.path / "masks.npy"), rows)}, device, cfg,
-                                               "fit_uncertainty", extra={"yh": yhat})
+                                                "y": (str(cache.path / "masks.npy"), rows)}, device, cfg.accel,
+                                               extra={"yh": yhat})
         if rank == 0:
-            print(f"[delta {cfg['member_id']}] {accel.describe()}; {where}", flush=True)
+            print(f"[delta {cfg.member_id}] {accel.describe()}; {where}", flush=True)
 
         self.nets = nets = _nets(cfg, int(cache.images.shape[1]), accel)
         self.wrapped = wrapped = {k: (wrap_model(v) if wrap_model else v) for k, v in nets.items()}
-        self.opts = opts = {k: torch.optim.Adam(v.parameters(), lr=float(cfg["lr"]),
+        self.opts = opts = {k: torch.optim.Adam(v.parameters(), lr=cfg.lr,
                                                 fused=device.type == "cuda" or None) for k, v in wrapped.items()}
         self.scheds = {k: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.epochs) for k, o in opts.items()}
         self.curve: dict[str, list[float]] = {}
@@ -255,9 +203,9 @@ class DeltaFit:
     def train(self, epoch: int, perm: torch.Tensor) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        sums, steps = delta_epoch(self.wrapped, self.opts, self.data, perm, int(cfg["batch_size"]), self.accel,
-                                  {**cfg["lams"], "ggd_yhat_only": cfg["lams"]["ggd"]},
-                                  (float(cfg["bayescap_t1"]), float(cfg["bayescap_t2"])))
+        lams = cfg.lams
+        sums, steps = delta_epoch(self.wrapped, self.opts, self.data, perm, cfg.batch_size, self.accel,
+                                  {**lams, "ggd_yhat_only": lams["ggd"]}, (cfg.bayescap_t1, cfg.bayescap_t2))
         for s in self.scheds.values():
             s.step()
         return {"epoch": epoch, **{f"loss_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
@@ -266,7 +214,7 @@ class DeltaFit:
     def score(self, epoch: int, metrics: dict) -> dict:
         """δ's convergence on the held-out cases (rank 0), appended to the curve with the losses."""
         if self.rank == 0 and len(self.held):
-            metrics.update(heldout_metrics(self.nets["ggd"], *self.held_data, self.cfg["lams"]["ggd"], self.device,
+            metrics.update(heldout_metrics(self.nets["ggd"], *self.held_data, self.cfg.lams["ggd"], self.device,
                                            self.accel))
         for k, v in metrics.items():
             if k.startswith(("loss_", "heldout_")):
@@ -274,7 +222,7 @@ class DeltaFit:
         return metrics
 
     def checkpoint(self, epoch: int) -> bool:
-        return self.rank == 0 and (epoch % int(self.cfg["checkpoint_every"]) == 0 or epoch == self.epochs)
+        return self.rank == 0 and (epoch % self.cfg.checkpoint_every == 0 or epoch == self.epochs)
 
     def state(self, epoch: int) -> dict:
         return {"nets": {k: v.state_dict() for k, v in self.nets.items()},
@@ -283,8 +231,8 @@ class DeltaFit:
                 **self.accel.scaler_state()}
 
     def log(self, metrics: dict) -> None:
-        if self.cfg["verbose"] and self.rank == 0:
-            print(f"[delta {self.cfg['member_id']}] epoch {metrics['epoch']}: " +
+        if self.cfg.verbose and self.rank == 0:
+            print(f"[delta {self.cfg.member_id}] epoch {metrics['epoch']}: " +
                   " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss")))
 
 
@@ -305,28 +253,28 @@ def compact_optimizer_state(state: dict) -> dict:
     return out
 
 
-def fit_rows(cache: SliceCache, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+def fit_rows(cache: SliceCache, cfg: DeltaConfig) -> tuple[np.ndarray, np.ndarray]:
     """(rows δ trains on, rows held out to record its convergence) of the source's ``fit_split``.
 
     The held-out part is whole cases (``holdout`` of them, at least one when the split has two or
     more), chosen with ``seed``; it is never trained on.
     """
-    split, source = cfg["fit_split"], cfg["source"]
-    # the pool's own split of the source's training cases (segment.train_val_rows: val_fraction,
+    split, source = cfg.fit_split, cfg.source
+    # the pool's own split of the source's training cases (member.train_val_rows: val_fraction,
     # split_seed): "train" is what the member trained on, "val" its validation cases
-    train, val = train_val_rows(cache, cfg)
+    train, val = train_val_rows(cache, source, cfg.val_fraction, cfg.split_seed)
     rows = train if split == "train" else val
     if not len(rows):
         raise ValueError(f"uncertainty.fit_split: {split!r}, but the source site {source!r} has no {split!r} cases "
-                         f"in cache {cache.path} (data.val_fraction = {cfg.get('val_fraction')}); use fit_split: "
+                         f"in cache {cache.path} (data.val_fraction = {cfg.val_fraction}); use fit_split: "
                          f"train, or give the source a validation split (data.val_fraction, e.g. 0.1)")
-    frac = float(cfg["holdout"])
+    frac = cfg.holdout
     cases = cache.index["case_id"].to_numpy()[rows].astype(str)
     uniq = np.unique(cases)
     n_held = min(len(uniq) - 1, max(1, round(frac * len(uniq)))) if frac > 0 and len(uniq) >= 2 else 0
     if not n_held:
         return rows, rows[:0]
-    held_cases = np.random.default_rng(int(cfg["seed"])).choice(uniq, n_held, replace=False)
+    held_cases = np.random.default_rng(cfg.seed).choice(uniq, n_held, replace=False)
     held = np.isin(cases, held_cases)
     return rows[~held], rows[held]
 

@@ -17,6 +17,7 @@ from .accel import Accel
 from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
 from .data.cache import SliceCache
 from .delta import DeltaNet, ggd_variance, unwrap
+from .delta_config import DeltaConfig
 from .dense import predict
 from .member import eval_sets
 from .sam.frozen import predict_member_rows, prompted_mc_dropout_map
@@ -135,7 +136,7 @@ def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: 
     return torch.cat(mus).cpu().numpy(), torch.cat(unc).cpu().numpy()
 
 
-def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
+def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
                  device: torch.device, gen: torch.Generator, accel: Accel | None = None,
                  fit: dict | None = None) -> dict:
     """Score every site with δ and the baselines; write the member's uncertainty records and examples.
@@ -146,7 +147,7 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
     fit's record (``records.write_uncertainty_fit``). The slice part is written last: it is the
     trial's done marker.
     """
-    exp = Path(cfg["experiment_dir"])
+    exp = Path(cfg.experiment_dir)
     frames, site_rows, summary, example = [], [], {}, None
     prompted = bool(getattr(frozen, "prompted", False))
     thresholds: dict[str, float] = {}  # per method, fitted on the source split (eval_sets gives it first)
@@ -163,48 +164,48 @@ def score_member(cfg: dict, cache: SliceCache, frozen: nn.Module, nets: dict[str
             maps[name] = unc
             if name == "ggd":
                 mu_ggd = mu
-        if role in cfg["baseline_roles"]:
-            n = int(cfg["passes"])
+        if role in cfg.baseline_roles:
+            n = cfg.passes
             prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
-            if "tta_noise" in cfg["baselines"]:
-                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, float(cfg["noise_std"]), gen, prompts)
-            if "tta_color" in cfg["baselines"]:
-                maps["tta_color"] = tta_color_map(frozen, images, device, n, float(cfg["jitter"]), gen, prompts)
-            if "mc_dropout" in cfg["baselines"] and prompted:
-                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, float(cfg["dropout"]), gen)
-            elif "mc_dropout" in cfg["baselines"]:
-                maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, float(cfg["dropout"]), gen)
+            if "tta_noise" in cfg.baselines:
+                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, cfg.noise_std, gen, prompts)
+            if "tta_color" in cfg.baselines:
+                maps["tta_color"] = tta_color_map(frozen, images, device, n, cfg.jitter, gen, prompts)
+            if "mc_dropout" in cfg.baselines and prompted:
+                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, cfg.dropout, gen)
+            elif "mc_dropout" in cfg.baselines:
+                maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, cfg.dropout, gen)
         for method, m in maps.items():
             if role == "id":
                 thresholds[method] = source_threshold(m)
             cols = slice_columns(m, error, thresholds.get(method))
             frames.append(pd.DataFrame({
-                "member_id": cfg["member_id"], "method": method, "site": site, "role": role,
+                "member_id": cfg.member_id, "method": method, "site": site, "role": role,
                 "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
                 "area_px": int(pred[0].numel()), **cols}))
             auroc, ap = error_ranking(m, error)
-            site_rows.append({"member_id": cfg["member_id"], "method": method, "site": site, "role": role,
+            site_rows.append({"member_id": cfg.member_id, "method": method, "site": site, "role": role,
                               "prompted": prompted, "auroc": auroc, "ap": ap, "error_px": int(error.sum()),
                               "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan)})
             summary[f"ua_{method}_{site}"] = float(np.mean(cols["uncertain_px"] / pred[0].numel()))
             summary[f"auroc_{method}_{site}"] = auroc
         if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6
             fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
-            pick = fg[np.linspace(0, len(fg) - 1, min(int(cfg["n_examples"]), len(fg))).astype(int)] if len(fg) \
-                else np.arange(min(int(cfg["n_examples"]), len(rows)))
+            pick = fg[np.linspace(0, len(fg) - 1, min(cfg.n_examples, len(fg))).astype(int)] if len(fg) \
+                else np.arange(min(cfg.n_examples, len(rows)))
             example = dict(image=np.asarray(images[pick][:, 0], dtype=np.float32), truth=truth.numpy()[pick],
                            pred=pred.numpy()[pick], error=error[pick], mu=mu_ggd[pick],
                            uncertainty=maps["ggd"][pick], site=np.asarray([site] * len(pick)),
                            case_id=idx["case_id"].to_numpy()[pick].astype(str),
                            slice_idx=idx["slice_idx"].to_numpy()[pick])
-    records.write_uncertainty_sites(exp, cfg["member_id"], pd.DataFrame(site_rows))
+    records.write_uncertainty_sites(exp, cfg.member_id, pd.DataFrame(site_rows))
     if fit is not None:
-        records.write_uncertainty_fit(exp, cfg["member_id"], fit)
+        records.write_uncertainty_fit(exp, cfg.member_id, fit)
     if example is not None:
-        path = records.records_dir(exp) / "uncertainty" / "examples" / f"{cfg['member_id']}.npz"
+        path = records.records_dir(exp) / "uncertainty" / "examples" / f"{cfg.member_id}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez_compressed(tmp, **example)
         os.replace(tmp, path)
-    records.write_uncertainty_part(exp, cfg["member_id"], pd.concat(frames, ignore_index=True))
+    records.write_uncertainty_part(exp, cfg.member_id, pd.concat(frames, ignore_index=True))
     return summary

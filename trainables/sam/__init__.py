@@ -51,7 +51,8 @@ Modules, one concern each (none imports ``trainables.segment`` or the dense loop
 * ``modeling``: SAM's sizes, ``build_sam`` and the ``MedSAM`` module (preprocessing, batched decoding).
 * ``build``: checkpoint IO (sha256, reading, variant detection, strict loading) and ``build_medsam``.
 * ``prompts``: ground-truth boxes from masks and MedSAM's box jitter.
-* ``options``: the prompted run's config keys (``MEDSAM_DEFAULTS``) and ``build_member_model``.
+* ``options``: the prompted run's options (``SamOptions``, a field of ``trainables.config.MemberConfig``),
+  the embedding pre-stage's ``EmbeddingJob`` and ``build_member_model``.
 * ``embeddings``: the embedding cache (``ensure_embeddings``, ``prepare_embeddings``, keys and folders).
 * ``scoring``: oracle-box logits, predictions and per-slice counts.
 * ``frozen``: a frozen member: its checkpoint dict and reload, ŷ, TTA forward and MC dropout.

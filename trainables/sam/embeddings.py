@@ -21,7 +21,7 @@ from ..data.cache import SliceCache, open_slice_cache
 from ..models import MODELS, get_model_spec, is_prompted
 from .build import SAM_CHECKPOINT_FIX, checkpoint_family, sha256_cached
 from .modeling import LITE, LITE_SHA256, SAM_VARIANTS, MedSAM, encoder_key
-from .options import MEDSAM_DEFAULTS, build_member_model
+from .options import EmbeddingJob, build_member_model
 
 EMBED_VERSION = 1
 
@@ -45,13 +45,14 @@ def embedding_key(model: MedSAM, cache: SliceCache) -> str:
     return _key_of({**model.source, "img_size": model.img_size}, cache.manifest["content_sha256"])
 
 
-def encoder_source(config: dict) -> dict:
-    """The ``MedSAM.source`` fields that name the frozen encoder ``build_member_model(config)`` builds, read
-    without building it (the variant of a ``sam_checkpoint`` from the file, memory-mapped; its sha256 hashed
-    once per process), so that the driver can tell which embedding caches a pool needs."""
-    cfg = {**MEDSAM_DEFAULTS, **config}
-    kw = get_model_spec(cfg["arch"]).kwargs
-    variant, ckpt, sha = kw["variant"], cfg["sam_checkpoint"], None
+def encoder_source(config: EmbeddingJob | dict) -> dict:
+    """The ``MedSAM.source`` fields that name the frozen encoder ``build_member_model`` builds for a pool
+    trial's config (an ``EmbeddingJob`` or the trial's dict), read without building it (the variant of a
+    ``sam_checkpoint`` from the file, memory-mapped; its sha256 hashed once per process), so that the driver
+    can tell which embedding caches a pool needs."""
+    job = EmbeddingJob.of(config)
+    kw = get_model_spec(job.arch).kwargs
+    variant, ckpt, sha = kw["variant"], job.sam.sam_checkpoint, None
     if ckpt is not None:
         path = Path(ckpt).expanduser()
         if not path.is_file():
@@ -62,19 +63,26 @@ def encoder_source(config: dict) -> dict:
     elif variant == LITE:
         sha = LITE_SHA256  # the bundled weights (build_medsam checks the file has this hash)
     return {"variant": variant, "img_size": int(kw["img_size"]), "sam_sha256": sha,
-            "init_seed": int(cfg["sam_init_seed"])}
+            "init_seed": job.sam.sam_init_seed}
 
 
-def embedding_key_for(config: dict) -> str:
+def _open_cache(job: EmbeddingJob) -> SliceCache:
+    if job.cache is None:
+        raise KeyError(f"EmbeddingJob of {job.arch!r}: the config lacks 'cache' (the slice-cache folder); give a "
+                       f"pool trial's config")
+    return open_slice_cache(job.cache)
+
+
+def embedding_key_for(config: EmbeddingJob | dict) -> str:
     """``embedding_key`` of the model and slice cache a pool trial's ``config`` names, without building it."""
-    cache = open_slice_cache(config["cache"])
-    return _key_of(encoder_source(config), cache.manifest["content_sha256"])
+    job = EmbeddingJob.of(config)
+    return _key_of(encoder_source(job), _open_cache(job).manifest["content_sha256"])
 
 
-def embedding_folder(config: dict) -> Path:
+def embedding_folder(config: EmbeddingJob | dict) -> Path:
     """Where the embeddings of a pool trial's ``config`` are (or will be): ``<root>/<key>``."""
-    cache = open_slice_cache(config["cache"])
-    return embeddings_root(cache, config.get("embedding_dir")) / embedding_key_for(config)
+    job = EmbeddingJob.of(config)
+    return embeddings_root(_open_cache(job), job.sam.embedding_dir) / embedding_key_for(job)
 
 
 #: Under ``<root>/.encoder-runs/``: one small JSON file per computation of an embedding cache (key, host,
@@ -102,50 +110,49 @@ def _log_encoder_run(root: Path, key: str) -> None:
         json.dumps({"key": key, "host": host, "pid": pid, "started": now}))
 
 
-def prepare_embeddings(config: dict) -> Path:
+def prepare_embeddings(config: EmbeddingJob | dict) -> Path:
     """Compute (or find) the embedding cache a pool trial's ``config`` needs, without training: its folder.
 
     The driver's pre-stage (``sweeps.embeddings``) calls this once per distinct cache key, in a Ray task
     with the trial's resources, before the pool's trials start; the trials are then told
-    ``embeddings_ready`` and only read the cache. ``config``: a pool trial's config (``train_segmenter``'s
-    keys); read here are ``arch`` (box-prompted), ``cache``, ``sam_checkpoint``, ``sam_sha256``,
-    ``sam_init_seed``, ``embedding_dir``, ``embed_batch_size``, ``device`` and ``num_threads``.
+    ``embeddings_ready`` and only read the cache. ``config``: an ``EmbeddingJob`` or a pool trial's dict
+    (``train_segmenter``'s keys; those a job does not read are ignored), converted here once; read are
+    ``arch`` (box-prompted), ``cache``, the ``SamOptions``, ``source``/``targets``/``target_split``,
+    ``seed``, ``device`` and ``num_threads``.
     """
-    for k in ("arch", "cache"):
-        if k not in config:
-            raise KeyError(f"prepare_embeddings: the config lacks {k!r}; give a pool trial's config")
-    if not is_prompted(config["arch"]):
-        raise ValueError(f"prepare_embeddings: arch {config['arch']!r} is not box-prompted, so it has no SAM "
+    job = EmbeddingJob.of(config)
+    if not is_prompted(job.arch):
+        raise ValueError(f"prepare_embeddings: arch {job.arch!r} is not box-prompted, so it has no SAM "
                          f"embeddings; give one of {', '.join(n for n, m in MODELS.items() if m.prompted)}")
-    cfg = {**MEDSAM_DEFAULTS, "seed": 0, "device": "auto", "num_threads": None, **config}
-    if cfg["num_threads"]:
-        torch.set_num_threads(int(cfg["num_threads"]))
-    cache = open_slice_cache(cfg["cache"])
-    model = build_member_model(cfg, in_channels=int(cache.images.shape[1]))
-    root = embeddings_root(cache, cfg["embedding_dir"])
-    ensure_embeddings(model, cache, root, resolve_device(cfg["device"]), int(cfg["embed_batch_size"]),
-                      rows=sweep_rows(cache, cfg))
+    cache = _open_cache(job)
+    if job.num_threads:
+        torch.set_num_threads(job.num_threads)
+    model = build_member_model(job.arch, job.sam, job.seed, in_channels=int(cache.images.shape[1]))
+    root = embeddings_root(cache, job.sam.embedding_dir)
+    ensure_embeddings(model, cache, root, resolve_device(job.device), job.sam.embed_batch_size,
+                      rows=sweep_rows(cache, job.source, job.targets, job.target_split))
     return root / embedding_key(model, cache)
 
 
-def sweep_rows(cache: SliceCache, cfg: dict) -> np.ndarray | None:
-    """The cache rows a sweep with ``cfg``'s ``source``, ``targets`` and ``target_split`` reads: every split
-    of the source (training, validation, test) and each target's ``target_split``; None (every row) when
-    ``cfg`` names no source. A target's training cases are never read, and on a CPU the encoder is the
-    slow part (LiteMedSAM: about 1.5 s a slice on 2 cores), so they are not embedded."""
-    if not cfg.get("source"):
+def sweep_rows(cache: SliceCache, source: str | None, targets=(), target_split: str = "test") -> np.ndarray | None:
+    """The cache rows a sweep with ``source``, ``targets`` and ``target_split`` reads: every split of the
+    source (training, validation, test) and each target's ``target_split``; None (every row) when there is
+    no ``source``. A target's training cases are never read, and on a CPU the encoder is the slow part
+    (LiteMedSAM: about 1.5 s a slice on 2 cores), so they are not embedded."""
+    if not source:
         return None
-    parts = [cache.rows(cfg["source"])]
-    parts += [cache.rows(t, cfg.get("target_split", "test")) for t in cfg.get("targets") or ()]
+    parts = [cache.rows(source)]
+    parts += [cache.rows(t, target_split) for t in targets or ()]
     return np.unique(np.concatenate(parts))
 
 
-def missing_embeddings(config: dict) -> int:
+def missing_embeddings(config: EmbeddingJob | dict) -> int:
     """How many of the slices a pool trial's ``config`` reads (``sweep_rows``, with foreground) its embedding
     cache lacks: all of them when the cache does not exist."""
-    cache = open_slice_cache(config["cache"])
-    need = _needed_rows(cache, sweep_rows(cache, config))
-    folder = embedding_folder(config)
+    job = EmbeddingJob.of(config)
+    cache = _open_cache(job)
+    need = _needed_rows(cache, sweep_rows(cache, job.source, job.targets, job.target_split))
+    folder = embedding_folder(job)
     if not (folder / "manifest.json").exists():
         return len(need)
     return int((~_embedded(folder, cache)[need]).sum())

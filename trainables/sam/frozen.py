@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import MemberConfig
 from ..data.cache import SliceCache
 from .build import build_medsam, file_sha256
 from .embeddings import ensure_embeddings
@@ -12,11 +13,11 @@ from .modeling import MedSAM
 from .scoring import NO_BOX_LOGIT, predict_prompted, prompted_dropout_variance, prompted_logits
 
 
-def member_state(model: MedSAM, cfg: dict, epoch: int) -> dict:
+def member_state(model: MedSAM, cfg: MemberConfig, epoch: int) -> dict:
     """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
-    return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg["arch"],
+    return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg.arch,
             "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
-            "box_mode": model.box_mode, "embedding_dir": cfg["embedding_dir"]}
+            "box_mode": model.box_mode, "embedding_dir": cfg.sam.embedding_dir}
 
 
 def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSAM:

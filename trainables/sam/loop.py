@@ -1,8 +1,10 @@
 """The prompted training loop: SAM's mask decoder trained from cached embeddings on jittered
-ground-truth boxes (paper §2.2; see ``trainables.sam``), as a ``trainables.runner.EpochLoop``."""
+ground-truth boxes (paper §2.2; see ``trainables.sam``), as a ``trainables.runner.EpochLoop``. It takes a
+``MemberConfig`` (``trainables.config``) whose ``sam`` field holds the ``SamOptions``."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -10,13 +12,14 @@ import torch
 from torch import nn
 
 from ..accel import Accel, accel_for, choose_placement, resolve_device
+from ..config import MemberConfig
 from ..data.cache import open_slice_cache
 from ..member import PoolRun, ReportFn, epoch_sets, eval_sets, restore_state, summarize, train_val_rows, val_set
 from ..runner import run_epochs
 from .embeddings import embeddings_root, ensure_embeddings, sweep_rows
 from .frozen import member_state
 from .modeling import MedSAM
-from .options import build_member_model, resolve_config
+from .options import build_member_model
 from .prompts import jitter_boxes, slice_prompts
 from .scoring import evaluate_prompted
 
@@ -48,14 +51,15 @@ def decoder_step(model: MedSAM, opt: torch.optim.Optimizer, loss_fn: nn.Module, 
     return loss.detach()
 
 
-def train_medsam(config: dict, report: ReportFn | None = None) -> list[dict]:
+def train_medsam(config: MemberConfig | dict, report: ReportFn | None = None) -> list[dict]:
     """``train_segmenter`` for box-prompted models: train the mask decoder from cached embeddings.
 
-    Same config (plus ``MEDSAM_DEFAULTS``), reports and records as ``train_segmenter``; the
-    slice records gain ``n_boxes`` and each member ``unprompted_slices`` (eval slices without a box).
+    Same config (a ``MemberConfig``, its ``sam`` options included; a dict is converted with
+    ``MemberConfig.from_dict``), reports and records as ``train_segmenter``; the slice records gain
+    ``n_boxes`` and each member ``unprompted_slices`` (eval slices without a box).
     """
-    loop = PromptedLoop(resolve_config(config))
-    run_epochs(loop, loop.epochs, loop.exp, report, loop.cfg["resume_from"], ("pool", loop.run_id))
+    loop = PromptedLoop(config if isinstance(config, MemberConfig) else MemberConfig.from_dict(config))
+    run_epochs(loop, loop.epochs, loop.exp, report, loop.cfg.resume_from, ("pool", loop.run_id))
     return loop.members
 
 
@@ -63,33 +67,35 @@ class PromptedLoop(PoolRun):
     """The prompted run as a ``trainables.runner.EpochLoop``: the frozen encoder's cached embeddings, one
     jittered ground-truth box per training sample, Adam on MONAI's Dice + cross-entropy for the decoder."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: MemberConfig):
         from monai.losses import DiceCELoss
 
         super().__init__(cfg)
-        if cfg["num_threads"]:
-            torch.set_num_threads(int(cfg["num_threads"]))
-        self.device = device = resolve_device(cfg["device"])
+        sam = cfg.sam
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = device = resolve_device(cfg.device)
         # channels_last stays off: the decoder runs vmapped on B x D x h x w embeddings, where it is not
         # measured; precision and the optimizer step are the other loops' (bf16 autocast on a GPU, fp16
         # with a gradient scaler on cards without bf16; fp32 on the CPU)
-        self.accel = accel_for({**cfg, "channels_last": False}, device, "train_medsam")
+        self.accel = accel_for(dataclasses.replace(cfg.accel, channels_last=False), device)
         self.rng = torch.Generator().manual_seed(self.seed)  # the shuffling and box-jitter stream
-        self.cache = cache = open_slice_cache(cfg["cache"])
-        self.model = model = build_member_model(cfg, in_channels=int(cache.images.shape[1])).to(device)
-        model.box_mode = cfg["box_mode"]
+        self.cache = cache = open_slice_cache(cfg.cache)
+        self.model = model = build_member_model(cfg.arch, sam, cfg.seed, int(cache.images.shape[1])).to(device)
+        model.box_mode = sam.box_mode
         t0 = time.perf_counter()
         # embeddings_ready: the driver's pre-stage computed them (sweeps.embeddings): read only, never compute
-        self.embeddings, computed = ensure_embeddings(model, cache, embeddings_root(cache, cfg["embedding_dir"]),
-                                                      device, int(cfg["embed_batch_size"]),
-                                                      compute=not cfg["embeddings_ready"], rows=sweep_rows(cache, cfg))
+        self.embeddings, computed = ensure_embeddings(model, cache, embeddings_root(cache, sam.embedding_dir),
+                                                      device, sam.embed_batch_size, compute=not sam.embeddings_ready,
+                                                      rows=sweep_rows(cache, cfg.source, cfg.targets,
+                                                                      cfg.target_split))
         self.embed_s = time.perf_counter() - t0
 
-        train_rows = train_val_rows(cache, cfg)[0]
+        train_rows = train_val_rows(cache, cfg.source, cfg.val_fraction, cfg.split_seed)[0]
         self.hw = tuple(cache.masks.shape[-2:])
-        pos, boxes, targets = slice_prompts(np.asarray(cache.masks[train_rows]), cfg["box_mode"])
+        pos, boxes, targets = slice_prompts(np.asarray(cache.masks[train_rows]), sam.box_mode)
         if len(pos) == 0:
-            raise ValueError(f"train_medsam: no slice of {cfg['source']}'s training split in {cache.path} has "
+            raise ValueError(f"train_medsam: no slice of {cfg.source}'s training split in {cache.path} has "
                              f"foreground, so there is no box prompt to train on")
         self.skipped_train = skipped_train = int(len(train_rows) - len(np.unique(pos)))
         # The training split's embeddings (float16) and targets are read once and kept on the device, not
@@ -100,8 +106,8 @@ class PromptedLoop(PoolRun):
         emb_train = torch.from_numpy(np.asarray(self.embeddings[train_rows[used]]))
         pos = np.searchsorted(used, pos)  # box -> its slice's row in emb_train
         targets_t = torch.from_numpy(targets)
-        placement, why = choose_placement(emb_train.nbytes + targets_t.nbytes, device, cfg["gpu_share"],
-                                          cfg["data_placement"], "train_medsam")
+        placement, why = choose_placement(emb_train.nbytes + targets_t.nbytes, device, cfg.accel.gpu_share,
+                                          cfg.accel.data_placement)
         if placement == "device":
             emb_train, targets_t = emb_train.to(device), targets_t.to(device)
         self.emb_train, self.targets_t = emb_train, targets_t
@@ -111,10 +117,10 @@ class PromptedLoop(PoolRun):
 
         self.decoder = model.sam.mask_decoder
         self.loss_fn = DiceCELoss(sigmoid=True)
-        self.opt = torch.optim.Adam(self.decoder.parameters(), lr=float(cfg["lr"]),
-                                    weight_decay=float(cfg["weight_decay"]), fused=device.type == "cuda" or None)
+        self.opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    fused=device.type == "cuda" or None)
         self.first_epoch = True  # its metrics carry the embedding time
-        if cfg["verbose"]:
+        if cfg.verbose:
             print(f"[{self.run_id}] {self.accel.describe()}; embeddings {'computed' if computed else 'cached'} in "
                   f"{self.embed_s:.1f}s, {'on ' + str(device) if placement == 'device' else 'on the host'} ({why}); "
                   f"{len(pos)} box prompts from {len(train_rows) - skipped_train} training slices "
@@ -126,10 +132,10 @@ class PromptedLoop(PoolRun):
     def draw(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches in shuffled order, each with its jittered boxes (the shuffle, then each
         batch's jitter, from one generator: the order the steps use them)."""
-        bs = int(self.cfg["batch_size"])
+        bs = self.cfg.batch_size
         perm = torch.randperm(len(self.pos_t), generator=self.rng)
         batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]
-        return [(b, jitter_boxes(self.boxes_t[b], self.hw, self.cfg["box_shift"], self.rng)) for b in batches]
+        return [(b, jitter_boxes(self.boxes_t[b], self.hw, self.cfg.sam.box_shift, self.rng)) for b in batches]
 
     def train(self, epoch: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         self._t0 = time.perf_counter()
@@ -147,7 +153,7 @@ class PromptedLoop(PoolRun):
     def score(self, epoch: int, metrics: dict) -> dict:
         cfg = self.cfg
         slices, preds = evaluate_prompted(self.model, self.cache, self.embeddings, epoch_sets(cfg, self.sets, epoch),
-                                          self.device, cfg["box_mode"], int(cfg["eval_batch_size"]))
+                                          self.device, cfg.sam.box_mode, cfg.eval_batch_size)
         metrics = {**metrics, **summarize(slices),
                    "eval_seconds": time.perf_counter() - self._t0 - metrics["train_seconds"],
                    "embed_seconds": self.embed_s if self.first_epoch else 0.0}
@@ -162,5 +168,5 @@ class PromptedLoop(PoolRun):
 
     def state(self, epoch: int) -> dict:
         return {"model": self.decoder.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
-                "arch": self.cfg["arch"],
+                "arch": self.cfg.arch,
                 **self.accel.scaler_state()}

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from trainables.accel import accel_for, place_training_data  # noqa: E402
 from trainables.config import AccelConfig  # noqa: E402
 from trainables.models import MODELS, build_model  # noqa: E402
-from trainables.segment import segmentation_loss, train_epoch  # noqa: E402
+from trainables.dense import segmentation_loss, train_epoch  # noqa: E402
 
 GOALS = {"unet_r50": 0.80, "unetpp_r50": 0.80, "unet_effb0": 0.80, "transunet": 0.80, "delta": 0.70}
 ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_gpu.py"

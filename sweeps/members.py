@@ -14,13 +14,13 @@ def member_epochs(config: dict) -> list[int]:
 
 def trial_member_ids(config: dict) -> list[str]:
     """The member ids a pool trial's config yields, one per member epoch."""
-    from trainables.segment import member_id
+    from trainables.member import member_id
 
     return [member_id(config["arch"], float(config["lr"]), int(config["seed"]), e) for e in member_epochs(config)]
 
 
 def trial_name(config: dict) -> str:
     """The training run of a pool trial's config (the records' ``run_id``), which names its Tune trial."""
-    from trainables.segment import run_name
+    from trainables.member import run_name
 
     return run_name(config["arch"], float(config["lr"]), int(config["seed"]), max(member_epochs(config)))

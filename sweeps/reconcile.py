@@ -27,7 +27,7 @@ SUPERSEDED = ".superseded"
 
 def expected_members(spec: SweepSpec) -> list[str] | None:
     """Every pool member id a grid spec calls for (None for a search: its samples are not known ahead)."""
-    from trainables.segment import member_id
+    from trainables.member import member_id
 
     p = spec.pool
     if spec.search is not None:

@@ -158,7 +158,7 @@ def test_loops_do_not_synchronise_per_step(tiny_cache):
     """train_epoch and delta_epoch read nothing back from the device while they run."""
     from trainables.data.cache import open_slice_cache
     from trainables.models import build_model
-    from trainables.segment import segmentation_loss, train_epoch
+    from trainables.dense import segmentation_loss, train_epoch
     from trainables.uncertainty import DeltaNet, delta_epoch
 
     cache = open_slice_cache(tiny_cache)

@@ -117,14 +117,14 @@ def test_garbage_member_checkpoint_message(pristine, tmp_path, capsys):
     import torch
 
     from sweeps import reconcile
-    from trainables.uncertainty import _load_frozen
+    from trainables.uncertainty import load_frozen
 
     exp = _copy(pristine, tmp_path / "tiny")
     mid = _members(exp)[0]
     ckpt = exp / "records" / "checkpoints" / f"{mid}.pt"
     _garble(ckpt)
     with pytest.raises(ValueError) as e:
-        _load_frozen(str(ckpt), mid, str(exp), torch.device("cpu"))
+        load_frozen(str(ckpt), mid, str(exp), torch.device("cpu"))
     msg = str(e.value)
     assert str(ckpt) in msg and "damaged" in msg and f"oodsweep resume {exp}" in msg
     assert "weights_only" not in msg and "oodsweep run" not in msg
@@ -132,7 +132,7 @@ def test_garbage_member_checkpoint_message(pristine, tmp_path, capsys):
     ckpt.unlink()
     torch.save({"f": Path("x")}, ckpt)
     with pytest.raises(ValueError) as e:
-        _load_frozen(str(ckpt), mid, str(exp), torch.device("cpu"))
+        load_frozen(str(ckpt), mid, str(exp), torch.device("cpu"))
     assert "weights_only" not in str(e.value) and e.value.__cause__ is None
     rc, out, _ = _cli(capsys, "status", str(exp))
     assert "pool      incomplete members 3/4" in out and f"missing {mid}: its checkpoint {ckpt} is damaged" in out

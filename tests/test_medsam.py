@@ -16,7 +16,8 @@ from trainables.data.cache import open_slice_cache
 from trainables.medsam import (build_medsam, build_sam, embedding_key, ensure_embeddings, foreground_rows, jitter_boxes,
                                mask_boxes, oracle_forward, predict_member_rows, predict_prompted, slice_prompts)
 from trainables.models import is_prompted
-from trainables.segment import load_member, train_segmenter, train_val_rows
+from trainables.segment import load_member, train_segmenter
+from trainables.member import train_val_rows
 
 from helpers import delta_config
 

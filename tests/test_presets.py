@@ -145,7 +145,7 @@ def test_multilabel_loss_is_per_channel():
     import torch
     from monai.losses import DiceCELoss, DiceLoss
 
-    from trainables.segment import segmentation_loss
+    from trainables.dense import segmentation_loss
 
     g = torch.Generator().manual_seed(0)
     x1, y1 = torch.randn(2, 1, 8, 8, generator=g), (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
@@ -165,7 +165,8 @@ def test_multilabel_training_and_uncertainty(fundus, tmp_path):
     from sweeps.driver import prepare_data
     from trainables import records
     from trainables.data.cache import open_slice_cache
-    from trainables.segment import load_member, predict, train_segmenter
+    from trainables.segment import load_member, train_segmenter
+    from trainables.dense import predict
     from trainables.uncertainty import fit_uncertainty
 
     tmp, _ = fundus

@@ -11,7 +11,9 @@ import torch
 from trainables import records
 from trainables.records import load_predictions
 from trainables.data.cache import open_slice_cache
-from trainables.segment import load_member, predict, train_segmenter, train_val_rows
+from trainables.segment import load_member, train_segmenter
+from trainables.dense import predict
+from trainables.member import train_val_rows
 
 from helpers import copy_experiment, member_config as cfg
 

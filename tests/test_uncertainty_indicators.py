@@ -144,7 +144,7 @@ def test_compact_optimizer_state_halves_the_moments_and_loads_back_as_fp32():
 
 def test_fit_split_uses_the_pools_train_and_validation_cases(tiny_cache):
     from trainables.data.cache import open_slice_cache
-    from trainables.segment import train_val_rows
+    from trainables.member import train_val_rows
     from trainables.uncertainty import DeltaConfig, fit_rows
 
     cache = open_slice_cache(tiny_cache)

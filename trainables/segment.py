@@ -22,12 +22,9 @@ from typing import Callable
 import torch
 
 from .config import MemberConfig
-from .dense import (EvalData, evaluate, load_dense_member, predict, segmentation_loss, train_dense,
-                    train_epoch)
-from .member import (ReportFn, end_epoch, epoch_sets, eval_sets, member_id, model_in_channels, run_name, summarize,
-                     train_val_rows, val_set)
+from .dense import load_dense_member, train_dense
+from .member import ReportFn
 from .models import MODELS
-from .runner import epoch_seed
 from .sam.frozen import load_medsam_member
 from .sam.loop import train_medsam
 
@@ -37,11 +34,7 @@ LOOPS: dict[str, tuple[Callable[..., list[dict]], Callable[..., torch.nn.Module]
     "prompted": (train_medsam, load_medsam_member),
 }
 
-#: Names callers imported from here before the split (temporary aliases; new code imports them from
-#: ``trainables.member``, ``trainables.dense`` or ``trainables.runner``).
-__all__ = ["LOOPS", "EvalData", "MemberConfig", "ReportFn", "end_epoch", "epoch_seed", "epoch_sets", "eval_sets",
-           "evaluate", "load_member", "member_id", "model_in_channels", "predict", "run_name", "segmentation_loss",
-           "summarize", "train_epoch", "train_segmenter", "train_val_rows", "val_set"]
+__all__ = ["LOOPS", "load_member", "train_segmenter"]
 
 
 def _loop(arch: str) -> str:

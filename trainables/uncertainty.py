@@ -97,7 +97,6 @@ def load_frozen(checkpoint: str, member_id: str, experiment_dir: str, device: to
     return model
 
 
-_load_frozen = load_frozen  # temporary alias: tests/test_experiment_folder.py imports the old name
 
 
 def _nets(cfg: DeltaConfig, in_channels: int, accel: Accel) -> dict[str, nn.Module]:

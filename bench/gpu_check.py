@@ -200,6 +200,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 32 on a GPU, 8 on the CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per loop (default 30 on a GPU, 4 on the CPU)")
     ap.add_argument("--parity", action="store_true", help="also compare the Dice of AMP and CPU fp32 training")
+    ap.add_argument("--parity-epochs", type=int, default=6, help="epochs of each parity run (default 6)")
     ap.add_argument("--anchor", nargs="?", const=str(ANCHOR), default=None, metavar="ANCHOR_GPU_PY",
                     help=f"also run anchor_gpu.py's smp_train and transunet_encoder_train sections "
                          f"(default path {ANCHOR}; the GPU machine needs a copy inside the checkout)")
@@ -244,7 +245,7 @@ def main() -> int:
                  accel=r["accel"], data=r["where"], seconds=round(time.perf_counter() - t, 1))
         p = None
         if args.parity:
-            p = parity(device, tmp=Path(tmp))
+            p = parity(device, epochs=args.parity_epochs, tmp=Path(tmp))
             emit(name="parity", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()},
                  tolerance=0.05, ok=p["abs_diff"] <= 0.05)
     print(f"\n# {'arch':<15} {'loop/s':>9} {'raw/s':>9} {'ratio':>6}  goal")

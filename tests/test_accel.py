@@ -191,7 +191,8 @@ def test_gpu_check_runs_on_the_cpu_and_amp_matches_fp32(tmp_path):
     CPU here, on the GPU where there is one) reaches the same Dice within 0.05 absolute.
     """
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--archs", "unet_r18", "delta",
-                          "--steps", "2", "--size", "32", "--parity"], capture_output=True, text=True, timeout=600,
+                          "--steps", "2", "--size", "32", "--parity",
+                          "--parity-epochs", "3"], capture_output=True, text=True, timeout=600,
                          env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]

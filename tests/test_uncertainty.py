@@ -98,7 +98,8 @@ def test_delta_ranks_known_errors_above_correct_pixels():
     net = DeltaNet(width=8)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     X, Y, YH = map(torch.from_numpy, (x, y, y_hat))
-    for step in range(300):
+    # 100 steps: AUROC 0.927 (300 steps, 3x the time: 0.863; the bar is 0.75)
+    for step in range(100):
         b = torch.from_numpy(rng.choice(n, 8, replace=False))
         loss = delta_loss(Y[b], YH[b], *net(X[b], YH[b]), lam=1.0)
         opt.zero_grad()

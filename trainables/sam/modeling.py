@@ -164,14 +164,19 @@ class MedSAM(nn.Module):
                           for i in range(0, len(images), batch_size)])
 
     # -- decoding --------------------------------------------------------------------------
+    def _prompt(self, embeddings: torch.Tensor, boxes: torch.Tensor,
+                image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The box prompts' sparse and dense embeddings and the image positional encoding."""
+        boxes = self.transform.apply_boxes_torch(boxes.to(embeddings.device, torch.float32), image_hw)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return sparse, dense, self.sam.prompt_encoder.get_dense_pe()
+
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Low-resolution mask logits ``B x 1 x 4h x 4w`` for one box per embedding.
 
         ``boxes``: ``B x 4`` XYXY in the coordinates of the ``image_hw`` slices the embeddings came from.
         """
-        boxes = self.transform.apply_boxes_torch(boxes.to(embeddings.device, torch.float32), image_hw)
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        sparse, dense, image_pe = self._prompt(embeddings, boxes, image_hw)
         decoder = self.sam.mask_decoder
 
         def one(emb: torch.Tensor, sp: torch.Tensor, de: torch.Tensor) -> torch.Tensor:
@@ -200,9 +205,7 @@ class MedSAM(nn.Module):
             return hook
         handles = [decoder.output_upscaling.register_forward_hook(keep("upscaled")),
                    decoder.output_hypernetworks_mlps[0].register_forward_hook(keep("hyper"))]
-        boxes = self.transform.apply_boxes_torch(boxes.to(embeddings.device, torch.float32), image_hw)
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        sparse, dense, image_pe = self._prompt(embeddings, boxes, image_hw)
 
         def one(emb: torch.Tensor, sp: torch.Tensor, de: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             decoder(image_embeddings=emb[None], image_pe=image_pe, sparse_prompt_embeddings=sp[None],

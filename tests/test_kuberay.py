@@ -114,9 +114,17 @@ def crd_validator():
     return _VALIDATOR(_k8s_to_jsonschema(served["schema"]["openAPIV3Schema"]))
 
 
-def schema_errors(doc: dict) -> list[str]:
+def schema_errors(doc: dict, validator=None) -> list[str]:
+    v = validator or crd_validator()
     return [f".{'.'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in sorted(crd_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+            for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def pod_template_validator():
+    """core/v1 PodTemplateSpec's schema, as the CRD embeds it for the head's template: it checks the plain
+    pods of mlflow.yaml and storage.yaml too (Kubernetes' own OpenAPI document is not in the repository)."""
+    s = crd_validator().schema["properties"]["spec"]["properties"]["rayClusterSpec"]
+    return _VALIDATOR(s["properties"]["headGroupSpec"]["properties"]["template"])
 
 
 # ------------------------------------------------------------------ the manifests
@@ -218,6 +226,17 @@ def test_rayjob_passes_the_crd_schema():
     job = rayjob()
     assert job["apiVersion"] == "ray.io/v1"
     assert schema_errors(job) == []
+
+
+def test_the_plain_pods_pass_the_pod_template_schema():
+    templates = [d["spec"]["template"] for d in docs("Deployment")]
+    templates += [{"metadata": d["metadata"], "spec": d["spec"]} for d in docs("Pod")]
+    assert len(templates) == 2
+    for t in templates:
+        assert schema_errors(t, pod_template_validator()) == []
+    t = templates[0]
+    t["spec"]["containers"][0]["volumeMount"] = t["spec"]["containers"][0].pop("volumeMounts")  # misspelt
+    assert any("'volumeMount' was unexpected" in e for e in schema_errors(t, pod_template_validator()))
 
 
 def _misspelt(job):
@@ -347,7 +366,7 @@ def test_mlflow_service_allowed_hosts_and_tracking_uri_agree():
     assert m, uri
     svc = one("Service", m[1])
     port = [p for p in svc["spec"]["ports"] if p["port"] == int(m[2])]
-    assert port
+    assert port, f"MLFLOW_TRACKING_URI {uri} names port {m[2]}; Service {m[1]} has {svc['spec']['ports']}"
     dep = [d for d in docs("Deployment") if d["spec"]["template"]["metadata"]["labels"].items()
            >= svc["spec"]["selector"].items()]
     assert len(dep) == 1, "the Service selects the MLflow Deployment"

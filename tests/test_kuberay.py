@@ -281,6 +281,27 @@ def test_a_planted_error_is_rejected_by_the_schema(plant):
 
 # ------------------------------------------------------------------ what a schema cannot check
 
+def test_kuberays_own_checks_beyond_the_schema():
+    """The rules the operator applies before it creates anything (KubeRay v1.7.0,
+    ray-operator/controllers/ray/utils/validation.go) that concern fields these manifests set."""
+    job = rayjob()
+    name = job["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47  # DNS-1035, MaxRayJobNameLength
+    rc = job["spec"]["rayClusterSpec"]
+    assert tuple(map(int, rc["rayVersion"].split(".")[:2])) >= (2, 52), "authOptions.mode token needs Ray 2.52+"
+    assert not rc["authOptions"].get("enableK8sTokenAuth"), "not supported for a RayJob"
+    assert rc["headGroupSpec"]["template"]["spec"]["containers"]
+    for g in [rc["headGroupSpec"]] + rc["workerGroupSpecs"]:
+        params = g.get("rayStartParams") or {}
+        assert not (set(params) & {"num-cpus", "num-gpus", "memory", "resources"} and g.get("resources"))
+        assert "labels" not in params
+    for g in rc["workerGroupSpecs"]:
+        assert g["template"]["spec"]["containers"]
+        if not rc.get("enableInTreeAutoscaling"):
+            assert 0 <= g["minReplicas"] <= g["maxReplicas"], g["groupName"]
+    assert job["spec"].get("ttlSecondsAfterFinished", 0) >= 0 and job["spec"]["shutdownAfterJobFinishes"]
+
+
 def test_the_entrypoint_is_oodsweep_run_and_the_cli_accepts_it(monkeypatch):
     argv = shlex.split(rayjob()["spec"]["entrypoint"])
     assert argv[:2] == ["oodsweep", "run"], "the job runs the same `oodsweep run SPEC` as every other cluster"

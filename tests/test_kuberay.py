@@ -182,19 +182,23 @@ def mounts(pod: dict) -> dict[str, tuple[str, str]]:
 
 
 def cpus(q) -> float:
-    """A Kubernetes CPU quantity ("8", 8, "500m") in CPUs."""
+    """A Kubernetes CPU quantity ("8", 8, "500m") as KubeRay passes it to `ray start --num-cpus`: whole CPUs,
+    rounded up (Go's resource.Quantity.Value())."""
     q = str(q)
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+    return float(math.ceil(float(q[:-1]) / 1000 if q.endswith("m") else float(q)))
 
 
 def ray_resources(group: dict) -> tuple[float, float]:
-    """(CPUs, GPUs) Ray sees in a pod of ``group``: KubeRay passes rayStartParams' num-cpus/num-gpus, else
-    the container's limits (cpu: limits, else requests; GPUs: the nvidia.com/gpu limit)."""
+    """(CPUs, GPUs) Ray sees in a pod of ``group``: rayStartParams' num-cpus/num-gpus, else what KubeRay
+    derives from the container (CPUs: limits, else requests; GPUs: the nvidia.com/gpu limit)."""
     res = group["template"]["spec"]["containers"][0]["resources"]
     params = group.get("rayStartParams") or {}
-    cpu = params.get("num-cpus") or res.get("limits", {}).get("cpu") or res.get("requests", {}).get("cpu")
+    if "num-cpus" in params:
+        cpu = float(params["num-cpus"])
+    else:
+        cpu = cpus(res.get("limits", {}).get("cpu") or res.get("requests", {}).get("cpu"))
     gpu = params.get("num-gpus") or res.get("limits", {}).get(GPU, 0)
-    return cpus(cpu), float(gpu)
+    return cpu, float(gpu)
 
 
 def cli_args(argv: list[str], monkeypatch) -> tuple[str, object]:

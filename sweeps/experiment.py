@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from .console import log
+from .console import command, log
+from .errors import ExperimentError, LockError
 from .spec import SpecError, SweepSpec, parse_spec
+from .spec_checks import load_yaml
 
 SPEC_FILE = "spec.yaml"
 #: the stages' folders (their Ray Tune experiments) and the marker a finished stage leaves in its folder
@@ -70,17 +72,19 @@ def _read_frozen(path: Path) -> dict:
            f"(`cp <your spec.yaml> {path}`; a resume checks it against the records' settings), or move "
            f"{path.parent} away to start over")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path, "frozen spec")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path} is damaged: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
-                        f"{fix}") from None
+        raise ExperimentError(f"{path} is damaged: not valid YAML{at} "
+                              f"({getattr(e, 'problem', None) or type(e).__name__}); {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+        raise ExperimentError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    except SpecError as e:  # too big, not UTF-8, an alias
+        raise ExperimentError(f"{path} is damaged: {str(e).removeprefix(str(path)).lstrip(': ')}; {fix}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or "name" not in raw:
-        raise SpecError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, pool, ...), "
-                        f"got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
+        raise ExperimentError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, "
+                              f"pool, ...), got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
     return raw
 
 
@@ -133,11 +137,11 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     exp = Path(os.path.abspath(experiment_dir))  # as given (not through symlinks), made absolute
     path = exp / SPEC_FILE
     if not exp.is_dir():
-        raise SpecError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
-                        f"e.g. <storage>/<sweep name>")
+        raise ExperimentError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
+                              f"e.g. <storage>/<sweep name>")
     if not path.exists():
-        raise SpecError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
-                        f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
+        raise ExperimentError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
+                              f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
     raw = _read_frozen(path)
     raw["storage"] = str(exp.parent)  # the folder may have been moved since
     spec = parse_spec(raw, where=str(path))
@@ -158,8 +162,8 @@ def driver_lock(exp: Path):
     except BlockingIOError:
         other = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise RuntimeError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
-                           f"wait for it, or stop it first (`oodsweep status {exp}` shows its progress)") from None
+        raise LockError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
+                        f"wait for it, or stop it first (`{command('oodsweep', 'status', exp)}` shows its progress)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(), 0)
     return fd

@@ -42,7 +42,7 @@ def _refuse_if_driver_runs(exp: Path, out: str | None, cmd: str) -> bool:
     """Whether a driver holds ``exp``; without ``--out`` that is a ``LockError`` naming its pid and host (the
     driver writes ``analysis/`` and MLflow itself, and SQLite takes one writer)."""
     from .console import command
-    from .experiment import DRIVER_LOCK, driver_running
+    from .lock import DRIVER_LOCK, driver_running
 
     what = {"analyze": "analysis", "report": "claims report"}[cmd]
     holder = driver_running(exp)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import yaml
 
-from .console import command, log
-from .errors import ExperimentError, LockError
+from .console import log
+from .errors import ExperimentError
+from .lock import DRIVER_LOCK, driver_lock, driver_running  # noqa: F401 (the experiment's lock, used as experiment.X)
 from .spec import SpecError, SweepSpec, parse_spec
 from .spec_checks import load_yaml
 
@@ -24,7 +24,6 @@ SPEC_FILE = "spec.yaml"
 POOL_STAGE = "pool"
 UNCERTAINTY_STAGE = "uncertainty"
 DONE_MARKER = ".oodsweep-done"
-DRIVER_LOCK = ".driver.lock"
 
 
 def frozen_spec(spec: SweepSpec) -> dict:
@@ -146,41 +145,3 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     raw["storage"] = str(exp.parent)  # the folder may have been moved since
     spec = parse_spec(raw, where=str(path))
     return SweepSpec(**{**spec.__dict__, "location": exp})
-
-
-def driver_lock(exp: Path):
-    """Hold ``<exp>/.driver.lock`` while a driver runs this experiment (released even on SIGKILL).
-
-    Two drivers on one experiment would run the same trials twice; the second is refused.
-    """
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise LockError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
-                        f"wait for it, or stop it first (`{command('oodsweep', 'status', exp)}` shows its progress)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(), 0)
-    return fd
-
-
-def driver_running(exp: Path) -> str | None:
-    """Who holds the experiment's driver lock on this machine (None when no driver runs)."""
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "a driver"
-    finally:
-        os.close(fd)
-    return None

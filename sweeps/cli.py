@@ -48,7 +48,7 @@ def _refuse_if_driver_runs(exp: Path, out: str | None, cmd: str) -> bool:
     holder = driver_running(exp)
     if holder is None:
         return False
-    if not out:
+    if not out or Path(out).resolve() == exp / "analysis":
         raise LockError(f"{exp}: a driver is running this experiment ({holder}; it holds {exp / DRIVER_LOCK}) and "
                         f"writes its analysis and MLflow runs when it ends. Wait for it "
                         f"(`{command('oodsweep', 'status', exp)}` shows its progress), stop it, or write this "
@@ -202,7 +202,10 @@ def _cmd_data_prepare(args) -> int:
 
     from .driver import prepare_data
 
+    from .guards import check_storage_writable
+
     spec = load_spec(args.spec)
+    check_storage_writable(spec, experiment=False)  # the slice cache's folder (and synthetic sites)
     cache = open_slice_cache(prepare_data(spec, progress=True))
     m = cache.manifest
     print(f"[oodsweep] slice cache ready: {cache.path}")
@@ -283,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oodsweep: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if e.errno is None or e.filename is None:  # ours: the message names the file and the fix
-            print(f"oodsweep: error: {e}", file=sys.stderr)
-            return 2
-        from .guards import os_error_message
+        from .guards import STORAGE_ERRNOS, os_error_message
 
-        print(f"oodsweep: storage: {os_error_message(e)}", file=sys.stderr)  # mid-run: a full disk, a lost mount
-        return 1
+        if e.errno in STORAGE_ERRNOS:  # mid-run: a full disk, a lost mount, a read-only remount
+            print(f"oodsweep: storage: {os_error_message(e)}", file=sys.stderr)
+            return 1
+        print(f"oodsweep: error: {e}", file=sys.stderr)  # ours name the file and the fix
+        return 2
     except (ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"oodsweep: error: {msg}", file=sys.stderr)

@@ -374,27 +374,33 @@ def storage_error(what: str, folder: Path, e: OSError) -> StorageError:
         f"Nothing was written.")
 
 
+#: the OS errors that mean "this storage cannot be written" (the command line prints them as storage errors)
+STORAGE_ERRNOS = frozenset(_FIX)
+
+
 def os_error_message(e: OSError) -> str:
     """An ``OSError`` met while a command ran (a full disk, a lost mount, a permission changed): the file, the
     error, what it means and the fix."""
     why = _FIX.get(e.errno or 0, "")
-    return (f"{e.filename}: {errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}"
+    where = e.filename or "writing a file (the library did not name it; the storage, data and cache folders)"
+    return (f"{where}: {errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}"
             f"{' (' + why + ')' if why else ''}. Check that folder's permissions and free space (`df -h`); "
             f"finished work is kept, and `oodsweep resume EXPERIMENT_DIR` continues from it")
 
 
-def writable_folders(spec: SweepSpec) -> list[tuple[str, Path]]:
-    """The folders a sweep writes: the experiment, the slice caches, synthetic sites."""
-    out = [("storage", spec.experiment_dir), ("slice cache folder", spec.cache_root)]
+def writable_folders(spec: SweepSpec, experiment: bool = True) -> list[tuple[str, Path]]:
+    """The folders a sweep writes: the experiment (``experiment``), the slice caches, synthetic sites."""
+    out = [("storage", spec.experiment_dir)] if experiment else []
+    out.append(("slice cache folder", spec.cache_root))
     if spec.data.synthetic is not None:
         out.append(("data.root (the synthetic sites are written there)", spec.data.root))
     return out
 
 
-def check_storage_writable(spec: SweepSpec) -> None:
+def check_storage_writable(spec: SweepSpec, experiment: bool = True) -> None:
     """Refuse a storage folder that cannot be written, without creating anything: a file is created and
     removed in the nearest existing folder of each path ``writable_folders`` lists."""
-    for what, folder in writable_folders(spec):
+    for what, folder in writable_folders(spec, experiment):
         if "://" in str(folder):
             continue
         parent = existing_parent(folder)

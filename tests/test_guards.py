@@ -311,3 +311,20 @@ def test_read_only_storage_names_the_folder_the_error_and_the_fix(tmp_path):
             or "EACCES: Permission denied" in err), err
     assert "Choose a folder you can write to" in err and "--storage" in err and "Nothing was written" in err
     assert "Traceback" not in err and "starting a local Ray" not in proc.stdout and took < 60
+
+
+@pytest.mark.slow  # tens of seconds: the synthetic sites are generated until the disk is full
+def test_a_disk_that_fills_up_mid_command_is_a_storage_error(tmp_path):
+    """`data prepare` on a 256 kB file system: writable at the start (the check passes), full while the synthetic
+    sites are written; the message names ENOSPC, what it means and the fix, without a traceback (the file only
+    where the library reports it: nibabel's gzip writer does not)."""
+    storage = tmp_path / "small disk"
+    storage.mkdir()
+    spec = write(tmp_path / "s.yaml", smoke_spec(storage))
+    cmd = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=256k tmpfs "$0" && exec "$@"', str(storage),
+           *OODSWEEP, "data", "prepare", str(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    err = proc.stderr
+    assert proc.returncode == 1 and err.startswith("oodsweep: storage: "), err[-3000:]
+    assert "ENOSPC: No space left on device (its disk is full)" in err and "Traceback" not in err
+    assert "oodsweep resume EXPERIMENT_DIR" in err

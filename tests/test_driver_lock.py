@@ -49,6 +49,8 @@ def test_analyze_and_report_refuse_while_a_driver_holds_the_experiment(tmp_path,
             assert err.startswith(f"oodsweep: experiment in use: {exp}: a driver is running this experiment "
                                   f"(pid {holder.pid} on {os.uname().nodename} since "), err
             assert f"`oodsweep {cmd[0]} '{exp}' --out DIR`" in err and f"`oodsweep status '{exp}'`" in err
+        assert main(["analyze", str(exp), "--out", str(exp / "analysis")]) == 1  # --out: not the driver's folder
+        assert "a driver is running this experiment" in capsys.readouterr().err
         assert sorted(p.name for p in exp.iterdir()) == [".driver.lock", "spec.yaml"]  # no analysis/, no mlflow.db
     finally:
         holder.kill()

@@ -17,9 +17,46 @@ import os
 import sys
 from pathlib import Path
 
-from .spec import METRICS, SpecError, load_spec
+from trainables.data.base import DataError
+
+from .errors import LockError, OodsweepError, StorageError
+from .spec import METRICS, load_spec
 
 PRESETS = Path(__file__).parent / "presets"
+
+
+def _positive_int(text: str) -> int:
+    """argparse's type for a count that must be >= 1 (``--num-cpus 0`` would hang Ray, -1 fail after the spec
+    is frozen): refused before anything runs."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n} (how many CPUs the local Ray may use; leave "
+                                         f"--num-cpus out to use all of this machine's)")
+    return n
+
+
+def _refuse_if_driver_runs(exp: Path, out: str | None, cmd: str) -> bool:
+    """Whether a driver holds ``exp``; without ``--out`` that is a ``LockError`` naming its pid and host (the
+    driver writes ``analysis/`` and MLflow itself, and SQLite takes one writer)."""
+    from .console import command
+    from .lock import DRIVER_LOCK, driver_running
+
+    what = {"analyze": "analysis", "report": "claims report"}[cmd]
+    holder = driver_running(exp)
+    if holder is None:
+        return False
+    if not out or Path(out).resolve() == exp / "analysis":
+        raise LockError(f"{exp}: a driver is running this experiment ({holder}; it holds {exp / DRIVER_LOCK}) and "
+                        f"writes its analysis and MLflow runs when it ends. Wait for it "
+                        f"(`{command('oodsweep', 'status', exp)}` shows its progress), stop it, or write this "
+                        f"{what} to another folder: `{command('oodsweep', cmd, exp, '--out', 'DIR')}` "
+                        f"(nothing is logged to MLflow then)")
+    print(f"[oodsweep] a driver is running {exp} ({holder}): the {what} goes to {out} only, nothing is logged "
+          f"to MLflow", file=sys.stderr)
+    return True
 
 
 def _layouts() -> list[str]:
@@ -102,6 +139,7 @@ def _cmd_analyze(args) -> int:
     from .experiment import load_experiment_spec
 
     spec = load_experiment_spec(args.experiment_dir)
+    running = _refuse_if_driver_runs(spec.experiment_dir, args.out, "analyze")
     out = None
     if args.out:
         out = Path(args.out).resolve()
@@ -111,10 +149,10 @@ def _cmd_analyze(args) -> int:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise SpecError(f"--out {args.out}: cannot write the analysis there ({e.strerror or e}); pass a "
+            raise StorageError(f"--out {args.out}: cannot write the analysis there ({e.strerror or e}); pass a "
                             f"folder you can create and write to, or leave --out out to write into "
                             f"{spec.experiment_dir / 'analysis'}") from None
-    tracker = None if args.no_mlflow else tracker_for(spec)
+    tracker = None if args.no_mlflow or running else tracker_for(spec)
     res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
     def f(v):
@@ -134,6 +172,8 @@ def _cmd_analyze(args) -> int:
 def _cmd_report(args) -> int:
     from analysis.claims import build_claims, verdicts_markdown
 
+    if (Path(args.experiment_dir) / "spec.yaml").is_file():
+        _refuse_if_driver_runs(Path(os.path.abspath(args.experiment_dir)), args.out, "report")
     claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out)
     print(verdicts_markdown(claims))
     print(f"\n[oodsweep] claims report written to {files[1]} (every row: {files[0]})")
@@ -162,7 +202,10 @@ def _cmd_data_prepare(args) -> int:
 
     from .driver import prepare_data
 
+    from .guards import check_storage_writable
+
     spec = load_spec(args.spec)
+    check_storage_writable(spec, experiment=False)  # the slice cache's folder (and synthetic sites)
     cache = open_slice_cache(prepare_data(spec, progress=True))
     m = cache.manifest
     print(f"[oodsweep] slice cache ready: {cache.path}")
@@ -184,17 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run (or continue) the sweep a spec describes")
     p.add_argument("spec", help="sweep spec YAML (see sweeps/presets/)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("resume", help="continue an interrupted sweep from its experiment folder alone "
                                       "(finished trials are kept, unfinished ones restart from their checkpoints)")
     p.add_argument("experiment_dir", help="the folder `oodsweep run` printed: <storage>/<sweep name>")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_cmd_resume)
     p = sub.add_parser("demo", help="the embedded-default demo: synthetic sites, local Ray, SQLite MLflow")
     p.add_argument("--storage", help="where experiments go (default: $OODSWEEP_STORAGE or ./oodsweep-runs)")
-    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs for the local Ray (default: all)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke", action="store_true", help="a one-minute version (tiny sites, 2 members) to check "
                                                         "an installation or a cluster")
@@ -233,17 +276,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as e:
-        print(f"oodsweep: invalid spec: {e}", file=sys.stderr)
+    except OodsweepError as e:  # the prefix says what kind: invalid spec, storage, tracking, cluster, ...
+        print(f"oodsweep: {e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    except DataError as e:
+        print(f"oodsweep: data: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # failed trials, damaged records: the message names the file and what to do
         print(f"oodsweep: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except OSError as e:
+        from .guards import STORAGE_ERRNOS, os_error_message
+
+        if e.errno in STORAGE_ERRNOS:  # mid-run: a full disk, a lost mount, a read-only remount
+            print(f"oodsweep: storage: {os_error_message(e)}", file=sys.stderr)
+            return 1
+        print(f"oodsweep: error: {e}", file=sys.stderr)  # ours name the file and the fix
+        return 2
+    except (ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"oodsweep: error: {msg}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

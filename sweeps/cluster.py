@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .console import log
+from .errors import ClusterError, StorageError, TrackingError
 from .spec import SpecError
 
 #: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
@@ -49,7 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address)
         except ConnectionError as e:
-            raise RuntimeError(f"cannot reach the Ray cluster at {address!r} ({e}); check --address / "
+            raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e}); check --address / "
                                f"$RAY_ADDRESS, or unset both to run on a local Ray") from e
     else:
         log("starting a local Ray")
@@ -78,15 +79,15 @@ def check_address(address: str | None = None, timeout: float = ADDRESS_TIMEOUT_S
     try:
         host, port = u.hostname, u.port or (10001 if address.startswith("ray://") else 6379)
     except ValueError as e:
-        raise RuntimeError(f"{where} {address!r} is not a cluster address ({e}); give HOST:PORT of the head "
+        raise ClusterError(f"{where} {address!r} is not a cluster address ({e}); give HOST:PORT of the head "
                            f"node (e.g. 10.0.0.5:6379), or unset it to run on a local Ray") from None
     if not host:
-        raise RuntimeError(f"{where} {address!r} is not a cluster address; give HOST:PORT of the head node "
+        raise ClusterError(f"{where} {address!r} is not a cluster address; give HOST:PORT of the head node "
                            f"(e.g. 10.0.0.5:6379), or unset it to run on a local Ray")
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise RuntimeError(
+        raise ClusterError(
             f"cannot reach the Ray cluster at {address!r} ({where}): {e.strerror or e} within {timeout:g} s. "
             f"Check that the head node runs and the port is open: `ray status --address {host}:{port}` on a "
             f"machine that can see it (the head prints its address at `ray start --head`); then fix {where}, "
@@ -134,7 +135,7 @@ def check_storage(path: str | os.PathLike, hosts: list[str], what: str = "storag
     fstype = filesystem_type(path, mounts)
     if fstype in SHARED_FS:
         return
-    raise SpecError(
+    raise StorageError(
         f"{what} {str(path)!r} is on a node-local file system ({fstype}) but the Ray cluster has "
         f"{len(set(hosts))} machines ({', '.join(sorted(set(hosts)))}): trials on other nodes would write "
         f"where the driver cannot read. Put `storage:` (or $OODSWEEP_STORAGE) on storage every node mounts "
@@ -179,26 +180,26 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
                 problem = f"HTTP {r.status}"
         except (urllib.error.URLError, OSError) as e:
             problem = str(getattr(e, "reason", e))
-        raise SpecError(f"the MLflow server at {uri} does not answer ({problem}). Start it (cluster.yaml's "
+        raise TrackingError(f"the MLflow server at {uri} does not answer ({problem}). Start it (cluster.yaml's "
                         f"head_setup_commands do: `mlflow server --host 127.0.0.1 --port 5000 ...`), or set "
                         f"`tracking.uri` / $MLFLOW_TRACKING_URI to a reachable server or to "
                         f"sqlite:////ABSOLUTE/PATH/mlflow.db")
     if uri.startswith("sqlite:"):
         path = uri.split("sqlite:///", 1)[-1]
         if not path.startswith("/"):
-            raise SpecError(f"tracking URI {uri!r} is relative; Ray Tune changes each trial's working directory. "
+            raise TrackingError(f"tracking URI {uri!r} is relative; Ray Tune changes each trial's working directory. "
                             f"Use sqlite:////ABSOLUTE/PATH/mlflow.db (four slashes)")
         folder = Path(path).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SpecError(f"cannot create the folder of the MLflow database {path!r}: {e}") from e
+            raise TrackingError(f"cannot create the folder of the MLflow database {path!r}: {e}") from e
         if not os.access(folder, os.W_OK):
-            raise SpecError(f"the folder of the MLflow database {path!r} is not writable; choose another "
+            raise TrackingError(f"the folder of the MLflow database {path!r} is not writable; choose another "
                             f"`tracking.uri` or $MLFLOW_TRACKING_URI")
         return
     if uri.startswith(("file:", "/", ".")) or "://" not in uri:
-        raise SpecError(f"tracking URI {uri!r} is a plain file store, which MLflow 3 refuses; use "
+        raise TrackingError(f"tracking URI {uri!r} is a plain file store, which MLflow 3 refuses; use "
                         f"sqlite:////ABSOLUTE/PATH/mlflow.db or an MLflow server (http://host:port)")
 
 

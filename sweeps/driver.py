@@ -13,7 +13,7 @@ from typing import Callable
 
 from trainables import records
 
-from .console import log
+from .console import command, log
 from .experiment import DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze
 from .spec import SweepSpec
 from .tracking import Tracker
@@ -66,9 +66,12 @@ def tracker_for(spec: SweepSpec) -> Tracker:
 
 def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> None:
     """Connect (or start a local Ray), then check that every node can reach the experiment's storage."""
-    from . import cluster
+    import ray
+
+    from . import cluster, guards
 
     cluster.connect(address, num_cpus)
+    guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")
     cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
@@ -170,7 +173,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         tracker.end(parent, "FAILED")
         msgs = "\n  - ".join(_trial_errors(errors))
         raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; "
-                           f"`oodsweep resume {exp}` retries only the failed ones):\n  - {msgs}")
+                           f"`{command('oodsweep', 'resume', exp)}` retries only the failed ones):\n  - {msgs}")
     records.merge_parts(exp)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     tracker.end(parent, "FINISHED")
@@ -300,8 +303,9 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
         raise IncompleteError(
             f"{exp} is incomplete, the analysis would leave these out: " + "; ".join(missing[:10])
             + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
-            + f". `oodsweep resume {exp}` redoes them; `oodsweep analyze {exp} --allow-incomplete` analyses "
-              f"what is there and lists what is missing in tables.md")
+            + f". `{command('oodsweep', 'resume', exp)}` redoes them; "
+              f"`{command('oodsweep', 'analyze', exp, '--allow-incomplete')}` analyses what is there and lists "
+              f"what is missing in tables.md")
     for line in missing:
         log(f"analysis without {line}")
     t = time.time()
@@ -340,9 +344,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     tracking store, the data) runs before the spec is frozen, so a refused first run leaves nothing
     that blocks the corrected one.
     """
-    from . import cluster, reconcile
+    from . import cluster, guards, reconcile
 
     exp = spec.experiment_dir
+    guards.check_before_launch(spec, address, num_cpus)  # storage writable, memory and disk: nothing written yet
     exp.mkdir(parents=True, exist_ok=True)
     lock = driver_lock(exp)
     try:
@@ -385,12 +390,12 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
         log(health_line(result["pool_health"], spec.analysis.metric))
     log(f"  records:  {exp / records.RECORDS_DIR}")
     log(f"  analysis: {result['out_dir']} (tables.md, correlations.csv, plots/)")
-    log(f"  MLflow:   mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    log(f"  MLflow:   {command('mlflow', 'ui', '--backend-store-uri', tracker.tracking_uri)}")
     # MLflow 3.17's UI opens on its GenAI view unless the workflow is named in the link (the experiment's
     # mlflow.experimentKind tag alone does not switch it: checked in headless Chromium)
     log(f"            then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
     if errors:
         raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
-                           f"analysed. Fix the cause and run `oodsweep resume {exp}` to retry only those:\n  - "
+                           f"analysed. Fix the cause and run `{command('oodsweep', 'resume', exp)}` to retry only those:\n  - "
                            + "\n  - ".join(errors))
     return summary

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import yaml
 
 from .console import log
+from .errors import ExperimentError
+from .lock import DRIVER_LOCK, driver_lock, driver_running  # noqa: F401 (the experiment's lock, used as experiment.X)
 from .spec import SpecError, SweepSpec, parse_spec
+from .spec_checks import load_yaml
 
 SPEC_FILE = "spec.yaml"
 #: the stages' folders (their Ray Tune experiments) and the marker a finished stage leaves in its folder
 POOL_STAGE = "pool"
 UNCERTAINTY_STAGE = "uncertainty"
 DONE_MARKER = ".oodsweep-done"
-DRIVER_LOCK = ".driver.lock"
 
 
 def frozen_spec(spec: SweepSpec) -> dict:
@@ -70,17 +71,19 @@ def _read_frozen(path: Path) -> dict:
            f"(`cp <your spec.yaml> {path}`; a resume checks it against the records' settings), or move "
            f"{path.parent} away to start over")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path, "frozen spec")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path} is damaged: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
-                        f"{fix}") from None
+        raise ExperimentError(f"{path} is damaged: not valid YAML{at} "
+                              f"({getattr(e, 'problem', None) or type(e).__name__}); {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+        raise ExperimentError(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    except SpecError as e:  # too big, not UTF-8, an alias
+        raise ExperimentError(f"{path} is damaged: {str(e).removeprefix(str(path)).lstrip(': ')}; {fix}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or "name" not in raw:
-        raise SpecError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, pool, ...), "
-                        f"got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
+        raise ExperimentError(f"{path} is damaged: expected the frozen sweep spec (a mapping with name, data, "
+                              f"pool, ...), got {type(raw).__name__} {str(raw)[:60]!r}; {fix}")
     return raw
 
 
@@ -133,50 +136,12 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     exp = Path(os.path.abspath(experiment_dir))  # as given (not through symlinks), made absolute
     path = exp / SPEC_FILE
     if not exp.is_dir():
-        raise SpecError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
-                        f"e.g. <storage>/<sweep name>")
+        raise ExperimentError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
+                              f"e.g. <storage>/<sweep name>")
     if not path.exists():
-        raise SpecError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
-                        f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
+        raise ExperimentError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
+                              f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
     raw = _read_frozen(path)
     raw["storage"] = str(exp.parent)  # the folder may have been moved since
     spec = parse_spec(raw, where=str(path))
     return SweepSpec(**{**spec.__dict__, "location": exp})
-
-
-def driver_lock(exp: Path):
-    """Hold ``<exp>/.driver.lock`` while a driver runs this experiment (released even on SIGKILL).
-
-    Two drivers on one experiment would run the same trials twice; the second is refused.
-    """
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise RuntimeError(f"another oodsweep driver is running this experiment ({other or 'pid unknown'}); "
-                           f"wait for it, or stop it first (`oodsweep status {exp}` shows its progress)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(), 0)
-    return fd
-
-
-def driver_running(exp: Path) -> str | None:
-    """Who holds the experiment's driver lock on this machine (None when no driver runs)."""
-    import fcntl
-
-    path = exp / DRIVER_LOCK
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "a driver"
-    finally:
-        os.close(fd)
-    return None

@@ -33,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from .spec_checks import Checker, expand_env, resolve_path
+from .console import command
+from .spec_checks import MAX_SPEC_BYTES, Checker, expand_env, load_yaml, resolve_path
 from .spec_data import parse_data
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, LAYOUTS, METRICS, AnalysisSpec, DataSpec, Epochs, Param,
                           PoolSpec, SearchSpec, SpecError, SweepSpec, SyntheticSpec, UncertaintySpec)
@@ -42,7 +43,7 @@ from .spec_sections import check_image_size, parse_analysis, parse_pool, parse_s
 #: the spec's types and choice lists, used as ``sweeps.spec.X`` by the stages, the CLI and the tests
 __all__ = ["AnalysisSpec", "BASELINES", "DEFAULT_BASELINES", "DataSpec", "Epochs", "LAYOUTS", "METRICS", "Param",
            "PoolSpec", "SearchSpec", "SpecError", "SweepSpec", "SyntheticSpec", "UncertaintySpec", "load_spec",
-           "parse_spec"]
+           "parse_spec", "MAX_SPEC_BYTES"]
 
 
 def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | None = None,
@@ -78,19 +79,20 @@ def load_spec(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> 
     comes from ``env`` (default: ``os.environ``)."""
     path = Path(path)
     if path.is_dir():
-        hint = (f"it is an experiment folder: continue it with `oodsweep resume {path}`"
+        hint = (f"it is an experiment folder: continue it with `{command('oodsweep', 'resume', path)}`"
                 if (path / "spec.yaml").is_file() else "give a spec YAML file, e.g. sweeps/presets/demo.yaml")
         raise SpecError(f"{path} is a folder, not a spec file; {hint}")
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
-    text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}; a spec is a YAML mapping "
                         f"(see sweeps/presets/demo.yaml)") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec file ({e.strerror or e}); check its permissions") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a YAML mapping with keys name, data, pool, ...; got "
                         f"{type(raw).__name__} {str(raw)[:60]!r} (see sweeps/presets/demo.yaml)")

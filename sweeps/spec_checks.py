@@ -9,7 +9,68 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .spec_schema import DISTRIBUTIONS, Param, SpecError
+
+#: A spec file larger than this is refused unread (a spec is a few kB; the study's is under 4 kB).
+MAX_SPEC_BYTES = 1 << 20
+#: Mappings and lists nested deeper than this are refused (a spec nests four levels).
+MAX_SPEC_DEPTH = 32
+
+
+class _Refused(Exception):
+    """Internal: the YAML uses an alias or nests too deeply (raised while composing, before any value is built)."""
+
+    def __init__(self, msg: str, mark) -> None:
+        super().__init__(msg)
+        self.line = mark.line + 1 if mark is not None else None
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with a depth limit.
+
+    An alias (``*name``) makes the composed tree share nodes, and nested aliases grow it exponentially (the
+    "billion laughs": 700 bytes that become 10^9 strings). PyYAML has no option for that, so the composer
+    refuses the alias event itself, before a node is built, and ``${VAR}`` expansion and the key checks never
+    see a shared tree. Anchors alone (``&name``) are harmless and accepted.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise _Refused(f"the YAML alias *{ev.anchor} (a reference to the anchor &{ev.anchor})", ev.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise _Refused(f"mappings and lists nested more than {MAX_SPEC_DEPTH} deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(path: Path, what: str = "spec") -> Any:
+    """The YAML document of a spec file (``what`` names it in messages), read safely: at most
+    ``MAX_SPEC_BYTES``, UTF-8, no aliases, at most ``MAX_SPEC_DEPTH`` levels. Errors are ``SpecError``s
+    naming the file, the line and the fix."""
+    path = Path(path)
+    with open(path, "rb") as f:  # read at most the cap (a FIFO or a device never ends)
+        data = f.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: the {what} file is larger than {MAX_SPEC_BYTES // 2**20} MiB (a spec is a few kB); "
+                        f"is it the right file? (see sweeps/presets/demo.yaml)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: the {what} file is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save it as UTF-8 YAML (see sweeps/presets/demo.yaml)") from None
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Refused as e:
+        at = f" at line {e.line}" if e.line else ""
+        raise SpecError(f"{path}{at}: {e} is not allowed in a {what} file (aliases can expand a few bytes into "
+                        f"gigabytes); write the value out where it is used, or use ${{VAR}} for a value "
+                        f"repeated in several places") from None
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

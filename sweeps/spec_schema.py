@@ -21,6 +21,8 @@ from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
 from trainables.delta_config import DeltaConfig
 from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
 
+from .errors import SpecError  # noqa: F401 (the spec's error, used as sweeps.spec_schema.SpecError)
+
 #: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
 METRICS = ALL_METRICS
 LAYOUTS = tuple(LAYOUT_REGISTRY)
@@ -37,10 +39,6 @@ PROMPTED_MEMBERS = ("all", "with_baselines")
 #: Values of the ``training`` blocks (trainables.config.AccelConfig documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
-
-
-class SpecError(ValueError):
-    """An invalid sweep spec. The message names the file, the key, the value and the fix."""
 
 
 def default(spec_type: type, name: str) -> Any:

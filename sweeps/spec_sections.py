@@ -56,7 +56,13 @@ def _training(c, raw, key: str, augment: bool) -> dict:
 
 def _gpu(c, v, key: str) -> float | None:
     """A GPU fraction, or ``auto`` (None): decided from the architecture and the cluster at launch."""
-    return None if v == "auto" else c.number(v, key, nonneg=True)
+    if v == "auto":
+        return None
+    n = c.number(v, key, nonneg=True)
+    if n > 1 and n != int(n):  # Ray takes a fraction of one GPU, or whole GPUs
+        raise c.fail(key, f"a share above one GPU must be a whole number of GPUs, got {v!r}; use e.g. "
+                          f"{math.ceil(n)} or a fraction <= 1")
+    return n
 
 
 def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
@@ -261,7 +267,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         workers=c.number(u.get("workers", 1), "uncertainty.workers", integer=True, positive=True),
         cpu=c.number(ur.get("cpu", 1.0), "uncertainty.resources.cpu", positive=True),
         gpu=_gpu(c, ur.get("gpu", "auto"), "uncertainty.resources.gpu"),
-        trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", nonneg=True),
+        trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", positive=True),
         max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
                                                                  integer=True, positive=True),
         max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),

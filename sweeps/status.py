@@ -6,6 +6,7 @@ from pathlib import Path
 
 from trainables import records
 
+from .console import command
 from .experiment import DONE_MARKER, POOL_STAGE, UNCERTAINTY_STAGE, driver_running, load_experiment_spec
 from .members import member_epochs
 
@@ -108,10 +109,10 @@ def format_status(st: dict) -> str:
     u = st.get("uncertainty")
     states = (p["state"], (u or {}).get("state"))
     if st["driver"] in ("not running", "finished") and "incomplete" in states:
-        lines.append(f"            incomplete (records missing, listed below): `oodsweep resume {st['experiment']}` "
+        lines.append(f"            incomplete (records missing, listed below): `{command('oodsweep', 'resume', st['experiment'])}` "
                      f"redoes them")
     elif st["driver"] == "not running" and any(s not in (None, "done") for s in states):
-        lines.append(f"            interrupted: `oodsweep resume {st['experiment']}` continues it")
+        lines.append(f"            interrupted: `{command('oodsweep', 'resume', st['experiment'])}` continues it")
     lines += [f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
              f"runs {p['runs_done']}/{p['runs_expected']} finished"
              + (f", {st['restarts']['pool']} restarted from a checkpoint" if st["restarts"].get("pool") else "")]

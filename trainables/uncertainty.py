@@ -37,6 +37,7 @@ the worker's rank; only rank 0 scores and writes records.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from pathlib import Path
 from typing import Callable
@@ -75,7 +76,7 @@ def _resolve(config: dict | DeltaConfig) -> DeltaConfig:
     checkpoint = str(records.resolve_checkpoint(cfg.experiment_dir, cfg.checkpoint))
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"pool member {cfg.member_id}: checkpoint {checkpoint} does not exist; "
-                                f"`oodsweep resume {cfg.experiment_dir}` trains that member again")
+                                f"`oodsweep resume {shlex.quote(str(cfg.experiment_dir))}` trains that member again")
     return dataclasses.replace(cfg, checkpoint=checkpoint)
 
 
@@ -91,7 +92,7 @@ def load_frozen(checkpoint: str, member_id: str, experiment_dir: str, device: to
         why = type(e).__name__ + (f": {first}" if first and "weights_only" not in str(e) else "")
         raise ValueError(f"pool member {member_id}: cannot load checkpoint {checkpoint}: it is damaged "
                          f"or not a pool member's weights ({why}); delete it and run `oodsweep resume "
-                         f"{experiment_dir}`, which trains that member again") from None
+                         f"{shlex.quote(str(experiment_dir))}`, which trains that member again") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model

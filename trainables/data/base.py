@@ -13,6 +13,11 @@ first, so that ``oodsweep data check`` can report all of them in one pass;
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
+import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -30,6 +35,8 @@ __all__ = [
     "pair_problems",
     "check_root",
     "raise_problems",
+    "file_problem",
+    "summarize_problems",
 ]
 
 
@@ -259,4 +266,53 @@ def raise_problems(problems: list[str], where: Path) -> None:
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
-        raise DataError(f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(problems))
+        raise DataError(f"{len(problems)} problems in {where}:\n  - " + "\n  - ".join(summarize_problems(problems)))
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a file whose name a layout expects cannot be used, or None when it is a readable regular file.
+
+    A symbolic-link loop, a broken link, a folder or other non-file under a case file's name, and a file
+    that cannot be opened are named as such (``Path.is_file`` answers False for all of them, and the case
+    would otherwise look like a missing file).
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return (f"{path}: a symbolic link loop (it points to {os.readlink(path)!r}, which leads back to "
+                    "itself); replace the link with the file it should point to, or remove it")
+        if path.is_symlink():
+            return (f"{path}: a broken symbolic link (to {os.readlink(path)!r}, which does not exist); point it "
+                    "at the file, or remove it")
+        return f"{path}: cannot be read ({e.strerror or e}); check the file and its folder's permissions"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
+        return f"{path}: {kind} where a case file is expected; move it away or replace it with the file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"{path}: unreadable ({e.strerror or e}); give the user running oodsweep read access (chmod a+r)"
+    return None
+
+
+def _kind(message: str) -> str:
+    """A message with its paths and numbers abstracted: messages of one kind differ only there."""
+    kind = re.sub(r"(?:\S*/\S*|\S+\.(?:nii|gz|png|jpe?g|tif+|bmp))", "<file>", message)
+    return re.sub(r"\d+", "N", kind)
+
+
+def summarize_problems(messages: list[str], first: int = 3) -> list[str]:
+    """``messages`` grouped by kind (the same words but for paths and numbers), in order of first
+    appearance: the first ``first`` of each kind, then one line "... and N more of this kind"."""
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for m in messages:
+        groups.setdefault(_kind(m), []).append(m)
+    out: list[str] = []
+    for msgs in groups.values():
+        out += msgs[:first]
+        if len(msgs) > first:
+            out.append(f"... and {len(msgs) - first} more of this kind")
+    return out

@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .base import CaseFiles, DataError
+from .base import CaseFiles, DataError, summarize_problems
 from .layouts import get_layout
 
 CACHE_VERSION = 2
@@ -287,9 +287,9 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
         if skipped and not skip_bad_cases:
             raise DataError(f"{len(skipped)} bad case(s) under {sorted({str(r) for _, r in sources.values()})} "
                             f"(nothing was cached; fix or remove them, or set data.skip_bad_cases: true):\n  - "
-                            + "\n  - ".join(s["reason"] for s in skipped))
-        for s in skipped:
-            print(f"[oodsweep] WARNING skipped: {s['reason']}", file=sys.stderr)
+                            + "\n  - ".join(summarize_problems([s["reason"] for s in skipped])))
+        for line in summarize_problems([s["reason"] for s in skipped]):
+            print(f"[oodsweep] WARNING skipped: {line}", file=sys.stderr)
         for w in warnings:
             print(f"[oodsweep] WARNING: {w}", file=sys.stderr)
         index = pd.DataFrame(rows, columns=["site", "case_id", "slice_idx"])

@@ -17,10 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import DataError
+from .base import DataError, summarize_problems
 from .layouts import get_layout
 
 __all__ = ["SiteReport", "CheckReport", "check_dataset", "format_report"]
+
+#: ``format_report`` prints the first SHOW_PER_KIND errors (and warnings) of each kind, then "... and N more
+#: of this kind"; and the first SHOW_SKIPPED names of the skipped cases of a site
+SHOW_PER_KIND = 3
+SHOW_SKIPPED = 10
 
 
 @dataclass
@@ -141,12 +146,15 @@ def format_report(report: CheckReport) -> str:
             out.append("    lesion mask files absent (lesion taken as absent): "
                        + ", ".join(f"{k} {n}" for k, n in rep.absent_masks.items()))
         if rep.skipped:  # the reasons are the errors listed below
-            out.append(f"    skipped {len(rep.skipped)} (see the errors below): "
-                       + ", ".join(case for case, _ in rep.skipped))
-    for w in report.warnings:
-        out.append(f"WARNING: {w}")
-    for e in report.errors:
-        out.append(f"ERROR: {e}")
+            names = [case for case, _ in rep.skipped]
+            more = f" and {len(names) - SHOW_SKIPPED} more" if len(names) > SHOW_SKIPPED else ""
+            out.append(f"    skipped {len(names)} (see the errors below): " + ", ".join(names[:SHOW_SKIPPED]) + more)
+    # many files with one problem (10,000 unpaired images) would print 10,000 lines: the first few of
+    # each kind, then a count (base.summarize_problems)
+    for w in summarize_problems(report.warnings, SHOW_PER_KIND):
+        out.append(w if w.startswith("... and ") else f"WARNING: {w}")
+    for e in summarize_problems(report.errors, SHOW_PER_KIND):
+        out.append(e if e.startswith("... and ") else f"ERROR: {e}")
     n_cases = sum(r.cases for r in report.sites)
     out.append(f"{'OK' if report.ok else 'FAILED'}: {n_cases} good cases, {len(report.errors)} error(s), "
                f"{len(report.warnings)} warning(s)")

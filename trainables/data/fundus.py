@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Case, CaseFiles, DataError, check_root, raise_problems
+from .base import Case, CaseFiles, DataError, check_root, file_problem, raise_problems
 
 __all__ = ["LESIONS", "LESION_NAMES", "IDRiD", "FGADR", "read_rgb", "read_binary_mask"]
 
@@ -213,11 +213,17 @@ _IDRID_FOLDERS = {"MA": r"micro\s*aneurysm", "HE": r"ha?emorrhage", "EX": r"hard
                   "SE": r"soft\s*exudate"}
 
 
-def _files_matching(folder: Path, pattern: re.Pattern):
-    """``(path, match)`` for the files in ``folder`` whose names match ``pattern``, sorted by name."""
+def _files_matching(folder: Path, pattern: re.Pattern, problems: list[str]):
+    """``(path, match)`` for the files in ``folder`` whose names match ``pattern``, sorted by name; a matching
+    name that is a link loop, a broken link or an unreadable file goes to ``problems`` instead."""
     for path in sorted(folder.iterdir()):
         m = pattern.match(path.name)
-        if m is not None and path.is_file():
+        if m is None or path.is_dir():
+            continue
+        bad = file_problem(path)
+        if bad:
+            problems.append(bad)
+        else:
             yield path, m
 
 
@@ -252,7 +258,7 @@ class IDRiD(_Fundus):
         splits: dict[str, str | None] = {}
         problems: list[str] = []
         for split_dir in sorted(p for p in (base / "1. Original Images").iterdir() if p.is_dir()):
-            for path, m in _files_matching(split_dir, _IDRID_IMAGE):
+            for path, m in _files_matching(split_dir, _IDRID_IMAGE, problems):
                 case = m.group("case")
                 if _new_image(images, case, path, problems):
                     numbers[case], splits[case] = (int(m.group("num")),), _split_of(split_dir.name)
@@ -267,7 +273,7 @@ class IDRiD(_Fundus):
                 lesion = _lesion_of(les_dir.name, _IDRID_FOLDERS)
                 if lesion is None:  # "5. Optic Disc" and anything else
                     continue
-                for path, m in _files_matching(les_dir, _IDRID_MASK):
+                for path, m in _files_matching(les_dir, _IDRID_MASK, problems):
                     if m.group("les").upper() != lesion:
                         problems.append(f"{path}: a {m.group('les').upper()} mask in the {lesion} folder "
                                         f"{les_dir.name!r}. Move it to its lesion's folder.")
@@ -303,7 +309,7 @@ class FGADR(_Fundus):
     def _scan(self, base: Path, site: str) -> tuple[list[CaseFiles], list[str]]:
         images: dict[str, Path] = {}
         problems: list[str] = []
-        for path, m in _files_matching(base / "Original_Images", _FGADR_IMAGE):
+        for path, m in _files_matching(base / "Original_Images", _FGADR_IMAGE, problems):
             _new_image(images, m.group("case"), path, problems)
         if not images:
             raise DataError(f"{base / 'Original_Images'} holds no images (expected NNNN_N.png). Check the data "
@@ -316,7 +322,7 @@ class FGADR(_Fundus):
         for folder, lesion in lesion_dirs:
             if lesion is None:
                 continue
-            for path, m in _files_matching(folder, _FGADR_IMAGE):
+            for path, m in _files_matching(folder, _FGADR_IMAGE, problems):
                 masks.setdefault(m.group("case"), {})[lesion] = path
         numbers = {c: _natural(c) for c in images}
         return _assemble(site, images, masks, numbers, {}, problems, "Original_Images/{case}.png"), problems

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Case, CaseFiles, DataError, check_root, pair_problems, raise_problems
+from .base import Case, CaseFiles, DataError, check_root, file_problem, pair_problems, raise_problems
 from .nifti import load_volume_case
 
 __all__ = ["LiTS", "FLARE"]
@@ -55,7 +55,11 @@ class _PairedVolumes:
         problems: list[str] = []
         for path in sorted(root.rglob("*")):
             m = self.pattern.match(path.name)
-            if m is None or not path.is_file() or any(p.startswith(".") for p in path.relative_to(root).parts):
+            if m is None or any(p.startswith(".") for p in path.relative_to(root).parts) or path.is_dir():
+                continue
+            bad = file_problem(path)  # a link loop, a broken link, an unreadable file: named as such
+            if bad:
+                problems.append(bad)
                 continue
             case = m.group("case")
             role = images if m.group("img") else masks

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Case, CaseFiles, DataError, check_pair, label_values
+from .base import Case, CaseFiles, DataError, check_pair, file_problem, label_values
 
 __all__ = ["read_nifti", "nifti_affine", "check_orientation", "load_volume_case"]
 
@@ -38,6 +38,9 @@ def read_nifti(path: Path, dtype: type | None = None) -> tuple[np.ndarray, tuple
     import nibabel as nib  # local: keeps importing the package light
 
     path = Path(path)
+    bad = file_problem(path)  # a link loop or an unreadable file is named as such, not as a corrupt NIfTI
+    if bad:
+        raise DataError(bad)
     try:
         img = nib.load(str(path))
         # reading the array is where a truncated or corrupt gzip fails (EOFError,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Case, CaseFiles, DataError, check_root, pair_problems, raise_problems
+from .base import Case, CaseFiles, DataError, check_root, file_problem, pair_problems, raise_problems
 from .nifti import load_volume_case
 
 __all__ = ["PROSTATE_SITE_FOLDERS", "ProstateMultisite"]
@@ -59,7 +59,7 @@ class ProstateMultisite:
 
     @staticmethod
     def _has_cases(folder: Path) -> bool:
-        return any(_PROSTATE_FILE.match(p.name) for p in folder.iterdir() if p.is_file())
+        return any(_PROSTATE_FILE.match(p.name) for p in folder.iterdir())  # a broken case file counts: check names it
 
     # -- Layout ------------------------------------------------------------------------
     def sites(self, root: Path) -> list[str]:
@@ -119,11 +119,17 @@ class ProstateMultisite:
         numbers: dict[str, int] = {}
         problems: list[str] = []
         dupes: set[str] = set()
+        broken: set[str] = set()
         for path in sorted(folder.iterdir()):
             m = _PROSTATE_FILE.match(path.name)
-            if m is None or not path.is_file():
+            if m is None:
                 continue
             case_id = m.group("case")
+            bad = file_problem(path)  # a link loop, a broken link, a folder, an unreadable file: named as such
+            if bad:
+                problems.append(bad)
+                broken.add(case_id)  # its partner is not "without an image": this problem says why
+                continue
             numbers[case_id] = int(m.group("num"))
             role = masks if m.group("seg") else images
             if case_id in role:
@@ -135,13 +141,15 @@ class ProstateMultisite:
                 dupes.add(case_id)
                 continue
             role[case_id] = path
-        if not images and not masks:
+        if not images and not masks and not problems:
             raise DataError(
                 f"site folder {folder} holds no cases (expected CaseNN.nii.gz + "
                 "CaseNN_segmentation.nii.gz). Check the site name and the data root."
             )
-        problems += pair_problems(folder, images, masks, "{case}.nii.gz", "{case}_segmentation.nii.gz")
-        order = sorted((c for c in images if c in masks and c not in dupes), key=lambda c: (numbers[c], c))
+        problems += pair_problems(folder, {c: p for c, p in images.items() if c not in broken},
+                                  {c: p for c, p in masks.items() if c not in broken}, "{case}.nii.gz",
+                                  "{case}_segmentation.nii.gz")
+        order = sorted((c for c in images if c in masks and c not in dupes | broken), key=lambda c: (numbers[c], c))
         return [CaseFiles(site=site, case_id=c, image=images[c], mask=masks[c]) for c in order], problems
 
     def list_cases(self, root: Path, site: str) -> list[CaseFiles]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -154,7 +155,7 @@ def _read_merged(path: Path, ids: list[str], note: str):
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
         if not ids:
             raise RecordsError(f"{path} is damaged ({reason}) and {note} holds no parts to rebuild it from; "
-                               f"delete it and run `oodsweep resume {path.parent.parent}` to redo the stage "
+                               f"delete it and run `oodsweep resume {shlex.quote(str(path.parent.parent))}` to redo the stage "
                                f"that writes it") from None
         print(f"[oodsweep] {path} is damaged ({reason}); rebuilt it from {note} ({len(ids)} parts)",
               file=sys.stderr, flush=True)
@@ -174,7 +175,7 @@ def merge_parts(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Dat
             rows.append(json.loads(part.read_text()))
         except (OSError, ValueError) as e:
             raise RecordsError(f"{part} is damaged ({type(e).__name__}: {e}); delete it and run `oodsweep resume "
-                               f"{Path(experiment_dir)}` to train that member again") from None
+                               f"{shlex.quote(str(experiment_dir))}` to train that member again") from None
     members = pd.DataFrame(rows)
     members = conform(members, MEMBER_COLUMNS, "members")
     frames = []
@@ -185,7 +186,7 @@ def merge_parts(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Dat
         except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
             raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and "
                                f"{rdir / 'parts' / f'{i}.member.json'}, then run `oodsweep resume "
-                               f"{Path(experiment_dir)}` to train that member again") from None
+                               f"{shlex.quote(str(experiment_dir))}` to train that member again") from None
     slices = pd.concat(frames, ignore_index=True)
     slices = conform(slices, SLICE_COLUMNS, "slices")
     _write_parquet(members, rdir / "members.parquet")
@@ -296,7 +297,7 @@ def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Pa
             frames.append(pd.read_parquet(part))
         except Exception as e:  # noqa: BLE001
             raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
-                               f"{Path(experiment_dir)}` to fit that member's δ again") from None
+                               f"{shlex.quote(str(experiment_dir))}` to fit that member's δ again") from None
     df = conform(fill(pd.concat(frames, ignore_index=True)), columns, what)
     _write_parquet(df, merged)
     return df

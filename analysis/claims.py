@@ -31,7 +31,8 @@ ALine estimates' mean absolute error (a number, no verdict). Their verdicts use 
 own side and read ``holds`` / ``does not hold`` / ``inconclusive``. Where the pool has degenerate
 members (``analysis.degenerate_floor``), C2–C4 are repeated without them, and a verdict that changes
 without them is reported as inconclusive (``_check_degenerate``). C2–C4 and the project rows use the label-free members only
-(DESIGN §3); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and say so.
+(docs/architecture.md "Records"); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and
+say so.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The experiment directory's own files (DESIGN §3): the names the stages share, the frozen spec (what a
+"""The experiment directory's own files (docs/architecture.md "Records"): the names the stages share, the frozen
+spec (what a
 resume checks), and the driver lock.
 
 ``<storage>/<name>/spec.yaml`` is the spec as launched; a rerun or ``oodsweep resume`` compares the new

@@ -1,4 +1,4 @@
-"""The claims report: which of the paper's claims the experiment reproduces (issue 16).
+"""The claims report: which of the paper's claims the experiment reproduces.
 
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
 statistic, its 95% bootstrap interval **over training runs** (``run_id``: the snapshot members of a

@@ -1,4 +1,4 @@
-"""Same seeds -> same records (issue 16): the trainables twice in two fresh folders, without Ray.
+"""Same seeds -> same records: the trainables twice in two fresh folders, without Ray.
 
 The sweep on a local Ray is compared with `assert_same_records` in `tests/test_resume.py`: the tiny
 sweep killed and resumed in a fresh folder against the session's uninterrupted `finished` one (a

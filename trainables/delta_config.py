@@ -1,6 +1,6 @@
-"""δ's config (``fit_uncertainty``; paper §2.3-2.4, docs/architecture.md "Uncertainty") as a frozen dataclass (see
-``trainables.config``:
-``DeltaConfig.from_dict`` converts Ray's dict once, each field's default is kept here and nowhere else)."""
+"""δ's config (``fit_uncertainty``; paper §2.3-2.4, docs/architecture.md "Uncertainty") as a frozen dataclass
+(see ``trainables.config``: ``DeltaConfig.from_dict`` converts Ray's dict once, each field's default is kept
+here and nowhere else)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

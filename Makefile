@@ -1,7 +1,7 @@
 # Two commands, each doing its own set-up on a fresh clone:
 #   make demo   the embedded-default demo sweep (synthetic sites, local Ray, SQLite MLflow)
 #   make test   the whole test suite (every tier)
-#   make test-fast  the unit tier: all but the Ray integration, slow and rayup tests (README "Tests")
+#   make test-fast  the unit tier: all but the Ray integration, slow and rayup tests (docs/development.md, "Tests")
 # The virtual environment (.venv) is created and filled on first use (about 2-4 minutes, 6.6 GB).
 PYTHON ?= python3
 VENV   ?= .venv

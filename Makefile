@@ -12,9 +12,11 @@ STAMP  := $(VENV)/.oodsweep-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins torch/torchvision to the releases the development machine has on disk, so that
+# pip does not download another torch there; the package's own ranges are in pyproject.toml.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """GPU check: the project's own training loops against the raw model step, per architecture.
 
-Runs without Ray (the GPU machine has none): it imports ``trainables`` only. For each architecture
+Runs without Ray (a GPU machine need not have it installed): it imports ``trainables`` only. For each architecture
 it writes a synthetic training split (random images with elliptic masks, as ``.npy`` files like a
 slice cache's), places it with ``trainables.accel.place_training_data`` (on the device, as a pool
 trial would), and times

@@ -16,9 +16,10 @@ Flagged, each with ``file:line`` and the text found:
    from there but leads above the root read from the root itself (how the README and code comments cite
    files). So ``../README.md`` in ``docs/`` passes, and a sibling checkout's ``../<folder>/x`` cited
    anywhere fails.
-2. **Absolute paths of a developer's machine**, where a path starts (after a space, quote, bracket,
-   ``=``, ``:`` or the slashes of a ``file://`` or ``sqlite:///`` URL; a URL's path after its host name
-   is not a path start):
+2. **Absolute paths of a developer's machine**, where a path starts: the character before it is not a
+   letter, digit, ``_``, ``.``, ``~``, ``$`` or ``-`` (so after a space, a quote, a bracket, ``=``, ``:``
+   or the slashes of a ``file://`` or ``sqlite:///`` URL; a URL's path after its host name, or
+   ``/mnt/work``, is not a start):
    - ``/work`` and ``/root`` and anything under them;
    - ``/home/<name>`` for any name but the placeholders ``HOME_PLACEHOLDERS`` (``ray``: the home folder
      of Ray's Docker images, as ``cluster.yaml`` uses it; ``me``, ``user``, ``username``, ``you``);

@@ -10,6 +10,7 @@ checked by the language tag after its opening fence:
   ``${VAR}`` points at a folder under a temporary directory, and a data folder the loader asks for is
   created there empty. Other YAML (a Kubernetes manifest, a cluster file) must parse.
 * ``python``: executed, in a temporary working directory.
+* ``csv``: read with :mod:`csv`; every row has the header's number of fields.
 * ``bash`` / ``sh`` / ``shell``, and ``console`` (whose commands are the lines starting with ``$ ``): every
   command (the first word of a line and after ``&&``, ``||``, ``;``, ``|``, ``(``; environment assignments
   and ``sudo``/``time``/``then``/``do``-style prefixes skipped) must exist:
@@ -28,6 +29,7 @@ checked by the language tag after its opening fence:
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import importlib.util
 import os
@@ -55,7 +57,7 @@ SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")", ";;", "|&"}
 REDIRECTS = {">", ">>", "<", "<<", ">&", "&>", "<&", "<<<", ">|"}
 SHELL_TAGS = {"bash", "sh", "shell", "console"}
 SPEC_SECTIONS = {"name", "storage", "data", "pool", "search", "uncertainty", "analysis", "tracking"}
-TAGS = ["text", "yaml", "yml", "python", *sorted(SHELL_TAGS)]
+TAGS = ["text", "yaml", "yml", "python", "csv", *sorted(SHELL_TAGS)]
 
 
 def doc_files() -> list[Path]:
@@ -286,6 +288,10 @@ def check_block(tag: str, text: str, ctx: Context, tmp: Path) -> list[str]:
         finally:
             os.chdir(cwd)
         return []
+    if tag == "csv":
+        rows = list(csv.reader(text.splitlines()))
+        return [f"csv row {i + 1} has {len(r)} fields, the header {len(rows[0])}"
+                for i, r in enumerate(rows) if r and len(r) != len(rows[0])]
     if tag in SHELL_TAGS:
         return shell_problems(text, tag, ctx)
     return [f"code block tagged {tag or '(none)'!r}: tag it {', '.join(TAGS)} (text: output, not checked)"]
@@ -346,6 +352,8 @@ def test_what_passes(ctx):
 def test_other_tags_and_bad_specs_fail(ctx, tmp_path):
     assert "tag it text, yaml" in check_block("", "make demo", ctx, tmp_path)[0]
     assert check_block("text", "anything at all $ frob", ctx, tmp_path) == []
+    assert check_block("csv", "member,arch\nm1,unet_r18\n", ctx, tmp_path) == []
+    assert "row 3 has 3 fields" in check_block("csv", "member,arch\nm1,unet_r18\nm2,x,y\n", ctx, tmp_path)[0]
     from sweeps.spec import SpecError
     with pytest.raises(SpecError, match="unet_r1000"):
         check_block("yaml", "pool:\n  arch: {grid: [unet_r1000]}\n  lr: {grid: [0.001]}\n  epochs: {grid: [1]}\n",

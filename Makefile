@@ -1,7 +1,7 @@
 # Two commands, each doing its own set-up on a fresh clone:
 #   make demo   the embedded-default demo sweep (synthetic sites, local Ray, SQLite MLflow)
 #   make test   the whole test suite (every tier)
-#   make test-fast  the unit tier: all but the Ray integration, slow and rayup tests (README "Tests")
+#   make test-fast  the unit tier: all but the Ray integration, slow and rayup tests (docs/development.md, "Tests")
 # The virtual environment (.venv) is created and filled on first use (about 2-4 minutes, 6.6 GB).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,9 +12,11 @@ STAMP  := $(VENV)/.oodsweep-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins torch/torchvision to the releases the development machine has on disk, so that
+# pip does not download another torch there; the package's own ranges are in pyproject.toml.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """The analysis stage: reads an experiment's records, writes correlations, tables and plots.
 
-Imports only ``trainables.records`` from the project (DESIGN §2); never Ray or torch.
+Imports only ``trainables.records`` from the project (docs/architecture.md "Rooms"); never Ray or torch.
 
 The public names are loaded on first use (PEP 562), so that reading the indicator registry (the spec
 checks ``analysis.indicators`` against it) does not import pandas' plotting and matplotlib.

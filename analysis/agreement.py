@@ -1,4 +1,5 @@
-"""Agreement between pool members: one member scored against another's masks (DESIGN §3, §7).
+"""Agreement between pool members: one member scored against another's masks
+(docs/architecture.md "Records", "Analysis").
 
 The pool stage stores every member's binary predictions per evaluated site as packed bits
 (``trainables.records.save_predictions``): one file per member and site, the same slices in the same

@@ -1,4 +1,4 @@
-"""Agreement-on-the-line: Baek et al.'s test and the ALine-S / ALine-D estimators (DESIGN §7).
+"""Agreement-on-the-line: Baek et al.'s test and the ALine-S / ALine-D estimators (docs/architecture.md "Analysis").
 
 Baek, Jiang, Raghunathan, Kolter, "Agreement-on-the-line: Predicting the performance of neural
 networks under distribution shift" (NeurIPS 2022). Across a pool of models, OOD accuracy is linear

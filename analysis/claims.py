@@ -1,4 +1,4 @@
-"""The claims report: which of the paper's claims the experiment reproduces (issue 16).
+"""The claims report: which of the paper's claims the experiment reproduces.
 
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
 statistic, its 95% bootstrap interval **over training runs** (``run_id``: the snapshot members of a
@@ -31,7 +31,8 @@ ALine estimates' mean absolute error (a number, no verdict). Their verdicts use 
 own side and read ``holds`` / ``does not hold`` / ``inconclusive``. Where the pool has degenerate
 members (``analysis.degenerate_floor``), C2–C4 are repeated without them, and a verdict that changes
 without them is reported as inconclusive (``_check_degenerate``). C2–C4 and the project rows use the label-free members only
-(DESIGN §3); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and say so.
+(docs/architecture.md "Records"); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and
+say so.
 """
 from __future__ import annotations
 

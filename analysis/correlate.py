@@ -1,4 +1,4 @@
-"""Correlation of an indicator with OOD performance across the pool (DESIGN §7).
+"""Correlation of an indicator with OOD performance across the pool (docs/architecture.md "Analysis").
 
 Statistics come from ``scipy.stats``: Pearson r with its Fisher-z confidence interval, Spearman ρ,
 Kendall τ (τ-b), least squares (``linregress``) for the probit fit, and ``bootstrap`` (BCa where it
@@ -7,7 +7,7 @@ degenerate cases (too few points, constant input) so that they give NaN instead 
 
 **The unit of resampling is the training run** (``run_id``): the snapshot members of one run (and
 the pairs they are in) are not independent, so a bootstrap resample draws runs with replacement and
-takes every member of a drawn run (DESIGN §3). Without run ids, each member is its own unit (the
+takes every member of a drawn run (docs/architecture.md "Records"). Without run ids, each member is its own unit (the
 caller warns). Fisher z and the p-values treat points as independent: they are kept for member
 rows (read them with that caveat) and left out (NaN) on pair rows, where they are plainly wrong.
 """

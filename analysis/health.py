@@ -1,8 +1,8 @@
 """Does the pool learn? The three checks a study needs before its correlations mean anything.
 
 A pool whose members predict nothing, or whose "harder" targets score above the source, lets every
-indicator correlate through collapsed-versus-working members, and the study then tests nothing
-(issue 16). :func:`pool_health` reads the analysis's performance table (one row per member and
+indicator correlate through collapsed-versus-working members, and the study then tests nothing.
+:func:`pool_health` reads the analysis's performance table (one row per member and
 target: ``id_score``, ``ood_score``) and reports:
 
 * **learns**: the best member of every architecture reaches ``id_bar`` on the source test split;
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-#: The demo's bars (issue 16): best member per architecture, share of collapsed members, collapse floor.
+#: The demo's bars: best member per architecture, share of collapsed members, collapse floor.
 ID_BAR = 0.70
 MAX_COLLAPSED_SHARE = 0.10
 COLLAPSE_FLOOR = 0.05

@@ -1,4 +1,4 @@
-"""Label-free indicators of OOD performance, one value per (pool member, target site) (DESIGN §7).
+"""Label-free indicators of OOD performance, one value per (pool member, target site) (docs/architecture.md "Analysis").
 
 The registry ``INDICATORS`` names every indicator the analysis knows: which column of the
 indicator table holds it, whether a higher value promises a better OOD score, and which records
@@ -52,7 +52,7 @@ class IndicatorInfo:
     needs: str
 
 
-#: The registry of indicators (DESIGN §2: one registry dict per kind of plug-in).
+#: The registry of indicators (docs/architecture.md "Rooms": one registry dict per kind of plug-in).
 INDICATORS: dict[str, IndicatorInfo] = {
     "id_performance": IndicatorInfo("id_score", True, "ID {metric}", "slices"),
     "id_agreement": IndicatorInfo("id_agreement", True, "ID agreement (mean with the pool)", "predictions"),
@@ -65,7 +65,7 @@ INDICATORS: dict[str, IndicatorInfo] = {
                                   "uncertainty"),
 }
 
-#: Names a spec may use for several indicators at once (DESIGN §4's ``indicators`` list).
+#: Names a spec may use for several indicators at once (the spec's ``analysis.indicators`` list, docs/architecture.md "Specs").
 INDICATOR_GROUPS: dict[str, tuple[str, ...]] = {
     "agreement": ("id_agreement", "ood_agreement"),
     "uncertainty": ("uncertain_area", "mean_uncertainty", "fixed_threshold_area", "guarded_area"),

@@ -1,4 +1,4 @@
-"""Experiment records -> tidy performance tables (DESIGN §7).
+"""Experiment records -> tidy performance tables (docs/architecture.md "Analysis").
 
 Every score here is aggregated from the per-slice confusion counts by
 ``trainables.records.metric_by``; this module only reshapes and joins.
@@ -20,7 +20,8 @@ PERFORMANCE_COLUMNS = MEMBER_KEYS + ["target", "metric", "id_score", "ood_score"
 #: and whether the member's evaluation used labels (box prompts from the ground truth).
 MEMBER_EXTRAS = ["run_id", "oracle_prompt"]
 
-#: The member's score on the validation split (role "val": source training cases held out, DESIGN §3),
+#: The member's score on the validation split (role "val": source training cases held out, docs/architecture.md
+#: "Records"),
 #: which chooses configurations; NaN in records without one. Appended after ``MEMBER_EXTRAS``.
 VAL_COLUMN = "val_score"
 

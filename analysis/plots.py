@@ -1,4 +1,4 @@
-"""Figures of the analysis (DESIGN §7): the paper's Fig. 3, Fig. 4 and Fig. 6.
+"""Figures of the analysis (docs/architecture.md "Analysis"): the paper's Fig. 3, Fig. 4 and Fig. 6.
 
 * ``figure_fig4``: OOD against ID performance, OOD performance against ID agreement and OOD
   against ID agreement over pairs of members ("on the line"), on probit axes with raw-value

@@ -4,7 +4,7 @@
 the claims report rebuilt alone (``oodsweep report``) reads the same label-free members, the same
 agreement and the same uncertainty indicators as the whole analysis.
 
-The member sets (DESIGN §3): ``label-free`` holds the members whose evaluation used no labels (the
+The member sets (docs/architecture.md "Records"): ``label-free`` holds the members whose evaluation used no labels (the
 default reading of every result); when the pool has oracle-prompted members (``oracle_prompt``: box
 prompts from the ground truth), ``all`` stands beside it. The agreement indicators of a set average
 over that set's members only: a label-free member's agreement with an oracle member would carry the

@@ -1,4 +1,5 @@
-"""``tables.md``: every table of the analysis, the figures, and what was skipped and why (DESIGN §7).
+"""``tables.md``: every table of the analysis, the figures, and what was skipped and why
+(docs/architecture.md "Analysis").
 
 ``analysis.run.run_analysis`` computes the results and writes the CSV files; this module lays them out
 as one markdown report, label-free members first (each result block under a heading naming its set).

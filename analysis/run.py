@@ -1,4 +1,5 @@
-"""The analysis stage: experiment records -> indicators, correlations, tables, figures (DESIGN §2, §7).
+"""The analysis stage: experiment records -> indicators, correlations, tables, figures
+(docs/architecture.md "Rooms", "Analysis").
 
 Reads ``<experiment>/records`` only (no Ray, no MLflow: the driver logs the files this writes), so
 it can be rerun on any finished experiment. What the uncertainty stage has not produced (its

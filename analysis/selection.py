@@ -1,4 +1,4 @@
-"""Model selection for a new site (DESIGN §7): which pool member to deploy without target labels.
+"""Model selection for a new site (docs/architecture.md "Analysis"): which pool member to deploy without target labels.
 
 Two questions a hospital asks of the pool, answered on every target site of the experiment as if
 it were the new one:

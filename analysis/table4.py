@@ -1,5 +1,6 @@
 """Table 4 of the paper: the uncertainty methods by the squared error between their uncertain masks and the
-member's error masks (DESIGN §6, §7), computed from the uncertainty records and laid out as a table.
+member's error masks (docs/architecture.md "Uncertainty", "Analysis"), computed from the uncertainty records and
+laid out as a table.
 
 Table 4 is the analysis's alone: the driver does not write it (``analysis/table4.csv`` and
 ``table4_readings.csv`` are written by ``analysis.uncertainty_indicators.uncertainty_sections``).

@@ -1,4 +1,5 @@
-"""Paper-style tables (DESIGN §7): Tables 1–3, correlations and model selection (Table 4: ``analysis.table4``).
+"""Paper-style tables (docs/architecture.md "Analysis"): Tables 1–3, correlations and model selection (Table 4:
+``analysis.table4``).
 
 Tables 1–3 (same- vs cross-domain performance) differ in the paper only by dataset, metric and
 orientation: Table 1 has a "Same-Dom." row per source and a "Cross-Dom." row ``S → T`` per target, one

@@ -9,7 +9,7 @@ target sites of ``--slices`` slices each (``--image-size`` squared pixels), with
 * uncertainty records for every member, method (ggd, bayescap, tta_noise, tta_color, mc_dropout),
   site and slice (``records/uncertainty/parts``), and qualitative examples for a few members,
 
-then times one ``run_analysis`` call on it (the issue's goal: under 60 s for 200 members x 4 targets
+then times one ``run_analysis`` call on it (the goal: under 60 s for 200 members x 4 targets
 x 2,000 slices on the 2-core development machine) and prints the stage's own breakdown.
 
 Masks: one ellipse "organ" per slice (in 70% of the slices) per site; a member's prediction is the

@@ -7,7 +7,7 @@ labels 0/1/2) of ``--cases`` volumes of ``--shape`` (default 10 x 256 x 256 x 20
   memory-mapped arrays, against what a trial would do without a cache: open the case's NIfTI,
   decode the one slice through nibabel's array proxy, window it and resize it (MONAI, as the cache
   does). Both the compressed ``.nii.gz`` files and uncompressed ``.nii`` copies (LiTS ships
-  ``.nii``) are decoded; the ratios are cache / NIfTI samples per second. The issue's bar: >= 10x.
+  ``.nii``) are decoded; the ratios are cache / NIfTI samples per second. The bar: >= 10x.
 * peak RSS of preparing the cache, measured inside a fresh child process (``ru_maxrss``), next to
   the same child's RSS after importing what preparation imports (torch, MONAI, nibabel), so the
   data's share is visible. ``--big`` adds a separate preparation of one 512 x 512 x 987 volume (the

@@ -1,6 +1,6 @@
 """GPU check: the project's own training loops against the raw model step, per architecture.
 
-Runs without Ray (the GPU machine has none): it imports ``trainables`` only. For each architecture
+Runs without Ray (a GPU machine need not have it installed): it imports ``trainables`` only. For each architecture
 it writes a synthetic training split (random images with elliptic masks, as ``.npy`` files like a
 slice cache's), places it with ``trainables.accel.place_training_data`` (on the device, as a pool
 trial would), and times
@@ -8,20 +8,20 @@ trial would), and times
 * **loop**: ``segment.train_epoch`` over ``--steps`` batches, the function ``train_segmenter`` runs
   each epoch (batch gathering on the device, bf16 autocast, channels_last, MONAI DiceCE, fused Adam,
   the loss summed on the device), after a warm-up epoch;
-* **raw**: the model step of ``../shared/bench/anchor_gpu.py``, measured in the same run on the same
+* **raw**: the model step of ``bench/anchor_gpu.py``, measured in the same run on the same
   card: the model on one fixed batch already on the device, bf16 autocast, channels_last, BCE, Adam,
   3 warm-up and 10 timed steps;
 
 and prints samples/s of both and their ratio. ``delta`` is the δ loop (``uncertainty.delta_epoch``, the
-paper's δ only) against the raw smp Unet-resnet18 step (ANCHORS.md's "size of the δ net"), and also
-against a raw step of δ's own network. Goals (issue 8): loop/raw >= 0.80 for unet_r50, unetpp_r50,
+paper's δ only) against the raw smp Unet-resnet18 step (the anchor table's "size of the δ net", docs/performance.md), and
+also against a raw step of δ's own network. Goals: loop/raw >= 0.80 for unet_r50, unetpp_r50,
 unet_effb0 and transunet at 256², and >= 0.70 for the δ loop. Box-prompted models (medsam,
 medsam_tiny) train their decoder from cached embeddings: ``bench/gpu_medsam.py`` checks them.
 
 ``--parity`` trains unet_r18 on a small synthetic task twice, fp32 on the CPU and with the device's
 AMP (bf16 autocast on a GPU; CPU bf16 autocast where there is none), and compares the Dice.
 
-On the CPU the same script runs at 64², batch 8, fp32 (CPU figures, ANCHORS.md's CPU table).
+On the CPU the same script runs at 64², batch 8, fp32 (CPU figures: docs/performance.md, "CPU anchors").
 
     python bench/gpu_check.py                      # every architecture, defaults for the device
     python bench/gpu_check.py --archs unet_r50 delta --steps 20 --parity
@@ -53,7 +53,7 @@ from trainables.models import MODELS, build_model  # noqa: E402
 from trainables.dense import segmentation_loss, train_epoch  # noqa: E402
 
 GOALS = {"unet_r50": 0.80, "unetpp_r50": 0.80, "unet_effb0": 0.80, "transunet": 0.80, "delta": 0.70}
-ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_gpu.py"
+ANCHOR = ROOT / "bench" / "anchor_gpu.py"
 
 
 def emit(**kw) -> None:
@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--parity-epochs", type=int, default=6, help="epochs of each parity run (default 6)")
     ap.add_argument("--anchor", nargs="?", const=str(ANCHOR), default=None, metavar="ANCHOR_GPU_PY",
                     help=f"also run anchor_gpu.py's smp_train and transunet_encoder_train sections "
-                         f"(default path {ANCHOR}; the GPU machine needs a copy inside the checkout)")
+                         f"(default: the repository's bench/anchor_gpu.py)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -229,7 +229,7 @@ def main() -> int:
             try:
                 r = (check_delta(device, size, bs, steps, Path(tmp)) if arch == "delta"
                      else check_arch(arch, device, size, bs, steps, Path(tmp)))
-            except Exception as e:  # one architecture must not cost the others (a lease is short)
+            except Exception as e:  # one architecture must not cost the others' measurements
                 emit(name="loop_vs_raw", arch=arch, error=repr(e)[:300])
                 failed.append(arch)
                 continue
@@ -266,7 +266,7 @@ def main() -> int:
         print("# CPU figures (fp32); the goals are for a GPU at 256²: python bench/gpu_check.py --parity")
     if args.anchor:
         if not Path(args.anchor).exists():
-            print(f"# {args.anchor} not found: run anchor_gpu.py by hand for the ANCHORS.md table", flush=True)
+            print(f"# {args.anchor} not found: run bench/anchor_gpu.py by hand for the anchor table", flush=True)
         else:
             subprocess.run([sys.executable, args.anchor, "smp_train", "transunet_encoder_train"], check=False)
     return 0 if ok and not failed else 1

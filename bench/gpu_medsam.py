@@ -1,4 +1,6 @@
-"""GPU check for MedSAM: the project's own code held against ../shared/ANCHORS.md (goal: >= 80%).
+"""GPU check for MedSAM: the project's own code held against the raw-step anchors (goal: >= 80%).
+
+The anchors are ``bench/anchor_gpu.py``'s figures on an H100 (docs/performance.md, "GPU anchors").
 
 Runs without Ray. Prints, for SAM ViT-B at 1024 px (random weights; throughput does not depend on them):
 
@@ -13,7 +15,7 @@ Runs without Ray. Prints, for SAM ViT-B at 1024 px (random weights; throughput d
    ``train_seconds`` gives the loop's samples/s (data, jitter, reporting included) -- same anchor.
 
 Each line shows the measured throughput and its fraction of the anchor. A comparison holds only on
-the same card: run ``../shared/bench/anchor_gpu.py sam_decoder_train`` beside it and compare ratios.
+the same card: run ``python bench/anchor_gpu.py sam_encoder sam_decoder_train`` beside it and compare ratios.
 
     python bench/gpu_medsam.py                 # on a GPU: ViT-B, 1024 px
     python bench/gpu_medsam.py --smoke         # anywhere (CPU): SAM ViT-B at 256 px, a few steps,
@@ -46,7 +48,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _line(what: str, value: float, unit: str, anchor: float, smoke: bool) -> None:
-    frac = f"{value / anchor:6.1%} of ANCHORS.md {anchor:g}" + (" (smoke run: not comparable)" if smoke else "")
+    frac = f"{value / anchor:6.1%} of the H100 anchor {anchor:g}" + (" (smoke run: not comparable)" if smoke else "")
     print(f"{what:44s} {value:9.2f} {unit:10s} {frac}", flush=True)
 
 

@@ -8,7 +8,7 @@
 Both use random weights (throughput does not depend on them) and synthetic slices with one
 ellipse each. Prints per-step times and their ratio for each configuration, and how many steps
 of training the one-time cache build equals. On an H100 the raw ratio for ViT-B at 1024 px is 24x
-(../shared/ANCHORS.md: 1126 vs 46 samples/s); on this CPU the configurations are reduced:
+(docs/performance.md, "GPU anchors": 1126 vs 46 samples/s); on this CPU the configurations are reduced:
 
 * ``medsam_tiny``: the registry's CPU SAM (2-layer 64-wide ViT, 64 px), 64-px slices, batch 8
 * ``vit_b@256``:  SAM ViT-B with its input reduced to 256 px, 64-px slices, batch 2
@@ -127,7 +127,7 @@ def main() -> int:
     if not args.skip_vitb:
         per_slice["vit_b@256"] = measure("vit_b@256", "vit_b", 256, 64, 2, args.vitb_steps)[1]
     per_slice["medsam_lite"] = measure("medsam_lite", "lite", 256, 64, 2, args.lite_steps)[1]
-    print("H100 reference (ANCHORS.md, ViT-B at 1024 px): 1126 vs 46 samples/s = 24x")
+    print("H100 reference (docs/performance.md, ViT-B at 1024 px): 1126 vs 46 samples/s = 24x")
     demo_foreground(per_slice)
     return 0
 

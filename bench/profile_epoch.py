@@ -14,7 +14,7 @@ The profile is split, from cProfile's caller/callee table, into
 * the rest: batching, transfers, augmentation, confusion counts, per-epoch metrics, member files,
   checkpoints, reporting.
 
-Goal (issue 8): the rest is below 15% of the epoch. The same epochs are also timed without the
+Goal: the rest is below 15% of the epoch. The same epochs are also timed without the
 profiler, to show its overhead. Prints the top functions of "the rest" so a regression is findable.
 
     python bench/profile_epoch.py [--arch unet_r18] [--epochs 3] [--threads 1] [--top 12]

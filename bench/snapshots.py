@@ -4,7 +4,7 @@
     independent:  one run per (arch, lr, seed, e) for each e in E, a member at its end
 
 Both produce the same pool members. The snapshot mode must cost no more than
-max(E) / sum(E) x 1.2 of the independent runs (the issue's bound). Runs call the trainable directly
+max(E) / sum(E) x 1.2 of the independent runs (the bound). Runs call the trainable directly
 (no Ray: per-trial Ray start-up would only favour the snapshot mode further), one after another on
 one thread, alternating the two modes so that drift in machine speed hits both alike.
 

@@ -4,7 +4,7 @@ Trains one demo-sized pool member (the demo preset's data, architecture unet_r18
 then fits δ for it with the demo preset's uncertainty settings, both through the plain trainables
 (no Ray: the per-trial Ray start-up is the same for both stages). Prints
 
-* fit δ (train δ + score every site with δ) / train the member   -- the issue's bound: <= 1.5
+* fit δ (train δ + score every site with δ) / train the member   -- the bound: <= 1.5
 * the same with every baseline (BayesCap, TTA noise, TTA colour, MC dropout) scored too
 * one δ epoch / one member epoch (training only): the per-epoch cost behind the paper's settings
   (δ 50 epochs for members of 10-40 epochs)

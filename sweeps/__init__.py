@@ -1,1 +1,1 @@
-"""The driver room: specs, stages, tracking, the ``oodsweep`` CLI (DESIGN §2)."""
+"""The driver room: specs, stages, tracking, the ``oodsweep`` CLI (docs/architecture.md "Rooms")."""

@@ -1,4 +1,4 @@
-"""Where a sweep runs: connecting to Ray, checks before launch, and GPU packing (DESIGN §8).
+"""Where a sweep runs: connecting to Ray, checks before launch, and GPU packing (docs/architecture.md "Cluster").
 
 * ``connect``: a running cluster when ``--address`` or ``$RAY_ADDRESS`` says so (inside a Ray job
   the job sets ``$RAY_ADDRESS``), else a local Ray.
@@ -6,7 +6,7 @@
   share, or with an MLflow store that cannot be reached, with the fix in the message.
 * ``capacity`` / ``trial_resources`` / ``max_concurrent``: per-architecture GPU shares (the model
   registry's ``ModelSpec.gpu_share``) so that small models share a GPU (two UNet-R50 trials on one
-  H100 gave 2.17x the throughput of one, ../shared/ANCHORS.md), and the number of concurrent trials
+  H100 gave 2.17x the throughput of one, docs/performance.md "GPU anchors"), and the number of concurrent trials
   from what the cluster has or, on an autoscaling cluster, can grow to.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .console import log
 from .errors import ClusterError, StorageError, TrackingError
 from .spec import SpecError
 
-#: The δ net is a UNet-R18-sized network (ANCHORS.md: 1.7 GiB at 256², batch 32).
+#: The δ net is a UNet-R18-sized network (docs/performance.md "GPU anchors": 1.7 GiB at 256², batch 32).
 DELTA_GPU_SHARE = 0.25
 
 #: File systems every node of a cluster can see the same way (from ``/proc/mounts``).

@@ -1,4 +1,4 @@
-"""The driver: validate, prepare data, run the stages in order, track (DESIGN §2, §8).
+"""The driver: validate, prepare data, run the stages in order, track (docs/architecture.md "Rooms", "Resume").
 
 Stages hand off through the experiment directory only; a finished stage is skipped on rerun.
 """

@@ -1,5 +1,5 @@
-"""The experiment directory's own files (DESIGN §3): the names the stages share, the frozen spec (what a
-resume checks), and the driver lock.
+"""The experiment directory's own files (docs/architecture.md "Records"): the names the stages share, the
+frozen spec (what a resume checks), and the driver lock.
 
 ``<storage>/<name>/spec.yaml`` is the spec as launched; a rerun or ``oodsweep resume`` compares the new
 spec with it and refuses changes that would alter results (``RESUMABLE`` lists the ones that may change).

@@ -1,4 +1,4 @@
-"""Stage 1: the pool, as a Ray Tune experiment with one trial per training run (DESIGN §2, §4).
+"""Stage 1: the pool, as a Ray Tune experiment with one trial per training run (docs/architecture.md "Rooms", "Specs").
 
 Ray is imported inside functions only: the CLI's ``analyze`` and ``status`` commands, and the
 trainables themselves, run on machines without it.

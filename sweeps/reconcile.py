@@ -1,4 +1,5 @@
-"""The records are the truth (DESIGN §3): what each stage still owes, read from the experiment folder.
+"""The records are the truth (docs/architecture.md "Records"): what each stage still owes, read from the
+experiment folder.
 
 Ray Tune's experiment state only says what to schedule. Before a stage runs (and for `status` and
 `analyze`), every pool member and δ record the spec calls for is checked here; one that is missing

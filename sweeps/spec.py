@@ -1,4 +1,4 @@
-"""Sweep specs: YAML a person writes -> validated dataclasses (DESIGN §4).
+"""Sweep specs: YAML a person writes -> validated dataclasses (docs/architecture.md "Specs").
 
 The public entry points (``load_spec``, ``parse_spec``) and the spec's types. By concern:
 ``spec_schema`` (the dataclasses and choice lists), ``spec_checks`` (the checker, ``${VAR}``

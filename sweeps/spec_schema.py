@@ -1,7 +1,7 @@
-"""The sweep spec as validated, frozen dataclasses, and the choice lists the checks use (DESIGN §4).
+"""The sweep spec as validated, frozen dataclasses, and the choice lists the checks use (docs/architecture.md "Specs").
 
 ``sweeps.spec.parse_spec`` builds these from YAML; the stages read them. The choice lists come from
-their registries (DESIGN §2: one registry per kind of plug-in): metrics and uncertainty methods from
+their registries (docs/architecture.md "Rooms": one registry per kind of plug-in): metrics and uncertainty methods from
 ``trainables.records``, layouts from ``trainables.data.layouts``, architectures from
 ``trainables.models`` (read where they are checked); the analysis' indicators from ``analysis``
 (``sweeps.spec_sections.indicator_choices``). A default the trials share (a batch size, δ's epochs, the SAM

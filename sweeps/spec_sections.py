@@ -279,7 +279,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         fit_split=c.choice(u.get("fit_split", dflt("fit_split")), "uncertainty.fit_split", FIT_SPLITS),
         bayescap=_bayescap(c, u.get("bayescap")),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
-    # data.val_fraction (a validation split carved from the source's training cases) comes with issue 12
+    # data.val_fraction: a validation split carved from the source's training cases
     if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
         raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "
                                               "data.val_fraction (e.g. 0.2) or use fit_split: train (the paper's)")

@@ -1,4 +1,4 @@
-"""MLflow tracking from the driver only (DESIGN §8).
+"""MLflow tracking from the driver only (docs/architecture.md "Tracking").
 
 One MLflow experiment per sweep; a parent run per stage (``pool``, ``analysis``); one child run
 per pool member, nested under the pool run through MLflow's ``mlflow.parentRunId`` tag. Runs are

@@ -1,4 +1,4 @@
-"""Stage 2: a post-hoc uncertainty net per pool member (DESIGN §2, §6, §8).
+"""Stage 2: a post-hoc uncertainty net per pool member (docs/architecture.md "Rooms", "Uncertainty", "Stages").
 
 One Ray Tune trial per pool member; each trial builds and fits a Ray Train ``TorchTrainer`` whose
 workers run ``trainables.uncertainty.fit_uncertainty`` (DDP across workers when the spec asks for

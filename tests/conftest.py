@@ -30,7 +30,7 @@ RAY_FIXTURES = {"finished", "pristine"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tiers' rule (README "Tests"): a test that starts Ray is marked ``integration``; one that asks for
+    """The tiers' rule (docs/development.md, "Tests"): a test that starts Ray is marked ``integration``; one that asks for
     a Ray-run fixture gets the mark here even where its module forgot it, and ``rayup`` implies it."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("rayup"):

@@ -1,6 +1,6 @@
 """tools/check_architecture.py on tiny synthetic projects written in tmp_path: each rule finds what it is
 for (a cycle through a function-level import, a private import, a long module, a room broken) and a clean
-project passes. (Not run on the real repository here: see the README's "Tests".)"""
+project passes. (The real repository: the last test; docs/development.md, "Tests".)"""
 from __future__ import annotations
 
 import importlib.util
@@ -151,8 +151,84 @@ def test_command_line_exit_status(tmp_path):
 
 
 def test_this_repository_keeps_the_rules():
-    """Issue 13's bar on the project itself: no import cycle (imports inside functions counted), no private
-    name imported from another module, no module over 450 lines, the rooms of DESIGN.md."""
+    """The bar on the project itself: no import cycle (imports inside functions counted), no private
+    name imported from another module, no module over 450 lines, the rooms of docs/architecture.md "Rooms",
+    no reference a clone cannot follow (tools/check_references.py)."""
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(TOOL), "--root", str(root)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ (e) references a clone cannot follow
+# The planted references are assembled from pieces, so that this file itself holds none of them.
+UP = ".." + "/"
+SIBLING = UP + "shared/x.md"           # a sibling checkout's file
+MACHINE = "/" + "work/main/README.md"  # a workplace's absolute path
+
+
+def references(arch, root: Path) -> list[str]:
+    return arch.check_references(root)
+
+
+def test_a_reference_to_a_sibling_folder_fails(arch, tmp_path):
+    root = write(tmp_path, {"README.md": f"The figures: [anchors]({SIBLING}).\n",
+                            "trainables/m.py": f"# measured in ``{SIBLING}``\n",
+                            "docs/a.md": f"see `{UP}{UP}outside.md`\n"})
+    found = references(arch, root)
+    assert len(found) == 3, found
+    assert found[0].startswith("README.md:1") and "leads outside the repository" in found[0]
+    assert found[1].startswith("docs/a.md:1") and "leads outside" in found[1]
+    # from trainables/ it lands inside the repository, on nothing; from the root it leaves: flagged
+    assert found[2].startswith("trainables/m.py:1") and "names nothing in the repository" in found[2]
+
+
+def test_relative_links_inside_the_repository_pass(arch, tmp_path):
+    root = write(tmp_path, {"README.md": "# x\n", "sweeps/presets/demo.yaml": "name: demo\n",
+                            "docs/a.md": f"[readme]({UP}README.md), [demo]({UP}sweeps/presets/demo.yaml)\n",
+                            "sweeps/m.py": 'ROOT = Path(__file__).parent / ".."\nx = "a/' + UP + 'b"\n'})
+    assert references(arch, root) == []
+
+
+def test_an_absolute_machine_path_fails(arch, tmp_path):
+    bad = [MACHINE, "sqlite:///" + MACHINE, "/" + "root/.cache/x", "/" + "home/alice/data",
+           "/" + "Users/alice/x", "C:" + "\\Users\\alice", "/" + "tmp/pytest-of-alice/p0",
+           "/" + "tmp/tmpab12cd_9/x", "/" + "var/folders/xy/T/z"]
+    root = write(tmp_path, {"notes.md": "\n".join(f"see {b}" for b in bad) + "\n"})
+    found = references(arch, root)
+    assert [f.split()[0] for f in found] == [f"notes.md:{i}" for i in range(1, len(bad) + 1)], found
+
+
+def test_deliberate_paths_pass(arch, tmp_path):
+    ok = ["oodsweep demo --storage /tmp/x", "/dev/shm", "/etc/slurm/slurm.conf", "/proc/mounts",
+          "sqlite:////abs/path/mlflow.db", "/home/ray/oodsweep", "/home/me/runs", "/mnt/oodsweep/runs",
+          "https://example.org/work/root/home/alice", "~/.ray/auth_token", "$HOME/x", "/path/to/medsam_vit_b.pth",
+          "<clone>/oodsweep-runs/study", "/data/prostate", "/mnt/work/x"]
+    root = write(tmp_path, {"notes.md": "\n".join(ok) + "\n"})
+    assert references(arch, root) == []
+
+
+def test_cited_sections_must_exist(arch, tmp_path):
+    cite = "docs/architecture" + ".md"
+    files = {"m.py": f'"""Stage 1 ({cite} "Rooms", "Records")."""\n# ({cite} "Nowhere")\n'}
+    assert "has no docs/architecture.md" in references(arch, write(tmp_path / "a", files))[0]
+    files["docs/architecture.md"] = "# Architecture\n\n## Rooms\n\n## Records\n"
+    found = references(arch, write(tmp_path / "b", files))
+    assert len(found) == 1 and found[0].startswith("m.py:2") and '"Nowhere", not a section' in found[0], found
+
+
+def test_git_files_only_and_binary_files_skipped(arch, tmp_path):
+    root = write(tmp_path, {".gitignore": "runs/\n", "runs/log.txt": f"{MACHINE}\n", "a.md": "fine\n"})
+    (root / "image.png").write_bytes(b"\x89PNG\0\0" + MACHINE.encode())
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    assert references(arch, root) == []  # ignored folder and binary file: not read
+    (root / "new.md").write_text(f"{SIBLING}\n")  # untracked but not ignored: read
+    assert [f.split()[0] for f in references(arch, root)] == ["new.md:1"]
+
+
+def test_command_line_reports_references(tmp_path):
+    root = write(tmp_path, {**CLEAN, "README.md": f"{MACHINE}\n"})
+    out = subprocess.run([sys.executable, str(TOOL), "--root", str(root)], capture_output=True, text=True)
+    assert out.returncode == 1 and "(e) references a clone cannot follow: 1" in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, str(TOOL), "--root", str(root), "--no-references"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout

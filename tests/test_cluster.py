@@ -67,7 +67,8 @@ def test_servers_bind_to_loopback_and_token_auth_stays_on():
     mlflow = [c for c in yaml.safe_load(text)["head_setup_commands"] if "mlflow server" in c]
     assert mlflow and all("--host 127.0.0.1" in c for c in mlflow)
     assert "--dashboard-host=127.0.0.1" in text
-    docs = [ROOT / "README.md", CLUSTER_YAML] + list((ROOT / "sweeps").rglob("*.py")) + \
+    docs = [ROOT / "README.md", CLUSTER_YAML] + list((ROOT / "docs").rglob("*.md")) + \
+        list((ROOT / "sweeps").rglob("*.py")) + \
         list((ROOT / "sweeps" / "presets").glob("*.yaml"))
     for f in docs:
         t = f.read_text()
@@ -110,22 +111,22 @@ def test_checkpoints_refuse_pickles_that_run_code(tmp_path):
 
 MOUNTS = """\
 /dev/vda / ext4 rw 0 0
-server:/export /mnt/shared nfs4 rw 0 0
+server:/export /mnt/nfs nfs4 rw 0 0
 s3fs /mnt/oodsweep fuse.s3fs rw 0 0
 """
 
 
 def test_filesystem_type_takes_the_longest_mount():
-    assert cluster.filesystem_type("/mnt/shared/runs/x", MOUNTS) == "nfs4"
+    assert cluster.filesystem_type("/mnt/nfs/runs/x", MOUNTS) == "nfs4"
     assert cluster.filesystem_type("/mnt/oodsweep/runs", MOUNTS) == "fuse.s3fs"
-    assert cluster.filesystem_type("/mnt/sharedother", MOUNTS) == "ext4"
+    assert cluster.filesystem_type("/mnt/nfsother", MOUNTS) == "ext4"
 
 
 def test_node_local_storage_on_several_machines_is_refused(monkeypatch):
     monkeypatch.delenv(cluster.SHARED_ENV, raising=False)
     cluster.check_storage("/home/me/runs", ["10.0.0.1"], mounts=MOUNTS)  # one machine: fine
     cluster.check_storage("/home/me/runs", ["10.0.0.1", "10.0.0.1"], mounts=MOUNTS)  # nodes on one host
-    cluster.check_storage("/mnt/shared/runs", ["10.0.0.1", "10.0.0.2"], mounts=MOUNTS)
+    cluster.check_storage("/mnt/nfs/runs", ["10.0.0.1", "10.0.0.2"], mounts=MOUNTS)
     cluster.check_storage("/mnt/oodsweep/runs", ["10.0.0.1", "10.0.0.2"], mounts=MOUNTS)
     with pytest.raises(SpecError) as e:
         cluster.check_storage("/home/me/runs", ["10.0.0.1", "10.0.0.2"], mounts=MOUNTS)

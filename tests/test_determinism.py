@@ -1,4 +1,4 @@
-"""Same seeds -> same records (issue 16): the trainables twice in two fresh folders, without Ray.
+"""Same seeds -> same records: the trainables twice in two fresh folders, without Ray.
 
 The sweep on a local Ray is compared with `assert_same_records` in `tests/test_resume.py`: the tiny
 sweep killed and resumed in a fresh folder against the session's uninterrupted `finished` one (a
@@ -143,7 +143,7 @@ def test_trainables_same_seed_same_records(tiny_cache, tiny_member, tmp_path):
     assert_same_state(a["delta"]["nets"], b["delta"]["nets"], "δ weights")
     assert_same_records(tmp_path / "a", tmp_path / "b")
 
-    # the comparison can fail: seed 1 trains other weights (a changed δ seed was caught by hand, README)
+    # the comparison can fail: seed 1 trains other weights (a changed δ seed was caught by hand)
     c = train_segmenter({**_pool_config(tiny_cache, tmp_path / "c", 1, seed=1), "snapshots": [1]})
     with pytest.raises(AssertionError):
         assert_same_state(torch.load(a["members"][0]["checkpoint"], weights_only=True),

@@ -1,6 +1,6 @@
 """The experiment folder is the truth: what a user does to a small finished experiment (delete, move,
 rename, corrupt, point at nothing) ends cleanly: no silent gap, an error naming the file and the fix,
-nothing finished lost. One row of issue 17's table per test; the experiment is the session's
+nothing finished lost. One row of docs/experiment.md's list per test; the experiment is the session's
 `finished` sweep, copied (no new Ray run) except for the moved-folder chain, which resumes for real.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""analysis.health: the pool-health checks of the demo (issue 16) on hand-made performance tables."""
+"""analysis.health: the pool-health checks of the demo on hand-made performance tables."""
 from __future__ import annotations
 
 import pandas as pd

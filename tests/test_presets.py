@@ -51,7 +51,7 @@ def test_every_preset_parses(data_env):
         roots = {spec.data.root} | {r for _, _, r in spec.data.sites}
         assert roots == {data_env / v for v in env}, name
     assert load_spec(PRESETS / "dr-idrid.yaml").data.labels == LESIONS
-    # the study (issue 16): >= 6 graded targets of more than one kind of shift, >= 60 members over several
+    # the study: >= 6 graded targets of more than one kind of shift, >= 60 members over several
     # architectures (TransUNet and the foundation model among them) and seeds, on the demo's generator
     from trainables.data.synthetic import SYNTHETIC_SITES
 

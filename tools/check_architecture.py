@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The house rules of oodsweep's code, checked from the source (issue 13): ``python tools/check_architecture.py``.
+"""The house rules of oodsweep's code, checked from the source: ``python tools/check_architecture.py``.
 
 Every module of the project's packages (``trainables/``, ``sweeps/``, ``analysis/``; the ``bench/`` scripts
 too unless ``--no-bench``) is parsed with :mod:`ast`, never imported, and every ``import`` statement is
@@ -20,10 +20,15 @@ Reported, each with the file and line:
     _x``, or ``m._x`` read through an imported module. A private *module* (``pkg._m``) may be imported by
     the modules of its own package, not from outside it;
 (c) project modules over ``--max-lines`` lines (450);
-(d) the rooms of DESIGN.md §2: ``trainables`` imports neither ``sweeps`` nor ``analysis`` and never Ray
-    (trainables run on machines without Ray); ``analysis`` imports, of the project, only ``trainables.records``
-    (and its submodules, should it become a package) besides itself; ``sweeps`` may import both; the bench
-    scripts have no room rule.
+(d) the rooms (docs/architecture.md "Rooms"): ``trainables`` imports neither ``sweeps`` nor ``analysis`` and
+    never Ray (trainables run on machines without Ray); ``analysis`` imports, of the project, only
+    ``trainables.records`` (and its submodules, should it become a package) besides itself; ``sweeps`` may
+    import both; the bench scripts have no room rule;
+(e) references a clone of the repository cannot follow, in every text file the repository holds: a
+    ``../`` path leading outside it, a developer machine's absolute path (home folders, a workplace's
+    top folder, temporary folders of one run), a cited section of docs/architecture.md it does not have.
+    The exact patterns are listed in ``tools/check_references.py``, which does this part
+    (``--no-references`` leaves it out).
 
 Exit status 0 when there is nothing to report, 1 when there is (the list is printed), 2 on a usage error.
 Only the standard library is used, so the check runs before the project's environment is installed.
@@ -34,14 +39,17 @@ import argparse
 import ast
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_references import check_references  # noqa: E402  (this folder's other checker)
 
 PACKAGES = ("trainables", "sweeps", "analysis")
 SCRIPT_DIRS = ("bench",)
 MAX_LINES = 450
 
-#: DESIGN.md §2. room -> (project modules it may import, by prefix; None: any), and third-party
+#: docs/architecture.md "Rooms". room -> (project modules it may import, by prefix; None: any), and third-party
 #: top-level packages it must not import.
 ROOMS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
     "trainables": (("trainables",), ("ray",)),
@@ -75,10 +83,11 @@ class Report:
     private: list[str]
     long: list[str]
     rooms: list[str]
+    refs: list[str] = field(default_factory=list)
 
     @property
     def violations(self) -> int:
-        return len(self.cycles) + len(self.private) + len(self.long) + len(self.rooms)
+        return len(self.cycles) + len(self.private) + len(self.long) + len(self.rooms) + len(self.refs)
 
 
 # ----------------------------------------------------------------------------------------- discovery
@@ -282,7 +291,8 @@ def _allowed(target: str, prefixes: tuple[str, ...]) -> bool:
     return any(target == p or target.startswith(p + ".") for p in prefixes)
 
 
-def check(root: Path, packages=PACKAGES, script_dirs=SCRIPT_DIRS, max_lines: int = MAX_LINES) -> Report:
+def check(root: Path, packages=PACKAGES, script_dirs=SCRIPT_DIRS, max_lines: int = MAX_LINES,
+          references: bool = True) -> Report:
     mods = discover(root, packages, script_dirs)
     imports, external = collect(mods)
     graph: dict[str, set[str]] = {m: set() for m in mods}
@@ -322,14 +332,15 @@ def check(root: Path, packages=PACKAGES, script_dirs=SCRIPT_DIRS, max_lines: int
             continue
         if not _allowed(i.target, ROOMS[room][0]):
             rooms.append(f"{where(i)}  {i.source} imports {i.target}: {room}/ may import only "
-                         f"{', '.join(ROOMS[room][0])} of the project (DESIGN.md §2)"
+                         f"{', '.join(ROOMS[room][0])} of the project (docs/architecture.md \"Rooms\")"
                          f"{' (in a function)' if i.in_function else ''}")
     for source, top, line, fn in external:
         room = _room(source)
         if room is not None and top in ROOMS[room][1]:
             rooms.append(f"{_rel(mods[source].path, root)}:{line}  {source} imports {top}: {room}/ never "
-                         f"imports {', '.join(ROOMS[room][1])} (DESIGN.md §2){' (in a function)' if fn else ''}")
-    return Report(mods, imports, cycles, private, long, rooms)
+                         f"imports {', '.join(ROOMS[room][1])} (docs/architecture.md \"Rooms\")"
+                         f"{' (in a function)' if fn else ''}")
+    return Report(mods, imports, cycles, private, long, rooms, check_references(root) if references else [])
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -354,7 +365,8 @@ def format_report(r: Report, root: Path) -> str:
             out.append(f"    {_rel(r.modules[src].path, root)}:{line}  {src} -> {tgt}"
                        f"{' (' + ', '.join(taken) + ')' if taken else ''}{' in a function' if fn else ''}")
     for title, items in (("(b) private names imported from another module", r.private),
-                         ("(c) modules over the line limit", r.long), ("(d) room rules broken", r.rooms)):
+                         ("(c) modules over the line limit", r.long), ("(d) room rules broken", r.rooms),
+                         ("(e) references a clone cannot follow", r.refs)):
         out.append(f"{title}: {len(items)}")
         out += [f"  {x}" for x in items]
     out.append(f"{r.violations} violation(s)" if r.violations else "no violations")
@@ -368,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the repository root (default: the one this script is in)")
     ap.add_argument("--max-lines", type=int, default=MAX_LINES, help=f"longest module allowed (default {MAX_LINES})")
     ap.add_argument("--no-bench", action="store_true", help="leave the bench/ scripts out")
+    ap.add_argument("--no-references", action="store_true", help="leave out (e), the reference check")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     if not any((root / p).is_dir() for p in PACKAGES):
         print(f"check_architecture: --root {root} holds none of {', '.join(PACKAGES)}; "
               f"give the repository root", file=sys.stderr)
         return 2
-    report = check(root, PACKAGES, () if args.no_bench else SCRIPT_DIRS, args.max_lines)
+    report = check(root, PACKAGES, () if args.no_bench else SCRIPT_DIRS, args.max_lines,
+                   references=not args.no_references)
     print(format_report(report, root))
     return 1 if report.violations else 0
 

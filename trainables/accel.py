@@ -1,11 +1,12 @@
-"""Training loops at the speed of the hardware (DESIGN §5): precision, memory format, data placement.
+"""Training loops at the speed of the hardware (docs/architecture.md "Models and data"): precision, memory format,
+data placement.
 
 Both training loops (``segment.train_segmenter`` and ``uncertainty.fit_uncertainty``) take an
 ``Accel`` from ``accel_for`` and a ``TrainData`` from ``place_training_data``:
 
 * On a GPU, ``Accel`` turns on bf16 autocast (fp16 with a gradient scaler on cards without bf16),
-  channels_last tensors and ``cudnn.benchmark`` — the settings ``../shared/ANCHORS.md`` measured its
-  ceilings with. On the CPU it changes nothing unless asked (``amp: bf16`` runs CPU autocast; the
+  channels_last tensors and ``cudnn.benchmark`` — the settings ``bench/anchor_gpu.py`` measured its
+  ceilings with (docs/performance.md, "GPU anchors"). On the CPU it changes nothing unless asked (``amp: bf16`` runs CPU autocast; the
   parity test uses it).
 * ``TrainData`` holds the training split where the loop reads it. ``device``: the whole split in the
   device's memory (float16 images, uint8 masks as in the slice cache), batches gathered and augmented

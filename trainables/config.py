@@ -1,4 +1,5 @@
-"""The trainables' configs as frozen dataclasses (DESIGN §2, §9): converted once at the trainable boundary.
+"""The trainables' configs as frozen dataclasses (docs/architecture.md "Rooms", "Conventions"): converted once at
+the trainable boundary.
 
 Ray Tune hands a trial one flat ``dict``; the entry points (``trainables.segment.train_segmenter``,
 ``trainables.uncertainty.fit_uncertainty``, the SAM embedding pre-stage ``trainables.sam.embeddings.

@@ -1,4 +1,5 @@
-"""δ({ŷ, x}), the paper's post-hoc uncertainty net, and its equations (paper §2.3, Eq. 5, 7, 8; DESIGN §6).
+"""δ({ŷ, x}), the paper's post-hoc uncertainty net, and its equations (paper §2.3, Eq. 5, 7, 8;
+docs/architecture.md "Uncertainty").
 
 ``DeltaNet`` predicts a per-pixel generalized Gaussian GGD(μ, α, β) of the ground truth; ``delta_loss``
 is its maximum-likelihood loss (Eq. 5 with the GGD of Eq. 7) and ``ggd_variance`` the per-pixel

@@ -1,5 +1,6 @@
-"""δ's config (``fit_uncertainty``; paper §2.3-2.4, DESIGN §6) as a frozen dataclass (see ``trainables.config``:
-``DeltaConfig.from_dict`` converts Ray's dict once, each field's default is kept here and nowhere else)."""
+"""δ's config (``fit_uncertainty``; paper §2.3-2.4, docs/architecture.md "Uncertainty") as a frozen dataclass
+(see ``trainables.config``: ``DeltaConfig.from_dict`` converts Ray's dict once, each field's default is kept
+here and nowhere else)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def _at_least_one(v: Any) -> int:
 @dataclass(frozen=True)
 class DeltaConfig(Config):
     """A δ fit's config (``fit_uncertainty``): the net δ per frozen pool member and the Table-4 baselines
-    (paper §2.3-2.4; DESIGN §6)."""
+    (paper §2.3-2.4; docs/architecture.md "Uncertainty")."""
 
     member_id: str = setting(cast=text)
     #: the member's checkpoint (relative to the experiment or absolute; fit_uncertainty resolves it)

@@ -1,4 +1,5 @@
-"""The dense training loop (smp U-Nets, TransUNet): every output pixel from the image alone (DESIGN §5).
+"""The dense training loop (smp U-Nets, TransUNet): every output pixel from the image alone
+(docs/architecture.md "Models and data").
 
 ``train_dense(config, report)`` is ``trainables.segment.train_segmenter`` for the architectures whose
 registry entry says ``loop="dense"``: Adam on MONAI's Dice + cross-entropy, through ``Accel``

@@ -1,4 +1,4 @@
-"""The pool-member contract (DESIGN §3): what every training loop of the pool shares.
+"""The pool-member contract (docs/architecture.md "Records"): what every training loop of the pool shares.
 
 A training *run* (``run_name``) trains one configuration to ``max(snapshots)`` epochs and freezes a
 pool *member* (``member_id``) at each snapshot epoch. This module owns the pool-member contract around the

@@ -1,4 +1,4 @@
-"""Per-slice confusion counts: the only numbers a trial records (DESIGN §3).
+"""Per-slice confusion counts: the only numbers a trial records (docs/architecture.md "Records").
 
 Aggregations (2D Dice, 3D IoU, global Dice) live in ``trainables.records.metric_by`` so that the
 trial's own per-epoch report and the analysis compute them from the same counts.

@@ -1,4 +1,4 @@
-"""Model registry: one factory signature for every architecture (DESIGN §5).
+"""Model registry: one factory signature for every architecture (docs/architecture.md "Models and data").
 
 ``build_model(name, in_channels=1, classes=1, encoder_weights=None)`` returns an ``nn.Module``
 mapping ``B x in_channels x H x W`` images to ``B x classes x H x W`` **logits**. Nothing is
@@ -31,7 +31,7 @@ class ModelSpec:
     prompted: bool = False
     #: Fraction of one GPU a trial asks for when the cluster has GPUs and the spec says ``gpu: auto``
     #: (``sweeps.cluster.gpu_share``). From the peak memory of a training step at 256², batch 32 on an
-    #: H100 (ANCHORS.md: UNet-R18 1.7 GiB, UNet-R50 3.4, UNet++-R50 7.3, effb0 2.9-3.8, TransUNet's
+    #: H100 (docs/performance.md "GPU anchors": UNet-R18 1.7 GiB, UNet-R50 3.4, UNet++-R50 7.3, effb0 2.9-3.8, TransUNet's
     #: encoder 7.1, SAM ViT-B encoder 19.4) and the measured gain of sharing (2 processes 2.17x, 4
     #: 2.48x): small models a quarter, the ResNet-50/EfficientNet UNets half, ViT-based models a whole GPU.
     gpu_share: float = 1.0

@@ -1,5 +1,5 @@
-"""One epoch runner for every training loop (DESIGN §5): seeding, resume replay, the epoch loop,
-snapshots and reports.
+"""One epoch runner for every training loop (docs/architecture.md "Models and data"): seeding, resume replay,
+the epoch loop, snapshots and reports.
 
 ``run_epochs(loop, epochs, ...)`` runs a loop that implements ``EpochLoop``: the dense pool loop
 (``trainables.dense``), the prompted pool loop (``trainables.sam.loop``) and δ's fit

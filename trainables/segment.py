@@ -1,4 +1,5 @@
-"""Train one segmentation run and record its pool members (DESIGN §2, §5): the dispatch between loops.
+"""Train one segmentation run and record its pool members (docs/architecture.md "Rooms", "Models and data"): the
+dispatch between loops.
 
 ``train_segmenter(config, report=None)`` is a plain function: it runs with or without Ray.
 Under Ray Tune, ``sweeps.pool`` passes a ``report`` callable that forwards each epoch's

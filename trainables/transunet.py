@@ -1,4 +1,5 @@
-"""TransUNet (Chen et al., 2021): an R50-ViT-B/16 hybrid encoder and a cascaded upsampler (DESIGN §5).
+"""TransUNet (Chen et al., 2021): an R50-ViT-B/16 hybrid encoder and a cascaded upsampler
+(docs/architecture.md "Models and data").
 
 The encoder is ``timm``'s ``vit_base_r50_s16_224`` (a ResNetV2-50 with three stages whose 1/16
 feature map is the ViT-B's patch grid, "patch size 1" on it), built with ``pretrained=False`` unless

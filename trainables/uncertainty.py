@@ -1,4 +1,4 @@
-"""Post-hoc uncertainty for a frozen pool member (paper §2.3–2.4, Appendix A.2; DESIGN §6).
+"""Post-hoc uncertainty for a frozen pool member (paper §2.3–2.4, Appendix A.2; docs/architecture.md "Uncertainty").
 
 For a frozen segmenter Φ, a small net δ({ŷ, x}) predicts a per-pixel generalized Gaussian
 GGD(μ, α, β) of the ground truth, trained by maximum likelihood on the source training split

@@ -1,5 +1,5 @@
-"""Scoring a frozen member's uncertainty (paper §2.4, Table 4; DESIGN §6): ŷ, δ's and the baselines'
-maps on every site, each image's Otsu area, the maps' ranking of the error pixels, and the member's
+"""Scoring a frozen member's uncertainty (paper §2.4, Table 4; docs/architecture.md "Uncertainty"): ŷ, δ's and
+the baselines' maps on every site, each image's Otsu area, the maps' ranking of the error pixels, and the member's
 uncertainty records (``records.UNCERTAINTY_COLUMNS`` / ``UNCERTAINTY_SITE_COLUMNS``)."""
 from __future__ import annotations
 

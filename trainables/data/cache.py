@@ -1,4 +1,4 @@
-"""The slice cache: preprocess a dataset once into memory-mappable arrays (DESIGN §5).
+"""The slice cache: preprocess a dataset once into memory-mappable arrays (docs/architecture.md "Models and data").
 
 A cache is a folder ``<cache_root>/<key>/`` holding
 

@@ -1,4 +1,4 @@
-"""Fundus lesion layouts: IDRiD and FGADR (DESIGN §5).
+"""Fundus lesion layouts: IDRiD and FGADR (docs/architecture.md "Models and data").
 
 Both releases hold 2D colour fundus photographs with one binary mask file per lesion type;
 the task is multi-label: a loaded case has one mask channel per lesion, in the order of

@@ -1,4 +1,5 @@
-"""The registry of dataset layouts (DESIGN §5): it only imports the layout modules and names them.
+"""The registry of dataset layouts (docs/architecture.md "Models and data"): it only imports the layout modules and
+names them.
 
 A *layout* knows three things about one dataset family: which sites live under a root folder,
 which (image, mask) file pairs make up a site, and how to read one case into arrays (the protocol

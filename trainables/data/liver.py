@@ -1,4 +1,4 @@
-"""Liver CT layouts: LiTS and FLARE (DESIGN §5).
+"""Liver CT layouts: LiTS and FLARE (docs/architecture.md "Models and data").
 
 Both are one site per root; the files may sit in any sub-folder (the releases ship them in
 batches: ``Training Batch 1/``, ``TrainingImg/`` + ``TrainingMask/``, ``images/`` + ``labels/``),

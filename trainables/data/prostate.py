@@ -1,4 +1,4 @@
-"""The multi-site prostate MR layout of SAML / MS-Net (``prostate_multisite``, DESIGN §5)::
+"""The multi-site prostate MR layout of SAML / MS-Net (``prostate_multisite``, docs/architecture.md "Models and data")::
 
     <root>/<SITE folder>/CaseNN.nii.gz
     <root>/<SITE folder>/CaseNN_segmentation.nii.gz   (or CaseNN_Segmentation, or .nii)

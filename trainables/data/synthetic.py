@@ -1,4 +1,4 @@
-"""Synthetic multi-site prostate-like MR data (the embedded default dataset, DESIGN §5).
+"""Synthetic multi-site prostate-like MR data (the embedded default dataset, docs/architecture.md "Models and data").
 
 :func:`write_synthetic_sites` writes NIfTI volumes in the ``prostate_multisite`` layout
 (``<root>/<Site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz``), so that the real

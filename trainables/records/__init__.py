@@ -1,4 +1,4 @@
-"""The experiment-directory records: the contract between stages (DESIGN §3).
+"""The experiment-directory records: the contract between stages (docs/architecture.md "Records").
 
 Three modules, one concern each, re-exported here (``from trainables import records`` and
 ``from trainables.records import metric_by`` work as they always have):

@@ -1,4 +1,4 @@
-"""The record schema: the columns and types of every table the stages hand over (DESIGN §3).
+"""The record schema: the columns and types of every table the stages hand over (docs/architecture.md "Records").
 
 The tables themselves are written and read by :mod:`.store`; the metrics that aggregate their
 counts are :mod:`.metrics`. This module has no IO: it says what a valid table is
@@ -54,11 +54,11 @@ SLICE_COLUMNS = {
 #: The optional per-lesion column of the slice records (multi-label tasks).
 LABEL_COLUMN = "label"
 
-# --- the uncertainty stage's records (DESIGN §3, §6) -------------------------------------------
+# --- the uncertainty stage's records (docs/architecture.md "Records", "Uncertainty") -----
 # One row per member x method x site x case x slice. ``method`` is "ggd" (the paper's delta net on
 # {y_hat, x}), "bayescap" (BayesCap as published, on y_hat only), "tta_noise", "tta_color", "mc_dropout"
-# or "ggd_yhat_only" (the ablation: our delta without the image). The
-# DESIGN's ``uncertain_px`` column of slices.parquet is the "ggd" rows here: several methods score
+# or "ggd_yhat_only" (the ablation: our delta without the image). An image's
+# ``uncertain_px`` (docs/architecture.md "Records") is the "ggd" rows here: several methods score
 # the same slice, so they live in their own long table instead of widening slices.parquet.
 #
 #   records/uncertainty/parts/<member_id>.parquet   per slice (UNCERTAINTY_COLUMNS), written by one

@@ -1,4 +1,5 @@
-"""The record store: where the records live in an experiment folder, writing and merging them (DESIGN §3).
+"""The record store: where the records live in an experiment folder, writing and merging them
+(docs/architecture.md "Records").
 
 Everything downstream of the pool stage (the uncertainty stage, the analysis) reads these files
 and nothing else. Trials write one part per pool member (concurrent trials never share a file);

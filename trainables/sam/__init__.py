@@ -1,4 +1,5 @@
-"""MedSAM: SAM with frozen image and prompt encoders and a trained mask decoder (paper §2.2, DESIGN §5).
+"""MedSAM: SAM with frozen image and prompt encoders and a trained mask decoder (paper §2.2;
+docs/architecture.md "Models and data").
 
 The model is ``segment_anything``'s ``Sam``, built from its own modules (``ImageEncoderViT``,
 ``PromptEncoder``, ``MaskDecoder``, ``TwoWayTransformer``); nothing of the library is copied or

@@ -50,7 +50,7 @@ class EmbeddingJob(Config):
 
 def amp_dtype(setting: Any, device: torch.device) -> torch.dtype | None:
     """The decoder steps' autocast dtype: ``trainables.accel.amp_dtype`` (bf16 on CUDA, none on the CPU
-    by default; the ANCHORS.md decoder numbers use bf16). fp16 is refused: the decoder step has no
+    by default; the decoder anchors of docs/performance.md use bf16). fp16 is refused: the decoder step has no
     gradient scaler."""
     dtype = accel_amp(setting, device)
     if dtype == torch.float16 and setting in ("auto", True):

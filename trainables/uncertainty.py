@@ -54,8 +54,8 @@ from .delta_config import DeltaConfig, lam_method
 from .member import train_val_rows
 from .runner import run_epochs
 from .segment import load_member
-from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, score_member, slice_columns,
-                                  source_threshold, uncertain_masks, union)
+from .uncertainty_scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
+                                  score_member, slice_columns, source_threshold, uncertain_masks, union)
 
 #: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
 #: and ``trainables.uncertainty_scoring``).
@@ -72,6 +72,12 @@ def _resolve(config: dict | DeltaConfig) -> DeltaConfig:
     """The δ config of ``config`` (a dict converted once), its member's checkpoint resolved (relative to the
     experiment) and present."""
     cfg = config if isinstance(config, DeltaConfig) else DeltaConfig.from_dict(config)
+    if cfg.yhat == "stored":  # an imported member: ŷ from its stored predictions, no checkpoint
+        model_based = [b for b in cfg.baselines if b not in MODEL_FREE_BASELINES]
+        if model_based:
+            raise ValueError(f"pool member {cfg.member_id} has no model (its ŷ is stored predictions): the baselines "
+                             f"{model_based} need one; leave them out for it (valid: {list(MODEL_FREE_BASELINES)})")
+        return cfg
     checkpoint = str(records.resolve_checkpoint(cfg.experiment_dir, cfg.checkpoint))
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"pool member {cfg.member_id}: checkpoint {checkpoint} does not exist; "
@@ -162,8 +168,11 @@ class DeltaFit:
         torch.manual_seed(self.seed)  # the nets' initialisation
         self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
         self.cache = cache = open_slice_cache(cfg.cache)
-        frozen = load_frozen(cfg.checkpoint, cfg.member_id, cfg.experiment_dir, device)
-        self.frozen = frozen = accel.model(frozen)
+        if cfg.yhat == "stored":  # ŷ's prediction source: the stored masks of an imported member
+            self.frozen = frozen = StoredPredictions(cfg.experiment_dir, cfg.member_id)
+        else:
+            frozen = load_frozen(cfg.checkpoint, cfg.member_id, cfg.experiment_dir, device)
+            self.frozen = frozen = accel.model(frozen)
 
         self.all_rows, self.held = all_rows, held = fit_rows(cache, cfg)
         # equal shards: DDP needs every rank to take the same number of steps

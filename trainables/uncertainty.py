@@ -30,6 +30,10 @@ Modules: ``trainables.delta`` (the net δ and the equations), ``trainables.basel
 baselines), ``trainables.uncertainty_scoring`` (Otsu areas, error ranking, scoring a member and writing
 its records) and this one (the config and the fit).
 
+ŷ's *prediction source* (``DeltaConfig.yhat``): the member's model (``model``), or, for a member imported from
+elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``uncertainty_scoring.StoredPredictions``);
+δ and the baselines on ŷ alone (BayesCap, ``ggd_yhat_only``) then run as for any member, TTA and MC dropout cannot.
+
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
 Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
 the worker's rank; only rank 0 scores and writes records.

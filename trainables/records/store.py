@@ -12,6 +12,7 @@ Layout under ``<experiment>/records/``::
     parts/<member_id>.slices.parquet  its per-slice confusion counts (SLICE_COLUMNS)
     checkpoints/<member_id>.pt        its model weights (state_dict + arch kwargs)
     predictions/<member_id>/<site>.npz packed-bit predicted masks (see ``save_predictions``)
+    predictions/<member_id>/splits/<site>.<split>.npz   an imported member's source train/val masks (δ's fit)
     members.parquet                   merged members
     slices.parquet                    merged slices
     uncertainty/{parts,sites,fits,examples}/<member_id>.*   the uncertainty stage's (schema.py)

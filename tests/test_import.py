@@ -322,3 +322,39 @@ def test_fit_split_falls_back_to_validation(perfect, tiny_data, tiny_cache, tmp_
     with pytest.raises(SpecError, match=r"fit_split is 'train' but member m1 .* no predictions for the source's "
                                         r"training-split cases"):
         import_pool(load_spec(path), track=False)
+
+
+def test_delta_space_reads_imported_members_from_their_predictions(tmp_path, monkeypatch):
+    """An imported member's δ trial: ŷ from its stored predictions, no checkpoint, only the baselines on ŷ; a
+    trained member's point is as before (its checkpoint, every baseline, ŷ from its model)."""
+    from sweeps import cluster
+    from sweeps.spec import parse_spec
+    from sweeps.uncertainty import param_space
+    from trainables.delta_config import DeltaConfig
+
+    monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
+    spec = parse_spec({"name": "x", "storage": str(tmp_path), "data": {"layout": "prostate_multisite",
+                       "root": str(tmp_path), "source": "SiteA", "targets": ["SiteB"]},
+                       "pool": {"arch": "unet_r18", "lr": 1e-3, "epochs": 1}, "uncertainty": {"epochs": 1}})
+    space = param_space(spec, tmp_path / "cache", ["a", "b"], {"a": "a.pt", "b": "b.pt"}, {"a", "b"}, stored={"b"})
+    fixed = {k: v for k, v in space.items() if k not in ("member", "_train")}
+    cfgs = {p["member_id"]: DeltaConfig.from_dict({**fixed, **p}) for p in space["member"]["grid_search"]}
+    assert (cfgs["a"].yhat, cfgs["a"].checkpoint, cfgs["a"].baselines) == ("model", "a.pt", spec.uncertainty.baselines)
+    assert (cfgs["b"].yhat, cfgs["b"].checkpoint, cfgs["b"].baselines) == ("stored", "", ("bayescap",))
+
+
+def test_stored_predictions_refuse_model_baselines(perfect, tiny_data, tiny_cache, tmp_path):
+    """δ from stored predictions without Ray: ŷ is the stored mask (here the ground truth, so δ's error area is 0);
+    a baseline that needs the model is refused, naming the member."""
+    from trainables import records
+    from trainables.uncertainty import fit_uncertainty
+
+    spec, _ = _import(tmp_path, perfect, tiny_data, tiny_cache)
+    cfg = {"member_id": "m1", "checkpoint": "", "yhat": "stored", "cache": str(tiny_cache), "source": "SiteA",
+           "targets": ["SiteB", "SiteC"], "experiment_dir": str(spec.experiment_dir), "epochs": 1, "batch_size": 4,
+           "num_threads": 1}
+    with pytest.raises(ValueError, match=r"pool member m1 has no model .* \['tta_noise'\] need one"):
+        fit_uncertainty({**cfg, "baselines": ["tta_noise"]})
+    fit_uncertainty({**cfg, "baselines": [], "width": 4})
+    unc = records.load_uncertainty(spec.experiment_dir)
+    assert set(unc["method"]) == {"ggd"} and (unc["error_px"] == 0).all()

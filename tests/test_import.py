@@ -153,6 +153,15 @@ def test_imported_pool_records_delta_and_analysis(outside, tiny_data, tiny_cache
     assert (exp / "analysis" / "claims.md").exists()
     perf = pd.read_csv(exp / "analysis" / "performance.csv")
     assert set(perf["member_id"]) == set(members["member_id"])
+    assert main(["report", str(exp)]) == 0
+    # MLflow: the pool run with a child run per imported member, as a trained pool has
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    eid = client.get_experiment_by_name("outside").experiment_id
+    runs = client.search_runs([eid], filter_string="tags.`oodsweep.member_id` != ''")
+    assert sorted(r.data.tags["oodsweep.member_id"] for r in runs) == sorted(members["member_id"])
+    assert all("id_iou_3d" in r.data.metrics for r in runs)
 
 
 # --- bad inputs (unit tier: no Ray; each error names the file or key) ------------------------------------------
@@ -358,3 +367,37 @@ def test_stored_predictions_refuse_model_baselines(perfect, tiny_data, tiny_cach
     fit_uncertainty({**cfg, "baselines": [], "width": 4})
     unc = records.load_uncertainty(spec.experiment_dir)
     assert set(unc["method"]) == {"ggd"} and (unc["error_px"] == 0).all()
+
+
+def test_png_predictions_of_photographs(tmp_path):
+    """2D data: a PNG per case (IDRiD source, FGADR target, one lesion type); masks equal to the ground truth score
+    perfectly, a PNG that is not binary is refused naming the file."""
+    from PIL import Image
+
+    from sweeps.importer import import_pool
+    from sweeps.spec import parse_spec
+    from test_datasets import LESIONS, write_fgadr, write_idrid
+    from trainables import records
+    from trainables.data.base import DataError
+
+    truth = {"IDRiD": write_idrid(tmp_path / "IDRiD"), "FGADR": write_fgadr(tmp_path / "FGADR")}
+    ex = LESIONS.index("EX")
+    for site, cases in truth.items():
+        for case, m in cases.items():
+            (tmp_path / "preds" / "m1" / site).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m[..., ex]).save(tmp_path / "preds" / "m1" / site / f"{case}.png")
+    (tmp_path / "members.csv").write_text("member_id,run_id,arch,oracle_prompt\nm1,r1,a,false\n")
+    raw = {"name": "fundus", "storage": str(tmp_path / "runs"),
+           "data": {"sites": {"IDRiD": {"layout": "idrid", "root": str(tmp_path / "IDRiD")},
+                              "FGADR": {"layout": "fgadr", "root": str(tmp_path / "FGADR")}},
+                    "source": "IDRiD", "targets": ["FGADR"], "lesions": ["EX"], "image_size": 16,
+                    "val_fraction": 0, "cache_dir": str(tmp_path / "cache")},
+           "imported": {"members": str(tmp_path / "members.csv"), "predictions": str(tmp_path / "preds")}}
+    spec = import_pool(parse_spec(raw), track=False)
+    _, slices = records.load_records(spec.experiment_dir)
+    assert set(slices["site"]) == {"IDRiD", "FGADR"} and (slices["fp"] + slices["fn"] == 0).all()
+    assert slices["tp"].sum() > 0
+    bad = tmp_path / "preds" / "m1" / "IDRiD" / "IDRiD_04.png"
+    Image.fromarray((truth["IDRiD"]["IDRiD_04"][..., ex] * 200).astype(np.uint8)).save(bad)
+    with pytest.raises(DataError, match=rf"member m1, site IDRiD, case IDRiD_04: {bad} is not a binary mask"):
+        import_pool(parse_spec({**raw, "name": "fundus2"}), track=False)

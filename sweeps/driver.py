@@ -219,8 +219,9 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                                                                                    members["checkpoint"])}
         stored = stage.imported_members(members)  # no model: ŷ from their stored predictions
         if stored:
-            skipped = [b for b in u.baselines if b not in stage.member_baselines(spec, next(iter(stored)),
-                                                                                  {next(iter(stored))}, stored)]
+            from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+
+            skipped = [b for b in u.baselines if b not in MODEL_FREE_BASELINES]
             log(f"δ of the {len(stored)} imported members fitted on their stored predictions (ŷ) on the source's "
                 f"{u.fit_split} split" + (f"; {', '.join(skipped)} skipped for them (they run the member's model)"
                                           if skipped else ""))

@@ -120,8 +120,8 @@ def scan_member(spec: SweepSpec, row: pd.Series, cache, sets: dict, dataset_case
                             f"({folder / site / missing[0]}.nii.gz, .nii or .png)" +
                             (f", and {len(missing) - 1} more case(s) of its {split} split" if len(missing) > 1 else "")
                             + f"; the {split} split of {site} is scored, so every one of its cases needs a mask")
-    return {k: v for k, v in files.items() if any(k[0] == s and k[1] in _cases(cache, r)
-                                                  for s, _, r in sets.values())}, have_train
+    needed = {(s, c) for s, _, r in sets.values() for c in _cases(cache, r)}
+    return {k: v for k, v in files.items() if k in needed}, have_train
 
 
 def resolve_fit_split(spec: SweepSpec, have_train: dict[str, bool], sets: dict) -> SweepSpec:

@@ -159,7 +159,8 @@ def test_imported_pool_records_delta_and_analysis(outside, tiny_data, tiny_cache
 
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
     eid = client.get_experiment_by_name("outside").experiment_id
-    runs = client.search_runs([eid], filter_string="tags.`oodsweep.member_id` != ''")
+    pool = client.search_runs([eid], filter_string="tags.`oodsweep.stage` = 'pool'")[0]
+    runs = client.search_runs([eid], filter_string=f"tags.`mlflow.parentRunId` = '{pool.info.run_id}'")
     assert sorted(r.data.tags["oodsweep.member_id"] for r in runs) == sorted(members["member_id"])
     assert all("id_iou_3d" in r.data.metrics for r in runs)
 

@@ -118,8 +118,10 @@ def expected_delta_members(spec: SweepSpec, pool_complete: bool) -> list[str]:
     return delta_members(spec, members, baseline_members(spec, members, slices))
 
 
-#: The keys of each member's grid point in the δ stage's space (``param_space``'s ``member``).
-MEMBER_POINT_KEYS = ("member_id", "checkpoint", "baselines", "yhat")
+#: The keys of each member's grid point in the δ stage's space (``param_space``'s ``member``); an imported
+#: member's point adds ``IMPORTED_POINT_KEYS`` (a trained member's point is as it always was).
+MEMBER_POINT_KEYS = ("member_id", "checkpoint", "baselines")
+IMPORTED_POINT_KEYS = ("yhat",)
 
 
 def imported_members(members: pd.DataFrame) -> set[str]:
@@ -160,8 +162,8 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     # baselines first (they take about twice as long), so that no long trial starts in the last wave
     member_ids = sorted(member_ids, key=lambda m: m not in with_baselines)
     points = [dict(zip(MEMBER_POINT_KEYS, (m, "" if m in stored else checkpoints[m],
-                                           member_baselines(spec, m, with_baselines, stored),
-                                           "stored" if m in stored else "model")))
+                                           member_baselines(spec, m, with_baselines, stored))),
+                   **({"yhat": "stored"} if m in stored else {}))  # ŷ from its stored predictions, no checkpoint
               for m in member_ids]
     space = {
         "member": tune.grid_search(points),
@@ -176,7 +178,8 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
-    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS))
+    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS)
+                           + list(IMPORTED_POINT_KEYS))
     return space
 
 

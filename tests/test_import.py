@@ -402,3 +402,17 @@ def test_png_predictions_of_photographs(tmp_path):
     Image.fromarray((truth["IDRiD"]["IDRiD_04"][..., ex] * 200).astype(np.uint8)).save(bad)
     with pytest.raises(DataError, match=rf"member m1, site IDRiD, case IDRiD_04: {bad} is not a binary mask"):
         import_pool(parse_spec({**raw, "name": "fundus2"}), track=False)
+
+
+def test_cli_refuses_a_duplicate_member_id(perfect, tiny_data, tiny_cache, tmp_path, capsys):
+    """Through the command line: a members table with a repeated id stops `oodsweep import` before anything is
+    written, with the file and the id (exit 2, as every invalid spec)."""
+    from sweeps.cli import main
+
+    table = tmp_path / "dup.csv"
+    table.write_text("member_id,run_id,arch,oracle_prompt\nm1,r1,a,false\nm1,r2,a,false\n")
+    spec = import_spec(tmp_path, tiny_data, tiny_cache, perfect / "members.csv", perfect / "preds")
+    assert main(["import", str(spec), "--members", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert f"imported.members: {table}: member_id 'm1' is repeated (lines [2, 3])" in err
+    assert not (tmp_path / "runs").exists()

@@ -5,6 +5,9 @@ The public entry points (``load_spec``, ``parse_spec``) and the spec's types. By
 expansion), ``spec_data`` (the ``data:`` section), ``spec_sections`` (``pool``, ``search``,
 ``uncertainty``, ``analysis``).
 
+A pool trained elsewhere has an ``imported:`` section (its members table and predicted masks; ``oodsweep
+import``, ``sweeps.importer``) instead of ``pool:``.
+
 Validation happens before anything launches; every error names the key (as a dotted path),
 the bad value and the valid choices or the fix. ``${VAR}`` and ``${VAR:-default}`` in strings
 are replaced from the environment (an unset variable without a default is an error naming it).

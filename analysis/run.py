@@ -197,7 +197,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     unc_md: list[str] = []
     if unc is not None:
         # Table 4 (both readings, SAM family and pooled), the maps' AUROC/AP, δ's fits: their own module
-        t4, unc_md = uncertainty_sections(experiment_dir, unc, roles, source, out, files, notes)
+        t4, unc_md = uncertainty_sections(experiment_dir, unc, roles, source, out, files, notes, members=members)
     sel = pd.concat([select_models(tb, available).assign(members=k) for k, tb in tables.items()], ignore_index=True)
     _write_csv(sel, out / "selection.csv", files)
     lotos = [loto_estimates(tb, available) for tb in tables.values()]

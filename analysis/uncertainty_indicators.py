@@ -152,8 +152,29 @@ def _members_scored_by_all(unc: pd.DataFrame) -> int:
     return int((unc.groupby("member_id")["method"].nunique() == unc["method"].nunique()).sum())
 
 
+#: The Table-4 methods that run the member's model (an imported member, which has none, is not scored by them).
+MODEL_METHODS = ("tta_noise", "tta_color", "mc_dropout")
+
+
+def imported_note(members: pd.DataFrame | None) -> str | None:
+    """Table 4's note for a pool with imported members (``oodsweep import``: predicted masks, no model): the
+    methods that need the model were not run for them; None when every member has its model."""
+    if members is None or "imported" not in members.columns:
+        return None
+    n = int(members["imported"].astype("boolean").fillna(False).sum())
+    if not n:
+        return None
+    from analysis.table4 import METHOD_LABELS
+
+    skipped = ", ".join(METHOD_LABELS[m] for m in MODEL_METHODS)
+    return (f"Table 4: {n} of {len(members)} members were imported (predicted masks, no model): δ and BayesCap "
+            f"were fitted on their stored predictions; {skipped} need the model and were not run for them, so "
+            f"they have no rows from those members")
+
+
 def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str], source: str, out,
-                         files: list, notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+                         files: list, notes: list[str], members: pd.DataFrame | None = None
+                         ) -> tuple[pd.DataFrame, list[str]]:
     """Write the uncertainty stage's tables and return (the default Table 4, its tables.md lines).
 
     Files under ``out``: ``table4.csv`` (area reading, default members), ``table4_readings.csv`` (both
@@ -206,6 +227,10 @@ def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str
     md.insert(0, f"Default: the {'SAM family' if default == 'sam' else 'pooled members'}, area reading "
                  f"(`table4.csv`); every version in `table4_readings.csv`.")
     md.insert(1, "")
+    note = imported_note(members)
+    if note:  # said beside the table and among the analysis' notes
+        md[2:2] = [f"*{note}.*", ""]
+        notes.append(note)
     if sites is not None:
         er = error_ranking_table(sites, roles, source)
         er.to_csv(out / "error_ranking.csv", index=False)

@@ -8,6 +8,9 @@
     oodsweep report EXPERIMENT_DIR [--metric M]         the claims report: which of the paper's claims hold
     oodsweep data check ROOT --layout NAME [--sites A,B]  validate a dataset folder, print a summary
     oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
+    oodsweep import SPEC [--members CSV] [--predictions DIR] [--records-only]
+                                                        a pool trained elsewhere: its predicted masks -> records,
+                                                        then δ and the analysis as `run` does
 """
 from __future__ import annotations
 
@@ -119,6 +122,33 @@ def _cmd_demo(args) -> int:
         spec = parse_spec(raw, where="demo --smoke", env=env)
     else:
         spec = load_spec(PRESETS / "demo.yaml", env=env)
+    run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+def _cmd_import(args) -> int:
+    import yaml
+
+    from .driver import run_sweep
+    from .importer import import_pool
+    from .spec import parse_spec
+
+    path = Path(args.spec)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist; `oodsweep import` takes a spec with name, data and "
+                        f"`imported: {{members: CSV, predictions: DIR}}` (docs/import.md)")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a YAML mapping with keys name, data, imported, ...")
+    given = {k: str(Path(v).resolve()) for k, v in (("members", args.members), ("predictions", args.predictions)) if v}
+    if given:  # the flags complete (or override) the spec's imported section
+        raw["imported"] = {**(raw.get("imported") or {}), **given}
+    spec = parse_spec(raw, where=str(path))
+    spec = import_pool(type(spec)(**{**spec.__dict__, "source_file": path.resolve()}))
+    if args.records_only:
+        print(f"[oodsweep] records written to {spec.experiment_dir / 'records'}; `oodsweep resume "
+              f"{spec.experiment_dir}` fits δ and runs the analysis")
+        return 0
     run_sweep(spec, address=args.address, num_cpus=args.num_cpus)
     return 0
 
@@ -242,6 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="a one-minute version (tiny sites, 2 members) to check "
                                                         "an installation or a cluster")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("import", help="build an experiment from a pool trained elsewhere (its predicted masks "
+                                      "per member and site), then fit δ and analyse it as `run` does")
+    p.add_argument("spec", help="spec YAML with name, data and `imported: {members: CSV, predictions: DIR}` "
+                                "instead of pool (docs/import.md)")
+    p.add_argument("--members", help="the members table (CSV); overrides imported.members")
+    p.add_argument("--predictions", help="folder of <member_id>/<site>/<case_id>.nii.gz masks; overrides "
+                                         "imported.predictions")
+    p.add_argument("--records-only", action="store_true", help="stop after writing the records (then `oodsweep "
+                                                               "resume EXPERIMENT_DIR` runs δ and the analysis)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_cmd_import)
     p = sub.add_parser("status", help="per stage: done, failed, pending")
     p.add_argument("experiment_dir")
     p.add_argument("--json", action="store_true")

@@ -141,6 +141,10 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         log(f"pool stage already done ({len(records.member_part_ids(exp))} members): skipped")
         tracker.finish_done_stage(parent)
         return
+    if spec.imported is not None:  # nothing to train: the records come from `oodsweep import`
+        owed = "; ".join(f"{m}: {w}" for m, w in gaps.items()) or "the import did not finish"
+        raise RuntimeError(f"{exp} holds a pool trained elsewhere and its records are incomplete ({owed}); "
+                           f"run `oodsweep import` with its spec again to rewrite them")
     retire = marker.exists() or relocated  # Tune's state says done, or holds the old folder's paths
     if gaps and marker.exists():
         for mid, why in gaps.items():
@@ -216,6 +220,14 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         t = time.time()
         checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
                                                                                    members["checkpoint"])}
+        stored = stage.imported_members(members)  # no model: ŷ from their stored predictions
+        if stored:
+            from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+
+            skipped = [b for b in u.baselines if b not in MODEL_FREE_BASELINES]
+            log(f"δ of the {len(stored)} imported members fitted on their stored predictions (ŷ) on the source's "
+                f"{u.fit_split} split" + (f"; {', '.join(skipped)} skipped for them (they run the member's model)"
+                                          if skipped else ""))
         if len(wanted) < len(members):
             log(f"δ skipped for the {len(members) - len(wanted)} box-prompted members without baselines "
                 f"(uncertainty.prompted_members: {u.prompted_members}; their uncertain area is not label-free)")
@@ -230,7 +242,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                 "what is left")
         _, failed = fit_until_recorded(
             exp / UNCERTAINTY_STAGE,
-            lambda ids: stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints, with_baselines).fit(),
+            lambda ids: stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints, with_baselines,
+                                          stored).fit(),
             lambda: reconcile.uncertainty_gaps(spec, todo), lambda still: reconcile.invalidate_uncertainty(spec, still),
             "a δ record")
         errors = _trial_errors(failed)

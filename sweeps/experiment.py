@@ -35,6 +35,10 @@ def frozen_spec(spec: SweepSpec) -> dict:
         raw["data"]["sites"][site]["root"] = str(root)
     if spec.data.cache_dir:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
+    if spec.imported is not None:  # a pool trained elsewhere: its table and predictions, absolute
+        raw["imported"]["members"] = str(spec.imported.members)
+        if spec.imported.predictions is not None:
+            raw["imported"]["predictions"] = str(spec.imported.predictions)
     if spec.pool.sam_checkpoint:
         raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
     if isinstance(spec.pool.encoder_weights, Path):

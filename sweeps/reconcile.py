@@ -31,6 +31,8 @@ def expected_members(spec: SweepSpec) -> list[str] | None:
     from trainables.member import member_id
 
     p = spec.pool
+    if spec.imported is not None:  # a pool trained elsewhere: its members table's ids
+        return list(spec.imported.member_ids) or None
     if spec.search is not None:
         return None
     out = []
@@ -76,7 +78,8 @@ def member_problem(exp: Path, mid: str, sites: list[str]) -> tuple[str | None, l
         pq.read_metadata(sp)
     except Exception as e:  # noqa: BLE001
         return f"its slice counts {sp} are damaged ({type(e).__name__})", present
-    problem = _checkpoint_problem(ckpt)
+    # an imported member (``oodsweep import``) has predicted masks and no weights
+    problem = None if member.get("imported") else _checkpoint_problem(ckpt)
     if problem:
         return problem, present + [ckpt] * ckpt.exists()
     for site in sites:

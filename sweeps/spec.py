@@ -5,6 +5,9 @@ The public entry points (``load_spec``, ``parse_spec``) and the spec's types. By
 expansion), ``spec_data`` (the ``data:`` section), ``spec_sections`` (``pool``, ``search``,
 ``uncertainty``, ``analysis``).
 
+A pool trained elsewhere has an ``imported:`` section (its members table and predicted masks; ``oodsweep
+import``, ``sweeps.importer``) instead of ``pool:``.
+
 Validation happens before anything launches; every error names the key (as a dotted path),
 the bad value and the valid choices or the fix. ``${VAR}`` and ``${VAR:-default}`` in strings
 are replaced from the environment (an unset variable without a default is an error naming it).
@@ -36,12 +39,13 @@ import yaml
 from .console import command
 from .spec_checks import MAX_SPEC_BYTES, Checker, expand_env, load_yaml, resolve_path
 from .spec_data import parse_data
-from .spec_schema import (BASELINES, DEFAULT_BASELINES, LAYOUTS, METRICS, AnalysisSpec, DataSpec, Epochs, Param,
-                          PoolSpec, SearchSpec, SpecError, SweepSpec, SyntheticSpec, UncertaintySpec)
-from .spec_sections import check_image_size, parse_analysis, parse_pool, parse_search, parse_uncertainty
+from .spec_schema import (BASELINES, DEFAULT_BASELINES, LAYOUTS, METRICS, AnalysisSpec, DataSpec, Epochs, ImportSpec,
+                          Param, PoolSpec, SearchSpec, SpecError, SweepSpec, SyntheticSpec, UncertaintySpec)
+from .spec_sections import (check_image_size, imported_pool_spec, parse_analysis, parse_imported, parse_pool,
+                            parse_search, parse_uncertainty)
 
 #: the spec's types and choice lists, used as ``sweeps.spec.X`` by the stages, the CLI and the tests
-__all__ = ["AnalysisSpec", "BASELINES", "DEFAULT_BASELINES", "DataSpec", "Epochs", "LAYOUTS", "METRICS", "Param",
+__all__ = ["AnalysisSpec", "BASELINES", "DEFAULT_BASELINES", "DataSpec", "Epochs", "ImportSpec", "LAYOUTS", "METRICS", "Param",
            "PoolSpec", "SearchSpec", "SpecError", "SweepSpec", "SyntheticSpec", "UncertaintySpec", "load_spec",
            "parse_spec", "MAX_SPEC_BYTES"]
 
@@ -57,21 +61,32 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     base = Path(base_dir or os.getcwd()).resolve()
     c = Checker(where)
     raw = expand_env(raw, "", where, env)
-    c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": True, "search": False,
-                     "uncertainty": False, "analysis": False, "tracking": False})
+    imported_pool = isinstance(raw, dict) and "imported" in raw
+    c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": not imported_pool, "search": False,
+                     "uncertainty": False, "analysis": False, "tracking": False, "imported": False})
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
     storage = resolve_path(raw.get("storage") or env.get("OODSWEEP_STORAGE") or "./oodsweep-runs", base)
     data = parse_data(c, raw["data"], base)
-    pool = parse_pool(c, raw["pool"], base)
+    imported = None
+    if imported_pool:
+        for key in ("pool", "search"):
+            if key in raw:
+                raise c.fail(key, "a spec with an `imported:` section describes a pool trained elsewhere: it has no "
+                                  f"{key} section (remove it, or remove `imported:` to train a pool here)")
+        imported = parse_imported(c, raw["imported"], base)
+        pool = imported_pool_spec(imported)
+    else:
+        pool = parse_pool(c, raw["pool"], base)
     search = parse_search(c, raw.get("search"), data, pool)
     uncertainty = parse_uncertainty(c, raw.get("uncertainty"), data)
     analysis = parse_analysis(c, raw.get("analysis"), uncertainty)
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
-    check_image_size(c, data.image_size, pool.arch.values, uncertainty is not None)
+    # an imported pool's architectures are not built here: only δ's body constrains the image size
+    check_image_size(c, data.image_size, () if imported else pool.arch.values, uncertainty is not None)
     return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, uncertainty=uncertainty,
-                     analysis=analysis, tracking_uri=t.get("uri"), raw=raw)
+                     analysis=analysis, tracking_uri=t.get("uri"), raw=raw, imported=imported)
 
 
 def load_spec(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> SweepSpec:

@@ -196,6 +196,18 @@ class AnalysisSpec:
 
 
 @dataclass(frozen=True)
+class ImportSpec:
+    """A pool trained elsewhere (the ``imported:`` section, ``oodsweep import``): its members table and the
+    folder of its predicted masks (``<predictions>/<member_id>/<site>/<case_id>.nii.gz``, or ``.png``)."""
+
+    members: Path
+    predictions: Path | None = None
+    #: the table's member ids and runs (empty when the table cannot be read any more: a moved experiment)
+    member_ids: tuple[str, ...] = ()
+    runs: int = 0
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     storage: Path
@@ -209,6 +221,8 @@ class SweepSpec:
     raw: dict = field(default_factory=dict, repr=False, compare=False)
     #: the experiment folder when it is not <storage>/<name> (`resume`/`status` of a renamed folder)
     location: Path | None = None
+    #: a pool trained elsewhere (``oodsweep import``); ``pool`` then only names its architectures
+    imported: ImportSpec | None = None
 
     @property
     def experiment_dir(self) -> Path:
@@ -225,12 +239,16 @@ class SweepSpec:
 
     def n_runs(self) -> int | None:
         """Training runs in the pool (None for a search: it is num_samples)."""
+        if self.imported is not None:
+            return self.imported.runs or None
         if self.search:
             return self.search.num_samples
         n = len(self.pool.arch.values) * len(self.pool.lr.values) * len(self.pool.seed.values)
         return n * (len(self.pool.epochs.values) if self.pool.epochs.mode == "grid" else 1)
 
     def n_members(self) -> int | None:
+        if self.imported is not None:
+            return len(self.imported.member_ids) or None
         runs = self.n_runs()
         return runs * len(self.pool.epochs.values) if self.pool.epochs.mode == "snapshots" else runs
 

@@ -11,8 +11,8 @@ from trainables.models import MODELS
 
 from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
-                          TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec,
-                          default)
+                          TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, ImportSpec, Param, PoolSpec, SearchSpec,
+                          SpecError, UncertaintySpec, default)
 
 
 def _lam(c, raw: Any) -> float | tuple[float, ...]:
@@ -307,3 +307,37 @@ def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) ->
         raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "
                                             "(add one, e.g. `uncertainty: {epochs: 50}`)")
     return analysis
+
+
+def parse_imported(c: Checker, raw: Any, base: Path) -> ImportSpec:
+    """Validate the ``imported:`` mapping (a pool trained elsewhere, ``oodsweep import``): ``members`` (the CSV,
+    ``sweeps.import_table``) and ``predictions`` (the folder of predicted masks). The table is read and checked
+    here when it exists; a frozen spec whose table has moved away still parses (``member_ids`` empty)."""
+    from .import_table import read_members_table
+
+    m = c.keys(raw, "imported", {"members": True, "predictions": False})
+    members = resolve_path(m["members"], base)
+    predictions = resolve_path(m["predictions"], base) if m.get("predictions") else None
+    if not members.is_file():
+        return ImportSpec(members=members, predictions=predictions)
+    try:
+        table = read_members_table(members)
+    except SpecError as e:
+        raise c.fail("imported.members", str(e)) from None
+    if predictions is None and (table["predictions"] == "").any():
+        first = table.loc[table["predictions"] == "", "member_id"].iloc[0]
+        raise c.fail("imported.predictions", f"is required: member {first!r} of {members} has no `predictions` "
+                                             f"column entry (give the folder holding <member_id>/<site>/<case> "
+                                             f"masks, or a predictions column in the table)")
+    return ImportSpec(members=members, predictions=predictions, member_ids=tuple(table["member_id"]),
+                      runs=int(table["run_id"].nunique()))
+
+
+def imported_pool_spec(imported: ImportSpec) -> PoolSpec:
+    """The ``pool`` of an imported spec: nothing is trained, so it only stands in for the stages that read a
+    pool's settings (one grid point each; the members' own settings are in the records)."""
+    from .import_table import read_members_table
+
+    archs = tuple(sorted(set(read_members_table(imported.members)["arch"]))) if imported.member_ids else ()
+    return PoolSpec(arch=Param("grid", archs), lr=Param("grid", (0.0,)), epochs=Epochs("snapshots", (0,)),
+                    seed=Param("grid", (0,)))

@@ -85,7 +85,9 @@ def experiment_status(experiment_dir) -> dict:
                                                     else ("running" if running or members else "pending")),
                  "missing": gaps,
                  "members_done": len(members), "members_expected": expected,
-                 "runs_done": sum(v["done"] for v in trials.values()), "runs_expected": spec.n_runs(),
+                 # an imported pool has no pool trials: its runs are done once its members are
+                 "runs_done": (spec.n_runs() or 0) if spec.imported is not None and pool_done
+                 else sum(v["done"] for v in trials.values()), "runs_expected": spec.n_runs(),
                  "runs_unfinished": running, "failed": failed},
         "uncertainty": unc,
         "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",

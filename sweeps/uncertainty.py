@@ -118,15 +118,38 @@ def expected_delta_members(spec: SweepSpec, pool_complete: bool) -> list[str]:
     return delta_members(spec, members, baseline_members(spec, members, slices))
 
 
-#: The keys of each member's grid point in the δ stage's space (``param_space``'s ``member``).
+#: The keys of each member's grid point in the δ stage's space (``param_space``'s ``member``); an imported
+#: member's point adds ``IMPORTED_POINT_KEYS`` (a trained member's point is as it always was).
 MEMBER_POINT_KEYS = ("member_id", "checkpoint", "baselines")
+IMPORTED_POINT_KEYS = ("yhat",)
+
+
+def imported_members(members: pd.DataFrame) -> set[str]:
+    """The members imported from elsewhere (``oodsweep import``: the ``imported`` mark of their records): no
+    model, their ŷ is their stored predictions."""
+    if "imported" not in members.columns:
+        return set()
+    flag = members["imported"].astype("boolean").fillna(False).astype(bool)
+    return set(members.loc[flag, "member_id"].astype(str))
+
+
+def member_baselines(spec: SweepSpec, member_id: str, with_baselines: set[str], stored: set[str]) -> list[str]:
+    """The baselines a member's trial runs: none outside ``with_baselines``; an imported member (``stored``)
+    only those on ŷ (BayesCap, ``ggd_yhat_only``): TTA and MC dropout run the member's model, which it has not."""
+    from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+
+    if member_id not in with_baselines:
+        return []
+    names = list(spec.uncertainty.baselines)
+    return [b for b in names if b in MODEL_FREE_BASELINES] if member_id in stored else names
 
 
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],
-                with_baselines: set[str]) -> dict:
+                with_baselines: set[str], stored: set[str] | frozenset = frozenset()) -> dict:
     """The δ stage's Tune space: one grid point per member (``member``, merged into the trial's config by
     ``_trial_fn``) and the fixed config, whose keys are checked against ``trainables.delta_config.DeltaConfig``
-    (``_train`` is the trial's own: the Train run's resources and storage)."""
+    (``_train`` is the trial's own: the Train run's resources and storage). ``stored``: the imported members,
+    whose ŷ is read from their stored predictions (``yhat: stored``) instead of their model's."""
     from ray import tune
 
     from trainables.delta_config import DeltaConfig
@@ -138,7 +161,9 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     # one grid point per member: its id, checkpoint and whether it also gets the baselines; the members with
     # baselines first (they take about twice as long), so that no long trial starts in the last wave
     member_ids = sorted(member_ids, key=lambda m: m not in with_baselines)
-    points = [dict(zip(MEMBER_POINT_KEYS, (m, checkpoints[m], list(u.baselines) if m in with_baselines else [])))
+    points = [dict(zip(MEMBER_POINT_KEYS, (m, "" if m in stored else checkpoints[m],
+                                           member_baselines(spec, m, with_baselines, stored))),
+                   **({"yhat": "stored"} if m in stored else {}))  # ŷ from its stored predictions, no checkpoint
               for m in member_ids]
     space = {
         "member": tune.grid_search(points),
@@ -153,7 +178,8 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
-    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS))
+    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS)
+                           + list(IMPORTED_POINT_KEYS))
     return space
 
 
@@ -164,7 +190,7 @@ def _trial_fn(config: dict) -> None:
 
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str, todo: list[str],
-                checkpoints: dict[str, str], with_baselines: set[str]):
+                checkpoints: dict[str, str], with_baselines: set[str], stored: set[str] | frozenset = frozenset()):
     from ray import tune
 
     from .callbacks import MlflowMemberCallback
@@ -172,7 +198,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     u = spec.uncertainty
     path = spec.experiment_dir / UNCERTAINTY_STAGE
     trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
-    space = param_space(spec, cache_dir, todo, checkpoints, with_baselines)
+    space = param_space(spec, cache_dir, todo, checkpoints, with_baselines, stored)
     if tune.Tuner.can_restore(str(path)):
         log(f"resuming the uncertainty stage from {path}")
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True,

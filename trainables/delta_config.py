@@ -59,6 +59,9 @@ class DeltaConfig(Config):
     source: str = setting(cast=text)
     targets: tuple[str, ...] = setting(cast=tuple_of(text))
     experiment_dir: str = setting(cast=text)
+    #: ŷ's prediction source: "model" (the member's checkpoint, run on each slice) or "stored" (its predicted
+    #: masks in the records: a member imported from elsewhere, which has no model; only the baselines on ŷ run)
+    yhat: str = setting("model", choice("model", "stored"))
     target_split: str = setting("test", choice("test", "all"))
     #: paper: Adam 1e-4, 50 epochs, cosine schedule
     epochs: int = setting(50, _at_least_one)

@@ -30,6 +30,10 @@ Modules: ``trainables.delta`` (the net δ and the equations), ``trainables.basel
 baselines), ``trainables.uncertainty_scoring`` (Otsu areas, error ranking, scoring a member and writing
 its records) and this one (the config and the fit).
 
+ŷ's *prediction source* (``DeltaConfig.yhat``): the member's model (``model``), or, for a member imported from
+elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``uncertainty_scoring.StoredPredictions``);
+δ and the baselines on ŷ alone (BayesCap, ``ggd_yhat_only``) then run as for any member, TTA and MC dropout cannot.
+
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
 Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
 the worker's rank; only rank 0 scores and writes records.
@@ -55,8 +59,8 @@ from .delta_config import DeltaConfig, lam_method
 from .member import train_val_rows
 from .runner import run_epochs
 from .segment import load_member
-from .uncertainty_scoring import (error_ranking, frozen_predict, otsu_area, score_member, slice_columns,
-                                  source_threshold, uncertain_masks, union)
+from .uncertainty_scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
+                                  score_member, slice_columns, source_threshold, uncertain_masks, union)
 
 #: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
 #: and ``trainables.uncertainty_scoring``).
@@ -73,6 +77,12 @@ def _resolve(config: dict | DeltaConfig) -> DeltaConfig:
     """The δ config of ``config`` (a dict converted once), its member's checkpoint resolved (relative to the
     experiment) and present."""
     cfg = config if isinstance(config, DeltaConfig) else DeltaConfig.from_dict(config)
+    if cfg.yhat == "stored":  # an imported member: ŷ from its stored predictions, no checkpoint
+        model_based = [b for b in cfg.baselines if b not in MODEL_FREE_BASELINES]
+        if model_based:
+            raise ValueError(f"pool member {cfg.member_id} has no model (its ŷ is stored predictions): the baselines "
+                             f"{model_based} need one; leave them out for it (valid: {list(MODEL_FREE_BASELINES)})")
+        return cfg
     checkpoint = str(records.resolve_checkpoint(cfg.experiment_dir, cfg.checkpoint))
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"pool member {cfg.member_id}: checkpoint {checkpoint} does not exist; "
@@ -163,8 +173,11 @@ class DeltaFit:
         torch.manual_seed(self.seed)  # the nets' initialisation
         self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
         self.cache = cache = open_slice_cache(cfg.cache)
-        frozen = load_frozen(cfg.checkpoint, cfg.member_id, cfg.experiment_dir, device)
-        self.frozen = frozen = accel.model(frozen)
+        if cfg.yhat == "stored":  # ŷ's prediction source: the stored masks of an imported member
+            self.frozen = frozen = StoredPredictions(cfg.experiment_dir, cfg.member_id)
+        else:
+            frozen = load_frozen(cfg.checkpoint, cfg.member_id, cfg.experiment_dir, device)
+            self.frozen = frozen = accel.model(frozen)
 
         self.all_rows, self.held = all_rows, held = fit_rows(cache, cfg)
         # equal shards: DDP needs every rank to take the same number of steps

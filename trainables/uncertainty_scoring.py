@@ -108,12 +108,60 @@ def union(masks: torch.Tensor) -> torch.Tensor:
     return masks.any(1) if masks.ndim == 4 else masks
 
 
-def frozen_predict(model: nn.Module, cache: SliceCache, rows: np.ndarray, device: torch.device,
+#: The Table-4 baselines that need only ŷ (and the image); the others (TTA, MC dropout) run the member's model.
+MODEL_FREE_BASELINES = ("bayescap", "ggd_yhat_only")
+
+
+class StoredPredictions:
+    """ŷ's *prediction source* for a member without a model (``oodsweep import``): its stored predicted masks.
+
+    δ needs only x and ŷ, so ``frozen_predict`` reads ŷ from the member's packed predictions
+    (``records.predictions_path``: the scored sites, and the source's training or validation split the import
+    stored for δ's fit) instead of running a model. ``prompted`` is the member's ``oracle_prompt`` (Table 4's
+    SAM-family reading); the baselines that need the model (TTA, MC dropout) cannot run on it.
+    """
+
+    stored = True
+
+    def __init__(self, experiment_dir: str | os.PathLike, member_id: str):
+        import json
+
+        self.member_id = member_id
+        pdir = records.records_dir(experiment_dir) / "predictions" / member_id
+        files = sorted(pdir.glob("*.npz")) + sorted((pdir / "splits").glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"imported member {member_id}: no stored predictions under {pdir}; run "
+                                    f"`oodsweep import` with its spec again")
+        part = records.records_dir(experiment_dir) / "parts" / f"{member_id}.member.json"
+        self.prompted = bool(json.loads(part.read_text()).get("oracle_prompt", False)) if part.exists() else False
+        self.masks: dict[tuple[str, str, int], np.ndarray] = {}
+        for f in files:
+            site = f.name[: -len(".npz")].rsplit(".", 1)[0] if f.parent.name == "splits" else f.stem
+            masks, cases, slices = records.load_predictions(f)
+            self.masks.update({(site, str(c), int(z)): m for m, c, z in zip(masks, cases, slices)})
+
+    def predict_rows(self, cache: SliceCache, rows: np.ndarray) -> torch.Tensor:
+        """The stored masks of cache rows, ``N x H x W`` bool; a row without one is a KeyError naming it."""
+        idx = cache.index.iloc[rows]
+        out = []
+        for site, case, z in zip(idx["site"], idx["case_id"], idx["slice_idx"]):
+            key = (str(site), str(case), int(z))
+            if key not in self.masks:
+                raise KeyError(f"imported member {self.member_id}: no stored prediction for site {site}, case {case}, "
+                               f"slice {z} (δ's fit split needs them: give its predictions to `oodsweep import`)")
+            out.append(self.masks[key])
+        return torch.from_numpy(np.stack(out)) if out else torch.zeros((0, *cache.masks.shape[-2:]), dtype=torch.bool)
+
+
+def frozen_predict(model: nn.Module | StoredPredictions, cache: SliceCache, rows: np.ndarray, device: torch.device,
                    accel: Accel | None = None) -> torch.Tensor:
-    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes.
+    """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes;
+    an imported member's ŷ is its stored prediction (``StoredPredictions``).
 
     ``accel``: the precision the pool scored the member with (bf16 autocast on a GPU), so that ŷ is the
     prediction the records hold."""
+    if isinstance(model, StoredPredictions):
+        return model.predict_rows(cache, rows)
     if getattr(model, "prompted", False):
         return predict_member_rows(model, cache, rows, device)
     return predict(model, cache.images[rows], device, accel=accel)
@@ -136,7 +184,7 @@ def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: 
     return torch.cat(mus).cpu().numpy(), torch.cat(unc).cpu().numpy()
 
 
-def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module, nets: dict[str, DeltaNet],
+def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | StoredPredictions, nets: dict[str, DeltaNet],
                  device: torch.device, gen: torch.Generator, accel: Accel | None = None,
                  fit: dict | None = None) -> dict:
     """Score every site with δ and the baselines; write the member's uncertainty records and examples.
@@ -164,7 +212,7 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module, nets: d
             maps[name] = unc
             if name == "ggd":
                 mu_ggd = mu
-        if role in cfg.baseline_roles:
+        if role in cfg.baseline_roles and not isinstance(frozen, StoredPredictions):  # (no model: ŷ's nets only)
             n = cfg.passes
             prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
             if "tta_noise" in cfg.baselines:

@@ -118,17 +118,37 @@ def preprocess_case(image: np.ndarray, mask: np.ndarray, modality: str, size: in
     # big down-sampling factors (fundus photographs of 4288 px) alias without smoothing first
     resize_img = Resize(spatial_size=(size, size, -1), mode="bilinear", align_corners=False,
                         anti_aliasing=modality == "fundus")
-    resize_msk = Resize(spatial_size=(size, size, -1), mode="nearest")
-    depth, n_ch, n_lab = img.shape[2], img.shape[3], msk.shape[3]
+    depth, n_ch = img.shape[2], img.shape[3]
     out_img = np.empty((depth, n_ch, size, size), np.float16)
-    out_msk = np.empty((depth, n_lab, size, size), np.uint8)
     for z in range(0, depth, SLAB):
         slab = np.moveaxis(img[:, :, z:z + SLAB, :], -1, 0).astype(np.float32)  # C x H x W x d (MONAI)
         slab = np.asarray(resize_img(scale(slab)), dtype=np.float32)
         out_img[z:z + SLAB] = np.moveaxis(slab, -1, 0)
+    return out_img, resize_masks(msk, size)
+
+
+def resize_masks(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary masks onto the cache's ``S x S`` grid, as every cached ground truth is (MONAI ``Resize``,
+    nearest neighbour; depth is never resampled). Predicted masks imported from elsewhere
+    (``oodsweep import``) go through this same function, so they land on the ground truth's pixels.
+
+    Args:
+        mask: ``H x W x D`` or ``H x W x D x L`` in {0, 1}.
+        size: output side ``S``.
+
+    Returns:
+        ``D x S x S`` (one label) or ``D x L x S x S`` uint8 in {0, 1}, slab by slab (:data:`SLAB`).
+    """
+    from monai.transforms import Resize
+
+    msk = mask if mask.ndim == 4 else mask[..., None]     # H x W x D x L
+    resize_msk = Resize(spatial_size=(size, size, -1), mode="nearest")
+    depth, n_lab = msk.shape[2], msk.shape[3]
+    out_msk = np.empty((depth, n_lab, size, size), np.uint8)
+    for z in range(0, depth, SLAB):
         mslab = np.moveaxis(msk[:, :, z:z + SLAB, :], -1, 0).astype(np.float32)
         out_msk[z:z + SLAB] = np.moveaxis(np.asarray(resize_msk(mslab)) > 0.5, -1, 0)
-    return out_img, (out_msk[:, 0] if n_lab == 1 else out_msk)
+    return out_msk[:, 0] if n_lab == 1 else out_msk
 
 
 #: A site's data: (layout name, root folder).

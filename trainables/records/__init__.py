@@ -20,8 +20,8 @@ from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORD
                      conform)
 from .store import (RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_uncertainty,
                     load_uncertainty_fits, load_uncertainty_sites, log_attempt, member_part_ids, merge_parts,
-                    records_dir, resolve_checkpoint, save_predictions, scratch_dir, uncertainty_part_ids,
-                    write_member_part, write_uncertainty_fit, write_uncertainty_part, write_uncertainty_sites)
+                    predictions_path, records_dir, resolve_checkpoint, save_predictions, scratch_dir,
+                    uncertainty_part_ids, write_member_part, write_uncertainty_fit, write_uncertainty_part, write_uncertainty_sites)
 
 __all__ = [
     # schema
@@ -30,6 +30,7 @@ __all__ = [
     # store
     "RecordsError", "records_dir", "scratch_dir", "clear_scratch", "log_attempt", "load_attempts",
     "write_member_part", "member_part_ids", "resolve_checkpoint", "merge_parts", "load_records", "save_predictions",
+    "predictions_path",
     "load_predictions", "write_uncertainty_sites", "write_uncertainty_fit", "load_uncertainty_fits",
     "load_uncertainty_sites", "write_uncertainty_part", "uncertainty_part_ids", "load_uncertainty",
     # metrics

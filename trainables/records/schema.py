@@ -32,6 +32,8 @@ MEMBER_COLUMNS = {
     # "label-free" indicator computed from them) encode the target labels.
     "oracle_prompt": "bool",
 }
+# A pool imported from elsewhere (``oodsweep import``) adds ``imported: True`` after these columns and leaves
+# ``checkpoint`` empty: it has predicted masks and no weights. Records of a trained pool have no such column.
 
 #: One row per member x site x case x slice. Every metric derives from these counts.
 #: Multi-label tasks (the fundus lesions, one mask channel each) add a ``label`` column (LABEL_COLUMN):

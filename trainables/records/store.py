@@ -13,6 +13,7 @@ Layout under ``<experiment>/records/``::
     parts/<member_id>.slices.parquet  its per-slice confusion counts (SLICE_COLUMNS)
     checkpoints/<member_id>.pt        its model weights (state_dict + arch kwargs)
     predictions/<member_id>/<site>.npz packed-bit predicted masks (see ``save_predictions``)
+    predictions/<member_id>/splits/<site>.<split>.npz   an imported member's source train/val masks (δ's fit)
     members.parquet                   merged members
     slices.parquet                    merged slices
     uncertainty/{parts,sites,fits,examples}/<member_id>.*   the uncertainty stage's (schema.py)
@@ -212,11 +213,18 @@ def load_records(experiment_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Da
     return merge_parts(experiment_dir)
 
 
+def predictions_path(experiment_dir: str | os.PathLike, member_id: str, site: str, split: str | None = None) -> Path:
+    """``predictions/<member>/<site>.npz`` (the scored split of a site), or, with ``split``, the source's other
+    splits an imported member brings for δ's fit: ``predictions/<member>/splits/<site>.<split>.npz``."""
+    base = records_dir(experiment_dir) / "predictions" / member_id
+    return base / f"{site}.npz" if split is None else base / "splits" / f"{site}.{split}.npz"
+
+
 def save_predictions(experiment_dir: str | os.PathLike, member_id: str, site: str,
-                     masks: np.ndarray, case_ids: list[str], slice_idx: np.ndarray) -> Path:
-    """Store binary predicted masks (N x H x W) as packed bits with their slice keys."""
+                     masks: np.ndarray, case_ids: list[str], slice_idx: np.ndarray, split: str | None = None) -> Path:
+    """Store binary predicted masks (N x H x W) as packed bits with their slice keys (``predictions_path``)."""
     masks = np.asarray(masks, dtype=bool)
-    path = records_dir(experiment_dir) / "predictions" / member_id / f"{site}.npz"
+    path = predictions_path(experiment_dir, member_id, site, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, bits=np.packbits(masks.reshape(len(masks), -1), axis=1), shape=np.array(masks.shape),

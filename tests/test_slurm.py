@@ -101,6 +101,7 @@ def _run(cmd: list[str], env: dict, timeout: float = 60, check: bool = True) -> 
 def slurm_cluster():
     """munged, slurmctld and slurmd for a one-node cluster on 127.0.0.1, everything in a temp folder."""
     _ensure_slurm()
+    t_setup = time.time()
     d = Path(tempfile.mkdtemp(prefix="oo-slurm-", dir="/tmp"))  # short: Ray's socket paths live under it
     for sub in ("state", "spool", "log"):
         (d / sub).mkdir()
@@ -153,6 +154,7 @@ PartitionName=test Nodes={name} Default=YES MaxTime=INFINITE State=UP
         logs = "\n".join(p.read_text()[-1500:] for p in sorted((d / "log").glob("*.log")))
         assert state == "idle", f"the Slurm node is {state or 'not reported'}, not idle, after 60 s\n{logs}"
         assert _run([_tool("srun"), "hostname"], env).stdout.strip()
+        print(f"\n[test_slurm] munged, slurmctld and slurmd up, node idle, srun ran: {time.time() - t_setup:.0f} s")
         yield {"dir": d, "env": env, "partition": "test", "cpus": int(re.search(r"CPUs=(\d+)", node).group(1))}
     finally:
         for p in pidfiles:
@@ -171,7 +173,8 @@ def test_sbatch_runs_the_smoke_demo_on_ray_with_mlflow(slurm_cluster):
            if not k.startswith(("RAY_", "OODSWEEP_", "MLFLOW_"))}
     env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "HOME": str(home), "OODSWEEP_STORAGE": str(storage),
                 "RAY_TMPDIR": str(ray_tmp), "RAY_PORT": str(_free_port()),
-                "RAY_DASHBOARD_PORT": str(_free_port()), "MLFLOW_PORT": str(mlflow_port), "MLFLOW_WORKERS": "1"})
+                "RAY_DASHBOARD_PORT": str(_free_port()), "RAY_AGENT_PORT": str(_free_port()),
+                "RAY_CLIENT_PORT": str(_free_port()), "MLFLOW_PORT": str(mlflow_port), "MLFLOW_WORKERS": "1"})
     cpus = min(2, slurm_cluster["cpus"])
     job = None
     try:
@@ -188,9 +191,11 @@ def test_sbatch_runs_the_smoke_demo_on_ray_with_mlflow(slurm_cluster):
             time.sleep(2)
         out_file = d / f"job-{job}.out"
         out = out_file.read_text() if out_file.exists() else "(no job output)"
+        print(f"[test_slurm] job {job}: {state} after {time.time() - t0:.0f} s; the script's lines:")
+        print("\n".join(line for line in out.splitlines() if line.startswith(("[oodsweep.sbatch", "[oodsweep] done"))))
         assert state == "COMPLETED", f"Slurm job {job}: {state or 'no state'} after {time.time() - t0:.0f} s\n" \
                                      f"{out[-6000:]}"
-        assert re.search(r"Job 'oodsweep-slurm-\S+' succeeded", out), out[-4000:]
+        assert re.search(r"\] Ray job oodsweep-slurm-\S+: succeeded", out), out[-4000:]
         assert "[oodsweep] connecting to the Ray cluster" in out  # the driver ran on the job's Ray cluster
         assert f"[oodsweep] MLflow tracking at http://127.0.0.1:{mlflow_port}" in out  # and logged to its server
         assert "Ray stopped on 1 node(s)" in out and "MLflow server stopped" in out

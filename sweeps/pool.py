@@ -95,6 +95,8 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["sam_sha256"] = pool.sam_sha256
     if pool.encoder_weights is not None:
         space["encoder_weights"] = str(pool.encoder_weights)
+    if pool.models:  # the open architectures' definitions: each trial resolves its own arch id with them
+        space["model_defs"] = pool.models
     from trainables.models import is_prompted
 
     if any(is_prompted(a) for a in pool.arch.values):
@@ -123,14 +125,15 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     cap = cluster.capacity()
     has_gpu = cap.get("GPU", 0) > 0
     archs = spec.pool.arch.values if spec.pool.arch.kind in ("grid", "choice") else tuple(spec.pool.per_arch)
-    demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+    models = spec.pool.models
+    demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu, models)
                for a in archs}
     for a, d in demands.items():
         log(f"pool trials of {a}: {d['cpu']:g} CPU, {d['gpu']:g} GPU")
     # the architecture is a searched parameter: each trial asks for its own architecture's share
     trainable = tune.with_resources(
         pool_trial, lambda config: cluster.trial_resources(config["arch"], spec.pool.cpu, spec.pool.gpu,
-                                                           spec.pool.per_arch, has_gpu))
+                                                           spec.pool.per_arch, has_gpu, models))
     if tune.Tuner.can_restore(str(path)):
         log(f"resuming the pool stage from {path}")
         try:

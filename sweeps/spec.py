@@ -38,6 +38,7 @@ from .spec_data import parse_data
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, LAYOUTS, METRICS, AnalysisSpec, DataSpec, Epochs, Param,
                           PoolSpec, SearchSpec, SpecError, SweepSpec, SyntheticSpec, UncertaintySpec)
 from .spec_sections import check_image_size, parse_analysis, parse_pool, parse_search, parse_uncertainty
+from .user_models import parse_runtime_env
 
 #: the spec's types and choice lists, used as ``sweeps.spec.X`` by the stages, the CLI and the tests
 __all__ = ["AnalysisSpec", "BASELINES", "DEFAULT_BASELINES", "DataSpec", "Epochs", "LAYOUTS", "METRICS", "Param",
@@ -57,20 +58,21 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     c = Checker(where)
     raw = expand_env(raw, "", where, env)
     c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": True, "search": False,
-                     "uncertainty": False, "analysis": False, "tracking": False})
+                     "uncertainty": False, "analysis": False, "tracking": False, "runtime_env": False})
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
     storage = resolve_path(raw.get("storage") or env.get("OODSWEEP_STORAGE") or "./oodsweep-runs", base)
     data = parse_data(c, raw["data"], base)
-    pool = parse_pool(c, raw["pool"], base)
+    pool = parse_pool(c, raw["pool"], base, data.image_size)
     search = parse_search(c, raw.get("search"), data, pool)
     uncertainty = parse_uncertainty(c, raw.get("uncertainty"), data)
     analysis = parse_analysis(c, raw.get("analysis"), uncertainty)
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
-    check_image_size(c, data.image_size, pool.arch.values, uncertainty is not None)
+    check_image_size(c, data.image_size, pool.arch.values, uncertainty is not None, pool.models)
+    runtime_env = parse_runtime_env(c, raw.get("runtime_env"), base)
     return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, uncertainty=uncertainty,
-                     analysis=analysis, tracking_uri=t.get("uri"), raw=raw)
+                     analysis=analysis, tracking_uri=t.get("uri"), runtime_env=runtime_env, raw=raw)
 
 
 def load_spec(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> SweepSpec:

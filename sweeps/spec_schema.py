@@ -112,6 +112,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class PoolSpec:
+    #: architecture ids: registered names and the ids of open architectures (``models``)
     arch: Param
     lr: Param
     epochs: Epochs
@@ -137,6 +138,9 @@ class PoolSpec:
     #: how the loop runs on its device (trainables.config.AccelConfig): amp, channels_last,
     #: data_placement, loader_workers, augment; only the keys the spec sets
     training: dict = field(default_factory=dict)
+    #: the open architectures of ``arch`` by id: their normalised definitions (trainables.models.open_archs),
+    #: passed to every trial as ``model_defs``
+    models: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ class SweepSpec:
     uncertainty: UncertaintySpec | None = None
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     tracking_uri: str | None = None
+    #: Ray's runtime_env for every task and trial (``runtime_env:``; sweeps.user_models): the user's code
+    runtime_env: dict | None = None
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
     #: the experiment folder when it is not <storage>/<name> (`resume`/`status` of a renamed folder)

@@ -7,12 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from trainables.models import MODELS
+from trainables.models import MODELS, resolve_model
 
 from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
                           TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, PoolSpec, SearchSpec, UncertaintySpec,
                           default)
+from .user_models import parse_arch
 
 
 def _lam(c, raw: Any) -> float | tuple[float, ...]:
@@ -69,10 +70,10 @@ def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
     return (*INDICATORS, *INDICATOR_GROUPS), delta
 
 
-def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
+def check_image_size(c, image_size: int, archs, with_delta: bool, models: dict | None = None) -> None:
     """``data.image_size`` must be a multiple of every pool architecture's ``ModelSpec.size_multiple``
-    (the encoders' down-sampling), and of δ's body when the spec fits δ."""
-    need = {a: MODELS[a].size_multiple for a in archs}
+    (the encoders' down-sampling), and of δ's body when the spec fits δ. ``models``: the open ones."""
+    need = {a: resolve_model(a, models).size_multiple for a in archs}
     if with_delta:  # δ's body is smp's UNet with a ResNet-18 encoder (trainables.uncertainty.DeltaNet)
         need["the δ net (a ResNet-18 UNet)"] = MODELS["unet_r18"].size_multiple
     multiple = math.lcm(*need.values())
@@ -152,15 +153,14 @@ def _epochs(c: Checker, e: Any) -> Epochs:
     return Epochs(emode, tuple(evals))
 
 
-def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
-    """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch)."""
+def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) -> PoolSpec:
+    """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch).
+    ``pool.arch`` holds registered names and open architectures (``sweeps.user_models.parse_arch``)."""
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
                              "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
                              "encoder_weights": False, "training": False})
-    arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
-    if arch.kind in ("loguniform", "uniform"):
-        raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
+    arch, models = parse_arch(c, p["arch"], image_size)
     sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
     encoder_weights = p.get("encoder_weights")
     if encoder_weights is not None and str(encoder_weights) != "imagenet":
@@ -169,7 +169,7 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
         encoder_weights = resolve_path(str(encoder_weights), base)
         for a in arch.values:  # every architecture's file, before launch
             try:
-                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights")
+                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights", defs=models)
             except FileNotFoundError as e:
                 raise c.fail("pool.encoder_weights", str(e).removeprefix("pool.encoder_weights: ")) from None
     lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
@@ -180,13 +180,13 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
     res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False, "per_arch": False})
     per_arch = {}
     for a, r in (res.get("per_arch") or {}).items():
-        c.choice(a, "pool.resources.per_arch", tuple(MODELS))
+        c.choice(a, "pool.resources.per_arch", (*MODELS, *models))
         r = c.keys(r or {}, f"pool.resources.per_arch.{a}", {"cpu": False, "gpu": False})
         per_arch[a] = {k: c.number(v, f"pool.resources.per_arch.{a}.{k}", nonneg=(k == "gpu"),
                                    positive=(k == "cpu")) for k, v in r.items()}
     mct = p.get("max_concurrent_trials")
     return PoolSpec(
-        arch=arch, lr=lr, epochs=epochs, seed=seed,
+        arch=arch, models=models, lr=lr, epochs=epochs, seed=seed,
         batch_size=c.number(p.get("batch_size", default(PoolSpec, "batch_size")), "pool.batch_size", integer=True,
                             positive=True),
         weight_decay=c.number(p.get("weight_decay", default(PoolSpec, "weight_decay")), "pool.weight_decay",

@@ -158,6 +158,7 @@ def _dropped(x: torch.Tensor, p: float, drop_gen: torch.Generator) -> torch.Tens
     return x * keep[:, :, None, None] / (1 - p)
 
 
+@torch.inference_mode()
 def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
     captured: dict[str, torch.Tensor] = {}
     handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
@@ -174,6 +175,7 @@ def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_siz
     return np.concatenate(out)
 
 
+@torch.inference_mode()
 def _mc_dropout_layer(model, layer, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
     def drop(mod, args):
         return (_dropped(args[0], p, drop_gen), *args[1:])

@@ -56,7 +56,10 @@ def is_open(value: Any) -> bool:
 
 def normalise(value: Any, key: str = "pool.arch") -> dict:
     """The canonical definition of an open architecture (``kind``, what it names, ``kwargs`` and the options
-    the spec gave): JSON-able, key order fixed. A bad value is a ModelDefError naming ``key``."""
+    the spec gave): JSON-able, key order fixed. A bad value is a ModelDefError naming ``key``. A definition
+    that is normalised already (it has ``kind``) is returned as it is."""
+    if isinstance(value, Mapping) and value.get("kind") in KINDS:
+        return json.loads(json.dumps(dict(value)))
     if isinstance(value, str):
         kind, _, rest = value.partition(":")
         if kind == "smp":

@@ -1,0 +1,227 @@
+"""Open architectures (smp:<Arch>:<encoder>, monai:<Network>, a user's callable by import path): the resolver,
+the ids, the dummy-batch contract check, MC dropout for any model, the user's code through Ray's runtime_env
+on a two-node cluster."""
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sweeps.spec import SpecError, parse_spec
+from trainables import baselines
+from trainables.models import arch_id, build_model, normalise, resolve_model
+from trainables.models.contract import dropout_layer
+
+#: a user's package, written into a temporary folder by the tests (never importable from the repository)
+USER_MODULE = '''
+import json, os
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, in_channels, classes, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def build(in_channels, classes, width=8, log=None, bad=None):
+    if log:  # where this build ran: the Ray node (None on the driver) and the file Python imported
+        node = None
+        import ray
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+        with open(log, "a") as f:
+            f.write(json.dumps({"node": node, "file": __file__, "pid": os.getpid()}) + "\\n")
+    if bad == "shape":
+        return nn.Conv2d(in_channels, classes, 3, stride=2, padding=1)
+    if bad == "channels":
+        return TinyNet(in_channels, classes + 1, width)
+    if bad == "module":
+        return "a model"
+    return TinyNet(in_channels, classes, width)
+'''
+
+
+def user_package(folder: Path) -> Path:
+    pkg = folder / "labnets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(USER_MODULE)
+    return pkg
+
+
+def spec_with(arch, tmp_path, **top) -> dict:
+    return {"name": "open", "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(tmp_path), "source": "SiteA", "targets": ["SiteB"],
+                     "image_size": 32},
+            "pool": {"arch": arch, "lr": 1e-3, "epochs": {"snapshots": [1]}},
+            "analysis": {"indicators": ["id_performance"]}, **top}
+
+
+# ----------------------------------------------------------------------------- the resolver and the ids
+
+def test_open_architectures_resolve_with_readable_ids():
+    assert arch_id(normalise("smp:FPN:resnet34")) == "smp-FPN-resnet34"
+    assert arch_id(normalise({"smp": {"arch": "DeepLabV3Plus", "encoder": "resnet18", "decoder_channels": 64}})) \
+        == "smp-DeepLabV3Plus-resnet18"
+    assert arch_id(normalise("monai:BasicUNet")) == "monai-BasicUNet"
+    assert arch_id(normalise({"target": "my_pkg.models:build"})) == "target-my_pkg.models.build"
+    assert arch_id(normalise({"monai": "UNet", "name": "unet-monai"})) == "unet-monai"
+    fpn = resolve_model("smp:FPN:resnet18")
+    assert (fpn.size_multiple, fpn.gpu_share, fpn.kwargs) == (32, 0.5, {"encoder_name": "resnet18"})
+    basic = resolve_model({"monai": {"network": "BasicUNet", "features": [8, 8, 16, 32, 64, 8]}, "gpu_share": 0.25})
+    assert (basic.size_multiple, basic.gpu_share, basic.takes_encoder_weights) == (16, 0.25, False)
+    assert resolve_model("unet_r18") is resolve_model("unet_r18", {"x": {}})  # registered names unchanged
+    x = torch.rand(2, 1, 32, 32)
+    assert build_model("smp:FPN:resnet18", classes=2)(x).shape == (2, 2, 32, 32)
+    assert build_model("monai:BasicUNet", 1)(x).shape == (2, 1, 32, 32)
+
+
+def test_spec_takes_open_architectures_and_names_bad_ones(tmp_path):
+    spec = parse_spec(spec_with({"grid": ["unet_r18", "smp:FPN:resnet18",
+                                          {"monai": {"network": "BasicUNet", "features": [8, 8, 16, 32, 64, 8]}},
+                                          {"target": "labnets.models:build", "kwargs": {"width": 4}}]}, tmp_path))
+    assert spec.pool.arch.values == ("unet_r18", "smp-FPN-resnet18", "monai-BasicUNet", "target-labnets.models.build")
+    assert spec.pool.models["monai-BasicUNet"]["kwargs"] == {"features": [8, 8, 16, 32, 64, 8]}
+    assert "unet_r18" not in spec.pool.models
+    with pytest.raises(SpecError, match=r"pool\.arch\.grid\[0\]: 'smp:FPN:resnet19': smp has no encoder 'resnet19'; "
+                                        r"close names: resnet18"):
+        parse_spec(spec_with("smp:FPN:resnet19", tmp_path))
+    with pytest.raises(SpecError, match=r"no architecture 'FPNN' \(did you mean \['FPN'"):
+        parse_spec(spec_with({"smp": {"arch": "FPNN", "encoder": "resnet18"}}, tmp_path))
+    with pytest.raises(SpecError, match=r"two architectures have the id 'smp-FPN-resnet18' .*kwargs.*`name:`"):
+        parse_spec(spec_with({"grid": ["smp:FPN:resnet18", {"smp": {"arch": "FPN", "encoder": "resnet18",
+                                                                     "decoder_dropout": 0.1}}]}, tmp_path))
+    with pytest.raises(SpecError, match=r"pool\.arch\.grid\[0\]\.kwargs\.in_channels: is filled in"):
+        parse_spec(spec_with({"target": "a.b:c", "kwargs": {"in_channels": 3}}, tmp_path))
+    with pytest.raises(SpecError, match=r"runtime_env\.py_modules\[0\]: .*nowhere does not exist"):
+        parse_spec(spec_with("unet_r18", tmp_path, runtime_env={"py_modules": ["./nowhere"]}))
+
+
+def test_gpu_share_and_image_size_follow_the_definition(tmp_path):
+    from sweeps import cluster
+
+    spec = parse_spec(spec_with({"grid": [{"smp": {"arch": "FPN", "encoder": "resnet18"}, "gpu_share": 0.25},
+                                          "monai:BasicUNet"]}, tmp_path))
+    assert cluster.gpu_share("smp-FPN-resnet18", None, None, True, spec.pool.models) == 0.25
+    assert cluster.gpu_share("monai-BasicUNet", None, None, True, spec.pool.models) == 0.5
+    with pytest.raises(SpecError, match="data.image_size: must be a multiple of 32"):
+        parse_spec({**spec_with("smp:FPN:resnet18", tmp_path),
+                    "data": {**spec_with("x", tmp_path)["data"], "image_size": 48}})
+
+
+# ----------------------------------------------------------------------------- the contract, on a dummy batch
+
+@pytest.mark.parametrize("bad, says", [
+    ("shape", r"wrong output shape: a 2 x 1 x 32 x 32 batch gave \(2, 1, 16, 16\), expected \(2, 1, 32, 32\)"),
+    ("channels", r"wrong output channels \(one per label: the data has 1\).* gave \(2, 2, 32, 32\)"),
+    ("module", r"returned str, not a torch.nn.Module")])
+def test_a_callable_that_breaks_the_contract_is_refused_before_launch(tmp_path, bad, says):
+    from sweeps.user_models import check_models
+
+    user_package(tmp_path / "code")
+    spec = parse_spec(spec_with({"target": "labnets.models:build", "kwargs": {"bad": bad}}, tmp_path,
+                                runtime_env={"py_modules": [str(tmp_path / "code" / "labnets")]}))
+    with pytest.raises(SpecError, match=r"pool\.arch: target-labnets\.models\.build: " + says if bad != "module"
+                       else says):
+        check_models(spec, in_channels=1, classes=1)
+    assert str(tmp_path / "code") not in __import__("sys").path  # the driver's path is restored
+
+
+def test_an_unimportable_target_says_where_python_looked(tmp_path):
+    from sweeps.user_models import check_models
+
+    spec = parse_spec(spec_with({"target": "nolab.models:build"}, tmp_path))
+    with pytest.raises(SpecError, match=r"cannot import module 'nolab.models'.*sys.path = .*runtime_env: "
+                                        r"\{py_modules: \[path/to/nolab\]\}"):
+        check_models(spec, in_channels=1, classes=1)
+
+
+# ----------------------------------------------------------------------------- MC dropout for any model
+
+@torch.inference_mode()
+def mc_dropout_before(model, images, device, passes, p, gen, batch_size=64):
+    """``mc_dropout_map`` as it was (the hook on smp's ``segmentation_head``), kept to compare against."""
+    model.eval()
+    head = model.segmentation_head
+    captured = {}
+    handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    drop_gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(images), batch_size):
+        model(torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device))
+        feats, probs = captured["x"], []
+        for _ in range(passes):
+            keep = (torch.rand(feats.shape[:2], generator=drop_gen, device=device) >= p).to(feats.dtype)
+            probs.append(torch.sigmoid(head(feats * keep[:, :, None, None] / (1 - p))).amax(1))
+        out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
+    handle.remove()
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("arch", ["unet_r18", "smp:FPN:resnet18"])
+def test_mc_dropout_of_smp_models_is_unchanged(arch):
+    torch.manual_seed(0)
+    model = build_model(arch)
+    images = np.random.default_rng(0).random((5, 1, 32, 32)).astype(np.float32)
+    cpu = torch.device("cpu")
+    before = mc_dropout_before(model, images, cpu, 3, 0.3, torch.Generator().manual_seed(1), batch_size=2)
+    now = baselines.mc_dropout_map(model, images, cpu, 3, 0.3, torch.Generator().manual_seed(1), batch_size=2)
+    assert before.max() > 0 and np.abs(before - now).max() <= 1e-6
+
+
+def test_mc_dropout_layer_rule_and_refusal():
+    torch.manual_seed(0)
+    basic = build_model({"monai": {"network": "BasicUNet", "features": [4, 4, 8, 8, 16, 4]}}, classes=2)
+    assert dropout_layer(basic, 2)[0] == "final_conv"
+    assert dropout_layer(build_model("unet_r18"), 1)[0] == "segmentation_head.0"
+    assert dropout_layer(basic, 2, "upcat_1")[0] == "upcat_1"
+    images = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)
+    var = baselines.mc_dropout_map(basic, images, torch.device("cpu"), 3, 0.5, torch.Generator().manual_seed(0))
+    assert var.shape == (3, 32, 32) and var.max() > 0
+    # the generic path (dropout by a pre-hook, the whole model per pass) gives the head path's maps
+    unet = build_model("unet_r18").eval()
+    conv = unet.segmentation_head[0]
+    seeded = [torch.Generator().manual_seed(5) for _ in range(2)]
+    fast = baselines.mc_dropout_map(unet, images, torch.device("cpu"), 2, 0.3, seeded[0])
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeded[1]))
+    slow = baselines._mc_dropout_layer(unet, conv, images, torch.device("cpu"), 2, 0.3,
+                                       torch.Generator().manual_seed(seed), 64)
+    assert np.abs(fast - slow).max() < 1e-6
+
+    class NoClassConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean(1, keepdim=True)
+    with pytest.raises(ValueError, match=r"last convolution with one output channel per class \(1\), and "
+                                         r"NoClassConv has none \(its last convolutions: conv \(4 out\)\)"):
+        baselines.mc_dropout_map(NoClassConv(), images, torch.device("cpu"), 2, 0.5, torch.Generator())
+    with pytest.raises(ValueError, match="mc_dropout_layer 'final' is not a module"):
+        dropout_layer(basic, 2, "final")
+
+
+def test_a_changed_definition_cannot_be_resumed(tmp_path):
+    from sweeps.experiment import check_frozen, prepare_experiment
+
+    arch = {"grid": [{"monai": {"network": "BasicUNet", "features": [8, 8, 16, 32, 64, 8]}}]}
+    prepare_experiment(parse_spec(spec_with(arch, tmp_path)))
+    check_frozen(parse_spec(spec_with(arch, tmp_path)))  # the same definition: resumable
+    arch["grid"][0]["monai"]["features"] = [8, 8, 16, 32, 64, 16]
+    with pytest.raises(SpecError, match=r"cannot be resumed: pool\.arch\.grid: .*16\]"):
+        check_frozen(parse_spec(spec_with(arch, tmp_path)))

@@ -41,9 +41,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
 
     ``runtime_env`` (the spec's ``runtime_env:``) becomes the job's: Ray ships the user's packages to every
     node and puts them on each task's and trial's ``sys.path``."""
+    import copy
+
     import ray
 
     global _started_local
+    runtime_env = copy.deepcopy(runtime_env)  # ray.init rewrites it in place (local paths -> uploaded URIs)
     if ray.is_initialized():
         if runtime_env:
             log("Ray was already initialised in this process: the spec's runtime_env is not applied to it")

@@ -225,3 +225,76 @@ def test_a_changed_definition_cannot_be_resumed(tmp_path):
     arch["grid"][0]["monai"]["features"] = [8, 8, 16, 32, 64, 16]
     with pytest.raises(SpecError, match=r"cannot be resumed: pool\.arch\.grid: .*16\]"):
         check_frozen(parse_spec(spec_with(arch, tmp_path)))
+
+
+# ----------------------------------------------------------------------------- a sweep on two nodes
+
+@pytest.mark.integration
+def test_open_pool_on_two_nodes_trains_resumes_and_is_analysed(tmp_path, tiny_data):
+    """smp:FPN:resnet18, a small monai:BasicUNet and a callable from a package that exists only in a temporary
+    folder, on a head (1 CPU) and a worker node (2 CPUs). The callable's trial asks for 2 CPUs, so it can only
+    run on the worker: its build there imports the package from the copy Ray's runtime_env shipped. A second
+    run finds everything done; the MC-dropout baseline runs on each member (called directly: the uncertainty
+    stage, δ on Ray Train, would triple the test's time; it loads members through the same load_member)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from sweeps.driver import run_sweep
+    from trainables import records
+
+    pkg = user_package(tmp_path / "code")
+    log = tmp_path / "builds.jsonl"
+    target = {"target": "labnets.models:build", "kwargs": {"width": 8, "log": str(log)}}
+    spec = parse_spec({
+        "name": "open2", "storage": str(tmp_path / "runs"),
+        "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA", "targets": ["SiteB"],
+                 "image_size": 32, "test_fraction": 0.25, "cache_dir": str(tmp_path / "cache")},
+        "pool": {"arch": {"grid": ["smp:FPN:resnet18",
+                                   {"monai": {"network": "BasicUNet", "features": [8, 8, 16, 32, 64, 8]}}, target]},
+                 "lr": 1e-3, "epochs": {"snapshots": [1]}, "batch_size": 8,
+                 "resources": {"cpu": 1, "per_arch": {"target-labnets.models.build": {"cpu": 2}}}},
+        "runtime_env": {"py_modules": [str(pkg)]},
+        "analysis": {"metric": "iou_3d"}})
+    exp = tmp_path / "runs" / "open2"
+    ids = {"smp-FPN-resnet18", "monai-BasicUNet", "target-labnets.models.build"}
+    t0 = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        result = run_sweep(spec, address=cluster.address)
+        ray.shutdown()
+        first = time.time() - t0
+        attempts = len(records.load_attempts(exp))
+        builds = [json.loads(line) for line in log.read_text().splitlines()]
+        run_sweep(spec, address=cluster.address)  # resume: everything is recorded
+        ray.shutdown()
+        again = [json.loads(line) for line in log.read_text().splitlines()][len(builds):]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"first run {first:.0f}s, with the resume {time.time() - t0:.0f}s")
+    members, _ = records.load_records(exp)
+    assert set(members["arch"]) == ids and len(members) == 3
+    # the driver built it from the temporary folder (its check); the trial on the worker node from Ray's copy
+    on_driver = [b for b in builds if b["node"] is None]
+    on_worker = [b for b in builds if b["node"] == worker.node_id]
+    assert on_driver and all(Path(b["file"]).is_relative_to(tmp_path / "code") for b in on_driver)
+    assert on_worker and all("runtime_resources" in b["file"] and not Path(b["file"]).is_relative_to(tmp_path)
+                             for b in on_worker), builds
+    from sweeps.user_models import user_code
+    from trainables.data.cache import open_slice_cache
+    from trainables.segment import load_member
+
+    images = open_slice_cache(next((tmp_path / "cache").glob("prostate_multisite-*"))).images[:4]
+    with user_code(spec.runtime_env):  # the driver imports the package from the spec's folder
+        for m in members.itertuples():
+            var = baselines.mc_dropout_map(load_member(exp / m.checkpoint), images, torch.device("cpu"), 2, 0.5,
+                                           torch.Generator().manual_seed(0))
+            assert var.shape == (4, 32, 32) and np.isfinite(var).all() and var.max() > 0, m.arch
+    assert (Path(result["analysis_dir"]) / "tables.md").is_file()
+    assert all(i in (Path(result["analysis_dir"]) / "tables.md").read_text() for i in ids)
+    # the resume trained nothing and fitted nothing: no new attempt, no build outside the driver's check
+    assert len(records.load_attempts(exp)) == attempts and all(b["node"] is None for b in again), again
+    import yaml  # the frozen spec keeps the local folder (ray.init rewrites its runtime_env argument in place)
+    assert yaml.safe_load((exp / "spec.yaml").read_text())["runtime_env"] == {"py_modules": [str(pkg)]}

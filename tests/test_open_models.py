@@ -298,3 +298,21 @@ def test_open_pool_on_two_nodes_trains_resumes_and_is_analysed(tmp_path, tiny_da
     assert len(records.load_attempts(exp)) == attempts and all(b["node"] is None for b in again), again
     import yaml  # the frozen spec keeps the local folder (ray.init rewrites its runtime_env argument in place)
     assert yaml.safe_load((exp / "spec.yaml").read_text())["runtime_env"] == {"py_modules": [str(pkg)]}
+
+
+# ----------------------------------------------------------------------------- the SAM family's protocol
+
+@pytest.mark.parametrize("arch", ["medsam_tiny", "medsam_lite"])
+def test_the_builtin_sam_models_implement_the_prompted_protocol(arch):
+    from trainables.sam.modeling import MedSAM
+    from trainables.sam.protocol import PromptedModel
+
+    model = build_model(arch)
+    assert isinstance(model, PromptedModel) and resolve_model(arch).prompted
+    assert model.decoder is model.sam.mask_decoder
+    assert all(not p.requires_grad for part in model.frozen_parts() for p in part.parameters())
+    assert model.parts_channels == model.sam.mask_decoder.output_upscaling[-2].out_channels
+    assert not isinstance(build_model("unet_r18"), PromptedModel)
+    # medsam (ViT-B) is the same class as these two: checked on the class, without building a ViT-B
+    assert all(hasattr(MedSAM, m) for m in ("embed", "decode", "decode_parts", "upsample", "frozen_parts",
+                                            "encoder_key", "decoder", "parts_channels"))

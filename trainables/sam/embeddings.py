@@ -269,7 +269,7 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
     ``folder``, or (``embedded``: the rows it holds) the existing one, in place. The other rows stay zero:
     a slice without foreground has no box under the oracle protocol (skipped in training, predicted
     empty), and the rows a sweep does not read are never read."""
-    enc = model.sam.image_encoder
+    enc = model.frozen_parts()[0]
     model.to(device)
     n = len(cache.images)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from .scoring import NO_BOX_LOGIT, predict_prompted, prompted_dropout_variance, 
 
 def member_state(model: MedSAM, cfg: MemberConfig, epoch: int) -> dict:
     """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
-    return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg.arch,
+    return {"model": model.decoder.state_dict(), "arch": cfg.arch,
             "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
             "box_mode": model.box_mode, "embedding_dir": cfg.sam.embedding_dir}
 
@@ -31,7 +31,7 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
     # whose sha256 build_medsam checks
     model = build_medsam(in_channels=int(src["in_channels"]), variant=src["variant"], img_size=int(src["img_size"]),
                          sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
-    model.sam.mask_decoder.load_state_dict(state["model"])
+    model.decoder.load_state_dict(state["model"])
     model.box_mode = state.get("box_mode", "mask")
     #: where the pool found its embeddings (None: beside the slice cache), so later stages reuse them
     model.embedding_dir = state.get("embedding_dir")

@@ -115,7 +115,7 @@ class PromptedLoop(PoolRun):
         self.pos_t = torch.from_numpy(pos)
         self.sets = eval_sets(cache, cfg) + val_set(cache, cfg)
 
-        self.decoder = model.sam.mask_decoder
+        self.decoder = model.decoder
         self.loss_fn = DiceCELoss(sigmoid=True)
         self.opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     fused=device.type == "cuda" or None)

@@ -38,7 +38,7 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         return {}
     from trainables.medsam import EmbeddingJob, embedding_key_for
 
-    from .pool import param_space
+    from .pool import param_space, sam_weights_of
 
     space = param_space(spec, cache_dir)
     # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
@@ -46,7 +46,8 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
                                    "targets", "target_split") if k in space}
     jobs: dict[str, Any] = {}
     for arch in archs:
-        job = EmbeddingJob.from_dict({**fixed, "arch": arch})
+        per_arch = {"sam_per_arch": space["sam_per_arch"]} if "sam_per_arch" in space else {}
+        job = EmbeddingJob.from_dict(sam_weights_of({**fixed, "arch": arch, **per_arch}))  # the arch's own weights
         jobs.setdefault(embedding_key_for(job), job)
     return jobs
 

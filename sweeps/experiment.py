@@ -36,6 +36,8 @@ def frozen_spec(spec: SweepSpec) -> dict:
         raw["data"]["cache_dir"] = str(spec.data.cache_dir)
     if spec.pool.sam_checkpoint:
         raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
+    if spec.pool.sam_per_arch:
+        raw["pool"]["sam_checkpoint"] = {a: w["sam_checkpoint"] for a, w in spec.pool.sam_per_arch.items()}
     if isinstance(spec.pool.encoder_weights, Path):
         raw["pool"]["encoder_weights"] = str(spec.pool.encoder_weights)
     if spec.runtime_env is not None:

@@ -22,6 +22,10 @@ Example::
       seed: {grid: [0]}
       resources: {cpu: 1, gpu: 0}
     analysis: {metric: iou_3d}
+
+``pool.arch`` also takes open architectures (``smp:FPN:resnet34``, ``monai:BasicUNet``, ``{target:
+my_pkg.models:build}``; ``sweeps.user_models``), and a top-level ``runtime_env:`` (Ray's) ships the user's
+code to every node (docs/models.md).
 """
 from __future__ import annotations
 

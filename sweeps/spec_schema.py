@@ -131,6 +131,9 @@ class PoolSpec:
     sam_checkpoint: Path | None = MemberConfig.default("sam_checkpoint")
     #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
     sam_sha256: str | None = MemberConfig.default("sam_sha256")
+    #: ``pool.sam_checkpoint: {arch: file}``: each SAM architecture's own weights,
+    #: {arch: {"sam_checkpoint": path, "sam_sha256": hex or None}} (sam_checkpoint/sam_sha256 are then None)
+    sam_per_arch: dict = field(default_factory=dict)
     #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
     #: them at trial start: needs network, checked before launch) or a local file / directory of
     #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it

@@ -134,6 +134,34 @@ def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, st
     return sam_checkpoint, sam_sha256
 
 
+def _sam_weights_per_arch(c: Checker, p: dict, arch, base: Path) -> dict[str, dict]:
+    """``pool.sam_checkpoint: {arch: file}`` (and ``pool.sam_sha256: {arch: sha256}``): each SAM architecture's
+    own weights, each file checked as a pool-wide one is; ``{arch: {sam_checkpoint, sam_sha256}}``."""
+    files, shas = p["sam_checkpoint"], p.get("sam_sha256") or {}
+    if not isinstance(shas, dict):
+        raise c.fail("pool.sam_sha256", f"pool.sam_checkpoint is per architecture, so give {{arch: sha256}} too, "
+                                        f"got {shas!r}")
+    prompted = [n for n, m in MODELS.items() if m.prompted]
+    out = {}
+    for a in [*files, *shas]:
+        if a not in arch.values or a not in prompted:
+            raise c.fail(f"pool.sam_checkpoint.{a}" if a in files else f"pool.sam_sha256.{a}",
+                         f"{a!r} is not a SAM architecture of pool.arch ({', '.join(v for v in arch.values if v in prompted) or 'none'})")
+    for a in arch.values:
+        if a not in prompted:
+            continue
+        one = {k: v for k, v in (("sam_checkpoint", files.get(a)), ("sam_sha256", shas.get(a))) if v is not None}
+        try:
+            path, sha = _sam_weights(c, one, type(arch)(arch.kind, (a,)), base)
+        except Exception as e:  # noqa: BLE001 - a SpecError: name the architecture's key
+            msg = str(e).replace("pool.sam_checkpoint:", f"pool.sam_checkpoint.{a}:").replace(
+                "pool.sam_sha256:", f"pool.sam_sha256.{a}:")
+            raise type(e)(msg) from None
+        if path is not None:
+            out[a] = {"sam_checkpoint": str(path), "sam_sha256": None if sha is None else str(sha).lower()}
+    return out
+
+
 def _epochs(c: Checker, e: Any) -> Epochs:
     """``pool.epochs``: ``{snapshots: [..]}`` (one run, a member at each) or ``{grid: [..]}`` (independent runs)."""
     if isinstance(e, int) and not isinstance(e, bool):
@@ -161,7 +189,11 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
                              "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
                              "encoder_weights": False, "training": False})
     arch, models = parse_arch(c, p["arch"], image_size)
-    sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
+    sam_per_arch = {}
+    if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
+        sam_per_arch, sam_checkpoint, sam_sha256 = _sam_weights_per_arch(c, p, arch, base), None, None
+    else:
+        sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
     encoder_weights = p.get("encoder_weights")
     if encoder_weights is not None and str(encoder_weights) != "imagenet":
         from trainables.models import resolve_encoder_weights
@@ -197,6 +229,7 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
+        sam_per_arch=sam_per_arch,
         encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
 
 

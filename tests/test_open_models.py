@@ -316,3 +316,37 @@ def test_the_builtin_sam_models_implement_the_prompted_protocol(arch):
     # medsam (ViT-B) is the same class as these two: checked on the class, without building a ViT-B
     assert all(hasattr(MedSAM, m) for m in ("embed", "decode", "decode_parts", "upsample", "frozen_parts",
                                             "encoder_key", "decoder", "parts_channels"))
+
+
+def test_sam_checkpoint_per_architecture(tmp_path, tiny_cache):
+    """``pool.sam_checkpoint: {arch: file}``: medsam_tiny with a SAM file and medsam_lite with a LiteMedSAM file
+    in one pool, each checked as the pool-wide file is; each trial (and embedding job) gets its own."""
+    from sweeps.embeddings import embedding_jobs
+    from sweeps.pool import param_space, sam_weights_of
+    from trainables.medsam import LITE_SHA256, bundled_lite_checkpoint
+    from trainables.sam.modeling import build_sam
+
+    vit = tmp_path / "sam_tiny.pth"
+    torch.save(build_sam("tiny", 64).state_dict(), vit)
+    lite = bundled_lite_checkpoint()
+
+    def spec(files, shas=None):
+        raw = spec_with({"grid": ["medsam_tiny", "medsam_lite", "unet_r18"]}, tmp_path)
+        raw["pool"].update(sam_checkpoint=files, **({"sam_sha256": shas} if shas else {}))
+        return parse_spec(raw)
+    s = spec({"medsam_tiny": str(vit), "medsam_lite": str(lite)}, {"medsam_lite": LITE_SHA256})
+    assert s.pool.sam_per_arch == {"medsam_tiny": {"sam_checkpoint": str(vit), "sam_sha256": None},
+                                   "medsam_lite": {"sam_checkpoint": str(lite), "sam_sha256": LITE_SHA256}}
+    space = param_space(s, tmp_path / "cache")
+    assert sam_weights_of({**space, "arch": "medsam_tiny"})["sam_checkpoint"] == str(vit)
+    lite_trial = sam_weights_of({**space, "arch": "medsam_lite"})
+    assert (lite_trial["sam_checkpoint"], lite_trial["sam_sha256"]) == (str(lite), LITE_SHA256)
+    assert "sam_checkpoint" not in sam_weights_of({**space, "arch": "unet_r18"}) and "sam_per_arch" not in lite_trial
+    jobs = embedding_jobs(s, tiny_cache)  # the pre-stage embeds each architecture with its own encoder weights
+    assert sorted(j.sam.sam_checkpoint for j in jobs.values()) == sorted([str(vit), str(lite)])
+    with pytest.raises(SpecError, match=r"pool\.sam_checkpoint\.medsam_lite: .*holds a SAM tiny model"):
+        spec({"medsam_lite": str(vit)})
+    with pytest.raises(SpecError, match=r"pool\.sam_sha256\.medsam_lite: .*expected 0000"):
+        spec({"medsam_lite": str(lite)}, {"medsam_lite": "0" * 64})
+    with pytest.raises(SpecError, match=r"pool\.sam_checkpoint\.unet_r18: 'unet_r18' is not a SAM architecture"):
+        spec({"unet_r18": str(vit)})

@@ -292,8 +292,12 @@ def test_open_pool_on_two_nodes_trains_resumes_and_is_analysed(tmp_path, tiny_da
             var = baselines.mc_dropout_map(load_member(exp / m.checkpoint), images, torch.device("cpu"), 2, 0.5,
                                            torch.Generator().manual_seed(0))
             assert var.shape == (4, 32, 32) and np.isfinite(var).all() and var.max() > 0, m.arch
-    assert (Path(result["analysis_dir"]) / "tables.md").is_file()
     assert all(i in (Path(result["analysis_dir"]) / "tables.md").read_text() for i in ids)
+    from mlflow import MlflowClient  # the member runs carry the id as their arch parameter
+
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("open2").experiment_id])
+    assert {r.data.params["arch"] for r in runs if "arch" in r.data.params} == ids
     # the resume trained nothing and fitted nothing: no new attempt, no build outside the driver's check
     assert len(records.load_attempts(exp)) == attempts and all(b["node"] is None for b in again), again
     import yaml  # the frozen spec keeps the local folder (ray.init rewrites its runtime_env argument in place)

@@ -104,7 +104,7 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["model_defs"] = pool.models
     from trainables.models import is_prompted
 
-    if any(is_prompted(a) for a in pool.arch.values):
+    if any(is_prompted(a, pool.models) for a in pool.arch.values):
         space["embeddings_ready"] = True  # the pool's pre-stage computes them (sweeps.embeddings): trials only read
     if searching and not spec.search.metric.startswith("val_"):
         # the searcher reads its metric in every epoch's report; between snapshots only val_* is scored

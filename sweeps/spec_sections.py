@@ -85,12 +85,13 @@ def check_image_size(c, image_size: int, archs, with_delta: bool, models: dict |
 
 
 
-def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, str | None]:
+def _sam_weights(c: Checker, p: dict, arch, base: Path, models: dict | None = None) -> tuple[Path | None, str | None]:
     """``pool.sam_checkpoint`` and ``pool.sam_sha256``, the files checked before launch; (path, sha256)."""
     sam_checkpoint = None
     if p.get("sam_checkpoint") is not None:
         sam_checkpoint = resolve_path(p["sam_checkpoint"], base)
-        prompted = [n for n, m in MODELS.items() if m.prompted]
+        prompted = [n for n, m in MODELS.items() if m.prompted] + [a for a in models or {}
+                                                                    if resolve_model(a, models).prompted]
         if not sam_checkpoint.is_file():
             raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
                                                 f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth "
@@ -134,14 +135,14 @@ def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, st
     return sam_checkpoint, sam_sha256
 
 
-def _sam_weights_per_arch(c: Checker, p: dict, arch, base: Path) -> dict[str, dict]:
+def _sam_weights_per_arch(c: Checker, p: dict, arch, base: Path, models: dict) -> dict[str, dict]:
     """``pool.sam_checkpoint: {arch: file}`` (and ``pool.sam_sha256: {arch: sha256}``): each SAM architecture's
     own weights, each file checked as a pool-wide one is; ``{arch: {sam_checkpoint, sam_sha256}}``."""
     files, shas = p["sam_checkpoint"], p.get("sam_sha256") or {}
     if not isinstance(shas, dict):
         raise c.fail("pool.sam_sha256", f"pool.sam_checkpoint is per architecture, so give {{arch: sha256}} too, "
                                         f"got {shas!r}")
-    prompted = [n for n, m in MODELS.items() if m.prompted]
+    prompted = [n for n, m in MODELS.items() if m.prompted] + [a for a in models if resolve_model(a, models).prompted]
     out = {}
     for a in [*files, *shas]:
         if a not in arch.values or a not in prompted:
@@ -152,7 +153,7 @@ def _sam_weights_per_arch(c: Checker, p: dict, arch, base: Path) -> dict[str, di
             continue
         one = {k: v for k, v in (("sam_checkpoint", files.get(a)), ("sam_sha256", shas.get(a))) if v is not None}
         try:
-            path, sha = _sam_weights(c, one, type(arch)(arch.kind, (a,)), base)
+            path, sha = _sam_weights(c, one, type(arch)(arch.kind, (a,)), base, models)
         except Exception as e:  # noqa: BLE001 - a SpecError: name the architecture's key
             msg = str(e).replace("pool.sam_checkpoint:", f"pool.sam_checkpoint.{a}:").replace(
                 "pool.sam_sha256:", f"pool.sam_sha256.{a}:")
@@ -191,9 +192,9 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
     arch, models = parse_arch(c, p["arch"], image_size)
     sam_per_arch = {}
     if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
-        sam_per_arch, sam_checkpoint, sam_sha256 = _sam_weights_per_arch(c, p, arch, base), None, None
+        sam_per_arch, sam_checkpoint, sam_sha256 = _sam_weights_per_arch(c, p, arch, base, models), None, None
     else:
-        sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
+        sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base, models)
     encoder_weights = p.get("encoder_weights")
     if encoder_weights is not None and str(encoder_weights) != "imagenet":
         from trainables.models import resolve_encoder_weights

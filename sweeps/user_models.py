@@ -160,7 +160,13 @@ def check_models(spec, in_channels: int, classes: int) -> None:
     where = str(spec.source_file or "<spec>")
     with user_code(spec.runtime_env):
         for aid, d in defs.items():
-            if resolve_model(aid, defs).prompted:
+            model_spec = resolve_model(aid, defs)
+            if model_spec.prompted:  # a user's box-prompted model: built, and checked against the protocol
+                try:
+                    model_spec.factory(in_channels=in_channels, classes=classes, sam_checkpoint=(
+                        str(spec.pool.sam_checkpoint) if spec.pool.sam_checkpoint else None), **model_spec.kwargs)
+                except ModelDefError as e:
+                    raise SpecError(f"{where}: {e}") from None
                 continue
             try:
                 check_model(lambda c_in, k: build_model(aid, c_in, k, defs=defs), aid, in_channels, classes,

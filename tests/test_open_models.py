@@ -354,3 +354,102 @@ def test_sam_checkpoint_per_architecture(tmp_path, tiny_cache):
         spec({"medsam_lite": str(lite)}, {"medsam_lite": "0" * 64})
     with pytest.raises(SpecError, match=r"pool\.sam_checkpoint\.unet_r18: 'unet_r18' is not a SAM architecture"):
         spec({"unet_r18": str(vit)})
+
+
+ADAPTER_MODULE = '''
+from torch import nn
+
+from trainables.sam.build import build_medsam
+
+
+class Adapter(nn.Module):
+    """A lab's SAM-family adapter, written against trainables.sam.protocol.PromptedModel (here around the tiny
+    MedSAM, as SAM-Med2D or SAM 2 would be around theirs)."""
+
+    prompted = True
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.box_mode = "mask"
+
+    img_size = property(lambda self: self.inner.img_size)
+    decoder = property(lambda self: self.inner.decoder)
+    parts_channels = property(lambda self: self.inner.parts_channels)
+
+    def frozen_parts(self):
+        return self.inner.frozen_parts()
+
+    def encoder_key(self):
+        return "adapter-" + self.inner.encoder_key()
+
+    def embed(self, images, batch_size=8):
+        return self.inner.embed(images, batch_size)
+
+    def decode(self, embeddings, boxes, image_hw):
+        return self.inner.decode(embeddings, boxes, image_hw)
+
+    def decode_parts(self, embeddings, boxes, image_hw):
+        return self.inner.decode_parts(embeddings, boxes, image_hw)
+
+    def upsample(self, low_res, image_hw):
+        return self.inner.upsample(low_res, image_hw)
+
+    def forward(self, images, boxes=None):
+        return self.inner(images, boxes)
+
+
+def build(in_channels, sam_checkpoint=None, seed=0, img_size=64):
+    return Adapter(build_medsam(in_channels, "tiny", img_size, sam_checkpoint=sam_checkpoint, init_seed=0,
+                                decoder_seed=seed, quiet=True))
+
+
+def not_prompted(in_channels, sam_checkpoint=None, seed=0):
+    return nn.Conv2d(in_channels, 1, 1)
+'''
+
+
+def test_a_labs_prompted_adapter_trains_in_the_prompted_loop(tmp_path, tiny_cache, monkeypatch):
+    """``{target: ..., prompted: true}``: a SAM-family adapter from a package of the lab's (a temporary folder
+    here) is trained by the prompted loop, its member reloads from the checkpoint and is scored as MedSAM's."""
+    from sweeps.user_models import check_models
+    from trainables import records
+    from trainables.sam.frozen import predict_member_rows, prompted_mc_dropout_map
+    from trainables.sam.protocol import PromptedModel
+    from trainables.segment import load_member, train_segmenter
+
+    pkg = tmp_path / "code" / "labsam"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "adapter.py").write_text(ADAPTER_MODULE)
+    raw = spec_with({"target": "labsam.adapter:build", "prompted": True}, tmp_path,
+                    runtime_env={"py_modules": [str(pkg)]})
+    spec = parse_spec(raw)
+    (aid,) = spec.pool.arch.values
+    assert aid == "target-labsam.adapter.build" and resolve_model(aid, spec.pool.models).prompted
+    check_models(spec, 1, 1)  # built on the driver and checked against the protocol
+    bad = parse_spec({**raw, "pool": {**raw["pool"], "arch": {"target": "labsam.adapter:not_prompted",
+                                                               "prompted": True}}})
+    with pytest.raises(SpecError, match=r"returned Conv2d, which lacks prompted, box_mode, .* of "
+                                        r"trainables\.sam\.protocol\.PromptedModel"):
+        check_models(bad, 1, 1)
+
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))  # the trial runs in this process here
+    exp = tmp_path / "exp"
+    members = train_segmenter({"arch": aid, "model_defs": spec.pool.models, "lr": 1e-3, "seed": 0,
+                               "cache": str(tiny_cache), "source": "SiteA", "targets": ["SiteB"],
+                               "experiment_dir": str(exp), "snapshots": [1], "batch_size": 8, "num_threads": 1,
+                               "embedding_dir": str(tmp_path / "emb")})
+    assert [m["arch"] for m in members] == [aid] and members[0]["oracle_prompt"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "emb").iterdir() if not p.name.startswith(".")] == ["user"]
+    model = load_member(members[0]["checkpoint"])
+    assert isinstance(model, PromptedModel) and type(model).__name__ == "Adapter"
+    from trainables.data.cache import open_slice_cache
+
+    cache = open_slice_cache(tiny_cache)
+    rows = cache.rows("SiteB", "test")
+    pred = predict_member_rows(model, cache, rows, torch.device("cpu"))
+    assert pred.shape == (len(rows), 32, 32)
+    var = prompted_mc_dropout_map(model, cache, rows, torch.device("cpu"), 2, 0.5, torch.Generator().manual_seed(0))
+    assert var.shape == (len(rows), 32, 32) and np.isfinite(var).all()
+    assert records.member_part_ids(exp) == [members[0]["member_id"]]

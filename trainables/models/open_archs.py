@@ -37,6 +37,9 @@ from .spec import ModelSpec, smp_factory
 
 KINDS = ("smp", "monai", "target")
 OPTIONS = ("name", "kwargs", "size_multiple", "gpu_share", "mc_dropout_layer")
+#: a ``target`` may also be box-prompted (``prompted: true``): its callable returns a
+#: ``trainables.sam.protocol.PromptedModel``, trained by the prompted loop
+TARGET_OPTIONS = ("prompted",)
 #: ``gpu: auto`` shares when the definition gives none: smp and MONAI models as the ResNet-50 UNets (half a
 #: GPU), a user's model a whole GPU (its size is unknown).
 DEFAULT_GPU_SHARE = {"smp": 0.5, "monai": 0.5, "target": 1.0}
@@ -82,7 +85,7 @@ def normalise(value: Any, key: str = "pool.arch") -> dict:
                             f"{{smp: {{arch: FPN, encoder: resnet34}}}}, {{monai: {{network: BasicUNet}}}} or "
                             f"{{target: 'my_pkg.models:build', kwargs: {{...}}}}")
     kind = kinds[0]
-    allowed = (kind, *OPTIONS)
+    allowed = (kind, *OPTIONS, *(TARGET_OPTIONS if kind == "target" else ()))
     for k in value:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), allowed, n=1)
@@ -129,6 +132,10 @@ def normalise(value: Any, key: str = "pool.arch") -> dict:
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
             raise ModelDefError(f"{key}.gpu_share: must be a number in (0, 1], got {g!r}")
         out["gpu_share"] = float(g)
+    if value.get("prompted") not in (None, False):
+        if value["prompted"] is not True:
+            raise ModelDefError(f"{key}.prompted: must be true or false, got {value['prompted']!r}")
+        out["prompted"] = True
     if "mc_dropout_layer" in value:
         if not isinstance(value["mc_dropout_layer"], str):
             raise ModelDefError(f"{key}.mc_dropout_layer: must be a module name of model.named_modules(), got "
@@ -172,6 +179,10 @@ def _spec(key: str) -> ModelSpec:
         return ModelSpec(functools.partial(_build_monai, d["network"]), kw, f"MONAI {network.__name__} (2D)",
                          size_multiple=d.get("size_multiple", default_multiple), takes_encoder_weights=False,
                          **common)
+    if d.get("prompted"):
+        return ModelSpec(functools.partial(_build_prompted_target, d["target"]), kw,
+                         f"{d['target']} (a user's box-prompted model)", size_multiple=d.get("size_multiple", 1),
+                         prompted=True, loop="prompted", takes_encoder_weights=False, **common)
     return ModelSpec(functools.partial(_build_target, d["target"]), kw, f"{d['target']} (a user's callable)",
                      size_multiple=d.get("size_multiple", 1), takes_encoder_weights=False, **common)
 
@@ -269,4 +280,22 @@ def _build_target(target: str, in_channels: int, classes: int, encoder_weights: 
     if not isinstance(model, nn.Module):
         raise ModelDefError(f"pool.arch: target {target!r} returned {type(model).__name__}, not a torch.nn.Module; "
                             f"it must return the model (build(in_channels, classes, **kwargs) -> nn.Module)")
+    return model
+
+
+def _build_prompted_target(target: str, in_channels: int, classes: int = 1, encoder_weights: Any = None,
+                           sam_checkpoint: str | None = None, seed: int = 0, **kw: Any) -> nn.Module:
+    """A user's box-prompted model: ``build(in_channels=C, sam_checkpoint=..., seed=..., **kwargs)`` returning a
+    ``trainables.sam.protocol.PromptedModel`` (one merged mask per box: ``classes`` must be 1)."""
+    from ..sam.protocol import PromptedModel
+
+    if classes != 1:
+        raise ModelDefError(f"pool.arch: target {target!r} is box-prompted: one (merged) mask per box, so the data "
+                            f"must have one label channel, got {classes}")
+    model = load_target(target)(in_channels=in_channels, sam_checkpoint=sam_checkpoint, seed=seed, **kw)
+    if not isinstance(model, PromptedModel):
+        missing = [m for m in ("prompted", "box_mode", "img_size", "decoder", "parts_channels", "frozen_parts",
+                               "encoder_key", "embed", "decode", "decode_parts", "upsample") if not hasattr(model, m)]
+        raise ModelDefError(f"pool.arch: target {target!r} (prompted: true) returned {type(model).__name__}, which "
+                            f"lacks {', '.join(missing)} of trainables.sam.protocol.PromptedModel")
     return model

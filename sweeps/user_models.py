@@ -147,9 +147,10 @@ def user_code(runtime_env: dict | None) -> Iterator[None]:
 
 
 def check_models(spec, in_channels: int, classes: int) -> None:
-    """Build every dense architecture of the pool and run a dummy batch of ``data.image_size`` through it
-    (``check_model``), with the spec's ``runtime_env`` code importable; a SpecError names the key and what
-    did not fit. The registered architectures are known to fit and are skipped."""
+    """Build every open dense architecture of the pool and run a dummy batch of ``data.image_size`` through it
+    (``check_model``), and build every box-prompted one (checked against ``PromptedModel``), with the spec's
+    ``runtime_env`` code importable; a SpecError names the key and what did not fit. The registered
+    architectures are known to fit and are skipped."""
     from trainables.models import build_model, resolve_model
     from trainables.models.contract import ContractError, check_model
 
@@ -162,9 +163,10 @@ def check_models(spec, in_channels: int, classes: int) -> None:
         for aid, d in defs.items():
             model_spec = resolve_model(aid, defs)
             if model_spec.prompted:  # a user's box-prompted model: built, and checked against the protocol
+                ckpt = spec.pool.sam_per_arch.get(aid, {}).get("sam_checkpoint") or spec.pool.sam_checkpoint
                 try:
-                    model_spec.factory(in_channels=in_channels, classes=classes, sam_checkpoint=(
-                        str(spec.pool.sam_checkpoint) if spec.pool.sam_checkpoint else None), **model_spec.kwargs)
+                    model_spec.factory(in_channels=in_channels, classes=classes,
+                                       sam_checkpoint=None if ckpt is None else str(ckpt), **model_spec.kwargs)
                 except ModelDefError as e:
                     raise SpecError(f"{where}: {e}") from None
                 continue
@@ -172,4 +174,4 @@ def check_models(spec, in_channels: int, classes: int) -> None:
                 check_model(lambda c_in, k: build_model(aid, c_in, k, defs=defs), aid, in_channels, classes,
                             spec.data.image_size, mc_dropout=mc, mc_layer=d.get("mc_dropout_layer"))
             except ContractError as e:
-                raise SpecError(f"{where}: {str(e).replace('pool.arch: ', 'pool.arch: ', 1)}") from None
+                raise SpecError(f"{where}: {e}") from None

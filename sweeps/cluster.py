@@ -37,25 +37,34 @@ _started_local = False  # set by connect(): a local Ray of our own cannot autosc
 
 # ------------------------------------------------------------------ connecting
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster ``address`` or ``$RAY_ADDRESS`` names, else start a local Ray."""
+def connect(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> None:
+    """Connect to the cluster ``address`` or ``$RAY_ADDRESS`` names, else start a local Ray.
+
+    ``runtime_env`` (the spec's ``runtime_env:``) becomes the job's: Ray ships the user's packages to every
+    node and puts them on each task's and trial's ``sys.path``."""
+    import copy
+
     import ray
 
     global _started_local
+    runtime_env = copy.deepcopy(runtime_env)  # ray.init rewrites it in place (local paths -> uploaded URIs)
     if ray.is_initialized():
+        if runtime_env:
+            log("Ray was already initialised in this process: the spec's runtime_env is not applied to it")
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log(f"connecting to the Ray cluster at {address}")
         try:
-            ray.init(address=address)
+            ray.init(address=address, runtime_env=runtime_env)
         except ConnectionError as e:
             raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({e}); check --address / "
                                f"$RAY_ADDRESS, or unset both to run on a local Ray") from e
     else:
         log("starting a local Ray")
         # "local": a new Ray of our own, even when `ray start` left a cluster running on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                 runtime_env=runtime_env)
         _started_local = True
 
 
@@ -160,7 +169,7 @@ def check_pretrained_weights(spec, hosts: tuple[tuple[str, int], ...] = WEIGHT_H
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as e:
-            files = sorted({f for a in spec.pool.arch.values if (f := encoder_file_name(a))})
+            files = sorted({f for a in spec.pool.arch.values if (f := encoder_file_name(a, spec.pool.models))})
             raise SpecError(
                 f"pool.encoder_weights: 'imagenet' is downloaded by smp/timm when each trial starts, but "
                 f"{host}:{port} cannot be reached from this machine ({e or type(e).__name__}). Give the weights "
@@ -240,18 +249,23 @@ def largest_node_cpus() -> float:
 
 
 def gpu_share(arch: str | None, gpu: float | str | None, per_arch: dict[str, dict[str, Any]] | None,
-              has_gpu: bool) -> float:
+              has_gpu: bool, models: dict | None = None) -> float:
     """The GPU fraction one trial of ``arch`` asks for (``arch`` None: the δ net).
 
-    The share of ``gpu: auto`` is the registry's (``trainables.models.MODELS[arch].gpu_share``); an
-    architecture the registry does not know is an error listing the registered ones.
+    The share of ``gpu: auto`` is the architecture's ``ModelSpec.gpu_share`` (``trainables.models.resolve_model``;
+    ``models``: the pool's open architectures, whose definition may set ``gpu_share``); an architecture
+    that does not resolve is an error listing the registered ones.
     """
-    from trainables.models import MODELS
+    from trainables.models import MODELS, resolve_model
 
-    if arch is not None and arch not in MODELS:
-        raise SpecError(f"pool.arch: unknown architecture {arch!r}, so its GPU share is unknown; registered "
-                        f"architectures: {', '.join(MODELS)} (trainables.models.MODELS). Use one of them, or "
-                        f"register it with its gpu_share")
+    spec = None
+    if arch is not None:
+        try:
+            spec = resolve_model(arch, models)
+        except (KeyError, ValueError):
+            raise SpecError(f"pool.arch: unknown architecture {arch!r}, so its GPU share is unknown; registered "
+                            f"architectures: {', '.join(MODELS)} (trainables.models.MODELS), or an open one "
+                            f"(smp:<Arch>:<encoder>, monai:<Network>, {{target: ...}}) with its gpu_share") from None
     override = (per_arch or {}).get(arch or "", {}).get("gpu")
     if override is not None:
         return float(override)
@@ -259,13 +273,13 @@ def gpu_share(arch: str | None, gpu: float | str | None, per_arch: dict[str, dic
         return float(gpu)
     if not has_gpu:
         return 0.0
-    return DELTA_GPU_SHARE if arch is None else MODELS[arch].gpu_share
+    return DELTA_GPU_SHARE if spec is None else spec.gpu_share
 
 
 def trial_resources(arch: str, cpu: float, gpu: float | str | None, per_arch: dict | None,
-                    has_gpu: bool) -> dict[str, float]:
+                    has_gpu: bool, models: dict | None = None) -> dict[str, float]:
     cpu = float((per_arch or {}).get(arch, {}).get("cpu", cpu))
-    return {"cpu": cpu, "gpu": gpu_share(arch, gpu, per_arch, has_gpu)}
+    return {"cpu": cpu, "gpu": gpu_share(arch, gpu, per_arch, has_gpu, models)}
 
 
 def max_concurrent(demands: list[dict[str, float]], cap: dict[str, float]) -> int:

@@ -60,6 +60,19 @@ def _check_sites(spec: SweepSpec, cache_dir: Path) -> None:
                             f"fix its files or remove it from the spec") from None
 
 
+def check_pool_models(spec: SweepSpec, cache_dir: Path) -> None:
+    """The pool's open architectures built and run on a dummy batch of the cache's channels and labels
+    (``sweeps.user_models.check_models``), before anything is launched."""
+    from trainables.data.cache import open_slice_cache
+
+    from .user_models import check_models
+
+    if spec.pool.models:
+        cache = open_slice_cache(cache_dir)
+        check_models(spec, int(cache.images.shape[1]), len(cache.labels))
+        log(f"open architectures checked on a dummy batch: {', '.join(spec.pool.models)}")
+
+
 def tracker_for(spec: SweepSpec) -> Tracker:
     return Tracker(spec.tracking(), spec.name, artifact_dir=spec.experiment_dir / "mlartifacts")
 
@@ -70,7 +83,7 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
 
     from . import cluster, guards
 
-    cluster.connect(address, num_cpus)
+    cluster.connect(address, num_cpus, spec.runtime_env)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")
@@ -370,6 +383,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
         cluster.check_pretrained_weights(spec)
         log(f"experiment {exp}")
         cache = prepare_data(spec)
+        check_pool_models(spec, cache)
         moved_from = reconcile.relocated(spec)
         freeze(spec, frozen, changes)
         if moved_from:

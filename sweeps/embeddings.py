@@ -26,7 +26,7 @@ def prompted_archs(spec: SweepSpec) -> list[str]:
     """The pool's box-prompted architectures, in the spec's order."""
     from trainables.models import is_prompted
 
-    return [a for a in spec.pool.arch.values if is_prompted(a)]
+    return [a for a in spec.pool.arch.values if is_prompted(a, spec.pool.models)]
 
 
 def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
@@ -38,15 +38,16 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         return {}
     from trainables.medsam import EmbeddingJob, embedding_key_for
 
-    from .pool import param_space
+    from .pool import param_space, sam_weights_of
 
     space = param_space(spec, cache_dir)
     # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
     fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
-                                   "targets", "target_split") if k in space}
+                                   "targets", "target_split", "model_defs") if k in space}
     jobs: dict[str, Any] = {}
     for arch in archs:
-        job = EmbeddingJob.from_dict({**fixed, "arch": arch})
+        per_arch = {"sam_per_arch": space["sam_per_arch"]} if "sam_per_arch" in space else {}
+        job = EmbeddingJob.from_dict(sam_weights_of({**fixed, "arch": arch, **per_arch}))  # the arch's own weights
         jobs.setdefault(embedding_key_for(job), job)
     return jobs
 

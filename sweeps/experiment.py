@@ -41,8 +41,12 @@ def frozen_spec(spec: SweepSpec) -> dict:
             raw["imported"]["predictions"] = str(spec.imported.predictions)
     if spec.pool.sam_checkpoint:
         raw["pool"]["sam_checkpoint"] = str(spec.pool.sam_checkpoint)
+    if spec.pool.sam_per_arch:
+        raw["pool"]["sam_checkpoint"] = {a: w["sam_checkpoint"] for a, w in spec.pool.sam_per_arch.items()}
     if isinstance(spec.pool.encoder_weights, Path):
         raw["pool"]["encoder_weights"] = str(spec.pool.encoder_weights)
+    if spec.runtime_env is not None:
+        raw["runtime_env"] = json.loads(json.dumps(spec.runtime_env))
     return raw
 
 
@@ -58,8 +62,9 @@ def _diff(a, b, key=""):
 
 #: Spec keys that may change between the launch and a resume: where the experiment folder lies (it
 #: may have been moved), where and how wide trials run, how often they may fail, what the analysis
-#: shows. Everything else defines the results.
-RESUMABLE = ("storage", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
+#: shows, where the user's code is found (``runtime_env``: the architectures' definitions in ``pool.arch``
+#: are compared, not the code they import). Everything else defines the results.
+RESUMABLE = ("storage", "runtime_env", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
              "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
              "analysis", "pool.training.data_placement", "pool.training.loader_workers",
              "uncertainty.training.data_placement", "uncertainty.training.loader_workers")

@@ -15,6 +15,9 @@ from .members import member_epochs, trial_member_ids, trial_name
 from .spec import Param, SweepSpec
 from .tracking import Tracker
 
+#: the trial-config key of ``pool.sam_checkpoint: {arch: file}`` (read by ``sam_weights_of``, never by a trial)
+SAM_PER_ARCH = "sam_per_arch"
+
 
 # ------------------------------------------------------------------ the Tune trial (runs in a worker)
 
@@ -43,7 +46,7 @@ def pool_trial(config: dict) -> None:
         tune.report({"epoch": max(member_epochs(config)), "skipped": 1})
         return
     # the trial's GPU fraction sizes what the loop keeps in device memory (trainables.accel)
-    config = {**config, "gpu_share": tune.get_context().get_trial_resources().required_resources.get("GPU") or None}
+    config = {**sam_weights_of(config), "gpu_share": tune.get_context().get_trial_resources().required_resources.get("GPU") or None}
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         train_segmenter(config, report=report)
@@ -93,11 +96,15 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["sam_checkpoint"] = str(pool.sam_checkpoint)
     if pool.sam_sha256 is not None:
         space["sam_sha256"] = pool.sam_sha256
+    if pool.sam_per_arch:  # each SAM architecture's own weights: the trial takes its own (sam_weights_of)
+        space[SAM_PER_ARCH] = pool.sam_per_arch
     if pool.encoder_weights is not None:
         space["encoder_weights"] = str(pool.encoder_weights)
+    if pool.models:  # the open architectures' definitions: each trial resolves its own arch id with them
+        space["model_defs"] = pool.models
     from trainables.models import is_prompted
 
-    if any(is_prompted(a) for a in pool.arch.values):
+    if any(is_prompted(a, pool.models) for a in pool.arch.values):
         space["embeddings_ready"] = True  # the pool's pre-stage computes them (sweeps.embeddings): trials only read
     if searching and not spec.search.metric.startswith("val_"):
         # the searcher reads its metric in every epoch's report; between snapshots only val_* is scored
@@ -108,8 +115,18 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["epochs"] = _tune_param(Param("grid", pool.epochs.values), searching)
     from trainables.config import MemberConfig
 
-    MemberConfig.check_keys(space)
+    MemberConfig.check_keys([k for k in space if k != SAM_PER_ARCH])
     return space
+
+
+def sam_weights_of(config: dict) -> dict:
+    """A trial's config with its architecture's SAM weights (``pool.sam_checkpoint: {arch: file}``) in
+    ``sam_checkpoint``/``sam_sha256`` and the per-architecture table removed."""
+    per_arch = config.get(SAM_PER_ARCH)
+    if per_arch is None:
+        return config
+    out = {k: v for k, v in config.items() if k != SAM_PER_ARCH}
+    return {**out, **{k: v for k, v in per_arch.get(config["arch"], {}).items() if v is not None}}
 
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str):
@@ -123,14 +140,15 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     cap = cluster.capacity()
     has_gpu = cap.get("GPU", 0) > 0
     archs = spec.pool.arch.values if spec.pool.arch.kind in ("grid", "choice") else tuple(spec.pool.per_arch)
-    demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu)
+    models = spec.pool.models
+    demands = {a: cluster.trial_resources(a, spec.pool.cpu, spec.pool.gpu, spec.pool.per_arch, has_gpu, models)
                for a in archs}
     for a, d in demands.items():
         log(f"pool trials of {a}: {d['cpu']:g} CPU, {d['gpu']:g} GPU")
     # the architecture is a searched parameter: each trial asks for its own architecture's share
     trainable = tune.with_resources(
         pool_trial, lambda config: cluster.trial_resources(config["arch"], spec.pool.cpu, spec.pool.gpu,
-                                                           spec.pool.per_arch, has_gpu))
+                                                           spec.pool.per_arch, has_gpu, models))
     if tune.Tuner.can_restore(str(path)):
         log(f"resuming the pool stage from {path}")
         try:

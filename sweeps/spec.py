@@ -25,6 +25,10 @@ Example::
       seed: {grid: [0]}
       resources: {cpu: 1, gpu: 0}
     analysis: {metric: iou_3d}
+
+``pool.arch`` also takes open architectures (``smp:FPN:resnet34``, ``monai:BasicUNet``, ``{target:
+my_pkg.models:build}``; ``sweeps.user_models``), and a top-level ``runtime_env:`` (Ray's) ships the user's
+code to every node (docs/models.md).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from .spec_schema import (BASELINES, DEFAULT_BASELINES, LAYOUTS, METRICS, Analys
                           Param, PoolSpec, SearchSpec, SpecError, SweepSpec, SyntheticSpec, UncertaintySpec)
 from .spec_sections import (check_image_size, imported_pool_spec, parse_analysis, parse_imported, parse_pool,
                             parse_search, parse_uncertainty)
+from .user_models import parse_runtime_env
 
 #: the spec's types and choice lists, used as ``sweeps.spec.X`` by the stages, the CLI and the tests
 __all__ = ["AnalysisSpec", "BASELINES", "DEFAULT_BASELINES", "DataSpec", "Epochs", "ImportSpec", "LAYOUTS", "METRICS", "Param",
@@ -63,7 +68,7 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     raw = expand_env(raw, "", where, env)
     imported_pool = isinstance(raw, dict) and "imported" in raw
     c.keys(raw, "", {"name": True, "storage": False, "data": True, "pool": not imported_pool, "search": False,
-                     "uncertainty": False, "analysis": False, "tracking": False, "imported": False})
+                     "uncertainty": False, "analysis": False, "tracking": False, "imported": False, "runtime_env": False})
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
@@ -78,15 +83,18 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
         imported = parse_imported(c, raw["imported"], base)
         pool = imported_pool_spec(imported)
     else:
-        pool = parse_pool(c, raw["pool"], base)
+        pool = parse_pool(c, raw["pool"], base, data.image_size)
     search = parse_search(c, raw.get("search"), data, pool)
     uncertainty = parse_uncertainty(c, raw.get("uncertainty"), data)
     analysis = parse_analysis(c, raw.get("analysis"), uncertainty)
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
     # an imported pool's architectures are not built here: only δ's body constrains the image size
-    check_image_size(c, data.image_size, () if imported else pool.arch.values, uncertainty is not None)
+    check_image_size(c, data.image_size, () if imported else pool.arch.values, uncertainty is not None,
+                     pool.models)
+    runtime_env = parse_runtime_env(c, raw.get("runtime_env"), base)
     return SweepSpec(name=name, storage=storage, data=data, pool=pool, search=search, uncertainty=uncertainty,
-                     analysis=analysis, tracking_uri=t.get("uri"), raw=raw, imported=imported)
+                     analysis=analysis, tracking_uri=t.get("uri"), runtime_env=runtime_env, raw=raw,
+                     imported=imported)
 
 
 def load_spec(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> SweepSpec:

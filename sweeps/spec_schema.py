@@ -110,6 +110,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class PoolSpec:
+    #: architecture ids: registered names and the ids of open architectures (``models``)
     arch: Param
     lr: Param
     epochs: Epochs
@@ -128,6 +129,9 @@ class PoolSpec:
     sam_checkpoint: Path | None = MemberConfig.default("sam_checkpoint")
     #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
     sam_sha256: str | None = MemberConfig.default("sam_sha256")
+    #: ``pool.sam_checkpoint: {arch: file}``: each SAM architecture's own weights,
+    #: {arch: {"sam_checkpoint": path, "sam_sha256": hex or None}} (sam_checkpoint/sam_sha256 are then None)
+    sam_per_arch: dict = field(default_factory=dict)
     #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
     #: them at trial start: needs network, checked before launch) or a local file / directory of
     #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it
@@ -135,6 +139,9 @@ class PoolSpec:
     #: how the loop runs on its device (trainables.config.AccelConfig): amp, channels_last,
     #: data_placement, loader_workers, augment; only the keys the spec sets
     training: dict = field(default_factory=dict)
+    #: the open architectures of ``arch`` by id: their normalised definitions (trainables.models.open_archs),
+    #: passed to every trial as ``model_defs``
+    models: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,8 @@ class SweepSpec:
     uncertainty: UncertaintySpec | None = None
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     tracking_uri: str | None = None
+    #: Ray's runtime_env for every task and trial (``runtime_env:``; sweeps.user_models): the user's code
+    runtime_env: dict | None = None
     source_file: Path | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
     #: the experiment folder when it is not <storage>/<name> (`resume`/`status` of a renamed folder)

@@ -7,12 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from trainables.models import MODELS
+from trainables.models import MODELS, resolve_model
 
 from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
                           TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, ImportSpec, Param, PoolSpec, SearchSpec,
                           SpecError, UncertaintySpec, default)
+from .user_models import parse_arch
 
 
 def _lam(c, raw: Any) -> float | tuple[float, ...]:
@@ -75,10 +76,10 @@ def indicator_choices() -> tuple[tuple[str, ...], set[str]]:
     return (*INDICATORS, *INDICATOR_GROUPS), delta
 
 
-def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
+def check_image_size(c, image_size: int, archs, with_delta: bool, models: dict | None = None) -> None:
     """``data.image_size`` must be a multiple of every pool architecture's ``ModelSpec.size_multiple``
-    (the encoders' down-sampling), and of δ's body when the spec fits δ."""
-    need = {a: MODELS[a].size_multiple for a in archs}
+    (the encoders' down-sampling), and of δ's body when the spec fits δ. ``models``: the open ones."""
+    need = {a: resolve_model(a, models).size_multiple for a in archs}
     if with_delta:  # δ's body is smp's UNet with a ResNet-18 encoder (trainables.uncertainty.DeltaNet)
         need["the δ net (a ResNet-18 UNet)"] = MODELS["unet_r18"].size_multiple
     multiple = math.lcm(*need.values())
@@ -90,12 +91,13 @@ def check_image_size(c, image_size: int, archs, with_delta: bool) -> None:
 
 
 
-def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, str | None]:
+def _sam_weights(c: Checker, p: dict, arch, base: Path, models: dict | None = None) -> tuple[Path | None, str | None]:
     """``pool.sam_checkpoint`` and ``pool.sam_sha256``, the files checked before launch; (path, sha256)."""
     sam_checkpoint = None
     if p.get("sam_checkpoint") is not None:
         sam_checkpoint = resolve_path(p["sam_checkpoint"], base)
-        prompted = [n for n, m in MODELS.items() if m.prompted]
+        prompted = [n for n, m in MODELS.items() if m.prompted] + [a for a in models or {}
+                                                                    if resolve_model(a, models).prompted]
         if not sam_checkpoint.is_file():
             raise c.fail("pool.sam_checkpoint", f"{sam_checkpoint} does not exist; give the path of an official "
                                                 f"SAM ViT-B/L/H checkpoint or MedSAM's medsam_vit_b.pth "
@@ -139,6 +141,34 @@ def _sam_weights(c: Checker, p: dict, arch, base: Path) -> tuple[Path | None, st
     return sam_checkpoint, sam_sha256
 
 
+def _sam_weights_per_arch(c: Checker, p: dict, arch, base: Path, models: dict) -> dict[str, dict]:
+    """``pool.sam_checkpoint: {arch: file}`` (and ``pool.sam_sha256: {arch: sha256}``): each SAM architecture's
+    own weights, each file checked as a pool-wide one is; ``{arch: {sam_checkpoint, sam_sha256}}``."""
+    files, shas = p["sam_checkpoint"], p.get("sam_sha256") or {}
+    if not isinstance(shas, dict):
+        raise c.fail("pool.sam_sha256", f"pool.sam_checkpoint is per architecture, so give {{arch: sha256}} too, "
+                                        f"got {shas!r}")
+    prompted = [n for n, m in MODELS.items() if m.prompted] + [a for a in models if resolve_model(a, models).prompted]
+    out = {}
+    for a in [*files, *shas]:
+        if a not in arch.values or a not in prompted:
+            raise c.fail(f"pool.sam_checkpoint.{a}" if a in files else f"pool.sam_sha256.{a}",
+                         f"{a!r} is not a SAM architecture of pool.arch ({', '.join(v for v in arch.values if v in prompted) or 'none'})")
+    for a in arch.values:
+        if a not in prompted:
+            continue
+        one = {k: v for k, v in (("sam_checkpoint", files.get(a)), ("sam_sha256", shas.get(a))) if v is not None}
+        try:
+            path, sha = _sam_weights(c, one, type(arch)(arch.kind, (a,)), base, models)
+        except Exception as e:  # noqa: BLE001 - a SpecError: name the architecture's key
+            msg = str(e).replace("pool.sam_checkpoint:", f"pool.sam_checkpoint.{a}:").replace(
+                "pool.sam_sha256:", f"pool.sam_sha256.{a}:")
+            raise type(e)(msg) from None
+        if path is not None:
+            out[a] = {"sam_checkpoint": str(path), "sam_sha256": None if sha is None else str(sha).lower()}
+    return out
+
+
 def _epochs(c: Checker, e: Any) -> Epochs:
     """``pool.epochs``: ``{snapshots: [..]}`` (one run, a member at each) or ``{grid: [..]}`` (independent runs)."""
     if isinstance(e, int) and not isinstance(e, bool):
@@ -158,16 +188,19 @@ def _epochs(c: Checker, e: Any) -> Epochs:
     return Epochs(emode, tuple(evals))
 
 
-def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
-    """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch)."""
+def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) -> PoolSpec:
+    """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch).
+    ``pool.arch`` holds registered names and open architectures (``sweeps.user_models.parse_arch``)."""
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
                              "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
                              "encoder_weights": False, "training": False})
-    arch = c.param(p["arch"], "pool.arch", lambda v, k: c.choice(v, k, tuple(MODELS)))
-    if arch.kind in ("loguniform", "uniform"):
-        raise c.fail("pool.arch", "architectures are categorical: use grid or choice")
-    sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base)
+    arch, models = parse_arch(c, p["arch"], image_size)
+    sam_per_arch = {}
+    if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
+        sam_per_arch, sam_checkpoint, sam_sha256 = _sam_weights_per_arch(c, p, arch, base, models), None, None
+    else:
+        sam_checkpoint, sam_sha256 = _sam_weights(c, p, arch, base, models)
     encoder_weights = p.get("encoder_weights")
     if encoder_weights is not None and str(encoder_weights) != "imagenet":
         from trainables.models import resolve_encoder_weights
@@ -175,7 +208,7 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
         encoder_weights = resolve_path(str(encoder_weights), base)
         for a in arch.values:  # every architecture's file, before launch
             try:
-                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights")
+                resolve_encoder_weights(a, encoder_weights, key="pool.encoder_weights", defs=models)
             except FileNotFoundError as e:
                 raise c.fail("pool.encoder_weights", str(e).removeprefix("pool.encoder_weights: ")) from None
     lr = c.param(p["lr"], "pool.lr", lambda v, k: c.number(v, k, positive=True, maximum=1.0))
@@ -186,13 +219,13 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
     res = c.keys(p.get("resources") or {}, "pool.resources", {"cpu": False, "gpu": False, "per_arch": False})
     per_arch = {}
     for a, r in (res.get("per_arch") or {}).items():
-        c.choice(a, "pool.resources.per_arch", tuple(MODELS))
+        c.choice(a, "pool.resources.per_arch", (*MODELS, *models))
         r = c.keys(r or {}, f"pool.resources.per_arch.{a}", {"cpu": False, "gpu": False})
         per_arch[a] = {k: c.number(v, f"pool.resources.per_arch.{a}.{k}", nonneg=(k == "gpu"),
                                    positive=(k == "cpu")) for k, v in r.items()}
     mct = p.get("max_concurrent_trials")
     return PoolSpec(
-        arch=arch, lr=lr, epochs=epochs, seed=seed,
+        arch=arch, models=models, lr=lr, epochs=epochs, seed=seed,
         batch_size=c.number(p.get("batch_size", default(PoolSpec, "batch_size")), "pool.batch_size", integer=True,
                             positive=True),
         weight_decay=c.number(p.get("weight_decay", default(PoolSpec, "weight_decay")), "pool.weight_decay",
@@ -203,6 +236,7 @@ def parse_pool(c: Checker, raw: Any, base: Path) -> PoolSpec:
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
+        sam_per_arch=sam_per_arch,
         encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
 
 

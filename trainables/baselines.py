@@ -1,6 +1,6 @@
 """The paper's Table-4 baselines, each a per-pixel uncertainty map (see ``trainables.uncertainty``):
 BayesCap as published (its net and loss), test-time augmentation with pixel noise and with intensity
-jitter, and MC dropout before the final layer (box-prompted members: ``trainables.sam.frozen``)."""
+jitter, and MC dropout before the final layer (``mc_dropout_map``; box-prompted members: ``trainables.sam.frozen``)."""
 from __future__ import annotations
 
 from functools import partial
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .delta import ggd_variance, set_padding
+from .models.contract import dropout_layer
 from .sam.frozen import oracle_forward
 
 class _BCResBlock(nn.Module):
@@ -127,31 +128,63 @@ def tta_color_map(model, images, device, passes, strength, gen, masks=None):
 
 
 @torch.inference_mode()
-def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64) -> np.ndarray:
-    """Variance over ``passes`` of σ(head(dropout2d(decoder features))).
+def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64, layer: str | None = None) -> np.ndarray:
+    """Variance over ``passes`` of σ(Φ) with channel dropout (``dropout2d``) on the input of Φ's last layer.
 
-    Dropout sits before the final layer only, so the encoder and decoder run once per batch (their
-    output is captured by a forward pre-hook on ``segmentation_head``) and only the head runs N times.
+    The layer is ``trainables.models.contract.dropout_layer``'s: ``layer`` (or the ``mc_dropout_layer`` the
+    member's spec names), else the last ``Conv2d``/``ConvTranspose2d`` with one output channel per class; a
+    model without one is refused with the reason. When that layer opens smp's ``segmentation_head`` (smp
+    models, TransUNet), the encoder and decoder run once per batch (the head's input is captured by a
+    forward pre-hook) and only the head runs N times; for any other model the dropout is applied by a pre-hook
+    on the layer and the whole model runs N times. Both draw the same masks from the same stream.
     """
     model.eval()
+    first = torch.from_numpy(np.asarray(images[:1], dtype=np.float32)).to(device)
+    classes = int(model(first).shape[1])
+    _, conv = dropout_layer(model, classes, layer)
     head = getattr(model, "segmentation_head", None)
-    if head is None:
-        raise ValueError(f"MC dropout needs a model with a `segmentation_head` (smp models); "
-                         f"{type(model).__name__} has none")
-    captured: dict[str, torch.Tensor] = {}
-    handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
+    opens_head = head is not None and (conv is head or (isinstance(head, nn.Sequential) and len(head) > 0
+                                                        and head[0] is conv))
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     drop_gen = torch.Generator(device=device).manual_seed(seed)
+    run = _mc_dropout_head if opens_head else _mc_dropout_layer
+    return run(model, head if opens_head else conv, images, device, passes, p, drop_gen, batch_size)
+
+
+def _dropped(x: torch.Tensor, p: float, drop_gen: torch.Generator) -> torch.Tensor:
+    """``x`` (B x C x H x W) with whole channels dropped with probability p (a mask drawn from ``drop_gen``),
+    the kept ones scaled by 1/(1 - p)."""
+    keep = (torch.rand(x.shape[:2], generator=drop_gen, device=x.device) >= p).to(x.dtype)
+    return x * keep[:, :, None, None] / (1 - p)
+
+
+@torch.inference_mode()
+def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
+    captured: dict[str, torch.Tensor] = {}
+    handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
     out = []
     try:
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
             model(x)
             feats = captured["x"]
-            probs = []
-            for _ in range(passes):
-                keep = (torch.rand(feats.shape[:2], generator=drop_gen, device=device) >= p).to(feats.dtype)
-                probs.append(torch.sigmoid(head(feats * keep[:, :, None, None] / (1 - p))).amax(1))
+            probs = [torch.sigmoid(head(_dropped(feats, p, drop_gen))).amax(1) for _ in range(passes)]
+            out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
+    finally:
+        handle.remove()
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def _mc_dropout_layer(model, layer, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
+    def drop(mod, args):
+        return (_dropped(args[0], p, drop_gen), *args[1:])
+    handle = layer.register_forward_pre_hook(drop)
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
+            probs = [torch.sigmoid(model(x)).amax(1) for _ in range(passes)]
             out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
     finally:
         handle.remove()

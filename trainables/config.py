@@ -289,6 +289,12 @@ class SamOptions(Config):
     POOL_WIDE = ("sam_checkpoint", "sam_sha256", "embeddings_ready")
 
 
+def _defs(v: Any) -> dict:
+    if not isinstance(v, Mapping) or not all(isinstance(d, Mapping) for d in v.values()):
+        raise Invalid("must be a mapping of architecture id to definition", "the sweep builds it from pool.arch")
+    return {str(k): dict(d) for k, d in v.items()}
+
+
 def _positive_ints(v: Any) -> tuple[int, ...] | None:
     return None if v is None else tuple_of(integer)(v)
 
@@ -335,6 +341,9 @@ class MemberConfig(Config):
     verbose: bool = setting(False, flag)
     #: "none" or "flip": random horizontal/vertical flips, on the batch's device (the dense loop)
     augment: str = setting("none", lambda v: choice("none", "flip")("none" if v in (None, False) else v))
+    #: the open architectures of the pool by id (``trainables.models.resolve_model``): {id: definition}; None
+    #: when the pool holds registered names only
+    model_defs: dict | None = setting(None, optional(_defs))
     accel: AccelConfig = nested(AccelConfig)
     sam: SamOptions = nested(SamOptions)
 
@@ -346,20 +355,20 @@ class MemberConfig(Config):
                              f"epochs={self.epochs!r} snapshots={self.snapshots!r}; give snapshots: [e1, e2, ...] "
                              f"or epochs: E")
         object.__setattr__(self, "snapshots", tuple(sorted(set(snaps))))
-        from .models import get_model_spec
+        from .models import resolve_model
 
-        get_model_spec(self.arch)  # fail early on an unknown architecture (its error lists the registered ones)
+        resolve_model(self.arch, self.model_defs)  # fail early on an unknown architecture (the error lists them)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], exclude: tuple[str, ...] = (),
                   ignore_unknown: bool = False, why: str = "") -> MemberConfig:
         """A pool trial's dict. The SAM options beyond the pool-wide ones are keys of box-prompted
         architectures only (``trainables.models.ModelSpec.prompted``)."""
-        from .models import MODELS
+        from .models import MODELS, is_prompted
 
         arch = config.get("arch")
-        spec = MODELS.get(arch) if isinstance(arch, str) else None
-        if spec is None or not spec.prompted:  # an unknown architecture: __post_init__ names it
+        defs = config.get("model_defs") if isinstance(config.get("model_defs"), Mapping) else None
+        if not isinstance(arch, str) or not is_prompted(arch, defs):  # an unknown architecture: __post_init__ names it
             exclude = (*exclude, *(k for k in SamOptions.keys() if k not in SamOptions.POOL_WIDE))
             prompted = ", ".join(n for n, m in MODELS.items() if m.prompted)
             why = why or f"they are options of the box-prompted architectures ({prompted}), not of {arch!r}"
@@ -367,10 +376,10 @@ class MemberConfig(Config):
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict ``from_dict`` takes back (without the SAM-only keys for other architectures)."""
-        from .models import MODELS
+        from .models import resolve_model
 
         out = super().to_dict()
-        if not MODELS[self.arch].prompted:
+        if not resolve_model(self.arch, self.model_defs).prompted:
             out = {k: v for k, v in out.items() if k in SamOptions.POOL_WIDE or k not in SamOptions.keys()}
         return out
 

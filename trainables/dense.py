@@ -131,7 +131,8 @@ def training_state(model, opt, epoch: int, cfg: MemberConfig, accel: Accel | Non
 
 def load_dense_member(state: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a frozen dense pool member from its checkpoint dict (``write_member``'s default state)."""
-    model = build_model(state["arch"], in_channels=state["in_channels"], classes=state.get("classes", 1))
+    defs = {state["arch"]: state["model_def"]} if state.get("model_def") else None  # an open architecture
+    model = build_model(state["arch"], in_channels=state["in_channels"], classes=state.get("classes", 1), defs=defs)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -210,7 +211,8 @@ class DenseLoop(PoolRun):
         print(f"[{self.run_id}] {accel.describe()}; {where}", flush=True)
 
         self.model = accel.model(build_model(cfg.arch, in_channels=in_channels, classes=n_labels,
-                                             encoder_weights=cfg.encoder_weights, bn_momentum=cfg.bn_momentum))
+                                             encoder_weights=cfg.encoder_weights, bn_momentum=cfg.bn_momentum,
+                                             defs=cfg.model_defs))
         self.loss_fn = segmentation_loss(n_labels)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     fused=device.type == "cuda" or None)

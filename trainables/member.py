@@ -22,7 +22,7 @@ import torch
 from . import records
 from .config import MemberConfig
 from .data.cache import SliceCache
-from .models import get_model_spec
+from .models import resolve_model
 
 if TYPE_CHECKING:
     from .delta_config import DeltaConfig
@@ -155,9 +155,12 @@ def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, s
     ckpt = records.records_dir(exp) / "checkpoints" / f"{mid}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    spec = resolve_model(cfg.arch, cfg.model_defs)
     if state is None:
         state = {"model": model.state_dict(), "arch": cfg.arch, "in_channels": model_in_channels(model),
                  "classes": len(cache.labels), "epoch": epoch}
+        if spec.definition is not None:  # an open architecture: the member is rebuilt from its definition
+            state["model_def"] = spec.definition
     torch.save(state, tmp)
     os.replace(tmp, ckpt)
     for site, role, rows in sets:
@@ -171,7 +174,7 @@ def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, s
               # relative to the experiment, so that a moved experiment folder still finds it
               "checkpoint": ckpt.relative_to(exp).as_posix(),
               # box-prompted members are prompted with each slice's ground-truth box (labels used)
-              "oracle_prompt": bool(get_model_spec(cfg.arch).prompted), **(extra or {})}
+              "oracle_prompt": bool(spec.prompted), **(extra or {})}
     records.write_member_part(exp, member, slices.assign(member_id=mid))
     return {**member, "checkpoint": str(ckpt)}  # to the caller: the file itself
 

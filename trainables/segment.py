@@ -25,7 +25,7 @@ import torch
 from .config import MemberConfig
 from .dense import load_dense_member, train_dense
 from .member import ReportFn
-from .models import MODELS
+from .models import resolve_model
 from .sam.frozen import load_medsam_member
 from .sam.loop import train_medsam
 
@@ -38,9 +38,11 @@ LOOPS: dict[str, tuple[Callable[..., list[dict]], Callable[..., torch.nn.Module]
 __all__ = ["LOOPS", "load_member", "train_segmenter"]
 
 
-def _loop(arch: str) -> str:
-    spec = MODELS.get(arch)
-    return spec.loop if spec is not None else "dense"
+def _loop(arch: str, defs: dict | None = None) -> str:
+    try:
+        return resolve_model(arch, defs).loop
+    except KeyError:
+        return "dense"
 
 
 def train_segmenter(config: dict | MemberConfig, report: ReportFn | None = None) -> list[dict]:
@@ -57,12 +59,13 @@ def train_segmenter(config: dict | MemberConfig, report: ReportFn | None = None)
         The member dicts written (schema ``records.MEMBER_COLUMNS``).
     """
     cfg = config if isinstance(config, MemberConfig) else MemberConfig.from_dict(config)
-    train, _ = LOOPS[_loop(cfg.arch)]
+    train, _ = LOOPS[_loop(cfg.arch, cfg.model_defs)]
     return train(cfg, report)
 
 
 def load_member(checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a frozen pool member from its ``records/checkpoints/<member>.pt`` file."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)
-    _, load = LOOPS[_loop(state["arch"])]  # MedSAM members store the decoder and where the frozen encoders are
+    defs = {state["arch"]: state["model_def"]} if state.get("model_def") else None  # an open architecture
+    _, load = LOOPS[_loop(state["arch"], defs)]  # MedSAM members store the decoder and where the frozen encoders are
     return load(state, device)

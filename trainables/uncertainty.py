@@ -17,9 +17,11 @@ Baselines (paper Table 4), each a per-pixel map through the same Otsu area:
 * ``tta_color``  test-time colour (intensity) jitter: random brightness and contrast per pass
   (``torchvision.transforms.v2.ColorJitter``; saturation and hue do not exist for grey images).
 * ``mc_dropout`` MC dropout before the final layer: the pool's models have no dropout there, so
-  channel dropout (``dropout2d(p)``, always on) is applied to the decoder features that enter
-  ``model.segmentation_head`` (captured with a forward pre-hook; the library's modules are not
-  modified), and the head runs N times on them. Variance over N passes of σ(head(·)).
+  channel dropout (``dropout2d(p)``, always on) is applied to the input of the model's last convolution
+  with one output channel per class, or of the layer the spec's ``mc_dropout_layer`` names
+  (``trainables.models.contract.dropout_layer``; forward pre-hooks, the modules are not modified). For smp
+  models that input is what enters ``segmentation_head``, and only the head runs N times on it.
+  Variance over N passes of σ(Φ).
 
 Box-prompted members (MedSAM) are scored as the pool scored them: ŷ and every TTA and MC-dropout
 pass use the ground-truth boxes of the slice (the oracle prompt), ŷ and MC dropout read the shared

@@ -49,6 +49,7 @@ architectures whose registry entry says ``loop="prompted"``) and writes the same
 
 Modules, one concern each (none imports ``trainables.segment`` or the dense loop):
 
+* ``protocol``: ``PromptedModel``, what the loop calls on a model (``MedSAM`` implements it).
 * ``modeling``: SAM's sizes, ``build_sam`` and the ``MedSAM`` module (preprocessing, batched decoding).
 * ``build``: checkpoint IO (sha256, reading, variant detection, strict loading) and ``build_medsam``.
 * ``prompts``: ground-truth boxes from masks and MedSAM's box jitter.

@@ -18,7 +18,7 @@ import torch
 
 from ..accel import resolve_device
 from ..data.cache import SliceCache, open_slice_cache
-from ..models import MODELS, get_model_spec, is_prompted
+from ..models import MODELS, get_model_spec, is_prompted, resolve_model
 from .build import SAM_CHECKPOINT_FIX, checkpoint_family, sha256_cached
 from .modeling import LITE, LITE_SHA256, SAM_VARIANTS, MedSAM, encoder_key
 from .options import EmbeddingJob, build_member_model
@@ -42,6 +42,10 @@ def _key_of(source: dict, content_sha256: str) -> str:
 
 
 def embedding_key(model: MedSAM, cache: SliceCache) -> str:
+    if not hasattr(model, "source"):  # a user's PromptedModel names its frozen encoder itself (encoder_key)
+        ident = {"version": EMBED_VERSION, "slices": cache.manifest["content_sha256"], "encoder": model.encoder_key(),
+                 "img_size": int(model.img_size)}
+        return f"user-{int(model.img_size)}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]}"
     return _key_of({**model.source, "img_size": model.img_size}, cache.manifest["content_sha256"])
 
 
@@ -76,7 +80,11 @@ def _open_cache(job: EmbeddingJob) -> SliceCache:
 def embedding_key_for(config: EmbeddingJob | dict) -> str:
     """``embedding_key`` of the model and slice cache a pool trial's ``config`` names, without building it."""
     job = EmbeddingJob.of(config)
-    return _key_of(encoder_source(job), _open_cache(job).manifest["content_sha256"])
+    cache = _open_cache(job)
+    if resolve_model(job.arch, job.model_defs).definition is not None:  # a user's model: built to ask its key
+        return embedding_key(build_member_model(job.arch, job.sam, job.seed, int(cache.images.shape[1]),
+                                                job.model_defs), cache)
+    return _key_of(encoder_source(job), cache.manifest["content_sha256"])
 
 
 def embedding_folder(config: EmbeddingJob | dict) -> Path:
@@ -121,13 +129,14 @@ def prepare_embeddings(config: EmbeddingJob | dict) -> Path:
     ``seed``, ``device`` and ``num_threads``.
     """
     job = EmbeddingJob.of(config)
-    if not is_prompted(job.arch):
+    if not is_prompted(job.arch, job.model_defs):
         raise ValueError(f"prepare_embeddings: arch {job.arch!r} is not box-prompted, so it has no SAM "
                          f"embeddings; give one of {', '.join(n for n, m in MODELS.items() if m.prompted)}")
     cache = _open_cache(job)
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
-    model = build_member_model(job.arch, job.sam, job.seed, in_channels=int(cache.images.shape[1]))
+    model = build_member_model(job.arch, job.sam, job.seed, in_channels=int(cache.images.shape[1]),
+                               defs=job.model_defs)
     root = embeddings_root(cache, job.sam.embedding_dir)
     ensure_embeddings(model, cache, root, resolve_device(job.device), job.sam.embed_batch_size,
                       rows=sweep_rows(cache, job.source, job.targets, job.target_split))
@@ -269,7 +278,7 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
     ``folder``, or (``embedded``: the rows it holds) the existing one, in place. The other rows stay zero:
     a slice without foreground has no box under the oracle protocol (skipped in training, predicted
     empty), and the rows a sweep does not read are never read."""
-    enc = model.sam.image_encoder
+    enc = model.frozen_parts()[0]
     model.to(device)
     n = len(cache.images)
     t0 = time.perf_counter()
@@ -307,7 +316,7 @@ def _compute_embeddings(model: MedSAM, cache: SliceCache, folder: Path, key: str
     fg = len(foreground_rows(cache))
     manifest = {"version": EMBED_VERSION, "key": key, "slice_cache": str(cache.path),
                 "slice_content_sha256": cache.manifest["content_sha256"], "encoder": model.encoder_key(),
-                "source": model.source, "shape": [n, *first.shape[1:]], "dtype": "float16",
+                "source": getattr(model, "source", None), "shape": [n, *first.shape[1:]], "dtype": "float16",
                 "embedded_slices": int(embedded.sum()), "skipped_empty_slices": int(n - fg),
                 "not_read_slices": int(fg - embedded.sum()),
                 "rows": "slices with foreground that a sweep reads (embedded.npy); the others are zero (never read)",

@@ -7,6 +7,7 @@ import torch
 
 from ..config import MemberConfig
 from ..data.cache import SliceCache
+from ..models import resolve_model
 from .build import build_medsam, file_sha256
 from .embeddings import ensure_embeddings
 from .modeling import MedSAM
@@ -14,14 +15,29 @@ from .scoring import NO_BOX_LOGIT, predict_prompted, prompted_dropout_variance, 
 
 
 def member_state(model: MedSAM, cfg: MemberConfig, epoch: int) -> dict:
-    """A pool member's checkpoint: the trained decoder and where the frozen encoders come from."""
-    return {"model": model.sam.mask_decoder.state_dict(), "arch": cfg.arch,
+    """A pool member's checkpoint: the trained decoder and where the frozen encoders come from (a user's
+    box-prompted model: its definition, ``sam_checkpoint`` and seed, to call its builder again)."""
+    spec = resolve_model(cfg.arch, cfg.model_defs)
+    if spec.definition is not None:
+        return {"model": model.decoder.state_dict(), "arch": cfg.arch, "model_def": spec.definition,
+                "in_channels": int(model.oodsweep_in_channels), "epoch": epoch, "seed": cfg.seed,
+                "sam_checkpoint": cfg.sam.sam_checkpoint, "box_mode": model.box_mode,
+                "embedding_dir": cfg.sam.embedding_dir}
+    return {"model": model.decoder.state_dict(), "arch": cfg.arch,
             "in_channels": model.source["in_channels"], "epoch": epoch, "sam": dict(model.source),
             "box_mode": model.box_mode, "embedding_dir": cfg.sam.embedding_dir}
 
 
 def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSAM:
     """Rebuild a MedSAM member from ``member_state``'s dict (``trainables.segment.load_member`` calls this)."""
+    if "model_def" in state:  # a user's box-prompted model: its builder again, then the trained decoder
+        user = resolve_model(state["arch"], {state["arch"]: state["model_def"]}).factory(
+            in_channels=int(state["in_channels"]), classes=1, sam_checkpoint=state.get("sam_checkpoint"),
+            seed=int(state.get("seed", 0)), **state["model_def"]["kwargs"])
+        user.decoder.load_state_dict(state["model"])
+        user.box_mode = state.get("box_mode", "mask")
+        user.embedding_dir = state.get("embedding_dir")
+        return user.to(device).eval()
     src = state["sam"]
     ckpt = src.get("sam_checkpoint")
     if ckpt and src.get("sam_sha256") and file_sha256(ckpt) != src["sam_sha256"]:
@@ -31,7 +47,7 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
     # whose sha256 build_medsam checks
     model = build_medsam(in_channels=int(src["in_channels"]), variant=src["variant"], img_size=int(src["img_size"]),
                          sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
-    model.sam.mask_decoder.load_state_dict(state["model"])
+    model.decoder.load_state_dict(state["model"])
     model.box_mode = state.get("box_mode", "mask")
     #: where the pool found its embeddings (None: beside the slice cache), so later stages reuse them
     model.embedding_dir = state.get("embedding_dir")

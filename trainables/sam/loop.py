@@ -81,7 +81,7 @@ class PromptedLoop(PoolRun):
         self.accel = accel_for(dataclasses.replace(cfg.accel, channels_last=False), device)
         self.rng = torch.Generator().manual_seed(self.seed)  # the shuffling and box-jitter stream
         self.cache = cache = open_slice_cache(cfg.cache)
-        self.model = model = build_member_model(cfg.arch, sam, cfg.seed, int(cache.images.shape[1])).to(device)
+        self.model = model = build_member_model(cfg.arch, sam, cfg.seed, int(cache.images.shape[1]), cfg.model_defs).to(device)
         model.box_mode = sam.box_mode
         t0 = time.perf_counter()
         # embeddings_ready: the driver's pre-stage computed them (sweeps.embeddings): read only, never compute
@@ -115,7 +115,7 @@ class PromptedLoop(PoolRun):
         self.pos_t = torch.from_numpy(pos)
         self.sets = eval_sets(cache, cfg) + val_set(cache, cfg)
 
-        self.decoder = model.sam.mask_decoder
+        self.decoder = model.decoder
         self.loss_fn = DiceCELoss(sigmoid=True)
         self.opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     fused=device.type == "cuda" or None)

@@ -128,7 +128,7 @@ class MedSAM(nn.Module):
         #: how ground-truth boxes are drawn from masks ("mask" or "components"); set by train_medsam
         self.box_mode = "mask"
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
-        for part in (sam.image_encoder, sam.prompt_encoder):
+        for part in self.frozen_parts():
             part.requires_grad_(False)
 
     @property
@@ -137,13 +137,28 @@ class MedSAM(nn.Module):
 
     def train(self, mode: bool = True) -> "MedSAM":
         super().train(mode)
-        self.sam.image_encoder.eval()
-        self.sam.prompt_encoder.eval()
+        for part in self.frozen_parts():
+            part.eval()
         return self
 
     def encoder_key(self) -> str:
         """What the frozen image encoder is: the checkpoint's hash, or the seed of its random init."""
         return encoder_key(self.source)
+
+    # -- the parts (``trainables.sam.protocol.PromptedModel``) -------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The part that trains: SAM's mask decoder."""
+        return self.sam.mask_decoder
+
+    def frozen_parts(self) -> tuple[nn.Module, ...]:
+        """The parts that never train: the image encoder (its output is cached) and the prompt encoder."""
+        return self.sam.image_encoder, self.sam.prompt_encoder
+
+    @property
+    def parts_channels(self) -> int:
+        """F of ``decode_parts``: the channels of ``mask_decoder.output_upscaling``'s output."""
+        return self.sam.mask_decoder.transformer_dim // 8
 
     # -- preprocessing (SamPredictor's) -------------------------------------------------------
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from ..accel import amp_dtype as accel_amp
 from ..config import Config, MemberConfig, SamOptions, integer, nested, optional, setting, text, tuple_of
-from ..models import get_model_spec
+from ..models import get_model_spec, resolve_model
 from .build import build_medsam
 from .modeling import MedSAM
 
@@ -34,6 +34,8 @@ class EmbeddingJob(Config):
     num_threads: int | None = setting(MemberConfig.default("num_threads"), optional(integer))
     #: the decoder's seed when there is no sam_checkpoint (the embeddings do not depend on it)
     seed: int = setting(0, integer)
+    #: the pool's open architectures (``MemberConfig.model_defs``): a user's box-prompted model
+    model_defs: dict | None = setting(None, optional(dict))
     sam: SamOptions = nested(SamOptions)
 
     @classmethod
@@ -44,7 +46,7 @@ class EmbeddingJob(Config):
         if isinstance(config, MemberConfig):
             return cls(arch=config.arch, cache=config.cache, source=config.source, targets=config.targets,
                        target_split=config.target_split, device=config.device, num_threads=config.num_threads,
-                       seed=config.seed, sam=config.sam)
+                       seed=config.seed, sam=config.sam, model_defs=config.model_defs)
         return cls.from_dict(config, ignore_unknown=True)
 
 
@@ -61,9 +63,18 @@ def amp_dtype(setting: Any, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
-def build_member_model(arch: str, sam: SamOptions, seed: int, in_channels: int) -> MedSAM:
+def build_member_model(arch: str, sam: SamOptions, seed: int, in_channels: int,
+                       defs: Mapping[str, Mapping] | None = None) -> MedSAM:
     """The MedSAM of a box-prompted trial: ``arch``'s variant and size, the frozen encoders from
-    ``sam.sam_checkpoint`` (random from ``sam.sam_init_seed`` without one, the decoder then from ``seed``)."""
+    ``sam.sam_checkpoint`` (random from ``sam.sam_init_seed`` without one, the decoder then from ``seed``).
+    A user's box-prompted model (``{target: ..., prompted: true}`` in ``defs``) is its callable's, called with
+    ``in_channels``, ``sam_checkpoint`` and ``seed``."""
+    spec = resolve_model(arch, defs)
+    if spec.definition is not None:
+        model = spec.factory(in_channels=in_channels, classes=1, sam_checkpoint=sam.sam_checkpoint, seed=seed,
+                             **spec.kwargs)
+        model.oodsweep_in_channels = in_channels  # the member's checkpoint records it (frozen.member_state)
+        return model
     kw = dict(get_model_spec(arch).kwargs)
     return build_medsam(in_channels=in_channels, variant=kw["variant"], img_size=kw["img_size"],
                         sam_checkpoint=sam.sam_checkpoint, init_seed=sam.sam_init_seed,

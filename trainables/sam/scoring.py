@@ -75,7 +75,7 @@ def prompted_dropout_variance(model: MedSAM, embeddings: np.ndarray | torch.Tens
     hw = tuple(masks.shape[-2:])
     pos, boxes, _ = slice_prompts(masks, model.box_mode)
     starts = range(0, len(pos), batch_size)
-    channels = model.sam.mask_decoder.transformer_dim // 8  # output_upscaling's out channels (SAM's MaskDecoder)
+    channels = model.parts_channels  # decode_parts' feature channels (SAM: output_upscaling's)
     drop = torch.func.vmap(lambda u: F.dropout2d(u, p, training=True), randomness="different")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout draws from the global RNG; keep the run reproducible

@@ -7,72 +7,39 @@ downloaded unless ``encoder_weights`` is given explicitly (e.g. ``"imagenet"``).
 Box-prompted models (``ModelSpec.prompted``: ``medsam``, ``medsam_tiny``, ``medsam_lite``) also take one box per
 image, ``model(images, boxes)``, and are trained by ``trainables.sam`` (decoder only, from cached
 image embeddings); ``train_segmenter`` dispatches on ``ModelSpec.loop``.
+
+Besides the registered names (``MODELS``), a spec may name open architectures (``open_archs``: any smp
+model, a MONAI network, a user's callable); ``resolve_model`` gives the ``ModelSpec`` of either, and
+``contract`` states and checks what every dense model must do (``check_model``) and where MC dropout goes
+(``dropout_layer``). ``docs/models.md`` is the user's guide.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Mapping
 
 from torch import nn
 
+from .contract import MC_LAYER_ATTR
+from .open_archs import ModelDefError, arch_id, is_open, normalise, spec_of
+from .spec import ModelSpec, set_bn_momentum, smp_factory
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build one registered architecture."""
+__all__ = ["ENCODER_FILE_NAMES", "MODELS", "ModelDefError", "ModelSpec", "arch_id", "build_model",
+           "encoder_file_name", "get_model_spec", "is_open", "is_prompted", "model_names", "normalise",
+           "resolve_encoder_weights", "resolve_model", "set_bn_momentum"]
 
-    factory: Callable[..., nn.Module]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    #: H and W must be multiples of this (encoder down-sampling).
-    size_multiple: int = 32
-    #: True for box-prompted models: ``forward(images, boxes)``, trained by ``trainables.sam``.
-    prompted: bool = False
-    #: Fraction of one GPU a trial asks for when the cluster has GPUs and the spec says ``gpu: auto``
-    #: (``sweeps.cluster.gpu_share``). From the peak memory of a training step at 256², batch 32 on an
-    #: H100 (docs/performance.md "GPU anchors": UNet-R18 1.7 GiB, UNet-R50 3.4, UNet++-R50 7.3, effb0 2.9-3.8, TransUNet's
-    #: encoder 7.1, SAM ViT-B encoder 19.4) and the measured gain of sharing (2 processes 2.17x, 4
-    #: 2.48x): small models a quarter, the ResNet-50/EfficientNet UNets half, ViT-based models a whole GPU.
-    gpu_share: float = 1.0
-    #: The training loop ``trainables.segment`` dispatches to: "dense" or "prompted" (``segment.LOOPS``).
-    loop: str = "dense"
-
-
-def _smp(arch: str) -> Callable[..., nn.Module]:
-    def make(in_channels: int, classes: int, encoder_weights: str | Path | None, **kw: Any) -> nn.Module:
-        import segmentation_models_pytorch as smp  # heavy import kept out of module import
-
-        if not isinstance(encoder_weights, Path):
-            return getattr(smp, arch)(in_channels=in_channels, classes=classes,
-                                      encoder_weights=encoder_weights, activation=None, **kw)
-        # A local weights file (offline): smp only takes names it downloads, so do what smp does with
-        # them: build the 3-channel encoder, load the ImageNet state dict (the encoder's own
-        # load_state_dict drops the classifier head), then adapt the first conv (set_in_channels).
-        import torch
-
-        model = getattr(smp, arch)(in_channels=3, classes=classes, encoder_weights=None, activation=None, **kw)
-        state = torch.load(encoder_weights, map_location="cpu", weights_only=True)
-        try:
-            model.encoder.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"encoder_weights file {encoder_weights} does not fit the {kw.get('encoder_name')} "
-                             f"encoder ({str(e).splitlines()[0][:300]}); give the ImageNet state dict of "
-                             f"{kw.get('encoder_name')} (as smp/torchvision/timm publish it)") from None
-        model.encoder.set_in_channels(in_channels, pretrained=True)
-        return model
-    make.__name__ = f"smp_{arch}"
-    return make
+_smp = smp_factory
 
 
 def _transunet(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
-    from .transunet import TransUNet
+    from ..transunet import TransUNet
 
     return TransUNet(in_channels=in_channels, classes=classes, encoder_weights=encoder_weights, **kw)
 
 
 def _medsam(in_channels: int, classes: int, encoder_weights: str | None, **kw: Any) -> nn.Module:
-    from .sam.build import build_medsam
+    from ..sam.build import build_medsam
 
     if encoder_weights is not None:
         raise ValueError(f"medsam: encoder_weights={encoder_weights!r} is not used; SAM weights come from "
@@ -86,23 +53,27 @@ def _medsam(in_channels: int, classes: int, encoder_weights: str | None, **kw: A
 ENCODER_FILE_NAMES = {"transunet": "vit_base_r50_s16_224"}
 
 
-def encoder_file_name(name: str) -> str | None:
-    """``<encoder>.pth``, the file of ``name``'s ImageNet encoder in a weights directory (None: prompted)."""
-    spec = get_model_spec(name)
-    if spec.prompted:
+def encoder_file_name(name: str, defs: Mapping[str, Mapping] | None = None) -> str | None:
+    """``<encoder>.pth``, the file of ``name``'s ImageNet encoder in a weights directory (None: prompted, or
+    an architecture without an ImageNet encoder). ``defs``: the open architectures (``resolve_model``)."""
+    spec = resolve_model(name, defs)
+    if spec.prompted or not spec.takes_encoder_weights:
         return None
     base = ENCODER_FILE_NAMES.get(name.removesuffix("_tiny"), spec.kwargs.get("encoder_name"))
     return f"{base}.pth"
 
 
 def resolve_encoder_weights(name: str, encoder_weights: str | os.PathLike | None,
-                            key: str = "encoder_weights") -> str | Path | None:
+                            key: str = "encoder_weights",
+                            defs: Mapping[str, Mapping] | None = None) -> str | Path | None:
     """``None`` (random init), a name such as ``"imagenet"`` (smp/timm download it) or the local file for ``name``.
 
     ``encoder_weights`` may be a weights file or a directory holding ``encoder_file_name(name)``;
-    a missing file is a FileNotFoundError naming it and ``key``. Prompted models take none (None).
+    a missing file is a FileNotFoundError naming it and ``key``. Prompted models, MONAI networks and user
+    callables take none (None).
     """
-    if encoder_weights is None or get_model_spec(name).prompted:
+    spec = resolve_model(name, defs) if encoder_weights is not None else None
+    if spec is None or spec.prompted or not spec.takes_encoder_weights:
         return None
     text = str(encoder_weights)
     path = Path(encoder_weights).expanduser()
@@ -110,11 +81,11 @@ def resolve_encoder_weights(name: str, encoder_weights: str | os.PathLike | None
             and not text.endswith((".pth", ".pt")):
         return text  # a name the library downloads ("imagenet", smp's "ssl", ...); the library checks it
     if path.is_dir():
-        path = path / encoder_file_name(name)
+        path = path / encoder_file_name(name, defs)
     if not path.is_file():
         raise FileNotFoundError(f"{key}: {path} does not exist; {key} is 'imagenet' (downloaded by smp/timm), "
                                 f"a weights file, or a directory holding <encoder>.pth per architecture "
-                                f"({name} needs {encoder_file_name(name)})")
+                                f"({name} needs {encoder_file_name(name, defs)})")
     return path.resolve()
 
 
@@ -152,47 +123,62 @@ def model_names() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """A registered architecture's spec (a KeyError listing them for another name)."""
     try:
         return MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}") from None
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}; or an open architecture: "
+                       f"smp:<Arch>:<encoder>, monai:<Network>, {{target: 'my_pkg.models:build'}}") from None
 
 
-def is_prompted(name: str) -> bool:
-    """True if ``name`` is a registered box-prompted model (False for unknown names too)."""
-    spec = MODELS.get(name)
-    return bool(spec and spec.prompted)
+def resolve_model(arch: str | Mapping, defs: Mapping[str, Mapping] | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of ``arch``: the one resolver the spec's checks, the trials and the GPU-share rule use.
+
+    ``arch`` is a registered name (``MODELS``), the id of an open architecture defined in ``defs``
+    (``{id: normalised definition}``, what the sweep passes to every trial as ``model_defs``), an
+    ``smp:<Arch>:<encoder>`` / ``monai:<Network>`` string, or a definition mapping (``open_archs``).
+    """
+    if isinstance(arch, str) and arch in MODELS:
+        return MODELS[arch]
+    if isinstance(arch, str) and defs and arch in defs:
+        return spec_of(defs[arch])
+    if is_open(arch):
+        return spec_of(normalise(arch))
+    return get_model_spec(arch)  # its KeyError lists the registered names and the open forms
 
 
-def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
-    """Set the running-statistics momentum of every BatchNorm layer (PyTorch convention)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
-    return model
+def is_prompted(name: str, defs: Mapping[str, Mapping] | None = None) -> bool:
+    """True if ``name`` is a box-prompted model (False for unknown names too)."""
+    try:
+        return resolve_model(name, defs).prompted
+    except (KeyError, ValueError):
+        return False
 
 
 def build_model(name: str, in_channels: int = 1, classes: int = 1, encoder_weights: str | None = None,
-                bn_momentum: float | None = None) -> nn.Module:
-    """Build a registered model returning logits.
+                bn_momentum: float | None = None, defs: Mapping[str, Mapping] | None = None) -> nn.Module:
+    """Build a model returning logits.
 
     Args:
-        name: a key of ``MODELS``.
+        name: a key of ``MODELS``, or an open architecture (``resolve_model``; its definition in ``defs``).
         in_channels: image channels (1 for MR/CT, 3 for fundus photographs).
         classes: output channels (1 for a binary organ mask).
         encoder_weights: pretrained encoder weights: ``"imagenet"`` (smp/timm download them), a local
             weights file or a directory of ``<encoder>.pth`` files (offline; ``resolve_encoder_weights``);
-            ``None`` = random init.
+            ``None`` = random init. Ignored by architectures without an ImageNet encoder.
         bn_momentum: if given, the momentum of every BatchNorm layer. The EfficientNet encoders keep
             TensorFlow's 0.01 (PyTorch convention), whose running statistics lag hundreds of steps
             behind the weights: in short runs eval-mode predictions are then empty. The trainables
             pass PyTorch's default 0.1 unless the config says otherwise.
+        defs: the open architectures' definitions by id (the trial config's ``model_defs``).
 
     Returns:
         A module mapping ``B x in_channels x H x W`` to ``B x classes x H x W`` logits.
     """
-    spec = get_model_spec(name)
+    spec = resolve_model(name, defs)
     if not spec.prompted:
-        encoder_weights = resolve_encoder_weights(name, encoder_weights)
+        encoder_weights = resolve_encoder_weights(name, encoder_weights, defs=defs)
     model = spec.factory(in_channels=in_channels, classes=classes, encoder_weights=encoder_weights, **spec.kwargs)
+    if spec.mc_dropout_layer is not None:  # read by trainables.baselines.mc_dropout_map
+        setattr(model, MC_LAYER_ATTR, spec.mc_dropout_layer)
     return set_bn_momentum(model, bn_momentum) if bn_momentum is not None else model

@@ -56,7 +56,8 @@ PREFIXES = {"sudo", "time", "nohup", "exec", "then", "do", "else", "elif", "if",
 SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")", ";;", "|&"}
 REDIRECTS = {">", ">>", "<", "<<", ">&", "&>", "<&", "<<<", ">|"}
 SHELL_TAGS = {"bash", "sh", "shell", "console"}
-SPEC_SECTIONS = {"name", "storage", "data", "pool", "search", "uncertainty", "analysis", "tracking"}
+# (an `imported:` spec names a members table and prediction folders the reader has: such a block only parses)
+SPEC_SECTIONS = {"name", "storage", "data", "pool", "search", "uncertainty", "analysis", "tracking", "runtime_env"}
 TAGS = ["text", "yaml", "yml", "python", "csv", *sorted(SHELL_TAGS)]
 
 
@@ -256,20 +257,26 @@ def check_yaml(text: str, tmp: Path) -> None:
     for doc in yaml.safe_load_all(text):
         if not isinstance(doc, dict) or not set(doc) <= SPEC_SECTIONS:
             continue  # not a spec: parsing it was the check
-        raw = doc if "name" in doc else {
+        minimal = {
             "name": "docs-fragment", "data": {"layout": "prostate_multisite", "root": str(tmp / "data"),
                                               "source": "SiteA", "targets": ["SiteB"], "synthetic": {}},
-            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"grid": [1]}}, **doc}
+            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"grid": [1]}}}
+        # a fragment's sections replace the minimal spec's, but for `pool:`, whose keys go over the minimal
+        # pool's (a fragment naming only `arch` keeps its lr and epochs)
+        raw = doc if "name" in doc else {**minimal, **doc}
+        if "name" not in doc and isinstance(doc.get("pool"), dict):
+            raw["pool"] = {**minimal["pool"], **doc["pool"]}
         env = {**os.environ, **{v: str(tmp / v) for v in re.findall(r"\$\{(\w+)", text)}}
         for _ in range(20):
             try:
                 parse_spec(raw, where="docs block", base_dir=tmp, env=env)
                 break
             except SpecError as e:  # a data folder the spec names: made empty, then validate again
-                m = re.search(r"folder (\S+?);? does not exist", str(e))
-                if not m or not m.group(1).startswith(str(tmp)):
+                m = re.search(r"folder (\S+?);? does not exist|: (\S+) does not exist; give the folder", str(e))
+                folder = m and (m.group(1) or m.group(2))
+                if not folder or not folder.startswith(str(tmp)):
                     raise
-                Path(m.group(1)).mkdir(parents=True)
+                Path(folder).mkdir(parents=True)
         else:
             raise AssertionError("the spec kept asking for folders")
 

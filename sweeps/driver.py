@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         tracker.end(parent, "FAILED")
         msgs = "\n  - ".join(_trial_errors(errors))
         raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; "
-                           f"`oodsweep resume {exp}` retries only the failed ones):\n  - {msgs}")
+                           f"`oodsweep resume {shlex.quote(str(exp))}` retries only the failed ones):\n  - {msgs}")
     records.merge_parts(exp)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     tracker.end(parent, "FINISHED")
@@ -316,10 +317,11 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     metric = metric or spec.analysis.metric
     missing = missing_records(spec)
     if missing and not allow_incomplete:
+        q = shlex.quote(str(exp))
         raise IncompleteError(
             f"{exp} is incomplete, the analysis would leave these out: " + "; ".join(missing[:10])
             + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
-            + f". `oodsweep resume {exp}` redoes them; `oodsweep analyze {exp} --allow-incomplete` analyses "
+            + f". `oodsweep resume {q}` redoes them; `oodsweep analyze {q} --allow-incomplete` analyses "
               f"what is there and lists what is missing in tables.md")
     for line in missing:
         log(f"analysis without {line}")
@@ -433,6 +435,7 @@ def _stages(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None,
             f"?workflowType=machine_learning")
     if errors:
         raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
-                           f"analysed. Fix the cause and run `oodsweep resume {exp}` to retry only those:\n  - "
+                           f"analysed. Fix the cause and run `oodsweep resume {shlex.quote(str(exp))}` to retry "
+                           f"only those:\n  - "
                            + "\n  - ".join(errors))
     return summary

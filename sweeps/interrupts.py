@@ -29,7 +29,8 @@ from pathlib import Path
 
 from .console import log
 
-__all__ = ["Interrupted", "after_interrupt", "descendants", "handling", "raise_if_interrupted", "signal_name", "stop_own_processes", "tune_fit"]
+__all__ = ["Interrupted", "after_interrupt", "descendants", "handling", "raise_if_interrupted", "signal_name",
+           "stop_own_processes", "tune_fit"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

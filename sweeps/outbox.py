@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,15 +34,13 @@ def transient(e: BaseException) -> bool:
     """Whether an MLflow call failed because the store could not be reached (try again later)."""
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
-    try:
-        from mlflow.exceptions import MlflowException, RestException
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return False
-    if isinstance(e, RestException):
-        return str(e.error_code) in TRANSIENT_CODES
     text = str(e)
-    if isinstance(e, MlflowException) and ("API request to" in text or "Max retries" in text):
-        return True
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # not imported: not one of its errors
+    if mlflow_exceptions is not None:
+        if isinstance(e, mlflow_exceptions.RestException):
+            return str(e.error_code) in TRANSIENT_CODES
+        if isinstance(e, mlflow_exceptions.MlflowException) and ("API request to" in text or "Max retries" in text):
+            return True
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False  # an artifact file gone: no later try finds it
     return isinstance(e, OSError) or "database is locked" in text or "Connection refused" in text
@@ -199,6 +198,26 @@ class Outbox:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="oodsweep-tracking", daemon=True)
             self._thread.start()
+
+
+def unsent(path: str | os.PathLike) -> list[dict]:
+    """The operations an outbox file still holds (no thread, no store: ``oodsweep status``)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        sent_file = path.with_suffix(".sent")
+        done = int(sent_file.read_text().strip() or 0) if sent_file.exists() else 0
+        lines = path.read_text(errors="replace").splitlines()
+    except (OSError, ValueError):
+        return []
+    ops = []
+    for line in lines[done:]:
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return ops
 
 
 def _short(e: BaseException) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shlex import quote
 
 from trainables import records
 
@@ -75,6 +76,10 @@ def experiment_status(experiment_dir) -> dict:
     restarts = {stage: int(len(g) - g["run"].nunique()) for stage, g in attempts.groupby("stage")}
     driver = driver_running(exp)
     finished = (exp / "analysis" / "summary.json").exists()
+    from .outbox import summary, unsent
+    from .tracking import OUTBOX_FILE
+
+    waiting = unsent(exp / OUTBOX_FILE)
     return _interrupted({
         "experiment": str(exp), "name": spec.name,
         "driver": driver or ("finished" if finished else "not running"),
@@ -89,6 +94,8 @@ def experiment_status(experiment_dir) -> dict:
         "uncertainty": unc,
         "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",
                      "dir": str(analysis_dir)},
+        "mlflow_unsent": {"operations": len(waiting), "what": summary(waiting) if waiting else "",
+                          "file": str(exp / OUTBOX_FILE)},
     })
 
 
@@ -108,10 +115,10 @@ def format_status(st: dict) -> str:
     u = st.get("uncertainty")
     states = (p["state"], (u or {}).get("state"))
     if st["driver"] in ("not running", "finished") and "incomplete" in states:
-        lines.append(f"            incomplete (records missing, listed below): `oodsweep resume {st['experiment']}` "
-                     f"redoes them")
+        lines.append(f"            incomplete (records missing, listed below): `oodsweep resume "
+                     f"{quote(st['experiment'])}` redoes them")
     elif st["driver"] == "not running" and any(s not in (None, "done") for s in states):
-        lines.append(f"            interrupted: `oodsweep resume {st['experiment']}` continues it")
+        lines.append(f"            interrupted: `oodsweep resume {quote(st['experiment'])}` continues it")
     lines += [f"  pool      {p['state']:8s} members {p['members_done']}/{p['members_expected']}, "
              f"runs {p['runs_done']}/{p['runs_expected']} finished"
              + (f", {st['restarts']['pool']} restarted from a checkpoint" if st["restarts"].get("pool") else "")]
@@ -131,4 +138,8 @@ def format_status(st: dict) -> str:
             if u["state"] == "incomplete":
                 lines.append(f"            missing {name}: {why}")
     lines.append(f"  analysis  {a['state']:8s} {a['dir']}")
+    m = st.get("mlflow_unsent") or {}
+    if m.get("operations"):
+        lines.append(f"  mlflow    {m['operations']} operation(s) on {m['what']} not sent yet ({m['file']}): the "
+                     f"next `oodsweep resume` or `oodsweep analyze` sends them")
     return "\n".join(lines)

@@ -180,7 +180,8 @@ def _free_port() -> int:
 
 
 def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                              "--artifacts-destination", str(store / "artifacts")],
                             stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)

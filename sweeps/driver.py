@@ -363,8 +363,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     that blocks the corrected one.
 
     SIGINT (Ctrl-C) and SIGTERM stop it at any stage (``sweeps.interrupts``): the running trials stop with
-    their last checkpoints, nothing is restarted, the local Ray is shut down, the lock released, and
-    ``Interrupted`` (a ``SystemExit``: status 130 or 143) says how to continue.
+    their last checkpoints, nothing is restarted, the local Ray is shut down, the lock released, the
+    message says how to continue, and ``SystemExit`` carries status 130 (SIGINT) or 143 (SIGTERM).
     """
     from . import cluster, reconcile
 
@@ -386,9 +386,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
                     log(f"this experiment ran from {moved_from} before: its paths now resolve under {exp}")
                 reconcile.record_location(spec)
                 return _run_stages(spec, cache, address, num_cpus, relocated=moved_from is not None)
-            except interrupts.Interrupted as e:
-                interrupts.after_interrupt(exp, e.signum)
-                raise
+            except KeyboardInterrupt as e:  # ours (sweeps.interrupts.Interrupted), or Ray's in its place
+                signum = interrupts.signal_of(e)
+                interrupts.after_interrupt(exp, signum)
+                raise SystemExit(128 + signum) from None
     finally:
         os.close(lock)
 
@@ -399,7 +400,7 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")
     try:
         return _stages(spec, cache, tracker, address, num_cpus, relocated)
-    except interrupts.Interrupted:
+    except KeyboardInterrupt:
         finish_tracking(tracker, timeout=3.0)
         raise
     finally:

@@ -13,8 +13,8 @@ The driver installs its own handlers for both signals (``handling``) while it ru
 * a second signal exits at once (``os._exit``), after killing the processes this driver started (its local
   Ray) and releasing the driver lock.
 
-``Interrupted`` is a ``SystemExit`` (exit status 128 + the signal: 130 for SIGINT, 143 for SIGTERM), so no
-``except Exception`` on the way up catches it. ``stop_own_processes`` ends what is left of the local Ray
+``Interrupted`` is a ``KeyboardInterrupt`` (so Ray passes it through ``ray.get``); the driver turns it into
+exit status 128 + the signal: 130 for SIGINT, 143 for SIGTERM. ``stop_own_processes`` ends what is left of the local Ray
 after ``ray.shutdown()``: every process below the driver's own (read from /proc, Linux).
 """
 from __future__ import annotations
@@ -30,17 +30,22 @@ from pathlib import Path
 from .console import log
 
 __all__ = ["Interrupted", "after_interrupt", "descendants", "handling", "raise_if_interrupted", "signal_name",
-           "stop_own_processes", "tune_fit"]
+           "signal_of", "stop_own_processes", "tune_fit"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(SystemExit):
-    """The driver was asked to stop by a signal: exit status 128 + the signal's number."""
+class Interrupted(KeyboardInterrupt):
+    """The driver was asked to stop by a signal (its exit status: ``128 + signum``).
+
+    A ``KeyboardInterrupt``: Ray turns one raised by a signal handler during ``ray.get`` into its own
+    ``KeyboardInterrupt`` (any other exception, a ``SystemExit`` too, it reports as a failure of the
+    driver), and no ``except Exception`` on the way up catches it."""
 
     def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
         self.signum = signum
-        super().__init__(128 + signum)
+        self.code = 128 + signum
 
 
 def signal_name(signum: int) -> str:
@@ -134,6 +139,11 @@ def handling(lock_fd: int | None = None):
 def interrupted() -> int | None:
     """The signal that asked the driver to stop (None: none did)."""
     return _state.signum
+
+
+def signal_of(e: KeyboardInterrupt) -> int:
+    """The signal behind a ``KeyboardInterrupt`` (ours, or the one Ray raises in its place): SIGINT by default."""
+    return getattr(e, "signum", None) or _state.signum or signal.SIGINT
 
 
 def raise_if_interrupted() -> None:

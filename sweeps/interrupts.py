@@ -94,13 +94,14 @@ def _hard_exit(code: int) -> None:
 
 
 class _HideTuneRestoreHint(logging.Filter):
-    """After an interrupt Tune suggests ``Tuner.restore(...)``; with oodsweep it is ``oodsweep resume``."""
+    """After an interrupt Tune suggests ``Tuner.restore(...)`` and lists the stopped trials as not complete;
+    with oodsweep it is ``oodsweep resume``, which the driver's last line says."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _state.signum is None:
             return True
         msg = record.getMessage()
-        return "Tuner.restore" not in msg and "Stop signal received" not in msg
+        return not any(s in msg for s in ("Tuner.restore", "Stop signal received", "Trials did not complete"))
 
 
 @contextlib.contextmanager

@@ -198,15 +198,53 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
     raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")
 
 
-def test_tracking_server_down_during_the_pool(tmp_path, tiny_data):
-    spec = {"name": "outage", "storage": str(tmp_path / "runs"),
-            "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
+def _pool_only_spec(tmp_path: Path, data: Path, name: str) -> Path:
+    """One unet_r18 run, members at epochs 1 and 2, no δ: the smallest sweep that trains."""
+    spec = {"name": name, "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(data), "source": "SiteA",
                      "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25},
             "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 2]},
                      "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}},
             "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path, tiny_data):
+    """Ctrl-C twice: the driver does not wait for Tune; it still leaves no Ray process and no lock."""
+    path = _pool_only_spec(tmp_path, tiny_data, "twice")
+    exp = tmp_path / "runs" / "twice"
+    log = tmp_path / "run.log"
+    p = _start("run", str(path), "--num-cpus", "2", log=log)
+    _wait(lambda: "pool stage:" in log.read_text() and any("raylet" in _cmdline(c) for c in descendants(p.pid)),
+          p, "the pool stage")
+    ray_pids = descendants(p.pid)
+    t0 = time.time()
+    os.kill(p.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGINT)
+    try:
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    took = time.time() - t0
+    out = log.read_text()
+    print(f"two SIGINTs: exit {rc} after {took:.1f}s")
+    assert rc == 130 and "again: exiting at once" in out, out[-3000:]
+    assert took < 15, f"{took:.0f}s"
+    assert driver_running(exp) is None
+    time.sleep(1)
+    left = [f"{q} {_cmdline(q)[:100]}" for q in ray_pids if _alive(q)]
+    for q in ray_pids:
+        if _alive(q):
+            os.kill(q, signal.SIGKILL)
+    assert not left, left
+
+
+def test_tracking_server_down_during_the_pool(tmp_path, tiny_data):
+    path = _pool_only_spec(tmp_path, tiny_data, "outage")
     exp = tmp_path / "runs" / "outage"
     store = tmp_path / "server"
     store.mkdir()

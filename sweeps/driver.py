@@ -88,6 +88,7 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
     from . import cluster
 
     cluster.connect(address, num_cpus)
+    interrupts.record_ray_session(spec.experiment_dir)
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")
     cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
@@ -374,6 +375,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     try:
         with interrupts.handling(lock):
             try:
+                interrupts.reap_previous_ray(exp)
                 frozen, changes = check_frozen(spec)
                 cluster.check_address(address)
                 cluster.check_tracking(spec.tracking())

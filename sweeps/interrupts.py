@@ -30,7 +30,8 @@ from pathlib import Path
 from .console import log
 
 __all__ = ["Interrupted", "after_interrupt", "descendants", "handling", "raise_if_interrupted", "signal_name",
-           "signal_of", "stop_own_processes", "tune_fit"]
+           "signal_of", "stop_own_processes", "tune_fit", "record_ray_session", "reap_previous_ray",
+           "forget_ray_session"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -181,9 +182,65 @@ def after_interrupt(experiment_dir: Path, signum: int) -> None:
         if ray.is_initialized():
             ray.shutdown()
     left = stop_own_processes(pids=before)
+    forget_ray_session(experiment_dir)
     log(f"stopped by {signal_name(signum)} (Ray shut down in {time.time() - t:.1f}s"
         + (f", {left} leftover process(es) ended" if left else "") + "); the finished members and the running "
         f"trials' last checkpoints are kept. Continue with:\n    oodsweep resume {shlex.quote(str(experiment_dir))}")
+
+
+#: in the experiment folder while a driver's local Ray runs: its session folder, to find what a driver
+#: killed with SIGKILL left behind (Ray's agents can outlive their raylet)
+RAY_SESSION_FILE = ".driver-ray-session"
+
+
+def _session_dir_of_own_ray() -> str | None:
+    for pid in descendants():
+        for arg in _cmdline(pid).split("\0"):
+            if arg.startswith("--session-dir="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def record_ray_session(experiment_dir: Path) -> None:
+    """Note the session folder of the local Ray this driver started (none: a cluster given by address)."""
+    session = _session_dir_of_own_ray()
+    if session:
+        with contextlib.suppress(OSError):
+            (Path(experiment_dir) / RAY_SESSION_FILE).write_text(session)
+
+
+def reap_previous_ray(experiment_dir: Path) -> int:
+    """End the processes of the local Ray an earlier driver of this experiment started and left running
+    (killed with SIGKILL, it could not shut it down). Called with the driver lock held, so that driver is
+    gone; only processes naming that session's own folder are ended. Returns how many."""
+    marker = Path(experiment_dir) / RAY_SESSION_FILE
+    try:
+        session = marker.read_text().strip()
+    except OSError:
+        return 0
+    pids = []
+    if session and "/session_" in session:
+        for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+            pid = int(cmd.parent.name)
+            if pid != os.getpid() and session in _cmdline(pid) and _alive(pid):
+                pids.append(pid)
+    if pids:
+        stop_own_processes(pids=pids, own=False)
+        log(f"ended {len(pids)} process(es) of the Ray an earlier driver of this experiment left running "
+            f"({session})")
+    marker.unlink(missing_ok=True)
+    return len(pids)
+
+
+def forget_ray_session(experiment_dir: Path) -> None:
+    (Path(experiment_dir) / RAY_SESSION_FILE).unlink(missing_ok=True)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def descendants(pid: int | None = None) -> list[int]:
@@ -212,11 +269,11 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def stop_own_processes(grace_s: float = 3.0, pids: list[int] | None = None) -> int:
+def stop_own_processes(grace_s: float = 3.0, pids: list[int] | None = None, own: bool = True) -> int:
     """Terminate every process this driver started that is still alive (what ``ray.shutdown()`` left of
-    the local Ray: agents, workers): its descendants now and ``pids`` (its descendants before the shutdown,
-    some of them since orphaned), SIGTERM first and SIGKILL after ``grace_s``; return how many."""
-    pids = [p for p in dict.fromkeys([*(pids or []), *descendants()]) if _alive(p)]
+    the local Ray: agents, workers): its descendants now (``own``) and ``pids`` (its descendants before the
+    shutdown, some of them since orphaned), SIGTERM first and SIGKILL after ``grace_s``; return how many."""
+    pids = [p for p in dict.fromkeys([*(pids or []), *(descendants() if own else [])]) if _alive(p)]
     sig = signal.SIGTERM if grace_s > 0 else signal.SIGKILL
     for p in pids:
         with contextlib.suppress(OSError):

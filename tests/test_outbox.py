@@ -96,3 +96,4 @@ def test_transient_errors():
     assert not transient(MlflowException("Changing param values is not allowed", error_code="INVALID_PARAMETER_VALUE"))
     assert not transient(FileNotFoundError("artifact gone"))
     assert not transient(ValueError("bad"))
+

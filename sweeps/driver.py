@@ -88,6 +88,7 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
     from . import cluster
 
     cluster.connect(address, num_cpus)
+    interrupts.reinstall()  # ray.init replaced the driver's SIGTERM handler with its own (which aborts)
     interrupts.record_ray_session(spec.experiment_dir)
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")

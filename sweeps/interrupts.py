@@ -31,7 +31,7 @@ from .console import log
 
 __all__ = ["Interrupted", "after_interrupt", "descendants", "handling", "raise_if_interrupted", "signal_name",
            "signal_of", "stop_own_processes", "tune_fit", "record_ray_session", "reap_previous_ray",
-           "forget_ray_session"]
+           "forget_ray_session", "reinstall"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -136,6 +136,14 @@ def handling(lock_fd: int | None = None):
         logging.getLogger("ray.tune").removeFilter(flt)
         logging.getLogger("ray.tune.tune").removeFilter(flt)
         _state.installed, _state.lock_fd = False, None
+
+
+def reinstall() -> None:
+    """Take SIGTERM (and SIGINT) back after ``ray.init``: Ray's core worker installs a failure handler for
+    SIGTERM in the driver that prints a stack and aborts the process (exit -6), replacing ours."""
+    if _state.installed and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handler)
 
 
 def interrupted() -> int | None:

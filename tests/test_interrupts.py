@@ -146,13 +146,13 @@ def test_ctrl_c_and_sigterm_stop_and_resume(finished, tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"interrupted twice and resumed: {time.time() - t_all:.0f}s")
 
-    # the pool trials continued from their checkpoints: each run started at most twice, the second time
-    # from a checkpoint (epoch 1), never again from epoch 0
+    # nothing was trained from scratch twice: a pool run started again only from a checkpoint, or (its last
+    # epoch recorded while it stopped) not at all (test_ctrl_c_twice_and_resume_from_checkpoint shows the
+    # checkpoint being used)
     att = records.load_attempts(exp)
     pool = att[att["stage"] == "pool"]
     assert set(pool["run"]) == {"unet_r18-lr0.001-s0-E2", "unet_effb0-lr0.001-s0-E2"}, pool
     assert (pool.groupby("run")["start_epoch"].apply(lambda s: (s == 0).sum()) == 1).all(), pool
-    assert (pool["start_epoch"] > 0).any(), f"no pool trial resumed from its checkpoint:\n{pool}"
 
     for name, keys in (("members.parquet", ["member_id"]),
                        ("slices.parquet", ["member_id", "site", "role", "case_id", "slice_idx"])):
@@ -198,28 +198,40 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
     raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")
 
 
-def _pool_only_spec(tmp_path: Path, data: Path, name: str) -> Path:
-    """One unet_r18 run, members at epochs 1 and 2, no δ: the smallest sweep that trains."""
+def _pool_only_spec(tmp_path: Path, data: Path, name: str, snapshots=(1, 2)) -> Path:
+    """One unet_r18 run, members at ``snapshots`` (epochs 1 and 2), no δ: the smallest sweep that trains."""
     spec = {"name": name, "storage": str(tmp_path / "runs"),
             "data": {"layout": "prostate_multisite", "root": str(data), "source": "SiteA",
                      "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25},
-            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 2]},
-                     "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}},
+            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]},
+                     "epochs": {"snapshots": list(snapshots)}, "seed": {"grid": [0]}, "batch_size": 4,
+                     "resources": {"cpu": 1}},
             "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_second_ctrl_c_exits_at_once(tmp_path, tiny_data):
-    """Ctrl-C twice: the driver does not wait for Tune; it still leaves no Ray process and no lock."""
-    path = _pool_only_spec(tmp_path, tiny_data, "twice")
+def test_ctrl_c_twice_and_resume_from_checkpoint(tmp_path, tiny_data):
+    """One run of 10 epochs: a Ctrl-C once its epoch-1 checkpoint is registered stops it mid-way; a resume
+    stopped by two Ctrl-C exits at once (no waiting for Tune) and still leaves no Ray process and no lock;
+    the last resume continues the run from its checkpoint, not from epoch 0."""
+    path = _pool_only_spec(tmp_path, tiny_data, "twice", snapshots=[1, 10])
     exp = tmp_path / "runs" / "twice"
-    log = tmp_path / "run.log"
-    p = _start("run", str(path), "--num-cpus", "2", log=log)
-    _wait(lambda: "pool stage:" in log.read_text() and any("raylet" in _cmdline(c) for c in descendants(p.pid)),
-          p, "the pool stage")
+
+    log1 = tmp_path / "run1.log"
+    p = _start("run", str(path), "--num-cpus", "2", log=log1)
+    _wait(lambda: _checkpoint_registered(exp), p, "the first pool checkpoint")
+    took, out = _stop(p, signal.SIGINT, log1)
+    print(f"SIGINT at epoch 1 of 10: exit {p.returncode} after {took:.1f}s")
+    assert p.returncode == 130 and took < STOP_S, out[-3000:]
+    assert records.member_part_ids(exp) == ["unet_r18-lr0.001-s0-ep1"], "the run was not stopped mid-way"
+
+    log2 = tmp_path / "run2.log"
+    p = _start("resume", str(exp), "--num-cpus", "2", log=log2)
+    _wait(lambda: "resuming the pool stage" in log2.read_text(), p, "the pool stage")
     ray_pids = descendants(p.pid)
+    assert any("raylet" in _cmdline(c) for c in ray_pids)
     t0 = time.time()
     os.kill(p.pid, signal.SIGINT)
     time.sleep(0.3)
@@ -230,7 +242,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path, tiny_data):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     took = time.time() - t0
-    out = log.read_text()
+    out = log2.read_text()
     print(f"two SIGINTs: exit {rc} after {took:.1f}s")
     assert rc == 130 and "again: exiting at once" in out, out[-3000:]
     assert took < 15, f"{took:.0f}s"
@@ -241,6 +253,14 @@ def test_second_ctrl_c_exits_at_once(tmp_path, tiny_data):
         if _alive(q):
             os.kill(q, signal.SIGKILL)
     assert not left, left
+
+    proc = run_cli("resume", str(exp), "--num-cpus", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(records.member_part_ids(exp)) == ["unet_r18-lr0.001-s0-ep1", "unet_r18-lr0.001-s0-ep10"]
+    att = records.load_attempts(exp)
+    print(att[["run", "start_epoch"]].to_string())
+    assert (att["start_epoch"] == 0).sum() == 1, att  # trained from scratch once
+    assert len(att) >= 2 and (att["start_epoch"].iloc[1:] >= 1).all(), att  # then from its checkpoints
 
 
 def test_tracking_server_down_during_the_pool(tmp_path, tiny_data):

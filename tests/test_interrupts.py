@@ -39,15 +39,19 @@ STOP_S = 45
 
 
 def _start(*args, log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(OODSWEEP + list(args), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+    p = subprocess.Popen(OODSWEEP + list(args), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**os.environ, **(env or {})})
+    p.log = log  # for _wait's message
+    return p
 
 
 def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 400) -> None:
     t0 = time.time()
     while not cond():
         if proc.poll() is not None:
-            raise AssertionError(f"the driver ended (rc {proc.returncode}) before {what}")
+            log = getattr(proc, "log", None)
+            tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+            raise AssertionError(f"the driver ended (rc {proc.returncode}) before {what}:\n{tail}")
         if time.time() - t0 > timeout:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"timed out waiting for {what}")

@@ -1,10 +1,13 @@
-"""Driver-side Ray Tune callbacks (imported only where Ray is installed)."""
+"""Driver-side Ray Tune callbacks (imported only where Ray is installed).
+
+They run in Tune's control loop: every MLflow call goes through the tracker's outbox (``sweeps.outbox``),
+so a slow or absent tracking server never holds up the trials."""
 from __future__ import annotations
 
 from ray import tune
 
 from .members import member_epochs, trial_member_ids, trial_name
-from .tracking import MEMBER_TAG, PARENT_TAG, STAGE_TAG, Tracker
+from .tracking import MEMBER_TAG, STAGE_TAG, Ref, Tracker
 
 
 class MlflowPoolCallback(tune.Callback):
@@ -15,26 +18,23 @@ class MlflowPoolCallback(tune.Callback):
     def __init__(self, tracker: Tracker, parent_mlflow_id: str):
         self.tracker = tracker
         self.parent_run_id = parent_mlflow_id
-        self._runs: dict[str, dict[int, str]] = {}  # trial id -> {member epoch: MLflow run id}
-        self._last_step: dict[str, int] = {}
+        self._runs: dict[str, dict[int, Ref]] = {}  # trial id -> {member epoch: its MLflow run}
+        self._last_step: dict[str, int] = {}  # (unused since the tracker skips logged steps; kept for pickles)
 
-    def _member_runs(self, trial) -> dict[int, str]:
+    def _member_runs(self, trial) -> dict[int, Ref]:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         cfg = trial.config
         runs = {}
         for ep, mid in zip(member_epochs(cfg), trial_member_ids(cfg)):
-            rid, created = self.tracker.get_or_create_run(
-                mid, {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id})
-            if created:
-                self.tracker.log_params(rid, {
-                    "arch": cfg["arch"], "lr": cfg["lr"], "seed": cfg["seed"], "epochs": ep,
-                    "batch_size": cfg["batch_size"], "run_id": trial_name(cfg), "source": cfg["source"],
-                    "targets": ",".join(cfg["targets"]), "trial_id": trial.trial_id})
-            else:  # resumed: do not log the epochs it already has a second time
-                hist = self.tracker.client.get_metric_history(rid, "epoch")
-                self._last_step[rid] = max((int(m.value) for m in hist), default=0)
-            runs[ep] = rid
+            # queued (the tracker's outbox): a resumed run is found by its tags, its params and the epochs it
+            # has are not logged twice
+            ref = self.tracker.run_ref(mid, {MEMBER_TAG: mid}, parent=self.parent_run_id)
+            self.tracker.log_params(ref, {
+                "arch": cfg["arch"], "lr": cfg["lr"], "seed": cfg["seed"], "epochs": ep,
+                "batch_size": cfg["batch_size"], "run_id": trial_name(cfg), "source": cfg["source"],
+                "targets": ",".join(cfg["targets"]), "trial_id": trial.trial_id})
+            runs[ep] = ref
         self._runs[trial.trial_id] = runs
         return runs
 
@@ -49,9 +49,8 @@ class MlflowPoolCallback(tune.Callback):
                    if k in ("train_loss", "epoch", "train_seconds", "eval_seconds")
                    or k.startswith(("id_", "ood_"))}
         for ep, rid in self._member_runs(trial).items():
-            if epoch <= ep and epoch > self._last_step.get(rid, 0):
+            if epoch <= ep:
                 self.tracker.log_metrics(rid, metrics, step=epoch)
-                self._last_step[rid] = epoch
             if epoch == ep and result.get("member_id"):
                 self.tracker.set_tags(rid, {"oodsweep.checkpoint_epoch": ep})
 
@@ -75,21 +74,17 @@ class MlflowMemberCallback(tune.Callback):
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
 
-    def _run(self, trial) -> str:
+    def _run(self, trial) -> Ref:
         if trial.trial_id not in self._runs:
             cfg = {**trial.config, **trial.config.get("member", {})}
             mid = cfg["member_id"]
-            rid, created = self.tracker.get_or_create_run(
-                f"{self.stage}-{mid}", {MEMBER_TAG: mid, PARENT_TAG: self.parent_run_id, STAGE_TAG: self.stage})
-            if created:
-                self.tracker.log_params(rid, {k: cfg[k] for k in ("member_id", "epochs", "lr", "lam", "beta",
-                                                                  "batch_size", "passes", "fit_split") if k in cfg})
-                self.tracker.log_params(rid, {"baselines": ",".join(cfg.get("baselines", [])),
-                                              "trial_id": trial.trial_id})
-            else:
-                hist = self.tracker.client.get_metric_history(rid, "epoch")
-                self._last_step[rid] = max((int(m.value) for m in hist), default=0)
-            self._runs[trial.trial_id] = rid
+            ref = self.tracker.run_ref(f"{self.stage}-{mid}", {MEMBER_TAG: mid, STAGE_TAG: self.stage},
+                                       parent=self.parent_run_id)
+            self.tracker.log_params(ref, {k: cfg[k] for k in ("member_id", "epochs", "lr", "lam", "beta",
+                                                              "batch_size", "passes", "fit_split") if k in cfg})
+            self.tracker.log_params(ref, {"baselines": ",".join(cfg.get("baselines", [])),
+                                          "trial_id": trial.trial_id})
+            self._runs[trial.trial_id] = ref
         return self._runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -98,14 +93,11 @@ class MlflowMemberCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rid = self._run(trial)
         epoch = int(result.get("epoch", 0))
-        # δ's convergence (held-out loss and Dice(μ > 0.5, ŷ) each epoch) and the maps' AUROC per site
+        # δ's convergence (held-out loss and Dice(μ > 0.5, ŷ) each epoch) and the maps' AUROC per site; a
+        # step the run has already is skipped by the tracker
         metrics = {k: v for k, v in result.items()
                    if k.startswith(("loss_", "ua_", "heldout_", "final_", "auroc_")) or k in ("epoch", "epoch_seconds")}
-        if result.get("scored"):
-            self.tracker.log_metrics(rid, metrics, step=epoch)
-        elif epoch > self._last_step.get(rid, 0):
-            self.tracker.log_metrics(rid, metrics, step=epoch)
-            self._last_step[rid] = epoch
+        self.tracker.log_metrics(rid, metrics, step=epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.end(self._run(trial), "FINISHED")

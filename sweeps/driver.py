@@ -13,10 +13,12 @@ from typing import Callable
 
 from trainables import records
 
+from . import interrupts
 from .console import command, log
 from .experiment import DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze
 from .spec import SweepSpec
-from .tracking import Tracker
+from .tracking import Tracker, finish_tracking, tracker_for
+from .user_models import check_pool_models
 
 __all__ = ["IncompleteError", "fit_until_recorded", "member_set_tag", "missing_records", "prepare_data",
            "run_analysis_stage", "run_pool_stage", "run_sweep", "run_uncertainty_stage", "tracker_for"]
@@ -60,21 +62,10 @@ def _check_sites(spec: SweepSpec, cache_dir: Path) -> None:
                             f"fix its files or remove it from the spec") from None
 
 
-def check_pool_models(spec: SweepSpec, cache_dir: Path) -> None:
-    """The pool's open architectures built and run on a dummy batch of the cache's channels and labels
-    (``sweeps.user_models.check_models``), before anything is launched."""
-    from trainables.data.cache import open_slice_cache
-
-    from .user_models import check_models
-
-    if spec.pool.models:
-        cache = open_slice_cache(cache_dir)
-        check_models(spec, int(cache.images.shape[1]), len(cache.labels))
-        log(f"open architectures checked on a dummy batch: {', '.join(spec.pool.models)}")
 
 
-def tracker_for(spec: SweepSpec) -> Tracker:
-    return Tracker(spec.tracking(), spec.name, artifact_dir=spec.experiment_dir / "mlartifacts")
+
+
 
 
 def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> None:
@@ -84,6 +75,8 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
     from . import cluster, guards
 
     cluster.connect(address, num_cpus, spec.runtime_env)
+    interrupts.reinstall()  # ray.init replaced the driver's SIGTERM handler with its own (which aborts)
+    interrupts.record_ray_session(spec.experiment_dir)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")
@@ -125,7 +118,7 @@ def fit_until_recorded(stage_dir: Path, fit: Callable[[list[str] | None], list],
     again (``fit(member ids)``). Returns the results and the failed ones."""
     from . import reconcile
 
-    results = fit(None)
+    results = fit(None)  # a Ctrl-C or SIGTERM ends here (sweeps.interrupts.Interrupted): nothing is restarted
     failed = [r for r in results if r.error is not None]
     still = gaps()
     if still and not failed:
@@ -177,7 +170,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     if retire and reconcile.retire_tune_state(exp / POOL_STAGE):
         log("pool stage: Tune's saved state set aside (pool/.superseded/); the records say what is left")
     results, errors = fit_until_recorded(
-        exp / POOL_STAGE, lambda _: build_tuner(spec, cache, tracker, parent).fit(),
+        exp / POOL_STAGE, lambda _: interrupts.tune_fit(build_tuner(spec, cache, tracker, parent)),
         lambda: reconcile.pool_gaps(spec),
         lambda still: reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"}),
         "a record")
@@ -255,8 +248,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                 "what is left")
         _, failed = fit_until_recorded(
             exp / UNCERTAINTY_STAGE,
-            lambda ids: stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints, with_baselines,
-                                          stored).fit(),
+            lambda ids: interrupts.tune_fit(stage.build_tuner(spec, cache, tracker, parent, ids or todo, checkpoints,
+                                                              with_baselines, stored)),
             lambda: reconcile.uncertainty_gaps(spec, todo), lambda still: reconcile.invalidate_uncertainty(spec, still),
             "a δ record")
         errors = _trial_errors(failed)
@@ -360,6 +353,7 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
         tracker.end(rid, "FINISHED")
         # the pool's parent run carries the analysis of its members too (small files)
         tracker.log_artifacts(tracker.stage_run("pool"), files, base=out, prefix="analysis")
+        finish_tracking(tracker)  # the last stage: what is sent is sent, what is not is counted
     return result
 
 
@@ -369,6 +363,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     Order: every check that can refuse the spec (a changed frozen spec, the cluster's address, the
     tracking store, the data) runs before the spec is frozen, so a refused first run leaves nothing
     that blocks the corrected one.
+
+    SIGINT (Ctrl-C) and SIGTERM stop it at any stage (``sweeps.interrupts``): the running trials stop with
+    their last checkpoints, nothing is restarted, the local Ray is shut down, the lock released, the
+    message says how to continue, and ``SystemExit`` carries status 130 (SIGINT) or 143 (SIGTERM).
     """
     from . import cluster, guards, reconcile
 
@@ -377,29 +375,47 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     exp.mkdir(parents=True, exist_ok=True)
     lock = driver_lock(exp)
     try:
-        frozen, changes = check_frozen(spec)
-        cluster.check_address(address)
-        cluster.check_tracking(spec.tracking())
-        cluster.check_pretrained_weights(spec)
-        log(f"experiment {exp}")
-        cache = prepare_data(spec)
-        check_pool_models(spec, cache)
-        moved_from = reconcile.relocated(spec)
-        freeze(spec, frozen, changes)
-        if moved_from:
-            log(f"this experiment ran from {moved_from} before: its paths now resolve under {exp}")
-        reconcile.record_location(spec)
-        return _run_stages(spec, cache, address, num_cpus, relocated=moved_from is not None)
+        with interrupts.handling(lock):
+            try:
+                interrupts.reap_previous_ray(exp)
+                frozen, changes = check_frozen(spec)
+                cluster.check_address(address)
+                cluster.check_tracking(spec.tracking())
+                cluster.check_pretrained_weights(spec)
+                log(f"experiment {exp}")
+                cache = prepare_data(spec)
+                check_pool_models(spec, cache)
+                moved_from = reconcile.relocated(spec)
+                freeze(spec, frozen, changes)
+                if moved_from:
+                    log(f"this experiment ran from {moved_from} before: its paths now resolve under {exp}")
+                reconcile.record_location(spec)
+                return _run_stages(spec, cache, address, num_cpus, relocated=moved_from is not None)
+            except KeyboardInterrupt as e:  # ours (sweeps.interrupts.Interrupted), or Ray's in its place
+                signum = interrupts.signal_of(e)
+                interrupts.after_interrupt(exp, signum)
+                raise SystemExit(128 + signum) from None
     finally:
         os.close(lock)
 
 
 def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int | None,
                 relocated: bool = False) -> dict:
-    t0 = time.time()
-    exp = spec.experiment_dir
     tracker = tracker_for(spec)
     log(f"MLflow tracking at {tracker.tracking_uri} (experiment {spec.name!r})")
+    try:
+        return _stages(spec, cache, tracker, address, num_cpus, relocated)
+    except KeyboardInterrupt:
+        finish_tracking(tracker, timeout=3.0)
+        raise
+    finally:
+        finish_tracking(tracker)  # the analysis stage has flushed already: returns at once
+
+
+def _stages(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None, num_cpus: int | None,
+            relocated: bool) -> dict:
+    t0 = time.time()
+    exp = spec.experiment_dir
     run_pool_stage(spec, cache, tracker, address=address, num_cpus=num_cpus, relocated=relocated)
     errors = []
     if spec.uncertainty is not None:
@@ -420,7 +436,9 @@ def _run_stages(spec: SweepSpec, cache: Path, address: str | None, num_cpus: int
     log(f"  MLflow:   {command('mlflow', 'ui', '--backend-store-uri', tracker.tracking_uri)}")
     # MLflow 3.17's UI opens on its GenAI view unless the workflow is named in the link (the experiment's
     # mlflow.experimentKind tag alone does not switch it: checked in headless Chromium)
-    log(f"            then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
+    if tracker.known_experiment_id:  # None while the store has not answered
+        log(f"            then http://127.0.0.1:5000/#/experiments/{tracker.known_experiment_id}"
+            f"?workflowType=machine_learning")
     if errors:
         raise RuntimeError(f"{len(errors)} uncertainty trial(s) failed; the other members were scored and "
                            f"analysed. Fix the cause and run `{command('oodsweep', 'resume', exp)}` to retry only those:\n  - "

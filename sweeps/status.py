@@ -76,6 +76,10 @@ def experiment_status(experiment_dir) -> dict:
     restarts = {stage: int(len(g) - g["run"].nunique()) for stage, g in attempts.groupby("stage")}
     driver = driver_running(exp)
     finished = (exp / "analysis" / "summary.json").exists()
+    from .outbox import summary, unsent
+    from .tracking import OUTBOX_FILE
+
+    waiting = unsent(exp / OUTBOX_FILE)
     return _interrupted({
         "experiment": str(exp), "name": spec.name,
         "driver": driver or ("finished" if finished else "not running"),
@@ -92,6 +96,8 @@ def experiment_status(experiment_dir) -> dict:
         "uncertainty": unc,
         "analysis": {"state": "done" if (analysis_dir / "summary.json").exists() else "pending",
                      "dir": str(analysis_dir)},
+        "mlflow_unsent": {"operations": len(waiting), "what": summary(waiting) if waiting else "",
+                          "file": str(exp / OUTBOX_FILE)},
     })
 
 
@@ -134,4 +140,8 @@ def format_status(st: dict) -> str:
             if u["state"] == "incomplete":
                 lines.append(f"            missing {name}: {why}")
     lines.append(f"  analysis  {a['state']:8s} {a['dir']}")
+    m = st.get("mlflow_unsent") or {}
+    if m.get("operations"):
+        lines.append(f"  mlflow    {m['operations']} operation(s) on {m['what']} not sent yet ({m['file']}): the "
+                     f"next `oodsweep resume` or `oodsweep analyze` sends them")
     return "\n".join(lines)

@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 from trainables.models import MODELS, ModelDefError, arch_id, is_open, normalise
 
+from .console import log
 from .spec_checks import Checker, resolve_path
-from .spec_schema import DISTRIBUTIONS, Param, SpecError
+from .spec_schema import DISTRIBUTIONS, Param, SpecError, SweepSpec
 
 RUNTIME_ENV_KEYS = {"py_modules": False, "working_dir": False, "pip": False, "env_vars": False}
 
@@ -175,3 +176,14 @@ def check_models(spec, in_channels: int, classes: int) -> None:
                             spec.data.image_size, mc_dropout=mc, mc_layer=d.get("mc_dropout_layer"))
             except ContractError as e:
                 raise SpecError(f"{where}: {e}") from None
+
+
+def check_pool_models(spec: SweepSpec, cache_dir: Path) -> None:
+    """The pool's open architectures built and run on a dummy batch of the cache's channels and labels
+    (``sweeps.user_models.check_models``), before anything is launched."""
+    from trainables.data.cache import open_slice_cache
+
+    if spec.pool.models:
+        cache = open_slice_cache(cache_dir)
+        check_models(spec, int(cache.images.shape[1]), len(cache.labels))
+        log(f"open architectures checked on a dummy batch: {', '.join(spec.pool.models)}")

@@ -37,8 +37,9 @@ _started_local = False  # set by connect(): a local Ray of our own cannot autosc
 
 # ------------------------------------------------------------------ connecting
 
-def connect(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> None:
-    """Connect to the cluster ``address`` or ``$RAY_ADDRESS`` names, else start a local Ray.
+def connect(address: str | None = None, num_cpus: int | None = None, runtime_env: dict | None = None) -> bool:
+    """Connect to the cluster ``address`` or ``$RAY_ADDRESS`` names, else start a local Ray. True when this
+    call started a local Ray of the driver's own (only that one may be shut down or reaped by the driver).
 
     ``runtime_env`` (the spec's ``runtime_env:``) becomes the job's: Ray ships the user's packages to every
     node and puts them on each task's and trial's ``sys.path``."""
@@ -51,10 +52,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
     if ray.is_initialized():
         if runtime_env:
             log("Ray was already initialised in this process: the spec's runtime_env is not applied to it")
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log(f"connecting to the Ray cluster at {address}")
+        _started_local = False
         try:
             ray.init(address=address, runtime_env=runtime_env)
         except ConnectionError as e:
@@ -66,6 +68,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, runtime_env
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                  runtime_env=runtime_env)
         _started_local = True
+    return _started_local
 
 
 ADDRESS_TIMEOUT_S = 10.0

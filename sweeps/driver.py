@@ -74,9 +74,10 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
 
     from . import cluster, guards
 
-    cluster.connect(address, num_cpus, spec.runtime_env)
+    started_local = cluster.connect(address, num_cpus, spec.runtime_env)
     interrupts.reinstall()  # ray.init replaced the driver's SIGTERM handler with its own (which aborts)
-    interrupts.record_ray_session(spec.experiment_dir)
+    if started_local:  # a cluster given by address is not ours: a later driver must never reap it
+        interrupts.record_ray_session(spec.experiment_dir)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
     hosts = cluster.node_hosts()
     cluster.check_storage(spec.experiment_dir, hosts, "storage")

@@ -191,8 +191,7 @@ def _member_records(spec: SweepSpec, row: pd.Series, cache, sets: dict, files: d
 
 def _track(spec: SweepSpec, table: pd.DataFrame, summaries: dict[str, dict]) -> None:
     """MLflow: the ``pool`` stage run, and a child run per imported member with its settings and ID/OOD scores."""
-    from .driver import tracker_for
-    from .tracking import MEMBER_TAG, PARENT_TAG
+    from .tracking import MEMBER_TAG, finish_tracking, tracker_for
 
     tracker = tracker_for(spec)
     parent = tracker.stage_run(POOL_STAGE)
@@ -200,14 +199,16 @@ def _track(spec: SweepSpec, table: pd.DataFrame, summaries: dict[str, dict]) -> 
                                 "n_runs": spec.n_runs(), "n_members": len(table), "source": spec.data.source,
                                 "targets": ",".join(spec.data.targets), "image_size": spec.data.image_size})
     for _, r in table.iterrows():
-        rid, created = tracker.get_or_create_run(r["member_id"], {MEMBER_TAG: r["member_id"], PARENT_TAG: parent})
-        if created:
-            tracker.log_params(rid, {"arch": r["arch"], "lr": r["lr"], "seed": r["seed"], "epochs": r["epochs"],
-                                     "run_id": r["run_id"], "source": spec.data.source, "imported": True,
-                                     "targets": ",".join(spec.data.targets)})
+        # queued like a trained member's run (sweeps.callbacks): found by its tags on a rerun, params already
+        # on it and metric steps it has are not logged twice
+        rid = tracker.run_ref(r["member_id"], {MEMBER_TAG: r["member_id"]}, parent=parent)
+        tracker.log_params(rid, {"arch": r["arch"], "lr": r["lr"], "seed": r["seed"], "epochs": r["epochs"],
+                                 "run_id": r["run_id"], "source": spec.data.source, "imported": True,
+                                 "targets": ",".join(spec.data.targets)})
         tracker.log_metrics(rid, summaries[r["member_id"]])
         tracker.end(rid, "FINISHED")
     tracker.end(parent, "FINISHED")
+    finish_tracking(tracker)
 
 
 def import_pool(spec: SweepSpec, track: bool = True) -> SweepSpec:

@@ -4,6 +4,7 @@ on a two-node cluster."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -55,6 +56,10 @@ def build(in_channels, classes, width=8, log=None, bad=None):
 
 
 def user_package(folder: Path) -> Path:
+    """A fresh ``labnets`` package in ``folder``; the one an earlier test of this process imported (from its
+    own temporary folder) is forgotten, so that this test's copy is the one imported."""
+    for name in [m for m in sys.modules if m == "labnets" or m.startswith("labnets.")]:
+        del sys.modules[name]
     pkg = folder / "labnets"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")

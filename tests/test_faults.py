@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ import yaml
 from conftest import OODSWEEP
 
 from trainables import records
+from sweeps.interrupts import descendants
 
 pytestmark = pytest.mark.integration
 
@@ -83,22 +83,6 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, tiny_data):
     assert att["pid"].iloc[1] != pid
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc: psutil is not a dependency)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
 
 def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
     from ray.cluster_utils import Cluster
@@ -121,7 +105,7 @@ def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
         time.sleep(1.0)
         # A lost node takes every process on it along: remove_node kills its raylet and stores, and its
         # worker processes (the trial's among them) are killed here, as a machine that goes away would
-        doomed = [d for p in worker.all_processes.get("raylet", []) for d in _descendants(p.process.pid)]
+        doomed = [d for p in worker.all_processes.get("raylet", []) for d in descendants(p.process.pid)]
         cluster.remove_node(worker, allow_graceful=False)
         for pid in doomed:
             try:

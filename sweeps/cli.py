@@ -6,7 +6,7 @@
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
     oodsweep report EXPERIMENT_DIR [--metric M]         the claims report: which of the paper's claims hold
-    oodsweep data check ROOT --layout NAME [--sites A,B]  validate a dataset folder, print a summary
+    oodsweep data check ROOT --layout NAME [--sites A,B] [--sites-from MAP]  validate a dataset folder
     oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
     oodsweep import SPEC [--members CSV] [--predictions DIR] [--records-only]
                                                         a pool trained elsewhere: its predicted masks -> records,
@@ -222,7 +222,16 @@ def _cmd_data_check(args) -> int:
     from trainables.data.check import check_dataset, format_report
 
     sites = [s for s in args.sites.split(",") if s] if args.sites else None
-    report = check_dataset(args.root, args.layout, sites=sites, progress=True)
+    options = {"sites_from": args.sites_from, "channels": args.channels and args.channels.split(","),
+               "labels": args.labels and args.labels.split(",")}
+    if args.label_values:
+        try:
+            options["label_values"] = {k: int(v) for k, v in (kv.split("=") for kv in args.label_values.split(","))}
+        except ValueError:
+            raise DataError(f"--label-values {args.label_values!r}: expected NAME=VALUE[,NAME=VALUE], e.g. "
+                            "lesion=255") from None
+    report = check_dataset(args.root, args.layout, sites=sites, progress=True,
+                           options={k: v for k, v in options.items() if v})
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -311,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("root", help="the dataset folder")
     q.add_argument("--layout", required=True, help="dataset layout: " + ", ".join(_layouts()))
     q.add_argument("--sites", help="comma-separated sites to check (default: every site found)")
+    q.add_argument("--sites-from", help="nnunet, decathlon, folder2d: a site map (CSV case_id,site[,split] or a "
+                                        "datalist JSON), as data.sites_from")
+    q.add_argument("--channels", help="nnunet, decathlon: comma-separated channel names to read, as data.channels")
+    q.add_argument("--labels", help="configured layouts: comma-separated label names, as data.labels")
+    q.add_argument("--label-values", help="folder2d: NAME=VALUE[,NAME=VALUE] mask values, as data.label_values")
     q.set_defaults(func=_cmd_data_check)
     q = dsub.add_parser("prepare", help="build (or find) the slice cache a spec's sweep will read")
     q.add_argument("spec", help="sweep spec YAML")

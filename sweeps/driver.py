@@ -39,7 +39,8 @@ def prepare_data(spec: SweepSpec, progress: bool = True) -> Path:
     cache = build_slice_cache(d.layout, d.root, [d.source, *d.targets], d.image_size, spec.cache_root,
                               split_seed=d.split_seed, test_fraction=d.test_fraction,
                               skip_bad_cases=d.skip_bad_cases, progress=progress,
-                              site_sources=d.site_sources(), labels=d.labels, window=d.window, split=d.split)
+                              site_sources=d.site_sources(), labels=d.labels, window=d.window, split=d.split,
+                              layout_options=d.layout_options)
     log(f"slice cache {cache} ({time.time() - t:.1f}s)")
     _check_sites(spec, cache)
     return cache

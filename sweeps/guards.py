@@ -151,7 +151,7 @@ def data_size(spec: SweepSpec):
     if d.synthetic is not None:
         return DataSize({s: d.synthetic.cases_per_site * d.synthetic.shape[2] for s in sites}, 1, 1)
     try:
-        return sized(d.layout, d.root, sites, d.site_sources(), d.labels)
+        return sized(d.layout, d.root, sites, d.site_sources(), d.labels, d.layout_options)
     except (DataError, OSError):
         return None
 
@@ -338,7 +338,8 @@ def _cache_exists(spec: SweepSpec) -> bool:
     d = spec.data
     try:
         key, _ = cache_key(d.layout, d.root, [d.source, *d.targets], d.image_size, d.split_seed, d.test_fraction,
-                           site_sources=d.site_sources(), labels=d.labels, window=d.window, split=d.split)
+                           site_sources=d.site_sources(), labels=d.labels, window=d.window, split=d.split,
+                           layout_options=d.layout_options)
     except (ValueError, OSError):
         return False
     return (spec.cache_root / key / "manifest.json").is_file()

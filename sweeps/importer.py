@@ -235,7 +235,7 @@ def import_pool(spec: SweepSpec, track: bool = True) -> SweepSpec:
                         f"brings one mask per case: choose one (data.lesions: [{cache.labels[0]}])")
     d = spec.data
     sites = [d.source, *d.targets]
-    found, _ = scan_sources(resolve_sources(d.layout, d.root, sites, d.site_sources()))
+    found, _ = scan_sources(resolve_sources(d.layout, d.root, sites, d.site_sources()), d.layout_options)
     case_files = {(cf.site, cf.case_id): cf for cf in found}
     dataset_cases = {s: {c for (site, c) in case_files if site == s} for s in sites}
     slices_of = {k: g.index.to_numpy() for k, g in cache.index.groupby(["site", "case_id"], sort=False)}

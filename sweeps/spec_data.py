@@ -7,6 +7,9 @@ from typing import Any
 from .spec_checks import Checker, resolve_path
 from .spec_schema import LAYOUT_REGISTRY, LAYOUTS, SPLITS, DataSpec, SyntheticSpec, default
 
+#: The options of the configured layouts (``trainables.data.layouts.CONFIGURED``), as spec keys.
+LAYOUT_KEYS = ("sites_from", "channels", "labels", "label_values", "pixel_spacing")
+
 
 def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
     """Validate the ``data:`` mapping. Relative paths resolve against ``base``. ``data.image_size`` is checked
@@ -16,7 +19,7 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
                                       "val_fraction": False,
                                       "target_split": False, "cache_dir": False, "skip_bad_cases": False,
                                       "synthetic": False, "sites": False, "lesions": False, "window": False,
-                                      "split": False})
+                                      "split": False, **{k: False for k in LAYOUT_KEYS}})
     source = d["source"]
     if not isinstance(source, str) or not source:
         raise c.fail("data.source", f"expected a site name, got {source!r}")
@@ -103,7 +106,7 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
     window = None
     if d.get("window") is not None:
         w = d["window"]
-        if modality != "ct":
+        if modality != "ct" and not options_layouts(lays):  # a configured layout's CT channels are windowed
             raise c.fail("data.window", f"is a CT window (HU) and applies to the CT layouts (lits, flare) only, not "
                                         f"{sorted(lays)}")
         if not (isinstance(w, list) and len(w) == 2):
@@ -111,6 +114,7 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
         window = (c.number(w[0], "data.window[0]"), c.number(w[1], "data.window[1]"))
         if not window[0] < window[1]:
             raise c.fail("data.window", f"low must be < high, got {list(w)}")
+    options = parse_layout_options(c, d, lays, base)
     image_size = c.number(d.get("image_size", 64), "data.image_size", integer=True, positive=True)
     return DataSpec(
         layout=layout, root=root, source=source, targets=tuple(targets), image_size=image_size,
@@ -124,4 +128,51 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
         cache_dir=resolve_path(d["cache_dir"], base) if d.get("cache_dir") else None,
         skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic,
         sites=tuple(site_entries), labels=labels, window=window,
-        split=c.choice(d.get("split", "dataset"), "data.split", SPLITS))
+        split=c.choice(d.get("split", "dataset"), "data.split", SPLITS), layout_options=options)
+
+
+def options_layouts(lays: set[str]) -> list[str]:
+    """The configured layouts among ``lays`` (those that take ``data.sites_from``, ``data.labels`` ...)."""
+    from trainables.data.layouts import CONFIGURED
+
+    return sorted(lay for lay in lays if lay in CONFIGURED)
+
+
+def parse_layout_options(c: Checker, d: dict, lays: set[str], base: Path) -> dict | None:
+    """``data.sites_from``, ``channels``, ``labels``, ``label_values``, ``pixel_spacing``: their types here; their
+    names against the dataset (dataset.json) when the data is read (``oodsweep data check`` / ``data prepare``)."""
+    from trainables.data.layouts import CONFIGURED
+
+    given = {k: d[k] for k in LAYOUT_KEYS if d.get(k) is not None}
+    if not given:
+        return None
+    for k in given:
+        takes = sorted(lay for lay in lays if k in CONFIGURED.get(lay, ()))
+        if not takes:
+            which = sorted(lay for lay, keys in CONFIGURED.items() if k in keys)
+            raise c.fail(f"data.{k}", f"applies to the layouts {which}, not {sorted(lays)}; remove it")
+    if "sites_from" in given:
+        path = resolve_path(given["sites_from"], base)
+        if not path.is_file():
+            raise c.fail("data.sites_from", f"file {path} does not exist; point it at a CSV (case_id, site, split) or "
+                                            "a datalist JSON")
+        given["sites_from"] = str(path)
+    if "channels" in given:
+        ch = [given["channels"]] if isinstance(given["channels"], str) else given["channels"]
+        if not isinstance(ch, list) or not ch or not all(isinstance(x, str) for x in ch):
+            raise c.fail("data.channels", f"expected a list of channel names (dataset.json), got {given['channels']!r}")
+        given["channels"] = ch
+    if "labels" in given:
+        lab = given["labels"]
+        ok = isinstance(lab, (str, list, dict)) and lab and all(
+            isinstance(x, str) or (isinstance(x, dict) and len(x) == 1) for x in (lab if isinstance(lab, list) else [lab]))
+        if not ok:
+            raise c.fail("data.labels", f"expected label names and {{name: [labels]}} unions, got {lab!r}")
+    if "label_values" in given and not isinstance(given["label_values"], dict):
+        raise c.fail("data.label_values", f"expected {{name: value}}, e.g. {{lesion: 255}}, got {given['label_values']!r}")
+    if "pixel_spacing" in given:
+        sp = given["pixel_spacing"]
+        sp = sp if isinstance(sp, list) else [sp]
+        for i, x in enumerate(sp):
+            c.number(x, f"data.pixel_spacing[{i}]" if len(sp) > 1 else "data.pixel_spacing", positive=True)
+    return given

@@ -102,6 +102,9 @@ class DataSpec:
     window: tuple[float, float] | None = None
     #: "dataset" (the release's own split where it has one, else 80/20 by case) or "random"
     split: str = "dataset"
+    #: options of the configured layouts (nnunet, decathlon, folder2d): ``sites_from`` (an absolute path),
+    #: ``channels``, ``labels``, ``label_values``, ``pixel_spacing``; None when the spec sets none
+    layout_options: dict | None = None
 
     def site_sources(self) -> dict[str, tuple[str, Path]]:
         """Site -> (layout, root) for the sites listed under ``data.sites``."""

@@ -58,6 +58,8 @@ class CaseFiles:
             the release has none (the cache then splits 80/20 by case).
         lesion_masks: multi-label layouts: ``(label name, file)`` per label, in the layout's
             label order; a None file means the label is absent from this image.
+        channels: layouts with one file per image channel (``nnunet``): the files of the
+            channels after the first (``image``), in channel order.
     """
 
     site: str
@@ -66,11 +68,12 @@ class CaseFiles:
     mask: Path | None
     split: str | None = None
     lesion_masks: tuple[tuple[str, Path | None], ...] = ()
+    channels: tuple[Path, ...] = ()
 
     def paths(self) -> list[Path]:
         """Every existing file of the case (image first)."""
         out = [Path(self.image)] + ([Path(self.mask)] if self.mask is not None else [])
-        return out + [Path(p) for _, p in self.lesion_masks if p is not None]
+        return out + [Path(p) for _, p in self.lesion_masks if p is not None] + [Path(p) for p in self.channels]
 
 
 @dataclass
@@ -90,6 +93,9 @@ class Case:
         labels: names of the mask channels, in order.
         label_values: the label values found in the mask file(s) before binarising.
         warnings: problems that did not stop the case (each names the file).
+        channel_norms: the own-data layouts: how the cache scales each image channel to [0, 1]
+            (``"percentile"``: the channel's 0.5/99.5 percentiles over the volume; ``"window"``: the
+            CT window; ``"range255"``: 0..255); None: the layout's modality decides, as before.
     """
 
     site: str
@@ -102,6 +108,7 @@ class Case:
     labels: tuple[str, ...] = ("foreground",)
     label_values: tuple[int, ...] = ()
     warnings: tuple[str, ...] = ()
+    channel_norms: tuple[str, ...] | None = None
 
 
 @runtime_checkable

@@ -43,7 +43,10 @@ import numpy as np
 import pandas as pd
 
 from .base import CaseFiles, DataError, summarize_problems
-from .layouts import get_layout
+from .channels import scale_channels
+from .labelmap import cache_label_kind
+from .layouts import CONFIGURED, configured_ident, get_layout, site_layout
+from .progress import Progress
 
 CACHE_VERSION = 2
 #: The liver window (HU) CT volumes are clipped to unless the spec gives another.
@@ -168,10 +171,12 @@ def resolve_sources(layout: str, root: str | os.PathLike | None, sites: Sequence
     return out
 
 
-def _labels_for(sources: Mapping[str, SiteSource], labels: Sequence[str] | None) -> tuple[str, tuple[str, ...],
-                                                                                       tuple[int, ...]]:
+def _labels_for(sources: Mapping[str, SiteSource], labels: Sequence[str] | None,
+                options: Mapping | None = None) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
     """(modality, the layouts' label names, indices of the chosen labels); all sites must agree."""
-    lays = {site: get_layout(lay) for site, (lay, _) in sources.items()}
+    if options and not any(lay in CONFIGURED for lay, _ in sources.values()):
+        raise DataError(f"data.{sorted(options)[0]} applies to the layouts {sorted(CONFIGURED)} only; remove it")
+    lays = {site: site_layout(lay, r, options) for site, (lay, r) in sources.items()}
     modalities = {lay.modality for lay in lays.values()}
     names = {tuple(lay.labels) for lay in lays.values()}
     if len(modalities) > 1 or len(names) > 1:
@@ -187,7 +192,8 @@ def _labels_for(sources: Mapping[str, SiteSource], labels: Sequence[str] | None)
     return next(iter(modalities)), all_labels, tuple(all_labels.index(x) for x in labels)
 
 
-def scan_sources(sources: Mapping[str, SiteSource]) -> tuple[list[CaseFiles], list[dict]]:
+def scan_sources(sources: Mapping[str, SiteSource],
+                 options: Mapping | None = None) -> tuple[list[CaseFiles], list[dict]]:
     """Every site's well-paired cases, and the pairing problems as skipped entries (site, case_id, reason)."""
     cases, problems = [], []
     for site, (lay, root) in sources.items():
@@ -195,7 +201,7 @@ def scan_sources(sources: Mapping[str, SiteSource]) -> tuple[list[CaseFiles], li
             raise DataError(f"data root {root} of site {site!r} does not exist; set data.root (or data.sites."
                             f"{site}.root, or the environment variable the spec names) to the folder holding "
                             f"the {lay} data")
-        found, probs = get_layout(lay).scan_cases(root, site)
+        found, probs = site_layout(lay, root, options).scan_cases(root, site)
         cases += found
         # a pairing problem has no case yet: its entry names the file the message starts with
         problems += [{"site": site, "case_id": Path(p.split(": ")[0]).name, "reason": p} for p in probs]
@@ -205,12 +211,13 @@ def scan_sources(sources: Mapping[str, SiteSource]) -> tuple[list[CaseFiles], li
 def cache_key(layout: str, root: Path | None, sites: Sequence[str], image_size: int, split_seed: int,
               test_fraction: float, *, site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None,
               labels: Sequence[str] | None = None, window: tuple[float, float] | None = None,
-              split: str = "dataset", cases: Sequence[CaseFiles] | None = None) -> tuple[str, dict]:
+              split: str = "dataset", cases: Sequence[CaseFiles] | None = None,
+              layout_options: Mapping | None = None) -> tuple[str, dict]:
     """The cache folder name and the identity it hashes (see the module docstring)."""
     sources = resolve_sources(layout, root, sites, site_sources)
-    modality, all_labels, chosen = _labels_for(sources, labels)
+    modality, all_labels, chosen = _labels_for(sources, labels, layout_options)
     if cases is None:
-        cases, _ = scan_sources(sources)
+        cases, _ = scan_sources(sources, layout_options)
     layouts = sorted({lay for lay, _ in sources.values()})
     ident = {"version": CACHE_VERSION, "layout": layouts[0] if len(layouts) == 1 else layouts,
              "sites": list(sites), "sources": {s: lay for s, (lay, _) in sources.items()},
@@ -218,28 +225,10 @@ def cache_key(layout: str, root: Path | None, sites: Sequence[str], image_size: 
              "split": split, "modality": modality, "labels": [all_labels[i] for i in chosen],
              "window": list(window or DEFAULT_CT_WINDOW) if modality == "ct" else None,
              "files": _file_fingerprint(cases, {s: r for s, (_, r) in sources.items()})}
+    if any(lay in CONFIGURED for lay, _ in sources.values()):  # only these: the fixed layouts' keys stay as they were
+        ident.update(configured_ident(sources, layout_options))
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{'+'.join(layouts)}-{image_size}-{key}", ident
-
-
-class _Progress:
-    """A one-line progress bar on stderr (redrawn on a terminal; every 10% otherwise)."""
-
-    def __init__(self, total: int, enabled: bool, what: str = "slice cache") -> None:
-        self.total, self.enabled, self.what = total, enabled, what
-        self.tty, self.t0, self.step = sys.stderr.isatty(), time.time(), max(1, total // 10)
-
-    def update(self, done: int, slices: int) -> None:
-        if not self.enabled or not (self.tty or done % self.step == 0 or done == self.total):
-            return
-        filled = int(30 * done / max(self.total, 1))
-        line = (f"[oodsweep] {self.what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} cases, "
-                f"{slices} slices, {time.time() - self.t0:.0f}s")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
 
 
 def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequence[str], image_size: int,
@@ -247,7 +236,7 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
                       skip_bad_cases: bool = False, progress: bool = True, *,
                       site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None,
                       labels: Sequence[str] | None = None, window: tuple[float, float] | None = None,
-                      split: str = "dataset") -> Path:
+                      split: str = "dataset", layout_options: Mapping | None = None) -> Path:
     """Build (or find) the slice cache of ``sites``; return its folder.
 
     Args:
@@ -262,6 +251,8 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
         labels: the label channels to keep (fundus: a subset of MA, HE, EX, SE); None keeps all.
         window: CT window in HU (default :data:`DEFAULT_CT_WINDOW`).
         split: ``"dataset"`` (the release's own split where it has one) or ``"random"``.
+        layout_options: the spec's options of the configured layouts (``sites_from``, ``channels``,
+            ``labels``, ``label_values``, ``pixel_spacing``).
 
     Every case is checked before anything is kept; all problems are reported together in one
     ``DataError`` (or, with ``skip_bad_cases``, skipped with a warning and listed in the manifest).
@@ -274,28 +265,38 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
             raise DataError(f"data root {r} does not exist; set data.root in the spec (or the environment "
                             f"variable it names) to the folder holding the {lay} sites")
     cache_root = Path(cache_root).expanduser().resolve()
-    modality, _, chosen = _labels_for(sources, labels)
-    cases, problems = scan_sources(sources)
+    modality, _, chosen = _labels_for(sources, labels, layout_options)
+    lays = {s: site_layout(lay, r, layout_options) for s, (lay, r) in sources.items()}
+    cases, problems = scan_sources(sources, layout_options)
     key, ident = cache_key(layout, root, sites, image_size, split_seed, test_fraction, site_sources=site_sources,
-                           labels=labels, window=window, split=split, cases=cases)
+                           labels=labels, window=window, split=split, cases=cases, layout_options=layout_options)
     final = cache_root / key
     if (final / "manifest.json").exists():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".build-{key}-"))
     try:
-        chunks, rows, skipped, warnings = [], [], list(problems), []
+        chunks, rows, skipped, warnings, n_channels = [], [], list(problems), [], 0
         case_split: dict[tuple[str, str], str | None] = {}
-        bar = _Progress(len(cases), progress)
+        bar = Progress(len(cases), progress)
         for i, cf in enumerate(cases):
             try:
-                case = get_layout(sources[cf.site][0]).load_case(cf)
+                case = lays[cf.site].load_case(cf)
             except DataError as e:
                 skipped.append({"site": cf.site, "case_id": cf.case_id, "reason": str(e)})
                 continue
             warnings += list(case.warnings)
             mask = case.mask if case.mask.ndim == 3 else case.mask[..., list(chosen)]
-            img, msk = preprocess_case(case.image, mask, modality, image_size, window)
+            if case.channel_norms is None:
+                img, msk = preprocess_case(case.image, mask, modality, image_size, window)
+            else:  # the configured layouts: each channel scaled on its own (trainables.data.channels)
+                img = scale_channels(case.image, case.channel_norms, image_size, window or DEFAULT_CT_WINDOW,
+                                     anti_aliasing=modality == "image", slab=SLAB)
+                msk = resize_masks(mask, image_size)
+                if chunks and img.shape[1] != n_channels:
+                    raise DataError(f"{case.image_path}: {img.shape[1]} image channel(s), but the cases before it "
+                                    f"have {n_channels}; convert it (e.g. to RGB or grayscale like the others)")
+                n_channels = img.shape[1]
             del case, mask
             np.save(tmp / f"chunk{i:05d}_img.npy", img)
             np.save(tmp / f"chunk{i:05d}_msk.npy", msk)
@@ -351,6 +352,7 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
                     "counts": {f"{s}/{sp}": {"cases": int(r.cases), "slices": int(r.slices)}
                                for (s, sp), r in counts.iterrows()},
                     "content_sha256": _combine(hi, hm), "skipped": skipped, "warnings": warnings,
+                    "label_kind": cache_label_kind(list(lays.values()), len(ident["labels"])),
                     "created": time.time()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         try:

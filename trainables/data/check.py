@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import DataError, summarize_problems
-from .layouts import get_layout
+from .layouts import CONFIGURED, get_layout
 
 __all__ = ["SiteReport", "CheckReport", "check_dataset", "format_report"]
 
@@ -53,6 +53,7 @@ class CheckReport:
     sites: list[SiteReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    description: str = ""  # configured layouts: channels, labels, label kind
 
     @property
     def ok(self) -> bool:
@@ -60,7 +61,7 @@ class CheckReport:
 
 
 def check_dataset(root: str | Path, layout: str, sites: Sequence[str] | None = None,
-                  progress: bool = False) -> CheckReport:
+                  progress: bool = False, options: dict | None = None) -> CheckReport:
     """Reads every case of ``sites`` (default: every site found) and collects every problem.
 
     Args:
@@ -68,13 +69,23 @@ def check_dataset(root: str | Path, layout: str, sites: Sequence[str] | None = N
         layout: registry name of its layout.
         sites: the sites to check; None checks every site the layout finds under ``root``.
         progress: print one line per site to stderr.
+        options: the configured layouts' options (``sites_from``, ``channels``, ``labels``, ...), as in a spec.
 
     Returns:
         The report; never raises on bad data (an unknown layout is a ValueError).
+        A configured layout's report also names its channels, labels and ``label_kind``.
     """
-    lay = get_layout(layout)
     root = Path(root).expanduser()
     report = CheckReport(root=root, layout=layout)
+    try:  # a configured layout reads its dataset description (and site map) here
+        lay = get_layout(layout, root if layout in CONFIGURED else None, options)
+    except DataError as e:
+        report.errors.append(str(e))
+        return report
+    if hasattr(lay, "channels") or hasattr(lay, "label_values"):
+        chans = list(getattr(lay, "channel_names", ())) or "1 (grayscale) or 3 (colour), from the files"
+        report.description = (f"channels: {chans}; labels: {list(lay.labels)} ({lay.label_kind}, values "
+                              f"{[list(v) or '> 0' for _, v in lay.channels]})")
     if sites is None:
         try:
             sites = lay.sites(root)
@@ -132,6 +143,8 @@ def _range(values: Sequence[float]) -> str:
 def format_report(report: CheckReport) -> str:
     """The report as the text ``oodsweep data check`` prints."""
     out = [f"dataset {report.root} (layout {report.layout})"]
+    if report.description:
+        out.append(f"  {report.description}")
     for rep in report.sites:
         out.append(f"  site {rep.site}: {rep.cases} cases, {rep.slices} slices"
                    + (f", own split {dict(sorted(rep.splits.items()))}" if rep.splits else ""))

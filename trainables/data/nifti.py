@@ -15,8 +15,9 @@ from .base import Case, CaseFiles, DataError, check_pair, file_problem, label_va
 __all__ = ["read_nifti", "nifti_affine", "check_orientation", "load_volume_case"]
 
 
-def read_nifti(path: Path, dtype: type | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reads a 3D NIfTI volume.
+def read_nifti(path: Path, dtype: type | None = None,
+               channels_last: bool = False) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reads a 3D NIfTI volume (or, with ``channels_last``, a 4D one whose 4th axis holds channels).
 
     Any failure of nibabel (missing file, truncated gzip, not NIfTI, corrupt header or
     data) becomes a :class:`DataError` naming the file. Trailing singleton axes beyond the
@@ -26,6 +27,8 @@ def read_nifti(path: Path, dtype: type | None = None) -> tuple[np.ndarray, tuple
         path: the ``.nii`` or ``.nii.gz`` file.
         dtype: read straight into this dtype (nibabel scales in it: no float64 detour, which
             matters for the 0.5-1 GB volumes of LiTS); None keeps the stored type.
+        channels_last: accept ``H x W x D x C`` (the Medical Segmentation Decathlon's multi-channel
+            images); a 3D file is then returned as ``H x W x D x 1``.
 
     Returns:
         ``(array, spacing)``: the data as stored (scaling applied, dtype float32 when the
@@ -46,7 +49,7 @@ def read_nifti(path: Path, dtype: type | None = None) -> tuple[np.ndarray, tuple
         # reading the array is where a truncated or corrupt gzip fails (EOFError,
         # zlib.error, OSError, ValueError ... depending on where it is cut): catch broadly
         shape = tuple(img.shape)
-        if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+        if len(shape) > 3 and any(s != 1 for s in shape[3 + int(channels_last):]):
             raise _NotVolume(shape)
         data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
         zooms = tuple(float(z) for z in img.header.get_zooms())
@@ -58,12 +61,15 @@ def read_nifti(path: Path, dtype: type | None = None) -> tuple[np.ndarray, tuple
             "missing, truncated, corrupt or not NIfTI; re-download or re-extract it, or "
             "remove the case."
         ) from exc
-    if data is not None:
+    if data is not None and channels_last:
+        data = data.reshape(data.shape[:3] + (-1,)) if data.ndim >= 3 else data
+    elif data is not None:
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
-    if data is None or data.ndim != 3:
+    if data is None or data.ndim != 3 + int(channels_last):
+        want = "3D or 4D volume (H x W x D x channels)" if channels_last else "3D volume (H x W x D)"
         raise DataError(
-            f"{path}: expected a 3D volume (H x W x D), got shape {tuple(img.shape)}. "
+            f"{path}: expected a {want}, got shape {tuple(img.shape)}. "
             "Split 4D series into one 3D volume per file, or remove the case."
         )
     if np.issubdtype(data.dtype, np.floating) and data.dtype != np.float32:

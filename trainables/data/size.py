@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .base import DataError
-from .layouts import get_layout
+from .layouts import site_layout
 
 __all__ = ["DataSize", "data_size"]
 
@@ -42,7 +42,7 @@ def _depth(path: Path) -> int:
 
 def data_size(layout: str, root: str | os.PathLike | None, sites: Sequence[str],
               site_sources: Mapping[str, tuple[str, str | os.PathLike]] | None = None,
-              labels: Sequence[str] | None = None) -> DataSize:
+              labels: Sequence[str] | None = None, layout_options: Mapping | None = None) -> DataSize:
     """Slices per site of the well-paired cases of ``sites`` (bad cases counted as good: an upper bound).
 
     Raises:
@@ -55,11 +55,15 @@ def data_size(layout: str, root: str | os.PathLike | None, sites: Sequence[str],
         lay_name, r = (site_sources or {}).get(site, (layout, root))
         if r is None:
             raise DataError(f"site {site!r} has no data root")
-        lay = get_layout(lay_name)
+        lay = site_layout(lay_name, Path(r).expanduser(), layout_options)
         cases, _ = lay.scan_cases(Path(r).expanduser(), site)
         if lay.modality == "fundus":  # one photograph per case, RGB
             slices[site], img_ch = len(cases), 3
             mask_ch = len(labels) if labels else len(lay.labels)
+        elif lay.modality == "image":  # folder2d: one image per case, RGB at most (an upper bound)
+            slices[site], img_ch, mask_ch = len(cases), 3, len(lay.labels)
         else:
+            if hasattr(lay, "channel_names"):  # nnunet, decathlon
+                img_ch, mask_ch = len(lay.channel_names), len(lay.labels)
             slices[site] = sum(_depth(cf.image) for cf in cases)
     return DataSize(slices=slices, image_channels=img_ch, mask_channels=mask_ch)

@@ -151,11 +151,10 @@ def parse_layout_options(c: Checker, d: dict, lays: set[str], base: Path) -> dic
         if not takes:
             which = sorted(lay for lay, keys in CONFIGURED.items() if k in keys)
             raise c.fail(f"data.{k}", f"applies to the layouts {which}, not {sorted(lays)}; remove it")
-    if "sites_from" in given:
+    if "sites_from" in given:  # read (and its rows checked against the cases) when the data is prepared
         path = resolve_path(given["sites_from"], base)
-        if not path.is_file():
-            raise c.fail("data.sites_from", f"file {path} does not exist; point it at a CSV (case_id, site, split) or "
-                                            "a datalist JSON")
+        if path.suffix.lower() not in (".csv", ".json"):
+            raise c.fail("data.sites_from", f"{path} is neither a .csv (case_id, site, split) nor a .json datalist")
         given["sites_from"] = str(path)
     if "channels" in given:
         ch = [given["channels"]] if isinstance(given["channels"], str) else given["channels"]

@@ -312,3 +312,32 @@ def test_folder2d_bad_inputs(tmp_path):
 def test_options_for_fixed_layout_refused():
     with pytest.raises(DataError, match=r"data.labels applies to the layouts .*not prostate_multisite"):
         get_layout("prostate_multisite", None, {"labels": ["PZ"]})
+
+
+# ------------------------------------------------------------------------------------------------ spec
+
+def _spec(tmp_path, **data):
+    from sweeps.spec import parse_spec
+
+    raw = {"name": "own", "data": {"source": "A", "targets": ["B"], **data},
+           "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"grid": [1]}}}
+    return parse_spec(raw, where="test", base_dir=tmp_path, env={})
+
+
+def test_spec_layout_options(tmp_path):
+    from sweeps.spec import SpecError
+
+    ds = write_nnunet(tmp_path)
+    spec = _spec(tmp_path, layout="nnunet", root=str(ds), sites_from="cases.csv", channels="ADC",
+                 labels=["PZ", {"whole": ["PZ", "TZ"]}], window=[-100, 200])
+    assert spec.data.layout_options == {"sites_from": str(tmp_path / "cases.csv"), "channels": ["ADC"],
+                                        "labels": ["PZ", {"whole": ["PZ", "TZ"]}]}
+    assert _spec(tmp_path, layout="nnunet", root=str(ds)).data.layout_options is None
+    with pytest.raises(SpecError, match=r"data.label_values.*applies to the layouts \['folder2d'\], not \['nnunet'\]"):
+        _spec(tmp_path, layout="nnunet", root=str(ds), label_values={"lesion": 255})
+    with pytest.raises(SpecError, match=r"data.sites_from.*applies to the layouts .*not \['prostate_multisite'\]"):
+        _spec(tmp_path, layout="prostate_multisite", root=str(ds), sites_from="cases.csv")
+    with pytest.raises(SpecError, match=r"data.labels.*expected label names"):
+        _spec(tmp_path, layout="nnunet", root=str(ds), labels=[1, 2])
+    with pytest.raises(SpecError, match=r"data.pixel_spacing"):
+        _spec(tmp_path, layout="folder2d", root=str(ds), pixel_spacing=-1)

@@ -117,6 +117,9 @@ def _read_datalist(path: Path) -> dict:
 def read_site_map(path: str | Path) -> SiteMap:
     """Reads a site map (``.csv`` or a ``.json`` datalist); DataError naming the file, row and fix on bad input."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise DataError(f"data.sites_from: file {path} does not exist; point it at the site map (a CSV with the "
+                        "columns case_id, site[, split], or a datalist JSON), relative to the spec's folder")
     bad = file_problem(path)
     if bad:
         raise DataError(f"data.sites_from: {bad}")

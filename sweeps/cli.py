@@ -249,7 +249,7 @@ def _cmd_data_prepare(args) -> int:
     m = cache.manifest
     print(f"[oodsweep] slice cache ready: {cache.path}")
     print(f"  {m['n_slices']} slices of {spec.data.image_size}x{spec.data.image_size}, modality {m['modality']}, "
-          f"labels {cache.labels}")
+          f"{cache.images.shape[1]} image channel(s), labels {cache.labels} ({m.get('label_kind', 'exclusive')})")
     for k, v in m["counts"].items():
         print(f"  {k}: {v['cases']} cases, {v['slices']} slices")
     for site, how in m.get("split_source", {}).items():

@@ -163,12 +163,14 @@ def parse_layout_options(c: Checker, d: dict, lays: set[str], base: Path) -> dic
         given["channels"] = ch
     if "labels" in given:
         lab = given["labels"]
+        items = lab if isinstance(lab, list) else [lab]
         ok = isinstance(lab, (str, list, dict)) and lab and all(
-            isinstance(x, str) or (isinstance(x, dict) and len(x) == 1) for x in (lab if isinstance(lab, list) else [lab]))
+            isinstance(x, str) or (isinstance(x, dict) and len(x) == 1) for x in items)
         if not ok:
             raise c.fail("data.labels", f"expected label names and {{name: [labels]}} unions, got {lab!r}")
     if "label_values" in given and not isinstance(given["label_values"], dict):
-        raise c.fail("data.label_values", f"expected {{name: value}}, e.g. {{lesion: 255}}, got {given['label_values']!r}")
+        raise c.fail("data.label_values", f"expected {{name: value}}, e.g. {{lesion: 255}}, "
+                                          f"got {given['label_values']!r}")
     if "pixel_spacing" in given:
         sp = given["pixel_spacing"]
         sp = sp if isinstance(sp, list) else [sp]

@@ -341,3 +341,47 @@ def test_spec_layout_options(tmp_path):
         _spec(tmp_path, layout="nnunet", root=str(ds), labels=[1, 2])
     with pytest.raises(SpecError, match=r"data.pixel_spacing"):
         _spec(tmp_path, layout="folder2d", root=str(ds), pixel_spacing=-1)
+
+
+# ------------------------------------------------------------------------------------------------ more
+
+def test_fundus_cache_is_overlapping(tmp_path):
+    from test_datasets import write_fgadr
+
+    write_fgadr(tmp_path / "fg", n=3)
+    path = build_slice_cache("fgadr", tmp_path / "fg", ["FGADR"], 8, tmp_path / "c", progress=False)
+    m = open_slice_cache(path).manifest
+    assert m["labels"] == ["MA", "HE", "EX", "SE"] and m["label_kind"] == "overlapping"
+
+
+def test_folder2d_with_site_map_and_gray(tmp_path):
+    root = write_folder2d(tmp_path / "f", sites=("all",), n=4)
+    flat = tmp_path / "flat"
+    (root / "all").rename(flat)
+    (tmp_path / "map.csv").write_text("case_id,site,split\nimg0,X,train\nimg1,X,test\nimg2,Y,\nimg3,Y,\n")
+    lay = get_layout("folder2d", flat, {"sites_from": str(tmp_path / "map.csv")})
+    assert lay.sites(flat) == ["X", "Y"]
+    assert [(c.case_id, c.split) for c in lay.list_cases(flat, "X")] == [("img0", "train"), ("img1", "test")]
+    case = lay.load_case(lay.list_cases(flat, "Y")[0])
+    assert case.image.shape == (16, 20, 1) and case.channel_norms == ("range255",)
+
+
+def test_folder2d_mixed_channels_refused(tmp_path):
+    root = write_folder2d(tmp_path / "f", sites=("S1",), n=2)
+    Image.fromarray(np.full((16, 20, 3), 7, np.uint8) + np.arange(20, dtype=np.uint8)[None, :, None]).save(
+        root / "S1" / "images" / "img1.png")
+    with pytest.raises(DataError, match=r"img1.png: 3 image channel\(s\), but the cases before it have 1"):
+        build_slice_cache("folder2d", root, ["S1"], 8, tmp_path / "c", progress=False)
+
+
+def test_check_report_names_channels_and_labels(tmp_path):
+    from trainables.data.check import format_report
+
+    ds = write_nnunet(tmp_path, regions=True)
+    report = check_dataset(ds, "nnunet", options=OPTS(tmp_path))
+    text = format_report(report)
+    assert report.ok, text
+    assert "channels: ['T2', 'ADC']; labels: ['PZ', 'TZ', 'whole'] (overlapping" in text
+    assert "site A: 3 cases" in text and "site B: 3 cases" in text
+    bad = check_dataset(ds, "nnunet", options={"sites_from": str(tmp_path / "nope.csv")})
+    assert not bad.ok and "nope.csv does not exist" in bad.errors[0]

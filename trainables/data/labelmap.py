@@ -66,7 +66,8 @@ def select_labels(available: dict[str, tuple[int, ...]], selection, where: str,
             name, parts = item
             parts = [parts] if isinstance(parts, str) else parts
             if not isinstance(parts, list) or not parts:
-                raise DataError(f"{key}: union {name!r} needs a list of labels, e.g. {{{name}: [PZ, TZ]}}; got {parts!r}")
+                raise DataError(f"{key}: union {name!r} needs a list of labels, e.g. {{{name}: [PZ, TZ]}}; "
+                                f"got {parts!r}")
             values = sorted({v for p in parts for v in _values_of(p, available, key, where)})
             out.append((str(name), tuple(values)))
         else:

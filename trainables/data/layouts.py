@@ -43,7 +43,8 @@ from .liver import FLARE, LiTS
 from .nnunet import Decathlon, NnUNet
 from .prostate import ProstateMultisite
 
-__all__ = ["LAYOUTS", "CONFIGURED", "LAYOUT_OPTIONS", "get_layout", "site_layout", "configured_ident", "DataError", "Case", "CaseFiles", "Layout"]
+__all__ = ["LAYOUTS", "CONFIGURED", "LAYOUT_OPTIONS", "get_layout", "site_layout", "configured_ident", "DataError",
+           "Case", "CaseFiles", "Layout"]
 
 #: Registry of dataset layouts, by name.
 LAYOUTS: dict[str, Layout] = {

@@ -163,9 +163,10 @@ def parse_layout_options(c: Checker, d: dict, lays: set[str], base: Path) -> dic
         given["channels"] = ch
     if "labels" in given:
         lab = given["labels"]
-        items = lab if isinstance(lab, list) else [lab]
+        items = lab if isinstance(lab, list) else [{k: v} for k, v in lab.items()] if isinstance(lab, dict) else [lab]
         ok = isinstance(lab, (str, list, dict)) and lab and all(
-            isinstance(x, str) or (isinstance(x, dict) and len(x) == 1) for x in items)
+            isinstance(x, str) or (isinstance(x, dict) and len(x) == 1
+                                   and isinstance(next(iter(x.values())), (str, list))) for x in items)
         if not ok:
             raise c.fail("data.labels", f"expected label names and {{name: [labels]}} unions, got {lab!r}")
     if "label_values" in given and not isinstance(given["label_values"], dict):

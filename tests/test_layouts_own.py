@@ -385,3 +385,28 @@ def test_check_report_names_channels_and_labels(tmp_path):
     assert "site A: 3 cases" in text and "site B: 3 cases" in text
     bad = check_dataset(ds, "nnunet", options={"sites_from": str(tmp_path / "nope.csv")})
     assert not bad.ok and "nope.csv does not exist" in bad.errors[0]
+
+
+def test_spec_labels_mapping_of_unions(tmp_path):
+    ds = write_nnunet(tmp_path)
+    spec = _spec(tmp_path, layout="nnunet", root=str(ds), labels={"whole": ["PZ", "TZ"], "pz": "PZ"})
+    lay = get_layout("nnunet", ds, spec.data.layout_options)
+    assert lay.labels == ("whole", "pz") and lay.label_kind == "overlapping"
+
+
+def test_nnunet_test_split_and_ct(tmp_path):
+    ds = write_nnunet(tmp_path, n=4)
+    for sub, name in (("imagesTs", "pros_003_0000.nii.gz"), ("imagesTs", "pros_003_0001.nii.gz"),
+                      ("labelsTs", "pros_003.nii.gz")):
+        (ds / sub).mkdir(exist_ok=True)
+        src = ds / ("labelsTr" if sub == "labelsTs" else "imagesTr") / name
+        src.rename(ds / sub / name)
+    meta = json.loads((ds / "dataset.json").read_text())
+    (ds / "dataset.json").write_text(json.dumps({**meta, "numTraining": 3, "channel_names": {"0": "CT", "1": "CT"}}))
+    lay = get_layout("nnunet", ds)
+    assert lay.modality == "ct" and [(c.case_id, c.split) for c in lay.list_cases(ds, "P")][-2:] == [
+        ("pros_002", "train"), ("pros_003", "test")]
+    assert lay.load_case(lay.list_cases(ds, "P")[0]).channel_norms == ("window", "window")
+    (ds / "dataset.json").write_text(json.dumps({**meta, "numTraining": 4}))
+    _, problems = get_layout("nnunet", ds).scan_cases(ds, "P")
+    assert any("numTraining is 4 but imagesTr holds 3 case(s)" in p for p in problems)

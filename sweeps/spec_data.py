@@ -106,9 +106,9 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
     window = None
     if d.get("window") is not None:
         w = d["window"]
-        if modality != "ct" and not options_layouts(lays):  # a configured layout's CT channels are windowed
-            raise c.fail("data.window", f"is a CT window (HU) and applies to the CT layouts (lits, flare) only, not "
-                                        f"{sorted(lays)}")
+        if modality != "ct" and not set(options_layouts(lays)) & {"nnunet", "decathlon"}:
+            raise c.fail("data.window", f"is a CT window (HU) and applies to the CT layouts (lits, flare) and the "
+                                        f"channels named CT of nnunet and decathlon only, not {sorted(lays)}")
         if not (isinstance(w, list) and len(w) == 2):
             raise c.fail("data.window", f"expected [low, high] in HU, e.g. [-160, 240], got {w!r}")
         window = (c.number(w[0], "data.window[0]"), c.number(w[1], "data.window[1]"))

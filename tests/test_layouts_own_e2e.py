@@ -28,7 +28,7 @@ def test_nnunet_sweep_end_to_end(tmp_path):
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(spec))
     check = run_cli("data", "check", str(ds), "--layout", "nnunet", "--sites-from", str(tmp_path / "cases.csv"))
-    assert check.returncode == 0 and "site A: 4 cases" in check.stdout and "label_kind" not in check.stdout
+    assert check.returncode == 0 and "site A: 4 cases" in check.stdout, check.stdout + check.stderr
     assert "channels: ['T2', 'ADC']; labels: ['PZ', 'TZ'] (exclusive" in check.stdout, check.stdout
     proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

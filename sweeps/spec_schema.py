@@ -91,6 +91,8 @@ class DataSpec:
     #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)
     val_fraction: float = MemberConfig.default("val_fraction")
     target_split: str = MemberConfig.default("target_split")
+    #: the normalised surface Dice's tolerance (mm) of the per-case surface records; None: no surface records
+    surface_tolerance_mm: float | None = MemberConfig.default("surface_tolerance_mm")
     cache_dir: Path | None = None
     skip_bad_cases: bool = False
     synthetic: SyntheticSpec | None = None

@@ -19,12 +19,13 @@ from typing import Any
 from trainables.config import MemberConfig
 from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
 from trainables.delta_config import DeltaConfig
-from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
+from trainables.records import ALL_METRICS, SURFACE_METRICS, UNCERTAINTY_METHODS
 
 from .errors import SpecError  # noqa: F401 (the spec's error, used as sweeps.spec_schema.SpecError)
 
-#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
-METRICS = ALL_METRICS
+#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled);
+#: the surface metrics of the surface records (``trainables.records.surface_by``)
+METRICS = ALL_METRICS + SURFACE_METRICS
 LAYOUTS = tuple(LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")

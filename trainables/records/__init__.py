@@ -14,7 +14,8 @@ The analysis imports this package only (no torch, no Ray); Table 4 is the analys
 """
 from __future__ import annotations
 
-from .metrics import ALL_METRICS, METRICS, MICRO_METRICS, metric_by, uncertain_area
+from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURFACE_METRICS, metric_by, surface_by,
+                      uncertain_area)
 from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS,
                      SURFACE_COLUMNS, UNCERTAINTY_COLUMNS, UNCERTAINTY_LATER_COLUMNS, UNCERTAINTY_METHODS, UNCERTAINTY_SITE_COLUMNS,
                      conform)
@@ -35,5 +36,6 @@ __all__ = [
     "load_uncertainty_sites", "write_uncertainty_part", "uncertainty_part_ids", "load_uncertainty",
     "write_surface_part", "load_surface",
     # metrics
-    "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area",
+    "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area", "SURFACE_METRICS", "LOWER_IS_BETTER",
+    "surface_by",
 ]

@@ -165,10 +165,11 @@ def test_analysis_with_metric_hd95_scores_minus_the_mean_hd95(tmp_path):
     assert any("hd95" in n and "probit" in n for n in res["notes"])
     assert json.loads((Path(res["out_dir"]) / "summary.json").read_text())["metric"] == "hd95"
 
-    nsd = run_analysis(exp, metric="nsd", out_dir=tmp_path / "nsd", n_resamples=0)
-    perf = pd.read_csv(tmp_path / "nsd" / "performance.csv")
+    from analysis.prepare import prepare
+
+    perf = prepare(exp, "nsd", ["id_performance"], warn=False).perf  # what run_analysis reads for nsd
     assert np.allclose(sorted(perf["ood_score"]), [0.3 + 0.05 * k for k in range(6)])
-    assert next(c for c in nsd["correlations"] if c["indicator"] == "id_performance")["spearman_rho"] == 1.0
+    assert np.allclose(sorted(perf["id_score"]), [0.6 + 0.05 * k for k in range(6)])
 
 
 def test_cli_report_takes_metric_hd95_and_refuses_it_without_surface_records(tmp_path, capsys):
@@ -185,3 +186,40 @@ def test_cli_report_takes_metric_hd95_and_refuses_it_without_surface_records(tmp
 
     with pytest.raises(ValueError, match="surface_tolerance_mm"):
         run_analysis(exp, metric="nsd", n_resamples=0)
+
+
+# --- the spec key --------------------------------------------------------------------------------
+
+def test_spec_key_reaches_the_trials_and_is_checked(tmp_path):
+    from test_spec import base, edit
+
+    from sweeps.pool import param_space
+    from sweeps.spec import SpecError, parse_spec
+    from trainables.config import MemberConfig
+
+    spec = parse_spec(base(tmp_path))
+    assert spec.data.surface_tolerance_mm == 2.0 == MemberConfig.default("surface_tolerance_mm")
+    assert param_space(spec, tmp_path / "cache")["surface_tolerance_mm"] == 2.0
+    off = parse_spec(edit(base(tmp_path), "data.surface_tolerance_mm", None))
+    assert off.data.surface_tolerance_mm is None
+    assert param_space(parse_spec(edit(base(tmp_path), "data.surface_tolerance_mm", 1.5)),
+                       tmp_path / "cache")["surface_tolerance_mm"] == 1.5
+    with pytest.raises(SpecError, match="data.surface_tolerance_mm"):
+        parse_spec(edit(base(tmp_path), "data.surface_tolerance_mm", -1))
+    with pytest.raises(SpecError, match="analysis.metric.*surface_tolerance_mm: null"):
+        parse_spec(edit(edit(base(tmp_path), "data.surface_tolerance_mm", None), "analysis", {"metric": "nsd"}))
+    assert parse_spec(edit(base(tmp_path), "analysis", {"metric": "hd95"})).analysis.metric == "hd95"
+
+
+def test_finished_sweep_has_surface_records(finished):
+    """The tiny end-to-end sweep (conftest ``finished``) wrote a surface part per member, merged on read."""
+    members, slices = records.load_records(finished["exp"])
+    surface = records.load_surface(finished["exp"])
+    assert surface is not None and set(surface["member_id"]) == set(members["member_id"])
+    scored = slices[slices["role"] != "val"].groupby(["member_id", "site"])["case_id"].nunique()
+    assert surface.groupby(["member_id", "site"])["case_id"].nunique().equals(scored)  # every case, once
+    assert set(surface["empty"]) <= {"none", "pred", "truth", "both"} and (surface["tolerance_mm"] == 2.0).all()
+    ok = surface[surface["empty"] == "none"]
+    assert (ok["hd95_mm"] >= 0).all() and ok["nsd"].between(0, 1).all()
+    assert np.allclose(surface["spacing_d"], 3.0) and np.allclose(surface["spacing_h"], 0.6 * 40 / 32)
+    assert (finished["exp"] / "records" / "surface.parquet").exists()

@@ -16,6 +16,8 @@ from trainables import records
 from trainables.data.cache import SPACING_COLUMNS, SliceCache
 from trainables.surface import case_scores, surface_records, write_member_surface
 
+from test_import import _import, perfect  # noqa: F401  (``perfect``: a module fixture used below)
+
 
 def _cube(shape=(16, 16, 6), lo=(4, 4, 1), hi=(10, 10, 4), shift=(0, 0, 0)) -> np.ndarray:
     m = np.zeros(shape, dtype=bool)
@@ -223,3 +225,21 @@ def test_finished_sweep_has_surface_records(finished):
     assert (ok["hd95_mm"] >= 0).all() and ok["nsd"].between(0, 1).all()
     assert np.allclose(surface["spacing_d"], 3.0) and np.allclose(surface["spacing_h"], 0.6 * 40 / 32)
     assert (finished["exp"] / "records" / "surface.parquet").exists()
+
+
+def test_a_damaged_surface_part_names_the_file_and_the_fix(tmp_path):
+    _write_records(tmp_path)
+    part = tmp_path / "records" / "surface" / "unet_r18-lr0.001-s3-ep1.parquet"
+    part.write_bytes(b"not parquet")
+    with pytest.raises(records.RecordsError, match=r"s3-ep1.parquet is damaged.*oodsweep resume .*trains that member"):
+        records.load_surface(tmp_path)
+
+
+def test_an_imported_pool_gets_surface_records(perfect, tiny_data, tiny_cache, tmp_path):
+    """``oodsweep import`` of predictions equal to the ground truth: HD95 0 mm and NSD 1 on every scored case."""
+    spec, _ = _import(tmp_path, perfect, tiny_data, tiny_cache)
+    surface = records.load_surface(spec.experiment_dir)
+    _, slices = records.load_records(spec.experiment_dir)
+    assert set(surface["member_id"]) == {"m1", "m2"} and set(surface["role"]) == {"id", "ood"}
+    assert len(surface) == len(slices[slices["role"] != "val"].drop_duplicates(["member_id", "site", "case_id"]))
+    assert (surface["hd95_mm"] == 0).all() and (surface["nsd"] == 1).all() and (surface["empty"] == "none").all()

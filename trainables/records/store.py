@@ -284,13 +284,19 @@ def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in pdir.glob("*.parquet"))
 
 
+#: What to do about a damaged δ part (``_load_merged_parts``' ``fix``).
+DELTA_FIX = "delete it and run `oodsweep resume {exp}` to fit that member's δ again"
+
+
 def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Path, columns: dict[str, str],
-                       what: str, fill=lambda df: df, redo: str = "fit that member's δ again") -> pd.DataFrame | None:
-    """A merged table of the uncertainty stage's per-member parts (``pdir/<member_id>.parquet``).
+                       what: str, fill=lambda df: df, fix: str = DELTA_FIX) -> pd.DataFrame | None:
+    """A merged table of per-member parts (``pdir/<member_id>.parquet``: the uncertainty stage's, the surface
+    records).
 
     The parts are the truth: the merged file is used only while it holds exactly their members and is
     newer than each of them (else it is rebuilt, and written back); a damaged part is a ``RecordsError``
-    that says how to redo it. None when there are no parts. ``fill`` adds columns older records lack.
+    that says how to redo it (``fix``; ``{exp}``: the experiment). None when there are no parts. ``fill`` adds
+    columns older records lack.
     """
     ids = sorted(p.stem for p in pdir.glob("*.parquet"))
     if merged.exists():
@@ -307,8 +313,8 @@ def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Pa
         try:
             frames.append(pd.read_parquet(part))
         except Exception as e:  # noqa: BLE001
-            raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
-                               f"{shlex.quote(str(experiment_dir))}` to {redo}") from None
+            exp = shlex.quote(str(experiment_dir))
+            raise RecordsError(f"{part} is damaged ({type(e).__name__}); {fix.format(exp=exp)}") from None
     df = conform(fill(pd.concat(frames, ignore_index=True)), columns, what)
     _write_parquet(df, merged)
     return df
@@ -331,4 +337,5 @@ def load_surface(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The merged surface table (merging the parts if needed), or None when no member has one."""
     rdir = records_dir(experiment_dir)
     return _load_merged_parts(experiment_dir, rdir / "surface.parquet", rdir / "surface", SURFACE_COLUMNS,
-                              "surface", redo="score that member again (its pool trial)")
+                              "surface", fix="run `oodsweep resume {exp}`: it moves the damaged part aside and "
+                                             "trains that member again")

@@ -101,8 +101,7 @@ def test_a_photograph_is_scored_in_2d_and_labels_apart():
     pred = truth.copy()
     pred[:, :, 0, 0] = np.roll(truth[:, :, 0, 0], 2, axis=1)
     cache = _cache({"img": truth}, spacing=(1.0, 1.0, 1.0), labels=["A", "B"])
-    df = surface_records(cache, "T", "ood", np.arange(1), np.moveaxis(pred, 2, 0)[:, :, :, :].transpose(0, 3, 1, 2),
-                         2.0)
+    df = surface_records(cache, "T", "ood", np.arange(1), pred.transpose(2, 3, 0, 1), 2.0)  # D x L x H x W
     a, b = df.set_index("label").loc["A"], df.set_index("label").loc["B"]
     hd2d, nsd2d = _monai(pred[:, :, 0, 0], truth[:, :, 0, 0], (1.0, 1.0), 2.0)
     assert a["hd95_mm"] == pytest.approx(hd2d) == pytest.approx(2.0) and a["nsd"] == pytest.approx(nsd2d)

@@ -19,7 +19,6 @@ of the pool; the label-free guarantee concerns indicators, not this check).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 
 import pandas as pd

@@ -19,6 +19,7 @@ from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correl
                                 pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points,
                                 weighted_rank_stats)
 from analysis.indicators import INDICATORS
+from analysis.performance import score_scale
 from analysis.tables import select_best_configs
 
 
@@ -153,6 +154,7 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
                                   f"{', '.join(sams) or 'none'}, others: {', '.join(others) or 'none'}",
                                statistic="SAM drop − CNN drop (pp)")]
     best = select_best_configs(perf)
+    k = _scale(perf)
     drops: dict[str, np.ndarray] = {}
     chosen: dict[str, str] = {}
     for b in best.itertuples(index=False):
@@ -160,7 +162,7 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
                    & (perf["source"] == b.source)]
         # per run: its Same-Dom. score minus its mean over the targets (the configuration's seeds are its runs)
         per = sel.groupby(sel["run_id"].astype(str) if sel["run_id"].notna().all() else sel["member_id"].astype(str))
-        d = 100.0 * (per["id_score"].first() - per["ood_score"].mean()).to_numpy(dtype=float)
+        d = k * (per["id_score"].first() - per["ood_score"].mean()).to_numpy(dtype=float)
         drops[str(b.arch)] = d[np.isfinite(d)]
         n = int(np.isfinite(d).sum())
         chosen[str(b.arch)] = f"lr {b.lr:g}, {b.epochs} epochs, {n} run{'s' if n != 1 else ''}"
@@ -279,6 +281,11 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
 
 # --- the project's rows: selection regret, ALine error -----------------------------------------
 
+def _scale(df: pd.DataFrame) -> float:
+    """Percentage points (x 100) for a score in [0, 1]; mm (x 1) for −HD95 (``analysis.performance.score_scale``)."""
+    return score_scale(str(df["metric"].iloc[0])) if "metric" in df.columns and len(df) else 100.0
+
+
 def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N_RESAMPLES,
                 seed: int = SEED) -> list[dict]:
     """Per indicator: regret − random-pick regret (pp), the mean over targets, = the pool's mean OOD score
@@ -288,6 +295,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         return [untestable_row("selection", "no label-free members", "project", "regret − random-pick regret (pp)",
                                "Selecting by a label-free indicator beats a random pick")]
     targets = list(dict.fromkeys(table["target"].astype(str)))
+    k = _scale(table)
     members = sorted(table["member_id"].astype(str).unique())  # ties go to the first member, as select_models
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
     units, unit = resampling_units(mem["run_id"].reindex(members).to_numpy(dtype=object), len(members))
@@ -315,7 +323,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
                 with np.errstate(invalid="ignore", divide="ignore"):
                     mean = (w * np.nan_to_num(y[:, t])).sum(-1) / w.sum(-1)
                 out.append(np.where(w.sum(-1) > 0, mean - y[pick, t], np.nan))
-            return 100.0 * np.mean(out, axis=0)
+            return k * np.mean(out, axis=0)
         lo, hi = run_interval(stat, len(units), n_resamples, seed)
         regret = np.mean([np.nanmax(np.where(ok[:, t], y[:, t], np.nan))
                           - y[np.argmax(score[:, t]), t] for t in ts])
@@ -325,7 +333,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
                               f"regret − random-pick regret, mean over {len(ts)} targets (pp)",
                               point_value(stat, len(units)), lo, hi, "negative",
                               members_label(len(members), len(units), unit), len(members), len(units), unit,
-                              note=f"regret {100 * regret:.2f} pp, random-pick regret {100 * rand:.2f} pp", text=text))
+                              note=f"regret {k * regret:.2f} pp, random-pick regret {k * rand:.2f} pp", text=text))
     return rows
 
 

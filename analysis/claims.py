@@ -48,9 +48,10 @@ from analysis.claim_rule import (CLAIM_COLUMNS, CLAIM_TEXT, INCONCLUSIVE, NOT_TE
 from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
 from analysis.correlate import MIN_POINTS, N_RESAMPLES, SEED
 from analysis.indicators import INDICATORS, resolve_indicators
-from analysis.performance import check_metric
+from analysis.performance import check_metric, is_bounded
 from analysis.prepare import LABEL_FREE, prepare
 from analysis.tables import markdown_table
+from trainables.records import SURFACE_METRICS
 
 
 # --- the whole report ---------------------------------------------------------------------------
@@ -131,7 +132,12 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                                    "weak" if INDICATORS[n].higher_is_better else "strong_negative", n_resamples, seed,
                                    per_target=False)
     rows += regret_rows(None if empty else table, indicators, n_resamples, seed)
-    rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed)
+    metric = str(perf["metric"].iloc[0]) if len(perf) else ""
+    if metric in SURFACE_METRICS:  # ALine maps agreement onto the metric: both must be on one scale
+        rows.append(untestable_row("ALine error", f"{metric} is a surface metric and the agreement is the members' "
+                                                  f"3D IoU: not on one scale", "project", "MAE (pp)"))
+    else:
+        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed)
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
@@ -274,12 +280,13 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     experiment_dir = Path(experiment_dir)
     spec = _spec_analysis(experiment_dir)
     metric = check_metric(metric or str(spec.get("metric") or "iou_3d"))
-    floor = spec.get("degenerate_floor", 0.01)
+    floor = spec.get("degenerate_floor", 0.01) if is_bounded(metric) else None  # −HD95 is not in [0, 1]
     # the label-free members, their agreement and δ's indicators exactly as run_analysis reads them
     prep = prepare(experiment_dir, metric, resolve_indicators(None), warn=False)
     perf, unc = prep.perf, prep.unc
     table, agreement = prep.tables.get(LABEL_FREE), prep.agreements.get(LABEL_FREE)
-    fits = aline_table(table, agreement)[1] if table is not None and agreement is not None else []
+    fits = (aline_table(table, agreement)[1] if table is not None and agreement is not None
+            and metric not in SURFACE_METRICS else [])
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
                           floor=None if floor is None else float(floor),
                           sam_members=sam_members_of(experiment_dir) if unc is not None else None)

@@ -18,6 +18,7 @@ of the pool; the label-free guarantee concerns indicators, not this check).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pandas as pd
@@ -70,6 +71,11 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def _bar(v: float | None) -> str:
+    """A bar's value; none (None or infinite: a metric not in [0, 1], e.g. −HD95) reads "none"."""
+    return f"{v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "none"
+
+
 def health_line(h: dict, metric: str) -> str:
     """One line for the run's final summary, e.g. ``pool health (iou_3d): best ID per architecture ...``."""
     bars = h["bars"]
@@ -79,8 +85,8 @@ def health_line(h: dict, metric: str) -> str:
     others = [t for t in h["mean_ood"] if t not in order]
     if others:
         chain += "; not in the severity chain: " + ", ".join(f"{t} {h['mean_ood'][t]:.2f}" for t in others)
-    return (f"pool health ({metric}): best ID per architecture {best} (bar >= {bars['id_bar']:.2f}: "
-            f"{_mark(h['learns'])}); collapsed (ID < {bars['collapse_floor']:.2f}) {len(h['collapsed'])} of "
+    return (f"pool health ({metric}): best ID per architecture {best} (bar >= {_bar(bars['id_bar'])}: "
+            f"{_mark(h['learns'])}); collapsed (ID < {_bar(bars['collapse_floor'])}) {len(h['collapsed'])} of "
             f"{h['n_members']} (bar <= {bars['max_collapsed_share']:.0%}: {_mark(h['few_collapsed'])}); mean OOD "
             f"{chain}, source {h['mean_id']:.2f} (falling with severity, all below the source: "
             f"{_mark(h['ood_ordered'])})")

@@ -24,7 +24,10 @@ from analysis.agreement import Agreement, agreement_matrices
 from analysis.indicators import INDICATORS, indicator_table
 from analysis.performance import performance_table
 from analysis.uncertainty_indicators import uncertainty_indicator_frame
-from trainables.records import load_records, load_uncertainty, member_part_ids, records_dir
+from trainables.records import SURFACE_METRICS, load_records, load_surface, load_uncertainty, member_part_ids, records_dir
+
+#: The agreement metric of a performance metric without a pairwise form (the surface metrics): per-case overlap.
+AGREEMENT_OF = {m: "iou_3d" for m in SURFACE_METRICS}
 
 #: The ``members`` column's values: results without the oracle-prompted members, and with them.
 LABEL_FREE, ALL = "label-free", "all"
@@ -159,7 +162,8 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     check_records(experiment_dir)
     t0 = time.perf_counter()
     members, slices = load_records(experiment_dir)
-    perf = performance_table(members, slices, metric)
+    surface = load_surface(experiment_dir) if metric in SURFACE_METRICS else None
+    perf = performance_table(members, slices, metric, surface)
     if perf.empty:
         raise ValueError(f"records in {records_dir(experiment_dir)} hold no OOD (target-site) evaluations: "
                          f"{len(members)} members, roles {sorted(slices['role'].astype(str).unique())}; run the "
@@ -173,7 +177,9 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     t = time.perf_counter()
     if {"id_agreement", "ood_agreement"} & set(wanted):
         # the stored masks pool the label channels, so a micro metric's agreement is the base metric's
-        agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles, metric=metric.removesuffix("_micro"))
+        # a surface metric has no pairwise form here: its agreement indicators are the members' 3D IoU agreement
+        agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles,
+                                       metric=AGREEMENT_OF.get(metric, metric.removesuffix("_micro")))
         p.notes += agreement.notes
         p.agreement = agreement if agreement.matrices else None
     p.timings["agreement"] = time.perf_counter() - t

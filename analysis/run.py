@@ -22,9 +22,10 @@ from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, 
 from analysis.examples import example_members, examples_dir, fig6_inputs
 from analysis.health import pool_health
 from analysis.indicators import INDICATORS, resolve_indicators
-from analysis.performance import check_metric
+from analysis.performance import check_metric, is_bounded, surface_notes
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
 from analysis.prepare import ALL, LABEL_FREE, prepare
+from trainables.records import SURFACE_METRICS
 from analysis.report import tables_markdown
 from analysis.selection import loto_estimates, select_models
 from analysis.tables import correlations_long, table1, table1_long, table1_markdown
@@ -130,6 +131,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     timings: dict[str, float] = dict(prep.timings)
     members, perf, roles, notes = prep.members, prep.perf, prep.roles, prep.notes
     member_sets, oracle_ids, run_of = prep.member_sets, prep.oracle_ids, prep.run_of
+    bounded, lines_ok = is_bounded(metric), metric not in SURFACE_METRICS
+    notes += surface_notes(metric, degenerate_floor)
+    degenerate_floor = degenerate_floor if bounded else None  # −HD95 is not in [0, 1]: no floor to flag against
     agreement, agreements, unc, tables = prep.agreement, prep.agreements, prep.unc, prep.tables
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +173,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         parts += [correlations(tb, n, INDICATORS[n].column, "ood_score", n_resamples=n_resamples, seed=seed,
                                members=k, floor=degenerate_floor, floor_x=INDICATORS[n].higher_is_better)
                   for n in available]
-        if agreements[k] is not None:
+        if agreements[k] is not None and lines_ok:  # the lines compare the metric with agreement on its scale
             pc, lines = pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
             parts.append(pc)
             line_rows += lines
@@ -178,6 +182,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             aline_fits += fits
     corr = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(len(p) for p in parts) \
         else pd.DataFrame(columns=[*ID_COLUMNS, *STAT_KEYS])
+    if not bounded:  # a probit of −HD95 (mm) means nothing
+        corr[[c for c in STAT_KEYS if c.startswith("probit_")]] = np.nan
     _write_csv(corr, out / "correlations.csv", files)
     _write_csv(correlations_long(corr), out / "correlations_long.csv", files)
     lines_df = pd.DataFrame(line_rows)
@@ -226,10 +232,10 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     fig_files: dict[str, list[Path]] = {"fig4": [], "fig3": [], "fig6": []}
     corr_main = corr[corr["members"] == main_set] if len(corr) else corr
     oracle_rows = table_all[table_all["oracle_prompt"].astype(bool)] if "oracle_prompt" in table_all else None
-    for target in dict.fromkeys(table["target"].astype(str)):
+    for target in dict.fromkeys(table["target"].astype(str)) if bounded else ():  # probit axes: scores in [0, 1]
         fig = figure_fig4(table, target, agreements[main_set], metric, corr_main, oracle=oracle_rows)
         fig_files["fig4"].append(save_figure(fig, plots / f"fig4_{safe_name(target)}.png"))
-    if "uncertain_area" in available:
+    if "uncertain_area" in available and bounded:
         fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr_main, oracle=oracle_rows),
                                              plots / "fig3_uncertainty_vs_ood.png"))
     if unc is not None:
@@ -251,8 +257,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     n_members = int(members["member_id"].nunique())
     targets = list(dict.fromkeys(perf["target"].astype(str)))
     # the pool's health (analysis.health), along the targets in the spec's order (growing severity)
+    bars = {} if bounded else {"id_bar": -math.inf, "collapse_floor": -math.inf}  # −HD95: no [0, 1] bars
     health = pool_health(perf, [t for t in (target_order or []) if t in targets]
-                         + [t for t in targets if t not in (target_order or [])], chain=severity_chain)
+                         + [t for t in targets if t not in (target_order or [])], chain=severity_chain, **bars)
     (out / "tables.md").write_text(tables_markdown(
         experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
         available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,

@@ -22,6 +22,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from analysis.performance import score_scale, score_unit
+
 SAME, CROSS = "Same-Dom.", "Cross-Dom."
 
 
@@ -84,13 +86,13 @@ def select_best_configs(perf: pd.DataFrame) -> pd.DataFrame:
     return cfg.groupby(["source", "arch"], sort=False).head(1).reset_index(drop=True)
 
 
-def _mean_std_pct(values: pd.Series) -> tuple[float, float, int]:
+def _mean_std_pct(values: pd.Series, scale: float = 100.0) -> tuple[float, float, int]:
     v = values.astype(float).to_numpy()
     v = v[np.isfinite(v)]
     if not v.size:
         return math.nan, math.nan, 0
     # sample std (ddof=1) over seeds; undefined (NaN, shown "–") for a single seed
-    return 100.0 * float(v.mean()), 100.0 * float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+    return scale * float(v.mean()), scale * float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
 def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
@@ -106,11 +108,12 @@ def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
     best = select_best_configs(perf)
     m = _members(perf)
     targets = list(dict.fromkeys(perf["target"].astype(str)))
+    scale = score_scale(str(perf["metric"].iloc[0])) if "metric" in perf and len(perf) else 100.0
     rows = []
     for b in best.itertuples(index=False):
         sel_ids = m.loc[(m["source"] == b.source) & (m["arch"] == b.arch) & (m["lr"] == b.lr)
                         & (m["epochs"] == b.epochs), "member_id"]
-        same_mean, same_std, n = _mean_std_pct(m.loc[m["member_id"].isin(sel_ids), "id_score"])
+        same_mean, same_std, n = _mean_std_pct(m.loc[m["member_id"].isin(sel_ids), "id_score"], scale)
         base = {"source": str(b.source), "arch": str(b.arch), "lr": float(b.lr), "epochs": int(b.epochs)}
         rows.append({"domain": SAME, "setting": str(b.source), "target": "", **base, "n_seeds": n,
                      "mean_pct": same_mean, "std_pct": same_std, "change_pct": math.nan,
@@ -119,7 +122,7 @@ def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
             sub = perf[(perf["target"].astype(str) == t) & perf["member_id"].isin(sel_ids)]
             if sub.empty:
                 continue
-            mean, std, n_t = _mean_std_pct(sub["ood_score"])
+            mean, std, n_t = _mean_std_pct(sub["ood_score"], scale)
             change = mean - same_mean
             rows.append({"domain": CROSS, "setting": f"{b.source} → {t}", "target": t, **base, "n_seeds": n_t,
                          "mean_pct": mean, "std_pct": std, "change_pct": change,
@@ -184,7 +187,7 @@ def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
     chosen_on = (f"the validation split (source training cases held out from training, never reported here)"
                  if on_val else f"the source test split, the same split as the Same-Dom. row (no validation split "
                                 f"in the records: optimistic; set data.val_fraction and rerun the pool)")
-    caption = (f"**Table 1.** {metric} (%) on the source test split (Same-Dom.) and on each target site "
+    caption = (f"**Table 1.** {metric} ({score_unit(metric)}) on the source test split (Same-Dom.) and on each target site "
                f"(Cross-Dom.), mean ± sample std (ddof = 1) over seeds (– with one seed). Per architecture, the "
                f"(lr, epochs) configuration with the best mean {metric} on {chosen_on} is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
@@ -373,15 +376,16 @@ def selection_markdown(sel: pd.DataFrame, metric: str) -> str:
     """Model selection per target and indicator: the chosen member, its true OOD score, the regret."""
     if sel.empty:
         return "(no indicator had values on any target)"
+    k = score_scale(metric)
     rows = [{"setting": f"{r.source} → {r.target}", "indicator": f"{r.indicator} ({r.direction} is better)",
              "chosen member": f"{r.chosen_member}" + (f" {DAGGER}" if getattr(r, "chosen_oracle_prompt", False)
                                                        is True else ""),
-             f"its OOD {metric}": fmt(100 * r.chosen_ood, ".2f"),
-             "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": fmt(100 * r.best_ood, ".2f"),
-             "regret": fmt(100 * r.regret, ".2f"), "random pick regret": fmt(100 * r.random_regret, ".2f")}
+             f"its OOD {metric}": fmt(k * r.chosen_ood, ".2f"),
+             "true rank": f"{r.chosen_rank} / {r.n}", f"best OOD {metric}": fmt(k * r.best_ood, ".2f"),
+             "regret": fmt(k * r.regret, ".2f"), "random pick regret": fmt(k * r.random_regret, ".2f")}
             for r in sel.itertuples(index=False)]
     caption = (f"**Model selection for a new site.** Each target is treated as the new site: the pool is ranked "
-               f"by a label-free indicator, the top member is deployed, and its true OOD {metric} (%) is compared "
+               f"by a label-free indicator, the top member is deployed, and its true OOD {metric} ({score_unit(metric)}) is compared "
                f"with the best member's. Regret = best − chosen (percentage points; 0: the indicator found the "
                f"best member). Random pick regret: best − pool mean, what choosing blindly costs on average. "
                f"{DAGGER}: an oracle-prompted member (its target predictions used the target labels).")

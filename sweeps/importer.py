@@ -218,6 +218,7 @@ def import_pool(spec: SweepSpec, track: bool = True) -> SweepSpec:
     from trainables.data.base import DataError
     from trainables.data.cache import open_slice_cache, resolve_sources, scan_sources
     from trainables.member import summarize
+    from trainables.surface import write_member_surface
 
     from . import reconcile
     from .driver import prepare_data
@@ -265,6 +266,9 @@ def import_pool(spec: SweepSpec, track: bool = True) -> SweepSpec:
                 split = name if name in ("train", "val") else None  # δ's fit splits: predictions/<m>/splits/
                 records.save_predictions(exp, mid, site, m, idx["case_id"].tolist(), idx["slice_idx"].to_numpy(),
                                          split=split)
+            scored = [(sets[n][0], "id" if n == "id" else "ood", sets[n][2]) for n in masks if n not in ("train", "val")]
+            write_member_surface(exp, mid, cache, scored, {sets[n][0]: masks[n] for n in masks
+                                                           if n not in ("train", "val")}, d.surface_tolerance_mm)
             member = {"member_id": mid, "run_id": r["run_id"], "arch": r["arch"], "lr": float(r["lr"]),
                       "epochs": int(r["epochs"]), "seed": int(r["seed"]), "batch_size": 0, "source": d.source,
                       # no weights: the member was trained elsewhere; its ŷ is its stored predictions

@@ -86,6 +86,7 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         "target_split": spec.data.target_split,
         "val_fraction": spec.data.val_fraction,
         "split_seed": spec.data.split_seed,
+        "surface_tolerance_mm": spec.data.surface_tolerance_mm,
         "experiment_dir": str(spec.experiment_dir),
         "batch_size": pool.batch_size,
         "weight_decay": pool.weight_decay,

@@ -88,6 +88,12 @@ def member_problem(exp: Path, mid: str, sites: list[str]) -> tuple[str | None, l
             return f"its predictions {pred} are missing", present
         if not zipfile.is_zipfile(pred):
             return f"its predictions {pred} are damaged", present
+    surf = records.records_dir(exp) / "surface" / f"{mid}.parquet"
+    if surf.exists():  # missing is fine (records written before it, or data.surface_tolerance_mm: null)
+        try:
+            pq.read_metadata(surf)
+        except Exception as e:  # noqa: BLE001
+            return f"its surface metrics {surf} are damaged ({type(e).__name__})", present + [surf]
     return None, present
 
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import yaml
 
+from trainables.records import SURFACE_METRICS
+
 from .console import command
 from .spec_checks import MAX_SPEC_BYTES, Checker, expand_env, load_yaml, resolve_path
 from .spec_data import parse_data
@@ -87,6 +89,9 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     search = parse_search(c, raw.get("search"), data, pool)
     uncertainty = parse_uncertainty(c, raw.get("uncertainty"), data)
     analysis = parse_analysis(c, raw.get("analysis"), uncertainty)
+    if analysis.metric in SURFACE_METRICS and data.surface_tolerance_mm is None:
+        raise c.fail("analysis.metric", f"{analysis.metric!r} reads the surface records, which "
+                                        f"data.surface_tolerance_mm: null turns off; set it (e.g. 2.0) or choose iou_3d")
     t = c.keys(raw.get("tracking") or {}, "tracking", {"uri": False})
     # an imported pool's architectures are not built here: only δ's body constrains the image size
     check_image_size(c, data.image_size, () if imported else pool.arch.values, uncertainty is not None,

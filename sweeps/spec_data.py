@@ -19,7 +19,8 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
                                       "val_fraction": False,
                                       "target_split": False, "cache_dir": False, "skip_bad_cases": False,
                                       "synthetic": False, "sites": False, "lesions": False, "window": False,
-                                      "split": False, **{k: False for k in LAYOUT_KEYS}})
+                                      "split": False, "surface_tolerance_mm": False,
+                                      **{k: False for k in LAYOUT_KEYS}})
     source = d["source"]
     if not isinstance(source, str) or not source:
         raise c.fail("data.source", f"expected a site name, got {source!r}")
@@ -128,7 +129,8 @@ def parse_data(c: Checker, raw: Any, base: Path) -> DataSpec:
         cache_dir=resolve_path(d["cache_dir"], base) if d.get("cache_dir") else None,
         skip_bad_cases=bool(d.get("skip_bad_cases", False)), synthetic=synthetic,
         sites=tuple(site_entries), labels=labels, window=window,
-        split=c.choice(d.get("split", "dataset"), "data.split", SPLITS), layout_options=options)
+        split=c.choice(d.get("split", "dataset"), "data.split", SPLITS), layout_options=options,
+        surface_tolerance_mm=_tolerance(c, d.get("surface_tolerance_mm", default(DataSpec, "surface_tolerance_mm"))))
 
 
 def options_layouts(lays: set[str]) -> list[str]:
@@ -178,3 +180,8 @@ def parse_layout_options(c: Checker, d: dict, lays: set[str], base: Path) -> dic
         for i, x in enumerate(sp):
             c.number(x, f"data.pixel_spacing[{i}]" if len(sp) > 1 else "data.pixel_spacing", positive=True)
     return given
+
+
+def _tolerance(c: Checker, v: Any) -> float | None:
+    """``data.surface_tolerance_mm``: a non-negative number of mm, or null (no surface records)."""
+    return None if v is None else c.number(v, "data.surface_tolerance_mm", nonneg=True)

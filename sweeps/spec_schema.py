@@ -19,12 +19,13 @@ from typing import Any
 from trainables.config import MemberConfig
 from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
 from trainables.delta_config import DeltaConfig
-from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
+from trainables.records import ALL_METRICS, SURFACE_METRICS, UNCERTAINTY_METHODS
 
 from .errors import SpecError  # noqa: F401 (the spec's error, used as sweeps.spec_schema.SpecError)
 
-#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled).
-METRICS = ALL_METRICS
+#: Performance metrics (``trainables.records.metric_by``): per lesion then averaged, and ``*_micro`` (pooled);
+#: the surface metrics of the surface records (``trainables.records.surface_by``)
+METRICS = ALL_METRICS + SURFACE_METRICS
 LAYOUTS = tuple(LAYOUT_REGISTRY)
 SPLITS = ("dataset", "random")
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
@@ -91,6 +92,8 @@ class DataSpec:
     #: split: scored every epoch, it chooses configurations (Tables 1-3, the search metric)
     val_fraction: float = MemberConfig.default("val_fraction")
     target_split: str = MemberConfig.default("target_split")
+    #: the normalised surface Dice's tolerance (mm) of the per-case surface records; None: no surface records
+    surface_tolerance_mm: float | None = MemberConfig.default("surface_tolerance_mm")
     cache_dir: Path | None = None
     skip_bad_cases: bool = False
     synthetic: SyntheticSpec | None = None

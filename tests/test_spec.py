@@ -60,7 +60,7 @@ def test_demo_preset_is_valid():
     ("pool.learning_rate", 1e-3, ["pool.learning_rate", "unknown key", "valid keys here", "lr"]),
     ("data.layout", "prostate", ["data.layout", "'prostate'", "prostate_multisite"]),
     ("data.image_size", 50, ["data.image_size", "multiple of 32", "50"]),
-    ("analysis", {"metric": "hd95"}, ["analysis.metric", "hd95", "iou_3d"]),
+    ("analysis", {"metric": "assd"}, ["analysis.metric", "assd", "iou_3d", "hd95"]),
     ("analysis", {"degenerate_floor": 0.9}, ["analysis.degenerate_floor", "must be <= 0.5", "0.9"]),
     ("pool.lr", {"loguniform": [1e-5, 1e-3]}, ["pool.lr", "needs a search", "optuna"]),
     ("name", "a b/c", ["name", "folder-safe"]),

@@ -326,6 +326,8 @@ class MemberConfig(Config):
     val_fraction: float = setting(0.1, fraction_or_zero)
     #: seeds the choice of the validation cases
     split_seed: int = setting(0, lambda v: integer(v or 0))
+    #: NSD's tolerance (mm) of the per-case surface records (trainables.surface); None: no surface records
+    surface_tolerance_mm: float | None = setting(2.0, optional(number))
     weight_decay: float = setting(0.0, number)
     #: torch CPU threads (None: leave torch's default)
     num_threads: int | None = setting(None, optional(integer))

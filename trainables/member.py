@@ -23,6 +23,7 @@ from . import records
 from .config import MemberConfig
 from .data.cache import SliceCache
 from .models import resolve_model
+from .surface import write_member_surface
 
 if TYPE_CHECKING:
     from .delta_config import DeltaConfig
@@ -169,6 +170,8 @@ def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, s
         idx = cache.index.iloc[rows]
         records.save_predictions(exp, mid, site, preds[site].numpy(), idx["case_id"].tolist(),
                                  idx["slice_idx"].to_numpy())
+    # the per-case surface metrics, before the member record (its done marker)
+    write_member_surface(exp, mid, cache, sets, preds, cfg.surface_tolerance_mm)
     member = {"member_id": mid, "run_id": run_id, "arch": cfg.arch, "lr": cfg.lr, "epochs": epoch,
               "seed": cfg.seed, "batch_size": cfg.batch_size, "source": cfg.source,
               # relative to the experiment, so that a moved experiment folder still finds it

@@ -5,7 +5,8 @@ A cache is a folder ``<cache_root>/<key>/`` holding
 * ``images.npy``  float16, ``N x C x S x S`` (C = 1 for MR and CT, 3 for fundus RGB), in [0, 1]
 * ``masks.npy``   uint8 in {0, 1}: ``N x S x S`` for one label, ``N x L x S x S`` for L > 1 labels
   (the fundus lesions; channel order in the manifest's ``labels``)
-* ``index.parquet`` one row per slice: site, case_id, slice_idx, split ("train" | "test")
+* ``index.parquet`` one row per slice: site, case_id, slice_idx, split ("train" | "test") and
+  spacing_h, spacing_w, spacing_d: the cache grid's voxel size in mm (:data:`SPACING_COLUMNS`)
 * ``manifest.json`` what built it, per-site counts, the content hash of the arrays
 
 Preprocessing per modality: MR clipped to its 0.5/99.5 percentiles (per volume), CT windowed
@@ -48,7 +49,10 @@ from .labelmap import cache_label_kind
 from .layouts import CONFIGURED, configured_ident, get_layout, site_layout
 from .progress import Progress
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: index.parquet has the spacing columns (images and masks as in 2)
+#: The cache grid's voxel size per slice row: the native spacing x native size / S in-plane, the native
+#: spacing along depth (never resampled); 1.0 where the header has none (photographs: native pixels).
+SPACING_COLUMNS = ("spacing_h", "spacing_w", "spacing_d")
 #: The liver window (HU) CT volumes are clipped to unless the spec gives another.
 DEFAULT_CT_WINDOW = (-160.0, 240.0)
 #: Slices preprocessed at a time (bounded temporaries on big volumes).
@@ -287,6 +291,8 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
                 continue
             warnings += list(case.warnings)
             mask = case.mask if case.mask.ndim == 3 else case.mask[..., list(chosen)]
+            grid = tuple(float(sp) * n / image_size for sp, n in zip(case.spacing[:2], case.image.shape[:2]))
+            grid += (float(case.spacing[2]),)
             if case.channel_norms is None:
                 img, msk = preprocess_case(case.image, mask, modality, image_size, window)
             else:  # the configured layouts: each channel scaled on its own (trainables.data.channels)
@@ -301,7 +307,7 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
             np.save(tmp / f"chunk{i:05d}_img.npy", img)
             np.save(tmp / f"chunk{i:05d}_msk.npy", msk)
             chunks.append(i)
-            rows += [(cf.site, cf.case_id, z) for z in range(img.shape[0])]
+            rows += [(cf.site, cf.case_id, z, *grid) for z in range(img.shape[0])]
             case_split[(cf.site, cf.case_id)] = cf.split
             bar.update(i + 1, len(rows))
         bar.close()
@@ -313,7 +319,7 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
             print(f"[oodsweep] WARNING skipped: {line}", file=sys.stderr)
         for w in warnings:
             print(f"[oodsweep] WARNING: {w}", file=sys.stderr)
-        index = pd.DataFrame(rows, columns=["site", "case_id", "slice_idx"])
+        index = pd.DataFrame(rows, columns=["site", "case_id", "slice_idx", *SPACING_COLUMNS])
         if index.empty:
             raise DataError(f"no usable slices for sites {list(sites)}")
         split_of, split_source = {}, {}

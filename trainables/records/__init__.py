@@ -14,25 +14,28 @@ The analysis imports this package only (no torch, no Ray); Table 4 is the analys
 """
 from __future__ import annotations
 
-from .metrics import ALL_METRICS, METRICS, MICRO_METRICS, metric_by, uncertain_area
+from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURFACE_METRICS, metric_by, surface_by,
+                      uncertain_area)
 from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS,
-                     UNCERTAINTY_COLUMNS, UNCERTAINTY_LATER_COLUMNS, UNCERTAINTY_METHODS, UNCERTAINTY_SITE_COLUMNS,
+                     SURFACE_COLUMNS, UNCERTAINTY_COLUMNS, UNCERTAINTY_LATER_COLUMNS, UNCERTAINTY_METHODS, UNCERTAINTY_SITE_COLUMNS,
                      conform)
-from .store import (RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_uncertainty,
+from .store import (RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_surface, load_uncertainty,
                     load_uncertainty_fits, load_uncertainty_sites, log_attempt, member_part_ids, merge_parts,
                     predictions_path, records_dir, resolve_checkpoint, save_predictions, scratch_dir,
-                    uncertainty_part_ids, write_member_part, write_uncertainty_fit, write_uncertainty_part, write_uncertainty_sites)
+                    uncertainty_part_ids, write_member_part, write_surface_part, write_uncertainty_fit, write_uncertainty_part, write_uncertainty_sites)
 
 __all__ = [
     # schema
     "RECORDS_DIR", "LEGACY_PROMPTED_ARCHS", "MEMBER_COLUMNS", "SLICE_COLUMNS", "LABEL_COLUMN", "UNCERTAINTY_METHODS",
-    "UNCERTAINTY_COLUMNS", "UNCERTAINTY_LATER_COLUMNS", "UNCERTAINTY_SITE_COLUMNS", "conform",
+    "UNCERTAINTY_COLUMNS", "UNCERTAINTY_LATER_COLUMNS", "UNCERTAINTY_SITE_COLUMNS", "SURFACE_COLUMNS", "conform",
     # store
     "RecordsError", "records_dir", "scratch_dir", "clear_scratch", "log_attempt", "load_attempts",
     "write_member_part", "member_part_ids", "resolve_checkpoint", "merge_parts", "load_records", "save_predictions",
     "predictions_path",
     "load_predictions", "write_uncertainty_sites", "write_uncertainty_fit", "load_uncertainty_fits",
     "load_uncertainty_sites", "write_uncertainty_part", "uncertainty_part_ids", "load_uncertainty",
+    "write_surface_part", "load_surface",
     # metrics
-    "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area",
+    "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area", "SURFACE_METRICS", "LOWER_IS_BETTER",
+    "surface_by",
 ]

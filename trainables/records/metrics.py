@@ -22,6 +22,12 @@ METRICS = ("iou_3d", "dice_2d", "dice_global")
 MICRO_METRICS = tuple(f"{m}_micro" for m in METRICS)
 #: Every name ``metric_by`` takes.
 ALL_METRICS = METRICS + MICRO_METRICS
+#: The surface metrics of the surface records (``surface_by``): HD95 in mm (lower is better) and NSD in [0, 1].
+SURFACE_METRICS = ("hd95", "nsd")
+#: Metrics whose lower values are better (the analysis scores them negated: docs/statistics.md).
+LOWER_IS_BETTER = ("hd95",)
+#: The column of the surface records each surface metric reads.
+SURFACE_VALUE = {"hd95": "hd95_mm", "nsd": "nsd"}
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -89,4 +95,28 @@ def uncertain_area(unc: pd.DataFrame, method: str = "ggd",
     frac = u["uncertain_px"] / u["area_px"]
     out = frac.groupby([u[c] for c in by]).mean()
     out.name = "uncertain_area"
+    return out
+
+
+def surface_by(surface: pd.DataFrame, metric: str, by: list[str] | tuple[str, ...] = ("member_id", "site")) -> pd.Series:
+    """The surface records' ``metric`` per group of ``by``: the mean over cases, per label, then over labels.
+
+    A case whose prediction and truth are both empty (NaN: the label is absent there) is left out of the
+    mean, as ``dice_2d`` leaves out slices without foreground; a case with one empty mask counts with its
+    recorded worst value (HD95: the volume's diagonal; NSD: 0). ``hd95`` is in mm (lower is better).
+
+    Args:
+        surface: rows of ``SURFACE_COLUMNS`` (at least ``by``, ``label`` and the metric's column).
+        metric: one of ``SURFACE_METRICS``.
+        by: grouping columns.
+
+    Returns:
+        A Series indexed by ``by``, named ``metric`` (NaN where no case has a value).
+    """
+    by = list(by)
+    if metric not in SURFACE_METRICS:
+        raise ValueError(f"unknown surface metric {metric!r}; valid: {', '.join(SURFACE_METRICS)}")
+    per_label = surface.groupby(by + [LABEL_COLUMN], sort=False)[SURFACE_VALUE[metric]].mean()  # NaN skipped
+    out = per_label.groupby(level=list(range(len(by))), sort=False).mean()
+    out.name = metric
     return out

@@ -56,6 +56,26 @@ SLICE_COLUMNS = {
 #: The optional per-lesion column of the slice records (multi-label tasks).
 LABEL_COLUMN = "label"
 
+#: One row per member x site x case x label: surface distances on the slice cache's grid at its physical
+#: spacing (``trainables.surface``). Written per member as ``surface/<member_id>.parquet`` before the member's
+#: record, merged into ``surface.parquet``. Experiments scored before it existed have none (the analysis then
+#: refuses ``--metric hd95``/``nsd`` with the fix).
+SURFACE_COLUMNS = {
+    "member_id": "string",
+    "site": "string",
+    "role": "string",
+    "case_id": "string",
+    "label": "string",          # the mask channel (the cache's label name; "foreground" for one label)
+    "hd95_mm": "float64",      # MONAI compute_hausdorff_distance(percentile=95); one mask empty: the volume's
+                               # diagonal (mm); both empty: NaN
+    "nsd": "float64",          # MONAI compute_surface_dice at tolerance_mm; one empty: 0; both empty: NaN
+    "empty": "string",         # "none", "pred" (nothing predicted), "truth" (nothing to find) or "both"
+    "tolerance_mm": "float64",
+    "spacing_h": "float64",    # the cache grid's voxel size (mm; native pixels where the file has none)
+    "spacing_w": "float64",
+    "spacing_d": "float64",
+}
+
 # --- the uncertainty stage's records (docs/architecture.md "Records", "Uncertainty") -----
 # One row per member x method x site x case x slice. ``method`` is "ggd" (the paper's delta net on
 # {y_hat, x}), "bayescap" (BayesCap as published, on y_hat only), "tta_noise", "tta_color", "mc_dropout"

@@ -18,6 +18,8 @@ Layout under ``<experiment>/records/``::
     slices.parquet                    merged slices
     uncertainty/{parts,sites,fits,examples}/<member_id>.*   the uncertainty stage's (schema.py)
     uncertainty.parquet, uncertainty_sites.parquet          merged likewise
+    surface/<member_id>.parquet       its per-case HD95 and NSD (SURFACE_COLUMNS), before its member.json
+    surface.parquet                   merged likewise
     attempts.jsonl                    every training start (``log_attempt``)
 """
 from __future__ import annotations
@@ -34,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import (MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS, UNCERTAINTY_COLUMNS, UNCERTAINTY_SITE_COLUMNS,
-                     conform, derive_oracle_prompt, with_later_columns)
+from .schema import (MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS, SURFACE_COLUMNS, UNCERTAINTY_COLUMNS,
+                     UNCERTAINTY_SITE_COLUMNS, conform, derive_oracle_prompt, with_later_columns)
 
 
 def records_dir(experiment_dir: str | os.PathLike) -> Path:
@@ -282,13 +284,19 @@ def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in pdir.glob("*.parquet"))
 
 
+#: What to do about a damaged δ part (``_load_merged_parts``' ``fix``).
+DELTA_FIX = "delete it and run `oodsweep resume {exp}` to fit that member's δ again"
+
+
 def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Path, columns: dict[str, str],
-                       what: str, fill=lambda df: df) -> pd.DataFrame | None:
-    """A merged table of the uncertainty stage's per-member parts (``pdir/<member_id>.parquet``).
+                       what: str, fill=lambda df: df, fix: str = DELTA_FIX) -> pd.DataFrame | None:
+    """A merged table of per-member parts (``pdir/<member_id>.parquet``: the uncertainty stage's, the surface
+    records).
 
     The parts are the truth: the merged file is used only while it holds exactly their members and is
     newer than each of them (else it is rebuilt, and written back); a damaged part is a ``RecordsError``
-    that says how to redo it. None when there are no parts. ``fill`` adds columns older records lack.
+    that says how to redo it (``fix``; ``{exp}``: the experiment). None when there are no parts. ``fill`` adds
+    columns older records lack.
     """
     ids = sorted(p.stem for p in pdir.glob("*.parquet"))
     if merged.exists():
@@ -305,8 +313,8 @@ def _load_merged_parts(experiment_dir: str | os.PathLike, merged: Path, pdir: Pa
         try:
             frames.append(pd.read_parquet(part))
         except Exception as e:  # noqa: BLE001
-            raise RecordsError(f"{part} is damaged ({type(e).__name__}); delete it and run `oodsweep resume "
-                               f"{shlex.quote(str(experiment_dir))}` to fit that member's δ again") from None
+            exp = shlex.quote(str(experiment_dir))
+            raise RecordsError(f"{part} is damaged ({type(e).__name__}); {fix.format(exp=exp)}") from None
     df = conform(fill(pd.concat(frames, ignore_index=True)), columns, what)
     _write_parquet(df, merged)
     return df
@@ -317,3 +325,17 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     rdir = records_dir(experiment_dir)
     return _load_merged_parts(experiment_dir, rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts",
                               UNCERTAINTY_COLUMNS, "uncertainty", fill=with_later_columns)
+
+
+def write_surface_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
+    """A pool member's per-case surface metrics (``SURFACE_COLUMNS``); written before its member record."""
+    rows = conform(rows, SURFACE_COLUMNS, f"surface metrics of {member_id}")
+    return _write_parquet(rows, records_dir(experiment_dir) / "surface" / f"{member_id}.parquet")
+
+
+def load_surface(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The merged surface table (merging the parts if needed), or None when no member has one."""
+    rdir = records_dir(experiment_dir)
+    return _load_merged_parts(experiment_dir, rdir / "surface.parquet", rdir / "surface", SURFACE_COLUMNS,
+                              "surface", fix="run `oodsweep resume {exp}`: it moves the damaged part aside and "
+                                             "trains that member again")

@@ -1,0 +1,154 @@
+"""Several labels and several image channels through training, δ and the records (trainables.exclusive)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trainables import records
+from trainables.exclusive import ExclusiveClasses, binary_logits, class_index, exclusive_loss, label_kind
+
+SITES = ("SiteA", "SiteB")
+
+
+def write_cache(folder: Path, n_channels: int = 2, labels=("PZ", "TZ"), kind: str | None = "exclusive",
+                size: int = 32, cases: int = 4, depth: int = 3, seed: int = 0) -> Path:
+    """A slice cache written by hand as ``trainables.data.cache`` writes one: two sites of ``cases`` cases of
+    ``depth`` slices; label c is a disc (exclusive: a ring around the first), brighter in channel 0, darker
+    in channel 1 (so both channels carry it). The last case of each site is its test split."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    imgs, masks, rows = [], [], []
+    for s, site in enumerate(SITES):
+        for c in range(cases):
+            for z in range(depth):
+                cy, cx = rng.integers(10, size - 10, 2)
+                r = np.hypot(yy - cy, xx - cx)
+                m = np.zeros((len(labels), size, size), np.uint8)
+                m[0] = r < 4
+                if len(labels) > 1:
+                    m[1] = (r >= 4) & (r < 7) if kind == "exclusive" else r < 6
+                img = np.zeros((n_channels, size, size), np.float32) + 0.2 + 0.1 * s
+                for ch in range(n_channels):
+                    img[ch] += (0.5 if ch % 2 == 0 else -0.15) * m[0] + (0.25 if ch % 2 == 0 else 0.3) * m[-1]
+                imgs.append(np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1))
+                masks.append(m if len(labels) > 1 else m[0])
+                rows.append((site, f"{site}_c{c}", z, "test" if c == cases - 1 else "train"))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", np.stack(imgs).astype(np.float16))
+    np.save(folder / "masks.npy", np.stack(masks).astype(np.uint8))
+    pd.DataFrame(rows, columns=["site", "case_id", "slice_idx", "split"]).to_parquet(folder / "index.parquet",
+                                                                                      index=False)
+    manifest = {"labels": list(labels), "modality": "MR", "image_size": size}
+    if kind is not None:
+        manifest["label_kind"] = kind
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def config(cache: Path, exp: Path, **kw) -> dict:
+    return {"arch": "unet_r18", "lr": 3e-3, "seed": 0, "cache": str(cache), "source": "SiteA", "targets": ["SiteB"],
+            "experiment_dir": str(exp), "snapshots": [2], "batch_size": 4, "num_threads": 1, "val_fraction": 0.0,
+            **kw}
+
+
+# ----------------------------------------------------------------------------- unit
+
+def test_label_kind_reads_the_manifest():
+    assert label_kind({"labels": ["liver"]}) == "binary"
+    assert label_kind({"labels": ["liver"], "label_kind": "exclusive"}) == "binary"  # one label: a sigmoid
+    assert label_kind({"labels": ["MA", "HE"]}) == "overlapping"  # no key: as before it existed
+    assert label_kind({"labels": ["PZ", "TZ"], "label_kind": "exclusive"}) == "exclusive"
+    with pytest.raises(ValueError, match=r"cache/manifest.json: label_kind 'softmax' is not one of"):
+        label_kind({"labels": ["a", "b"], "label_kind": "softmax"}, "cache/manifest.json")
+
+
+def test_binary_logits_are_the_argmax_as_channels_that_never_overlap():
+    z = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [0.0, 1.0, 4.0], [1.0, 1.0, 1.0]])  # 4 pixels x 3 classes
+    logits = z.T.reshape(1, 3, 2, 2)
+    m = binary_logits(logits)
+    assert m.shape == (1, 2, 2, 2)
+    # pixel 0: background wins by 1 over class 2; pixel 1: class 1 by 4; pixel 2: class 2 by 3; pixel 3: a tie
+    assert m[0, :, 0, 0].tolist() == [-2.0, -1.0] and m[0, :, 0, 1].tolist() == [4.0, -4.0]
+    assert m[0, :, 1, 0].tolist() == [-3.0, 3.0] and m[0, :, 1, 1].tolist() == [0.0, 0.0]
+    pred = (m > 0).reshape(2, 4).T
+    argmax = logits.argmax(1).reshape(4)
+    assert [int(p.nonzero()[0][0]) + 1 if p.any() else 0 for p in pred[:3]] == argmax[:3].tolist()
+    assert not (pred.sum(1) > 1).any()
+
+
+def test_class_index_and_the_softmax_loss():
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 0, 0, 1] = 1
+    masks[0, 1, 1, :] = 1
+    assert class_index(masks)[0, 0].tolist() == [[0, 1], [2, 2]]
+    loss = exclusive_loss()
+    perfect = torch.full((1, 3, 2, 2), -20.0)
+    for c, (i, j) in [(0, (0, 0)), (1, (0, 1)), (2, (1, 0)), (2, (1, 1))]:
+        perfect[0, c, i, j] = 20.0
+    assert float(loss(perfect, masks)) < 1e-3
+    assert float(loss(-perfect, masks)) > 1.0
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def exclusive_run(tmp_path_factory):
+    """One tiny unet_r18 run on a 2-channel cache with 2 exclusive labels (2 epochs, member at epoch 2)."""
+    from trainables.segment import train_segmenter
+
+    tmp = tmp_path_factory.mktemp("excl")
+    cache = write_cache(tmp / "cache")
+    members = train_segmenter(config(cache, tmp / "exp"))
+    return {"cache": cache, "exp": tmp / "exp", "members": members}
+
+
+def test_exclusive_classes_train_with_softmax_and_predict_disjoint_channels(exclusive_run):
+    from trainables.data.cache import open_slice_cache
+    from trainables.dense import predict
+    from trainables.segment import load_member
+
+    (member,) = exclusive_run["members"]
+    state = torch.load(member["checkpoint"], weights_only=True)
+    assert state["label_kind"] == "exclusive" and state["classes"] == 3 and state["in_channels"] == 2
+    model = load_member(member["checkpoint"])  # the restore path: the wrapper around L + 1 logits
+    assert isinstance(model, ExclusiveClasses)
+    cache = open_slice_cache(exclusive_run["cache"])
+    rows = cache.rows("SiteB", "test")
+    assert model.class_net(torch.from_numpy(np.asarray(cache.images[rows], np.float32))).shape[1] == 3
+    pred = predict(model, cache.images[rows], torch.device("cpu")).numpy()
+    assert pred.shape == (len(rows), 2, 32, 32)
+    assert not (pred.sum(1) > 1).any()  # argmax: a pixel is in one class at most
+    stored, _, _ = records.load_predictions(exclusive_run["exp"] / "records" / "predictions" / member["member_id"]
+                                            / "SiteB.npz")
+    assert (stored == pred).all()
+
+
+def test_exclusive_records_have_one_row_per_slice_and_label(exclusive_run):
+    mem, slices = records.merge_parts(exclusive_run["exp"])
+    assert records.LABEL_COLUMN in slices.columns
+    assert sorted(slices[records.LABEL_COLUMN].unique()) == ["PZ", "TZ"]
+    per_slice = slices.groupby(["site", "case_id", "slice_idx"]).size()
+    assert (per_slice == 2).all() and len(per_slice) == 2 * 3  # one test case of 3 slices per site
+    assert (slices[["tp", "fp", "fn", "tn"]].sum(axis=1) == slices["area_px"]).all()
+    # the truth of the records is the cache's channel of that label
+    from trainables.data.cache import open_slice_cache
+
+    cache = open_slice_cache(exclusive_run["cache"])
+    rows = cache.rows("SiteA", "test")
+    tz = slices[(slices.site == "SiteA") & (slices[records.LABEL_COLUMN] == "TZ")].sort_values("slice_idx")
+    assert (tz["tp"] + tz["fn"]).tolist() == np.asarray(cache.masks[rows][:, 1]).reshape(len(rows), -1).sum(1).tolist()
+
+
+def test_an_overlapping_cache_refused_as_exclusive(tmp_path):
+    from trainables.segment import train_segmenter
+
+    cache = write_cache(tmp_path / "cache", kind="overlapping")
+    mf = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**mf, "label_kind": "exclusive"}))
+    with pytest.raises(ValueError, match=r"label_kind is 'exclusive' but \d+ slice\(s\) have pixels in two"):
+        train_segmenter(config(cache, tmp_path / "exp", snapshots=[1]))

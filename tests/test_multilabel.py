@@ -184,3 +184,90 @@ def test_uncertainty_on_an_exclusive_two_channel_member_pools_the_labels(exclusi
     want = (pred.any(1) != truth).reshape(len(rows), -1).sum(1)
     got = unc[(unc.method == "ggd") & (unc.site == "SiteB")].sort_values("slice_idx")["error_px"].tolist()
     assert got == want.tolist()
+
+
+# ----------------------------------------------------------------------------- analysis per label
+
+def _mask(*pixels: int) -> np.ndarray:
+    m = np.zeros(16, bool)
+    m[list(pixels)] = True
+    return m.reshape(4, 4)
+
+
+#: one 4 x 4 slice per site; truth and three members' predictions per label (A, B): hand-checkable counts
+TRUTH = {"S": (_mask(0, 1, 2, 3), _mask(8, 9)), "T": (_mask(0, 1, 2, 3), _mask(8, 9, 10))}
+PREDS = {  # member -> site -> (A, B)
+    "m0": {"S": (_mask(0, 1, 2, 3), _mask(8, 9)), "T": (_mask(0, 1, 2, 3), _mask(8, 12))},
+    "m1": {"S": (_mask(0, 1), _mask(8, 9)), "T": (_mask(0, 1), _mask(8, 9, 10))},
+    "m2": {"S": (_mask(0, 1, 2, 3), _mask(9)), "T": (_mask(0), _mask(12, 13))},
+}
+
+
+def write_records(exp: Path) -> Path:
+    """A records folder by hand: members m0-m2 (one run each), source site S (role id) and target T, labels A, B."""
+    for i, (mid, sites) in enumerate(PREDS.items()):
+        rows = []
+        for site, role in (("S", "id"), ("T", "ood")):
+            for lab, p, t in zip("AB", sites[site], TRUTH[site]):
+                rows.append({"site": site, "role": role, "case_id": f"{site}1", "slice_idx": 0, "tp": int((p & t).sum()),
+                             "fp": int((p & ~t).sum()), "fn": int((~p & t).sum()), "tn": int((~p & ~t).sum()),
+                             "area_px": 16, "label": lab})
+            records.save_predictions(exp, mid, site, np.stack(sites[site])[None], [f"{site}1"], np.array([0]))
+        member = {"member_id": mid, "run_id": f"run{i}", "arch": "unet_r18", "lr": 1e-3, "epochs": 1, "seed": i,
+                  "batch_size": 4, "source": "S", "checkpoint": "", "oracle_prompt": False}
+        records.write_member_part(exp, member, pd.DataFrame(rows).assign(member_id=mid))
+    records.merge_parts(exp)
+    return exp
+
+
+def test_label_names_and_select_label(tmp_path):
+    _, slices = records.merge_parts(write_records(tmp_path / "exp"))
+    assert records.label_names(slices) == ["A", "B"]
+    b = records.select_label(slices, "B")
+    assert records.LABEL_COLUMN not in b.columns and len(b) == 3 * 2
+    with pytest.raises(ValueError, match=r"label 'C': the slice records hold labels \['A', 'B'\]; give one of them"):
+        records.select_label(slices, "C")
+    with pytest.raises(ValueError, match=r"hold one label \(no 'label' column\)"):
+        records.select_label(b, "B")
+
+
+def test_label_channel_of_packed_predictions(tmp_path):
+    from analysis.agreement import label_channel, read_packed
+
+    for hw in (4, 3):  # 16 pixels a channel (whole bytes), 9 (unpacked and packed again)
+        masks = np.random.default_rng(hw).random((5, 3, hw, hw)) > 0.5
+        path = records.save_predictions(tmp_path, f"m{hw}", "S", masks, ["c"] * 5, np.arange(5))
+        for c in range(3):
+            p = label_channel(read_packed(path), c, path)
+            assert p.shape == (5, hw, hw)
+            got = np.unpackbits(p.bits, axis=1, count=hw * hw).astype(bool).reshape(5, hw, hw)
+            assert (got == masks[:, c]).all()
+    with pytest.raises(ValueError, match=r"have no label channel 3"):
+        label_channel(read_packed(path), 3, path)
+
+
+def test_analysis_per_label_and_averaged(tmp_path):
+    """dice_global on T (hand-computed): m0 A 1.0, B 2*1/(2+3) = 0.4, mean 0.7; m1 A 2*2/(4+2) = 0.667, B 1.0;
+    m2 A 2/(2+3) = 0.4, B 0. Agreement of m0 and m1 on T, label A: 2*2/(4+2); label B: 2*1/(2+3)."""
+    from analysis import run_analysis
+
+    exp = write_records(tmp_path / "exp")
+    kw = dict(metric="dice_global", indicators=["id_performance", "id_agreement", "ood_agreement"], n_resamples=0)
+    main = run_analysis(exp, **kw)
+    perf = pd.read_csv(exp / "analysis" / "performance.csv").set_index("member_id")["ood_score"]
+    assert perf.to_dict() == pytest.approx({"m0": 0.7, "m1": (2 / 3 + 1) / 2, "m2": 0.2})
+    per_label = pd.read_csv(exp / "analysis" / "table1_per_label.csv")
+    assert list(per_label.columns)[0] == "label" and set(per_label["label"]) == {"A", "B"}
+    b = run_analysis(exp, label="B", **kw)
+    out = exp / "analysis" / "per_label" / "B"
+    assert b["out_dir"] == str(out) and any("label B" in n for n in b["notes"])
+    perf_b = pd.read_csv(out / "performance.csv").set_index("member_id")["ood_score"]
+    assert perf_b.to_dict() == pytest.approx({"m0": 0.4, "m1": 1.0, "m2": 0.0})
+    pairs_a = pd.read_csv(run_analysis(exp, label="A", **kw)["out_dir"] + "/agreement_pairs.csv")
+    pairs_b = pd.read_csv(out / "agreement_pairs.csv")
+    first = (pairs_a.member_a == "m0") & (pairs_a.member_b == "m1")
+    assert float(pairs_a.loc[first, "T"].iloc[0]) == pytest.approx(4 / 6)
+    assert float(pairs_b.loc[first, "T"].iloc[0]) == pytest.approx(2 / 5)
+    assert json.loads((out / "summary.json").read_text())["label"] == "B"
+    assert "label" not in json.loads((exp / "analysis" / "summary.json").read_text())
+    assert main["out_dir"] == str(exp / "analysis")

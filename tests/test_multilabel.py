@@ -271,3 +271,76 @@ def test_analysis_per_label_and_averaged(tmp_path):
     assert json.loads((out / "summary.json").read_text())["label"] == "B"
     assert "label" not in json.loads((exp / "analysis" / "summary.json").read_text())
     assert main["out_dir"] == str(exp / "analysis")
+
+
+# ----------------------------------------------------------------------------- SAM: channels and labels
+
+def _spec(tmp_path, **pool) -> dict:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return {"name": "t", "storage": str(tmp_path / "runs"),
+            "data": {"layout": "prostate_multisite", "root": str(tmp_path / "data"), "source": "SiteA",
+                     "targets": ["SiteB"], "image_size": 32},
+            "pool": {"arch": {"grid": ["unet_r18", "medsam_tiny"]}, "lr": {"grid": [1e-3]},
+                     "epochs": {"snapshots": [1]}, **pool}}
+
+
+def test_sam_channels_in_the_spec(tmp_path):
+    from sweeps.pool import param_space
+    from sweeps.spec import SpecError, parse_spec
+
+    assert parse_spec(_spec(tmp_path)).pool.sam_channels is None
+    spec = parse_spec(_spec(tmp_path, sam_channels=[1, 1, 0]))
+    assert spec.pool.sam_channels == (1, 1, 0)
+    assert param_space(spec, tmp_path / "cache")["sam_channels"] == [1, 1, 0]
+    with pytest.raises(SpecError, match=r"pool.sam_channels.*\[0, 1\]: give three image-channel indices"):
+        parse_spec(_spec(tmp_path, sam_channels=[0, 1]))
+    with pytest.raises(SpecError, match=r"pool.sam_channels.*-1"):
+        parse_spec(_spec(tmp_path, sam_channels=[0, 1, -1]))
+    only_cnn = _spec(tmp_path, sam_channels=[0, 0, 0])
+    only_cnn["pool"]["arch"] = {"grid": ["unet_r18"]}
+    with pytest.raises(SpecError, match=r"pool.sam_channels.*none of the SAM models"):
+        parse_spec(only_cnn)
+
+
+def test_sam_channels_against_the_image_channels():
+    from sweeps.spec import SpecError
+    from sweeps.user_models import check_prompted_data
+    from trainables.sam.build import sam_channels
+
+    assert sam_channels(1, None) is None and sam_channels(1, [0, 0, 0]) is None  # the default: grey repeated
+    assert sam_channels(3, [0, 1, 2]) is None and sam_channels(3, [2, 1, 0]) == (2, 1, 0)
+    assert sam_channels(2, [0, 1, 1]) == (0, 1, 1)
+    with pytest.raises(ValueError, match=r"pool.sam_channels is not set and the slices have 2 image channels"):
+        sam_channels(2, None)
+    with pytest.raises(ValueError, match=r"pool.sam_channels: \[0, 1, 2\] does not fit slices of 2 image channel"):
+        sam_channels(2, [0, 1, 2])
+    check_prompted_data(["medsam_tiny"], 2, ["prostate"], (0, 1, 1), "s.yaml", "cache")
+    with pytest.raises(SpecError, match=r"s.yaml: pool.sam_channels is not set .* \(slice cache cache\)"):
+        check_prompted_data(["medsam_tiny"], 2, ["prostate"], None, "s.yaml", "cache")
+    with pytest.raises(SpecError, match=r"box-prompted models \['medsam_tiny'\] predict one merged mask .* 2 labels"):
+        check_prompted_data(["medsam_tiny"], 1, ["PZ", "TZ"], None, "s.yaml", "cache")
+
+
+def test_medsam_sees_the_chosen_channels():
+    from trainables.sam.build import build_medsam
+    from trainables.sam.embeddings import _key_of
+
+    grey = build_medsam(in_channels=1, variant="tiny", img_size=64, quiet=True)
+    two = build_medsam(in_channels=2, variant="tiny", img_size=64, quiet=True, channels=[1, 1, 1])
+    assert "channels" not in grey.source and two.source["channels"] == [1, 1, 1]
+    assert "channels" not in build_medsam(in_channels=1, variant="tiny", img_size=64, quiet=True,
+                                          channels=[0, 0, 0]).source  # the default, said: the same model
+    x = np.random.default_rng(0).random((2, 2, 16, 16)).astype(np.float32)
+    assert torch.equal(two.model_input(x), grey.model_input(x[:, 1:2]))
+    assert _key_of(two.source, "abc") != _key_of({k: v for k, v in two.source.items() if k != "channels"}, "abc")
+    with pytest.raises(ValueError, match=r"pool.sam_channels is not set and the slices have 2"):
+        build_medsam(in_channels=2, variant="tiny", img_size=64, quiet=True)
+
+
+def test_tta_colour_on_two_channels():
+    from trainables.baselines import tta_color_map
+
+    model = torch.nn.Conv2d(2, 1, 1)
+    x = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)
+    m = tta_color_map(model, x, torch.device("cpu"), 3, 0.3, torch.Generator().manual_seed(0))
+    assert m.shape == (3, 8, 8) and np.isfinite(m).all() and m.max() > 0

@@ -344,3 +344,52 @@ def test_tta_colour_on_two_channels():
     x = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)
     m = tta_color_map(model, x, torch.device("cpu"), 3, 0.3, torch.Generator().manual_seed(0))
     assert m.shape == (3, 8, 8) and np.isfinite(m).all() and m.max() > 0
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+
+@pytest.mark.integration
+def test_sweep_with_two_exclusive_labels_and_two_channels(tiny_data, tmp_path):
+    """`oodsweep run` on a cache of 2 image channels and 2 exclusive labels (the synthetic prostate split into its
+    upper and lower rows, written over the spec's own cache), then `oodsweep analyze --label all`."""
+    import yaml
+
+    from conftest import run_cli
+    from sweeps.driver import prepare_data
+    from sweeps.spec import parse_spec
+
+    raw = {"name": "zones", "storage": str(tmp_path / "runs"),
+           "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA", "targets": ["SiteB"],
+                    "image_size": 32, "test_fraction": 0.25},
+           "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1]},
+                    "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}},
+           "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "baselines": ["tta_color"],
+                           "resources": {"cpu": 0.5}},
+           "analysis": {"metric": "dice_global"}}
+    cache = prepare_data(parse_spec(raw), progress=False)
+    images, masks = np.load(cache / "images.npy"), np.load(cache / "masks.npy")
+    upper = np.zeros_like(masks, dtype=bool)
+    upper[:, : masks.shape[1] // 2] = True
+    np.save(cache / "images.npy", np.concatenate([images, 1 - images], axis=1))
+    np.save(cache / "masks.npy", np.stack([masks * upper, masks * ~upper], axis=1).astype(np.uint8))
+    mf = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**mf, "labels": ["upper", "lower"], "label_kind": "exclusive"}))
+
+    (tmp_path / "zones.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli("run", str(tmp_path / "zones.yaml"), "--num-cpus", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    exp = tmp_path / "runs" / "zones"
+    members, slices = records.load_records(exp)
+    (mid,) = members["member_id"]
+    assert records.label_names(slices) == ["upper", "lower"]
+    state = torch.load(exp / members["checkpoint"].iloc[0], weights_only=True)
+    assert (state["label_kind"], state["classes"], state["in_channels"]) == ("exclusive", 3, 2)
+    pred, _, _ = records.load_predictions(exp / "records" / "predictions" / mid / "SiteB.npz")
+    assert pred.shape[1] == 2 and not (pred.sum(1) > 1).any()
+    unc = records.load_uncertainty(exp)
+    assert set(unc["method"]) == {"ggd", "tta_color"} and records.LABEL_COLUMN not in unc.columns
+    assert (exp / "analysis" / "table1_per_label.csv").is_file()
+    proc = run_cli("analyze", str(exp), "--label", "all", "--no-mlflow", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for label in ("upper", "lower"):
+        assert (exp / "analysis" / "per_label" / label / "performance.csv").is_file()

@@ -31,7 +31,8 @@ def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, ba
             accel: Accel | None = None) -> torch.Tensor:
     """Binary masks ``N x H x W`` (bool, on the CPU) for ``N x C x H x W`` images (logit > 0).
 
-    A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``.
+    A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``; so does a member of
+    exclusive classes (``trainables.exclusive.ExclusiveClasses``: its argmax as L channels that never overlap).
     ``accel``: the precision and memory format the model was trained with (default fp32).
     """
     model.eval()
@@ -141,7 +142,8 @@ def load_dense_member(state: dict, device: str | torch.device = "cpu") -> torch.
 
 
 def segmentation_loss(n_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels.
+    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels (one label, or overlapping
+    labels; mutually exclusive classes train with ``trainables.exclusive.exclusive_loss``).
 
     One channel: MONAI's ``DiceCELoss(sigmoid=True)``. Several (multi-label, e.g. fundus lesions):
     ``DiceLoss(sigmoid=True)`` + ``BCEWithLogitsLoss``, since ``DiceCELoss`` takes a softmax

@@ -155,8 +155,8 @@ def test_an_overlapping_cache_refused_as_exclusive(tmp_path):
 
 
 def test_uncertainty_on_an_exclusive_two_channel_member_pools_the_labels(exclusive_run, tmp_path):
-    """δ (2-channel image stem), BayesCap, TTA noise and colour (2 channels) and MC dropout (inside the
-    wrapper) score the exclusive member; the uncertainty records stay one row per slice (the labels' union)."""
+    """δ (2-channel image stem), TTA colour (2 channels) and MC dropout (inside the wrapper) score the exclusive
+    member; the uncertainty records stay one row per slice (the labels' union)."""
     import shutil
 
     from trainables.uncertainty import fit_uncertainty
@@ -167,12 +167,13 @@ def test_uncertainty_on_an_exclusive_two_channel_member_pools_the_labels(exclusi
     ckpt = exp / "records" / "checkpoints" / Path(member["checkpoint"]).name
     fit_uncertainty({"member_id": member["member_id"], "checkpoint": str(ckpt), "cache": str(exclusive_run["cache"]),
                      "source": "SiteA", "targets": ["SiteB"], "experiment_dir": str(exp), "epochs": 1, "passes": 2,
-                     "batch_size": 4, "num_threads": 1, "val_fraction": 0.0, "holdout": 0.0})
+                     "batch_size": 4, "num_threads": 1, "val_fraction": 0.0, "holdout": 0.0,
+                     "baselines": ["tta_color", "mc_dropout"]})
     unc = pd.read_parquet(exp / "records" / "uncertainty" / "parts" / f"{member['member_id']}.parquet")
-    assert set(unc["method"]) == {"ggd", "bayescap", "tta_noise", "tta_color", "mc_dropout"}
+    assert set(unc["method"]) == {"ggd", "tta_color", "mc_dropout"}
     assert records.LABEL_COLUMN not in unc.columns
     assert not unc.duplicated(["method", "site", "case_id", "slice_idx"]).any()  # one row per slice
-    assert len(unc[unc.site == "SiteB"]) == 5 * 3  # methods x slices
+    assert len(unc[unc.site == "SiteB"]) == 3 * 3  # methods x slices
     # error_px is the union's: the predicted classes' union against the labels' union
     _, slices = records.merge_parts(exp)
     from trainables.data.cache import open_slice_cache

@@ -90,6 +90,26 @@ def read_packed(path: str | os.PathLike) -> PackedPredictions:
     return p
 
 
+def label_channel(p: PackedPredictions, channel: int, path: str | os.PathLike) -> PackedPredictions:
+    """Label ``channel`` of multi-label predictions (``N x L x H x W``) as ``N x H x W``, still packed.
+
+    The slice's bits hold the L channels one after another; when H*W is a multiple of 8 the channel is a byte
+    range of each row, otherwise it is unpacked and packed again. A ValueError names the file when it holds one
+    label only or fewer channels.
+    """
+    if len(p.shape) != 4 or not 0 <= channel < p.shape[1]:
+        raise ValueError(f"{path}: predictions of shape {p.shape} have no label channel {channel} (multi-label "
+                         f"predictions are N x L x H x W)")
+    hw = int(np.prod(p.shape[2:]))
+    if hw % 8 == 0:
+        bits = p.bits[:, channel * hw // 8:(channel + 1) * hw // 8]
+    else:
+        flat = np.unpackbits(p.bits, axis=1, count=p.shape[1] * hw)
+        bits = np.packbits(flat[:, channel * hw:(channel + 1) * hw], axis=1)
+    return PackedPredictions(bits=np.ascontiguousarray(bits), shape=(p.shape[0], *p.shape[2:]), case_id=p.case_id,
+                             slice_idx=p.slice_idx)
+
+
 def _shared_bits(bits: np.ndarray) -> np.ndarray:
     """Packed ``N x B`` mask of the pixels that at least two of the ``M x N x B`` members mark."""
     once = np.zeros(bits.shape[1:], dtype=np.uint8)
@@ -323,9 +343,10 @@ class Agreement:
         return out
 
 
-def _stack_site(paths: dict[str, Path], site: str
+def _stack_site(paths: dict[str, Path], site: str, channel: int | None = None
                 ) -> tuple[list[str], np.ndarray | None, int, list[str], np.ndarray | None]:
-    """Stack the packed bits of the members whose file matches the first one's slices (and its case ids)."""
+    """Stack the packed bits of the members whose file matches the first one's slices (and its case ids);
+    ``channel``: that label channel of multi-label predictions only (``label_channel``)."""
     notes: list[str] = []
     ref: PackedPredictions | None = None
     ref_path: Path | None = None
@@ -334,6 +355,7 @@ def _stack_site(paths: dict[str, Path], site: str
     for mid, path in paths.items():
         try:
             p = read_packed(path)
+            p = p if channel is None else label_channel(p, channel, path)
         except (OSError, ValueError) as e:  # one unreadable file must not sink the whole analysis
             notes.append(f"agreement on {site}: skipped member {mid}: {e}")
             continue
@@ -354,7 +376,7 @@ def _stack_site(paths: dict[str, Path], site: str
 
 
 def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
-                       site_roles: dict[str, str], metric: str = "iou_3d") -> Agreement:
+                       site_roles: dict[str, str], metric: str = "iou_3d", channel: int | None = None) -> Agreement:
     """Pairwise agreement of ``member_ids`` on every site of ``site_roles``, from the stored predictions.
 
     Args:
@@ -363,6 +385,8 @@ def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
         site_roles: site -> role (``"id"`` / ``"ood"``), e.g. from the slice records.
         metric: the agreement metric (``AGREEMENT_METRICS``): the performance metric, so that
             agreement and performance are on one scale.
+        channel: for multi-label predictions, the agreement of this label channel only (``label_channel``);
+            None: every channel's pixels together (one pooled mask, as before).
     Returns:
         An ``Agreement``; a site where fewer than two members have predictions gets no matrix
         (and a note), a member without a file on a site gets NaN there (and a note).
@@ -382,7 +406,8 @@ def agreement_matrices(experiment_dir: str | os.PathLike, member_ids: list[str],
         if missing:
             res.notes.append(f"agreement on {site}: no predictions file for {len(missing)} member(s) "
                              f"(e.g. {pdir / missing[0] / (site + '.npz')}); they are left out there")
-        kept, stack, n_px, notes, case_ids = _stack_site({k: p for k, p in paths.items() if k not in missing}, site)
+        kept, stack, n_px, notes, case_ids = _stack_site({k: p for k, p in paths.items() if k not in missing}, site,
+                                                            channel)
         res.notes += notes
         if len(kept) < 2 or stack is None:
             res.notes.append(f"agreement on {site}: fewer than two members with usable predictions; skipped")

@@ -86,6 +86,8 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         aline_fits: ``aline.aline_table``'s fits (for ALine-D's point value).
         indicators: the indicators to give extra and regret rows for (default: those with values).
         n_resamples, seed: the run-level bootstrap's.
+        label: one label of multi-label records (``run_analysis``'s ``label``; default written under
+            ``<experiment_dir>/analysis/per_label/<label>``).
         floor: the degenerate floor: C2, C3 and C4 are repeated without the members below it (C2, C4: the
             points; C3: members with a score below it anywhere), and a verdict that changes without them is
             reported as inconclusive (``_check_degenerate``).
@@ -257,7 +259,8 @@ def _spec_analysis(experiment_dir: Path) -> dict:
 
 
 def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir: str | Path | None = None,
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED) -> tuple[pd.DataFrame, list[Path]]:
+                 n_resamples: int = N_RESAMPLES, seed: int = SEED, label: str | None = None
+                 ) -> tuple[pd.DataFrame, list[Path]]:
     """(Re)build the claims report of a finished experiment from its files alone (no Ray, no MLflow).
 
     Reads the records (``trainables.records``), prepares the performance and indicator tables as
@@ -269,6 +272,8 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
         metric: default the frozen spec's ``analysis.metric``, else ``iou_3d``.
         out_dir: where to write.
         n_resamples, seed: the run-level bootstrap's.
+        label: one label of multi-label records (``run_analysis``'s ``label``; default written under
+            ``<experiment_dir>/analysis/per_label/<label>``).
 
     Returns:
         ``(claims, [claims.csv, claims.md])``.
@@ -282,7 +287,7 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     metric = check_metric(metric or str(spec.get("metric") or "iou_3d"))
     floor = spec.get("degenerate_floor", 0.01) if is_bounded(metric) else None  # −HD95 is not in [0, 1]
     # the label-free members, their agreement and δ's indicators exactly as run_analysis reads them
-    prep = prepare(experiment_dir, metric, resolve_indicators(None), warn=False)
+    prep = prepare(experiment_dir, metric, resolve_indicators(None), warn=False, label=label)
     perf, unc = prep.perf, prep.unc
     table, agreement = prep.tables.get(LABEL_FREE), prep.agreements.get(LABEL_FREE)
     fits = (aline_table(table, agreement)[1] if table is not None and agreement is not None
@@ -291,5 +296,9 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
                           floor=None if floor is None else float(floor),
                           sam_members=sam_members_of(experiment_dir) if unc is not None else None)
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
+    if out_dir is None and label is not None:
+        from analysis.plots import safe_name  # as run_analysis names the label's folder
+
+        out = out / "per_label" / safe_name(label)
     return claims, write_claims(claims, out, experiment_dir.name, metric, n_resamples,
                                 None if floor is None else float(floor))

@@ -24,7 +24,8 @@ from analysis.agreement import Agreement, agreement_matrices
 from analysis.indicators import INDICATORS, indicator_table
 from analysis.performance import performance_table
 from analysis.uncertainty_indicators import uncertainty_indicator_frame
-from trainables.records import SURFACE_METRICS, load_records, load_surface, load_uncertainty, member_part_ids, records_dir
+from trainables.records import (SURFACE_METRICS, label_names, load_records, load_surface, load_uncertainty,
+                                member_part_ids, records_dir, select_label)
 
 #: The agreement metric of a performance metric without a pairwise form (the surface metrics): per-case overlap.
 AGREEMENT_OF = {m: "iou_3d" for m in SURFACE_METRICS}
@@ -144,7 +145,7 @@ def _uncertainty(experiment_dir: Path, n_pool: int, notes: list[str]
 
 
 def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, ...] | list[str],
-            warn: bool = True) -> Prepared:
+            warn: bool = True, label: str | None = None) -> Prepared:
     """Read an experiment's records into what every result is computed from.
 
     Args:
@@ -153,6 +154,8 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
         wanted: indicator names (``analysis.indicators.resolve_indicators``): the agreement is computed
             when one of them is an agreement indicator, the uncertainty records read when one needs them.
         warn: also issue the missing-``run_id`` note as a ``UserWarning``.
+        label: one label of multi-label records: the performance and the agreement are that label's alone
+            (``trainables.records.select_label``, its channel of the stored masks); None: the mean over labels.
 
     Raises:
         FileNotFoundError: no records under ``experiment_dir`` (the message names the folder and the fix).
@@ -163,6 +166,12 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     t0 = time.perf_counter()
     members, slices = load_records(experiment_dir)
     surface = load_surface(experiment_dir) if metric in SURFACE_METRICS else None
+    channel = None
+    if label is not None:
+        channel = label_names(slices).index(label) if label in label_names(slices) else None
+        slices = select_label(slices, label, f"the slice records of {records_dir(experiment_dir)}")
+        if surface is not None and "label" in surface.columns:
+            surface = select_label(surface, label, f"the surface records of {records_dir(experiment_dir)}")
     perf = performance_table(members, slices, metric, surface)
     if perf.empty:
         raise ValueError(f"records in {records_dir(experiment_dir)} hold no OOD (target-site) evaluations: "
@@ -171,6 +180,10 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     p = Prepared(members=members, slices=slices, perf=perf, roles=site_roles(slices), all_ids=[], oracle_ids=[],
                  member_sets={}, run_of={})
     p.timings["records"] = time.perf_counter() - t0
+    if label is not None:
+        p.notes.append(f"label {label}: the performance and the agreement are this label's alone (label channel "
+                       f"{channel}); the uncertainty indicators and Table 4 are the labels' union, as the uncertainty "
+                       f"stage scores them")
     p.all_ids, p.oracle_ids, p.member_sets = _member_sets(perf, records_dir(experiment_dir), p.notes, warn)
     p.run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
 
@@ -179,7 +192,8 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
         # the stored masks pool the label channels, so a micro metric's agreement is the base metric's
         # a surface metric has no pairwise form here: its agreement indicators are the members' 3D IoU agreement
         agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles,
-                                       metric=AGREEMENT_OF.get(metric, metric.removesuffix("_micro")))
+                                       metric=AGREEMENT_OF.get(metric, metric.removesuffix("_micro")),
+                                       channel=channel)
         p.notes += agreement.notes
         p.agreement = agreement if agreement.matrices else None
     p.timings["agreement"] = time.perf_counter() - t

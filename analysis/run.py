@@ -28,11 +28,11 @@ from analysis.prepare import ALL, LABEL_FREE, prepare
 from trainables.records import SURFACE_METRICS
 from analysis.report import tables_markdown
 from analysis.selection import loto_estimates, select_models
-from analysis.tables import correlations_long, table1, table1_long, table1_markdown
+from analysis.tables import correlations_long, table1, table1_long, table1_markdown, table1_per_label
 from analysis.uncertainty_indicators import uncertainty_sections
 
 #: Outputs a run may or may not write: removed first so that a rerun leaves no stale ones.
-_OPTIONAL = ("agreement_pairs.csv", "table4.csv", "table4_readings.csv", "error_ranking.csv", "uncertainty_fits.csv",
+_OPTIONAL = ("table1_per_label.csv", "agreement_pairs.csv", "table4.csv", "table4_readings.csv", "error_ranking.csv", "uncertainty_fits.csv",
              "loto.csv", "loto_summary.csv", "lines.csv", "aline.csv")
 _OPTIONAL_PLOTS = ("fig3_*.png", "fig4_*.png", "fig6_*.png", "accuracy_on_the_line_*.png")
 
@@ -67,7 +67,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
                  degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
-                 target_order: list[str] | None = None, severity_chain: list[str] | None = None) -> dict:
+                 target_order: list[str] | None = None, severity_chain: list[str] | None = None,
+                 label: str | None = None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -110,6 +111,10 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         target_order: the targets in the spec's order (tables and the pool-health line follow it).
         severity_chain: the targets of growing shift severity, in order, along which the pool's mean
             OOD score should fall (``analysis.health``); None: all of ``target_order``.
+        label: one label of multi-label records: the whole analysis of that label alone (performance and
+            agreement; the uncertainty indicators stay the labels' union), default written under
+            ``<experiment_dir>/analysis/per_label/<label>``. None: the mean over the labels, plus
+            ``table1_per_label.csv`` (Tables 1–3 per label) when the records hold several.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -127,7 +132,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     wanted = resolve_indicators(indicators)
     experiment_dir = Path(experiment_dir)
     t0 = time.perf_counter()
-    prep = prepare(experiment_dir, metric, wanted)  # records, member sets, agreement, uncertainty, indicator tables
+    # records, member sets, agreement, uncertainty, indicator tables (one label's: analysis.prepare)
+    prep = prepare(experiment_dir, metric, wanted, label=label)
     timings: dict[str, float] = dict(prep.timings)
     members, perf, roles, notes = prep.members, prep.perf, prep.roles, prep.notes
     member_sets, oracle_ids, run_of = prep.member_sets, prep.oracle_ids, prep.run_of
@@ -136,6 +142,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     degenerate_floor = degenerate_floor if bounded else None  # −HD95 is not in [0, 1]: no floor to flag against
     agreement, agreements, unc, tables = prep.agreement, prep.agreements, prep.unc, prep.tables
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
+    if out_dir is None and label is not None:
+        out = out / "per_label" / safe_name(label)
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale(out)
     files: list[Path] = []
@@ -198,6 +206,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     t = time.perf_counter()
     _write_csv(table1(perf), out / "table1.csv", files)
     _write_csv(table1_long(perf), out / "table1_long.csv", files)
+    per_label = table1_per_label(members, prep.slices, metric) if label is None else pd.DataFrame()
+    if len(per_label):  # multi-label records: each label's Tables 1-3 beside their mean
+        _write_csv(per_label, out / "table1_per_label.csv", files)
     source = ", ".join(sorted(perf["source"].astype(str).unique()))
     t4 = None
     unc_md: list[str] = []
@@ -261,7 +272,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     health = pool_health(perf, [t for t in (target_order or []) if t in targets]
                          + [t for t in targets if t not in (target_order or [])], chain=severity_chain, **bars)
     (out / "tables.md").write_text(tables_markdown(
-        experiment=experiment_dir.name, metric=metric, n_members=n_members, source=source, targets=targets,
+        experiment=experiment_dir.name + (f" (label {label})" if label is not None else ""), metric=metric, n_members=n_members, source=source, targets=targets,
         available=available, has_agreement=agreement is not None, missing=missing, notes=notes, health=health,
         member_sets=member_sets, claims=claims, perf=perf, n_resamples=n_resamples, corr=corr,
         lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out,
@@ -280,6 +291,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                "oracle_members": oracle_ids, "member_sets": list(member_sets), "pool_health": health,
                "claims": _json_clean(claims.to_dict(orient="records")),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
+    if label is not None:
+        summary["label"] = label
     (out / "summary.json").write_text(json.dumps(_json_clean(summary), indent=1, allow_nan=False) + "\n",
                                       encoding="utf-8")
     files.append(out / "summary.json")

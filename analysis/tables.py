@@ -131,6 +131,20 @@ def table1_long(perf: pd.DataFrame) -> pd.DataFrame:
                                        "mean_pct", "std_pct", "change_pct", "cell"])
 
 
+def table1_per_label(members: pd.DataFrame, slices: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Tables 1–3 of each label of multi-label records (``table1`` on that label's rows alone), one block per
+    label with a ``label`` column first; empty for records with one label. ``table1.csv`` beside it is the
+    mean over the labels (``trainables.records.metric_by``)."""
+    from analysis.performance import performance_table
+    from trainables.records import label_names, select_label
+
+    names = label_names(slices)
+    if len(names) < 2:
+        return pd.DataFrame()
+    return pd.concat([table1(performance_table(members, select_label(slices, n), metric)).assign(label=n)
+                      .pipe(lambda t: t[["label", *t.columns[:-1]]]) for n in names], ignore_index=True)
+
+
 def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
     """Tables 1–3 as printed.
 

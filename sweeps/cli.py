@@ -4,8 +4,8 @@
     oodsweep resume EXPERIMENT_DIR [--address ADDR]     continue an interrupted sweep from its folder
     oodsweep demo [--storage DIR] [--smoke]             the embedded-default demo sweep
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
-    oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR]   rerun the analysis (no Ray needed)
-    oodsweep report EXPERIMENT_DIR [--metric M]         the claims report: which of the paper's claims hold
+    oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR] [--label NAME|all]   rerun the analysis (no Ray needed)
+    oodsweep report EXPERIMENT_DIR [--metric M] [--label NAME]  the claims report: which of the paper's claims hold
     oodsweep data check ROOT --layout NAME [--sites A,B] [--sites-from MAP]  validate a dataset folder
     oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
     oodsweep import SPEC [--members CSV] [--predictions DIR] [--records-only]
@@ -153,6 +153,21 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _labels_of(experiment_dir: Path, wanted: list[str]) -> list[str]:
+    """``--label`` values: the names given, or every label of the records for ``all``."""
+    if "all" not in wanted:
+        return list(dict.fromkeys(wanted))
+    from trainables.records import label_names, load_records
+
+    from .errors import SpecError
+
+    names = label_names(load_records(experiment_dir)[1])
+    if not names:
+        raise SpecError(f"--label all: the records of {experiment_dir} hold one label (no 'label' column); "
+                        f"analyse them without --label")
+    return names
+
+
 def _cmd_analyze(args) -> int:
     dirs = args.experiment_dir
     if len(dirs) > 1:  # each experiment's own analysis, then Tables 1-3 joined across them
@@ -182,6 +197,12 @@ def _cmd_analyze(args) -> int:
             raise StorageError(f"--out {args.out}: cannot write the analysis there ({e.strerror or e}); pass a "
                             f"folder you can create and write to, or leave --out out to write into "
                             f"{spec.experiment_dir / 'analysis'}") from None
+    if args.label:  # one label's analysis (or each label's) of multi-label records: files only, no MLflow run
+        for label in _labels_of(spec.experiment_dir, args.label):
+            res = run_analysis_stage(spec, None, metric=args.metric, out_dir=out / label if out else None,
+                                     allow_incomplete=args.allow_incomplete, label=label)
+            print(f"[oodsweep] analysis of label {label} written to {res['out_dir']}")
+        return 0
     tracker = None if args.no_mlflow or running else tracker_for(spec)
     res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
@@ -204,7 +225,7 @@ def _cmd_report(args) -> int:
 
     if (Path(args.experiment_dir) / "spec.yaml").is_file():
         _refuse_if_driver_runs(Path(os.path.abspath(args.experiment_dir)), args.out, "report")
-    claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out)
+    claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out, label=args.label)
     print(verdicts_markdown(claims))
     print(f"\n[oodsweep] claims report written to {files[1]} (every row: {files[0]})")
     return 0
@@ -307,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-incomplete", action="store_true",
                    help="analyse an experiment with missing pool or δ records (tables.md lists them); by "
                         "default it is refused, and `oodsweep resume` redoes them")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="multi-label records: the analysis of this label alone, written to "
+                        "EXPERIMENT_DIR/analysis/per_label/NAME (or --out/NAME); repeat it, or give `all` for every "
+                        "label; without it the analysis is the mean over the labels")
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("report", help="the claims report: each claim of the paper with its statistic, run-level "
                                       "interval and verdict, rebuilt from the experiment's files (no Ray, no MLflow)")
     p.add_argument("experiment_dir", help="a finished experiment folder (holding records/)")
     p.add_argument("--metric", choices=METRICS, help="default: the frozen spec's analysis.metric, else iou_3d")
     p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
+    p.add_argument("--label", metavar="NAME", help="multi-label records: the claims of this label alone (default "
+                                                  "output EXPERIMENT_DIR/analysis/per_label/NAME)")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -314,7 +314,7 @@ def severity_chain(spec: SweepSpec) -> list[str] | None:
 
 
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
-                       out_dir: Path | None = None, allow_incomplete: bool = False) -> dict:
+                       out_dir: Path | None = None, allow_incomplete: bool = False, label: str | None = None) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
@@ -332,7 +332,7 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
                           degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
-                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec))
+                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec), label=label)
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:

@@ -43,7 +43,7 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     space = param_space(spec, cache_dir)
     # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
     fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
-                                   "targets", "target_split", "model_defs") if k in space}
+                                   "targets", "target_split", "model_defs", "sam_channels") if k in space}
     jobs: dict[str, Any] = {}
     for arch in archs:
         per_arch = {"sam_per_arch": space["sam_per_arch"]} if "sam_per_arch" in space else {}

@@ -97,6 +97,8 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         space["sam_checkpoint"] = str(pool.sam_checkpoint)
     if pool.sam_sha256 is not None:
         space["sam_sha256"] = pool.sam_sha256
+    if pool.sam_channels is not None:
+        space["sam_channels"] = list(pool.sam_channels)
     if pool.sam_per_arch:  # each SAM architecture's own weights: the trial takes its own (sam_weights_of)
         space[SAM_PER_ARCH] = pool.sam_per_arch
     if pool.encoder_weights is not None:

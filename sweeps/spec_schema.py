@@ -138,6 +138,9 @@ class PoolSpec:
     #: ``pool.sam_checkpoint: {arch: file}``: each SAM architecture's own weights,
     #: {arch: {"sam_checkpoint": path, "sam_sha256": hex or None}} (sam_checkpoint/sam_sha256 are then None)
     sam_per_arch: dict = field(default_factory=dict)
+    #: ``pool.sam_channels``: which image channels the SAM models see as R, G, B (None: grey repeated, or RGB);
+    #: checked against the slice cache's channels before launch (``sweeps.user_models.check_pool_models``)
+    sam_channels: tuple[int, int, int] | None = None
     #: ImageNet weights of the CNN/TransUNet encoders: None (random init), "imagenet" (smp/timm download
     #: them at trial start: needs network, checked before launch) or a local file / directory of
     #: <encoder>.pth files (trainables.models.resolve_encoder_weights); the SAM models ignore it

@@ -188,13 +188,30 @@ def _epochs(c: Checker, e: Any) -> Epochs:
     return Epochs(emode, tuple(evals))
 
 
+def _sam_channels(c: Checker, v: Any, arch, models: dict) -> tuple[int, int, int] | None:
+    """``pool.sam_channels``: three image-channel indices (SAM's R, G, B), for a pool with a SAM model. Whether
+    they fit the slices' channels is checked once the slice cache exists (``check_pool_models``)."""
+    if v is None:
+        return None
+    from trainables.models import is_prompted
+
+    if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in v)):
+        raise c.fail("pool.sam_channels", f"{v!r}: give three image-channel indices, SAM's R, G and B, e.g. "
+                                          f"[0, 0, 0] (channel 0 as grey) or [0, 1, 2]")
+    if not any(is_prompted(a, models) for a in arch.values):
+        raise c.fail("pool.sam_channels", f"is set but pool.arch has none of the SAM models ({list(arch.values)}); "
+                                          f"remove it")
+    return (v[0], v[1], v[2])
+
+
 def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) -> PoolSpec:
     """Validate the ``pool:`` mapping (the SAM and encoder weight files are checked here, before launch).
     ``pool.arch`` holds registered names and open architectures (``sweeps.user_models.parse_arch``)."""
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
                              "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
-                             "encoder_weights": False, "training": False})
+                             "encoder_weights": False, "training": False, "sam_channels": False})
     arch, models = parse_arch(c, p["arch"], image_size)
     sam_per_arch = {}
     if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
@@ -236,7 +253,7 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
                                                                  positive=True),
         max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
-        sam_per_arch=sam_per_arch,
+        sam_per_arch=sam_per_arch, sam_channels=_sam_channels(c, p.get("sam_channels"), arch, models),
         encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
 
 

@@ -182,8 +182,35 @@ def check_pool_models(spec: SweepSpec, cache_dir: Path) -> None:
     """The pool's open architectures built and run on a dummy batch of the cache's channels and labels
     (``sweeps.user_models.check_models``), before anything is launched."""
     from trainables.data.cache import open_slice_cache
+    from trainables.exclusive import label_kind
+    from trainables.models import is_prompted
 
+    prompted = [a for a in spec.pool.arch.values if is_prompted(a, spec.pool.models)]
+    if not spec.pool.models and not prompted:
+        return
+    cache = open_slice_cache(cache_dir)
+    n_channels, labels = int(cache.images.shape[1]), cache.labels
+    where = str(spec.source_file or "<spec>")
+    if prompted:
+        check_prompted_data(prompted, n_channels, labels, spec.pool.sam_channels, where, cache.path)
     if spec.pool.models:
-        cache = open_slice_cache(cache_dir)
-        check_models(spec, int(cache.images.shape[1]), len(cache.labels))
+        # exclusive classes (trainables.exclusive): the nets output background + one logit per class
+        exclusive = label_kind(cache.manifest, str(cache.path / "manifest.json")) == "exclusive"
+        check_models(spec, n_channels, len(labels) + 1 if exclusive else len(labels))
         log(f"open architectures checked on a dummy batch: {', '.join(spec.pool.models)}")
+
+
+def check_prompted_data(prompted: list[str], n_channels: int, labels: list[str], channels, where: str,
+                        cache_path) -> None:
+    """The SAM models of the pool against the slice cache: one label (a box prompt gives one merged mask), and
+    ``pool.sam_channels`` fitting the image channels (required unless there are 1 or 3); a SpecError says why."""
+    from trainables.sam.build import sam_channels
+
+    if len(labels) > 1:
+        raise SpecError(f"{where}: pool.arch: the box-prompted models {prompted} predict one merged mask per box "
+                        f"prompt, and the slice cache {cache_path} has {len(labels)} labels {labels}: train them on one "
+                        f"label (data.lesions for the fundus layouts), or leave them out of this sweep")
+    try:
+        sam_channels(n_channels, None if channels is None else list(channels))
+    except ValueError as e:
+        raise SpecError(f"{where}: {e} (slice cache {cache_path})") from None

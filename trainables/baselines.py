@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .delta import ggd_variance, set_padding
+from .exclusive import ExclusiveClasses, binary_logits
 from .models.contract import dropout_layer
 from .sam.frozen import oracle_forward
 
@@ -123,7 +124,11 @@ def tta_color_map(model, images, device, passes, strength, gen, masks=None):
 
     def perturb(x, g):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))  # ColorJitter uses the global RNG
-        return torch.stack([jitter(xi) for xi in x.clamp(0, 1)])
+        if x.shape[1] in (1, 3):  # grey or RGB: torchvision's own colour handling
+            return torch.stack([jitter(xi) for xi in x.clamp(0, 1)])
+        # other channel counts (torchvision's contrast takes 1 or 3): each image's channels jittered as grey
+        # images with one draw of brightness and contrast (a C x 1 x H x W batch shares the parameters)
+        return torch.stack([jitter(xi[:, None])[:, 0] for xi in x.clamp(0, 1)])
     return _prob_variance(model, images, device, passes, perturb, gen, masks=masks)
 
 
@@ -139,6 +144,9 @@ def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64, 
     on the layer and the whole model runs N times. Both draw the same masks from the same stream.
     """
     model.eval()
+    # exclusive classes (trainables.exclusive): dropout in the wrapped net, its L + 1 logits turned into L margins
+    outputs = binary_logits if isinstance(model, ExclusiveClasses) else None
+    model = getattr(model, "class_net", model)
     first = torch.from_numpy(np.asarray(images[:1], dtype=np.float32)).to(device)
     classes = int(model(first).shape[1])
     _, conv = dropout_layer(model, classes, layer)
@@ -148,7 +156,11 @@ def mc_dropout_map(model, images, device, passes, p, gen, batch_size: int = 64, 
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     drop_gen = torch.Generator(device=device).manual_seed(seed)
     run = _mc_dropout_head if opens_head else _mc_dropout_layer
-    return run(model, head if opens_head else conv, images, device, passes, p, drop_gen, batch_size)
+    return run(model, head if opens_head else conv, images, device, passes, p, drop_gen, batch_size, outputs)
+
+
+def _out(logits: torch.Tensor, outputs) -> torch.Tensor:
+    return logits if outputs is None else outputs(logits)
 
 
 def _dropped(x: torch.Tensor, p: float, drop_gen: torch.Generator) -> torch.Tensor:
@@ -159,7 +171,7 @@ def _dropped(x: torch.Tensor, p: float, drop_gen: torch.Generator) -> torch.Tens
 
 
 @torch.inference_mode()
-def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
+def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_size, outputs=None) -> np.ndarray:
     captured: dict[str, torch.Tensor] = {}
     handle = head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
     out = []
@@ -168,7 +180,7 @@ def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_siz
             x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
             model(x)
             feats = captured["x"]
-            probs = [torch.sigmoid(head(_dropped(feats, p, drop_gen))).amax(1) for _ in range(passes)]
+            probs = [torch.sigmoid(_out(head(_dropped(feats, p, drop_gen)), outputs)).amax(1) for _ in range(passes)]
             out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
     finally:
         handle.remove()
@@ -176,7 +188,7 @@ def _mc_dropout_head(model, head, images, device, passes, p, drop_gen, batch_siz
 
 
 @torch.inference_mode()
-def _mc_dropout_layer(model, layer, images, device, passes, p, drop_gen, batch_size) -> np.ndarray:
+def _mc_dropout_layer(model, layer, images, device, passes, p, drop_gen, batch_size, outputs=None) -> np.ndarray:
     def drop(mod, args):
         return (_dropped(args[0], p, drop_gen), *args[1:])
     handle = layer.register_forward_pre_hook(drop)
@@ -184,7 +196,7 @@ def _mc_dropout_layer(model, layer, images, device, passes, p, drop_gen, batch_s
     try:
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
-            probs = [torch.sigmoid(model(x)).amax(1) for _ in range(passes)]
+            probs = [torch.sigmoid(_out(model(x), outputs)).amax(1) for _ in range(passes)]
             out.append(torch.stack(probs).var(dim=0, unbiased=False).cpu().numpy())
     finally:
         handle.remove()

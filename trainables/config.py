@@ -284,9 +284,12 @@ class SamOptions(Config):
     #: default <slice cache root>/sam-embeddings
     embedding_dir: str | None = setting(None, optional(text))
     embed_batch_size: int = setting(8, integer)
+    #: which image channels SAM's R, G, B are (``pool.sam_channels``; ``trainables.sam.build.sam_channels``
+    #: checks them against the slices); None: grey repeated (1 channel) or RGB (3)
+    sam_channels: tuple[int, ...] | None = setting(None, lambda v: None if v is None else tuple_of(integer)(v))
 
     #: the keys every pool trial accepts (the sweep sets them pool-wide); the others only box-prompted ones
-    POOL_WIDE = ("sam_checkpoint", "sam_sha256", "embeddings_ready")
+    POOL_WIDE = ("sam_checkpoint", "sam_sha256", "embeddings_ready", "sam_channels")
 
 
 def _defs(v: Any) -> dict:

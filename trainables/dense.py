@@ -19,6 +19,7 @@ from . import records
 from .accel import Accel, accel_for, augment_flips, choose_placement, place_training_data, resolve_device
 from .config import MemberConfig
 from .data.cache import SliceCache, open_slice_cache
+from .exclusive import ExclusiveClasses, check_exclusive, exclusive_loss, label_kind
 from .member import (PoolRun, ReportFn, epoch_sets, eval_sets, model_in_channels, restore_state, summarize,
                      train_val_rows, val_set)
 from .metrics import confusion_counts
@@ -30,7 +31,8 @@ def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, ba
             accel: Accel | None = None) -> torch.Tensor:
     """Binary masks ``N x H x W`` (bool, on the CPU) for ``N x C x H x W`` images (logit > 0).
 
-    A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``.
+    A multi-label model (L > 1 output channels, e.g. fundus lesions) gives ``N x L x H x W``; so does a member of
+    exclusive classes (``trainables.exclusive.ExclusiveClasses``: its argmax as L channels that never overlap).
     ``accel``: the precision and memory format the model was trained with (default fp32).
     """
     model.eval()
@@ -133,12 +135,15 @@ def load_dense_member(state: dict, device: str | torch.device = "cpu") -> torch.
     """Rebuild a frozen dense pool member from its checkpoint dict (``write_member``'s default state)."""
     defs = {state["arch"]: state["model_def"]} if state.get("model_def") else None  # an open architecture
     model = build_model(state["arch"], in_channels=state["in_channels"], classes=state.get("classes", 1), defs=defs)
+    if state.get("label_kind") == "exclusive":  # L + 1 softmax logits seen as L binary channels
+        model = ExclusiveClasses(model)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
 
 def segmentation_loss(n_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels.
+    """Sigmoid Dice + binary cross-entropy over ``n_labels`` independent channels (one label, or overlapping
+    labels; mutually exclusive classes train with ``trainables.exclusive.exclusive_loss``).
 
     One channel: MONAI's ``DiceCELoss(sigmoid=True)``. Several (multi-label, e.g. fundus lesions):
     ``DiceLoss(sigmoid=True)`` + ``BCEWithLogitsLoss``, since ``DiceCELoss`` takes a softmax
@@ -210,10 +215,14 @@ class DenseLoop(PoolRun):
         where += f"; eval sets ({eval_bytes / 2**20:.1f} MiB) {'on ' + str(device) if resident else 'read per epoch'}"
         print(f"[{self.run_id}] {accel.describe()}; {where}", flush=True)
 
-        self.model = accel.model(build_model(cfg.arch, in_channels=in_channels, classes=n_labels,
-                                             encoder_weights=cfg.encoder_weights, bn_momentum=cfg.bn_momentum,
-                                             defs=cfg.model_defs))
-        self.loss_fn = segmentation_loss(n_labels)
+        # exclusive classes (the manifest's label_kind, trainables.exclusive): L + 1 softmax logits, nnU-Net's loss
+        exclusive = label_kind(cache.manifest, str(cache.path / "manifest.json")) == "exclusive"
+        if exclusive:
+            check_exclusive(cache.masks[train_rows], f"slice cache {cache.path} ({cfg.source}'s training split)")
+        model = build_model(cfg.arch, in_channels=in_channels, classes=n_labels + 1 if exclusive else n_labels,
+                            encoder_weights=cfg.encoder_weights, bn_momentum=cfg.bn_momentum, defs=cfg.model_defs)
+        self.model = accel.model(ExclusiveClasses(model) if exclusive else model)
+        self.loss_fn = exclusive_loss() if exclusive else segmentation_loss(n_labels)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     fused=device.type == "cuda" or None)
 
@@ -262,6 +271,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, dat
     the loader), the loss is summed on the device. The bench and the GPU check time this function.
     """
     model.train()
+    net = getattr(model, "class_net", model)  # exclusive classes: the loss takes the L + 1 class logits
     loss_sum = torch.zeros((), device=accel.device)
     n_steps = 0
     for batch in data.batches(perm, bs):
@@ -270,7 +280,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, dat
         x, y = accel.images(batch["x"]), batch["y"].to(accel.device, non_blocking=True).float()
         y = y[:, None] if y.ndim == 3 else y  # N x L x H x W: one channel per label
         with accel.autocast():
-            logits = model(x)
+            logits = net(x)
         loss = loss_fn(logits.float(), y)  # Dice and BCE in fp32
         accel.step(loss, opt)
         loss_sum += loss.detach()

@@ -22,6 +22,7 @@ import torch
 from . import records
 from .config import MemberConfig
 from .data.cache import SliceCache
+from .exclusive import ExclusiveClasses
 from .models import resolve_model
 from .surface import write_member_surface
 
@@ -160,6 +161,8 @@ def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, s
     if state is None:
         state = {"model": model.state_dict(), "arch": cfg.arch, "in_channels": model_in_channels(model),
                  "classes": len(cache.labels), "epoch": epoch}
+        if isinstance(model, ExclusiveClasses):  # load_dense_member rebuilds the wrapper around L + 1 logits
+            state.update(classes=len(cache.labels) + 1, label_kind="exclusive")
         if spec.definition is not None:  # an open architecture: the member is rebuilt from its definition
             state["model_def"] = spec.definition
     torch.save(state, tmp)

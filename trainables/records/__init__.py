@@ -1,19 +1,21 @@
 """The experiment-directory records: the contract between stages (docs/architecture.md "Records").
 
-Three modules, one concern each, re-exported here (``from trainables import records`` and
+Four modules, one concern each, re-exported here (``from trainables import records`` and
 ``from trainables.records import metric_by`` work as they always have):
 
 * :mod:`.schema`: the tables' columns and types (``MEMBER_COLUMNS``, ``SLICE_COLUMNS``,
   ``UNCERTAINTY_COLUMNS``, ``UNCERTAINTY_SITE_COLUMNS``), ``conform``, and how older records read;
 * :mod:`.store`: where they live under ``<experiment>/records/``, atomic writes, per-member parts
   and their merge, the attempts log, packed-bit predictions, the uncertainty stage's parts;
-* :mod:`.metrics`: metrics from the confusion counts (``metric_by``, ``uncertain_area``).
+* :mod:`.metrics`: metrics from the confusion counts (``metric_by``, ``uncertain_area``);
+* :mod:`.labels`: the label channels of multi-label records (``label_names``, ``select_label``).
 
 The analysis imports this package only (no torch, no Ray); Table 4 is the analysis's
 (``analysis.table4``).
 """
 from __future__ import annotations
 
+from .labels import label_names, select_label
 from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURFACE_METRICS, metric_by, surface_by,
                       uncertain_area)
 from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS,
@@ -38,4 +40,6 @@ __all__ = [
     # metrics
     "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area", "SURFACE_METRICS", "LOWER_IS_BETTER",
     "surface_by",
+    # labels
+    "label_names", "select_label",
 ]

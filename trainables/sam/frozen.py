@@ -46,7 +46,8 @@ def load_medsam_member(state: dict, device: str | torch.device = "cpu") -> MedSA
     # medsam_lite with the bundled weights records sam_checkpoint None: rebuilt from the bundled file,
     # whose sha256 build_medsam checks
     model = build_medsam(in_channels=int(src["in_channels"]), variant=src["variant"], img_size=int(src["img_size"]),
-                         sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True)
+                         sam_checkpoint=ckpt, init_seed=int(src["init_seed"]), quiet=True,
+                         channels=src.get("channels"))
     model.decoder.load_state_dict(state["model"])
     model.box_mode = state.get("box_mode", "mask")
     #: where the pool found its embeddings (None: beside the slice cache), so later stages reuse them

@@ -81,6 +81,9 @@ class PromptedLoop(PoolRun):
         self.accel = accel_for(dataclasses.replace(cfg.accel, channels_last=False), device)
         self.rng = torch.Generator().manual_seed(self.seed)  # the shuffling and box-jitter stream
         self.cache = cache = open_slice_cache(cfg.cache)
+        if len(cache.labels) > 1:  # the driver refuses such a pool before launch (sweeps.user_models)
+            raise ValueError(f"{cfg.arch}: a box-prompted model predicts one merged mask per box prompt, and slice "
+                             f"cache {cache.path} has {len(cache.labels)} labels {cache.labels}; train it on one label")
         self.model = model = build_member_model(cfg.arch, sam, cfg.seed, int(cache.images.shape[1]), cfg.model_defs).to(device)
         model.box_mode = sam.box_mode
         t0 = time.perf_counter()

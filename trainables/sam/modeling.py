@@ -165,9 +165,13 @@ class MedSAM(nn.Module):
         """``N x C x H x W`` [0, 1] slices -> ``N x 3 x img x img`` encoder input (SamPredictor.set_image's)."""
         imgs = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         out = []
+        chans = self.source.get("channels")  # pool.sam_channels (trainables.sam.build.sam_channels); None: default
         for img in imgs:
             u8 = np.clip(np.rint(np.asarray(img, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-            hwc = np.repeat(u8[0][..., None], 3, axis=-1) if u8.shape[0] == 1 else np.moveaxis(u8, 0, -1)
+            if chans is not None:
+                hwc = np.moveaxis(u8[list(chans)], 0, -1)
+            else:
+                hwc = np.repeat(u8[0][..., None], 3, axis=-1) if u8.shape[0] == 1 else np.moveaxis(u8, 0, -1)
             out.append(torch.as_tensor(self.transform.apply_image(np.ascontiguousarray(hwc))).permute(2, 0, 1))
         x = torch.stack(out).to(self.sam.pixel_mean.device, torch.float32)
         return self.sam.preprocess(x)

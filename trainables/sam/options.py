@@ -71,6 +71,9 @@ def build_member_model(arch: str, sam: SamOptions, seed: int, in_channels: int,
     ``in_channels``, ``sam_checkpoint`` and ``seed``."""
     spec = resolve_model(arch, defs)
     if spec.definition is not None:
+        if sam.sam_channels is not None:
+            raise ValueError(f"pool.sam_channels applies to the registered SAM models; {arch!r} is a user's box-prompted "
+                             f"model, which maps the image channels in its own model_input: leave it out")
         model = spec.factory(in_channels=in_channels, classes=1, sam_checkpoint=sam.sam_checkpoint, seed=seed,
                              **spec.kwargs)
         model.oodsweep_in_channels = in_channels  # the member's checkpoint records it (frozen.member_state)
@@ -78,4 +81,5 @@ def build_member_model(arch: str, sam: SamOptions, seed: int, in_channels: int,
     kw = dict(get_model_spec(arch).kwargs)
     return build_medsam(in_channels=in_channels, variant=kw["variant"], img_size=kw["img_size"],
                         sam_checkpoint=sam.sam_checkpoint, init_seed=sam.sam_init_seed,
-                        decoder_seed=None if sam.sam_checkpoint else seed, sam_sha256=sam.sam_sha256)
+                        decoder_seed=None if sam.sam_checkpoint else seed, sam_sha256=sam.sam_sha256,
+                        channels=None if sam.sam_channels is None else list(sam.sam_channels))

@@ -96,7 +96,10 @@ def test_a_preempted_trial_resumes_from_its_last_checkpoint_on_a_new_node(tmp_pa
     # checkpoint_every 1: without the checkpoints between snapshots the trial would start again from epoch 0
     spec = _spec(tmp_path, tiny_data, checkpoint_every=1)
     exp = tmp_path / "runs" / "spot"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # the lost node is found dead after 2 missed health checks 0.5 s apart (Ray's defaults: 5, 3 s apart)
+    fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "_system_config": fast})
     spot = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     proc = None

@@ -144,3 +144,43 @@ def test_a_preempted_trial_resumes_from_its_last_checkpoint_on_a_new_node(tmp_pa
     got = torch.load(records.resolve_checkpoint(exp, members["checkpoint"].iloc[0]), weights_only=True)["model"]
     want = torch.load(records.resolve_checkpoint(ref, ref_members["checkpoint"].iloc[0]), weights_only=True)["model"]
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_trial_that_fails_every_attempt_leaves_the_others_and_the_driver_names_its_members(
+        tmp_path, tiny_data, tiny_cache, tiny_member, monkeypatch):
+    """The pool stage after Tune gave up on one of two trials (its max_failures spent) and finished the other
+    (the session's trained run, its records copied in): the error names the failed trial and the members
+    still missing, and only those. Tune itself is replaced by what it returned; no Ray starts."""
+    from types import SimpleNamespace
+
+    from helpers import copy_experiment
+    from sweeps import driver, embeddings, interrupts, pool
+    from sweeps.spec import load_spec
+    from sweeps.tracking import Tracker
+
+    path = tmp_path / "spec.yaml"
+    raw = yaml.safe_load(_spec(tmp_path, tiny_data).read_text())
+    raw["data"]["targets"] = ["SiteB", "SiteC"]  # the session's run's
+    raw["pool"].update({"lr": {"grid": [1e-3, 1e-2]}, "epochs": {"snapshots": [1, 2]}})
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path)
+    copy_experiment(tiny_member["exp"], spec.experiment_dir)
+    failed = spec.experiment_dir / "pool" / "unet_r18-lr0.01-s0-E2-0001"
+    results = [SimpleNamespace(error=None, path=str(spec.experiment_dir / "pool" / "unet_r18-lr0.001-s0-E2-0000")),
+               SimpleNamespace(error=RuntimeError("Traceback ...\nRuntimeError: the node died"), path=str(failed))]
+    monkeypatch.setattr(driver, "_init_ray", lambda *a: None)
+    monkeypatch.setattr(embeddings, "precompute_embeddings", lambda *a: None)
+    monkeypatch.setattr(pool, "build_tuner", lambda *a: None)
+    monkeypatch.setattr(interrupts, "tune_fit", lambda tuner: results)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "spot")
+    try:
+        with pytest.raises(RuntimeError) as e:
+            driver.run_pool_stage(spec, tiny_cache, tracker)
+    finally:
+        tracker.close()
+    msg = str(e.value)
+    assert msg.startswith("1 pool trial(s) failed, each after 3 restart(s) (pool.max_failures); the other trials "
+                          "ran to the end and their members are kept. Members missing: "
+                          "unet_r18-lr0.01-s0-ep1, unet_r18-lr0.01-s0-ep2. "), msg
+    assert f"{failed}: RuntimeError: the node died" in msg and "oodsweep resume" in msg
+    assert not (spec.experiment_dir / "pool" / ".oodsweep-done").exists()

@@ -63,12 +63,6 @@ def _check_sites(spec: SweepSpec, cache_dir: Path) -> None:
                             f"fix its files or remove it from the spec") from None
 
 
-
-
-
-
-
-
 def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> None:
     """Connect (or start a local Ray), then check that every node can reach the experiment's storage."""
     import ray
@@ -184,8 +178,11 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
     if errors:
         tracker.end(parent, "FAILED")
         msgs = "\n  - ".join(_trial_errors(errors))
-        raise RuntimeError(f"{len(errors)} pool trial(s) failed (finished members are kept; "
-                           f"`{command('oodsweep', 'resume', exp)}` retries only the failed ones):\n  - {msgs}")
+        missing = ", ".join(sorted(reconcile.pool_gaps(spec))) or "none"
+        raise RuntimeError(f"{len(errors)} pool trial(s) failed, each after {spec.pool.max_failures} restart(s) "
+                           f"(pool.max_failures); the other trials ran to the end and their members are kept. Members "
+                           f"missing: {missing}. `{command('oodsweep', 'resume', exp)}` retries only the failed "
+                           f"trials:\n  - {msgs}")
     records.merge_parts(exp)
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     tracker.end(parent, "FINISHED")

@@ -64,7 +64,8 @@ def _diff(a, b, key=""):
 #: may have been moved), where and how wide trials run, how often they may fail, what the analysis
 #: shows, where the user's code is found (``runtime_env``: the architectures' definitions in ``pool.arch``
 #: are compared, not the code they import). Everything else defines the results.
-RESUMABLE = ("storage", "runtime_env", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
+RESUMABLE = ("storage", "runtime_env", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures",
+             "pool.checkpoint_every", "uncertainty.resources",
              "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
              "analysis", "pool.training.data_placement", "pool.training.loader_workers",
              "uncertainty.training.data_placement", "uncertainty.training.loader_workers")

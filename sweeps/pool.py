@@ -50,7 +50,7 @@ def pool_trial(config: dict) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         train_segmenter(config, report=report)
-    else:  # a restarted trial continues from its last snapshot instead of retraining
+    else:  # a restarted trial continues from its last checkpoint (snapshot or checkpoint_every) instead of retraining
         with checkpoint.as_directory() as d:
             train_segmenter({**config, "resume_from": d}, report=report)
 
@@ -91,6 +91,7 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
         "batch_size": pool.batch_size,
         "weight_decay": pool.weight_decay,
         "num_threads": max(1, int(pool.cpu)),
+        "checkpoint_every": pool.checkpoint_every,
         **pool.training,
     }
     if pool.sam_checkpoint is not None:
@@ -184,6 +185,8 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
         run_config=tune.RunConfig(
             name=POOL_STAGE, storage_path=storage, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=spec.pool.max_failures),
-            # two kept: a forced experiment snapshot happens once per num_to_keep checkpoints
+            # Resume checkpoints only (a member's weights are written to records/checkpoints, never
+            # pruned): the latest is the one a restarted trial needs; two kept since Tune forces an
+            # experiment-state snapshot once per num_to_keep checkpoints (fewer writes to storage)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )

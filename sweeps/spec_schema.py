@@ -37,6 +37,10 @@ DEFAULT_BASELINES = DeltaConfig.default("baselines")
 FIT_SPLITS = ("train", "val")
 #: ``uncertainty.prompted_members``: which box-prompted members get δ (UncertaintySpec.prompted_members)
 PROMPTED_MEMBERS = ("all", "with_baselines")
+#: ``pool.max_failures``/``uncertainty.max_failures`` by default: on spot instances a trial may lose its
+#: node more than once (each time it resumes from its last checkpoint); a bug that fails every attempt
+#: costs at most three more attempts (docs/cluster.md, "Spot instances")
+SPOT_MAX_FAILURES = 3
 #: Values of the ``training`` blocks (trainables.config.AccelConfig documents them).
 TRAINING_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False),
                     "data_placement": ("auto", "device", "stream"), "augment": ("none", "flip")}
@@ -130,7 +134,10 @@ class PoolSpec:
     #: per-architecture overrides, e.g. {"transunet": {"gpu": 1, "cpu": 8}}
     per_arch: dict = field(default_factory=dict)
     max_concurrent_trials: int | None = None
-    max_failures: int = 1
+    #: restarts of a trial whose process or node died (a spot preemption): each resumes from its last checkpoint
+    max_failures: int = SPOT_MAX_FAILURES
+    #: the resumable state is saved every this many epochs, and at every snapshot (Tune keeps the latest)
+    checkpoint_every: int = MemberConfig.default("checkpoint_every")
     #: SAM weights for the box-prompted archs (medsam): an official SAM ViT-B/L/H file or medsam_vit_b.pth
     sam_checkpoint: Path | None = MemberConfig.default("sam_checkpoint")
     #: the sha256 sam_checkpoint must have (checked before it is loaded), e.g. a fine-tuned LiteMedSAM's
@@ -182,7 +189,7 @@ class UncertaintySpec:
     gpu: float | None = None  # per Train worker; None = "auto" (a quarter GPU when there are GPUs)
     trial_cpu: float = 0.5    # the Tune trial that drives the Train run
     max_concurrent_trials: int | None = None
-    max_failures: int = 1
+    max_failures: int = SPOT_MAX_FAILURES
     checkpoint_every: int = DeltaConfig.default("checkpoint_every")
     #: members that also get the baselines (BayesCap, TTA, MC dropout): None = all, N = the N best by
     #: performance on the source's validation split (its test split without one; source labels only)

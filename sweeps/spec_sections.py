@@ -210,8 +210,8 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
     ``pool.arch`` holds registered names and open architectures (``sweeps.user_models.parse_arch``)."""
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
-                             "max_failures": False, "sam_checkpoint": False, "sam_sha256": False,
-                             "encoder_weights": False, "training": False, "sam_channels": False})
+                             "max_failures": False, "checkpoint_every": False, "sam_checkpoint": False,
+                             "sam_sha256": False, "encoder_weights": False, "training": False, "sam_channels": False})
     arch, models = parse_arch(c, p["arch"], image_size)
     sam_per_arch = {}
     if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
@@ -251,7 +251,10 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
         gpu=_gpu(c, res.get("gpu", "auto"), "pool.resources.gpu"), per_arch=per_arch,
         max_concurrent_trials=None if mct is None else c.number(mct, "pool.max_concurrent_trials", integer=True,
                                                                  positive=True),
-        max_failures=c.number(p.get("max_failures", 1), "pool.max_failures", integer=True, nonneg=True),
+        max_failures=c.number(p.get("max_failures", default(PoolSpec, "max_failures")), "pool.max_failures",
+                              integer=True, nonneg=True),
+        checkpoint_every=c.number(p.get("checkpoint_every", default(PoolSpec, "checkpoint_every")),
+                                  "pool.checkpoint_every", integer=True, positive=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
         sam_per_arch=sam_per_arch, sam_channels=_sam_channels(c, p.get("sam_channels"), arch, models),
         encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
@@ -321,7 +324,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         trial_cpu=c.number(u.get("trial_cpu", 0.5), "uncertainty.trial_cpu", positive=True),
         max_concurrent_trials=None if umct is None else c.number(umct, "uncertainty.max_concurrent_trials",
                                                                  integer=True, positive=True),
-        max_failures=c.number(u.get("max_failures", 1), "uncertainty.max_failures", integer=True, nonneg=True),
+        max_failures=c.number(u.get("max_failures", default(UncertaintySpec, "max_failures")),
+                              "uncertainty.max_failures", integer=True, nonneg=True),
         checkpoint_every=c.number(u.get("checkpoint_every", dflt("checkpoint_every")), "uncertainty.checkpoint_every",
                                   integer=True, positive=True),
         baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,

@@ -173,8 +173,8 @@ def train_dense(config: MemberConfig | dict, report: ReportFn | None = None) -> 
         config: the run's ``MemberConfig`` (a dict is converted with ``MemberConfig.from_dict``). ``cache``
             is a slice-cache folder, ``source`` and ``targets`` are site names in it, ``experiment_dir`` an
             absolute path.
-        report: called after every epoch with the epoch's metrics and, at snapshot epochs, a folder
-            holding the resumable training state (None at other epochs).
+        report: called after every epoch with the epoch's metrics and, at snapshot and ``checkpoint_every``
+            epochs, a folder holding the resumable training state (None at other epochs).
 
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).

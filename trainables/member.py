@@ -187,7 +187,8 @@ def write_member(exp: Path, cfg: MemberConfig, run_id: str, epoch: int, model, s
 
 class PoolRun:
     """What the dense and the prompted pool loops share as ``trainables.runner.EpochLoop``s: the run's
-    name and experiment, its members, a checkpoint (the resumable state) at every snapshot epoch, and
+    name and experiment, its members, a checkpoint (the resumable state) at every snapshot epoch and every
+    ``checkpoint_every`` epochs, and
     the verbose epoch line. A subclass sets ``device`` and implements ``load_state``, ``draw``,
     ``train``, ``score`` (calling ``snapshot`` at snapshot epochs) and ``state``."""
 
@@ -209,7 +210,9 @@ class PoolRun:
         return epoch in self.cfg.snapshots
 
     def checkpoint(self, epoch: int) -> bool:
-        return self.is_snapshot(epoch)
+        """At every snapshot and every ``checkpoint_every`` epochs: a restarted trial resumes from the latest.
+        Saving reads the model and optimizer state only; the run's draws and arithmetic stay the same."""
+        return self.is_snapshot(epoch) or epoch % self.cfg.checkpoint_every == 0
 
     def snapshot(self, epoch: int, metrics: dict, model, slices: pd.DataFrame, preds: dict[str, torch.Tensor],
                  cache: SliceCache, sets, **kw) -> None:

@@ -3,7 +3,7 @@ dispatch between loops.
 
 ``train_segmenter(config, report=None)`` is a plain function: it runs with or without Ray.
 Under Ray Tune, ``sweeps.pool`` passes a ``report`` callable that forwards each epoch's
-metrics (and, at snapshot epochs, a checkpoint folder) to ``ray.tune.report``.
+metrics (and, at snapshot and ``checkpoint_every`` epochs, a checkpoint folder) to ``ray.tune.report``.
 
 One run trains to ``max(snapshots)`` epochs; at every snapshot epoch it freezes a pool member:
 its weights (``records/checkpoints``), its per-slice confusion counts on the source test split
@@ -52,8 +52,8 @@ def train_segmenter(config: dict | MemberConfig, report: ReportFn | None = None)
         config: a ``MemberConfig`` or its flat dict (``MemberConfig.keys()``; box-prompted architectures
             also take the ``SamOptions`` keys), converted here once. ``cache`` is a slice-cache folder,
             ``source`` and ``targets`` are site names in it, ``experiment_dir`` an absolute path.
-        report: called after every epoch with the epoch's metrics and, at snapshot epochs, a folder
-            holding the resumable training state (None at other epochs).
+        report: called after every epoch with the epoch's metrics and, at snapshot and ``checkpoint_every``
+            epochs, a folder holding the resumable training state (None at other epochs).
 
     Returns:
         The member dicts written (schema ``records.MEMBER_COLUMNS``).

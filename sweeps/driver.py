@@ -356,7 +356,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
 
 
 def _run_sweep(spec: SweepSpec, address: str | None, num_cpus: int | None) -> dict:
-    from . import cluster, guards, reconcile
+    from . import cluster, guards, objstore, reconcile
 
     exp = spec.experiment_dir
     guards.check_before_launch(spec, address, num_cpus)  # storage writable, memory and disk: nothing written yet
@@ -372,6 +372,7 @@ def _run_sweep(spec: SweepSpec, address: str | None, num_cpus: int | None) -> di
                 cluster.check_pretrained_weights(spec)
                 log(f"experiment {exp}")
                 cache = prepare_data(spec)
+                objstore.publish_cache(spec, cache)  # object storage: uploaded for the trials on other nodes
                 check_pool_models(spec, cache)
                 moved_from = reconcile.relocated(spec)
                 freeze(spec, frozen, changes)

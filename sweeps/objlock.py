@@ -83,7 +83,7 @@ def read(uri: str) -> tuple[dict, str] | None:
         except c.exceptions.NoSuchKey:
             return None
         return json.loads(r["Body"].read() or b"{}"), r["ETag"]
-    from .objstore import filesystem
+    from .objfs import filesystem
 
     fs, root = filesystem(uri)
     try:
@@ -103,7 +103,7 @@ def _put(uri: str, condition: dict) -> str | None:
     scheme, bucket, key = _split(uri)
     if scheme == "s3":
         return _client().put_object(Bucket=bucket, Key=key, Body=_body(), **condition)["ETag"]
-    from .objstore import filesystem
+    from .objfs import filesystem
 
     fs, root = filesystem(uri)
     with fs.open_output_stream(f"{root}/{LOCK_NAME}") as f:
@@ -160,7 +160,7 @@ def release(held: Held) -> None:
     if scheme == "s3":
         _client().delete_object(Bucket=bucket, Key=key)
     else:
-        from .objstore import filesystem
+        from .objfs import filesystem
 
         fs, root = filesystem(held.uri)
         fs.delete_file(f"{root}/{LOCK_NAME}")

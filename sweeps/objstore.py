@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import StorageError
+from .objfs import filesystem, is_remote  # noqa: F401 (used as objstore.X too)
 
 #: the stages' folders: Ray Tune reads and writes them on the object store itself
 TUNE_FOLDERS = ("pool", "uncertainty")
@@ -47,45 +48,6 @@ STORAGE_KEY = "storage_uri"
 #: files that mark something complete: uploaded after everything else
 LAST = (".member.json", ".oodsweep-done", "spec.yaml")
 SYNC_S = float(os.environ.get("OODSWEEP_SYNC_S", "5"))
-
-
-def is_remote(storage) -> bool:
-    """True for an object-store URI (``s3://...``); a local path (or ``file://``) is not."""
-    s = str(storage)
-    return "://" in s and not s.startswith("file://")
-
-
-def filesystem(uri: str):
-    """``(pyarrow file system, path inside it)`` for ``uri``.
-
-    ``s3://``: ``pyarrow.fs.S3FileSystem`` with the endpoint of ``$AWS_ENDPOINT_URL_S3`` or
-    ``$AWS_ENDPOINT_URL`` (MinIO, Ceph, a local ``moto_server``) and the region of ``$AWS_REGION`` or
-    ``$AWS_DEFAULT_REGION``; credentials come from the AWS SDK's usual chain (``$AWS_ACCESS_KEY_ID`` /
-    ``$AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role), on every node. Other schemes:
-    ``pyarrow.fs.FileSystem.from_uri``.
-    """
-    from urllib.parse import urlsplit
-
-    import pyarrow.fs as pafs
-
-    scheme = uri.split("://", 1)[0].lower()
-    try:
-        if scheme == "s3":
-            kw = {}
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                u = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-                kw.update(endpoint_override=u.netloc, scheme=u.scheme)
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            if region:
-                kw["region"] = region
-            return pafs.S3FileSystem(**kw), uri[len("s3://"):].strip("/")
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    except (pafs.ArrowInvalid if hasattr(pafs, "ArrowInvalid") else ValueError, ValueError, OSError) as e:
-        raise StorageError(f"storage {uri!r} cannot be opened ({e}); give s3://BUCKET/PREFIX (endpoint and "
-                           f"region from $AWS_ENDPOINT_URL and $AWS_REGION), gs://BUCKET/PREFIX, or a local "
-                           f"folder") from None
 
 
 def _last(rel: str) -> tuple[bool, str]:
@@ -192,6 +154,8 @@ def checkout(uri: str) -> Path:
     m = Mirror(fs, root, local)
     m.pull(lambda rel: rel.split("/")[0] not in TUNE_FOLDERS or rel.count("/") == 1 and rel.endswith("-done"))
     (local / REMOTE_FILE).write_text(uri + "\n")
+    for stage in TUNE_FOLDERS:  # here only their done markers (Ray Tune keeps the rest on the store)
+        (local / stage).mkdir(exist_ok=True)
     (local / "records" / "attempts").mkdir(parents=True, exist_ok=True)  # per-attempt files, no appends
     _copies[str(local)] = m
     import atexit
@@ -294,11 +258,21 @@ def trial_copy(config: dict, want: Callable[[str], bool]) -> Iterator[tuple[dict
     m = Mirror(fs, root, local)
     try:
         m.pull(want, sub="records")
-        cfg = {k: v for k, v in config.items() if k != STORAGE_KEY}
+        cfg = {k: v for k, v in config.items() if k not in (STORAGE_KEY, CACHE_KEY)}
+        if config.get(CACHE_KEY):  # the published slice cache, downloaded to this node once
+            cfg["cache"] = str(fetch_cache(config[CACHE_KEY]))
         yield remap(cfg, config["experiment_dir"], str(local)), m.push
         m.push()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trial_keys(spec, cache: Path) -> dict:
+    """The trial config keys of an experiment on object storage (none for a local one)."""
+    if not getattr(spec, "remote", None):
+        return {}
+    uri = cache_uri(spec, cache)
+    return {STORAGE_KEY: spec.remote, **({CACHE_KEY: uri} if uri else {})}
 
 
 def tune_storage(spec, stage_dir: Path) -> dict:
@@ -309,3 +283,73 @@ def tune_storage(spec, stage_dir: Path) -> dict:
         return {"storage_path": str(spec.experiment_dir), "path": str(stage_dir)}
     fs, root = filesystem(spec.remote)
     return {"storage_path": root, "storage_filesystem": fs, "path": f"{root}/{rel}"}
+
+
+# ------------------------------------------------------------------ the slice cache on object storage
+
+#: the trial config key naming the published slice cache (absent for a cache on a shared or local path)
+CACHE_KEY = "cache_uri"
+#: written after every file of a published cache: readers take a cache only when it is there
+PUBLISHED = "published.json"
+
+
+def cache_uri(spec, cache: Path) -> str | None:
+    """Where the slice cache of an experiment on object storage is published (``<storage>/.cache/slices/<key>``);
+    None for a local experiment, or when ``data.cache_dir`` names a folder (the user's, shared by them)."""
+    if not getattr(spec, "remote", None) or spec.data.cache_dir is not None:
+        return None
+    return f"{spec.storage}/.cache/slices/{Path(cache).name}"
+
+
+def publish_cache(spec, cache: Path) -> str | None:
+    """Upload the slice cache built on the driver's node, its file list ``published.json`` last (no rename
+    on an object store: the list is the commit). A cache published before (same key: same content) is kept."""
+    import json
+
+    uri = cache_uri(spec, cache)
+    if uri is None:
+        return None
+    fs, root = filesystem(uri)
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(f"{root}/{PUBLISHED}").type == pafs.FileType.File:
+        return uri
+    files = {p.relative_to(cache).as_posix(): p.stat().st_size for p in sorted(Path(cache).rglob("*")) if p.is_file()}
+    for rel in files:
+        with open(Path(cache) / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    with fs.open_output_stream(f"{root}/{PUBLISHED}") as out:
+        out.write(json.dumps({"files": files}).encode())
+    return uri
+
+
+def fetch_cache(uri: str) -> Path:
+    """The published slice cache at ``uri`` in this node's temporary folder (downloaded once per node and key,
+    then memory-mapped from local disk like any cache)."""
+    import json
+
+    fs, root = filesystem(uri)
+    local = Path(tempfile.gettempdir()) / "oodsweep-cache" / root.rsplit("/", 1)[-1]
+    if (local / PUBLISHED).is_file():
+        return local
+    try:
+        with fs.open_input_stream(f"{root}/{PUBLISHED}") as f:
+            files = json.loads(f.read())["files"]
+    except FileNotFoundError:
+        raise StorageError(f"the slice cache {uri} is not published (no {PUBLISHED}): the driver uploads it before "
+                           f"the trials start; run `oodsweep resume` again") from None
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
+    try:
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp / rel, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        (tmp / PUBLISHED).write_text(json.dumps({"files": files}))  # last: this copy is whole
+        os.rename(tmp, local)  # (node-local disk: a rename is atomic here)
+    except OSError:
+        if not (local / PUBLISHED).is_file():  # another trial of this node finished first: theirs is the same
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local

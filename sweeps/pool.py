@@ -128,10 +128,9 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     from trainables.config import MemberConfig
 
     MemberConfig.check_keys([k for k in space if k != SAM_PER_ARCH])
-    if spec.remote:  # the trial's working copy (sweeps.objstore.trial_copy) removes it again
-        from .objstore import STORAGE_KEY
+    from .objstore import trial_keys
 
-        space[STORAGE_KEY] = spec.remote
+    space.update(trial_keys(spec, cache_dir))  # object storage: read by the trial's working copy (sweeps.objstore)
     return space
 
 

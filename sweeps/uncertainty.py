@@ -197,13 +197,13 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
-    if spec.remote:  # object storage (sweeps.objstore): Ray Train writes there, the trials work in local copies
-        from .objstore import STORAGE_KEY, tune_storage
-
-        space[STORAGE_KEY] = spec.remote
-        space["_train"]["storage"] = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE / "train")["path"]
     DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS)
                            + list(IMPORTED_POINT_KEYS))
+    if spec.remote:  # object storage (sweeps.objstore): Ray Train writes there, the trials work in local copies
+        from .objstore import trial_keys, tune_storage
+
+        space.update(trial_keys(spec, cache_dir))
+        space["_train"]["storage"] = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE / "train")["path"]
     return space
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import OODSWEEP, run_cli
+from conftest import OODSWEEP
 
 from sweeps import objlock, objstore
 from sweeps.errors import LockError
@@ -147,7 +147,41 @@ def test_lock_object_is_conditional_and_stale_after_its_holder_dies(s3):
     objlock.release(objlock.acquire(uri))
 
 
+def test_cache_published_with_its_file_list_last_and_fetched_once(s3, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    cache = tmp_path / "built" / "key123"
+    (cache / "sub").mkdir(parents=True)
+    (cache / "images.npy").write_bytes(b"x" * 10)
+    (cache / "sub" / "index.parquet").write_bytes(b"y")
+    spec = SimpleNamespace(remote=f"s3://{BUCKET}/c/exp", storage=f"s3://{BUCKET}/c", data=SimpleNamespace(cache_dir=None))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node"))
+    (tmp_path / "node").mkdir()
+    with pytest.raises(Exception, match="not published"):
+        objstore.fetch_cache(f"s3://{BUCKET}/c/.cache/slices/key123")
+    uri = objstore.publish_cache(spec, cache)
+    assert uri == f"s3://{BUCKET}/c/.cache/slices/key123"
+    assert sorted(_keys(s3["client"], "c/.cache/slices/key123/")) == ["images.npy", "published.json", "sub/index.parquet"]
+    local = objstore.fetch_cache(uri)
+    assert local == tmp_path / "node" / "oodsweep-cache" / "key123"
+    assert (local / "sub" / "index.parquet").read_bytes() == b"y" and (local / "published.json").is_file()
+    s3["client"].delete_object(Bucket=BUCKET, Key="c/.cache/slices/key123/images.npy")
+    assert objstore.fetch_cache(uri) == local  # this node's copy is reused, not downloaded again
+
+
 # ------------------------------------------------------------------ a sweep on S3, killed and resumed
+
+def _run(args: list[str], cwd: Path, env: dict, log: Path, timeout: float = 300) -> None:
+    p = subprocess.Popen(OODSWEEP + args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**os.environ, **env})
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        rc = "timeout"
+    assert rc == 0, f"oodsweep {args[0]}: {rc}\n" + log.read_text()[-6000:]
+
 
 @pytest.mark.integration
 def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
@@ -185,10 +219,8 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
         assert "exp/tiny/pool/.oodsweep-done" not in _keys(s3["client"], "")
         assert ".driver.lock" in _keys(s3["client"], "exp/tiny/")  # left behind by the killed driver
 
-        proc = run_cli("resume", f"{uri}/tiny", "--address", cluster.address, env=env, cwd=work)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        proc = run_cli("analyze", f"{uri}/tiny", env=env, cwd=work)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        _run(["resume", f"{uri}/tiny", "--address", cluster.address], work, env, tmp_path / "resume.log")
+        _run(["analyze", f"{uri}/tiny"], work, env, tmp_path / "analyze.log")
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -370,7 +370,7 @@ def _run_sweep(spec: SweepSpec, address: str | None, num_cpus: int | None) -> di
                 cluster.check_address(address)
                 cluster.check_tracking(spec.tracking())
                 cluster.check_pretrained_weights(spec)
-                log(f"experiment {exp}")
+                log(f"experiment {spec.remote or exp}")
                 cache = prepare_data(spec)
                 objstore.publish_cache(spec, cache)  # object storage: uploaded for the trials on other nodes
                 check_pool_models(spec, cache)

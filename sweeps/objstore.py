@@ -149,7 +149,8 @@ def checkout(uri: str) -> Path:
     """Download the experiment at ``uri`` (not Tune's stage folders, only their done markers) into a new
     temporary folder; return the local experiment folder. Its later writes are uploaded by ``push``."""
     fs, root = filesystem(uri)
-    local = Path(tempfile.mkdtemp(prefix="oodsweep-")) / root.rsplit("/", 1)[-1]
+    _remove_orphans()
+    local = Path(tempfile.mkdtemp(prefix=f"oodsweep-{os.getpid()}-")) / root.rsplit("/", 1)[-1]
     local.mkdir()
     m = Mirror(fs, root, local)
     m.pull(lambda rel: rel.split("/")[0] not in TUNE_FOLDERS or rel.count("/") == 1 and rel.endswith("-done"))
@@ -162,6 +163,20 @@ def checkout(uri: str) -> Path:
 
     atexit.register(release, local)  # a command's writes (e.g. `oodsweep analyze`'s) are uploaded at exit
     return local
+
+
+def _remove_orphans() -> None:
+    """Remove the working copies of processes that are gone (a driver killed with SIGKILL cannot)."""
+    for d in Path(tempfile.gettempdir()).glob("oodsweep-*-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def mirror_of(exp: Path) -> Mirror | None:

@@ -194,9 +194,7 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
                      "targets": ["SiteB", "SiteC"], "image_size": 32, "test_fraction": 0.25},
             "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 2]},
                      "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}},
-            "uncertainty": {"epochs": 1, "lr": 1e-3, "passes": 2, "batch_size": 4, "resources": {"cpu": 0.5},
-                            "bayescap": {"width": 8, "blocks": 1}},
-            "analysis": {"metric": "iou_3d"}}
+            "analysis": {"metric": "iou_3d"}}  # (no δ stage: the smallest sweep; δ's Train run uses the same storage)
     work = tmp_path / "cwd"
     work.mkdir()
     (work / "tiny.yaml").write_text(yaml.safe_dump(spec))
@@ -210,12 +208,15 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, **env})
         t0 = time.time()
-        while not any(k.endswith(".member.json") for k in _keys(s3["client"], "exp/tiny/records/parts/")):
+        # killed mid-pool: the run's first member recorded and its checkpoint in the bucket, the second not yet
+        while not (any(k.endswith(".member.json") for k in _keys(s3["client"], "exp/tiny/records/parts/"))
+                   and any("/checkpoint_" in k for k in _keys(s3["client"], "exp/tiny/pool/"))):
             assert p.poll() is None, log.read_text()[-4000:]
             assert time.time() - t0 < 300, log.read_text()[-4000:]
             time.sleep(0.3)
-        os.killpg(p.pid, signal.SIGKILL)  # mid-pool: one of the run's two members is recorded
+        os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        assert sum(k.endswith(".member.json") for k in _keys(s3["client"], "exp/tiny/records/parts/")) == 1
         assert "exp/tiny/pool/.oodsweep-done" not in _keys(s3["client"], "")
         assert ".driver.lock" in _keys(s3["client"], "exp/tiny/")  # left behind by the killed driver
 
@@ -225,15 +226,16 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
         ray.shutdown()
         cluster.shutdown()
     keys = set(_keys(s3["client"], "exp/tiny/"))
-    for k in ("spec.yaml", "records/members.parquet", "records/slices.parquet", "records/uncertainty.parquet",
-              "pool/.oodsweep-done", "uncertainty/.oodsweep-done", "mlflow.db"):
+    for k in ("spec.yaml", "records/members.parquet", "records/slices.parquet", "pool/.oodsweep-done", "mlflow.db"):
         assert k in keys, sorted(keys)
     assert sum(k.startswith("records/parts/") and k.endswith(".member.json") for k in keys) == 2
     assert any(k.startswith("records/checkpoints/") for k in keys)
     assert any(k.startswith("analysis/") for k in keys)
-    assert any(k.startswith("pool/") and "checkpoint_" in k for k in keys) or any(k.startswith("pool/") for k in keys)
-    attempts = [k for k in keys if k.startswith("records/attempts/")]
-    assert len(attempts) >= 2, attempts  # the killed run's start and its resume, one file each
+    assert any(k.startswith(".cache/slices/") and k.endswith("/published.json") for k in _keys(s3["client"], "exp/"))
+    attempts = [json.loads(s3["client"].get_object(Bucket=BUCKET, Key=f"exp/tiny/{k}")["Body"].read())
+                for k in keys if k.startswith("records/attempts/")]
+    # the killed run's start and its resume from the checkpoint Ray wrote to the bucket, one file each
+    assert sorted(a["start_epoch"] for a in attempts) == [0, 1], attempts
     assert ".driver.lock" not in keys and "attempts.jsonl" not in " ".join(keys)
     assert sorted(os.listdir(work)) == ["tiny.yaml"]  # no experiment folder (nor anything else) written here
     assert not [p for p in (tmp_path / "tmp").glob("oodsweep-*") if p.name != "oodsweep-cache"]  # copies removed

@@ -121,8 +121,7 @@ class Mirror:
                 with open(self.local / rel, "rb") as src, self.fs.open_output_stream(f"{self.root}/{rel}") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 self.known[rel] = here[rel]
-                self.seen.pop(rel, None)  # (our own upload: its remote stamp is unknown, not re-downloaded)
-                self.seen[rel] = self._remote_stamp(rel)
+                self.seen[rel] = self._remote_stamp(rel)  # (our own upload: never downloaded again)
                 n += 1
             for rel in [r for r in self.known if r not in here and not skip(r)]:
                 with contextlib.suppress(FileNotFoundError, OSError):
@@ -267,7 +266,8 @@ def trial_copy(config: dict, want: Callable[[str], bool]) -> Iterator[tuple[dict
         yield config, lambda: 0
         return
     fs, root = filesystem(uri)
-    tmp = Path(tempfile.mkdtemp(prefix="oodsweep-trial-"))
+    _remove_orphans()  # (a trial killed with its driver leaves its copy: removed by the next one on this node)
+    tmp = Path(tempfile.mkdtemp(prefix=f"oodsweep-{os.getpid()}-trial-"))
     local = tmp / root.rsplit("/", 1)[-1]
     (local / "records" / "attempts").mkdir(parents=True)  # per-attempt files, no appends
     m = Mirror(fs, root, local)

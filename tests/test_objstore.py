@@ -114,6 +114,17 @@ def test_mirror_round_trip_puts_markers_last(tmp_path):
     assert not (remote / "records" / "parts" / "m.slices.parquet").exists()
 
 
+def test_working_copies_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    for name in (f"oodsweep-{dead.pid}-abc", f"oodsweep-{dead.pid}-trial-x", f"oodsweep-{os.getpid()}-def",
+                 "oodsweep-cache"):
+        (tmp_path / name / "tiny").mkdir(parents=True)
+    objstore._remove_orphans()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"oodsweep-{os.getpid()}-def", "oodsweep-cache"])
+
+
 def test_attempts_one_file_each_when_the_folder_exists(tmp_path):
     from trainables import records
 

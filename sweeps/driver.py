@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -75,7 +74,7 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
         interrupts.record_ray_session(spec.experiment_dir)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
     hosts = cluster.node_hosts()
-    cluster.check_storage(spec.experiment_dir, hosts, "storage")
+    cluster.check_storage(spec.remote or spec.experiment_dir, hosts, "storage")
     cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
 
 
@@ -86,25 +85,6 @@ def _trial_errors(results) -> list[str]:
         text = str(r.error).strip()
         out.append(f"{r.path}: {text.splitlines()[-1] if text else repr(r.error)}")
     return out
-
-
-def _prune_checkpoints(folders) -> int:
-    """Delete the ``checkpoint_*`` folders under each local folder; return the bytes freed.
-
-    A finished trial's checkpoints only serve to resume it: the pool member weights live in
-    ``records/checkpoints`` and δ's results in ``records/uncertainty``. They hold optimizer
-    state (a few hundred MB per trial) and would otherwise fill the disk of a large sweep.
-    """
-    freed = 0
-    for folder in folders:
-        folder = Path(folder)
-        if "://" in str(folder) or not folder.is_dir():
-            continue  # remote storage: Ray's own retention (num_to_keep) applies
-        for ckpt in folder.glob("checkpoint_*"):
-            if ckpt.is_dir():
-                freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-                shutil.rmtree(ckpt, ignore_errors=True)
-    return freed
 
 
 def fit_until_recorded(stage_dir: Path, fit: Callable[[list[str] | None], list], gaps: Callable[[], dict[str, str]],
@@ -170,7 +150,7 @@ def run_pool_stage(spec: SweepSpec, cache: Path, tracker: Tracker, address: str 
         lambda: reconcile.pool_gaps(spec),
         lambda still: reconcile.invalidate_members(spec, {m: w for m, w in still.items() if m != "(search)"}),
         "a record")
-    freed = _prune_checkpoints(r.path for r in results if r.error is None)
+    freed = reconcile.prune_checkpoints(r.path for r in results if r.error is None)
     if freed:
         log(f"removed the finished trials' resume checkpoints ({freed / 2**20:.0f} MB)")
     tracker.log_metrics(parent, {"pool_seconds": time.time() - t, "failed_trials": len(errors),
@@ -254,7 +234,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         errors = _trial_errors(failed)
         scored = set(records.uncertainty_part_ids(exp))
         train_dir = exp / UNCERTAINTY_STAGE / "train"
-        freed = _prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
+        freed = reconcile.prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
         if freed:
             log(f"removed the scored members' δ resume checkpoints ({freed / 2**20:.0f} MB)")
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})
@@ -367,7 +347,14 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
     their last checkpoints, nothing is restarted, the local Ray is shut down, the lock released, the
     message says how to continue, and ``SystemExit`` carries status 130 (SIGINT) or 143 (SIGTERM).
     """
-    from . import cluster, guards, reconcile
+    from . import objstore
+
+    with objstore.session(spec) as spec:  # object storage: a node-local working copy, uploaded as it goes
+        return _run_sweep(spec, address, num_cpus)
+
+
+def _run_sweep(spec: SweepSpec, address: str | None, num_cpus: int | None) -> dict:
+    from . import cluster, guards, objstore, reconcile
 
     exp = spec.experiment_dir
     guards.check_before_launch(spec, address, num_cpus)  # storage writable, memory and disk: nothing written yet
@@ -381,8 +368,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: int | None 
                 cluster.check_address(address)
                 cluster.check_tracking(spec.tracking())
                 cluster.check_pretrained_weights(spec)
-                log(f"experiment {exp}")
+                log(f"experiment {spec.remote or exp}")
                 cache = prepare_data(spec)
+                objstore.publish_cache(spec, cache)  # object storage: uploaded for the trials on other nodes
                 check_pool_models(spec, cache)
                 moved_from = reconcile.relocated(spec)
                 freeze(spec, frozen, changes)

@@ -143,8 +143,15 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     The folder may have been moved or renamed since it ran: its location is the folder given, not
     the frozen ``storage``/``name``.
     """
-    exp = Path(os.path.abspath(experiment_dir))  # as given (not through symlinks), made absolute
+    from . import objstore
+
+    remote = str(experiment_dir).rstrip("/") if objstore.is_remote(experiment_dir) else None
+    # on object storage: a node-local working copy (its writes are uploaded by the driver's session or at exit)
+    exp = objstore.checkout(remote) if remote else Path(os.path.abspath(experiment_dir))
     path = exp / SPEC_FILE
+    if remote and not path.exists():
+        raise ExperimentError(f"{remote} holds no oodsweep experiment (no {SPEC_FILE}); pass the URI `oodsweep run` "
+                              f"printed, e.g. <storage>/<sweep name>")
     if not exp.is_dir():
         raise ExperimentError(f"{exp} does not exist; pass the experiment folder `oodsweep run` printed, "
                               f"e.g. <storage>/<sweep name>")
@@ -152,6 +159,6 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
         raise ExperimentError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
                               f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
     raw = _read_frozen(path)
-    raw["storage"] = str(exp.parent)  # the folder may have been moved since
+    raw["storage"] = remote.rsplit("/", 1)[0] if remote else str(exp.parent)  # the folder may have been moved since
     spec = parse_spec(raw, where=str(path))
-    return SweepSpec(**{**spec.__dict__, "location": exp})
+    return SweepSpec(**{**spec.__dict__, "location": exp, "remote": remote})

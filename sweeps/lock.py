@@ -39,6 +39,11 @@ def driver_running(exp: Path) -> str | None:
     """Who holds the experiment's driver lock on this machine (None when no driver runs)."""
     import fcntl
 
+    remote = exp / ".oodsweep-remote"  # a working copy of an experiment on object storage (sweeps.objstore)
+    if remote.is_file():
+        from .objlock import holder
+
+        return holder(remote.read_text().strip())
     path = exp / DRIVER_LOCK
     if not path.exists():
         return None

@@ -22,12 +22,24 @@ SAM_PER_ARCH = "sam_per_arch"
 # ------------------------------------------------------------------ the Tune trial (runs in a worker)
 
 def pool_trial(config: dict) -> None:
-    """Ray Tune function trainable: one ``train_segmenter`` run, resumable from its checkpoint."""
+    """Ray Tune function trainable: one ``train_segmenter`` run, resumable from its checkpoint.
+
+    On object storage it runs in a node-local working copy holding the finished members' records
+    (``sweeps.objstore.trial_copy``): its checkpoints go from local disk to Ray, its records are uploaded
+    before each report."""
+    from .objstore import trial_copy
+
+    with trial_copy(config, lambda rel: rel.startswith("records/parts/") and rel.endswith(".member.json")) as (cfg, push):
+        _pool_trial(cfg, push)
+
+
+def _pool_trial(config: dict, push) -> None:
     from ray import tune
 
     from trainables.segment import train_segmenter
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
+        push()  # (object storage) the records written so far, before Tune records the checkpoint
         if ckpt_dir is None:
             tune.report(metrics)
             return
@@ -120,6 +132,9 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     from trainables.config import MemberConfig
 
     MemberConfig.check_keys([k for k in space if k != SAM_PER_ARCH])
+    from .objstore import trial_keys
+
+    space.update(trial_keys(spec, cache_dir))  # object storage: read by the trial's working copy (sweeps.objstore)
     return space
 
 
@@ -139,8 +154,10 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
 
     from . import cluster
 
-    storage = str(spec.experiment_dir)
-    path = spec.experiment_dir / POOL_STAGE
+    from .objstore import tune_storage
+
+    where = tune_storage(spec, spec.experiment_dir / POOL_STAGE)  # object storage: Ray writes to it directly
+    path, fs = where.pop("path"), where.get("storage_filesystem")
     cap = cluster.capacity()
     has_gpu = cap.get("GPU", 0) > 0
     archs = spec.pool.arch.values if spec.pool.arch.kind in ("grid", "choice") else tuple(spec.pool.per_arch)
@@ -153,15 +170,15 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     trainable = tune.with_resources(
         pool_trial, lambda config: cluster.trial_resources(config["arch"], spec.pool.cpu, spec.pool.gpu,
                                                            spec.pool.per_arch, has_gpu, models))
-    if tune.Tuner.can_restore(str(path)):
-        log(f"resuming the pool stage from {path}")
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log(f"resuming the pool stage from {spec.remote or spec.experiment_dir}/{POOL_STAGE}")
         try:
-            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                      param_space=param_space(spec, cache_dir))
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                      param_space=param_space(spec, cache_dir), storage_filesystem=fs)
         except (AttributeError, ImportError) as e:  # pickled by an older version (e.g. a function since renamed)
             from .reconcile import retire_tune_state
 
-            retire_tune_state(path)
+            retire_tune_state(spec.experiment_dir / POOL_STAGE)
             log(f"pool stage: Tune's saved state cannot be loaded by this version ({type(e).__name__}: {e}); set "
                 f"aside (pool/.superseded/), the records say what is left")
     max_conc = spec.pool.max_concurrent_trials or cluster.max_concurrent(list(demands.values()), cap)
@@ -183,7 +200,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
                                     trial_dirname_creator=lambda t: f"{trial_name(t.config)}-{t.trial_id}",
                                     num_samples=num_samples),
         run_config=tune.RunConfig(
-            name=POOL_STAGE, storage_path=storage, callbacks=[callback],
+            name=POOL_STAGE, **where, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=spec.pool.max_failures),
             # Resume checkpoints only (a member's weights are written to records/checkpoints, never
             # pruned): the latest is the one a restarted trial needs; two kept since Tune forces an

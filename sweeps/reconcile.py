@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trainables import records
 
+from . import objstore
 from .experiment import DONE_MARKER, SPEC_FILE, UNCERTAINTY_STAGE
 from .spec import SweepSpec
 
@@ -99,6 +100,7 @@ def member_problem(exp: Path, mid: str, sites: list[str]) -> tuple[str | None, l
 
 def pool_gaps(spec: SweepSpec) -> dict[str, str]:
     """Member id -> what is wrong with its record, for every member the spec calls for that is not usable."""
+    objstore.refresh(spec)  # on object storage: the trials' uploads, from one listing
     exp = spec.experiment_dir
     sites = [spec.data.source, *spec.data.targets]
     want = expected_members(spec)
@@ -116,6 +118,8 @@ def pool_gaps(spec: SweepSpec) -> dict[str, str]:
 def uncertainty_gaps(spec: SweepSpec, member_ids) -> dict[str, str]:
     """Member id -> what is wrong with its δ record, for every member without a usable one."""
     import pyarrow.parquet as pq
+
+    objstore.refresh(spec)
 
     pdir = records.records_dir(spec.experiment_dir) / "uncertainty" / "parts"
     out = {}
@@ -215,8 +219,29 @@ def relocated(spec: SweepSpec) -> str | None:
             old = str(Path(frozen["storage"]) / frozen["name"])
         except Exception:  # noqa: BLE001  (a first run: nothing frozen yet)
             return None
+    if spec.remote:  # object storage: its URI, not the working copy's temporary folder
+        return old if old != spec.remote else None
     return old if Path(old).resolve() != exp.resolve() else None  # (the same folder through a symlink is not a move)
 
 
 def record_location(spec: SweepSpec) -> None:
-    (spec.experiment_dir / LOCATION_FILE).write_text(str(spec.experiment_dir) + "\n")
+    (spec.experiment_dir / LOCATION_FILE).write_text(str(spec.remote or spec.experiment_dir) + "\n")
+
+
+def prune_checkpoints(folders) -> int:
+    """Delete the ``checkpoint_*`` folders under each local folder; return the bytes freed.
+
+    A finished trial's checkpoints only serve to resume it: the pool member weights live in
+    ``records/checkpoints`` and δ's results in ``records/uncertainty``. They hold optimizer
+    state (a few hundred MB per trial) and would otherwise fill the disk of a large sweep.
+    """
+    freed = 0
+    for folder in folders:
+        folder = Path(folder)
+        if "://" in str(folder) or not folder.is_dir():
+            continue  # remote storage: Ray's own retention (num_to_keep) applies
+        for ckpt in folder.glob("checkpoint_*"):
+            if ckpt.is_dir():
+                freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return freed

@@ -74,7 +74,10 @@ def parse_spec(raw: Any, where: str = "<spec>", base_dir: str | os.PathLike | No
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise c.fail("name", f"must be a folder-safe name (letters, digits, _ . -), got {name!r}")
-    storage = resolve_path(raw.get("storage") or env.get("OODSWEEP_STORAGE") or "./oodsweep-runs", base)
+    storage = raw.get("storage") or env.get("OODSWEEP_STORAGE") or "./oodsweep-runs"
+    # an object-store URI (s3://bucket/prefix) stays a string: sweeps.objstore opens it
+    storage = str(storage).rstrip("/") if "://" in str(storage) and not str(storage).startswith("file://") \
+        else resolve_path(storage, base)
     data = parse_data(c, raw["data"], base)
     imported = None
     if imported_pool:

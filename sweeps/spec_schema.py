@@ -233,7 +233,7 @@ class ImportSpec:
 @dataclass(frozen=True)
 class SweepSpec:
     name: str
-    storage: Path
+    storage: Path | str  # a str: an object-store URI (sweeps.objstore)
     data: DataSpec
     pool: PoolSpec
     search: SearchSpec | None = None
@@ -248,13 +248,22 @@ class SweepSpec:
     location: Path | None = None
     #: a pool trained elsewhere (``oodsweep import``); ``pool`` then only names its architectures
     imported: ImportSpec | None = None
+    #: the experiment's URI on object storage; ``location`` is then its node-local working copy (sweeps.objstore)
+    remote: str | None = None
 
     @property
     def experiment_dir(self) -> Path:
+        if self.location is None and isinstance(self.storage, str):
+            raise RuntimeError(f"experiment {self.storage}/{self.name} is on object storage: open it with "
+                               f"sweeps.objstore.session first")
         return self.location or self.storage / self.name
 
     @property
     def cache_root(self) -> Path:
+        if isinstance(self.storage, str) and self.data.cache_dir is None:  # object storage: node-local
+            import tempfile
+
+            return Path(tempfile.gettempdir()) / "oodsweep-cache" / "slices"
         return self.data.cache_dir or (self.storage / ".cache" / "slices")
 
     def tracking(self) -> str:

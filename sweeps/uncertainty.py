@@ -29,9 +29,6 @@ def _train_worker(config: dict) -> None:
     controller still runs, and the worker group's placement group would stay reserved (Ray 2.60).
     """
     import ray.train
-    import ray.train.torch
-
-    from trainables.uncertainty import fit_uncertainty
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -44,7 +41,23 @@ def _train_worker(config: dict) -> None:
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    cfg = dict(config)
+    from .objstore import trial_copy
+
+    mid = config["member_id"]  # on object storage: a working copy with this member's records only
+    with trial_copy(config, lambda rel: f"/{mid}." in f"/{rel}" or f"/{mid}/" in f"/{rel}") as (cfg, push):
+        _fit_worker(dict(cfg), push, report, rank, world)
+
+
+def _fit_worker(cfg: dict, push, report_train, rank: int, world: int) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from trainables.uncertainty import fit_uncertainty
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        push()  # (object storage) the records written so far, before the report
+        report_train(metrics, ckpt_dir)
+
     wrap = ray.train.torch.prepare_model if world > 1 else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -64,9 +77,14 @@ def uncertainty_trial(config: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .objstore import STORAGE_KEY, filesystem, trial_copy
+
     cfg = dict(config)
     train_cfg = cfg.pop("_train")
-    if (records.records_dir(cfg["experiment_dir"]) / "uncertainty" / "parts" / f"{cfg['member_id']}.parquet").exists():
+    part = f"records/uncertainty/parts/{cfg['member_id']}.parquet"
+    with trial_copy(cfg, lambda rel: rel == part) as (local, _):
+        done = (Path(local["experiment_dir"]) / part).exists()
+    if done:
         tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1})
         return
     trainer = TorchTrainer(
@@ -76,6 +94,7 @@ def uncertainty_trial(config: dict) -> None:
                                                            **({"GPU": train_cfg["gpu"]} if train_cfg["gpu"] else {})}),
         # a resume needs the latest state only: older checkpoints are deleted as new ones arrive
         run_config=RunConfig(name=f"delta-{cfg['member_id']}", storage_path=train_cfg["storage"],
+                             storage_filesystem=filesystem(cfg[STORAGE_KEY])[0] if cfg.get(STORAGE_KEY) else None,
                              callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
@@ -180,6 +199,11 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     }
     DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS)
                            + list(IMPORTED_POINT_KEYS))
+    if spec.remote:  # object storage (sweeps.objstore): Ray Train writes there, the trials work in local copies
+        from .objstore import trial_keys, tune_storage
+
+        space.update(trial_keys(spec, cache_dir))
+        space["_train"]["storage"] = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE / "train")["path"]
     return space
 
 
@@ -196,13 +220,16 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     from .callbacks import MlflowMemberCallback
 
     u = spec.uncertainty
-    path = spec.experiment_dir / UNCERTAINTY_STAGE
+    from .objstore import tune_storage
+
+    where = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE)  # object storage: Ray writes to it
+    path, fs = where.pop("path"), where.get("storage_filesystem")
     trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
     space = param_space(spec, cache_dir, todo, checkpoints, with_baselines, stored)
-    if tune.Tuner.can_restore(str(path)):
-        log(f"resuming the uncertainty stage from {path}")
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True,
-                                  param_space=space)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log(f"resuming the uncertainty stage from {spec.remote or spec.experiment_dir}/{UNCERTAINTY_STAGE}")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                                  param_space=space, storage_filesystem=fs)
     max_conc = u.max_concurrent_trials
     if max_conc is None:
         from . import cluster
@@ -216,7 +243,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
                                     trial_name_creator=lambda t: f"delta-{t.config['member']['member_id']}",
                                     trial_dirname_creator=lambda t: f"delta-{t.config['member']['member_id']}-"
                                                                     f"{t.trial_id}"),
-        run_config=tune.RunConfig(name=UNCERTAINTY_STAGE, storage_path=str(spec.experiment_dir),
+        run_config=tune.RunConfig(name=UNCERTAINTY_STAGE, **where,
                                   callbacks=[MlflowMemberCallback(tracker, parent_mlflow_id, UNCERTAINTY_STAGE)],
                                   failure_config=tune.FailureConfig(max_failures=u.max_failures)),
     )

@@ -21,6 +21,7 @@ Layout under ``<experiment>/records/``::
     surface/<member_id>.parquet       its per-case HD95 and NSD (SURFACE_COLUMNS), before its member.json
     surface.parquet                   merged likewise
     attempts.jsonl                    every training start (``log_attempt``)
+    attempts/<stage>-<run>-<ns>-<pid>.json  the same, one file each, when the folder exists (object storage)
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ def log_attempt(experiment_dir: str | os.PathLike, stage: str, run: str, start_e
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"stage": stage, "run": run, "start_epoch": int(start_epoch), "pid": os.getpid(),
                        "time": round(time.time(), 3)}) + "\n"
+    folder = path.parent / "attempts"
+    if folder.is_dir():  # an experiment on object storage (no appends there): one small file per attempt
+        _atomic_write_bytes(folder / f"{stage}-{run}-{time.time_ns()}-{os.getpid()}.json", line.encode())
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -83,6 +88,8 @@ def load_attempts(experiment_dir: str | os.PathLike) -> pd.DataFrame:
     """The attempts log as a table (empty when nothing has started yet)."""
     path = records_dir(experiment_dir) / "attempts.jsonl"
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    files = sorted((path.parent / "attempts").glob("*.json"))  # per-attempt files (object storage)
+    rows += sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["time"])
     return pd.DataFrame(rows, columns=["stage", "run", "start_epoch", "pid", "time"])
 
 

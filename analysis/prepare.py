@@ -170,8 +170,8 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     if label is not None:
         channel = label_names(slices).index(label) if label in label_names(slices) else None
         slices = select_label(slices, label, f"the slice records of {records_dir(experiment_dir)}")
-        if surface is not None and "label" in surface.columns:
-            surface = select_label(surface, label, f"the surface records of {records_dir(experiment_dir)}")
+        if surface is not None:  # one label's rows (surface_by keeps its label column: it averages per label)
+            surface = surface[surface["label"].astype(str) == label].reset_index(drop=True)
     perf = performance_table(members, slices, metric, surface)
     if perf.empty:
         raise ValueError(f"records in {records_dir(experiment_dir)} hold no OOD (target-site) evaluations: "

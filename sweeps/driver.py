@@ -229,7 +229,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                                                                                    members["checkpoint"])}
         stored = stage.imported_members(members)  # no model: ŷ from their stored predictions
         if stored:
-            from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+            from trainables.uncertainty.scoring import MODEL_FREE_BASELINES
 
             skipped = [b for b in u.baselines if b not in MODEL_FREE_BASELINES]
             log(f"δ of the {len(stored)} imported members fitted on their stored predictions (ŷ) on the source's "

@@ -5,7 +5,7 @@ their registries (docs/architecture.md "Rooms": one registry per kind of plug-in
 ``trainables.records``, layouts from ``trainables.data.layouts``, architectures from
 ``trainables.models`` (read where they are checked); the analysis' indicators from ``analysis``
 (``sweeps.spec_sections.indicator_choices``). A default the trials share (a batch size, δ's epochs, the SAM
-weights) is read from the field of the trainables' config (``trainables.config``, ``trainables.delta_config``)
+weights) is read from the field of the trainables' config (``trainables.config``, ``trainables.uncertainty.config``)
 that keeps it, never written here a second time (``default``).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from trainables.config import MemberConfig
 from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
-from trainables.delta_config import DeltaConfig
+from trainables.uncertainty.config import DeltaConfig
 from trainables.records import ALL_METRICS, UNCERTAINTY_METHODS
 
 from .errors import SpecError  # noqa: F401 (the spec's error, used as sweeps.spec_schema.SpecError)

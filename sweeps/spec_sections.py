@@ -31,7 +31,7 @@ def _lam(c, raw: Any) -> float | tuple[float, ...]:
 
 def _bayescap(c, raw: Any) -> dict:
     """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16: δ's config's)."""
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
     return {"bayescap_width": c.number(b.get("width", DeltaConfig.default("bayescap_width")),

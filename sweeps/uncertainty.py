@@ -136,7 +136,7 @@ def imported_members(members: pd.DataFrame) -> set[str]:
 def member_baselines(spec: SweepSpec, member_id: str, with_baselines: set[str], stored: set[str]) -> list[str]:
     """The baselines a member's trial runs: none outside ``with_baselines``; an imported member (``stored``)
     only those on ŷ (BayesCap, ``ggd_yhat_only``): TTA and MC dropout run the member's model, which it has not."""
-    from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+    from trainables.uncertainty.scoring import MODEL_FREE_BASELINES
 
     if member_id not in with_baselines:
         return []
@@ -147,12 +147,12 @@ def member_baselines(spec: SweepSpec, member_id: str, with_baselines: set[str], 
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],
                 with_baselines: set[str], stored: set[str] | frozenset = frozenset()) -> dict:
     """The δ stage's Tune space: one grid point per member (``member``, merged into the trial's config by
-    ``_trial_fn``) and the fixed config, whose keys are checked against ``trainables.delta_config.DeltaConfig``
+    ``_trial_fn``) and the fixed config, whose keys are checked against ``trainables.uncertainty.config.DeltaConfig``
     (``_train`` is the trial's own: the Train run's resources and storage). ``stored``: the imported members,
     whose ŷ is read from their stored predictions (``yhat: stored``) instead of their model's."""
     from ray import tune
 
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     from . import cluster
 

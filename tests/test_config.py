@@ -1,4 +1,4 @@
-"""The typed configs at the trainable boundary (trainables.config, trainables.delta_config): conversion of Ray's
+"""The typed configs at the trainable boundary (trainables.config, trainables.uncertainty.config): conversion of Ray's
 flat dict, errors that name the type, the key, the value and the fix, one place per default, and the Tune
 param_spaces the driver builds, whose keys must be the configs' fields."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from trainables.config import AccelConfig, MemberConfig, SamOptions
-from trainables.delta_config import DeltaConfig
+from trainables.uncertainty.config import DeltaConfig
 
 
 def member(**kw) -> dict:

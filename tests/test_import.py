@@ -345,7 +345,7 @@ def test_delta_space_reads_imported_members_from_their_predictions(tmp_path, mon
     from sweeps import cluster
     from sweeps.spec import parse_spec
     from sweeps.uncertainty import param_space
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
     spec = parse_spec({"name": "x", "storage": str(tmp_path), "data": {"layout": "prostate_multisite",

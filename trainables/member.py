@@ -25,7 +25,7 @@ from .data.cache import SliceCache
 from .models import resolve_model
 
 if TYPE_CHECKING:
-    from .delta_config import DeltaConfig
+    from .uncertainty.config import DeltaConfig
 
 ReportFn = Callable[[dict, "str | None"], None]
 #: The resumable training state's file in a reported checkpoint folder.

@@ -28,12 +28,12 @@ pass use the ground-truth boxes of the slice (the oracle prompt), ŷ and MC drop
 embedding cache; MC dropout drops channels of the upscaled image features that enter SAM's final
 mask product (``trainables.sam.frozen.prompted_mc_dropout_map``).
 
-Modules: ``trainables.delta`` (the net δ and the equations), ``trainables.baselines`` (the Table-4
-baselines), ``trainables.uncertainty_scoring`` (Otsu areas, error ranking, scoring a member and writing
+Modules: ``trainables.uncertainty.delta`` (the net δ and the equations), ``trainables.uncertainty.baselines`` (the Table-4
+baselines), ``trainables.uncertainty.scoring`` (Otsu areas, error ranking, scoring a member and writing
 its records) and this one (the config and the fit).
 
 ŷ's *prediction source* (``DeltaConfig.yhat``): the member's model (``model``), or, for a member imported from
-elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``uncertainty_scoring.StoredPredictions``);
+elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``trainables.uncertainty.scoring.StoredPredictions``);
 δ and the baselines on ŷ alone (BayesCap, ``ggd_yhat_only``) then run as for any member, TTA and MC dropout cannot.
 
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
@@ -52,20 +52,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import records
-from .accel import Accel, accel_for, place_training_data, resolve_device
+from .. import records
+from ..accel import Accel, accel_for, place_training_data, resolve_device
 from .baselines import BayesCapNet, bayescap_loss
-from .data.cache import SliceCache, open_slice_cache
+from ..data.cache import SliceCache, open_slice_cache
 from .delta import DeltaNet, delta_loss, ggd_nll, ggd_variance, unwrap
-from .delta_config import DeltaConfig, lam_method
-from .member import train_val_rows
-from .runner import run_epochs
-from .segment import load_member
-from .uncertainty_scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
+from .config import DeltaConfig, lam_method
+from ..member import train_val_rows
+from ..runner import run_epochs
+from ..segment import load_member
+from .scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
                                   score_member, slice_columns, source_threshold, uncertain_masks, union)
 
-#: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
-#: and ``trainables.uncertainty_scoring``).
+#: Names callers imported from here before the split (temporary aliases; they live in ``trainables.uncertainty.delta``
+#: and ``trainables.uncertainty.scoring``).
 __all__ = ["DeltaConfig", "FIT_SPLITS", "DeltaFit", "DeltaNet", "compact_optimizer_state", "delta_epoch",
            "delta_loss", "error_ranking", "fit_rows", "fit_uncertainty", "ggd_nll", "ggd_variance", "heldout_metrics",
            "lam_method", "load_frozen", "otsu_area", "slice_columns", "source_threshold", "uncertain_masks"]

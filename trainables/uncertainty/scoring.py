@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import records
-from .accel import Accel
+from .. import records
+from ..accel import Accel
 from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
-from .data.cache import SliceCache
+from ..data.cache import SliceCache
 from .delta import DeltaNet, ggd_variance, unwrap
-from .delta_config import DeltaConfig
-from .dense import predict
-from .member import eval_sets
-from .sam.frozen import predict_member_rows, prompted_mc_dropout_map
+from .config import DeltaConfig
+from ..dense import predict
+from ..member import eval_sets
+from ..sam.frozen import predict_member_rows, prompted_mc_dropout_map
 
 def uncertain_masks(maps: np.ndarray) -> np.ndarray:
     """The uncertain pixels of each image: above its own Otsu threshold (``N x H x W`` -> bool).

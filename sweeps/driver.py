@@ -256,7 +256,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         errors = _trial_errors(failed)
         scored = set(records.uncertainty_part_ids(exp))
         train_dir = exp / UNCERTAINTY_STAGE / "train"
-        freed = _prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
+        freed = _prune_checkpoints(stage.finished_train_runs(train_dir, scored))
         if freed:
             log(f"removed the scored members' δ resume checkpoints ({freed / 2**20:.0f} MB)")
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})

@@ -65,7 +65,7 @@ def _diff(a, b, key=""):
 #: shows, where the user's code is found (``runtime_env``: the architectures' definitions in ``pool.arch``
 #: are compared, not the code they import). Everything else defines the results.
 RESUMABLE = ("storage", "runtime_env", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures", "uncertainty.resources",
-             "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
+             "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures", "uncertainty.train_max_failures",
              "analysis", "pool.training.data_placement", "pool.training.loader_workers",
              "uncertainty.training.data_placement", "uncertainty.training.loader_workers")
 

@@ -191,6 +191,12 @@ class UncertaintySpec:
     fit_split: str = DeltaConfig.default("fit_split")
     #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
     bayescap: dict = field(default_factory=dict)
+    #: members fitted one after another in one Tune trial / Ray Train run (``sweeps.uncertainty.member_groups``):
+    #: None (``group_size: run``) the snapshot members of one training run; N: N members at a time (1: a run each)
+    group_size: int | None = None
+    #: restarts of a δ group's Ray Train worker group (``ray.train.FailureConfig``: a preempted spot node),
+    #: from its latest checkpoint, before the Tune trial fails (and ``max_failures`` retries the trial)
+    train_max_failures: int = 0
 
 
 @dataclass(frozen=True)

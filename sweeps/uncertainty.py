@@ -99,18 +99,10 @@ def uncertainty_trial(config: dict) -> None:
 def finished_train_runs(train_dir: Path, scored: set[str]) -> list[Path]:
     """The Train run folders of ``train_dir`` whose members are all scored (their resume checkpoints serve no
     more): ``delta-<member>`` of a one-member group, and each group whose ``members_file`` lists only scored
-    members."""
-    import json
-
+    members (``reconcile.train_groups``)."""
     out = [train_dir / f"delta-{m}" for m in sorted(scored)]
-    for listing in sorted(train_dir.glob("delta-*.members")) if train_dir.is_dir() else []:
-        try:
-            ids = set(json.loads(listing.read_text()))
-        except (OSError, ValueError):
-            continue
-        if ids and ids <= scored:
-            out.append(listing.with_suffix(""))
-    return out
+    return out + [train_dir / f"delta-{name}" for name, ids in reconcile.train_groups(train_dir).items()
+                  if ids and set(ids) <= scored]
 
 
 def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFrame) -> set[str]:
@@ -199,7 +191,10 @@ def member_groups(member_ids: list[str], with_baselines: set[str], runs: dict[st
 def member_runs(spec: SweepSpec) -> dict[str, str]:
     """Each recorded member's training run (``run_id`` of the members' records; none for an imported member
     whose table gives none)."""
-    members, _ = records.load_records(spec.experiment_dir)
+    try:
+        members, _ = records.load_records(spec.experiment_dir)
+    except FileNotFoundError:  # no pool recorded (yet): no runs to group by
+        return {}
     if "run_id" not in members.columns:
         return {}
     return {str(m): str(r) for m, r in zip(members["member_id"], members["run_id"]) if isinstance(r, str) and r}

@@ -154,8 +154,10 @@ def test_uncertainty_param_space_keys_are_delta_config_fields(tmp_path, monkeypa
     monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
     spec = _spec(tmp_path, uncertainty={"epochs": 3, "lam": {"grid": [1.0, 10.0]}, "training": {"amp": "off"}})
     space = param_space(spec, tmp_path / "cache", ["a", "b"], {"a": "a.pt", "b": "b.pt"}, {"b"})
-    fixed = {k: v for k, v in space.items() if k not in ("member", "_train")}
-    points = space["member"]["grid_search"]
+    fixed = {k: v for k, v in space.items() if k not in ("group", "_train")}
+    groups = space["group"]["grid_search"]  # a member per group here (no records: no training runs to group by)
+    assert [g["name"] for g in groups] == ["b", "a"]  # the member with baselines first
+    points = [p for g in groups for p in g["members"]]
     assert set(points[0]) == set(MEMBER_POINT_KEYS)
     assert set(fixed) | set(MEMBER_POINT_KEYS) <= set(DeltaConfig.keys())
     assert set(DeltaConfig.required()) <= set(fixed) | set(MEMBER_POINT_KEYS)

@@ -2,7 +2,7 @@
 
 Trains a pool on the demo's data without Ray (``trainables.segment.train_segmenter``, the demo preset's
 runs and snapshot epochs; ``--archs``/``--lrs`` take fewer), then runs the δ stage's own Tune trials
-(``sweeps.uncertainty.param_space`` and ``_trial_fn``: a Ray Train ``TorchTrainer`` per trial) on a local
+(``sweeps.uncertainty.param_space`` and ``trial_fn``: a Ray Train ``TorchTrainer`` per trial) on a local
 Ray, one trial at a time, twice on copies of the same pool:
 
 * ``group_size 1``: a trial (a Train run) per member, as the stage ran before groups;
@@ -134,7 +134,7 @@ def run_stage(spec, cache: Path, group_size: int | None) -> dict:
     checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
                                                                                members["checkpoint"])}
     space = stage.param_space(spec, cache, ids, checkpoints, with_baselines)
-    tuner = tune.Tuner(tune.with_resources(stage._trial_fn, {"cpu": spec.uncertainty.trial_cpu}), param_space=space,
+    tuner = tune.Tuner(tune.with_resources(stage.trial_fn, {"cpu": spec.uncertainty.trial_cpu}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=1),
                        run_config=tune.RunConfig(name="uncertainty", storage_path=str(exp), verbose=0))
     with RayProcesses() as procs:

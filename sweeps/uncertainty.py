@@ -243,7 +243,9 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     return space
 
 
-def _trial_fn(config: dict) -> None:
+def trial_fn(config: dict) -> None:
+    """The Tune trainable: a trial's config (a group, or one member of a stage started before groups) to
+    ``uncertainty_trial``."""
     cfg = dict(config)
     if "member" in cfg:  # a trial of a stage started before groups: its one member
         point = cfg.pop("member")
@@ -264,7 +266,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
 
     u = spec.uncertainty
     path = spec.experiment_dir / UNCERTAINTY_STAGE
-    trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
+    trainable = tune.with_resources(trial_fn, {"cpu": u.trial_cpu})
     space = param_space(spec, cache_dir, todo, checkpoints, with_baselines, stored)
     if tune.Tuner.can_restore(str(path)):
         log(f"resuming the uncertainty stage from {path}")

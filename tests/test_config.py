@@ -161,6 +161,6 @@ def test_uncertainty_param_space_keys_are_delta_config_fields(tmp_path, monkeypa
     assert set(points[0]) == set(MEMBER_POINT_KEYS)
     assert set(fixed) | set(MEMBER_POINT_KEYS) <= set(DeltaConfig.keys())
     assert set(DeltaConfig.required()) <= set(fixed) | set(MEMBER_POINT_KEYS)
-    cfg = DeltaConfig.from_dict({**fixed, **points[0]})  # what _trial_fn hands fit_uncertainty
+    cfg = DeltaConfig.from_dict({**fixed, **points[0]})  # what trial_fn hands fit_uncertainty
     assert (cfg.member_id, cfg.epochs, cfg.lams, cfg.accel.amp) == ("b", 3, {"ggd": 1.0, "ggd_lam10": 10.0}, "off")
     assert cfg.baselines == spec.uncertainty.baselines and DeltaConfig.from_dict({**fixed, **points[1]}).baselines == ()

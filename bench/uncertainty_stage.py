@@ -11,7 +11,7 @@ Ray, one trial at a time, twice on copies of the same pool:
 For each it prints the stage's wall time, the sum of its δ epochs' own seconds (``epoch_seconds``, the
 fits' training time, as the trials report it) and their ratio (the goal: <= 1.3 with groups, about 2.1
 with a Train run per member at demo size), and the Ray processes the stage started: the distinct
-``ray::`` worker processes under this Ray's raylet seen while the stage ran (sampled every 0.2 s), per
+``ray::`` worker processes under this Ray's raylet seen while the stage ran (sampled every 0.1 s), per
 trial and by name (the Train controller, the worker group's workers, ...). The records of the two
 layouts are compared too (the largest difference of the per-slice uncertainty columns).
 
@@ -34,7 +34,10 @@ from pathlib import Path
 
 import yaml
 
-DEMO = Path(__file__).resolve().parents[1] / "sweeps" / "presets" / "demo.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "sweeps" / "presets" / "demo.yaml"
+# run as a script, this folder comes first on sys.path, and bench/analysis.py would shadow the analysis package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def demo_spec(tmp: Path, smoke: bool, archs: list[str] | None, lrs: list[float] | None, name: str):
@@ -72,7 +75,7 @@ def train_pool(spec, cache: Path) -> None:
 
 class RayProcesses:
     """The distinct ``ray::`` processes under this driver's raylet that start while the block runs, sampled
-    every 0.2 s in a thread (psutil)."""
+    every 0.1 s in a thread (psutil)."""
 
     def __init__(self):
         import psutil
@@ -95,11 +98,11 @@ class RayProcesses:
                 cmd = p.cmdline()
             except psutil.Error:
                 continue
-            if cmd and cmd[0].startswith("ray::") and p.pid not in self.seen:
-                self.seen[p.pid] = cmd[0]
+            if cmd and cmd[0].startswith("ray::") and (p.pid not in self.seen or self.seen[p.pid] == "ray::IDLE"):
+                self.seen[p.pid] = cmd[0]  # a worker is IDLE until it becomes an actor or runs a task
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.1):
             self._sample()
 
     def __enter__(self):

@@ -1,10 +1,12 @@
 """Stage 2: a post-hoc uncertainty net per pool member (docs/architecture.md "Rooms", "Uncertainty", "Stages").
 
-One Ray Tune trial per pool member; each trial builds and fits a Ray Train ``TorchTrainer`` whose
-workers run ``trainables.uncertainty.fit_uncertainty`` (DDP across workers when the spec asks for
-more than one). The Train run has a deterministic name (``delta-<member>``) under the experiment's
-``uncertainty/train`` folder, so a restarted trial resumes its run from the last checkpoint.
-Ray is imported inside functions only.
+One Ray Tune trial per group of pool members (``member_groups``: by default the snapshot members of one
+training run; ``uncertainty.group_size``); each trial builds and fits a Ray Train ``TorchTrainer`` whose
+workers run ``trainables.uncertainty.group.fit_group``: ``fit_uncertainty`` for each member in turn, in
+the same processes (DDP across workers when the spec asks for more than one), skipping the members
+already recorded. The Train run has a deterministic name (``delta-<group>``) under the experiment's
+``uncertainty/train`` folder, so a restarted trial resumes its run from the last checkpoint, which
+names its member. Ray is imported inside functions only.
 """
 from __future__ import annotations
 
@@ -79,9 +81,10 @@ def uncertainty_trial(config: dict) -> None:
     if {p["member_id"] for p in points} <= recorded_members(cfg["experiment_dir"]):
         tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1})
         return
-    listing = members_file(train_cfg["storage"], group["name"])
-    listing.parent.mkdir(parents=True, exist_ok=True)
-    listing.write_text(json.dumps([p["member_id"] for p in points]))
+    if "://" not in str(train_cfg["storage"]):  # (remote storage: Ray's own retention applies, nothing is pruned)
+        listing = members_file(train_cfg["storage"], group["name"])
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text(json.dumps([p["member_id"] for p in points]))
     trainer = TorchTrainer(
         _train_worker, train_loop_config={**cfg, "group": points},
         scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,

@@ -182,3 +182,17 @@ def test_group_size_spec_key(value, want, tmp_path):
     for bad in ("runs", 0, 1.5):
         with pytest.raises(SpecError, match="uncertainty.group_size"):
             parse_spec({**base, "uncertainty": {"group_size": bad}})
+
+
+def test_finished_train_runs_and_groups(tmp_path):
+    """The Train runs whose checkpoints the driver prunes: a one-member run of a scored member, a group whose
+    listed members are all scored; not a group with a member still owed."""
+    from sweeps.reconcile import train_groups
+    from sweeps.uncertainty import finished_train_runs, members_file
+
+    members_file(tmp_path, "runA").write_text('["a1", "a2"]')
+    members_file(tmp_path, "runB").write_text('["b1", "b2"]')
+    members_file(tmp_path, "broken").write_text("not json")
+    assert train_groups(tmp_path) == {"runA": ["a1", "a2"], "runB": ["b1", "b2"]}
+    got = finished_train_runs(tmp_path, {"a1", "a2", "b1"})
+    assert [p.name for p in got] == ["delta-a1", "delta-a2", "delta-b1", "delta-runA"]

@@ -79,7 +79,8 @@ def uncertainty_trial(config: dict) -> None:
     group = cfg.pop("group")
     points = group["members"]
     if {p["member_id"] for p in points} <= recorded_members(cfg["experiment_dir"]):
-        tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1})
+        for p in points:  # each member's result, so that the driver's tracker ends each member's run
+            tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1, "member_id": p["member_id"]})
         return
     if "://" not in str(train_cfg["storage"]):  # (remote storage: Ray's own retention applies, nothing is pruned)
         listing = members_file(train_cfg["storage"], group["name"])

@@ -73,7 +73,7 @@ def fit_group(configs: list[dict | DeltaConfig], report: Report | None = None,
         configs: one δ config per member (a ``DeltaConfig`` or its flat dict), in the order they are fitted;
             all of one experiment and slice cache.
         report: as ``fit_uncertainty``'s; every result carries ``member_id``, and every checkpoint folder
-            names its member. Ranks > 0 report ``{"epoch", "scored", "member_id"}`` once after each member,
+            names its member; a member recorded before is reported once, ``{"epoch", "scored", "skipped"}``. Ranks > 0 report ``{"epoch", "scored", "member_id"}`` once after each member,
             so that every rank reports as often as rank 0 (Ray Train's reports are collective).
         wrap_model, rank, world_size: as ``fit_uncertainty``'s (DDP across the Train workers).
         resume_from: a checkpoint folder the group reported before; it resumes the member it names
@@ -89,6 +89,9 @@ def fit_group(configs: list[dict | DeltaConfig], report: Report | None = None,
         return {}
     done = recorded_members(cfgs[0].experiment_dir)  # once, before this rank writes anything: every rank agrees
     todo = [c for c in cfgs if c.member_id not in done]
+    for cfg in cfgs:  # a recorded member's result says so (a tracker ends its run: it may have missed the first)
+        if cfg.member_id in done and report is not None:
+            report({"epoch": cfg.epochs, "scored": 1, "skipped": 1, "member_id": cfg.member_id}, None)
     owner = checkpoint_member(resume_from) or (cfgs[0].member_id if len(cfgs) == 1 else None)
     cache = open_slice_cache(cfgs[0].cache) if todo else None
     out: dict[str, dict] = {}

@@ -67,6 +67,18 @@ def test_stored_yhat_equals_the_models(tiny_member, tiny_cache):
     assert stored_site_predictions(exp, cfg.member_id, cfg.source, cache, cache.rows(cfg.source, "train")) is None
 
 
+def test_stored_yhat_equals_the_models_for_a_box_prompted_member(medsam_run, tiny_cache):
+    """MedSAM: the pool's stored masks (oracle boxes, cached embeddings) equal the frozen member's ŷ."""
+    exp, members, _ = medsam_run
+    cache, m = open_slice_cache(tiny_cache), members[-1]
+    cfg = DeltaConfig.from_dict(delta_config(m, tiny_cache, exp))
+    model = load_frozen(str(records.resolve_checkpoint(exp, cfg.checkpoint)), cfg.member_id, str(exp),
+                        torch.device("cpu"))
+    for site, _, rows in eval_sets(cache, cfg):
+        stored = stored_site_predictions(exp, cfg.member_id, site, cache, rows)
+        assert stored is not None and torch.equal(stored, frozen_predict(model, cache, rows, torch.device("cpu")))
+
+
 def test_group_records_equal_per_member_records(tiny_member, tiny_cache, tmp_path):
     """The old way (one fit_uncertainty per member, ŷ recomputed by the model) against one group in the reverse
     order (ŷ of the scored sites from the stored predictions): the same records, so the same random draws per

@@ -65,44 +65,67 @@ class MlflowPoolCallback(tune.Callback):
 
 
 class MlflowMemberCallback(tune.Callback):
-    """Driver-side: one MLflow child run per trial of a per-member stage (e.g. uncertainty)."""
+    """Driver-side: one MLflow child run per member of a per-member stage (e.g. uncertainty), whose trials fit
+    one member (``member``) or a group of them (``group``: results name their ``member_id``)."""
 
     def __init__(self, tracker: Tracker, parent_mlflow_id: str, stage: str):
         self.tracker = tracker
         self.parent_run_id = parent_mlflow_id  # (the name an older version pickled)
         self.stage = stage
-        self._runs: dict[str, str] = {}
+        self._runs: dict = {}  # trial id -> {member id: its MLflow run} (an older version: trial id -> run)
         self._last_step: dict[str, int] = {}
+        self._done: set = set()  # the runs of a group's members that are scored (ended before their trial)
 
-    def _run(self, trial) -> Ref:
-        if trial.trial_id not in self._runs:
-            cfg = {**trial.config, **trial.config.get("member", {})}
-            mid = cfg["member_id"]
+    def _member_runs(self, trial) -> dict[str, Ref]:
+        runs = self._runs.setdefault(trial.trial_id, {})
+        if not isinstance(runs, dict):  # pickled by a version with one run per trial
+            runs = self._runs[trial.trial_id] = {self._members(trial)[0]["member_id"]: runs}
+        return runs
+
+    @staticmethod
+    def _members(trial) -> list[dict]:
+        cfg = trial.config
+        points = cfg["group"]["members"] if "group" in cfg else [cfg.get("member", cfg)]
+        return [{**{k: v for k, v in cfg.items() if k not in ("group", "member")}, **p} for p in points]
+
+    def _run(self, trial, member_id: str | None = None) -> Ref:
+        runs = self._member_runs(trial)
+        cfgs = {c["member_id"]: c for c in self._members(trial)}
+        mid = member_id if member_id in cfgs else next(iter(cfgs))
+        if mid not in runs:
+            cfg = cfgs[mid]
             ref = self.tracker.run_ref(f"{self.stage}-{mid}", {MEMBER_TAG: mid, STAGE_TAG: self.stage},
                                        parent=self.parent_run_id)
             self.tracker.log_params(ref, {k: cfg[k] for k in ("member_id", "epochs", "lr", "lam", "beta",
                                                               "batch_size", "passes", "fit_split") if k in cfg})
             self.tracker.log_params(ref, {"baselines": ",".join(cfg.get("baselines", [])),
                                           "trial_id": trial.trial_id})
-            self._runs[trial.trial_id] = ref
-        return self._runs[trial.trial_id]
+            runs[mid] = ref
+        return runs[mid]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
+        if len(self._members(trial)) == 1:  # a group's runs start with their member's first result
+            self._run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        rid = self._run(trial)
+        rid = self._run(trial, result.get("member_id"))
         epoch = int(result.get("epoch", 0))
         # δ's convergence (held-out loss and Dice(μ > 0.5, ŷ) each epoch) and the maps' AUROC per site; a
         # step the run has already is skipped by the tracker
         metrics = {k: v for k, v in result.items()
                    if k.startswith(("loss_", "ua_", "heldout_", "final_", "auroc_")) or k in ("epoch", "epoch_seconds")}
         self.tracker.log_metrics(rid, metrics, step=epoch)
+        if result.get("scored") and result.get("member_id"):  # a group's member is done: its records are written
+            self.tracker.end(rid, "FINISHED")
+            self._done.add(rid)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.end(self._run(trial), "FINISHED")
+        for rid in self._member_runs(trial).values():
+            if rid not in getattr(self, "_done", ()):
+                self.tracker.end(rid, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        rid = self._run(trial)
-        self.tracker.set_tags(rid, {"oodsweep.error": str(getattr(trial, "error_file", None) or "see the trial folder")})
-        self.tracker.end(rid, "FAILED")
+        runs = self._member_runs(trial) or {None: self._run(trial)}
+        for rid in (r for r in runs.values() if r not in getattr(self, "_done", ())):
+            self.tracker.set_tags(rid, {"oodsweep.error": str(getattr(trial, "error_file", None) or "see the trial folder")})
+            self.tracker.end(rid, "FAILED")

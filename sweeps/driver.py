@@ -207,7 +207,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
                                                                                    members["checkpoint"])}
         stored = stage.imported_members(members)  # no model: ŷ from their stored predictions
         if stored:
-            from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+            from trainables.uncertainty.scoring import MODEL_FREE_BASELINES
 
             skipped = [b for b in u.baselines if b not in MODEL_FREE_BASELINES]
             log(f"δ of the {len(stored)} imported members fitted on their stored predictions (ŷ) on the source's "
@@ -234,7 +234,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         errors = _trial_errors(failed)
         scored = set(records.uncertainty_part_ids(exp))
         train_dir = exp / UNCERTAINTY_STAGE / "train"
-        freed = reconcile.prune_checkpoints(train_dir / f"delta-{m}" for m in scored)
+        freed = reconcile.prune_checkpoints(stage.finished_train_runs(train_dir, scored))
         if freed:
             log(f"removed the scored members' δ resume checkpoints ({freed / 2**20:.0f} MB)")
         tracker.log_metrics(parent, {"uncertainty_seconds": time.time() - t, "failed_trials": len(errors)})

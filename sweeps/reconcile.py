@@ -173,10 +173,26 @@ def invalidate_uncertainty(spec: SweepSpec, gaps: dict[str, str]) -> None:
     """
     exp = spec.experiment_dir
     quarantine(exp, [records.records_dir(exp) / "uncertainty" / "parts" / f"{m}.parquet" for m in gaps])
-    for mid in gaps:
-        run = exp / UNCERTAINTY_STAGE / "train" / f"delta-{mid}"
+    train = exp / UNCERTAINTY_STAGE / "train"
+    runs = [train / f"delta-{mid}" for mid in gaps]  # a one-member run, and each group holding an owed member
+    runs += [train / f"delta-{name}" for name, ids in train_groups(train).items() if set(ids) & set(gaps)]
+    for run in dict.fromkeys(runs):
         if run.is_dir() and not any(p.is_dir() for p in run.glob("checkpoint_*")):  # (not the snapshot .json)
             _supersede(exp / UNCERTAINTY_STAGE, [run])
+
+
+def train_groups(train_dir: Path) -> dict[str, list[str]]:
+    """The δ groups' Train runs under ``train_dir`` and their members: ``{name: member ids}`` from the
+    ``delta-<name>.members`` list each trial writes beside its run (``sweeps.uncertainty.members_file``)."""
+    import json
+
+    out = {}
+    for listing in sorted(train_dir.glob("delta-*.members")) if train_dir.is_dir() else []:
+        try:
+            out[listing.name[len("delta-"): -len(".members")]] = [str(m) for m in json.loads(listing.read_text())]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _supersede(stage_dir: Path, paths) -> Path:

@@ -5,7 +5,7 @@ their registries (docs/architecture.md "Rooms": one registry per kind of plug-in
 ``trainables.records``, layouts from ``trainables.data.layouts``, architectures from
 ``trainables.models`` (read where they are checked); the analysis' indicators from ``analysis``
 (``sweeps.spec_sections.indicator_choices``). A default the trials share (a batch size, δ's epochs, the SAM
-weights) is read from the field of the trainables' config (``trainables.config``, ``trainables.delta_config``)
+weights) is read from the field of the trainables' config (``trainables.config``, ``trainables.uncertainty.config``)
 that keeps it, never written here a second time (``default``).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from trainables.config import MemberConfig
 from trainables.data.layouts import LAYOUTS as LAYOUT_REGISTRY
-from trainables.delta_config import DeltaConfig
 from trainables.records import ALL_METRICS, SURFACE_METRICS, UNCERTAINTY_METHODS
+from trainables.uncertainty.config import DeltaConfig
 
 from .errors import SpecError  # noqa: F401 (the spec's error, used as sweeps.spec_schema.SpecError)
 
@@ -207,6 +207,12 @@ class UncertaintySpec:
     fit_split: str = DeltaConfig.default("fit_split")
     #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
     bayescap: dict = field(default_factory=dict)
+    #: members fitted one after another in one Tune trial / Ray Train run (``sweeps.uncertainty.member_groups``):
+    #: None (``group_size: run``) the snapshot members of one training run; N: N members at a time (1: a run each)
+    group_size: int | None = None
+    #: restarts of a δ group's Ray Train worker group (``ray.train.FailureConfig``: a preempted spot node),
+    #: from its latest checkpoint, before the Tune trial fails (and ``max_failures`` retries the trial)
+    train_max_failures: int = 0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _lam(c, raw: Any) -> float | tuple[float, ...]:
 
 def _bayescap(c, raw: Any) -> dict:
     """``uncertainty.bayescap``: {width, blocks} of the published BayesCap net (default 64, 16: δ's config's)."""
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     b = c.keys(raw or {}, "uncertainty.bayescap", {"width": False, "blocks": False})
     return {"bayescap_width": c.number(b.get("width", DeltaConfig.default("bayescap_width")),
@@ -282,6 +282,16 @@ def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> Search
     return search
 
 
+def _group_size(c: Checker, v: Any) -> int | None:
+    """``uncertainty.group_size``: "run" (None: the members of one training run per δ trial) or N >= 1."""
+    if v == "run":
+        return None
+    if isinstance(v, str):
+        raise c.fail("uncertainty.group_size", f"expected 'run' (the members of one training run) or a number of "
+                                               f"members >= 1, got {v!r}")
+    return c.number(v, "uncertainty.group_size", integer=True, positive=True)
+
+
 def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec | None:
     """Validate the ``uncertainty:`` mapping (None: no δ stage)."""
     if raw is None:
@@ -291,7 +301,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
         "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
-        "bayescap": False})
+        "bayescap": False, "group_size": False, "train_max_failures": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -326,6 +336,9 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
                                                                  integer=True, positive=True),
         max_failures=c.number(u.get("max_failures", default(UncertaintySpec, "max_failures")),
                               "uncertainty.max_failures", integer=True, nonneg=True),
+        train_max_failures=c.number(u.get("train_max_failures", 0), "uncertainty.train_max_failures", integer=True,
+                                    nonneg=True),
+        group_size=_group_size(c, u.get("group_size", "run")),
         checkpoint_every=c.number(u.get("checkpoint_every", dflt("checkpoint_every")), "uncertainty.checkpoint_every",
                                   integer=True, positive=True),
         baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,

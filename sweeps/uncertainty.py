@@ -1,10 +1,12 @@
 """Stage 2: a post-hoc uncertainty net per pool member (docs/architecture.md "Rooms", "Uncertainty", "Stages").
 
-One Ray Tune trial per pool member; each trial builds and fits a Ray Train ``TorchTrainer`` whose
-workers run ``trainables.uncertainty.fit_uncertainty`` (DDP across workers when the spec asks for
-more than one). The Train run has a deterministic name (``delta-<member>``) under the experiment's
-``uncertainty/train`` folder, so a restarted trial resumes its run from the last checkpoint.
-Ray is imported inside functions only.
+One Ray Tune trial per group of pool members (``member_groups``: by default the snapshot members of one
+training run; ``uncertainty.group_size``); each trial builds and fits a Ray Train ``TorchTrainer`` whose
+workers run ``trainables.uncertainty.group.fit_group``: ``fit_uncertainty`` for each member in turn, in
+the same processes (DDP across workers when the spec asks for more than one), skipping the members
+already recorded. The Train run has a deterministic name (``delta-<group>``) under the experiment's
+``uncertainty/train`` folder, so a restarted trial resumes its run from the last checkpoint, which
+names its member. Ray is imported inside functions only.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .tracking import Tracker
 
 
 def _train_worker(config: dict) -> None:
-    """Runs in each Ray Train worker.
+    """Runs in each Ray Train worker: ``fit_group`` over the group's members (``group``, one δ config each).
 
     Never report Tune's reserved key ``done``: Tune would end the trial on it while the Train
     controller still runs, and the worker group's placement group would stay reserved (Ray 2.60).
@@ -43,8 +45,12 @@ def _train_worker(config: dict) -> None:
 
     from .objstore import trial_copy
 
-    mid = config["member_id"]  # on object storage: a working copy with this member's records only
-    with trial_copy(config, lambda rel: f"/{mid}." in f"/{rel}" or f"/{mid}/" in f"/{rel}") as (cfg, push):
+    ids = [p["member_id"] for p in config["group"]]  # on object storage: a working copy with the group's records
+
+    def mine(rel: str) -> bool:
+        return any(f"/{m}." in f"/{rel}" or f"/{m}/" in f"/{rel}" for m in ids)
+
+    with trial_copy(config, mine) as (cfg, push):
         _fit_worker(dict(cfg), push, report, rank, world)
 
 
@@ -52,52 +58,78 @@ def _fit_worker(cfg: dict, push, report_train, rank: int, world: int) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainables.uncertainty import fit_uncertainty
+    from trainables.uncertainty.group import fit_group
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         push()  # (object storage) the records written so far, before the report
         report_train(metrics, ckpt_dir)
 
+    configs = [{**cfg, **point} for point in cfg.pop("group")]
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # the latest of the group: it names its member (trainables.uncertainty.group)
     if checkpoint is None:
-        summary = fit_uncertainty(cfg, report=report, wrap_model=wrap, rank=rank, world_size=world)
+        fit_group(configs, report=report, wrap_model=wrap, rank=rank, world_size=world)
     else:
         with checkpoint.as_directory() as d:
-            summary = fit_uncertainty({**cfg, "resume_from": d}, report=report, wrap_model=wrap, rank=rank,
-                                      world_size=world)
-    if summary is None:  # ranks > 0 meet rank 0's final report
-        report({"epoch": int(cfg.get("epochs", 0)), "scored": 1}, None)
+            fit_group(configs, report=report, wrap_model=wrap, rank=rank, world_size=world, resume_from=d)
+
+
+def members_file(storage: str | Path, name: str) -> Path:
+    """The list of a group's members beside its Train run (``<storage>/delta-<name>.members``)."""
+    return Path(storage) / f"delta-{name}.members"
 
 
 def uncertainty_trial(config: dict) -> None:
-    """Ray Tune function trainable: one pool member's δ, as a Ray Train run."""
+    """Ray Tune function trainable: the δ of a group of pool members (``group``: its ``name`` and its
+    ``members``' points), as one Ray Train run that fits them one after another."""
+    import json
+
     from ray import tune
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainables.uncertainty.group import recorded_members
 
     from .objstore import STORAGE_KEY, filesystem, trial_copy
 
     cfg = dict(config)
     train_cfg = cfg.pop("_train")
-    part = f"records/uncertainty/parts/{cfg['member_id']}.parquet"
-    with trial_copy(cfg, lambda rel: rel == part) as (local, _):
-        done = (Path(local["experiment_dir"]) / part).exists()
+    group = cfg.pop("group")
+    points = group["members"]
+    ids = {p["member_id"] for p in points}
+    with trial_copy(cfg, lambda rel: rel.startswith("records/uncertainty/parts/")) as (local, _):
+        done = ids <= recorded_members(local["experiment_dir"])
     if done:
-        tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1})
+        for p in points:  # each member's result, so that the driver's tracker ends each member's run
+            tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1, "member_id": p["member_id"]})
         return
+    if "://" not in str(train_cfg["storage"]):  # (remote storage: Ray's own retention applies, nothing is pruned)
+        listing = members_file(train_cfg["storage"], group["name"])
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text(json.dumps([p["member_id"] for p in points]))
     trainer = TorchTrainer(
-        _train_worker, train_loop_config=cfg,
+        _train_worker, train_loop_config={**cfg, "group": points},
         scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,
                                      resources_per_worker={"CPU": train_cfg["cpu"],
                                                            **({"GPU": train_cfg["gpu"]} if train_cfg["gpu"] else {})}),
-        # a resume needs the latest state only: older checkpoints are deleted as new ones arrive
-        run_config=RunConfig(name=f"delta-{cfg['member_id']}", storage_path=train_cfg["storage"],
+        # a resume needs the latest state only: older checkpoints are deleted as new ones arrive; a worker
+        # group that dies (a preempted spot node) restarts from it up to train_max_failures times
+        run_config=RunConfig(name=f"delta-{group['name']}", storage_path=train_cfg["storage"],
                              storage_filesystem=filesystem(cfg[STORAGE_KEY])[0] if cfg.get(STORAGE_KEY) else None,
-                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=train_cfg.get("max_failures", 0))),
     )
     trainer.fit()
+
+
+def finished_train_runs(train_dir: Path, scored: set[str]) -> list[Path]:
+    """The Train run folders of ``train_dir`` whose members are all scored (their resume checkpoints serve no
+    more): ``delta-<member>`` of a one-member group, and each group whose ``members_file`` lists only scored
+    members (``reconcile.train_groups``)."""
+    out = [train_dir / f"delta-{m}" for m in sorted(scored)]
+    return out + [train_dir / f"delta-{name}" for name, ids in reconcile.train_groups(train_dir).items()
+                  if ids and set(ids) <= scored]
 
 
 def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFrame) -> set[str]:
@@ -155,7 +187,7 @@ def imported_members(members: pd.DataFrame) -> set[str]:
 def member_baselines(spec: SweepSpec, member_id: str, with_baselines: set[str], stored: set[str]) -> list[str]:
     """The baselines a member's trial runs: none outside ``with_baselines``; an imported member (``stored``)
     only those on ŷ (BayesCap, ``ggd_yhat_only``): TTA and MC dropout run the member's model, which it has not."""
-    from trainables.uncertainty_scoring import MODEL_FREE_BASELINES
+    from trainables.uncertainty.scoring import MODEL_FREE_BASELINES
 
     if member_id not in with_baselines:
         return []
@@ -163,29 +195,65 @@ def member_baselines(spec: SweepSpec, member_id: str, with_baselines: set[str], 
     return [b for b in names if b in MODEL_FREE_BASELINES] if member_id in stored else names
 
 
+def member_groups(member_ids: list[str], with_baselines: set[str], runs: dict[str, str],
+                  group_size: int | None) -> list[tuple[str, list[str]]]:
+    """The δ stage's groups, ``(name, member ids)``, one Tune trial (one Ray Train run) each.
+
+    ``group_size`` None (``uncertainty.group_size: run``): the members of one training run (``runs``: member ->
+    its run; a member without one is a group of its own), named by the run; an integer N: N members at a time
+    in the stage's order, named by the first (N = 1: a trial per member, named by it). The members with
+    baselines come first (their fits take about twice as long), and so do the groups holding one, so that no
+    long trial starts in the last wave; a group's members keep the records' order."""
+    ordered = sorted(member_ids, key=lambda m: m not in with_baselines)
+    if group_size is not None:
+        chunks = [ordered[i:i + group_size] for i in range(0, len(ordered), group_size)]
+        return [(c[0], c) for c in chunks]
+    by_run: dict[str, list[str]] = {}
+    for m in member_ids:
+        by_run.setdefault(runs.get(m) or m, []).append(m)
+    groups = sorted(by_run.items(), key=lambda g: not any(m in with_baselines for m in g[1]))
+    return [(name, ids) for name, ids in groups]
+
+
+def member_runs(spec: SweepSpec) -> dict[str, str]:
+    """Each recorded member's training run (``run_id`` of the members' records; none for an imported member
+    whose table gives none)."""
+    try:
+        members, _ = records.load_records(spec.experiment_dir)
+    except FileNotFoundError:  # no pool recorded (yet): no runs to group by
+        return {}
+    if "run_id" not in members.columns:
+        return {}
+    return {str(m): str(r) for m, r in zip(members["member_id"], members["run_id"]) if isinstance(r, str) and r}
+
+
 def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],
-                with_baselines: set[str], stored: set[str] | frozenset = frozenset()) -> dict:
-    """The δ stage's Tune space: one grid point per member (``member``, merged into the trial's config by
-    ``_trial_fn``) and the fixed config, whose keys are checked against ``trainables.delta_config.DeltaConfig``
-    (``_train`` is the trial's own: the Train run's resources and storage). ``stored``: the imported members,
-    whose ŷ is read from their stored predictions (``yhat: stored``) instead of their model's."""
+                with_baselines: set[str], stored: set[str] | frozenset = frozenset(),
+                runs: dict[str, str] | None = None) -> dict:
+    """The δ stage's Tune space: one grid point per group of members (``group``: its ``name`` and one point per
+    member, ``member_groups``) and the fixed config, whose keys are checked against
+    ``trainables.uncertainty.config.DeltaConfig`` (``_train`` is the trial's own: the Train run's resources,
+    storage and failure budget). ``stored``: the imported members, whose ŷ is read from their stored
+    predictions (``yhat: stored``) instead of their model's. ``runs``: each member's training run (the default
+    groups); read from the records when None."""
     from ray import tune
 
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     from . import cluster
 
     u = spec.uncertainty
     gpu = cluster.gpu_share(None, u.gpu, None, cluster.capacity().get("GPU", 0) > 0)
-    # one grid point per member: its id, checkpoint and whether it also gets the baselines; the members with
-    # baselines first (they take about twice as long), so that no long trial starts in the last wave
-    member_ids = sorted(member_ids, key=lambda m: m not in with_baselines)
-    points = [dict(zip(MEMBER_POINT_KEYS, (m, "" if m in stored else checkpoints[m],
-                                           member_baselines(spec, m, with_baselines, stored))),
-                   **({"yhat": "stored"} if m in stored else {}))  # ŷ from its stored predictions, no checkpoint
-              for m in member_ids]
+
+    def point(m: str) -> dict:  # a member's id, checkpoint and baselines; an imported one's ŷ is stored
+        return dict(zip(MEMBER_POINT_KEYS, (m, "" if m in stored else checkpoints[m],
+                                            member_baselines(spec, m, with_baselines, stored))),
+                    **({"yhat": "stored"} if m in stored else {}))
+    if runs is None:
+        runs = member_runs(spec) if u.group_size is None else {}
+    groups = member_groups(member_ids, with_baselines, runs, u.group_size)
     space = {
-        "member": tune.grid_search(points),
+        "group": tune.grid_search([{"name": name, "members": [point(m) for m in ids]} for name, ids in groups]),
         "cache": str(cache_dir), "source": spec.data.source, "targets": list(spec.data.targets),
         "target_split": spec.data.target_split, "experiment_dir": str(spec.experiment_dir),
         "epochs": u.epochs, "lr": u.lr, "lam": list(u.lam) if isinstance(u.lam, tuple) else u.lam,
@@ -194,10 +262,10 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "val_fraction": spec.data.val_fraction, "split_seed": spec.data.split_seed,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,
-        "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu,
+        "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu, "max_failures": u.train_max_failures,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }
-    DeltaConfig.check_keys([k for k in space if k not in ("member", "_train")] + list(MEMBER_POINT_KEYS)
+    DeltaConfig.check_keys([k for k in space if k not in ("group", "_train")] + list(MEMBER_POINT_KEYS)
                            + list(IMPORTED_POINT_KEYS))
     if spec.remote:  # object storage (sweeps.objstore): Ray Train writes there, the trials work in local copies
         from .objstore import trial_keys, tune_storage
@@ -207,10 +275,19 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
     return space
 
 
-def _trial_fn(config: dict) -> None:
+def trial_fn(config: dict) -> None:
+    """The Tune trainable: a trial's config (a group, or one member of a stage started before groups) to
+    ``uncertainty_trial``."""
     cfg = dict(config)
-    cfg.update(cfg.pop("member"))
+    if "member" in cfg:  # a trial of a stage started before groups: its one member
+        point = cfg.pop("member")
+        cfg["group"] = {"name": point["member_id"], "members": [point]}
     uncertainty_trial(cfg)
+
+
+def group_trial_name(config: dict) -> str:
+    g = config.get("group") or {"name": config["member"]["member_id"]}
+    return f"delta-{g['name']}"
 
 
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str, todo: list[str],
@@ -224,7 +301,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
 
     where = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE)  # object storage: Ray writes to it
     path, fs = where.pop("path"), where.get("storage_filesystem")
-    trainable = tune.with_resources(_trial_fn, {"cpu": u.trial_cpu})
+    trainable = tune.with_resources(trial_fn, {"cpu": u.trial_cpu})
     space = param_space(spec, cache_dir, todo, checkpoints, with_baselines, stored)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"resuming the uncertainty stage from {spec.remote or spec.experiment_dir}/{UNCERTAINTY_STAGE}")
@@ -240,9 +317,8 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_conc,
-                                    trial_name_creator=lambda t: f"delta-{t.config['member']['member_id']}",
-                                    trial_dirname_creator=lambda t: f"delta-{t.config['member']['member_id']}-"
-                                                                    f"{t.trial_id}"),
+                                    trial_name_creator=lambda t: group_trial_name(t.config),
+                                    trial_dirname_creator=lambda t: f"{group_trial_name(t.config)}-{t.trial_id}"),
         run_config=tune.RunConfig(name=UNCERTAINTY_STAGE, **where,
                                   callbacks=[MlflowMemberCallback(tracker, parent_mlflow_id, UNCERTAINTY_STAGE)],
                                   failure_config=tune.FailureConfig(max_failures=u.max_failures)),

@@ -1,4 +1,4 @@
-"""The typed configs at the trainable boundary (trainables.config, trainables.delta_config): conversion of Ray's
+"""The typed configs at the trainable boundary (trainables.config, trainables.uncertainty.config): conversion of Ray's
 flat dict, errors that name the type, the key, the value and the fix, one place per default, and the Tune
 param_spaces the driver builds, whose keys must be the configs' fields."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from trainables.config import AccelConfig, MemberConfig, SamOptions
-from trainables.delta_config import DeltaConfig
+from trainables.uncertainty.config import DeltaConfig
 
 
 def member(**kw) -> dict:
@@ -154,11 +154,13 @@ def test_uncertainty_param_space_keys_are_delta_config_fields(tmp_path, monkeypa
     monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
     spec = _spec(tmp_path, uncertainty={"epochs": 3, "lam": {"grid": [1.0, 10.0]}, "training": {"amp": "off"}})
     space = param_space(spec, tmp_path / "cache", ["a", "b"], {"a": "a.pt", "b": "b.pt"}, {"b"})
-    fixed = {k: v for k, v in space.items() if k not in ("member", "_train")}
-    points = space["member"]["grid_search"]
+    fixed = {k: v for k, v in space.items() if k not in ("group", "_train")}
+    groups = space["group"]["grid_search"]  # a member per group here (no records: no training runs to group by)
+    assert [g["name"] for g in groups] == ["b", "a"]  # the member with baselines first
+    points = [p for g in groups for p in g["members"]]
     assert set(points[0]) == set(MEMBER_POINT_KEYS)
     assert set(fixed) | set(MEMBER_POINT_KEYS) <= set(DeltaConfig.keys())
     assert set(DeltaConfig.required()) <= set(fixed) | set(MEMBER_POINT_KEYS)
-    cfg = DeltaConfig.from_dict({**fixed, **points[0]})  # what _trial_fn hands fit_uncertainty
+    cfg = DeltaConfig.from_dict({**fixed, **points[0]})  # what trial_fn hands fit_uncertainty
     assert (cfg.member_id, cfg.epochs, cfg.lams, cfg.accel.amp) == ("b", 3, {"ggd": 1.0, "ggd_lam10": 10.0}, "off")
     assert cfg.baselines == spec.uncertainty.baselines and DeltaConfig.from_dict({**fixed, **points[1]}).baselines == ()

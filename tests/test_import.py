@@ -345,15 +345,16 @@ def test_delta_space_reads_imported_members_from_their_predictions(tmp_path, mon
     from sweeps import cluster
     from sweeps.spec import parse_spec
     from sweeps.uncertainty import param_space
-    from trainables.delta_config import DeltaConfig
+    from trainables.uncertainty.config import DeltaConfig
 
     monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
     spec = parse_spec({"name": "x", "storage": str(tmp_path), "data": {"layout": "prostate_multisite",
                        "root": str(tmp_path), "source": "SiteA", "targets": ["SiteB"]},
                        "pool": {"arch": "unet_r18", "lr": 1e-3, "epochs": 1}, "uncertainty": {"epochs": 1}})
     space = param_space(spec, tmp_path / "cache", ["a", "b"], {"a": "a.pt", "b": "b.pt"}, {"a", "b"}, stored={"b"})
-    fixed = {k: v for k, v in space.items() if k not in ("member", "_train")}
-    cfgs = {p["member_id"]: DeltaConfig.from_dict({**fixed, **p}) for p in space["member"]["grid_search"]}
+    fixed = {k: v for k, v in space.items() if k not in ("group", "_train")}
+    cfgs = {p["member_id"]: DeltaConfig.from_dict({**fixed, **p}) for g in space["group"]["grid_search"]
+            for p in g["members"]}
     assert (cfgs["a"].yhat, cfgs["a"].checkpoint, cfgs["a"].baselines) == ("model", "a.pt", spec.uncertainty.baselines)
     assert (cfgs["b"].yhat, cfgs["b"].checkpoint, cfgs["b"].baselines) == ("stored", "", ("bayescap",))
 

@@ -9,7 +9,7 @@ attribute access, no casts, one place for each default (the field's).
 * ``AccelConfig``: how a loop runs on its device (precision, memory format, data placement).
 * ``SamOptions``: what a box-prompted (SAM-family) run takes beyond a pool member's config.
 * ``MemberConfig``: a pool trial's config (``train_segmenter``), with its ``accel`` and ``sam`` settings.
-* ``DeltaConfig`` (``trainables.delta_config``): a δ fit's config (``fit_uncertainty``), with its ``accel``
+* ``DeltaConfig`` (``trainables.uncertainty.config``): a δ fit's config (``fit_uncertainty``), with its ``accel``
   settings.
 
 The dict stays flat: a nested config's fields are keys of the outer dict (``amp``, ``box_mode``), and

@@ -27,7 +27,7 @@ from .models import resolve_model
 from .surface import write_member_surface
 
 if TYPE_CHECKING:
-    from .delta_config import DeltaConfig
+    from .uncertainty.config import DeltaConfig
 
 ReportFn = Callable[[dict, "str | None"], None]
 #: The resumable training state's file in a reported checkpoint folder.

@@ -179,6 +179,6 @@ def build_model(name: str, in_channels: int = 1, classes: int = 1, encoder_weigh
     if not spec.prompted:
         encoder_weights = resolve_encoder_weights(name, encoder_weights, defs=defs)
     model = spec.factory(in_channels=in_channels, classes=classes, encoder_weights=encoder_weights, **spec.kwargs)
-    if spec.mc_dropout_layer is not None:  # read by trainables.baselines.mc_dropout_map
+    if spec.mc_dropout_layer is not None:  # read by trainables.uncertainty.baselines.mc_dropout_map
         setattr(model, MC_LAYER_ATTR, spec.mc_dropout_layer)
     return set_bn_momentum(model, bn_momentum) if bn_momentum is not None else model

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .delta import ggd_variance, set_padding
-from .exclusive import ExclusiveClasses, binary_logits
-from .models.contract import dropout_layer
-from .sam.frozen import oracle_forward
+from ..exclusive import ExclusiveClasses, binary_logits
+from ..models.contract import dropout_layer
+from ..sam.frozen import oracle_forward
 
 class _BCResBlock(nn.Module):
     """BayesCap's residual block (conv-BN-PReLU-conv-BN plus the input), as its SRGAN trunk."""

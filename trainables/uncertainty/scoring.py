@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import records
-from .accel import Accel
+from .. import records
+from ..accel import Accel
 from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
-from .data.cache import SliceCache
+from ..data.cache import SliceCache
 from .delta import DeltaNet, ggd_variance, unwrap
-from .delta_config import DeltaConfig
-from .dense import predict
-from .member import eval_sets
-from .sam.frozen import predict_member_rows, prompted_mc_dropout_map
+from .config import DeltaConfig
+from ..dense import predict
+from ..member import eval_sets
+from ..sam.frozen import predict_member_rows, prompted_mc_dropout_map
 
 def uncertain_masks(maps: np.ndarray) -> np.ndarray:
     """The uncertain pixels of each image: above its own Otsu threshold (``N x H x W`` -> bool).
@@ -153,6 +153,23 @@ class StoredPredictions:
         return torch.from_numpy(np.stack(out)) if out else torch.zeros((0, *cache.masks.shape[-2:]), dtype=torch.bool)
 
 
+def stored_site_predictions(experiment_dir: str | os.PathLike, member_id: str, site: str, cache: SliceCache,
+                            rows: np.ndarray) -> torch.Tensor | None:
+    """The member's stored ŷ of cache ``rows`` of ``site`` (``records.predictions_path``: the masks the pool wrote
+    with the member's records), ``N x H x W`` (``N x L x H x W`` multi-label) bool; None when the file is absent,
+    misses one of the rows, or holds another grid: then the model predicts them again."""
+    path = records.predictions_path(experiment_dir, member_id, site)
+    if not path.is_file():
+        return None
+    masks, cases, slices = records.load_predictions(path)
+    at = {(str(c), int(z)): i for i, (c, z) in enumerate(zip(cases, slices))}
+    idx = cache.index.iloc[rows]
+    keys = [(str(c), int(z)) for c, z in zip(idx["case_id"], idx["slice_idx"])]
+    if not keys or any(k not in at for k in keys) or tuple(masks.shape[-2:]) != tuple(cache.masks.shape[-2:]):
+        return None
+    return torch.from_numpy(masks[[at[k] for k in keys]])
+
+
 def frozen_predict(model: nn.Module | StoredPredictions, cache: SliceCache, rows: np.ndarray, device: torch.device,
                    accel: Accel | None = None) -> torch.Tensor:
     """ŷ of the frozen member on cache rows (``N x H x W`` bool); MedSAM members get the pool's oracle boxes;
@@ -186,8 +203,11 @@ def delta_maps(net: nn.Module, images: np.ndarray, preds: torch.Tensor, device: 
 
 def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | StoredPredictions, nets: dict[str, DeltaNet],
                  device: torch.device, gen: torch.Generator, accel: Accel | None = None,
-                 fit: dict | None = None) -> dict:
+                 fit: dict | None = None, stored_yhat: bool = False) -> dict:
     """Score every site with δ and the baselines; write the member's uncertainty records and examples.
+
+    ``stored_yhat``: a site's ŷ is the member's stored predictions where they cover it
+    (``stored_site_predictions``), else the model's (``frozen_predict``); the two are the same masks.
 
     Per slice: the Otsu area, its intersection with the error mask, the area above the member's
     source threshold, the map's mean and spread (``records.UNCERTAINTY_COLUMNS``); per site: the
@@ -202,7 +222,8 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
     for site, role, rows in eval_sets(cache, cfg):
         images = cache.images[rows]
         truth = union(torch.from_numpy(np.asarray(cache.masks[rows]))).bool()
-        pred = union(frozen_predict(frozen, cache, rows, device, accel))
+        pred = stored_site_predictions(exp, cfg.member_id, site, cache, rows) if stored_yhat else None
+        pred = union(frozen_predict(frozen, cache, rows, device, accel) if pred is None else pred)
         error = (pred != truth).numpy()
         idx = cache.index.iloc[rows]
         maps: dict[str, np.ndarray] = {}

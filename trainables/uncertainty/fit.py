@@ -28,17 +28,18 @@ pass use the ground-truth boxes of the slice (the oracle prompt), ŷ and MC drop
 embedding cache; MC dropout drops channels of the upscaled image features that enter SAM's final
 mask product (``trainables.sam.frozen.prompted_mc_dropout_map``).
 
-Modules: ``trainables.delta`` (the net δ and the equations), ``trainables.baselines`` (the Table-4
-baselines), ``trainables.uncertainty_scoring`` (Otsu areas, error ranking, scoring a member and writing
+Modules: ``trainables.uncertainty.delta`` (the net δ and the equations), ``trainables.uncertainty.baselines`` (the Table-4
+baselines), ``trainables.uncertainty.scoring`` (Otsu areas, error ranking, scoring a member and writing
 its records) and this one (the config and the fit).
 
 ŷ's *prediction source* (``DeltaConfig.yhat``): the member's model (``model``), or, for a member imported from
-elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``uncertainty_scoring.StoredPredictions``);
+elsewhere (``oodsweep import``), its stored predicted masks (``stored``: ``trainables.uncertainty.scoring.StoredPredictions``);
 δ and the baselines on ŷ alone (BayesCap, ``ggd_yhat_only``) then run as for any member, TTA and MC dropout cannot.
 
 ``fit_uncertainty(config)`` is a plain function (no Ray). ``sweeps.uncertainty`` runs it as a Ray
-Train ``TorchTrainer`` inside one Ray Tune trial per pool member, passing ``wrap_model`` (DDP) and
-the worker's rank; only rank 0 scores and writes records.
+Train ``TorchTrainer`` inside one Ray Tune trial per group of pool members (``fit_group``: one after
+another, ``trainables.uncertainty.group``), passing ``wrap_model`` (DDP) and the worker's rank; only
+rank 0 scores and writes records.
 """
 from __future__ import annotations
 
@@ -52,20 +53,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import records
-from .accel import Accel, accel_for, place_training_data, resolve_device
+from .. import records
+from ..accel import Accel, accel_for, place_training_data, resolve_device
 from .baselines import BayesCapNet, bayescap_loss
-from .data.cache import SliceCache, open_slice_cache
+from ..data.cache import SliceCache, open_slice_cache
 from .delta import DeltaNet, delta_loss, ggd_nll, ggd_variance, unwrap
-from .delta_config import DeltaConfig, lam_method
-from .member import train_val_rows
-from .runner import run_epochs
-from .segment import load_member
-from .uncertainty_scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
+from .config import DeltaConfig, lam_method
+from ..member import train_val_rows
+from ..runner import run_epochs
+from ..segment import load_member
+from .scoring import (MODEL_FREE_BASELINES, StoredPredictions, error_ranking, frozen_predict, otsu_area,
                                   score_member, slice_columns, source_threshold, uncertain_masks, union)
 
-#: Names callers imported from here before the split (temporary aliases; they live in ``trainables.delta``
-#: and ``trainables.uncertainty_scoring``).
+#: Names callers imported from here before the split (temporary aliases; they live in ``trainables.uncertainty.delta``
+#: and ``trainables.uncertainty.scoring``).
 __all__ = ["DeltaConfig", "FIT_SPLITS", "DeltaFit", "DeltaNet", "compact_optimizer_state", "delta_epoch",
            "delta_loss", "error_ranking", "fit_rows", "fit_uncertainty", "ggd_nll", "ggd_variance", "heldout_metrics",
            "lam_method", "load_frozen", "otsu_area", "slice_columns", "source_threshold", "uncertain_masks"]
@@ -74,6 +75,7 @@ FIT_SPLITS = ("train", "val")
 
 
 # ----------------------------------------------------------------------------- fitting
+
 
 def _resolve(config: dict | DeltaConfig) -> DeltaConfig:
     """The δ config of ``config`` (a dict converted once), its member's checkpoint resolved (relative to the
@@ -124,7 +126,7 @@ def _nets(cfg: DeltaConfig, in_channels: int, accel: Accel) -> dict[str, nn.Modu
 
 def fit_uncertainty(config: dict | DeltaConfig, report: Callable[[dict, str | None], None] | None = None,
                     wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
-                    world_size: int = 1) -> dict | None:
+                    world_size: int = 1, cache: SliceCache | None = None, stored_yhat: bool = True) -> dict | None:
     """Fit δ (and BayesCap) for one frozen pool member, then score every site with every method.
 
     Args:
@@ -133,11 +135,15 @@ def fit_uncertainty(config: dict | DeltaConfig, report: Callable[[dict, str | No
             ``checkpoint_every`` epochs and after the last, a folder with the resumable state.
         wrap_model: e.g. DDP's ``prepare_model`` when several workers train; identity by default.
         rank, world_size: this worker's shard of the training slices; only rank 0 scores and writes.
+        cache: the slice cache, already open (``fit_group`` keeps one for its members); None: opened here.
+        stored_yhat: score each site with the member's stored predictions (``records/predictions/``, what the
+            pool wrote with its records) where they cover the site, instead of running the model again; ŷ of
+            the fit split is always the model's (the pool stores no predictions of it).
 
     Returns:
         On rank 0, a summary dict (mean uncertain area per method and site); else None.
     """
-    fit = DeltaFit(_resolve(config), wrap_model, rank, world_size)
+    fit = DeltaFit(_resolve(config), wrap_model, rank, world_size, cache)
     cfg = fit.cfg
     run_epochs(fit, fit.epochs, cfg.experiment_dir, report, cfg.resume_from,
                ("uncertainty", cfg.member_id) if rank == 0 else None)
@@ -147,7 +153,8 @@ def fit_uncertainty(config: dict | DeltaConfig, report: Callable[[dict, str | No
     record = {"fit_split": cfg.fit_split, "epochs": fit.epochs, "lam": lams["ggd"], "lams": lams, "lr": cfg.lr,
               "beta": cfg.beta, "fit_slices": int(len(fit.all_rows)), "heldout_slices": int(len(fit.held)),
               "curve": fit.curve, **{f"final_{k}": v[-1] for k, v in fit.curve.items() if v}}
-    summary = score_member(cfg, fit.cache, fit.frozen, fit.nets, fit.device, fit.gen, fit.accel, fit=record)
+    summary = score_member(cfg, fit.cache, fit.frozen, fit.nets, fit.device, fit.gen, fit.accel, fit=record,
+                           stored_yhat=stored_yhat)
     summary.update({k: v for k, v in record.items() if k.startswith("final_")})
     if report is not None:
         report({"epoch": fit.epochs, "scored": 1, **summary}, None)
@@ -164,7 +171,7 @@ class DeltaFit:
     ckpt_prefix = "delta-"
 
     def __init__(self, cfg: DeltaConfig, wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, cache: SliceCache | None = None):
         self.cfg, self.rank = cfg, rank
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -174,7 +181,7 @@ class DeltaFit:
         self.epochs = cfg.epochs
         torch.manual_seed(self.seed)  # the nets' initialisation
         self.gen = torch.Generator().manual_seed(self.seed + rank)  # the shuffling (and the baselines') stream
-        self.cache = cache = open_slice_cache(cfg.cache)
+        self.cache = cache = cache if cache is not None else open_slice_cache(cfg.cache)
         if cfg.yhat == "stored":  # ŷ's prediction source: the stored masks of an imported member
             self.frozen = frozen = StoredPredictions(cfg.experiment_dir, cfg.member_id)
         else:

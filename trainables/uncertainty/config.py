@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import (AccelConfig, Config, Invalid, choice, flag, fraction_or_zero, integer, nested, number, optional,
+from ..config import (AccelConfig, Config, Invalid, choice, flag, fraction_or_zero, integer, nested, number, optional,
                      setting, text, tuple_of)
 
 
@@ -24,7 +24,7 @@ def _lam(v: Any) -> float | tuple[float, ...]:
 
 
 def _baselines(v: Any) -> tuple[str, ...]:
-    from .records import UNCERTAINTY_METHODS
+    from ..records import UNCERTAINTY_METHODS
 
     names = tuple_of(text)(v)
     bad = [b for b in names if b not in UNCERTAINTY_METHODS[1:]]

@@ -3,7 +3,7 @@ docs/architecture.md "Uncertainty").
 
 ``DeltaNet`` predicts a per-pixel generalized Gaussian GGD(μ, α, β) of the ground truth; ``delta_loss``
 is its maximum-likelihood loss (Eq. 5 with the GGD of Eq. 7) and ``ggd_variance`` the per-pixel
-uncertainty (Eq. 8). ``trainables.uncertainty`` fits it, ``trainables.uncertainty_scoring`` scores it.
+uncertainty (Eq. 8). ``trainables.uncertainty`` fits it, ``trainables.uncertainty.scoring`` scores it.
 """
 from __future__ import annotations
 

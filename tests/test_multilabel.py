@@ -339,7 +339,7 @@ def test_medsam_sees_the_chosen_channels():
 
 
 def test_tta_colour_on_two_channels():
-    from trainables.baselines import tta_color_map
+    from trainables.uncertainty.baselines import tta_color_map
 
     model = torch.nn.Conv2d(2, 1, 1)
     x = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)

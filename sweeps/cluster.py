@@ -134,6 +134,35 @@ def filesystem_type(path: str | os.PathLike, mounts: str | None = None) -> str:
     return fstype
 
 
+def check_storage_on_nodes(path: str | os.PathLike, nodes: list[dict], what: str = "storage") -> None:
+    """Refuse ``path`` when a node of the cluster does not share it with the driver, asked of the nodes.
+
+    A cluster given by address (``ray://``, KubeRay, Slurm, ``ray up``) is probed: a Ray task on each
+    alive node reads a file the driver wrote under ``path`` and writes its own (``nodes.probe_storage``).
+    Where the probe cannot run, and on a local Ray of the driver's own, the static check
+    (``check_storage``: the file system type of ``path`` here) decides.
+    """
+    hosts = [n["NodeManagerAddress"] for n in nodes if n.get("Alive")]
+    if "://" in str(path) or os.environ.get(SHARED_ENV, "") == "1":
+        return
+    if not _started_local:
+        from .nodes import probe_storage
+
+        shared = probe_storage(path, nodes)
+        if shared is not None:
+            bad = [n for n, ok in shared.items() if not ok]
+            if not bad:
+                return
+            raise StorageError(
+                f"{what} {str(path)!r} is not shared by every node of the Ray cluster: {len(bad)} of {len(shared)} "
+                f"node(s) ({', '.join(bad)}) did not see the file this driver wrote there, or wrote one the "
+                f"driver cannot read: trials there would write where the driver cannot read. Put `storage:` "
+                f"(or $OODSWEEP_STORAGE) on storage every node and the driver mount at the same path "
+                f"(cluster.yaml mounts the S3 bucket at /mnt/oodsweep), or an object store URL.")
+        log(f"{what}: the nodes' storage probe did not answer; judging {str(path)!r} by its file system here")
+    check_storage(path, hosts, what)
+
+
 def check_storage(path: str | os.PathLike, hosts: list[str], what: str = "storage",
                   mounts: str | None = None) -> None:
     """Refuse a node-local ``path`` on a cluster whose nodes are on more than one machine.
@@ -236,12 +265,25 @@ def bootstrap_capacity(path: str | os.PathLike = BOOTSTRAP_CONFIG) -> dict[str, 
 
 
 def capacity() -> dict[str, float]:
-    """CPUs and GPUs the cluster has now or, if it autoscales, can have."""
+    """CPUs and GPUs the cluster has now (``ray.cluster_resources``) or, if it autoscales, can have.
+
+    The autoscaler's maximum is read on the head node (``nodes.head_maximum``: ``ray up``'s bootstrap config
+    or a KubeRay RayCluster), not on the driver's machine, so a driver connected through ``ray://`` or
+    running in a KubeRay job sees the GPU workers its cluster may start. A local Ray of the driver's own
+    cannot grow: its resources are all.
+    """
     import ray
 
+    from .nodes import head_maximum
+
     now = ray.cluster_resources()
-    grow = {} if _started_local else bootstrap_capacity()
-    return {k: max(float(now.get(k, 0.0)), grow.get(k, 0.0)) for k in ("CPU", "GPU")}
+    grow = {} if _started_local else head_maximum()
+    cap = {k: max(float(now.get(k, 0.0)), float(grow.get(k, 0.0))) for k in ("CPU", "GPU")}
+    if not _started_local and not cap["GPU"]:
+        log("the Ray cluster has no GPU now and no autoscaler maximum with GPUs was found on its head node: "
+            "`gpu: auto` gives trials no GPU; set pool.resources.gpu (and uncertainty.resources.gpu) to ask "
+            "for GPUs anyway")
+    return cap
 
 
 def largest_node_cpus() -> float:

@@ -79,9 +79,9 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
     if started_local:  # a cluster given by address is not ours: a later driver must never reap it
         interrupts.record_ray_session(spec.experiment_dir)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
-    hosts = cluster.node_hosts()
-    cluster.check_storage(spec.experiment_dir, hosts, "storage")
-    cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
+    nodes = ray.nodes()
+    cluster.check_storage_on_nodes(spec.experiment_dir, nodes, "storage")
+    cluster.check_storage_on_nodes(spec.cache_root, nodes, "data.cache_dir")
 
 
 def _trial_errors(results) -> list[str]:

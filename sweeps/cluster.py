@@ -17,10 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .console import log
 from .errors import ClusterError, StorageError, TrackingError
+from .nodes import BOOTSTRAP_CONFIG, bootstrap_capacity, head_maximum, probe_storage  # noqa: F401 (re-exported)
 from .spec import SpecError
 
 #: The δ net is a UNet-R18-sized network (docs/performance.md "GPU anchors": 1.7 GiB at 256², batch 32).
@@ -31,7 +30,6 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
              "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.goofys", "fuse.rclone",
              "fuse.sshfs", "9p", "virtiofs")
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 _started_local = False  # set by connect(): a local Ray of our own cannot autoscale
 
 
@@ -146,8 +144,6 @@ def check_storage_on_nodes(path: str | os.PathLike, nodes: list[dict], what: str
     if "://" in str(path) or os.environ.get(SHARED_ENV, "") == "1":
         return
     if not _started_local:
-        from .nodes import probe_storage
-
         shared = probe_storage(path, nodes)
         if shared is not None:
             bad = [n for n, ok in shared.items() if not ok]
@@ -246,24 +242,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 # ------------------------------------------------------------------ GPU packing
 
-def bootstrap_capacity(path: str | os.PathLike = BOOTSTRAP_CONFIG) -> dict[str, float]:
-    """What an autoscaling cluster can grow to, from the config `ray up` leaves on the head node."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return {}
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    total: dict[str, float] = {}
-    for name, t in (cfg.get("available_node_types") or {}).items():
-        n = 1 if name == cfg.get("head_node_type") else int(t.get("max_workers", cfg.get("max_workers", 0)) or 0)
-        for k, v in (t.get("resources") or {}).items():
-            if k in ("CPU", "GPU"):
-                total[k] = total.get(k, 0.0) + n * float(v)
-    return total
-
-
 def capacity() -> dict[str, float]:
     """CPUs and GPUs the cluster has now (``ray.cluster_resources``) or, if it autoscales, can have.
 
@@ -273,8 +251,6 @@ def capacity() -> dict[str, float]:
     cannot grow: its resources are all.
     """
     import ray
-
-    from .nodes import head_maximum
 
     now = ray.cluster_resources()
     grow = {} if _started_local else head_maximum()

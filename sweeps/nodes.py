@@ -24,6 +24,9 @@ import ssl
 import urllib.request
 from pathlib import Path
 
+import yaml
+
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 #: The resource Ray gives the head node (and only it).
 HEAD_RESOURCE = "node:__internal_head__"
 #: Seconds to wait for a probe task before giving up on it (a node too busy to start a zero-CPU task).
@@ -31,6 +34,25 @@ PROBE_TIMEOUT_S = 60.0
 #: Where a Kubernetes pod finds its service account.
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 GPU_KEY = "nvidia.com/gpu"
+
+
+def bootstrap_capacity(path: str | os.PathLike = BOOTSTRAP_CONFIG) -> dict[str, float]:
+    """What an autoscaling cluster can grow to, from the config `ray up` leaves on the head node."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return {}
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    total: dict[str, float] = {}
+    for name, t in (cfg.get("available_node_types") or {}).items():
+        n = 1 if name == cfg.get("head_node_type") else int(t.get("max_workers", cfg.get("max_workers", 0)) or 0)
+        for k, v in (t.get("resources") or {}).items():
+            if k in ("CPU", "GPU"):
+                total[k] = total.get(k, 0.0) + n * float(v)
+    return total
+
 
 
 def _quantity(v) -> float:
@@ -83,8 +105,6 @@ def kuberay_maximum(timeout: float = 5.0) -> dict[str, float]:
 
 
 def _head_maximum_here() -> dict[str, float]:
-    from .cluster import bootstrap_capacity
-
     return bootstrap_capacity() or kuberay_maximum()
 
 

@@ -191,6 +191,8 @@ class UncertaintySpec:
     fit_split: str = DeltaConfig.default("fit_split")
     #: BayesCap's size: {"width": 64, "blocks": 16} as published (trainables.uncertainty.BayesCapNet)
     bayescap: dict = field(default_factory=dict)
+    #: pixel AUROC/AP of the maps: "auto", "exact" or "binned" (DeltaConfig.scoring; docs/uncertainty.md)
+    scoring: str = DeltaConfig.default("scoring")
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ SAMPLE = 1 << 22
 #: ``scoring: auto`` ranks exactly up to this many pixels per site (sklearn's float64 sort: about 1 GB there),
 #: binned above (a 512-slice 256² split is 33.6 M pixels).
 EXACT_MAX_PIXELS = 1 << 25
-#: Pixels per device batch of the binned ranking (64 MiB of float32 scores, 128 MiB of int64 bin indices).
-BATCH_PIXELS = 1 << 24
+#: Pixels per device batch of the binned ranking (16 MiB of float32 scores, 32 MiB of int64 bin indices).
+BATCH_PIXELS = 1 << 22
 SCORING_MODES = ("auto", "exact", "binned")
 
 

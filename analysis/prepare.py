@@ -141,7 +141,7 @@ def _uncertainty(experiment_dir: Path, n_pool: int, notes: list[str]
 
 
 def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, ...] | list[str],
-            warn: bool = True) -> Prepared:
+            warn: bool = True, memory_gib: float | None = None, map_blocks=None) -> Prepared:
     """Read an experiment's records into what every result is computed from.
 
     Args:
@@ -150,6 +150,7 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
         wanted: indicator names (``analysis.indicators.resolve_indicators``): the agreement is computed
             when one of them is an agreement indicator, the uncertainty records read when one needs them.
         warn: also issue the missing-``run_id`` note as a ``UserWarning``.
+        memory_gib, map_blocks: the agreement's blocks (``agreement_matrices``); ``run_analysis`` says more.
 
     Raises:
         FileNotFoundError: no records under ``experiment_dir`` (the message names the folder and the fix).
@@ -173,7 +174,8 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
     t = time.perf_counter()
     if {"id_agreement", "ood_agreement"} & set(wanted):
         # the stored masks pool the label channels, so a micro metric's agreement is the base metric's
-        agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles, metric=metric.removesuffix("_micro"))
+        agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles, metric=metric.removesuffix("_micro"),
+                                       memory_gib=memory_gib, map_blocks=map_blocks)
         p.notes += agreement.notes
         p.agreement = agreement if agreement.matrices else None
     p.timings["agreement"] = time.perf_counter() - t

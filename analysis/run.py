@@ -66,7 +66,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                  *, indicators: list[str] | tuple[str, ...] | None = None, n_resamples: int = N_RESAMPLES,
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
                  degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
-                 target_order: list[str] | None = None, severity_chain: list[str] | None = None) -> dict:
+                 target_order: list[str] | None = None, severity_chain: list[str] | None = None,
+                 memory_gib: float | None = None, map_blocks=None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -109,6 +110,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         target_order: the targets in the spec's order (tables and the pool-health line follow it).
         severity_chain: the targets of growing shift severity, in order, along which the pool's mean
             OOD score should fall (``analysis.health``); None: all of ``target_order``.
+        memory_gib: bound the agreement's packed masks held at once (``analysis.agreement.agreement_matrices``:
+            blocks of cases) and read only the uncertainty records' needed columns; None: no bound.
+        map_blocks: how the agreement's blocks run (``analysis.agreement.BlockMap``; default in-process).
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -126,7 +130,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     wanted = resolve_indicators(indicators)
     experiment_dir = Path(experiment_dir)
     t0 = time.perf_counter()
-    prep = prepare(experiment_dir, metric, wanted)  # records, member sets, agreement, uncertainty, indicator tables
+    prep = prepare(experiment_dir, metric, wanted, memory_gib=memory_gib, map_blocks=map_blocks)  # records, member sets, agreement, uncertainty, indicator tables
     timings: dict[str, float] = dict(prep.timings)
     members, perf, roles, notes = prep.members, prep.perf, prep.roles, prep.notes
     member_sets, oracle_ids, run_of = prep.member_sets, prep.oracle_ids, prep.run_of

@@ -183,7 +183,8 @@ def _cmd_analyze(args) -> int:
                             f"folder you can create and write to, or leave --out out to write into "
                             f"{spec.experiment_dir / 'analysis'}") from None
     tracker = None if args.no_mlflow or running else tracker_for(spec)
-    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete)
+    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete,
+                             memory_gib=args.memory_gib)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
     def f(v):
         return "nan" if v is None else f"{v:.3f}"
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-incomplete", action="store_true",
                    help="analyse an experiment with missing pool or δ records (tables.md lists them); by "
                         "default it is refused, and `oodsweep resume` redoes them")
+    p.add_argument("--memory-gib", type=float, metavar="GIB",
+                   help="bound the pool's masks the agreement holds at once (blocks of cases; default: the spec's "
+                        "analysis.memory_gib, else none)")
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("report", help="the claims report: each claim of the paper with its statistic, run-level "
                                       "interval and verdict, rebuilt from the experiment's files (no Ray, no MLflow)")

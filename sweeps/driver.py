@@ -14,6 +14,7 @@ from typing import Callable
 from trainables import records
 
 from . import interrupts
+from .analysis_blocks import ray_block_map  # the agreement's blocks as Ray tasks while the sweep's Ray is up
 from .console import command, log
 from .experiment import DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze
 from .spec import SweepSpec
@@ -313,7 +314,8 @@ def severity_chain(spec: SweepSpec) -> list[str] | None:
 
 
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
-                       out_dir: Path | None = None, allow_incomplete: bool = False) -> dict:
+                       out_dir: Path | None = None, allow_incomplete: bool = False,
+                       memory_gib: float | None = None) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
@@ -331,7 +333,8 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
                           degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
-                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec))
+                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec),
+                          memory_gib=memory_gib or spec.analysis.memory_gib, map_blocks=ray_block_map())
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:

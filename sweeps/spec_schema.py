@@ -202,6 +202,8 @@ class AnalysisSpec:
     #: members scoring below this on an axis (ID/OOD score, agreement) are flagged "degenerate" and the
     #: correlations are reported with and without them (a member predicting nothing sits at the probit floor)
     degenerate_floor: float = 0.01
+    #: bound (GiB) on the members' packed masks the agreement holds at once (blocks of cases); None: no bound
+    memory_gib: float | None = None
 
 
 @dataclass(frozen=True)

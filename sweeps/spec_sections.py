@@ -327,7 +327,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
 
 def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) -> AnalysisSpec:
     """Validate the ``analysis:`` mapping; its indicators are the analysis' registry's."""
-    a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False})
+    a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False,
+                                       "memory_gib": False})
     default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
@@ -337,7 +338,9 @@ def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) ->
                             indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", valid)
                                              for i, v in enumerate(indicators)),
                             degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
-                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)))
+                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)),
+                            memory_gib=None if a.get("memory_gib") is None else float(
+                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)))
     need_delta = [v for v in analysis.indicators if v in from_delta]
     if need_delta and uncertainty is None:
         raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "

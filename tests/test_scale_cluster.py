@@ -1,6 +1,6 @@
-"""The cluster's capacity and shared storage are asked of the cluster's nodes, not read on the driver's machine
-(sweeps/nodes.py): a ``ray://`` client sees the autoscaler's maximum from the head's bootstrap config, and the
-storage probe runs as one Ray task per node."""
+"""A sweep on a cluster asks the cluster's nodes, not the driver's machine (sweeps/nodes.py): a ``ray://`` client
+sees the autoscaler's maximum from the head's bootstrap config, the storage probe runs as one Ray task per node;
+and the analysis' agreement blocks run as Ray tasks there (sweeps/analysis_blocks.py)."""
 from __future__ import annotations
 
 import json
@@ -60,22 +60,34 @@ def test_raycluster_maximum_of_the_kuberay_job():
 
 
 DRIVER = """
-import json, sys, ray
+import json, sys, numpy as np, ray
+from analysis.agreement import agreement_matrices
 from sweeps import cluster, nodes
+from sweeps.analysis_blocks import ray_block_map
+exp, ids, gib = sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5])
+roles = {"Src": "id", "Tgt": "ood"}
+whole = agreement_matrices(exp, ids, roles, "iou_3d")       # before connecting: in-process, one pass
+assert ray_block_map() is None
 ray.init(sys.argv[1])
 now = ray.cluster_resources()
 cap = cluster.capacity()
 probe = nodes.probe_storage(sys.argv[2], ray.nodes())
 cluster.check_storage_on_nodes(sys.argv[2], ray.nodes())
-print("RESULT " + json.dumps({"now": now.get("GPU", 0), "cap": cap, "probe": probe}))
+by_ray = agreement_matrices(exp, ids, roles, "iou_3d", memory_gib=gib, map_blocks=ray_block_map(window=2))
+diff = max(float(np.nanmax(np.abs(by_ray.matrices[s] - whole.matrices[s]))) for s in roles)
+print("RESULT " + json.dumps({"now": now.get("GPU", 0), "cap": cap, "probe": probe, "diff": diff}))
 ray.shutdown()
 """
 
 
 @pytest.mark.integration
 def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
-    """A head with 2 (logical) GPUs whose bootstrap config lets 3 one-GPU workers join: a driver connected
-    through ray:// (its own HOME without any config) gets 2 GPUs now and 5 as the capacity."""
+    """A head with 2 (logical) GPUs whose bootstrap config lets 3 one-GPU workers join, and a second node: a
+    driver connected through ray:// (its own HOME without any config) gets 2 GPUs now and 5 as the capacity,
+    both nodes see its storage, and the agreement's blocks run as Ray tasks with the single pass's result."""
+    from test_agreement_blocks import _gib_for_rows, _records
+
+    ids = _records(tmp_path / "exp")
     head_home, driver_home = tmp_path / "head_home", tmp_path / "driver_home"
     head_home.mkdir()
     driver_home.mkdir()
@@ -90,8 +102,12 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--num-gpus", "2", "--port", str(port),
                         "--ray-client-server-port", str(client_port), "--temp-dir", str(ray_tmp),
                         "--include-dashboard=false", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, text=True, timeout=120)
-        r = subprocess.run([sys.executable, "-c", DRIVER, f"ray://127.0.0.1:{client_port}", str(tmp_path / "runs")],
+                       env=env, check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
+                        "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", DRIVER, f"ray://127.0.0.1:{client_port}", str(tmp_path / "runs"),
+                            str(tmp_path / "exp"), json.dumps(ids), str(_gib_for_rows(4, len(ids)))],
                            env={**os.environ, "HOME": str(driver_home)}, cwd=ROOT, capture_output=True, text=True,
                            timeout=180)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -99,7 +115,8 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         res = json.loads(line[0][len("RESULT "):])
         assert res["now"] == 2.0
         assert res["cap"]["GPU"] == 5.0 and res["cap"]["CPU"] == 25.0
-        assert list(res["probe"].values()) == [True]
+        assert list(res["probe"].values()) == [True, True]   # a task on each of the two nodes
+        assert res["diff"] <= 1e-12
         assert not list((tmp_path / "runs").glob(".oodsweep-probe-*"))  # the probe files are cleaned up
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -115,27 +132,3 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         left = _pids_naming(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"processes of the test's Ray head left: {left}"
-
-
-@pytest.mark.integration
-def test_storage_probe_runs_on_every_node_of_a_two_node_cluster(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from sweeps import cluster as cl
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        c.add_node(num_cpus=0)
-        c.wait_for_nodes()
-        cl.connect(c.address)
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        assert len(alive) == 2
-        shared = nodes.probe_storage(tmp_path / "runs", alive)
-        assert len(shared) == 2 and all(shared.values()), shared
-        cl.check_storage_on_nodes(tmp_path / "runs", alive)
-        # a folder the driver cannot create: no probe, the static check decides (one machine: fine)
-        assert nodes.probe_storage("/proc/no-such-folder", alive) is None
-    finally:
-        ray.shutdown()
-        c.shutdown()

@@ -79,3 +79,21 @@ def test_hand_checked_histogram_and_the_modes():
     assert error_ranking(maps, error, "binned") == (r.auroc, r.ap)
     with pytest.raises(ValueError, match="non-finite"):
         ranking.binned_error_ranking(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
+
+
+def test_the_spec_key_reaches_the_trials_config_only_when_set(tmp_path, monkeypatch):
+    from sweeps import cluster, uncertainty
+    from sweeps.spec import SpecError, parse_spec
+
+    monkeypatch.setattr(cluster, "capacity", lambda: {"CPU": 2.0, "GPU": 0.0})
+    raw = {"name": "x", "storage": str(tmp_path), "data": {"layout": "prostate_multisite", "root": str(tmp_path),
+                                                           "source": "A", "targets": ["B"]},
+           "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"grid": [1]}},
+           "uncertainty": {"scoring": "binned"}}
+    space = uncertainty.param_space(parse_spec(raw), tmp_path, ["m1"], {"m1": "m1.pt"}, set())
+    assert space["scoring"] == "binned"
+    del raw["uncertainty"]["scoring"]  # the default (auto): the trial configs as before
+    assert "scoring" not in uncertainty.param_space(parse_spec(raw), tmp_path, ["m1"], {"m1": "m1.pt"}, set())
+    raw["uncertainty"]["scoring"] = "binnd"
+    with pytest.raises(SpecError, match="uncertainty.scoring: unknown value 'binnd'.*valid choices: auto, exact, binned"):
+        parse_spec(raw)

@@ -20,7 +20,7 @@ from .delta import DeltaNet, ggd_variance, unwrap
 from .delta_config import DeltaConfig
 from .dense import predict
 from .member import eval_sets
-from .ranking import binned_error_ranking, scoring_mode
+from trainables.ranking import binned_error_ranking, scoring_mode  # absolute: survives a move of this module
 from .sam.frozen import predict_member_rows, prompted_mc_dropout_map
 
 def uncertain_masks(maps: np.ndarray) -> np.ndarray:

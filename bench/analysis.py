@@ -144,7 +144,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--metric", default="iou_3d", choices=records.METRICS)
     ap.add_argument("--compare", help="another checkout of the project whose analysis to time on the same records")
-    ap.add_argument("--keep", help="build the records in this folder and keep them (default: a temporary one)")
+    ap.add_argument("--keep", help="build the records in this folder and keep them (default: a temporary one); "
+                                   "a folder that holds them already is reused")
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="run_analysis' memory_gib (the agreement in blocks of cases); default: no bound")
     ap.add_argument("--build-only", help=argparse.SUPPRESS)  # the child process that writes the records
@@ -155,9 +156,12 @@ def main() -> int:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="oodsweep-bench-analysis-"))
     try:
         t = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--build-only", str(tmp), "--members", str(args.members),
-                        "--targets", str(args.targets), "--slices", str(args.slices),
-                        "--image-size", str(args.image_size)], check=True)
+        if (tmp / "records" / "members.parquet").exists():  # --keep DIR from an earlier run: its records again
+            print(f"records of an earlier run in {tmp}: not built again (the sizes given are ignored)")
+        else:
+            subprocess.run([sys.executable, __file__, "--build-only", str(tmp), "--members", str(args.members),
+                            "--targets", str(args.targets), "--slices", str(args.slices),
+                            "--image-size", str(args.image_size)], check=True)
         print(f"built {args.members} members x (1 source + {args.targets} targets) x {args.slices} slices of "
               f"{args.image_size}x{args.image_size} px in {time.perf_counter() - t:.1f} s (not timed below)",
               flush=True)

@@ -162,9 +162,9 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, "--build-only", str(tmp), "--members", str(args.members),
                             "--targets", str(args.targets), "--slices", str(args.slices),
                             "--image-size", str(args.image_size)], check=True)
-        print(f"built {args.members} members x (1 source + {args.targets} targets) x {args.slices} slices of "
-              f"{args.image_size}x{args.image_size} px in {time.perf_counter() - t:.1f} s (not timed below)",
-              flush=True)
+            print(f"built {args.members} members x (1 source + {args.targets} targets) x {args.slices} slices of "
+                  f"{args.image_size}x{args.image_size} px in {time.perf_counter() - t:.1f} s (not timed below)",
+                  flush=True)
         t = time.perf_counter()
         res = run_analysis(tmp, metric=args.metric, memory_gib=args.memory_gib)
         wall = time.perf_counter() - t

@@ -31,6 +31,7 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
              "fuse.sshfs", "9p", "virtiofs")
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
 _started_local = False  # set by connect(): a local Ray of our own cannot autoscale
+_said_no_gpu = False  # capacity() has logged that a cluster given by address shows no GPU
 
 
 # ------------------------------------------------------------------ connecting
@@ -255,7 +256,9 @@ def capacity() -> dict[str, float]:
     now = ray.cluster_resources()
     grow = {} if _started_local else head_maximum()
     cap = {k: max(float(now.get(k, 0.0)), float(grow.get(k, 0.0))) for k in ("CPU", "GPU")}
-    if not _started_local and not cap["GPU"]:
+    global _said_no_gpu
+    if not _started_local and not cap["GPU"] and not _said_no_gpu:
+        _said_no_gpu = True  # once per driver: capacity() is asked per stage
         log("the Ray cluster has no GPU now and no autoscaler maximum with GPUs was found on its head node: "
             "`gpu: auto` gives trials no GPU; set pool.resources.gpu (and uncertainty.resources.gpu) to ask "
             "for GPUs anyway")

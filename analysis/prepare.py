@@ -145,7 +145,7 @@ def _uncertainty(experiment_dir: Path, n_pool: int, notes: list[str]
 
 
 def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, ...] | list[str],
-            warn: bool = True, label: str | None = None) -> Prepared:
+            warn: bool = True, label: str | None = None, memory_gib: float | None = None, map_blocks=None) -> Prepared:
     """Read an experiment's records into what every result is computed from.
 
     Args:
@@ -156,6 +156,7 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
         warn: also issue the missing-``run_id`` note as a ``UserWarning``.
         label: one label of multi-label records: the performance and the agreement are that label's alone
             (``trainables.records.select_label``, its channel of the stored masks); None: the mean over labels.
+        memory_gib, map_blocks: the agreement's blocks (``agreement_matrices``); ``run_analysis`` says more.
 
     Raises:
         FileNotFoundError: no records under ``experiment_dir`` (the message names the folder and the fix).
@@ -193,7 +194,7 @@ def prepare(experiment_dir: str | os.PathLike, metric: str, wanted: tuple[str, .
         # a surface metric has no pairwise form here: its agreement indicators are the members' 3D IoU agreement
         agreement = agreement_matrices(experiment_dir, p.all_ids, p.roles,
                                        metric=AGREEMENT_OF.get(metric, metric.removesuffix("_micro")),
-                                       channel=channel)
+                                       memory_gib=memory_gib, map_blocks=map_blocks, channel=channel)
         p.notes += agreement.notes
         p.agreement = agreement if agreement.matrices else None
     p.timings["agreement"] = time.perf_counter() - t

@@ -68,7 +68,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
                  degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
                  target_order: list[str] | None = None, severity_chain: list[str] | None = None,
-                 label: str | None = None) -> dict:
+                 label: str | None = None, memory_gib: float | None = None, map_blocks=None) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -115,6 +115,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
             agreement; the uncertainty indicators stay the labels' union), default written under
             ``<experiment_dir>/analysis/per_label/<label>``. None: the mean over the labels, plus
             ``table1_per_label.csv`` (Tables 1–3 per label) when the records hold several.
+        memory_gib: bound the agreement's packed masks held at once (``analysis.agreement.agreement_matrices``:
+            blocks of cases) and read only the uncertainty records' needed columns; None: no bound.
+        map_blocks: how the agreement's blocks run (``analysis.agreement.BlockMap``; default in-process).
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -133,7 +136,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     experiment_dir = Path(experiment_dir)
     t0 = time.perf_counter()
     # records, member sets, agreement, uncertainty, indicator tables (one label's: analysis.prepare)
-    prep = prepare(experiment_dir, metric, wanted, label=label)
+    prep = prepare(experiment_dir, metric, wanted, label=label, memory_gib=memory_gib, map_blocks=map_blocks)
     timings: dict[str, float] = dict(prep.timings)
     members, perf, roles, notes = prep.members, prep.perf, prep.roles, prep.notes
     member_sets, oracle_ids, run_of = prep.member_sets, prep.oracle_ids, prep.run_of

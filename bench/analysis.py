@@ -18,7 +18,12 @@ emptied on some slices, with sparse false-positive speckle. Only the timing is t
 correlations it prints are those of this toy generator.
 
     python bench/analysis.py [--members 200] [--targets 4] [--slices 2000] [--image-size 64] [--keep DIR]
-                             [--compare OTHER_CHECKOUT]
+                             [--compare OTHER_CHECKOUT] [--memory-gib 2]
+
+A large pool: ``--members 500 --slices 500`` and ``--members 2000 --slices 500`` (64², 4 targets) with
+``--memory-gib 2`` (the agreement in blocks of cases, ``run_analysis``' ``memory_gib``; the goal: a peak RSS
+of at most 2.5 GiB at 2,000 members). The records are built in a child process, so the printed peak RSS
+(``ru_maxrss``) is the analysis' own process: its imports, the records it reads and what it computes.
 
 ``--compare`` times another checkout's ``run_analysis`` (its own defaults, e.g. the analysis before
 the run-level bootstrap: ``git worktree add /tmp/old 533f3d0``) on the same records, right after this
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -138,23 +144,38 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--metric", default="iou_3d", choices=records.METRICS)
     ap.add_argument("--compare", help="another checkout of the project whose analysis to time on the same records")
-    ap.add_argument("--keep", help="build the records in this folder and keep them (default: a temporary one)")
+    ap.add_argument("--keep", help="build the records in this folder and keep them (default: a temporary one); "
+                                   "a folder that holds them already is reused")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="run_analysis' memory_gib (the agreement in blocks of cases); default: no bound")
+    ap.add_argument("--build-only", help=argparse.SUPPRESS)  # the child process that writes the records
     args = ap.parse_args()
+    if args.build_only:
+        build(Path(args.build_only), args.members, args.targets, args.slices, args.image_size)
+        return 0
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="oodsweep-bench-analysis-"))
     try:
         t = time.perf_counter()
-        build(tmp, args.members, args.targets, args.slices, args.image_size)
-        print(f"built {args.members} members x (1 source + {args.targets} targets) x {args.slices} slices of "
-              f"{args.image_size}x{args.image_size} px in {time.perf_counter() - t:.1f} s (not timed below)",
-              flush=True)
+        if (tmp / "records" / "members.parquet").exists():  # --keep DIR from an earlier run: its records again
+            print(f"records of an earlier run in {tmp}: not built again (the sizes given are ignored)")
+        else:
+            subprocess.run([sys.executable, __file__, "--build-only", str(tmp), "--members", str(args.members),
+                            "--targets", str(args.targets), "--slices", str(args.slices),
+                            "--image-size", str(args.image_size)], check=True)
+            print(f"built {args.members} members x (1 source + {args.targets} targets) x {args.slices} slices of "
+                  f"{args.image_size}x{args.image_size} px in {time.perf_counter() - t:.1f} s (not timed below)",
+                  flush=True)
         t = time.perf_counter()
-        res = run_analysis(tmp, metric=args.metric)
+        res = run_analysis(tmp, metric=args.metric, memory_gib=args.memory_gib)
         wall = time.perf_counter() - t
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
         parts = json.loads((Path(res["out_dir"]) / "summary.json").read_text())["seconds"]
         print("run_analysis: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items() if k != "total"))
         print(f"run_analysis wall time: {wall:.1f} s (goal: under 60 s, {N_RESAMPLES} resamples of "
               f"{res['correlations'][0]['resample'] if res['correlations'] else '?'}s); {len(res['files'])} files, "
               f"{len(res['correlations'])} correlation rows", flush=True)
+        print(f"peak RSS of the analysis process: {peak:.2f} GiB (memory_gib {args.memory_gib}; records built in a "
+              f"child process)", flush=True)
         if args.compare:
             code = ("import sys, time; from analysis import run_analysis; t = time.perf_counter(); "
                     f"run_analysis({str(tmp)!r}, metric={args.metric!r}, out_dir={str(tmp / 'analysis_compare')!r}); "

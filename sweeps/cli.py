@@ -204,7 +204,8 @@ def _cmd_analyze(args) -> int:
             print(f"[oodsweep] analysis of label {label} written to {res['out_dir']}")
         return 0
     tracker = None if args.no_mlflow or running else tracker_for(spec)
-    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete)
+    res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete,
+                             memory_gib=args.memory_gib)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
     def f(v):
         return "nan" if v is None else f"{v:.3f}"
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="multi-label records: the analysis of this label alone, written to "
                         "EXPERIMENT_DIR/analysis/per_label/NAME (or --out/NAME); repeat it, or give `all` for every "
                         "label; without it the analysis is the mean over the labels")
+    p.add_argument("--memory-gib", type=float, metavar="GIB",
+                   help="bound the pool's masks the agreement holds at once (blocks of cases; default: the spec's "
+                        "analysis.memory_gib, else none)")
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("report", help="the claims report: each claim of the paper with its statistic, run-level "
                                       "interval and verdict, rebuilt from the experiment's files (no Ray, no MLflow)")

@@ -17,10 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .console import log
 from .errors import ClusterError, StorageError, TrackingError
+from .nodes import BOOTSTRAP_CONFIG, bootstrap_capacity, head_maximum, probe_storage  # noqa: F401 (re-exported)
 from .spec import SpecError
 
 #: The δ net is a UNet-R18-sized network (docs/performance.md "GPU anchors": 1.7 GiB at 256², batch 32).
@@ -31,8 +30,8 @@ SHARED_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "smbfs", "glusterfs
              "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.goofys", "fuse.rclone",
              "fuse.sshfs", "9p", "virtiofs")
 SHARED_ENV = "OODSWEEP_SHARED_STORAGE"
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 _started_local = False  # set by connect(): a local Ray of our own cannot autoscale
+_said_no_gpu = False  # capacity() has logged that a cluster given by address shows no GPU
 
 
 # ------------------------------------------------------------------ connecting
@@ -134,6 +133,33 @@ def filesystem_type(path: str | os.PathLike, mounts: str | None = None) -> str:
     return fstype
 
 
+def check_storage_on_nodes(path: str | os.PathLike, nodes: list[dict], what: str = "storage") -> None:
+    """Refuse ``path`` when a node of the cluster does not share it with the driver, asked of the nodes.
+
+    A cluster given by address (``ray://``, KubeRay, Slurm, ``ray up``) is probed: a Ray task on each
+    alive node reads a file the driver wrote under ``path`` and writes its own (``nodes.probe_storage``).
+    Where the probe cannot run, and on a local Ray of the driver's own, the static check
+    (``check_storage``: the file system type of ``path`` here) decides.
+    """
+    hosts = [n["NodeManagerAddress"] for n in nodes if n.get("Alive")]
+    if "://" in str(path) or os.environ.get(SHARED_ENV, "") == "1":
+        return
+    if not _started_local:
+        shared = probe_storage(path, nodes)
+        if shared is not None:
+            bad = [n for n, ok in shared.items() if not ok]
+            if not bad:
+                return
+            raise StorageError(
+                f"{what} {str(path)!r} is not shared by every node of the Ray cluster: {len(bad)} of {len(shared)} "
+                f"node(s) ({', '.join(bad)}) did not see the file this driver wrote there, or wrote one the "
+                f"driver cannot read: trials there would write where the driver cannot read. Put `storage:` "
+                f"(or $OODSWEEP_STORAGE) on storage every node and the driver mount at the same path "
+                f"(cluster.yaml mounts the S3 bucket at /mnt/oodsweep), or an object store URL.")
+        log(f"{what}: the nodes' storage probe did not answer; judging {str(path)!r} by its file system here")
+    check_storage(path, hosts, what)
+
+
 def check_storage(path: str | os.PathLike, hosts: list[str], what: str = "storage",
                   mounts: str | None = None) -> None:
     """Refuse a node-local ``path`` on a cluster whose nodes are on more than one machine.
@@ -217,31 +243,26 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 # ------------------------------------------------------------------ GPU packing
 
-def bootstrap_capacity(path: str | os.PathLike = BOOTSTRAP_CONFIG) -> dict[str, float]:
-    """What an autoscaling cluster can grow to, from the config `ray up` leaves on the head node."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return {}
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    total: dict[str, float] = {}
-    for name, t in (cfg.get("available_node_types") or {}).items():
-        n = 1 if name == cfg.get("head_node_type") else int(t.get("max_workers", cfg.get("max_workers", 0)) or 0)
-        for k, v in (t.get("resources") or {}).items():
-            if k in ("CPU", "GPU"):
-                total[k] = total.get(k, 0.0) + n * float(v)
-    return total
-
-
 def capacity() -> dict[str, float]:
-    """CPUs and GPUs the cluster has now or, if it autoscales, can have."""
+    """CPUs and GPUs the cluster has now (``ray.cluster_resources``) or, if it autoscales, can have.
+
+    The autoscaler's maximum is read on the head node (``nodes.head_maximum``: ``ray up``'s bootstrap config
+    or a KubeRay RayCluster), not on the driver's machine, so a driver connected through ``ray://`` or
+    running in a KubeRay job sees the GPU workers its cluster may start. A local Ray of the driver's own
+    cannot grow: its resources are all.
+    """
     import ray
 
     now = ray.cluster_resources()
-    grow = {} if _started_local else bootstrap_capacity()
-    return {k: max(float(now.get(k, 0.0)), grow.get(k, 0.0)) for k in ("CPU", "GPU")}
+    grow = {} if _started_local else head_maximum()
+    cap = {k: max(float(now.get(k, 0.0)), float(grow.get(k, 0.0))) for k in ("CPU", "GPU")}
+    global _said_no_gpu
+    if not _started_local and not cap["GPU"] and not _said_no_gpu:
+        _said_no_gpu = True  # once per driver: capacity() is asked per stage
+        log("the Ray cluster has no GPU now and no autoscaler maximum with GPUs was found on its head node: "
+            "`gpu: auto` gives trials no GPU; set pool.resources.gpu (and uncertainty.resources.gpu) to ask "
+            "for GPUs anyway")
+    return cap
 
 
 def largest_node_cpus() -> float:

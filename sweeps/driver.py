@@ -13,6 +13,7 @@ from typing import Callable
 from trainables import records
 
 from . import interrupts
+from .analysis_blocks import ray_block_map  # the agreement's blocks as Ray tasks while the sweep's Ray is up
 from .console import command, log
 from .experiment import DONE_MARKER, POOL_STAGE, SPEC_FILE, UNCERTAINTY_STAGE, check_frozen, driver_lock, freeze
 from .spec import SweepSpec
@@ -73,9 +74,9 @@ def _init_ray(spec: SweepSpec, address: str | None, num_cpus: int | None) -> Non
     if started_local:  # a cluster given by address is not ours: a later driver must never reap it
         interrupts.record_ray_session(spec.experiment_dir)
     guards.check_nodes(spec, ray.nodes())  # one trial must fit the largest node's memory
-    hosts = cluster.node_hosts()
-    cluster.check_storage(spec.remote or spec.experiment_dir, hosts, "storage")
-    cluster.check_storage(spec.cache_root, hosts, "data.cache_dir")
+    nodes = ray.nodes()
+    cluster.check_storage_on_nodes(spec.remote or spec.experiment_dir, nodes, "storage")
+    cluster.check_storage_on_nodes(spec.cache_root, nodes, "data.cache_dir")
 
 
 def _trial_errors(results) -> list[str]:
@@ -291,7 +292,8 @@ def severity_chain(spec: SweepSpec) -> list[str] | None:
 
 
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
-                       out_dir: Path | None = None, allow_incomplete: bool = False, label: str | None = None) -> dict:
+                       out_dir: Path | None = None, allow_incomplete: bool = False, label: str | None = None,
+                       memory_gib: float | None = None) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
@@ -309,7 +311,8 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     t = time.time()
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
                           degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
-                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec), label=label)
+                          target_order=list(spec.data.targets), severity_chain=severity_chain(spec), label=label,
+                          memory_gib=memory_gib or spec.analysis.memory_gib, map_blocks=ray_block_map())
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:

@@ -213,6 +213,8 @@ class UncertaintySpec:
     #: restarts of a δ group's Ray Train worker group (``ray.train.FailureConfig``: a preempted spot node),
     #: from its latest checkpoint, before the Tune trial fails (and ``max_failures`` retries the trial)
     train_max_failures: int = 0
+    #: pixel AUROC/AP of the maps: "auto", "exact" or "binned" (DeltaConfig.scoring; docs/uncertainty.md)
+    scoring: str = DeltaConfig.default("scoring")
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ class AnalysisSpec:
     #: members scoring below this on an axis (ID/OOD score, agreement) are flagged "degenerate" and the
     #: correlations are reported with and without them (a member predicting nothing sits at the probit floor)
     degenerate_floor: float = 0.01
+    #: bound (GiB) on the members' packed masks the agreement holds at once (blocks of cases); None: no bound
+    memory_gib: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.models import MODELS, resolve_model
+from trainables.ranking import SCORING_MODES
 
 from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
@@ -301,7 +302,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
         "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
-        "bayescap": False, "group_size": False, "train_max_failures": False})
+        "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -346,6 +347,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
                                   PROMPTED_MEMBERS),
         fit_split=c.choice(u.get("fit_split", dflt("fit_split")), "uncertainty.fit_split", FIT_SPLITS),
         bayescap=_bayescap(c, u.get("bayescap")),
+        scoring=c.choice(u.get("scoring", dflt("scoring")), "uncertainty.scoring", SCORING_MODES),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
     # data.val_fraction: a validation split carved from the source's training cases
     if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
@@ -359,7 +361,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
 
 def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) -> AnalysisSpec:
     """Validate the ``analysis:`` mapping; its indicators are the analysis' registry's."""
-    a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False})
+    a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False,
+                                       "memory_gib": False})
     default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
@@ -369,7 +372,9 @@ def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) ->
                             indicators=tuple(c.choice(v, f"analysis.indicators[{i}]", valid)
                                              for i, v in enumerate(indicators)),
                             degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
-                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)))
+                                                            "analysis.degenerate_floor", nonneg=True, maximum=0.5)),
+                            memory_gib=None if a.get("memory_gib") is None else float(
+                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)))
     need_delta = [v for v in analysis.indicators if v in from_delta]
     if need_delta and uncertainty is None:
         raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "

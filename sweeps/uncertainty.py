@@ -262,6 +262,8 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "val_fraction": spec.data.val_fraction, "split_seed": spec.data.split_seed,
         "checkpoint_every": u.checkpoint_every, "num_threads": max(1, int(u.cpu)), **u.training,
         "gpu_share": gpu or None,
+        # only when set: the default's trial configs stay as they were
+        **({"scoring": u.scoring} if u.scoring != DeltaConfig.default("scoring") else {}),
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu, "max_failures": u.train_max_failures,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }

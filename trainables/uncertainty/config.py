@@ -102,6 +102,9 @@ class DeltaConfig(Config):
     dropout: float = setting(0.2, number)
     #: where baselines are scored (Table 4 is per target); "id" adds the source
     baseline_roles: tuple[str, ...] = setting(("ood",), tuple_of(text))
+    #: the maps' pixel AUROC/AP for the error pixels: "exact" (sklearn over every pixel), "binned" (per-bin counts
+    #: on the device, bounded memory; trainables.ranking) or "auto" (exact up to ranking.EXACT_MAX_PIXELS per site)
+    scoring: str = setting("auto", choice("auto", "exact", "binned"))
     #: slices kept for the qualitative figure
     n_examples: int = setting(4, integer)
     #: epochs between resumable checkpoints (and after the last epoch)

@@ -17,10 +17,12 @@ from ..accel import Accel
 from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
 from ..data.cache import SliceCache
 from .delta import DeltaNet, ggd_variance, unwrap
-from .config import DeltaConfig
+from trainables.ranking import binned_error_ranking, scoring_mode  # absolute: survives a move of this module
+
 from ..dense import predict
 from ..member import eval_sets
 from ..sam.frozen import predict_member_rows, prompted_mc_dropout_map
+from .config import DeltaConfig
 
 def uncertain_masks(maps: np.ndarray) -> np.ndarray:
     """The uncertain pixels of each image: above its own Otsu threshold (``N x H x W`` -> bool).
@@ -60,13 +62,22 @@ def source_threshold(maps: np.ndarray) -> float:
     return float(threshold_otsu(m))
 
 
-def error_ranking(maps: np.ndarray, error: np.ndarray) -> tuple[float, float]:
+def error_ranking(maps: np.ndarray, error: np.ndarray, scoring: str = "exact",
+                  device: torch.device | str = "cpu") -> tuple[float, float]:
     """(AUROC, average precision) of the map's values as a score for the error pixels, over every pixel.
 
-    ``sklearn.metrics.roc_auc_score`` / ``average_precision_score``; NaN when every pixel, or none,
+    ``scoring`` (``DeltaConfig.scoring``; ``trainables.ranking.scoring_mode``): "exact" is
+    ``sklearn.metrics.roc_auc_score`` / ``average_precision_score`` in float64 over every pixel at once;
+    "binned" counts the pixels per score bin on ``device`` in bounded memory
+    (``trainables.ranking.binned_error_ranking``: AUROC within its stated bound, AP within 0.005 of
+    exact); "auto" is exact up to ``ranking.EXACT_MAX_PIXELS`` pixels. NaN when every pixel, or none,
     is an error (either is undefined then).
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if scoring_mode(scoring, int(np.size(error))) == "binned":
+        r = binned_error_ranking(maps, error, device)
+        return r.auroc, r.ap
 
     y = np.asarray(error, dtype=bool).ravel()
     if y.all() or not y.any():
@@ -252,7 +263,7 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
                 "member_id": cfg.member_id, "method": method, "site": site, "role": role,
                 "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
                 "area_px": int(pred[0].numel()), **cols}))
-            auroc, ap = error_ranking(m, error)
+            auroc, ap = error_ranking(m, error, cfg.scoring, device)
             site_rows.append({"member_id": cfg.member_id, "method": method, "site": site, "role": role,
                               "prompted": prompted, "auroc": auroc, "ap": ap, "error_px": int(error.sum()),
                               "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan)})

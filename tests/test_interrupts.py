@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -99,15 +100,32 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _with_checkpoint(exp: Path) -> set[str]:
-    """The pool runs whose epoch-1 result and checkpoint the driver has taken (Tune wrote its result.json)."""
-    res = [p for p in (exp / "pool").glob("*/result.json") if p.stat().st_size]
+def _staging(log: Path) -> Path | None:
+    """Where the driver of ``log`` has Tune write each pool trial's result.json as it takes the result (the folder
+    of Tune's TensorBoard hint). The experiment folder gets a copy only at Tune's state snapshots, at least 10 s
+    apart, which a short run can end before: waiting for that copy made the Ctrl-C late, or miss the run."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    m = re.search(r"tensorboard --logdir (\S+/pool/driver_artifacts)", text)
+    return Path(m.group(1)) if m else None
+
+
+def _with_checkpoint(exp: Path, log: Path | None = None) -> set[str]:
+    """The pool runs whose epoch-1 result the driver has taken (its result.json, in the experiment or where the
+    driver of ``log`` stages it, has epoch 1) with the trial's epoch-1 checkpoint in the experiment."""
+    staged = _staging(log) if log is not None else None
+    res = [p for d in [exp / "pool", *([staged] if staged else [])] for p in d.glob("*/result.json")
+           if p.stat().st_size]
     return {p.parent.name.rsplit("-", 1)[0] for p in res
-            if (p.parent / "checkpoint_000000").is_dir() and '"epoch": 1' in p.read_text()}
+            if (exp / "pool" / p.parent.name / "checkpoint_000000").is_dir() and '"epoch": 1' in p.read_text()}
 
 
-def _checkpoint_registered(exp: Path) -> bool:
-    return bool(_with_checkpoint(exp))
+def _checkpoint_registered(exp: Path, log: Path) -> bool:
+    """A pool run's epoch-1 result and checkpoint taken by the driver of ``log``. Tune logs the result, then
+    registers its checkpoint in its next event: a second's grace for that."""
+    if not _with_checkpoint(exp, log):
+        return False
+    time.sleep(1.0)
+    return True
 
 
 def _mlflow_runs(uri: str, name: str):
@@ -171,8 +189,8 @@ def test_stopped_and_killed_driver_resumes_to_the_uninterrupted_records(finished
     # 1. Ctrl-C in the pool stage, once a trial's epoch-1 checkpoint is registered
     log1 = tmp_path / "run1.log"
     p = _start("run", str(path), "--num-cpus", "2", log=log1)
-    _wait(lambda: _checkpoint_registered(exp), p, "the first pool checkpoint")
-    checkpointed = _with_checkpoint(exp)
+    _wait(lambda: _checkpoint_registered(exp, log1), p, "the first pool checkpoint")
+    checkpointed = _with_checkpoint(exp, log1)
     took, out = _stop(p, signal.SIGINT, log1)
     print(f"SIGINT in the pool stage: exit {p.returncode} after {took:.1f}s ({sorted(checkpointed)} checkpointed)")
     assert p.returncode == 130, out[-3000:]
@@ -318,7 +336,7 @@ def test_ctrl_c_twice_kill_and_resume_from_checkpoint(tmp_path, tiny_data):
 
     log1 = tmp_path / "run1.log"
     p = _start("run", str(path), "--num-cpus", "2", log=log1)
-    _wait(lambda: _checkpoint_registered(exp), p, "the first pool checkpoint")
+    _wait(lambda: _checkpoint_registered(exp, log1), p, "the first pool checkpoint")
     took, out = _stop(p, signal.SIGINT, log1)
     print(f"SIGINT at epoch 1 of 10: exit {p.returncode} after {took:.1f}s")
     assert p.returncode == 130 and took < STOP_S, out[-3000:]

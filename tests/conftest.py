@@ -129,6 +129,8 @@ def finished(tmp_path_factory, tiny_data):
     tmp = tmp_path_factory.mktemp("e2e")
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_spec(tmp / "runs", tiny_data)))
-    proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp)
+    # about 80 s on an idle 2-core machine; the limit only guards against a hang (a loaded shared machine
+    # took ~580 s, near run_cli's default 600)
+    proc = run_cli("run", str(path), "--num-cpus", "2", cwd=tmp, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"spec": path, "exp": tmp / "runs" / "tiny", "out": proc.stdout + proc.stderr, "tmp": tmp}

@@ -1,7 +1,7 @@
 """Same seeds -> same records: the trainables twice in two fresh folders, without Ray.
 
-The sweep on a local Ray is compared with `assert_same_records` in `tests/test_resume.py`: the tiny
-sweep killed and resumed in a fresh folder against the session's uninterrupted `finished` one (a
+The sweep on a local Ray is compared with `assert_same_records` in `tests/test_interrupts.py`: the tiny
+sweep stopped, killed and resumed in a fresh folder against the session's uninterrupted `finished` one (a
 second uninterrupted run would cost another ~100 s of Ray; that one gave identical records by hand).
 
 "Same" means equal, not close: the member and slice tables, the uncertainty tables, δ's fit records,

@@ -1,10 +1,13 @@
-"""Stopping a sweep as a user does, and losing the tracking server under it.
+"""Stopping a sweep as a user does, killing its driver, and losing the tracking server under it.
 
-* Ctrl-C (SIGINT to the real driver process) once the pool has registered a checkpoint, then SIGTERM to the
-  resumed driver in the δ stage: each exits within seconds with 130 / 143, says the (shell-quoted)
-  `oodsweep resume` line, releases the lock and leaves no process of its local Ray; nothing is restarted
-  in between. `oodsweep resume` then continues the pool trials from their checkpoints and ends with the
-  records of the uninterrupted run (the session's `finished` sweep) and no duplicate MLflow run.
+* One tiny sweep stopped four times and resumed each time (Ray is started once per driver, and each start is
+  expensive, so one sweep carries every stop): Ctrl-C (SIGINT to the real driver process) once the pool has
+  registered a checkpoint, SIGKILL to the driver's session between the stages, SIGTERM in the δ stage, SIGKILL
+  in the δ stage after a δ member is scored. A signalled driver exits within seconds with 130 / 143, says the
+  (shell-quoted) `oodsweep resume` line, releases the lock and leaves no process of its local Ray; nothing
+  finished is trained or fitted again, and the last resume ends with the records of the uninterrupted run (the
+  session's `finished` sweep) and no duplicate MLflow run.
+* A run of 10 epochs: Ctrl-C mid-way, two Ctrl-C at once, SIGKILL mid-training; it continues from its checkpoint.
 * A real `mlflow server` on loopback killed during the pool stage: the sweep still finishes (exit 0) with
   every member recorded and says what is unsent; once the server is back (same store), `oodsweep analyze`
   sends it: every run logged once.
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -96,15 +100,32 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _with_checkpoint(exp: Path) -> set[str]:
-    """The pool runs whose epoch-1 result and checkpoint the driver has taken (Tune wrote its result.json)."""
-    res = [p for p in (exp / "pool").glob("*/result.json") if p.stat().st_size]
+def _staging(log: Path) -> Path | None:
+    """Where the driver of ``log`` has Tune write each pool trial's result.json as it takes the result (the folder
+    of Tune's TensorBoard hint). The experiment folder gets a copy only at Tune's state snapshots, at least 10 s
+    apart, which a short run can end before: waiting for that copy made the Ctrl-C late, or miss the run."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    m = re.search(r"tensorboard --logdir (\S+/pool/driver_artifacts)", text)
+    return Path(m.group(1)) if m else None
+
+
+def _with_checkpoint(exp: Path, log: Path | None = None) -> set[str]:
+    """The pool runs whose epoch-1 result the driver has taken (its result.json, in the experiment or where the
+    driver of ``log`` stages it, has epoch 1) with the trial's epoch-1 checkpoint in the experiment."""
+    staged = _staging(log) if log is not None else None
+    res = [p for d in [exp / "pool", *([staged] if staged else [])] for p in d.glob("*/result.json")
+           if p.stat().st_size]
     return {p.parent.name.rsplit("-", 1)[0] for p in res
-            if (p.parent / "checkpoint_000000").is_dir() and '"epoch": 1' in p.read_text()}
+            if (exp / "pool" / p.parent.name / "checkpoint_000000").is_dir() and '"epoch": 1' in p.read_text()}
 
 
-def _checkpoint_registered(exp: Path) -> bool:
-    return bool(_with_checkpoint(exp))
+def _checkpoint_registered(exp: Path, log: Path) -> bool:
+    """A pool run's epoch-1 result and checkpoint taken by the driver of ``log``. Tune logs the result, then
+    registers its checkpoint in its next event: a second's grace for that."""
+    if not _with_checkpoint(exp, log):
+        return False
+    time.sleep(1.0)
+    return True
 
 
 def _mlflow_runs(uri: str, name: str):
@@ -114,19 +135,62 @@ def _mlflow_runs(uri: str, name: str):
     return client, client.search_runs([client.get_experiment_by_name(name).experiment_id])
 
 
-def test_ctrl_c_and_sigterm_stop_and_resume(finished, tmp_path, tiny_data):
+def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 400) -> None:
+    """SIGKILL the driver's whole session (the driver and the local Ray it started, as a closed laptop would)
+    once ``ready()``; wait until nothing of that session lives on to write into the experiment."""
+    _wait(ready, proc, what, timeout)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(2)
+
+
+def _member_parts(exp: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (exp / "records" / "parts").glob("*.member.json")}
+
+
+def _unc_parts(exp: Path) -> dict[str, int]:
+    d = exp / "records" / "uncertainty" / "parts"
+    return {p.stem: p.stat().st_mtime_ns for p in d.glob("*.parquet")} if d.is_dir() else {}
+
+
+def test_stopped_and_killed_driver_resumes_to_the_uninterrupted_records(finished, tmp_path, tiny_data):
+    """One sweep (the tiny spec of the session's `finished` run) stopped four times, each time resumed:
+
+    1. Ctrl-C in the pool stage once a trial's epoch-1 checkpoint is registered;
+    2. SIGKILL to the driver's session (driver and local Ray) between the stages, as soon as the pool is done;
+    3. SIGTERM in the δ stage once a δ fit has started;
+    4. SIGKILL to the driver's session in the δ stage, after it scored a δ member;
+    5. resumed to the end.
+
+    A signalled driver exits within seconds with 130 / 143, says the (shell-quoted) `oodsweep resume` line,
+    releases the lock and leaves no process of its local Ray; after a SIGKILL `status` says interrupted.
+    Nothing finished is trained or fitted again (a pool run with a checkpoint at the Ctrl-C is not trained
+    from scratch again; test_ctrl_c_twice_kill_and_resume_from_checkpoint shows the checkpoint in use), no
+    record is lost or duplicated, and the sweep ends with the records of the uninterrupted run, bit for bit
+    (tests/test_determinism.py), and one MLflow run per stage and trial, each FINISHED, no epoch logged twice.
+    (The SIGKILL during the pool stage: test_ctrl_c_twice_kill_and_resume_from_checkpoint.)"""
     storage = tmp_path / "my runs"  # a space: the printed resume line must be quoted
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_spec(storage, tiny_data)))
     exp = storage / "tiny"
+    pool_done = exp / "pool" / ".oodsweep-done"
+    unc_done = exp / "uncertainty" / ".oodsweep-done"
     resume_line = f"oodsweep resume {shlex.quote(str(exp))}"
     t_all = time.time()
 
     # 1. Ctrl-C in the pool stage, once a trial's epoch-1 checkpoint is registered
     log1 = tmp_path / "run1.log"
     p = _start("run", str(path), "--num-cpus", "2", log=log1)
-    _wait(lambda: _checkpoint_registered(exp), p, "the first pool checkpoint")
-    checkpointed = _with_checkpoint(exp)
+    _wait(lambda: _checkpoint_registered(exp, log1), p, "the first pool checkpoint")
+    checkpointed = _with_checkpoint(exp, log1)
     took, out = _stop(p, signal.SIGINT, log1)
     print(f"SIGINT in the pool stage: exit {p.returncode} after {took:.1f}s ({sorted(checkpointed)} checkpointed)")
     assert p.returncode == 130, out[-3000:]
@@ -134,37 +198,64 @@ def test_ctrl_c_and_sigterm_stop_and_resume(finished, tmp_path, tiny_data):
     assert resume_line in out and "stopped by Ctrl-C (SIGINT)" in out, out[-2000:]
     assert "Tuner.restore" not in out and "running them again" not in out and "Traceback" not in out
     assert driver_running(exp) is None
-    assert not (exp / "pool" / ".oodsweep-done").exists()
+    assert not pool_done.exists()
     st = run_cli("status", str(exp))
     assert st.returncode == 0 and "interrupted" in st.stdout, st.stdout
+    kept1 = _member_parts(exp)
+    done_runs = {m.split("-ep")[0] for m in kept1 if m.endswith("-ep2.member.json")}  # recorded to the end
 
-    # 2. resumed, then SIGTERM in the δ stage, once a δ fit has started
-    log2 = tmp_path / "run2.log"
-    p = _start("resume", str(exp), "--num-cpus", "2", log=log2)
+    # 2. resumed, then SIGKILLed with its local Ray between the stages: as soon as the pool is marked done
+    p = _start("resume", str(exp), "--num-cpus", "2", log=tmp_path / "run2.log")
+    _kill_when(p, pool_done.exists, "the end of the pool stage")
+    assert len(_unc_parts(exp)) == 0
+    for name, mtime in kept1.items():  # the runs finished before the Ctrl-C were not trained again
+        if name.split("-ep")[0] in done_runs:
+            assert _member_parts(exp)[name] == mtime, f"{name} was written again after the resume"
+    st = run_cli("status", str(exp))  # the lock of a killed driver is stale: interrupted, not running
+    assert st.returncode == 0 and "interrupted" in st.stdout and "oodsweep resume" in st.stdout, st.stdout
+
+    # 3. resumed, then SIGTERM in the δ stage, once a δ fit has started
+    log3 = tmp_path / "run3.log"
+    p = _start("resume", str(exp), "--num-cpus", "2", log=log3)
     started = lambda: (exp / "records" / "attempts.jsonl").exists() and \
         (records.load_attempts(exp)["stage"] == "uncertainty").any()  # noqa: E731
     _wait(started, p, "the first δ fit")
-    took, out = _stop(p, signal.SIGTERM, log2)
+    took, out = _stop(p, signal.SIGTERM, log3)
     print(f"SIGTERM in the δ stage: exit {p.returncode} after {took:.1f}s")
     assert p.returncode == 143, out[-3000:]
     assert took < STOP_S and resume_line in out and "stopped by SIGTERM" in out, out[-2000:]
     assert driver_running(exp) is None
-    assert not (exp / "uncertainty" / ".oodsweep-done").exists()
+    assert not unc_done.exists()
 
-    # 3. resumed to the end
+    # 4. resumed, then SIGKILLed in the δ stage once it has scored a δ member (of those left)
+    before = set(_unc_parts(exp))
+    p = _start("resume", str(exp), "--num-cpus", "2", log=tmp_path / "run4.log")
+    _kill_when(p, lambda: len(set(_unc_parts(exp)) - before) >= 1 and not unc_done.exists(), "a δ member scored")
+    scored = _unc_parts(exp)
+    n_attempts = len(records.load_attempts(exp))
+
+    # 5. resumed to the end
     proc = run_cli("resume", str(exp), "--num-cpus", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    print(f"interrupted twice and resumed: {time.time() - t_all:.0f}s")
+    assert "pool stage already done" in proc.stdout
+    print(f"stopped four times and resumed: {time.time() - t_all:.0f}s")
+    for name, mtime in scored.items():
+        assert _unc_parts(exp)[name] == mtime, f"δ of {name} was fitted again after the resume"
 
-    # a pool run with a checkpoint at the Ctrl-C was not trained from scratch again: it started again from
-    # its checkpoint or (its last epoch recorded while it stopped) not at all. A run without one starts
-    # over (test_ctrl_c_twice_and_resume_from_checkpoint shows the checkpoint in use)
+    # training starts: a pool run with a checkpoint at the Ctrl-C was not trained from scratch again (it
+    # started again from its checkpoint or, its last epoch recorded while it stopped, not at all); a run
+    # recorded to its end never started again; a δ member scored before the last kill was not started again
     att = records.load_attempts(exp)
     pool = att[att["stage"] == "pool"]
-    print(pool[["run", "start_epoch"]].to_string())
+    print(att[["stage", "run", "start_epoch"]].to_string())
     assert set(pool["run"]) == {"unet_r18-lr0.001-s0-E2", "unet_effb0-lr0.001-s0-E2"}, pool
     for run in checkpointed:
         assert (pool[pool["run"] == run]["start_epoch"] == 0).sum() == 1, (run, pool)
+    for run in done_runs:
+        assert (pool["run"].str.startswith(run)).sum() == 1, (run, pool)
+    unc = att[att["stage"] == "uncertainty"]
+    assert set(unc["run"]) == set(_unc_parts(exp))
+    assert not set(att.iloc[n_attempts:]["run"]) & set(scored), att.iloc[n_attempts:]
 
     for name, keys in (("members.parquet", ["member_id"]),
                        ("slices.parquet", ["member_id", "site", "role", "case_id", "slice_idx"])):
@@ -183,6 +274,8 @@ def test_ctrl_c_and_sigterm_stop_and_resume(finished, tmp_path, tiny_data):
     for r in runs:  # no epoch logged twice by the stopped and resumed drivers
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "epoch")]
         assert len(steps) == len(set(steps)), (r.info.run_name, steps)
+    st = run_cli("status", str(exp))
+    assert "pool      done" in st.stdout and "uncertainty done" in st.stdout and "interrupted" not in st.stdout
 
 
 def _free_port() -> int:
@@ -210,30 +303,40 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
     raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")
 
 
-def _pool_only_spec(tmp_path: Path, data: Path, name: str, snapshots=(1, 2)) -> Path:
-    """One unet_r18 run, members at ``snapshots`` (epochs 1 and 2), no δ: the smallest sweep that trains."""
+def _pool_only_spec(tmp_path: Path, data: Path, name: str, snapshots=(1, 2), **pool) -> Path:
+    """One unet_r18 run, members at ``snapshots`` (epochs 1 and 2), no δ: the smallest sweep that trains.
+    ``pool``: more keys of its ``pool`` section."""
     spec = {"name": name, "storage": str(tmp_path / "runs"),
             "data": {"layout": "prostate_multisite", "root": str(data), "source": "SiteA",
                      "targets": ["SiteB"], "image_size": 32, "test_fraction": 0.25},
             "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]},
                      "epochs": {"snapshots": list(snapshots)}, "seed": {"grid": [0]}, "batch_size": 4,
-                     "resources": {"cpu": 1}},
+                     "resources": {"cpu": 1}, **pool},
             "analysis": {"metric": "iou_3d", "indicators": ["id_performance"]}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_ctrl_c_twice_and_resume_from_checkpoint(tmp_path, tiny_data):
-    """One run of 10 epochs: a Ctrl-C once its epoch-1 checkpoint is registered stops it mid-way; a resume
-    stopped by two Ctrl-C exits at once (no waiting for Tune) and still leaves no Ray process and no lock;
-    the last resume continues the run from its checkpoint, not from epoch 0."""
-    path = _pool_only_spec(tmp_path, tiny_data, "twice", snapshots=[1, 10])
+def test_ctrl_c_twice_kill_and_resume_from_checkpoint(tmp_path, tiny_data):
+    """One run of 10 epochs (one sweep for every stop, as each driver start costs a Ray start):
+
+    * a Ctrl-C once its epoch-1 checkpoint is registered stops it mid-way;
+    * a resume stopped by two Ctrl-C exits at once (no waiting for Tune) and still leaves no Ray process and
+      no lock;
+    * a resume SIGKILLed with its local Ray while the run trains leaves a stale lock that `status` reads as
+      interrupted;
+    * in the last resume the trial's process is killed mid-training while the driver lives: Tune starts the
+      trial again (``pool.max_failures``) from its last checkpoint, in a new process, and the run ends, its
+      MLflow runs reused.
+
+    Every start of the run after the first continues from its epoch-1 checkpoint, never from epoch 0."""
+    path = _pool_only_spec(tmp_path, tiny_data, "twice", snapshots=[1, 10], max_failures=2)
     exp = tmp_path / "runs" / "twice"
 
     log1 = tmp_path / "run1.log"
     p = _start("run", str(path), "--num-cpus", "2", log=log1)
-    _wait(lambda: _checkpoint_registered(exp), p, "the first pool checkpoint")
+    _wait(lambda: _checkpoint_registered(exp, log1), p, "the first pool checkpoint")
     took, out = _stop(p, signal.SIGINT, log1)
     print(f"SIGINT at epoch 1 of 10: exit {p.returncode} after {took:.1f}s")
     assert p.returncode == 130 and took < STOP_S, out[-3000:]
@@ -266,13 +369,41 @@ def test_ctrl_c_twice_and_resume_from_checkpoint(tmp_path, tiny_data):
             os.kill(q, signal.SIGKILL)
     assert not left, left
 
-    proc = run_cli("resume", str(exp), "--num-cpus", "2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # SIGKILL to the resumed driver's session (driver and local Ray, as a closed laptop) while its trial trains
+    n_attempts = len(records.load_attempts(exp))
+    p = _start("resume", str(exp), "--num-cpus", "2", log=tmp_path / "run3.log")
+    _kill_when(p, lambda: len(records.load_attempts(exp)) > n_attempts, "the run to start training again")
+    assert records.member_part_ids(exp) == ["unet_r18-lr0.001-s0-ep1"], "the run ended before the kill"
+    st = run_cli("status", str(exp))
+    assert st.returncode == 0 and "interrupted" in st.stdout and "oodsweep resume" in st.stdout, st.stdout
+
+    # the last resume: its trial's process killed once it trains (the driver lives); Tune starts it again
+    log4 = tmp_path / "run4.log"
+    n_attempts = len(records.load_attempts(exp))
+    p = _start("resume", str(exp), "--num-cpus", "2", log=log4)
+    try:
+        _wait(lambda: len(records.load_attempts(exp)) > n_attempts, p, "the run to start training again")
+        pid = int(records.load_attempts(exp)["pid"].iloc[-1])
+        os.kill(pid, signal.SIGKILL)
+        assert records.member_part_ids(exp) == ["unet_r18-lr0.001-s0-ep1"], "the run ended before the kill"
+        assert p.wait(timeout=400) == 0, log4.read_text()[-4000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
     assert sorted(records.member_part_ids(exp)) == ["unet_r18-lr0.001-s0-ep1", "unet_r18-lr0.001-s0-ep10"]
     att = records.load_attempts(exp)
-    print(att[["run", "start_epoch"]].to_string())
+    print(att[["run", "start_epoch", "pid"]].to_string())
     assert (att["start_epoch"] == 0).sum() == 1, att  # trained from scratch once
-    assert len(att) >= 2 and (att["start_epoch"].iloc[1:] >= 1).all(), att  # then from its checkpoints
+    assert len(att) >= 4 and (att["start_epoch"].iloc[1:] >= 1).all(), att  # then from its checkpoints
+    killed = att["pid"] == pid
+    assert killed.sum() == 1 and len(att) == n_attempts + 2, att  # the killed trial started once more,
+    assert att["pid"].iloc[-1] != pid and att["start_epoch"].iloc[-1] == 1, att  # in a new process, from epoch 1
+    members, slices = records.load_records(exp)
+    assert not members["member_id"].duplicated().any()
+    assert not slices.duplicated(["member_id", "site", "case_id", "slice_idx"]).any()
+    client, runs = _mlflow_runs(f"sqlite:///{exp / 'mlflow.db'}", "twice")
+    children = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert children == sorted(members["member_id"])  # a restarted trial reuses its MLflow runs
 
 
 def test_tracking_server_down_during_the_pool(tmp_path, tiny_data):

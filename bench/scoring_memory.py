@@ -2,7 +2,7 @@
 
 Each mode runs in a child process of its own, which builds one method's uncertainty maps (float32) and the
 member's error masks for ``--slices`` slices of ``--size`` squared pixels, as ``score_member`` holds them for
-one site, then scores them with ``trainables.uncertainty_scoring.error_ranking`` (``scoring`` exact or binned,
+one site, then scores them with ``trainables.uncertainty.scoring.error_ranking`` (``scoring`` exact or binned,
 on ``--device``). Printed per mode: the child's peak RSS, the RSS before scoring (the interpreter, torch and the maps and masks), the
 difference (what the scoring itself added), the wall time, and AUROC / AP with the binned path's difference
 from the exact one. The maps are variance-like: a near-zero background with a ring of high values at an
@@ -28,7 +28,7 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np
 from bench.scoring_memory import make_split
-from trainables.uncertainty_scoring import error_ranking
+from trainables.uncertainty.scoring import error_ranking
 maps, error = make_split({slices}, {size})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

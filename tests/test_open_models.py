@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sweeps.spec import SpecError, parse_spec
-from trainables import baselines
+from trainables.uncertainty import baselines
 from trainables.models import arch_id, build_model, normalise, resolve_model
 from trainables.models.contract import dropout_layer
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from trainables import ranking
-from trainables.uncertainty_scoring import error_ranking
+from trainables.uncertainty.scoring import error_ranking
 
 
 def _exact(maps, error):

@@ -234,6 +234,7 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
             "a δ record")
         errors = _trial_errors(failed)
         scored = set(records.uncertainty_part_ids(exp))
+        stage.close_member_runs(tracker, parent, scored & set(wanted))
         train_dir = exp / UNCERTAINTY_STAGE / "train"
         freed = reconcile.prune_checkpoints(stage.finished_train_runs(train_dir, scored))
         if freed:

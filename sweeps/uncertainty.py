@@ -325,3 +325,18 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
                                   callbacks=[MlflowMemberCallback(tracker, parent_mlflow_id, UNCERTAINTY_STAGE)],
                                   failure_config=tune.FailureConfig(max_failures=u.max_failures)),
     )
+
+
+def close_member_runs(tracker: Tracker, parent, member_ids) -> None:
+    """End the MLflow run of every scored member FINISHED, creating it where it is missing.
+
+    A group's member run starts with the member's first result (``callbacks.MlflowMemberCallback``); a driver
+    killed after the trial's last result but before the tracker's outbox sent it leaves Tune's trial finished
+    and the member without a run, which no resumed trial reports again. The run is found by its tags, so a run
+    that exists is only ended (again)."""
+    from .tracking import MEMBER_TAG, STAGE_TAG
+
+    for mid in sorted(member_ids):
+        ref = tracker.run_ref(f"{UNCERTAINTY_STAGE}-{mid}", {MEMBER_TAG: mid, STAGE_TAG: UNCERTAINTY_STAGE},
+                              parent=parent)
+        tracker.end(ref, "FINISHED")

@@ -35,6 +35,7 @@ __all__ = [
     "pair_problems",
     "check_root",
     "raise_problems",
+    "ScannedLayout",
     "file_problem",
     "summarize_problems",
 ]
@@ -323,3 +324,14 @@ def summarize_problems(messages: list[str], first: int = 3) -> list[str]:
         if len(msgs) > first:
             out.append(f"... and {len(msgs) - first} more of this kind")
     return out
+
+
+class ScannedLayout:
+    """The :meth:`Layout.list_cases` of a layout whose ``scan_cases`` collects the problems under ``root``:
+    the scan's cases, with every pairing problem raised together (:func:`raise_problems`)."""
+
+    def list_cases(self, root: Path, site: str) -> list[CaseFiles]:
+        """Like :meth:`scan_cases`, every pairing problem an error (all in one DataError)."""
+        cases, problems = self.scan_cases(root, site)
+        raise_problems(problems, Path(root))
+        return cases

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Case, CaseFiles, DataError, check_root, file_problem, raise_problems
+from .base import Case, CaseFiles, DataError, ScannedLayout, check_root, file_problem, raise_problems
 from .labelmap import ANY_NONZERO, Channel, binarise, label_kind, select_labels
 from .sitemap import apply_site_map, read_site_map
 
@@ -41,7 +41,7 @@ def _open(path: Path):
                         "the case") from exc
 
 
-class Folder2D:
+class Folder2D(ScannedLayout):
     """Plain folders of 2D images and label masks, matched by file stem."""
 
     name = "folder2d"
@@ -152,12 +152,6 @@ class Folder2D:
                             f"{self.site_map.sites()}); fix the site name in the spec or add rows for it")
         return [CaseFiles(site=site, case_id=c, image=cases[c].image, mask=cases[c].mask, split=assigned[c][1])
                 for c in sorted(cases) if assigned.get(c, ("",))[0] == site], problems
-
-    def list_cases(self, root: Path, site: str) -> list[CaseFiles]:
-        """Like :meth:`scan_cases`, every pairing problem an error (all in one DataError)."""
-        cases, problems = self.scan_cases(root, site)
-        raise_problems(problems, Path(root))
-        return cases
 
     def load_case(self, files: CaseFiles) -> Case:
         """Reads an image (1 or 3 channels) and its mask.

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Case, CaseFiles, DataError, check_root, file_problem, raise_problems
+from .base import Case, CaseFiles, DataError, ScannedLayout, check_root, file_problem
 
 __all__ = ["LESIONS", "LESION_NAMES", "IDRiD", "FGADR", "read_rgb", "read_binary_mask"]
 
@@ -96,7 +96,7 @@ def read_binary_mask(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     return (arr > 0).astype(np.uint8), values
 
 
-class _Fundus:
+class _Fundus(ScannedLayout):
     """Shared by the fundus layouts: one site per root, one mask file per lesion."""
 
     modality = "fundus"
@@ -134,12 +134,6 @@ class _Fundus:
         ``site`` is the name the cases get (any name: the release is one site).
         """
         return self._scan(self._base(root), site)
-
-    def list_cases(self, root: Path, site: str) -> list[CaseFiles]:
-        """Like :meth:`scan_cases`, every pairing problem an error (all in one DataError)."""
-        cases, problems = self.scan_cases(root, site)
-        raise_problems(problems, Path(root))
-        return cases
 
     def load_case(self, files: CaseFiles) -> Case:
         """Reads a photograph and its lesion masks.

@@ -26,13 +26,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Case, CaseFiles, DataError, check_root, file_problem, pair_problems, raise_problems
+from .base import Case, CaseFiles, DataError, ScannedLayout, check_root, file_problem, pair_problems
 from .nifti import load_volume_case
 
 __all__ = ["LiTS", "FLARE"]
 
 
-class _PairedVolumes:
+class _PairedVolumes(ScannedLayout):
     """A one-site CT release whose image and label files are paired by name anywhere under the root."""
 
     modality = "ct"
@@ -84,12 +84,6 @@ class _PairedVolumes:
         problems += pair_problems(Path(root), images, masks, self.image_hint, self.mask_hint)
         order = sorted((c for c in images if c in masks), key=lambda c: (numbers[c], c))
         return [CaseFiles(site=site, case_id=c, image=images[c], mask=masks[c]) for c in order], problems
-
-    def list_cases(self, root: Path, site: str) -> list[CaseFiles]:
-        """Like :meth:`scan_cases`, every pairing problem an error (all in one DataError)."""
-        cases, problems = self.scan_cases(root, site)
-        raise_problems(problems, Path(root))
-        return cases
 
     def load_case(self, files: CaseFiles) -> Case:
         """Reads and checks one CT volume and its labels; the mask is the liver.

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Case, CaseFiles, DataError, check_pair, check_root, file_problem, label_values, raise_problems
+from .base import (Case, CaseFiles, DataError, ScannedLayout, check_pair, check_root, file_problem, label_values,
+                   raise_problems)
 from .labelmap import Channel, binarise, label_kind, select_labels
 from .nifti import check_orientation, read_nifti
 from .sitemap import apply_site_map, read_site_map
@@ -46,7 +47,7 @@ __all__ = ["NnUNet", "Decathlon", "NIFTI_ENDINGS"]
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
-class _JsonDataset:
+class _JsonDataset(ScannedLayout):
     """A dataset folder described by its ``dataset.json``; configured per root and spec options."""
 
     name = ""
@@ -168,12 +169,6 @@ class _JsonDataset:
             out = [CaseFiles(site=site, case_id=c, image=cf.image, mask=cf.mask, split=assigned[c][1],
                              channels=cf.channels) for c, cf in cases.items() if assigned.get(c, ("",))[0] == site]
         return sorted(out, key=lambda cf: cf.case_id), problems
-
-    def list_cases(self, root: Path, site: str) -> list[CaseFiles]:
-        """Like :meth:`scan_cases`, every pairing problem an error (all in one DataError)."""
-        cases, problems = self.scan_cases(root, site)
-        raise_problems(problems, Path(root))
-        return cases
 
     def load_case(self, files: CaseFiles) -> Case:
         """Reads the selected channels and the labels; one {0, 1} mask channel per selected label.

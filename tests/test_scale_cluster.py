@@ -42,6 +42,12 @@ def _pids_naming(text: str) -> list[int]:
     return out
 
 
+def _client_server_logs(ray_tmp: Path) -> str:
+    """The Ray client servers' stderr logs of the test's head, to say why a connection failed."""
+    return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                   for p in sorted((ray_tmp / "session_latest" / "logs").glob("ray_client_server*.err")))
+
+
 def test_raycluster_maximum_of_the_kuberay_job():
     """The deploy/kuberay RayJob's cluster: a CPU head (num-cpus 0) and 2 workers of 8 CPUs and 1 GPU."""
     docs = yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
@@ -106,12 +112,17 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
                         "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, text=True, timeout=300)
-        r = subprocess.run([sys.executable, "-c", DRIVER, f"ray://127.0.0.1:{client_port}", str(tmp_path / "runs"),
-                            str(tmp_path / "exp"), json.dumps(ids), str(_gib_for_rows(4, len(ids)))],
-                           env={**os.environ, "HOME": str(driver_home)}, cwd=ROOT, capture_output=True, text=True,
-                           timeout=180)
+        for attempt in range(3):
+            r = subprocess.run([sys.executable, "-c", DRIVER, f"ray://127.0.0.1:{client_port}", str(tmp_path / "runs"),
+                                str(tmp_path / "exp"), json.dumps(ids), str(_gib_for_rows(4, len(ids)))],
+                               env={**os.environ, "HOME": str(driver_home)}, cwd=ROOT, capture_output=True,
+                               text=True, timeout=180)
+            # Ray's client proxy now and then fails to start the per-client server process on a loaded machine
+            # (a known flake of Ray client, not of ours): connect again, as a user would, at most twice.
+            if "Starting Ray client server failed" not in r.stderr:
+                break
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-        assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:] + _client_server_logs(ray_tmp)
         res = json.loads(line[0][len("RESULT "):])
         assert res["now"] == 2.0
         assert res["cap"]["GPU"] == 5.0 and res["cap"]["CPU"] == 25.0

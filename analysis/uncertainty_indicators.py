@@ -86,6 +86,11 @@ def guarded_area(uncertain_px: np.ndarray, map_ptp: np.ndarray, area_px: np.ndar
 
 # --- how well each method's map finds the error pixels ------------------------------------------
 
+#: The error band's rows of ``error_ranking_table``: statistic -> the site records' column (its median).
+BAND_STATISTICS = (("median AUROC (band)", "auroc_band"), ("median AP (band)", "ap_band"),
+                   ("band error fraction", "band_error_frac"), ("band width (px)", "band_width_px"))
+
+
 def error_ranking_table(sites: pd.DataFrame, roles: dict[str, str], source: str) -> pd.DataFrame:
     """Median (over members) pixel AUROC and AP of each method's map for the error pixels, per site.
 
@@ -95,15 +100,21 @@ def error_ranking_table(sites: pd.DataFrame, roles: dict[str, str], source: str)
         source: the source's name for the column labels.
 
     Returns:
-        Columns ``method, statistic`` (``"AUROC"``, ``"AP"``, ``"members"``) then one per site.
+        Columns ``method, statistic`` then one per site. Statistics: ``median AUROC``, ``median AP`` (every
+        pixel); ``median AUROC (band)``, ``median AP (band)`` (within the error band: the pixels near the
+        predicted or the true mask, ``records.UNCERTAINTY_SITE_COLUMNS``), ``band error fraction`` (median:
+        the band's base rate, AP's chance level there), ``band width (px)``; NaN where the records predate the
+        band; ``members``.
     """
     order = [s for s, r in roles.items() if r == "ood"] + [s for s, r in roles.items() if r == "id"]
     order += sorted(set(sites["site"].astype(str)) - set(order))
     rows = []
+    stats = (("median AUROC", "auroc"), ("median AP", "ap"), *BAND_STATISTICS)
     for method, g in sites.groupby("method", sort=False):
-        for stat, col in (("AUROC", "auroc"), ("AP", "ap")):
-            med = g.groupby(g["site"].astype(str))[col].median()
-            rows.append({"method": method, "statistic": f"median {stat}", **{s: med.get(s, math.nan) for s in order}})
+        for stat, col in stats:
+            vals = g[col].astype(float) if col in g.columns else pd.Series(math.nan, index=g.index)
+            med = vals.groupby(g["site"].astype(str)).median()
+            rows.append({"method": method, "statistic": stat, **{s: med.get(s, math.nan) for s in order}})
         n = g.groupby(g["site"].astype(str))["auroc"].count()
         rows.append({"method": method, "statistic": "members", **{s: float(n.get(s, 0)) for s in order}})
     out = pd.DataFrame(rows, columns=["method", "statistic", *order])
@@ -117,16 +128,29 @@ def error_ranking_markdown(t: pd.DataFrame, labels: dict[str, str]) -> str:
     cols = [c for c in t.columns if c not in ("method", "statistic")]
     shown = pd.DataFrame({"method": [labels.get(m, m) for m in t["method"]], "statistic": t["statistic"]})
     for c in cols:
-        shown[c] = [("–" if not math.isfinite(float(v)) else (f"{int(v)}" if s == "members" else f"{float(v):.3f}"))
+        shown[c] = [("–" if not math.isfinite(float(v)) else
+                     (f"{int(v)}" if s in ("members", "band width (px)") else f"{float(v):.3f}"))
                     for v, s in zip(t[c], t["statistic"])]
     caption = ("**Does the map find the errors?** Per method and site, the median over pool members of the pixel "
                "AUROC and average precision of the method's uncertainty map as a score for the member's error "
                "pixels (every pixel of the site's images; scikit-learn). 0.5 is chance; AP's chance level is the "
                "error fraction. members: how many members the site's median is over (an AUROC is undefined for a "
-               "member with no error pixel).")
+               "member with no error pixel).") + BAND_CAPTION
+    band = t.loc[t["statistic"].isin([b for b, _ in BAND_STATISTICS]), cols].to_numpy(dtype=float)
+    if cols and len(t) and not np.isfinite(band).any():
+        caption += (" *The band rows are empty: these uncertainty records were scored before the error band "
+                    "existed; run the uncertainty stage again to get them.*")
     from analysis.tables import markdown_table
 
     return caption + "\n\n" + markdown_table(shown)
+
+
+#: What the band rows of the error-ranking table are, and why (``error_ranking_markdown``'s caption).
+BAND_CAPTION = (" *(band)*: the same within the error band, the pixels within `band width (px)` pixels (cache grid, "
+                "per slice) of the union of the predicted and the true mask. Every error pixel lies in that union, so "
+                "the band keeps all the errors and drops only the correct background far from both masks: a map "
+                "that merely lights up the predicted structure scores high over the whole image and lower here. "
+                "*band error fraction*: the band's error pixels / its pixels, AP's chance level in the band.")
 
 
 def indicators_markdown(flat_tol: float = FLAT_TOL) -> str:

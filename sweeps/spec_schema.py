@@ -215,6 +215,8 @@ class UncertaintySpec:
     train_max_failures: int = 0
     #: pixel AUROC/AP of the maps: "auto", "exact" or "binned" (DeltaConfig.scoring; docs/uncertainty.md)
     scoring: str = DeltaConfig.default("scoring")
+    #: the error band's width (cache-grid pixels) for the maps' AUROC/AP within it (DeltaConfig.band_px)
+    band_px: int = DeltaConfig.default("band_px")
 
 
 @dataclass(frozen=True)

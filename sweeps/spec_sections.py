@@ -302,7 +302,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
         "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
-        "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False})
+        "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False,
+        "band_px": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -348,6 +349,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         fit_split=c.choice(u.get("fit_split", dflt("fit_split")), "uncertainty.fit_split", FIT_SPLITS),
         bayescap=_bayescap(c, u.get("bayescap")),
         scoring=c.choice(u.get("scoring", dflt("scoring")), "uncertainty.scoring", SCORING_MODES),
+        band_px=c.number(u.get("band_px", dflt("band_px")), "uncertainty.band_px", integer=True, nonneg=True),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
     # data.val_fraction: a validation split carved from the source's training cases
     if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):

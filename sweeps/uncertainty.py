@@ -264,6 +264,7 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
         "gpu_share": gpu or None,
         # only when set: the default's trial configs stay as they were
         **({"scoring": u.scoring} if u.scoring != DeltaConfig.default("scoring") else {}),
+        **({"band_px": u.band_px} if u.band_px != DeltaConfig.default("band_px") else {}),
         "_train": {"workers": u.workers, "cpu": u.cpu, "gpu": gpu, "max_failures": u.train_max_failures,
                    "storage": str(spec.experiment_dir / UNCERTAINTY_STAGE / "train")},
     }

@@ -157,6 +157,12 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache, tiny_member):
     assert len(sites) == len(unc.groupby(["method", "site"])) and not sites["prompted"].any()
     ok = sites["auroc"].dropna()
     assert len(ok) and ((ok >= 0) & (ok <= 1)).all() and (sites["error_px"] > 0).all() == sites["auroc"].notna().all()
+    # the error band (width 3 on the 32² grid): every error pixel in it, within the site; ranked where it has both
+    assert (sites["band_width_px"] == 3).all() and (sites["band_px"] >= sites["error_px"]).all()
+    assert (sites["band_px"] <= sites["area_px"]).all()
+    assert np.allclose(sites["band_error_frac"], sites["error_px"] / sites["band_px"], equal_nan=True)
+    inb = sites["auroc_band"].dropna()
+    assert len(inb) and ((inb >= 0) & (inb <= 1)).all() and sites["ap_band"].notna().sum() == len(inb)
     fit = records.load_uncertainty_fits(tmp_path).iloc[0]
     assert fit["fit_split"] == "train" and fit["epochs"] == 2 and fit["heldout_slices"] > 0
     assert fit["lam"] == 1.0 and fit["lams"] == {"ggd": 1.0, "ggd_lam100": 100.0}

@@ -19,11 +19,16 @@ the pairs (error pixel, correct pixel) that share a bin count 1/2 instead of the
 1/(2 bins) of the correct pixels' share in the busiest bin (about 1e-5 with the default 65,536 bins). AP has no such closed bound; tests/test_ranking.py measures it against sklearn (≤ 0.005).
 Exact ties (a constant background) are ties in both: a value that fills several quantiles gets a bin of
 its own, which adds nothing to the bound.
+
+``binned_error_rankings`` adds a second pair of histograms for a subset of the pixels (the error band:
+docs/uncertainty.md "Error ranking in a band"), on the same edges and in the same pass; its bound comes from
+its own counts, so it is stated the same way (it grows where the subset's scores crowd into few bins).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,6 +52,9 @@ class Ranking:
     auroc: float
     ap: float
     auroc_bound: float = 0.0
+    #: the pixels ranked: error (positives) and correct ones (binned path; -1 where not counted)
+    positives: int = -1
+    negatives: int = -1
 
 
 def bin_edges(maps: np.ndarray, bins: int = BINS, sample: int = SAMPLE) -> np.ndarray:
@@ -103,8 +111,9 @@ class BinnedRanking:
         pos = self.pos.cpu().numpy().astype(np.float64)
         neg = self.neg.cpu().numpy().astype(np.float64)
         p, n = pos.sum(), neg.sum()
+        counts = {"positives": int(p), "negatives": int(n)}
         if p == 0 or n == 0:
-            return Ranking(math.nan, math.nan, math.nan)
+            return Ranking(math.nan, math.nan, math.nan, **counts)
         neg_below = np.cumsum(neg) - neg
         auroc = float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
         mixed = ~single_value_bins(self.edges.cpu().numpy())  # a single-value bin's pairs tie in the exact one too
@@ -113,7 +122,7 @@ class BinnedRanking:
         fp = np.cumsum(neg[::-1])
         keep = pos[::-1] > 0               # a bin without error pixels adds no recall
         ap = float((pos[::-1][keep] / p * tp[keep] / (tp[keep] + fp[keep])).sum())
-        return Ranking(auroc, ap, bound)
+        return Ranking(auroc, ap, bound, **counts)
 
 
 def binned_error_ranking(maps: np.ndarray, error: np.ndarray, device: torch.device | str = "cpu",
@@ -123,16 +132,39 @@ def binned_error_ranking(maps: np.ndarray, error: np.ndarray, device: torch.devi
     Slices go to ``device`` a batch at a time (about ``batch_pixels`` pixels); nothing of the split's size
     is copied. NaN when every pixel, or none, is an error.
     """
+    return binned_error_rankings(maps, error, None, device, bins, batch_pixels)[0]
+
+
+def binned_error_rankings(maps: np.ndarray, error: np.ndarray, within: Callable[[int, int], np.ndarray] | None,
+                          device: torch.device | str = "cpu", bins: int = BINS, batch_pixels: int = BATCH_PIXELS
+                          ) -> tuple[Ranking, Ranking | None]:
+    """``binned_error_ranking`` over every pixel and, with ``within``, over a subset of them, in one pass.
+
+    ``within(start, stop)``: the bool ``(stop - start) x H x W`` mask of the pixels of slices ``start:stop``
+    the second ranking counts (the error band, ``uncertainty.scoring.error_band``); it is asked a batch at a
+    time, so the subset's memory is a batch's too. Its pixels go into histograms of their own on the same bin
+    edges (the whole map's quantiles), and its bound is computed from its own counts. The whole-map ranking
+    is the same computation as without ``within``.
+    """
     maps, error = np.asarray(maps), np.asarray(error)
     if maps.shape != error.shape:
         raise ValueError(f"uncertainty maps {maps.shape} and error masks {error.shape} differ in shape")
     if not maps.size:
-        return Ranking(math.nan, math.nan, math.nan)
-    acc = BinnedRanking(bin_edges(maps, bins), device)
+        empty = Ranking(math.nan, math.nan, math.nan, 0, 0)
+        return empty, (empty if within is not None else None)
+    edges = bin_edges(maps, bins)
+    acc = BinnedRanking(edges, device)
+    sub = BinnedRanking(edges, device) if within is not None else None
     per = max(1, batch_pixels // max(1, int(np.prod(maps.shape[1:])))) if maps.ndim > 1 else batch_pixels
     for i in range(0, len(maps), per):
-        acc.update(maps[i:i + per], error[i:i + per])
-    return acc.compute()
+        m, e = maps[i:i + per], error[i:i + per]
+        acc.update(m, e)
+        if sub is not None:
+            keep = np.asarray(within(i, i + len(m)), dtype=bool)
+            if keep.shape != m.shape:
+                raise ValueError(f"the band of slices {i}:{i + len(m)} is {keep.shape}, the maps {m.shape}")
+            sub.update(m[keep], e[keep])
+    return acc.compute(), (sub.compute() if sub is not None else None)
 
 
 def scoring_mode(mode: str, n_pixels: int) -> str:

@@ -20,7 +20,7 @@ from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURF
                       uncertain_area)
 from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS,
                      SURFACE_COLUMNS, UNCERTAINTY_COLUMNS, UNCERTAINTY_LATER_COLUMNS, UNCERTAINTY_METHODS, UNCERTAINTY_SITE_COLUMNS,
-                     conform)
+                     UNCERTAINTY_SITE_LATER_COLUMNS, conform)
 from .store import (RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_surface, load_uncertainty,
                     load_uncertainty_fits, load_uncertainty_sites, log_attempt, member_part_ids, merge_parts,
                     predictions_path, records_dir, resolve_checkpoint, save_predictions, scratch_dir,
@@ -29,7 +29,8 @@ from .store import (RecordsError, clear_scratch, load_attempts, load_predictions
 __all__ = [
     # schema
     "RECORDS_DIR", "LEGACY_PROMPTED_ARCHS", "MEMBER_COLUMNS", "SLICE_COLUMNS", "LABEL_COLUMN", "UNCERTAINTY_METHODS",
-    "UNCERTAINTY_COLUMNS", "UNCERTAINTY_LATER_COLUMNS", "UNCERTAINTY_SITE_COLUMNS", "SURFACE_COLUMNS", "conform",
+    "UNCERTAINTY_COLUMNS", "UNCERTAINTY_LATER_COLUMNS", "UNCERTAINTY_SITE_COLUMNS",
+    "UNCERTAINTY_SITE_LATER_COLUMNS", "SURFACE_COLUMNS", "conform",
     # store
     "RecordsError", "records_dir", "scratch_dir", "clear_scratch", "log_attempt", "load_attempts",
     "write_member_part", "member_part_ids", "resolve_checkpoint", "merge_parts", "load_records", "save_predictions",

@@ -125,7 +125,17 @@ UNCERTAINTY_SITE_COLUMNS = {
     "error_px": "int64",         # error pixels of the site (the positives)
     "area_px": "int64",          # pixels of the site
     "source_threshold": "float64",  # the threshold behind fixed_px (NaN: no source maps)
+    # the same ranking within the error band: the pixels within band_width_px (the cache grid's pixels) of
+    # the union of the predicted and the true mask, per slice. Every error pixel is in it; it drops the easy
+    # far background, so a map that lights up the predicted structure no longer scores for it.
+    "auroc_band": "float64",     # NaN: the band has no error pixel or no correct one (or older records)
+    "ap_band": "float64",
+    "band_px": "Int64",          # pixels in the band (<NA>: older records)
+    "band_error_frac": "float64",  # error pixels / band_px: the band's base rate (AP's chance level there)
+    "band_width_px": "Int64",    # the band's width (uncertainty.band_px)
 }
+#: Site columns added after the first release: records written before them read as <NA> / NaN (with a warning).
+UNCERTAINTY_SITE_LATER_COLUMNS = ("auroc_band", "ap_band", "band_px", "band_error_frac", "band_width_px")
 
 
 def derive_oracle_prompt(members: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -167,4 +177,23 @@ def with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
         if c not in df.columns:
             dtype = UNCERTAINTY_COLUMNS[c]
             df[c] = pd.Series(pd.NA if dtype == "Int64" else np.nan, index=df.index, dtype=dtype)
+    return df
+
+
+def with_later_site_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Site records written before ``UNCERTAINTY_SITE_LATER_COLUMNS`` existed: those columns as <NA> / NaN,
+    with a warning that says how to get them."""
+    import warnings
+
+    missing = [c for c in UNCERTAINTY_SITE_LATER_COLUMNS if c not in df.columns]
+    if not missing:
+        return df
+    warnings.warn(f"uncertainty site records: no {', '.join(missing)} (scored before the error band existed); "
+                  f"they read as NaN. Run the uncertainty stage again to get the band's AUROC/AP (it skips the "
+                  f"members whose records exist under records/uncertainty/: move those aside first)",
+                  UserWarning, stacklevel=3)
+    df = df.copy()
+    for c in missing:
+        dtype = UNCERTAINTY_SITE_COLUMNS[c]
+        df[c] = pd.Series(pd.NA if dtype == "Int64" else np.nan, index=df.index, dtype=dtype)
     return df

@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from .schema import (MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS, SURFACE_COLUMNS, UNCERTAINTY_COLUMNS,
-                     UNCERTAINTY_SITE_COLUMNS, conform, derive_oracle_prompt, with_later_columns)
+                     UNCERTAINTY_SITE_COLUMNS, conform, derive_oracle_prompt, with_later_columns,
+                     with_later_site_columns)
 
 
 def records_dir(experiment_dir: str | os.PathLike) -> Path:
@@ -278,7 +279,7 @@ def load_uncertainty_sites(experiment_dir: str | os.PathLike) -> pd.DataFrame | 
     """The per member x method x site table (merging the parts if needed), or None if there is none."""
     rdir = records_dir(experiment_dir)
     return _load_merged_parts(experiment_dir, rdir / "uncertainty_sites.parquet", rdir / "uncertainty" / "sites",
-                              UNCERTAINTY_SITE_COLUMNS, "uncertainty sites")
+                              UNCERTAINTY_SITE_COLUMNS, "uncertainty sites", fill=with_later_site_columns)
 
 
 def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:

@@ -47,6 +47,13 @@ def _at_least_one(v: Any) -> int:
     return n
 
 
+def _band_px(v: Any) -> int:
+    n = integer(v)
+    if n < 0:
+        raise Invalid("must be >= 0 (pixels; 0: the union of ŷ and the truth itself)")
+    return n
+
+
 @dataclass(frozen=True)
 class DeltaConfig(Config):
     """A δ fit's config (``fit_uncertainty``): the net δ per frozen pool member and the Table-4 baselines
@@ -105,6 +112,9 @@ class DeltaConfig(Config):
     #: the maps' pixel AUROC/AP for the error pixels: "exact" (sklearn over every pixel), "binned" (per-bin counts
     #: on the device, bounded memory; trainables.ranking) or "auto" (exact up to ranking.EXACT_MAX_PIXELS per site)
     scoring: str = setting("auto", choice("auto", "exact", "binned"))
+    #: the error band's width in pixels of the cache grid: AUROC/AP are also scored on the pixels within this
+    #: distance of the union of ŷ and the truth, per slice (``scoring.error_band``; docs/uncertainty.md)
+    band_px: int = setting(3, _band_px)
     #: slices kept for the qualitative figure
     n_examples: int = setting(4, integer)
     #: epochs between resumable checkpoints (and after the last epoch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ..accel import Accel
 from .baselines import BayesCapNet, bayescap_variance, mc_dropout_map, tta_color_map, tta_noise_map
 from ..data.cache import SliceCache
 from .delta import DeltaNet, ggd_variance, unwrap
-from trainables.ranking import binned_error_ranking, scoring_mode  # absolute: survives a move of this module
+from trainables.ranking import binned_error_ranking, binned_error_rankings, scoring_mode  # absolute: survives a move of this module
 
 from ..dense import predict
 from ..member import eval_sets
@@ -84,6 +85,69 @@ def error_ranking(maps: np.ndarray, error: np.ndarray, scoring: str = "exact",
         return math.nan, math.nan
     s = np.asarray(maps, dtype=np.float64).ravel()
     return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
+
+
+def error_band(pred: np.ndarray, truth: np.ndarray, width: int) -> np.ndarray:
+    """The error band of each slice: the pixels within ``width`` pixels (Euclidean, on the slice's grid) of
+    the union of the predicted and the true mask (``N x H x W`` bool each -> ``N x H x W`` bool).
+
+    Every error pixel (fp: predicted, fn: true) lies in the union, so the band keeps all of them and drops
+    only correct background far from both masks, the easy part of a whole-image ranking. ``width`` 0 is the
+    union itself. ``scipy.ndimage.binary_dilation`` with ``skimage.morphology.disk(width)`` as a one-slice-deep
+    structuring element: the dilation never reaches across slices.
+    """
+    from scipy.ndimage import binary_dilation
+    from skimage.morphology import disk
+
+    if int(width) < 0:
+        raise ValueError(f"error band width must be >= 0 pixels, got {width!r} (uncertainty.band_px)")
+    both = np.asarray(pred, dtype=bool) | np.asarray(truth, dtype=bool)
+    if int(width) == 0 or not both.any():
+        return both
+    return binary_dilation(both, structure=disk(int(width)).astype(bool)[None])
+
+
+@dataclass(frozen=True)
+class BandRanking:
+    """The map's ranking of the error pixels within the error band, and the band's base rate."""
+
+    auroc: float
+    ap: float
+    px: int        # pixels in the band (the site's slices together)
+    error_px: int  # error pixels in it (every error pixel of the site: ``error_band``)
+
+    @property
+    def error_frac(self) -> float:
+        """The band's error fraction: AP's chance level there. NaN for an empty band."""
+        return self.error_px / self.px if self.px else math.nan
+
+
+def error_rankings(maps: np.ndarray, error: np.ndarray, band, scoring: str = "exact",
+                   device: torch.device | str = "cpu") -> tuple[tuple[float, float], BandRanking]:
+    """``error_ranking`` over every pixel, and the same within the error ``band`` (``BandRanking``).
+
+    ``band``: the ``N x H x W`` bool band (``error_band``), or a function ``band(start, stop)`` returning the band of those
+    slices (the binned path asks it a batch at a time; the exact path once for every slice). The whole-image
+    numbers are ``error_ranking``'s, computed the same way; the band's use the same ``scoring`` mode (the site's
+    pixel count chooses it for both): exact is scikit-learn on the band's pixels, binned adds the band's
+    histograms to the same pass (``ranking.binned_error_rankings``).
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if scoring_mode(scoring, int(np.size(error))) == "binned":
+        within = band if callable(band) else (lambda i, j: np.asarray(band)[i:j])
+        whole, sub = binned_error_rankings(maps, error, within, device)
+        return (whole.auroc, whole.ap), BandRanking(sub.auroc, sub.ap, sub.positives + sub.negatives, sub.positives)
+    auroc, ap = error_ranking(maps, error, "exact")
+    keep = np.asarray(band(0, len(error)) if callable(band) else band, dtype=bool)
+    if keep.shape != np.shape(error):
+        raise ValueError(f"error band {keep.shape} and error masks {np.shape(error)} differ in shape")
+    y = np.asarray(error, dtype=bool)[keep]
+    if y.all() or not y.any():
+        return (auroc, ap), BandRanking(math.nan, math.nan, int(y.size), int(y.sum()))
+    s = np.asarray(maps, dtype=np.float64)[keep]
+    return (auroc, ap), BandRanking(float(roc_auc_score(y, s)), float(average_precision_score(y, s)), int(y.size),
+                                    int(y.sum()))
 
 
 def slice_columns(maps: np.ndarray, error: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
@@ -222,7 +286,8 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
 
     Per slice: the Otsu area, its intersection with the error mask, the area above the member's
     source threshold, the map's mean and spread (``records.UNCERTAINTY_COLUMNS``); per site: the
-    map's AUROC and AP for the error pixels (``records.UNCERTAINTY_SITE_COLUMNS``); ``fit``: the δ
+    map's AUROC and AP for the error pixels, over every pixel and within the error band (``error_band``,
+    ``cfg.band_px``) (``records.UNCERTAINTY_SITE_COLUMNS``); ``fit``: the δ
     fit's record (``records.write_uncertainty_fit``). The slice part is written last: it is the
     trial's done marker.
     """
@@ -236,6 +301,12 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
         pred = stored_site_predictions(exp, cfg.member_id, site, cache, rows) if stored_yhat else None
         pred = union(frozen_predict(frozen, cache, rows, device, accel) if pred is None else pred)
         error = (pred != truth).numpy()
+        pred_np, truth_np = pred.numpy(), truth.numpy()
+
+        def band_of(i: int, j: int) -> np.ndarray:  # the error band of slices i:j (the binned path: per batch)
+            return error_band(pred_np[i:j], truth_np[i:j], cfg.band_px)
+        # the exact path ranks the whole site at once: its band once, for every method
+        band = band_of(0, len(error)) if scoring_mode(cfg.scoring, int(error.size)) == "exact" else band_of
         idx = cache.index.iloc[rows]
         maps: dict[str, np.ndarray] = {}
         mu_ggd = None
@@ -263,10 +334,12 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
                 "member_id": cfg.member_id, "method": method, "site": site, "role": role,
                 "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
                 "area_px": int(pred[0].numel()), **cols}))
-            auroc, ap = error_ranking(m, error, cfg.scoring, device)
+            (auroc, ap), inband = error_rankings(m, error, band, cfg.scoring, device)
             site_rows.append({"member_id": cfg.member_id, "method": method, "site": site, "role": role,
                               "prompted": prompted, "auroc": auroc, "ap": ap, "error_px": int(error.sum()),
-                              "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan)})
+                              "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan),
+                              "auroc_band": inband.auroc, "ap_band": inband.ap, "band_px": inband.px,
+                              "band_error_frac": inband.error_frac, "band_width_px": int(cfg.band_px)})
             summary[f"ua_{method}_{site}"] = float(np.mean(cols["uncertain_px"] / pred[0].numel()))
             summary[f"auroc_{method}_{site}"] = auroc
         if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6

@@ -88,7 +88,7 @@ def _blobs(rng, n=24, size=64):
 
 
 def test_binned_band_within_its_bound_of_exact():
-    maps, pred, truth = _blobs(np.random.default_rng(3))
+    maps, pred, truth = _blobs(np.random.default_rng(3), n=12)
     error = pred != truth
     band = error_band(pred, truth, 3)
     y, s = error[band], maps[band].astype(np.float64)
@@ -122,8 +122,10 @@ def test_records_before_the_band_read_with_a_warning(tmp_path):
     part = records.records_dir(tmp_path) / "uncertainty" / "sites" / "m1.parquet"
     part.parent.mkdir(parents=True)
     _old_site_rows().to_parquet(part, index=False)  # as written before the band columns existed
-    with pytest.warns(UserWarning, match="auroc_band.*scored before the error band existed"):
+    with pytest.warns(UserWarning, match="2 of 2 rows have no error band .scored before it existed.: auroc_band"):
         sites = records.load_uncertainty_sites(tmp_path)
+    with pytest.warns(UserWarning, match="no error band"):  # again from the merged table, which holds <NA> now
+        assert records.load_uncertainty_sites(tmp_path)["auroc_band"].isna().all()
     assert sites["auroc_band"].isna().all() and sites["band_px"].isna().all()
     assert list(sites.columns[:len(records.UNCERTAINTY_SITE_COLUMNS)]) == list(records.UNCERTAINTY_SITE_COLUMNS)
     assert (sites["auroc"] == [0.9, 0.7]).all()  # the whole-image numbers as stored

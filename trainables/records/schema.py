@@ -182,18 +182,20 @@ def with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_later_site_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Site records written before ``UNCERTAINTY_SITE_LATER_COLUMNS`` existed: those columns as <NA> / NaN,
-    with a warning that says how to get them."""
+    with a warning that says how to get them (also when a merged table already holds them as <NA>: a band
+    scored by the current stage always records its ``band_width_px``)."""
     import warnings
 
     missing = [c for c in UNCERTAINTY_SITE_LATER_COLUMNS if c not in df.columns]
-    if not missing:
-        return df
-    warnings.warn(f"uncertainty site records: no {', '.join(missing)} (scored before the error band existed); "
-                  f"they read as NaN. Run the uncertainty stage again to get the band's AUROC/AP (it skips the "
-                  f"members whose records exist under records/uncertainty/: move those aside first)",
-                  UserWarning, stacklevel=3)
-    df = df.copy()
-    for c in missing:
-        dtype = UNCERTAINTY_SITE_COLUMNS[c]
-        df[c] = pd.Series(pd.NA if dtype == "Int64" else np.nan, index=df.index, dtype=dtype)
+    if missing:
+        df = df.copy()
+        for c in missing:
+            dtype = UNCERTAINTY_SITE_COLUMNS[c]
+            df[c] = pd.Series(pd.NA if dtype == "Int64" else np.nan, index=df.index, dtype=dtype)
+    old = df["band_width_px"].isna()
+    if old.any():
+        warnings.warn(f"uncertainty site records: {int(old.sum())} of {len(df)} rows have no error band (scored "
+                      f"before it existed): auroc_band, ap_band, band_px, band_error_frac read as NaN. Run the "
+                      f"uncertainty stage again to get the band's AUROC/AP (it skips the members whose records "
+                      f"exist under records/uncertainty/: move those aside first)", UserWarning, stacklevel=3)
     return df

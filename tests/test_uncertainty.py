@@ -163,6 +163,8 @@ def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache, tiny_member):
     assert np.allclose(sites["band_error_frac"], sites["error_px"] / sites["band_px"], equal_nan=True)
     inb = sites["auroc_band"].dropna()
     assert len(inb) and ((inb >= 0) & (inb <= 1)).all() and sites["ap_band"].notna().sum() == len(inb)
+    band_b = sites.set_index(["method", "site"]).loc[("ggd", "SiteB"), "auroc_band"]
+    assert summary["auroc_band_ggd_SiteB"] == pytest.approx(band_b, nan_ok=True)  # the trial's metric (MLflow)
     fit = records.load_uncertainty_fits(tmp_path).iloc[0]
     assert fit["fit_split"] == "train" and fit["epochs"] == 2 and fit["heldout_slices"] > 0
     assert fit["lam"] == 1.0 and fit["lams"] == {"ggd": 1.0, "ggd_lam100": 100.0}

@@ -342,6 +342,7 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
                               "band_error_frac": inband.error_frac, "band_width_px": int(cfg.band_px)})
             summary[f"ua_{method}_{site}"] = float(np.mean(cols["uncertain_px"] / pred[0].numel()))
             summary[f"auroc_{method}_{site}"] = auroc
+            summary[f"auroc_band_{method}_{site}"] = inband.auroc
         if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6
             fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
             pick = fg[np.linspace(0, len(fg) - 1, min(cfg.n_examples, len(fg))).astype(int)] if len(fg) \

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.correlate import MIN_POINTS, N_RESAMPLES, run_bootstrap
+from analysis.run_intervals import MIN_RUNS
 
 #: |r| below this is "weak", at or above it "strong" (C2, C3: weak; C4: strong and negative).
 WEAK = 0.5
@@ -44,6 +45,10 @@ CLAIM_TEXT = {
     "C5": "δ has the lowest Table-4 error among the uncertainty methods",
 }
 
+#: C1's caveat, in its note and in the report's words (``arch``: the SAM-family architecture).
+ORACLE_CAVEAT = ("{arch} is evaluated oracle-prompted (each slice's ground-truth box as its prompt, which no other "
+                 "architecture gets), as in the paper, so part of its smaller drop is by construction")
+
 #: Methods of the uncertainty records that are not baselines of C5 (our own ablation of δ).
 NOT_BASELINES = ("ggd", "ggd_yhat_only")
 
@@ -54,16 +59,28 @@ def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None) -> str
            f" Members below the degenerate floor ({floor:g}) on an axis predict almost nothing and can make a "
            f"correlation by themselves: C2, C3 and C4 are repeated without them (`overall (non-degenerate)`), and a "
            f"verdict that differs without them is reported as **inconclusive**.")
-    return (f"**Decision rule.** Every interval is a 95% bootstrap interval ({n_resamples} resamples, BCa where "
-            f"defined, else percentile) that resamples **training runs** (`run_id`: a run's snapshot members move "
-            f"together; C1 resamples each architecture's runs separately). A claim is **reproduced** when the whole "
-            f"interval lies on the claim's side of its threshold, **refuted** when the whole interval lies on the "
-            f"other side, **inconclusive** when it straddles the threshold or no interval exists (fewer than "
-            f"{MIN_POINTS} runs, or fewer than 2 runs per architecture for C1). Thresholds: \"weak\" = |r| < {WEAK:g}, "
-            f"\"strong\" = |r| ≥ {WEAK:g} (Pearson r on the raw scores); C1: SAM drop − CNN drop < 0 pp; C5: δ's "
-            f"error − the best baseline's < 0. The overall row of a claim is its verdict; per-target rows use the "
-            f"same rule and are given for reading. Other indicators and the project's rows use the same rule on "
-            f"their column `side` (holds / does not hold / inconclusive).{deg}")
+    return (f"**Decision rule.** C2, C3, C4 and the other rows: a 95% bootstrap interval ({n_resamples} "
+            f"resamples, BCa where defined, else percentile) that resamples **training runs** (`run_id`: a run's "
+            f"snapshot members move together). C1 and C5 compare arms of a few runs each, where a bootstrap is "
+            f"the range of a few values and covers less than it says: their interval is Student's t over the "
+            f"**runs' means** (C1: Welch's t interval of SAM's run drops against each other architecture's; C5: "
+            f"the one-sample t interval of the runs' δ − baseline differences, δ and the baselines scoring the "
+            f"same runs), and needs at least {MIN_RUNS} runs per arm (with 2, an arm's spread rests on one degree "
+            f"of freedom and the interval's coverage falls below 95% when that arm is the noisier one). Their "
+            f"overall row is the worst case (C1: the largest SAM − other difference; C5: δ − the best baseline), "
+            f"its interval [largest lower end, largest upper end] of the per-comparison intervals at the "
+            f"Bonferroni level 1 − 0.05/K (K comparisons), which covers the worst case with probability ≥ 95%. A "
+            f"claim is **reproduced** when the whole interval lies on the claim's side of its threshold, "
+            f"**refuted** when the whole interval lies on the other side, **inconclusive** when it straddles the "
+            f"threshold or no interval exists (fewer than {MIN_POINTS} runs for a bootstrap, fewer than "
+            f"{MIN_RUNS} runs per arm for C1 and C5: the row says how many more runs would give one). "
+            f"Thresholds: \"weak\" = |r| < {WEAK:g}, \"strong\" = |r| ≥ {WEAK:g} (Pearson r on the raw scores); "
+            f"C1: SAM drop − CNN drop < 0 pp; C5: δ's error − the best baseline's < 0. C1's SAM family is "
+            f"evaluated oracle-prompted (ground-truth box per slice): part of its advantage is by construction. "
+            f"The overall row of a claim is its verdict; per-target rows use the same rule and are given for "
+            f"reading. Other indicators and the project's rows use the same rule on their column `side` (holds / "
+            f"does not hold / inconclusive). \"Computed on\" gives the members each target's statistic used (a "
+            f"range, per target, where targets differ).{deg}")
 
 
 def decide(lo: float, hi: float, side: str) -> str:
@@ -121,6 +138,42 @@ def wide_values(table: pd.DataFrame, column: str, members: list[str], targets: l
     return w.reindex(index=members, columns=targets).to_numpy(dtype=float)
 
 
-def members_label(n: int, units: int, unit: str, who: str = "label-free") -> str:
-    """The ``members`` cell of a row: who, how many members, how many resampled units."""
-    return f"{who}: {n} members, {units} {unit}s"
+def members_label(n, units, unit: str, who: str = "label-free") -> str:
+    """The ``members`` cell of a row: who, how many members, how many resampled units.
+
+    ``n`` and ``units``: a count, or the counts per target (one per target the statistic reads); counts
+    that differ between targets are given as their range, "per target"."""
+    def count(v, word: str) -> str:
+        vs = [int(x) for x in np.ravel(v)] if np.ndim(v) else [int(v)]
+        lo, hi = (min(vs), max(vs)) if vs else (0, 0)
+        return f"{lo} {word}" if lo == hi else f"{lo}–{hi} {word} per target"
+    return f"{who}: {count(n, 'members')}, {count(units, unit + 's')}"
+
+
+def target_counts(table: pd.DataFrame, targets: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """Per target (``targets`` order, default first seen): the members and the runs of the long ``table``'s
+    rows (one per member and target; rows already restricted to those the statistic uses). A member
+    without a run id counts as its own run."""
+    t = table["target"].astype(str)
+    targets = list(dict.fromkeys(t)) if targets is None else targets
+    run = table["run_id"].astype(object).where(table["run_id"].notna(), "member:" + table["member_id"].astype(str))
+    g = pd.DataFrame({"t": t, "m": table["member_id"].astype(str), "r": run.astype(str)}).groupby("t")
+    members, runs = g["m"].nunique(), g["r"].nunique()
+    return ([int(members.get(x, 0)) for x in targets], [int(runs.get(x, 0)) for x in targets])
+
+
+def pair_counts(fx: np.ndarray, fy: np.ndarray, groups) -> tuple[int, int, int]:
+    """Of ``M x M`` symmetric pair values on two sites: (members in a pair with both values finite, their
+    runs, such pairs). ``groups``: a run id per member (None: the member is its own run)."""
+    ok = np.isfinite(fx) & np.isfinite(fy)
+    np.fill_diagonal(ok, False)
+    used = np.flatnonzero(ok.any(axis=1))
+    runs = {str(groups[i]) if groups is not None and pd.notna(groups[i]) else f"member:{i}" for i in used}
+    return len(used), len(runs), int(np.triu(ok, 1).sum())
+
+
+def count_text(values, word: str) -> str:
+    """``"N word"``, or ``"lo–hi word per target"`` where the per-target counts differ."""
+    vs = [int(x) for x in np.ravel(values)] if np.ndim(values) else [int(values)]
+    lo, hi = (min(vs), max(vs)) if vs else (0, 0)
+    return f"{lo} {word}" if lo == hi else f"{lo}–{hi} {word} per target"

@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, claim_row, members_label, point_value, run_interval,
-                                 untestable_row, wide_values)
+from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, ORACLE_CAVEAT, claim_row, count_text, members_label,
+                                 pair_counts, point_value, run_interval, target_counts, untestable_row, wide_values)
 from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
                                 pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points,
                                 weighted_rank_stats)
 from analysis.indicators import INDICATORS
 from analysis.performance import score_scale
+from analysis.run_intervals import arms_worst_case, bonferroni_level, paired_worst_case, runs_short, welch_interval
 from analysis.tables import select_best_configs
 
 
@@ -76,7 +77,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
-                          point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
+                          point_value(stat, len(units)), lo, hi, side, members_label(*target_counts(tb, targets), unit),
                           len(members), len(units), unit, text=text))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
@@ -116,17 +117,18 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
         return np.mean([moments_line(pair_moments(m, c))[2] for m in mats], axis=0)
 
     lo, hi = run_interval(statistic, len(units), n_resamples, seed)
-    n_pairs = len(ids) * (len(ids) - 1) // 2
+    used = [pair_counts(agreement.matrices[id_site], agreement.matrices[t], groups) for t in targets]  # per target
     rows = [claim_row("C3", "claim", "overall" + suffix,
                       f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
                       point_value(statistic, len(units)), lo, hi, "weak",
-                      members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
-    for t in targets if not suffix else []:
+                      members_label([u[0] for u in used], [u[1] for u in used], unit) + ", "
+                      + count_text([u[2] for u in used], "pairs"), len(ids), len(units), unit)]
+    for t, (n_used, _, _) in zip(targets, used) if not suffix else []:
         st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
                              groups=groups)
         rows.append(claim_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
                               st["pearson_boot_low"], st["pearson_boot_high"], "weak",
-                              members_label(len(ids), st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
+                              members_label(n_used, st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
                               st["n_units"], st["resample"]))
     return rows
 
@@ -144,9 +146,11 @@ def sam_archs(perf: pd.DataFrame) -> list[str]:
 
 def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[dict]:
     """C1: per (SAM arch, other arch), the difference of their mean drops (Same-Dom. − mean over targets,
-    pp) on the configuration Table 1 reports (chosen on the validation split), each architecture's runs
-    resampled separately; overall: the largest difference over the other architectures (< 0: SAM drops
-    less than every one of them)."""
+    pp) on the configuration Table 1 reports (chosen on the validation split), with Welch's t interval
+    over the two architectures' run drops (``analysis.run_intervals``; at least ``MIN_RUNS`` runs each);
+    overall: the largest difference over the other architectures (< 0: SAM drops less than every one of
+    them), its interval ``[max lo, max hi]`` of the per-architecture intervals at the Bonferroni level.
+    ``n_resamples`` and ``seed`` are not used (no bootstrap here: too few runs); kept for a uniform call."""
     sams = sam_archs(perf)
     others = sorted(set(perf["arch"].astype(str)) - set(sams))
     if not sams or not others:
@@ -169,39 +173,37 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
     sel_on = str(best["selected_on"].iloc[0]) if len(best) else "val_score"
     note_sel = ("configurations chosen on the validation split as Table 1" if sel_on == "val_score" else
                 "configurations chosen on the source test split (no validation split in the records: optimistic)")
+    unit = "run (per architecture)"
     rows = []
     for s in sams:
         if not len(drops.get(s, [])):
             rows.append(untestable_row("C1", f"{s}: no finite drop (no ID or OOD score)"))
             continue
         cnns = [c for c in others if len(drops.get(c, []))]
-        for c in cnns:
-            ds, dc = drops[s], drops[c]
-
-            def stat(i, j, axis=-1, ds=ds, dc=dc):
-                return ds[i].mean(-1) - dc[j].mean(-1)
-            lo, hi = run_interval(stat, (len(ds), len(dc)), n_resamples, seed)
-            rows.append(claim_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
-                                  point_value(stat, (len(ds), len(dc))), lo, hi, "negative",
-                                  f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
-                                  len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
-                                  note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
         if not cnns:
             continue
-        pools = [drops[s]] + [drops[c] for c in cnns]
-
-        def stat_all(*idx, axis=-1, pools=pools):
-            sam = pools[0][idx[0]].mean(-1)
-            return np.max([sam - p[i].mean(-1) for p, i in zip(pools[1:], idx[1:])], axis=0)
-        sizes = tuple(len(p) for p in pools)
-        lo, hi = run_interval(stat_all, sizes, n_resamples, seed)
+        ds = drops[s]
+        for c in cnns:
+            dc = drops[c]
+            lo, hi = welch_interval(ds, dc)
+            short = runs_short({s: len(ds), c: len(dc)})
+            rows.append(claim_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
+                                  float(ds.mean() - dc.mean()), float(lo), float(hi), "negative",
+                                  f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
+                                  len(ds) + len(dc), len(ds) + len(dc), unit,
+                                  note=(f"{short}; " if short else f"Welch's t interval over the runs' drops; ")
+                                  + f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
+        value, lo, hi = arms_worst_case(ds, [drops[c] for c in cnns])
+        sizes = [len(ds)] + [len(drops[c]) for c in cnns]
+        short = runs_short(dict(zip([s, *cnns], sizes)))
+        how = (short if short else
+               f"interval: the largest of the {len(cnns)} Welch intervals' ends, each at the Bonferroni level "
+               f"{100 * bonferroni_level(len(cnns)):.4g}%")
         rows.insert(len(rows) - len(cnns), claim_row(
             "C1", "claim", "overall" if len(sams) == 1 else f"overall ({s})",
-            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", point_value(stat_all, sizes), lo,
-            hi, "negative", f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes),
-            sum(sizes),
-            "run (per architecture)",
-            note=f"evaluation of {s} is oracle-prompted (each slice's ground-truth box), as in the paper; {note_sel}; "
+            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", value, lo, hi, "negative",
+            f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes), sum(sizes), unit,
+            note=f"{ORACLE_CAVEAT.format(arch=s)}; {how}; {note_sel}; "
                  f"runs per architecture: {', '.join(f'{a} {n}' for a, n in zip([s, *cnns], sizes))}"))
     return rows or [untestable_row("C1", "no architecture has a finite drop")]
 
@@ -213,11 +215,14 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     """C5: δ's Table-4 error minus the best baseline's, on the target sites' images, per reading.
 
     Members: those scored by δ and every baseline; the SAM family (box-prompted) by default, as the
-    paper's Table 4, else every such member (the row says which). The statistic's means are over the
-    drawn members (each member's mean over its target images); the best baseline is the one with the
-    lowest mean in each resample, so its choice is resampled too. ``sam_members``: the box-prompted
-    members as Table 4 reads them (the uncertainty site records' ``prompted``); None: the members'
-    ``oracle_prompt``.
+    paper's Table 4, else every such member (the row says which). Each method's error is a member's mean
+    over its target images, then a run's mean over its members; δ and the baselines score the same runs,
+    so per run and baseline there is one paired difference δ − baseline. The statistic is the largest
+    mean difference over the baselines (δ − the best baseline); its interval is the largest of the
+    baselines' one-sample t intervals' ends at the Bonferroni level (``analysis.run_intervals``), none
+    with fewer than ``MIN_RUNS`` runs. ``sam_members``: the box-prompted members as Table 4 reads them
+    (the uncertainty site records' ``prompted``); None: the members' ``oracle_prompt``. ``n_resamples``,
+    ``seed``: not used (no bootstrap here); kept for a uniform call.
     """
     stat_name = "δ MSE − best baseline MSE"
     if unc is None or unc.empty:
@@ -257,25 +262,32 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
            "every member scored by all methods (no SAM-family member was: unlike the paper's Table 4)")
     members = sam or complete
     run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
-    units, unit = resampling_units(np.array([run_of.get(m) for m in members], dtype=object), len(members))
-    unit_of = unit_of_points(units, len(members))
+    # one unit per training run (a member without a run id is its own): δ and every baseline score the
+    # same members, so each run gives one paired difference per baseline (its members' mean)
+    run_key = pd.Series([str(run_of[m]) if pd.notna(run_of.get(m)) else f"member:{m}" for m in members],
+                        index=members)
+    n_runs = int(run_key.nunique())
+    unit = "run" if perf["run_id"].notna().any() else "member"
     rows = []
     for reading in per_image:
-        e = means[reading].unstack("method").reindex(index=members, columns=methods).to_numpy(dtype=float)
-
-        def stat(idx, axis=-1, e=e):
-            c = point_weights(idx, unit_of, len(units))
-            mean = (c @ np.nan_to_num(e)) / c.sum(-1, keepdims=True)
-            return mean[..., 0] - mean[..., 1:].min(-1)
-        lo, hi = run_interval(stat, len(units), n_resamples, seed)
-        full = np.nanmean(e, axis=0)
+        e = means[reading].unstack("method").reindex(index=members, columns=methods)
+        by_run = e.groupby(run_key.to_numpy()).mean()          # runs x methods
+        diffs = (by_run["ggd"].to_numpy()[None, :] - by_run[baselines].to_numpy().T)  # baselines x runs
+        value, lo, hi = paired_worst_case(diffs)
+        full = by_run.mean().to_numpy(dtype=float)
         best = baselines[int(np.argmin(full[1:]))]
+        short = runs_short({"the scored members": n_runs})
+        how = (short if short else
+               f"interval: one-sample t over the runs' δ − baseline differences, the largest of the "
+               f"{len(baselines)} intervals' ends, each at the Bonferroni level "
+               f"{100 * bonferroni_level(len(baselines)):.4g}%")
         rows.append(claim_row("C5", "claim", "overall" if reading == "area" else "overall (pixel reading)",
-                              f"{stat_name} ({reading} reading, target sites)", point_value(stat, len(units)), lo, hi,
-                              "negative", f"{who}: {len(members)} members, {len(units)} {unit}s", len(members),
-                              len(units),
-                              unit, note=f"δ {full[0]:.4g}; best baseline {best} {full[1:].min():.4g}; baselines: "
-                                    + ", ".join(f"{b} {v:.4g}" for b, v in zip(baselines, full[1:]))))
+                              f"{stat_name} ({reading} reading, target sites)", value, lo, hi,
+                              "negative", f"{who}: {len(members)} members, {n_runs} {unit}s", len(members),
+                              n_runs, unit,
+                              note=f"{how}; means over runs: δ {full[0]:.4g}; best baseline {best} "
+                                   f"{full[1:].min():.4g}; baselines: "
+                                   + ", ".join(f"{b} {v:.4g}" for b, v in zip(baselines, full[1:]))))
     return rows
 
 
@@ -332,7 +344,9 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         rows.append(claim_row(f"selection: {name}", "project", "overall",
                               f"regret − random-pick regret, mean over {len(ts)} targets (pp)",
                               point_value(stat, len(units)), lo, hi, "negative",
-                              members_label(len(members), len(units), unit), len(members), len(units), unit,
+                              members_label([ok[:, t].sum() for t in ts],
+                                            [len(set(unit_of[ok[:, t]])) for t in ts], unit),
+                              len(members), len(units), unit,
                               note=f"regret {k * regret:.2f} pp, random-pick regret {k * rand:.2f} pp", text=text))
     return rows
 
@@ -373,15 +387,17 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
                 out.append((w * np.nan_to_num(err)).sum(-1) / w.sum(-1))
         return 100.0 * np.mean(out, axis=0)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
+    has = [np.isfinite(p) & np.isfinite(truth) for _, truth in parts]  # the members each target's MAE reads
+    label = members_label([h.sum() for h in has], [len(set(unit_of[h])) for h in has], unit)
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
-                      point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
+                      point_value(stat, len(units)), lo, hi, "none", label,
                       len(ids), len(units), unit, text=text)]
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",
                               f"ALine-D MAE, mean over {len(d)} targets (pp)",
                               100.0 * float(np.nanmean(d)), math.nan, math.nan, "none",
-                              members_label(len(ids), len(units), unit), len(ids), len(units), unit,
+                              label, len(ids), len(units), unit,
                               note="point value only (no interval: its least-squares solve per resample is not "
                                    "vectorised)",
                               text=text))

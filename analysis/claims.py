@@ -1,9 +1,11 @@
 """The claims report: which of the paper's claims the experiment reproduces.
 
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
-statistic, its 95% bootstrap interval **over training runs** (``run_id``: the snapshot members of a
-run move together; the bootstrap is ``analysis.correlate``'s, never a second one), the members it is
-computed on, and a verdict decided from the interval alone by the rule ``rule_text`` states:
+statistic, its 95% interval **over training runs** (``run_id``: the snapshot members of a run move
+together; C2–C4 and the project's rows: ``analysis.correlate``'s bootstrap, never a second one; C1 and C5,
+arms of a few runs: Student's t over the runs' means, ``analysis.run_intervals``, at least 3 runs per
+arm), the members it is computed on, and a verdict decided from the interval alone by the rule
+``rule_text`` states:
 
 * ``reproduced``: the whole interval lies on the claim's side of its threshold;
 * ``refuted``: the whole interval lies on the other side;
@@ -177,7 +179,7 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
           f"`claims.csv`.", "", rule_text(n_resamples, floor), "", "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
-        md.append(f"- **{c}**: {CLAIM_TEXT[c]}.")
+        md.append(f"- **{c}**: {CLAIM_TEXT[c]}." + (f" {C1_READING}" if c == "C1" else ""))
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         g = claims[(claims["claim"] == c) & (claims["kind"] == "claim")]
@@ -200,6 +202,11 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
     return "\n".join(md)
 
 
+#: How to read C1's verdict, beside it in ``claims.md``.
+C1_READING = ("Read its verdict with care: the SAM family is evaluated oracle-prompted (each slice's ground-truth "
+              "box as its prompt, which no CNN gets), so part of its advantage is by construction.")
+
+
 def _plain(claim: str, g: pd.DataFrame) -> str:
     """One sentence per claim: its verdict, the number behind it, and what limits it."""
     if g.empty:
@@ -214,8 +221,8 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     carried = "carried by" in str(r["note"])
     if r["verdict"] == INCONCLUSIVE and not carried:
         s += (f" The interval does not lie wholly on either side of the threshold ({r['side']})." if has_ci else
-              " Too few training runs to resample (" + ("fewer than 2 per architecture" if claim == "C1" else
-                                                        f"fewer than {MIN_POINTS}") + "): more seeds would give one.")
+              "" if claim in ("C1", "C5") else  # their note says which arm is short and by how many runs
+              f" Too few training runs to resample (fewer than {MIN_POINTS}): more seeds would give one.")
     if r["note"]:
         note = str(r["note"])
         s += f" {note[:1].upper() if note[:1].isascii() else note[:1]}{note[1:]}."

@@ -46,8 +46,8 @@ CLAIM_TEXT = {
 }
 
 #: C1's caveat, in its note and in the report's words (``arch``: the SAM-family architecture).
-ORACLE_CAVEAT = ("{arch} is evaluated oracle-prompted (each slice's ground-truth box as its prompt, which no other "
-                 "architecture gets), as in the paper, so part of its smaller drop is by construction")
+ORACLE_CAVEAT = ("evaluation of {arch} is oracle-prompted (each slice's ground-truth box as its prompt, which no "
+                 "other architecture gets), as in the paper, so part of its smaller drop is by construction")
 
 #: Methods of the uncertainty records that are not baselines of C5 (our own ablation of δ).
 NOT_BASELINES = ("ggd", "ggd_yhat_only")

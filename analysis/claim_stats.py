@@ -202,7 +202,8 @@ def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED
         rows.insert(len(rows) - len(cnns), claim_row(
             "C1", "claim", "overall" if len(sams) == 1 else f"overall ({s})",
             f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", value, lo, hi, "negative",
-            f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes), sum(sizes), unit,
+            f"{s} (oracle-prompted: ground-truth box per slice, partly an advantage by construction) vs "
+            f"{', '.join(cnns)}", sum(sizes), sum(sizes), unit,
             note=f"{ORACLE_CAVEAT.format(arch=s)}; {how}; {note_sel}; "
                  f"runs per architecture: {', '.join(f'{a} {n}' for a, n in zip([s, *cnns], sizes))}"))
     return rows or [untestable_row("C1", "no architecture has a finite drop")]

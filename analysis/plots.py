@@ -367,7 +367,7 @@ def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFra
             xs = np.array([x.min(), x.max()])
             ax.plot(xs, fit.slope * xs + fit.intercept, color="tab:red", lw=1.5, label="least squares", zorder=2)
         source = ", ".join(sorted(g["source"].astype(str).unique())) or "?"
-        ax.set_title(f"{source} → {t}\n{_fmt_r(st)}", fontsize=9)
+        ax.set_title(f"{source} → {t}\n{_fmt_r(st, boot=True)}", fontsize=9)  # the run bootstrap, not Fisher z
         ax.set_xlabel("uncertain area (% of the image, GGD δ)", fontsize=9)
         ax.set_ylabel(f"OOD {metric} (%)", fontsize=9)
         ax.grid(True, lw=0.4, alpha=0.5)

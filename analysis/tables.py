@@ -259,6 +259,13 @@ def correlations_long(corr: pd.DataFrame) -> pd.DataFrame:
     return long.sort_values(["indicator", "target"], kind="stable").reset_index(drop=True)
 
 
+#: The member-level Fisher-z interval's column: it assumes independent members (last, for comparison only).
+FISHER_COLUMN = "Fisher-z CI (assumes independent members)"
+#: The sentence that goes with it wherever it is printed.
+FISHER_NOTE = ("The Fisher-z interval (last column) treats every member as independent, which the snapshot members "
+               "of one training run are not: it is too narrow and shown for comparison only (not given for pairs).")
+
+
 def correlation_markdown(corr: pd.DataFrame) -> str:
     """The ``correlations`` table in markdown: one row per (indicator, source → target)."""
     rows = []
@@ -272,10 +279,10 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
                                                       and math.isfinite(float(n_deg)) and n_deg else "0"),
             "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
             "units": f"{r.n_units} {getattr(r, 'resample', 'member')}s",
-            "Pearson r [95% CI]": (f"{fmt(r.pearson_r, '.3f')} [{fmt(r.pearson_ci_low, '.3f')}, "
-                                   f"{fmt(r.pearson_ci_high, '.3f')}]"),
-            "r boot. CI": f"[{fmt(r.pearson_boot_low, '.3f')}, {fmt(r.pearson_boot_high, '.3f')}]",
-            "Spearman ρ [CI]": (f"{fmt(r.spearman_rho, '.3f')} [{fmt(r.spearman_ci_low, '.3f')}, "
+            "Pearson r [95% bootstrap CI]": (f"{fmt(r.pearson_r, '.3f')} [{fmt(r.pearson_boot_low, '.3f')}, "
+                                         f"{fmt(r.pearson_boot_high, '.3f')}]"),
+            FISHER_COLUMN: f"[{fmt(r.pearson_ci_low, '.3f')}, {fmt(r.pearson_ci_high, '.3f')}]",
+            "Spearman ρ [95% bootstrap CI]": (f"{fmt(r.spearman_rho, '.3f')} [{fmt(r.spearman_ci_low, '.3f')}, "
                                 f"{fmt(r.spearman_ci_high, '.3f')}]"),
             "Kendall τ": fmt(r.kendall_tau, '.3f'),
             "probit slope": fmt(r.probit_slope, '.3f'), "probit intercept": fmt(r.probit_intercept, '.3f'),
@@ -285,15 +292,16 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     present = list(dict.fromkeys(corr["indicator"])) if len(corr) else []
     what = "; ".join(f"`{i}`: {CORRELATION_LABELS.get(i, i)}" for i in present)
     unit = _unit_phrase(corr)
-    caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% interval "
-               f"(Fisher z, which treats the members as independent; not given for pairs); r's and Spearman "
-               f"ρ's 95% bootstrap intervals resample {unit} (BCa where defined; pairs: r only, percentile); "
+    caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% bootstrap "
+               f"interval, and Spearman ρ with its own: they resample {unit} (BCa where defined; pairs: r only, "
+               f"percentile); read these. {FISHER_NOTE} "
                f"Kendall τ (τ-b) without an interval; probit fit: least squares of probit(y) on probit(x). "
                f"n: members, or pairs / resampled units. Degenerate: members below the degenerate floor on "
                f"an axis (they sit at the probit floor and can set a slope alone); where there are any, the "
                f"row is repeated without them.")
-    cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
-            "Kendall τ", "probit slope", "probit intercept", "probit R²"]
+    cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% bootstrap CI]",
+            "Spearman ρ [95% bootstrap CI]",
+            "Kendall τ", "probit slope", "probit intercept", "probit R²", FISHER_COLUMN]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 
 

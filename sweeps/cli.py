@@ -211,7 +211,7 @@ def _cmd_analyze(args) -> int:
         return "nan" if v is None else f"{v:.3f}"
     for c in res.get("correlations", []):
         print(f"  {c.get('indicator')}: {c.get('source')} -> {c.get('target')}: pearson r = {f(c.get('pearson_r'))} "
-              f"(95% CI {f(c.get('pearson_ci_low'))}..{f(c.get('pearson_ci_high'))}), "
+              f"(95% bootstrap CI {f(c.get('pearson_boot_low'))}..{f(c.get('pearson_boot_high'))}), "
               f"spearman rho = {f(c.get('spearman_rho'))}, n = {c.get('n')}")
     verdicts = {c["claim"]: c["verdict"] for c in reversed(res.get("claims", []))
                 if c.get("kind") == "claim" and str(c.get("scope", "")).startswith("overall")}

@@ -70,3 +70,19 @@ def test_c3_counts_members_and_pairs_with_agreement_on_each_target():
     assert by["overall"]["members"] == "label-free: 7–8 members per target, 4 runs, 20–28 pairs per target"
     assert by["C"]["members"] == "label-free: 7 members, 4 runs, 20 pairs"
     assert by["B"]["members"] == "label-free: 8 members, 4 runs, 28 pairs"
+
+
+def test_the_fisher_z_interval_is_labelled_as_assuming_independent_members():
+    from analysis.correlate import ID_COLUMNS, STAT_KEYS
+    from analysis.tables import FISHER_COLUMN, correlation_markdown
+
+    row = {k: float("nan") for k in STAT_KEYS} | {k: "" for k in ID_COLUMNS}
+    row |= {"indicator": "id_performance", "metric": "iou_3d", "members": "label-free", "source": "A", "target": "B",
+            "unit": "member", "resample": "run", "n_degenerate": 0, "n": 48, "n_units": 12, "pearson_r": 0.5,
+            "pearson_ci_low": 0.25, "pearson_ci_high": 0.68, "pearson_boot_low": 0.1, "pearson_boot_high": 0.8}
+    md = correlation_markdown(pd.DataFrame([row]))
+    header = next(line for line in md.splitlines() if line.startswith("| indicator"))
+    assert "assumes independent members" in FISHER_COLUMN and FISHER_COLUMN in header
+    assert header.rstrip(" |").endswith(FISHER_COLUMN)                 # last: for comparison only
+    assert "0.500 [0.100, 0.800]" in md and "[0.250, 0.680]" in md       # r with the run bootstrap; Fisher apart
+    assert "treats every member as independent" in md

@@ -277,7 +277,7 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
         value, lo, hi = paired_worst_case(diffs)
         full = by_run.mean().to_numpy(dtype=float)
         best = baselines[int(np.argmin(full[1:]))]
-        short = runs_short({"the scored members": n_runs})
+        short = runs_short({"δ's arm (the baselines score the same runs)": n_runs})
         how = (short if short else
                f"interval: one-sample t over the runs' δ − baseline differences, the largest of the "
                f"{len(baselines)} intervals' ends, each at the Bonferroni level "

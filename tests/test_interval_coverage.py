@@ -122,3 +122,5 @@ def test_c5_interval_is_over_runs_not_members():
     assert area["value"] == pytest.approx(d.mean())
     assert (area["ci_low"], area["ci_high"]) == pytest.approx((ci.low, ci.high))
     assert area["n_units"] == 3 and "6 members, 3 runs" in area["members"]
+    two = c5_rows(pd.DataFrame([r for r in rows if not r["member_id"].startswith("medsam_lite-s2")]), perf)[0]
+    assert math.isnan(two["ci_low"]) and two["verdict"] == INCONCLUSIVE and "1 more run would give one" in two["note"]

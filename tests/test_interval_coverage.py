@@ -35,7 +35,8 @@ def test_welch_interval_of_c1_covers_the_true_difference(n_sam, n_cnn, sd_sam, s
     cnn = rng.normal(10.0, sd_cnn, (N_SETS, n_cnn))
     value, lo, hi = arms_worst_case(sam, [cnn])       # one CNN: C1's per-architecture interval
     plain_lo, plain_hi = welch_interval(sam, cnn)
-    np.testing.assert_allclose(lo, plain_lo) and np.testing.assert_allclose(hi, plain_hi)
+    np.testing.assert_allclose(lo, plain_lo)
+    np.testing.assert_allclose(hi, plain_hi)
     assert 0.92 <= _covers(lo, hi, true_diff) <= 0.98
 
 

@@ -13,7 +13,8 @@ analysis, stated wherever the probit scale is used (``analysis.probit_clip`` in 
   continuity correction of a proportion of ``n``, and the clip follows the evidence a site gives;
 * a number in (0, 0.5): that clip on every site.
 
-An axis measured on a site with unknown cases falls back to ``FALLBACK`` (and says so where stated).
+An axis measured on a site with unknown cases, or with a single case (half of it would clip every score to
+0.5, a probit of 0), falls back to ``FALLBACK`` (and says so where the clip is stated).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def check_probit_clip(value: object, where: str = KEY) -> str | float:
 
 
 def half_case(n_cases: int | float | None) -> float:
-    """``1 / (2 n)``: half a case of a site with ``n`` test cases (``FALLBACK`` when ``n`` is unknown)."""
-    if n_cases is None or not math.isfinite(float(n_cases)) or n_cases < 1:
+    """``1 / (2 n)``: half a case of a site with ``n`` test cases (``FALLBACK`` when ``n`` is unknown or 1)."""
+    if n_cases is None or not math.isfinite(float(n_cases)) or n_cases < 2:
         return FALLBACK
     return 1.0 / (2.0 * float(n_cases))
 
@@ -91,8 +92,9 @@ class Clips:
         if self.setting != AUTO:
             return f"probit clip {float(self.setting):g} (analysis.probit_clip)"
         sites = list(sites) if sites is not None else list(self.by_site)
-        parts = [f"{s} {self.clip(s):.3g}" + (f" (1/(2·{self.cases[s]}))" if s in self.cases else " (cases unknown)")
-                 for s in sites]
+        parts = [f"{s} {self.clip(s):.3g}" + (f" (1/(2·{self.cases[s]}))" if self.cases.get(s, 0) >= 2 else
+                                              " (1 case: too few, the fallback)" if s in self.cases else
+                                              " (cases unknown: the fallback)") for s in sites]
         return "probit clip: half a case of each site, " + ("; ".join(parts) if parts else "no site") + \
             " (analysis.probit_clip: auto)"
 

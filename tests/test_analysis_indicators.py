@@ -332,7 +332,7 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert not sel.loc[sel["members"] == "label-free", "chosen_member"].str.startswith("medsam").any()
     aline = pd.read_csv(out / "aline.csv")
     assert list(aline.columns) == ["members", "source", "target", "member_id", "arch", "oracle_prompt", "method",
-                                   "estimate", "truth", "error"]
+                                   "estimate", "truth", "error", "probit_clip_id", "probit_clip_ood"]
     assert len(aline) == 2 * 2 * (4 + 8) and set(aline["method"]) == {"aline_s", "aline_d"}
     assert not aline.loc[aline["members"] == "label-free", "oracle_prompt"].any()
     np.testing.assert_allclose(aline["error"], (aline["estimate"] - aline["truth"]).abs())

@@ -29,8 +29,11 @@ Beside them, not claims: the other indicators' correlations (``kind = "extra"``)
 rows (``kind = "project"``): each indicator's model-selection regret against a random pick, and the
 ALine estimates' mean absolute error (a number, no verdict). Their verdicts use the same rule on their
 own side and read ``holds`` / ``does not hold`` / ``inconclusive``. Where the pool has degenerate
-members (``analysis.degenerate_floor``), C2–C4 are repeated without them, and a verdict that changes
-without them is reported as inconclusive (``_check_degenerate``). C2–C4 and the project rows use the label-free members only
+members (``analysis.degenerate_floor``), C2–C4's overall rows give the statistic without them in their
+``*_nondegenerate`` columns, and a verdict that changes without them is reported as inconclusive
+(``_check_degenerate``). C2 and C3 have a row per scale (``scale``): the probit one decides (the paper
+reads the lines on probit axes, its Fig. 4), the raw one (scope ``... (raw scale)``) is beside it; the
+probit clip is ``analysis.probit_clip`` (half a case of each site by default). C2–C4 and the project rows use the label-free members only
 (docs/architecture.md "Records"); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and
 say so.
 """

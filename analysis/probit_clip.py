@@ -92,9 +92,13 @@ class Clips:
         if self.setting != AUTO:
             return f"probit clip {float(self.setting):g} (analysis.probit_clip)"
         sites = list(sites) if sites is not None else list(self.by_site)
-        parts = [f"{s} {self.clip(s):.3g}" + (f" (1/(2·{self.cases[s]}))" if self.cases.get(s, 0) >= 2 else
-                                              " (1 case: too few, the fallback)" if s in self.cases else
-                                              " (cases unknown: the fallback)") for s in sites]
+        groups: dict[str, list[str]] = {}  # sites that share a clip (and its reason) named together
+        for s in sites:
+            n = self.cases.get(s, 0)
+            why = (f"1/(2·{n})" if n >= 2 else "1 case: too few, the fallback" if s in self.cases
+                   else "cases unknown: the fallback")
+            groups.setdefault(f"{self.clip(s):.3g} ({why})", []).append(s)
+        parts = [f"{k} on {', '.join(v)}" for k, v in groups.items()]
         return "probit clip: half a case of each site, " + ("; ".join(parts) if parts else "no site") + \
             " (analysis.probit_clip: auto)"
 

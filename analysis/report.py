@@ -74,7 +74,7 @@ def tables_markdown(*, experiment: str, metric: str, n_members: int, source: str
     md += ["## Figures", ""]
     for target, f in zip(targets, fig_files["fig4"]):
         md += [f"Fig. 4, {source} → {target}: OOD vs ID performance, OOD vs ID agreement (per member and per "
-               f"pair), probit axes" + (f" ({probit_clip})" if probit_clip else "") + ".", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
+               f"pair), probit axes" + (" (each axis's clip in its label)" if probit_clip else "") + ".", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
     for f in fig_files["fig3"]:
         md += ["Fig. 3: uncertain area against OOD performance.", "", f"![Fig. 3]({f.relative_to(out).as_posix()})", ""]
     for f in fig_files["fig6"]:

@@ -30,8 +30,9 @@ def test_auto_clip_is_half_a_case_of_each_site():
     assert half_case(40) == 1 / 80
     assert clips.pair("A", "B") == (0.05, 0.125)
     text = clips.text(["A", "B", "C"])
-    assert "half a case" in text and "A 0.05 (1/(2·10))" in text and "B 0.125 (1/(2·4))" in text
-    assert "C 0.001 (1 case" in text
+    assert "half a case" in text and "0.05 (1/(2·10)) on A" in text and "0.125 (1/(2·4)) on B" in text
+    assert "0.001 (1 case: too few, the fallback) on C" in text
+    assert "0.05 (1/(2·10)) on A, B;" in Clips(AUTO, {"A": 10, "B": 10, "C": 1}).text()  # shared clips named once
 
 
 def test_an_explicit_clip_is_used_on_every_site():
@@ -128,7 +129,7 @@ def test_claims_give_c2_on_both_scales_probit_deciding_with_the_degenerate_sensi
     assert {"B (raw scale)", "C (raw scale)", "B", "C"} <= set(c2["scope"])
     assert (out.loc[out["claim"] == "C4", "scale"] == "").all()
     md = claims_markdown(out, "t", "iou_3d", 0, 0.01, clips.text(["A", "B", "C"]))
-    assert "probit** scale" in md and "**decides**" in md and "A 0.05 (1/(2·10))" in md
+    assert "probit** scale" in md and "**decides**" in md and "0.05 (1/(2·10)) on A" in md
     assert "without the degenerate members" in md
     assert list(claims_table(tb, tb, n_resamples=0, floor=0.01)["scale"].unique()) == [""]  # no clips: raw only
 

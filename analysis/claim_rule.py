@@ -24,8 +24,12 @@ REPRODUCED, REFUTED, INCONCLUSIVE, NOT_TESTABLE, NO_VERDICT = (
 #: Columns of ``claims.csv``. ``kind``: ``claim`` (the paper's), ``extra`` (another indicator, not a
 #: claim), ``project`` (the project's own questions); ``scope``: ``overall`` or a target site;
 #: ``side``: the claim's side of the threshold (see ``SIDES``); ``unit``: what the bootstrap resampled.
+#: ``scale``: ``probit`` or ``raw`` for C2/C3 (the probit row decides; ``rule_text``), empty elsewhere.
+#: ``*_nondegenerate``: the same statistic without the degenerate members (C2–C4's overall rows; the same
+#: values where the pool has none), and its verdict.
 CLAIM_COLUMNS = ["claim", "kind", "scope", "claim_text", "statistic", "value", "ci_low", "ci_high", "side", "members",
-                 "n_members", "n_units", "unit", "verdict", "note"]
+                 "n_members", "n_units", "unit", "verdict", "note", "scale", "value_nondegenerate",
+                 "ci_low_nondegenerate", "ci_high_nondegenerate", "n_members_nondegenerate", "verdict_nondegenerate"]
 
 #: The claim's side of each threshold: (words for the report, the test on an interval [lo, hi] that
 #: reproduces, the test that refutes). Anything else is inconclusive.
@@ -53,12 +57,18 @@ ORACLE_CAVEAT = ("evaluation of {arch} is oracle-prompted (each slice's ground-t
 NOT_BASELINES = ("ggd", "ggd_yhat_only")
 
 
-def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None) -> str:
-    """The decision rule as the report states it."""
+def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None, probit_clip: str = "") -> str:
+    """The decision rule as the report states it (``probit_clip``: the clip in words; "" without a probit scale)."""
     deg = ("" if floor is None else
            f" Members below the degenerate floor ({floor:g}) on an axis predict almost nothing and can make a "
-           f"correlation by themselves: C2, C3 and C4 are repeated without them (`overall (non-degenerate)`), and a "
-           f"verdict that differs without them is reported as **inconclusive**.")
+           f"correlation by themselves: the overall rows of C2, C3 and C4 give the same statistic without them "
+           f"(columns `*_nondegenerate`), and a verdict that differs without them is reported as **inconclusive**.")
+    scales = ("" if not probit_clip else
+              f" **Scales.** C2 and C3 are computed on two scales, a row each: the **probit** scale (Φ⁻¹ of each "
+              f"score and agreement) **decides**, because the paper reads accuracy and agreement on the line on "
+              f"probit axes (its Fig. 4; Miller et al. and Baek et al. define the lines there); the **raw** scale "
+              f"(`overall (raw scale)`) is reported beside it, and its verdict is for reading. The probit scale "
+              f"clips a score to [clip, 1 − clip] first; {probit_clip}.")
     return (f"**Decision rule.** C2, C3, C4 and the other rows: a 95% bootstrap interval ({n_resamples} "
             f"resamples, BCa where defined, else percentile) that resamples **training runs** (`run_id`: a run's "
             f"snapshot members move together). C1 and C5 compare arms of a few runs each, where a bootstrap is "
@@ -74,13 +84,13 @@ def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None) -> str
             f"**refuted** when the whole interval lies on the other side, **inconclusive** when it straddles the "
             f"threshold or no interval exists (fewer than {MIN_POINTS} runs for a bootstrap, fewer than "
             f"{MIN_RUNS} runs per arm for C1 and C5: the row says how many more runs would give one). "
-            f"Thresholds: \"weak\" = |r| < {WEAK:g}, \"strong\" = |r| ≥ {WEAK:g} (Pearson r on the raw scores); "
+            f"Thresholds: \"weak\" = |r| < {WEAK:g}, \"strong\" = |r| ≥ {WEAK:g} (Pearson r; C2 and C3 on the scale their row names, C4 on the raw scores); "
             f"C1: SAM drop − CNN drop < 0 pp; C5: δ's error − the best baseline's < 0. C1's SAM family is "
             f"evaluated oracle-prompted (ground-truth box per slice): part of its advantage is by construction. "
             f"The overall row of a claim is its verdict; per-target rows use the same rule and are given for "
             f"reading. Other indicators and the project's rows use the same rule on their column `side` (holds / "
             f"does not hold / inconclusive). \"Computed on\" gives the members each target's statistic used (a "
-            f"range, per target, where targets differ).{deg}")
+            f"range, per target, where targets differ).{scales}{deg}")
 
 
 def decide(lo: float, hi: float, side: str) -> str:

@@ -21,6 +21,7 @@ from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correl
 from analysis.indicators import INDICATORS
 from analysis.performance import score_scale
 from analysis.run_intervals import arms_worst_case, bonferroni_level, paired_worst_case, runs_short, welch_interval
+from analysis.probit_clip import scale_matrices, scale_table, scale_words, with_scale
 from analysis.tables import select_best_configs
 
 
@@ -41,13 +42,15 @@ def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callab
 
 def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, side: str,
                    n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                   per_target: bool = True) -> list[dict]:
+                   per_target: bool = True, scale: str | None = None, clips=None) -> list[dict]:
     """Pearson r of ``indicator`` with the OOD score: one row per target and an overall row (the mean r
     over the targets, bootstrapped as one statistic over the runs, so its interval is honest).
 
     ``floor``: drop the (member, target) points below the degenerate floor (OOD score, and the indicator
     when higher is better) and name the row's scope ``... (non-degenerate)``. ``per_target``: False gives
-    the overall row only.
+    the overall row only. ``scale``: ``"probit"`` reads both axes on the probit scale (``scale_table``; the
+    floor still applies to the raw values), ``"raw"`` the values as they are; either is named in the
+    statistic and the ``scale`` column (None: neither, as before the scales were reported).
     """
     col = INDICATORS[indicator].column
     label = f"extra: {indicator}" if kind == "extra" else claim
@@ -68,7 +71,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     if not targets:
         return [untestable_row(label, f"fewer than {MIN_POINTS} label-free members with `{indicator}` and an OOD score "
                                    f"on any target{suffix}", kind, "Pearson r", text)]
-    tb = tb[tb["target"].astype(str).isin(targets)]
+    tb = scale_table(tb[tb["target"].astype(str).isin(targets)], col, scale, clips)
     members = sorted(tb["member_id"].astype(str).unique())
     run = tb.drop_duplicates("member_id").set_index(tb.drop_duplicates("member_id")["member_id"].astype(str))["run_id"]
     units, unit = resampling_units(run.reindex(members).to_numpy(dtype=object), len(members))
@@ -76,27 +79,29 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     rows = []
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
-    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
+    words = scale_words(scale)
+    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD{words})",
                           point_value(stat, len(units)), lo, hi, side, members_label(*target_counts(tb, targets), unit),
                           len(members), len(units), unit, text=text))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
                        groups=g["run_id"].to_numpy(dtype=object))
-        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
+        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD{words})", st["pearson_r"],
                               st["pearson_boot_low"], st["pearson_boot_high"], side,
                               members_label(st["n"], st["n_units"], st["resample"]),
                               st["n"], st["n_units"], st["resample"], text=text))
-    return rows
+    return with_scale(rows, scale)
 
 
 # --- C3: agreement on the line over pairs ------------------------------------------------------
 
 def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RESAMPLES,
-                   seed: int = SEED, suffix: str = "") -> list[dict]:
+                   seed: int = SEED, suffix: str = "", scale: str | None = None, clips=None) -> list[dict]:
     """C3: Pearson r of OOD agreement against ID agreement over pairs of label-free members, per target
     and overall (the mean r over targets, one run-level bootstrap). ``suffix``: the overall row only,
-    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones)."""
+    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones). ``scale``,
+    ``clips``: as ``indicator_rows`` (``"probit"``: each site's agreement on the probit scale)."""
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or id_site not in agreement.matrices:
         return [untestable_row("C3", "no agreement on the source test split (no stored predictions for the label-free "
@@ -110,7 +115,8 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     groups = np.array([run_of.get(m) for m in ids], dtype=object)
     units, unit = resampling_units(groups, len(ids))
     unit_of = unit_of_points(units, len(ids))
-    mats = [pair_mats(agreement.matrices[id_site], agreement.matrices[t]) for t in targets]
+    on = scale_matrices(agreement.matrices, [id_site, *targets], scale, clips)
+    mats = [pair_mats(on[id_site], on[t]) for t in targets]
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         c = point_weights(idx, unit_of, len(units))
@@ -119,18 +125,19 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     lo, hi = run_interval(statistic, len(units), n_resamples, seed)
     used = [pair_counts(agreement.matrices[id_site], agreement.matrices[t], groups) for t in targets]  # per target
     rows = [claim_row("C3", "claim", "overall" + suffix,
-                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
+                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement"
+                      f"{scale_words(scale)})",
                       point_value(statistic, len(units)), lo, hi, "weak",
                       members_label([u[0] for u in used], [u[1] for u in used], unit) + ", "
                       + count_text([u[2] for u in used], "pairs"), len(ids), len(units), unit)]
     for t, (n_used, _, _) in zip(targets, used) if not suffix else []:
-        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
+        st = correlate_pairs(on[id_site], on[t], n_resamples=n_resamples, seed=seed,
                              groups=groups)
-        rows.append(claim_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
+        rows.append(claim_row("C3", "claim", t, f"pairs' Pearson r (OOD agreement vs ID agreement{scale_words(scale)})", st["pearson_r"],
                               st["pearson_boot_low"], st["pearson_boot_high"], "weak",
                               members_label(n_used, st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
                               st["n_units"], st["resample"]))
-    return rows
+    return with_scale(rows, scale)
 
 
 # --- C1: the foundation model's drop against each CNN's ----------------------------------------
@@ -353,10 +360,11 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
 
 
 def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_resamples: int = N_RESAMPLES,
-               seed: int = SEED, eps: float = 1e-3) -> list[dict]:
+               seed: int = SEED, eps: float = 1e-3, clips=None) -> list[dict]:
     """The ALine estimates' mean absolute error (pp), mean over targets: ALine-S with a run-level interval
     (its agreement line refitted on each resample's pairs); ALine-D as a point value (its least-squares
-    solve per resample is not vectorised, so no interval)."""
+    solve per resample is not vectorised, so no interval). ``clips``: each site's probit clip
+    (``analysis.probit_clip.Clips``, named in the rows' note); None: ``eps`` on every site."""
     text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or table is None or table.empty:
@@ -368,13 +376,14 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
         return [untestable_row("ALine error", "needs 3 label-free members with predictions on the source and a target",
                                "project", "MAE (pp)", text)]
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
-    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), eps)
+    clip = (lambda site: eps) if clips is None else clips.clip  # noqa: E731
+    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), clip(id_site))
     units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
     unit_of = unit_of_points(units, len(ids))
-    g = probit(agreement.matrices[id_site], eps)
+    g = probit(agreement.matrices[id_site], clip(id_site))
     g[~np.isfinite(p), :] = np.nan  # as aline_estimates: a pair counts only when both ID scores are known
     g[:, ~np.isfinite(p)] = np.nan
-    parts = [(pair_mats(g, probit(agreement.matrices[t], eps)), wide_values(table, "ood_score", ids, [t])[:, 0])
+    parts = [(pair_mats(g, probit(agreement.matrices[t], clip(t))), wide_values(table, "ood_score", ids, [t])[:, 0])
              for t in targets]
 
     def stat(idx, axis=-1):
@@ -392,7 +401,8 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
     label = members_label([h.sum() for h in has], [len(set(unit_of[h])) for h in has], unit)
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
                       point_value(stat, len(units)), lo, hi, "none", label,
-                      len(ids), len(units), unit, text=text)]
+                      len(ids), len(units), unit, text=text,
+                      note="probit clip " + ", ".join(f"{s} {clip(s):.3g}" for s in [id_site, *targets]))]
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",

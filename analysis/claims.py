@@ -31,8 +31,11 @@ Beside them, not claims: the other indicators' correlations (``kind = "extra"``)
 rows (``kind = "project"``): each indicator's model-selection regret against a random pick, and the
 ALine estimates' mean absolute error (a number, no verdict). Their verdicts use the same rule on their
 own side and read ``holds`` / ``does not hold`` / ``inconclusive``. Where the pool has degenerate
-members (``analysis.degenerate_floor``), C2–C4 are repeated without them, and a verdict that changes
-without them is reported as inconclusive (``_check_degenerate``). C2–C4 and the project rows use the label-free members only
+members (``analysis.degenerate_floor``), C2–C4's overall rows give the statistic without them in their
+``*_nondegenerate`` columns, and a verdict that changes without them is reported as inconclusive
+(``_check_degenerate``). C2 and C3 have a row per scale (``scale``): the probit one decides (the paper
+reads the lines on probit axes, its Fig. 4), the raw one (scope ``... (raw scale)``) is beside it; the
+probit clip is ``analysis.probit_clip`` (half a case of each site by default). C2–C4 and the project rows use the label-free members only
 (docs/architecture.md "Records"); C1 and C5 include the oracle-prompted SAM members, as the paper's tables do, and
 say so.
 """
@@ -52,21 +55,26 @@ from analysis.correlate import MIN_POINTS, N_RESAMPLES, SEED
 from analysis.indicators import INDICATORS, resolve_indicators
 from analysis.performance import check_metric, is_bounded
 from analysis.prepare import LABEL_FREE, prepare
+from analysis.probit_clip import AUTO, KEY, Clips, check_probit_clip, site_cases
 from analysis.tables import markdown_table
 from trainables.records import SURFACE_METRICS
 
 
 # --- the whole report ---------------------------------------------------------------------------
 
-def _check_degenerate(rows: list[dict], nondegenerate: list[dict]) -> None:
-    """A verdict that does not survive leaving out the degenerate members is inconclusive (in place).
+def _check_degenerate(ov: dict, nd: dict | None) -> None:
+    """Put the statistic without the degenerate members beside the overall row ``ov`` (its ``*_nondegenerate``
+    columns; ``nd`` None: the pool has none, the same values), and make a verdict that does not survive
+    leaving them out inconclusive (in place).
 
     Members that predict (almost) nothing sit together at the bottom of both axes and can make a
     correlation by themselves; where the verdict with them differs from the one without them, it is
     carried by them, and the overall row says so instead of reporting it."""
-    ov = next((r for r in rows if r["scope"] == "overall"), None)
-    nd = next((r for r in nondegenerate if r["scope"].startswith("overall")), None)
-    if ov is None or nd is None or ov["verdict"] not in (REPRODUCED, REFUTED) or nd["verdict"] == ov["verdict"]:
+    src = nd if nd is not None else ov
+    ov.update(value_nondegenerate=src["value"], ci_low_nondegenerate=src["ci_low"],
+              ci_high_nondegenerate=src["ci_high"], n_members_nondegenerate=src["n_members"],
+              verdict_nondegenerate=src["verdict"])
+    if nd is None or ov["verdict"] not in (REPRODUCED, REFUTED) or nd["verdict"] == ov["verdict"]:
         return
     ov["note"] = ((ov["note"] + "; ") if ov["note"] else "") + (
         f"with every member the interval says {ov['verdict']}, without the degenerate members {nd['verdict']}: the "
@@ -77,7 +85,7 @@ def _check_degenerate(rows: list[dict], nondegenerate: list[dict]) -> None:
 def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None, unc: pd.DataFrame | None = None,
                  aline_fits: list[dict] | None = None, indicators: list[str] | None = None,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                 sam_members: set[str] | None = None) -> pd.DataFrame:
+                 sam_members: set[str] | None = None, clips=None) -> pd.DataFrame:
     """Every claim row (``CLAIM_COLUMNS``).
 
     Args:
@@ -94,6 +102,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
             points; C3: members with a score below it anywhere), and a verdict that changes without them is
             reported as inconclusive (``_check_degenerate``).
         sam_members: C5's SAM family as Table 4 reads it (``sam_members_of``); None: ``oracle_prompt``.
+        clips: the probit clips (``analysis.probit_clip.Clips``): C2 and C3 get a row per scale, the probit one
+            first (it decides, scope ``overall``), the raw one beside it (scope ``overall (raw scale)``); None:
+            the raw scale alone (a metric without a probit scale, −HD95).
     """
     rows: list[dict] = []
     rows += c1_rows(perf, n_resamples, seed)
@@ -113,20 +124,30 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                                              "stage, no δ 'ggd' records, or no uncertainty indicator in "
                                              "analysis.indicators)", statistic="Pearson r"))
             continue
-        if claim == "C3":
-            got = agreement_rows(agreement, run_of, n_resamples, seed)
-            nd = []
-            if floor is not None and agreement is not None and got[0]["verdict"] != NOT_TESTABLE:
-                m = table.groupby(table["member_id"].astype(str)).agg(i=("id_score", "min"), o=("ood_score", "min"))
-                keep = m.index[(m["i"] >= floor) & (m["o"] >= floor)].tolist()
-                if len(keep) < len(m):
-                    nd = agreement_rows(agreement.subset(keep), run_of, n_resamples, seed, " (non-degenerate)")
-        else:
-            got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed)
-            nd = ([] if floor is None else
-                  indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False))
-        _check_degenerate(got, nd)
-        rows += got[:1] + nd + got[1:]
+        overall, per = [], []
+        for scale in (("probit", "raw") if clips is not None and claim != "C4" else (None,)):
+            if claim == "C3":
+                got = agreement_rows(agreement, run_of, n_resamples, seed, scale=scale, clips=clips)
+                nd = []
+                if floor is not None and agreement is not None and got[0]["verdict"] != NOT_TESTABLE:
+                    m = table.groupby(table["member_id"].astype(str)).agg(i=("id_score", "min"), o=("ood_score", "min"))
+                    keep = m.index[(m["i"] >= floor) & (m["o"] >= floor)].tolist()
+                    if len(keep) < len(m):
+                        nd = agreement_rows(agreement.subset(keep), run_of, n_resamples, seed, " (non-degenerate)",
+                                            scale=scale, clips=clips)
+            else:
+                got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, scale=scale, clips=clips)
+                nd = ([] if floor is None else
+                      indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False,
+                                     scale=scale, clips=clips))
+            if floor is not None and got[0]["verdict"] != NOT_TESTABLE:
+                _check_degenerate(got[0], nd[0] if nd else None)
+            if scale == "raw":  # beside the deciding probit row: named in the scope, per target too
+                for r in got:
+                    r["scope"] += " (raw scale)"
+            overall.append(got[0])
+            per += got[1:]
+        rows += overall + per
     rows += c5_rows(unc, perf, n_resamples, seed, sam_members)
     if not empty:
         for n in indicators:
@@ -141,8 +162,8 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         rows.append(untestable_row("ALine error", f"{metric} is a surface metric and the agreement is the members' "
                                                   f"3D IoU: not on one scale", "project", "MAE (pp)"))
     else:
-        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed)
-    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed, clips=clips)
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS).fillna({"scale": "", "verdict_nondegenerate": ""})
 
 
 def _fmt(v: float, spec: str = ".3f") -> str:
@@ -156,7 +177,17 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
         "value": [_fmt(v) for v in df["value"]],
         "95% CI (runs)": [f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "none"
                           for lo, hi in zip(df["ci_low"], df["ci_high"])],
-        "claim's side": df["side"], "computed on": df["members"], "verdict": df["verdict"]})
+        "claim's side": df["side"], "computed on": df["members"], "verdict": df["verdict"],
+        "without the degenerate members": [_nondegenerate(r) for r in df.to_dict(orient="records")]})
+
+
+def _nondegenerate(r: dict) -> str:
+    """The ``*_nondegenerate`` columns of a row in words ("–" where the row has none)."""
+    if not str(r.get("verdict_nondegenerate") or ""):
+        return "–"
+    lo, hi = float(r["ci_low_nondegenerate"]), float(r["ci_high_nondegenerate"])
+    ci = f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "no interval"
+    return f"{_fmt(r['value_nondegenerate'])} {ci}, {r['verdict_nondegenerate']} ({int(r['n_members_nondegenerate'])} members)"
 
 
 def verdict_rows(claims: pd.DataFrame) -> pd.DataFrame:
@@ -170,14 +201,14 @@ def verdicts_markdown(claims: pd.DataFrame) -> str:
 
 
 def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = "", n_resamples: int = N_RESAMPLES,
-                    floor: float | None = None) -> str:
+                    floor: float | None = None, probit_clip: str = "") -> str:
     """``claims.md``: the decision rule, the verdicts (overall rows), plain-word notes, then every row."""
     shown = _shown
     main = verdict_rows(claims)
     md = [f"# Claims report{': ' + experiment if experiment else ''}", "",
           f"Does this experiment reproduce the claims of Nguyen, Pham et al. 2023? Metric: `{metric}`. "
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
-          f"`claims.csv`.", "", rule_text(n_resamples, floor), "", "## Verdicts", ""]
+          f"`claims.csv`.", "", rule_text(n_resamples, floor, probit_clip), "", "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         md.append(f"- **{c}**: {CLAIM_TEXT[c]}." + (f" {C1_READING}" if c == "C1" else ""))
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]
@@ -226,21 +257,30 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     if r["note"]:
         note = str(r["note"])
         s += f" {note[:1].upper() if note[:1].isascii() else note[:1]}{note[1:]}."
-    nd = g[g["scope"] == "overall (non-degenerate)"]
-    if len(nd):
-        n = nd.iloc[0]
-        s += (f" Without the degenerate members: {_fmt(n['value'])} [{_fmt(n['ci_low'])}, {_fmt(n['ci_high'])}], "
-              f"{n['verdict']}.")
+    nd = _nondegenerate(r.to_dict())
+    if nd != "–" and int(r["n_members_nondegenerate"]) != int(r["n_members"]):
+        s += f" Without the degenerate members: {nd}."
+    raw = g[g["scope"] == "overall (raw scale)"]
+    if r["scale"] == "probit" and len(raw):
+        w = raw.iloc[0]
+        ci = (f"[{_fmt(w['ci_low'])}, {_fmt(w['ci_high'])}]" if math.isfinite(w["ci_low"]) and math.isfinite(w["ci_high"])
+              else "no interval")
+        s += f" On the raw scale (beside it, not deciding): {_fmt(w['value'])} {ci}, {w['verdict']}"
+        rnd = _nondegenerate(w.to_dict())
+        s += (f"; without the degenerate members {rnd}." if rnd != "–"
+              and int(w["n_members_nondegenerate"]) != int(w["n_members"]) else ".")
     return s
 
 
 def write_claims(claims: pd.DataFrame, out_dir: str | Path, experiment: str = "", metric: str = "",
-                 n_resamples: int = N_RESAMPLES, floor: float | None = None) -> list[Path]:
-    """Write ``claims.csv`` and ``claims.md`` under ``out_dir``; returns their paths."""
+                 n_resamples: int = N_RESAMPLES, floor: float | None = None, probit_clip: str = "") -> list[Path]:
+    """Write ``claims.csv`` and ``claims.md`` under ``out_dir``; returns their paths (``probit_clip``: the clip in
+    words, stated in the rule)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     claims.to_csv(out / "claims.csv", index=False)
-    (out / "claims.md").write_text(claims_markdown(claims, experiment, metric, n_resamples, floor), encoding="utf-8")
+    (out / "claims.md").write_text(claims_markdown(claims, experiment, metric, n_resamples, floor, probit_clip),
+                                   encoding="utf-8")
     return [out / "claims.csv", out / "claims.md"]
 
 
@@ -266,8 +306,8 @@ def _spec_analysis(experiment_dir: Path) -> dict:
 
 
 def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir: str | Path | None = None,
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED, label: str | None = None
-                 ) -> tuple[pd.DataFrame, list[Path]]:
+                 n_resamples: int = N_RESAMPLES, seed: int = SEED, label: str | None = None,
+                 probit_clip: str | float | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """(Re)build the claims report of a finished experiment from its files alone (no Ray, no MLflow).
 
     Reads the records (``trainables.records``), prepares the performance and indicator tables as
@@ -281,6 +321,8 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
         n_resamples, seed: the run-level bootstrap's.
         label: one label of multi-label records (``run_analysis``'s ``label``; default written under
             ``<experiment_dir>/analysis/per_label/<label>``).
+        probit_clip: the probit scale's clip (``analysis.probit_clip``); default the frozen spec's
+            ``analysis.probit_clip``, else ``auto``.
 
     Returns:
         ``(claims, [claims.csv, claims.md])``.
@@ -297,15 +339,20 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
     prep = prepare(experiment_dir, metric, resolve_indicators(None), warn=False, label=label)
     perf, unc = prep.perf, prep.unc
     table, agreement = prep.tables.get(LABEL_FREE), prep.agreements.get(LABEL_FREE)
-    fits = (aline_table(table, agreement)[1] if table is not None and agreement is not None
+    setting = check_probit_clip(probit_clip if probit_clip is not None else spec.get("probit_clip", AUTO),
+                                where=f"{experiment_dir / 'spec.yaml'}: {KEY}" if probit_clip is None else KEY)
+    clips = Clips(setting, site_cases(prep.slices)) if is_bounded(metric) else None
+    clip_text = "" if clips is None else clips.text(
+        list(dict.fromkeys([*perf["source"].astype(str), *perf["target"].astype(str)])))
+    fits = (aline_table(table, agreement, clips=clips)[1] if table is not None and agreement is not None
             and metric not in SURFACE_METRICS else [])
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
                           floor=None if floor is None else float(floor),
-                          sam_members=sam_members_of(experiment_dir) if unc is not None else None)
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None, clips=clips)
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     if out_dir is None and label is not None:
         from analysis.plots import safe_name  # as run_analysis names the label's folder
 
         out = out / "per_label" / safe_name(label)
     return claims, write_claims(claims, out, experiment_dir.name, metric, n_resamples,
-                                None if floor is None else float(floor))
+                                None if floor is None else float(floor), clip_text)

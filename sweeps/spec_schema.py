@@ -226,6 +226,9 @@ class AnalysisSpec:
     degenerate_floor: float = 0.01
     #: bound (GiB) on the members' packed masks the agreement holds at once (blocks of cases); None: no bound
     memory_gib: float | None = None
+    #: the probit scale's clip: "auto" (half a case of each site, 1/(2 n_cases)) or a number in (0, 0.5)
+    #: (analysis.probit_clip; docs/statistics.md "The probit scale")
+    probit_clip: str | float = "auto"
 
 
 @dataclass(frozen=True)

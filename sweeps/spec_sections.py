@@ -359,10 +359,20 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
     return uncertainty
 
 
+def _probit_clip(c: Checker, value: Any) -> str | float:
+    """``analysis.probit_clip``: "auto" or a number in (0, 0.5) (``analysis.probit_clip.check_probit_clip``)."""
+    from analysis.probit_clip import check_probit_clip
+
+    try:
+        return check_probit_clip(value, where="")
+    except ValueError as e:
+        raise c.fail("analysis.probit_clip", str(e).removeprefix(": ")) from None
+
+
 def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) -> AnalysisSpec:
     """Validate the ``analysis:`` mapping; its indicators are the analysis' registry's."""
     a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False,
-                                       "memory_gib": False})
+                                       "memory_gib": False, "probit_clip": False})
     default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
@@ -374,7 +384,8 @@ def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) ->
                             degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
                                                             "analysis.degenerate_floor", nonneg=True, maximum=0.5)),
                             memory_gib=None if a.get("memory_gib") is None else float(
-                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)))
+                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)),
+                            probit_clip=_probit_clip(c, a.get("probit_clip", "auto")))
     need_delta = [v for v in analysis.indicators if v in from_delta]
     if need_delta and uncertainty is None:
         raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "

@@ -316,6 +316,7 @@ def test_correlations_match_scipy_on_the_written_columns(tmp_path):
         assert c["kendall_tau"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
         ci = stats.pearsonr(x, y).confidence_interval(0.95)
         assert (c["pearson_ci_low"], c["pearson_ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+        assert c["probit_clip_x"] == c["probit_clip_y"] == 1e-3  # one case per site: too few for half a case
         fit = stats.linregress(probit(x), probit(y))
         assert c["probit_slope"] == pytest.approx(fit.slope, abs=1e-12)
         assert c["probit_r2"] == pytest.approx(fit.rvalue ** 2, abs=1e-12)

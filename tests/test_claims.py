@@ -282,7 +282,9 @@ def test_a_verdict_carried_by_degenerate_members_is_inconclusive():
     tb = _pool(runs)
     out = claims_table(tb, tb, n_resamples=499, floor=0.01)
     c2 = out[out["claim"] == "C2"].set_index("scope")
-    assert c2.loc["overall (non-degenerate)", "verdict"] == REPRODUCED     # without them: weak, as the paper says
+    assert "overall (non-degenerate)" not in c2.index                        # beside the overall row, not a row
+    assert c2.loc["overall", "verdict_nondegenerate"] == REPRODUCED          # without them: weak, as the paper says
+    assert c2.loc["overall", "n_members_nondegenerate"] == 30 and c2.loc["overall", "value_nondegenerate"] < 0.5
     assert c2.loc["overall", "ci_low"] > 0.5                                  # with them: the interval says strong
     assert c2.loc["overall", "verdict"] == INCONCLUSIVE and "carried by" in c2.loc["overall", "note"]
     assert c2.loc["B", "verdict"] == REFUTED                                  # per-target rows keep the raw rule

@@ -1,7 +1,9 @@
 """The claims report's decision rule and the shape of its rows (``analysis.claims``).
 
-A claim's statistic gets a 95% bootstrap interval over training runs (``analysis.correlate``'s
-bootstrap); :func:`decide` turns the interval into a verdict by the rule :func:`rule_text` states, and
+A claim's statistic gets a 95% bootstrap interval: over training runs and the sites' test cases
+(``analysis.case_bootstrap``, the default where the statistic is recomputable from per-case records),
+and over training runs alone (``analysis.correlate``'s bootstrap, given beside it);
+:func:`decide` turns the default interval into a verdict by the rule :func:`rule_text` states, and
 :func:`claim_row` is one row of ``claims.csv`` (``CLAIM_COLUMNS``).
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from analysis.case_bootstrap import RUNS, RUNS_X_CASES
 from analysis.correlate import MIN_POINTS, N_RESAMPLES, run_bootstrap
 
 #: |r| below this is "weak", at or above it "strong" (C2, C3: weak; C4: strong and negative).
@@ -22,9 +25,13 @@ REPRODUCED, REFUTED, INCONCLUSIVE, NOT_TESTABLE, NO_VERDICT = (
 
 #: Columns of ``claims.csv``. ``kind``: ``claim`` (the paper's), ``extra`` (another indicator, not a
 #: claim), ``project`` (the project's own questions); ``scope``: ``overall`` or a target site;
-#: ``side``: the claim's side of the threshold (see ``SIDES``); ``unit``: what the bootstrap resampled.
-CLAIM_COLUMNS = ["claim", "kind", "scope", "claim_text", "statistic", "value", "ci_low", "ci_high", "side", "members",
-                 "n_members", "n_units", "unit", "verdict", "note"]
+#: ``side``: the claim's side of the threshold (see ``SIDES``); ``unit``: what the run-level bootstrap resampled.
+#: ``ci_low``/``ci_high``: the interval the verdict is decided on, of the kind ``interval`` names
+#: (``"runs × cases"``: the two-level bootstrap, ``analysis.case_bootstrap``; ``"runs"``: training runs only);
+#: ``ci_runs_low``/``ci_runs_high``: the run-level interval (the same as ``ci_low``/``ci_high`` where
+#: ``interval`` is ``"runs"``).
+CLAIM_COLUMNS = ["claim", "kind", "scope", "claim_text", "statistic", "value", "ci_low", "ci_high", "ci_runs_low",
+                 "ci_runs_high", "interval", "side", "members", "n_members", "n_units", "unit", "verdict", "note"]
 
 #: The claim's side of each threshold: (words for the report, the test on an interval [lo, hi] that
 #: reproduces, the test that refutes). Anything else is inconclusive.
@@ -48,15 +55,35 @@ CLAIM_TEXT = {
 NOT_BASELINES = ("ggd", "ggd_yhat_only")
 
 
-def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None) -> str:
-    """The decision rule as the report states it."""
+def rule_text(n_resamples: int = N_RESAMPLES, floor: float | None = None, two_level: bool = True) -> str:
+    """The decision rule as the report states it. ``two_level``: whether the rows carry the two-level interval
+    (False: the report was built without per-case records, and every interval is over runs only)."""
     deg = ("" if floor is None else
            f" Members below the degenerate floor ({floor:g}) on an axis predict almost nothing and can make a "
            f"correlation by themselves: C2, C3 and C4 are repeated without them (`overall (non-degenerate)`), and a "
            f"verdict that differs without them is reported as **inconclusive**.")
-    return (f"**Decision rule.** Every interval is a 95% bootstrap interval ({n_resamples} resamples, BCa where "
-            f"defined, else percentile) that resamples **training runs** (`run_id`: a run's snapshot members move "
-            f"together; C1 resamples each architecture's runs separately). A claim is **reproduced** when the whole "
+    runs = (f"**{RUNS}**: the run-level bootstrap, which resamples **training runs** (`run_id`: a run's snapshot "
+            f"members move together; C1 resamples each architecture's runs separately; BCa where defined, else "
+            f"percentile)")
+    if two_level:
+        which = (f"The default interval, **{RUNS_X_CASES}**, is a two-level bootstrap: each resample draws the "
+                 f"training runs with replacement (a run's snapshot members move together), then each site's test "
+                 f"cases with replacement (one draw per site, shared by every member: all are scored on the same "
+                 f"cases), recomputes every member's site scores from the drawn cases exactly as the metric forms "
+                 f"them, and the statistic from those; its interval is the percentile interval. It decides C2 (ID "
+                 f"and OOD scores both recomputed), C4 (OOD score and δ's uncertain area, whose records are per "
+                 f"image, on the same case draw), their per-target rows, the other indicators' rows (an indicator "
+                 f"without per-case records keeps its recorded values and only the OOD scores' cases are drawn: the "
+                 f"row's note says so) and the ALine-S error (ID and OOD scores; its agreement line from the runs "
+                 f"only). Beside it, {runs}. C3 has the run-level interval only, and it decides C3: the agreement "
+                 f"records are sums per site (one member x member matrix per site), so a case draw cannot be "
+                 f"applied to them. C1, C5 and the selection rows keep their own intervals (the column `interval` "
+                 f"says which kind decides each row).")
+    else:
+        which = (f"No per-case records were read for this report: every interval is {runs}, which treats each "
+                 f"member's site score as exact (the sites' few test cases are not resampled).")
+    return (f"**Decision rule.** Every interval is a 95% bootstrap interval ({n_resamples} resamples). {which} "
+            f"A claim is **reproduced** when the whole "
             f"interval lies on the claim's side of its threshold, **refuted** when the whole interval lies on the "
             f"other side, **inconclusive** when it straddles the threshold or no interval exists (fewer than "
             f"{MIN_POINTS} runs, or fewer than 2 runs per architecture for C1). Thresholds: \"weak\" = |r| < {WEAK:g}, "
@@ -82,13 +109,19 @@ NOT_CLAIM_WORDS = {REPRODUCED: "holds", REFUTED: "does not hold"}
 
 
 def claim_row(claim: str, kind: str, scope: str, statistic: str, value: float, lo: float, hi: float, side: str,
-              members: str, n_members: int, n_units: int, unit: str, note: str = "", text: str | None = None) -> dict:
-    """One row of ``claims.csv`` (``CLAIM_COLUMNS``), its verdict decided from [lo, hi] by ``decide``."""
+              members: str, n_members: int, n_units: int, unit: str, note: str = "", text: str | None = None,
+              runs_lo: float | None = None, runs_hi: float | None = None, interval: str = RUNS) -> dict:
+    """One row of ``claims.csv`` (``CLAIM_COLUMNS``), its verdict decided from [lo, hi] by ``decide``.
+
+    ``interval``: the kind of [lo, hi] (``RUNS`` or ``RUNS_X_CASES``); ``runs_lo``/``runs_hi``: the run-level
+    interval beside it (None: [lo, hi] is the run-level one)."""
     verdict = decide(float(lo), float(hi), side)
     if kind != "claim":
         verdict = NOT_CLAIM_WORDS.get(verdict, verdict)
     return {"claim": claim, "kind": kind, "scope": scope, "claim_text": text or CLAIM_TEXT.get(claim, ""),
             "statistic": statistic, "value": float(value), "ci_low": float(lo), "ci_high": float(hi),
+            "ci_runs_low": float(lo if runs_lo is None else runs_lo),
+            "ci_runs_high": float(hi if runs_hi is None else runs_hi), "interval": interval,
             "side": SIDES[side][0], "members": members, "n_members": int(n_members), "n_units": int(n_units),
             "unit": unit, "verdict": verdict, "note": note}
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.case_bootstrap import ID_KEY, RUNS_X_CASES, CaseScores, r_two_level, two_level_interval
 from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, claim_row, members_label, point_value, run_interval,
                                  untestable_row, wide_values)
 from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
@@ -38,15 +39,29 @@ def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callab
     return statistic
 
 
+def _with_cases(row: dict, side: str, cases: CaseScores | None, args: tuple) -> dict:
+    """``row`` with the two-level interval (``case_bootstrap.r_two_level(cases, *args)``) as its default
+    interval, the run-level one beside it; unchanged (run-level only) where the case records cannot give one."""
+    got = None if cases is None else r_two_level(cases, *args, value=row["value"])
+    if got is None:
+        return row
+    lo, hi, note = got
+    return claim_row(row["claim"], row["kind"], row["scope"], row["statistic"], row["value"], lo, hi, side,
+                     row["members"] + f" × cases ({cases.n_cases()})", row["n_members"], row["n_units"], row["unit"],
+                     "; ".join(n for n in (row["note"], note) if n), row["claim_text"], row["ci_low"], row["ci_high"],
+                     RUNS_X_CASES)
+
+
 def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, side: str,
                    n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                   per_target: bool = True) -> list[dict]:
+                   per_target: bool = True, cases: CaseScores | None = None) -> list[dict]:
     """Pearson r of ``indicator`` with the OOD score: one row per target and an overall row (the mean r
     over the targets, bootstrapped as one statistic over the runs, so its interval is honest).
 
     ``floor``: drop the (member, target) points below the degenerate floor (OOD score, and the indicator
     when higher is better) and name the row's scope ``... (non-degenerate)``. ``per_target``: False gives
-    the overall row only.
+    the overall row only. ``cases``: the members' case sums (``case_bootstrap.case_scores``): every row's
+    interval is then the two-level one (runs × cases), the run-level one beside it.
     """
     col = INDICATORS[indicator].column
     label = f"extra: {indicator}" if kind == "extra" else claim
@@ -75,17 +90,23 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     rows = []
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
-    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
-                          point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
-                          len(members), len(units), unit, text=text))
+    unit_of, present = unit_of_points(units, len(members)), np.isfinite(x) & np.isfinite(y)
+    rows.append(_with_cases(claim_row(
+        label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
+        point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
+        len(members), len(units), unit, text=text), side,
+        cases, (members, targets, col, x, present, unit_of, len(units), n_resamples, seed)))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
                        groups=g["run_id"].to_numpy(dtype=object))
-        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
-                              st["pearson_boot_low"], st["pearson_boot_high"], side,
-                              members_label(st["n"], st["n_units"], st["resample"]),
-                              st["n"], st["n_units"], st["resample"], text=text))
+        j = targets.index(t)
+        rows.append(_with_cases(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
+                                          st["pearson_boot_low"], st["pearson_boot_high"], side,
+                                          members_label(st["n"], st["n_units"], st["resample"]),
+                                          st["n"], st["n_units"], st["resample"], text=text), side,
+                                cases, (members, [t], col, x[:, [j]], present[:, [j]], unit_of, len(units),
+                                        n_resamples, seed)))
     return rows
 
 
@@ -338,10 +359,12 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
 
 
 def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_resamples: int = N_RESAMPLES,
-               seed: int = SEED, eps: float = 1e-3) -> list[dict]:
+               seed: int = SEED, eps: float = 1e-3, cases: CaseScores | None = None) -> list[dict]:
     """The ALine estimates' mean absolute error (pp), mean over targets: ALine-S with a run-level interval
     (its agreement line refitted on each resample's pairs); ALine-D as a point value (its least-squares
-    solve per resample is not vectorised, so no interval)."""
+    solve per resample is not vectorised, so no interval). ``cases``: ALine-S's default interval is then the
+    two-level one, its ID scores and true OOD scores recomputed from the drawn cases (the agreement line from
+    the drawn runs only: the agreement records are per site)."""
     text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or table is None or table.empty:
@@ -362,20 +385,36 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
     parts = [(pair_mats(g, probit(agreement.matrices[t], eps)), wide_values(table, "ood_score", ids, [t])[:, 0])
              for t in targets]
 
-    def stat(idx, axis=-1):
-        c = point_weights(idx, unit_of, len(units))
+    def mae(c, p, truths):
         out = []
-        for mats, truth in parts:
+        for (mats, _), truth in zip(parts, truths):
             a, b, _ = moments_line(pair_moments(mats, c))
             err = np.abs(stats.norm.cdf(a[..., None] * p + b[..., None]) - truth)
             w = c * np.isfinite(err)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out.append((w * np.nan_to_num(err)).sum(-1) / w.sum(-1))
         return 100.0 * np.mean(out, axis=0)
+
+    def stat(idx, axis=-1):
+        return mae(point_weights(idx, unit_of, len(units)), p, [truth for _, truth in parts])
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
                       point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
                       len(ids), len(units), unit, text=text)]
+    pos = pd.Index(cases.members if cases is not None else []).get_indexer(ids)
+    if cases is not None and cases.id is not None and (pos >= 0).all() and all(t in cases.ood for t in targets):
+        sizes = {ID_KEY: len(cases.id.case_ids), **{t: len(cases.ood[t].case_ids) for t in targets}}
+
+        def stat2(c, w):
+            return mae(c, probit(cases.id.scores(w[ID_KEY])[..., pos], eps),
+                       [cases.ood[t].scores(w[t])[..., pos] for t in targets])
+        one = stat2(np.ones((1, len(ids))), {k: np.ones((1, n)) for k, n in sizes.items()})[0]
+        if abs(one - rows[0]["value"]) <= 1e-9:
+            l2, h2 = two_level_interval(stat2, unit_of, len(units), sizes, n_resamples, seed)
+            rows[0] = claim_row(*[rows[0][k] for k in ("claim", "kind", "scope", "statistic", "value")], l2, h2,
+                                "none", rows[0]["members"] + f" × cases ({cases.n_cases()})", len(ids), len(units),
+                                unit, "cases resampled on the ID and OOD scores (the agreement line: runs only)",
+                                text, lo, hi, RUNS_X_CASES)
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",

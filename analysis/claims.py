@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.aline import aline_table
+from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, prepared_case_scores
 from analysis.claim_rule import (CLAIM_COLUMNS, CLAIM_TEXT, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED,
                                  rule_text, untestable_row)
 from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
@@ -75,7 +76,7 @@ def _check_degenerate(rows: list[dict], nondegenerate: list[dict]) -> None:
 def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None, unc: pd.DataFrame | None = None,
                  aline_fits: list[dict] | None = None, indicators: list[str] | None = None,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                 sam_members: set[str] | None = None) -> pd.DataFrame:
+                 sam_members: set[str] | None = None, cases: CaseScores | None = None) -> pd.DataFrame:
     """Every claim row (``CLAIM_COLUMNS``).
 
     Args:
@@ -92,6 +93,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
             points; C3: members with a score below it anywhere), and a verdict that changes without them is
             reported as inconclusive (``_check_degenerate``).
         sam_members: C5's SAM family as Table 4 reads it (``sam_members_of``); None: ``oracle_prompt``.
+        cases: the label-free members' case sums (``case_bootstrap.case_scores``): C2, C4, the other indicators
+            and the ALine-S error then get the two-level interval (runs × cases) as their default, the run-level
+            one beside it; None: run-level intervals only.
     """
     rows: list[dict] = []
     rows += c1_rows(perf, n_resamples, seed)
@@ -120,9 +124,10 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                 if len(keep) < len(m):
                     nd = agreement_rows(agreement.subset(keep), run_of, n_resamples, seed, " (non-degenerate)")
         else:
-            got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed)
+            got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, cases=cases)
             nd = ([] if floor is None else
-                  indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False))
+                  indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False,
+                                 cases=cases))
         _check_degenerate(got, nd)
         rows += got[:1] + nd + got[1:]
     rows += c5_rows(unc, perf, n_resamples, seed, sam_members)
@@ -132,14 +137,14 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                 continue
             rows += indicator_rows(table, n, "extra", "extra",
                                    "weak" if INDICATORS[n].higher_is_better else "strong_negative", n_resamples, seed,
-                                   per_target=False)
+                                   per_target=False, cases=cases)
     rows += regret_rows(None if empty else table, indicators, n_resamples, seed)
     metric = str(perf["metric"].iloc[0]) if len(perf) else ""
     if metric in SURFACE_METRICS:  # ALine maps agreement onto the metric: both must be on one scale
         rows.append(untestable_row("ALine error", f"{metric} is a surface metric and the agreement is the members' "
                                                   f"3D IoU: not on one scale", "project", "MAE (pp)"))
     else:
-        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed)
+        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed, cases=cases)
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
@@ -147,13 +152,20 @@ def _fmt(v: float, spec: str = ".3f") -> str:
     return format(float(v), spec) if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)) else "–"
 
 
+def _ci(lo: float, hi: float) -> str:
+    return f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "none"
+
+
 def _shown(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows as the report's tables show them."""
+    """The rows as the report's tables show them: the two-level interval (the verdict's, where the row has
+    one; "runs only" where the run-level interval decides) and the run-level one beside it."""
+    two = df["interval"] == RUNS_X_CASES
     return pd.DataFrame({
         "claim": df["claim"], "scope": df["scope"], "statistic": df["statistic"],
         "value": [_fmt(v) for v in df["value"]],
-        "95% CI (runs)": [f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "none"
-                          for lo, hi in zip(df["ci_low"], df["ci_high"])],
+        "95% CI (runs × cases)": [_ci(lo, hi) if t else "– (runs only)"
+                                  for lo, hi, t in zip(df["ci_low"], df["ci_high"], two)],
+        "95% CI (runs)": [_ci(lo, hi) for lo, hi in zip(df["ci_runs_low"], df["ci_runs_high"])],
         "claim's side": df["side"], "computed on": df["members"], "verdict": df["verdict"]})
 
 
@@ -175,7 +187,8 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
     md = [f"# Claims report{': ' + experiment if experiment else ''}", "",
           f"Does this experiment reproduce the claims of Nguyen, Pham et al. 2023? Metric: `{metric}`. "
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
-          f"`claims.csv`.", "", rule_text(n_resamples, floor), "", "## Verdicts", ""]
+          f"`claims.csv`.", "",
+          rule_text(n_resamples, floor, two_level=bool((claims["interval"] == RUNS_X_CASES).any())), "", "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         md.append(f"- **{c}**: {CLAIM_TEXT[c]}.")
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]
@@ -209,7 +222,9 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     if r["verdict"] == NOT_TESTABLE:
         return f"not testable: {r['note']}."
     has_ci = math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"])
-    ci = f"95% interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if has_ci else "no interval"
+    ci = f"95% interval ({r['interval']}) [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if has_ci else "no interval"
+    if has_ci and r["interval"] == RUNS_X_CASES:
+        ci += f", over runs only {_ci(r['ci_runs_low'], r['ci_runs_high'])}"
     s = f"{r['verdict']}: {r['statistic']} = {_fmt(r['value'])}, {ci}, on {r['members']}."
     carried = "carried by" in str(r["note"])
     if r["verdict"] == INCONCLUSIVE and not carried:
@@ -222,8 +237,8 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     nd = g[g["scope"] == "overall (non-degenerate)"]
     if len(nd):
         n = nd.iloc[0]
-        s += (f" Without the degenerate members: {_fmt(n['value'])} [{_fmt(n['ci_low'])}, {_fmt(n['ci_high'])}], "
-              f"{n['verdict']}.")
+        s += (f" Without the degenerate members: {_fmt(n['value'])} {_ci(n['ci_low'], n['ci_high'])} "
+              f"({n['interval']}), {n['verdict']}.")
     return s
 
 
@@ -294,7 +309,8 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
             and metric not in SURFACE_METRICS else [])
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
                           floor=None if floor is None else float(floor),
-                          sam_members=sam_members_of(experiment_dir) if unc is not None else None)
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None,
+                          cases=prepared_case_scores(experiment_dir, prep.slices, table, metric, unc, label))
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     if out_dir is None and label is not None:
         from analysis.plots import safe_name  # as run_analysis names the label's folder

@@ -70,12 +70,18 @@ class CaseScores:
     area: dict[str, SiteCases] = field(default_factory=dict)
     metric: str = ""
 
-    def n_cases(self) -> str:
-        """The cases each site contributes, for a row's label (e.g. ``ID 10 cases, targets 10``)."""
-        t = sorted({len(s.case_ids) for s in self.ood.values()})
-        out = [f"ID {len(self.id.case_ids)}"] if self.id is not None else []
-        out.append("targets " + "–".join(str(v) for v in (t[:1] + t[-1:] if len(t) > 1 else t)))
-        return ", ".join(out) + " cases"
+    def n_cases(self, sizes: dict[str, int] | None = None) -> str:
+        """The cases drawn per site, for a row's label (e.g. ``ID 10 + 10 per target cases``): of ``sizes``
+        (a statistic's ``{ID_KEY or target: cases}``), default every site."""
+        if sizes is None:
+            sizes = {**({ID_KEY: len(self.id.case_ids)} if self.id is not None else {}),
+                     **{t: len(s.case_ids) for t, s in self.ood.items()}}
+        t = sorted({n for k, n in sizes.items() if k != ID_KEY})
+        out = [f"ID {sizes[ID_KEY]}"] if ID_KEY in sizes else []
+        if t:
+            out.append("–".join(str(v) for v in (t[:1] + t[-1:] if len(t) > 1 else t))
+                       + (" per target" if len([k for k in sizes if k != ID_KEY]) > 1 else " on the target"))
+        return " + ".join(out) + " cases"
 
 
 def _dense(keys: pd.DataFrame, values: dict[str, np.ndarray], members: list[str], cases: list[str],
@@ -229,15 +235,17 @@ ID_KEY = "\x00id"
 
 def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: str, x: np.ndarray,
                 present: np.ndarray, unit_of: np.ndarray, n_units: int, n_resamples: int, seed: int,
-                value: float) -> tuple[float, float, str] | None:
+                value: float, y: np.ndarray | None = None) -> tuple[float, float, str, str] | None:
     """The two-level interval of the mean over ``targets`` of Pearson r(x, OOD score) (``indicator_rows``).
 
     The OOD scores are recomputed from each target's drawn cases; ``x`` too when it has case records
     (``id_score``: the source test split's cases; ``uncertain_area``: the target's cases, the same draw as its
     OOD score), else ``x`` (``M x T``) stays as recorded. ``present``: ``M x T`` the points of the statistic.
+    ``y``: ``M x T`` the recorded OOD scores, which the case records must reproduce with every case drawn once
+    (and ``x``, where it is recomputed from cases).
 
     Returns:
-        ``(lo, hi, note)``, or None where the case records do not cover the members and targets or do not
+        ``(lo, hi, note, the cases drawn per site in words)``, or None where the case records do not cover the members and targets or do not
         reproduce ``value`` (the run-level statistic on the sample) with every case drawn once.
     """
     pos = pd.Index(cs.members).get_indexer(members)
@@ -260,12 +268,23 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
             rs.append(weighted_pearson(xt, yt, c * ok))
         return np.mean(rs, axis=0)
 
-    one = statistic(np.ones((1, len(members))), {k: np.ones((1, n)) for k, n in sizes.items()})[0]
+    ones = {k: np.ones(n) for k, n in sizes.items()}
+    if y is not None:
+        got = np.stack([cs.ood[t].scores(ones[t])[pos] for t in targets], 1)
+        if kind == "id":
+            got = np.concatenate([got, np.repeat(cs.id.scores(ones[ID_KEY])[pos][:, None], len(targets), 1)], 1)
+        elif kind == "area":
+            got = np.concatenate([got, np.stack([cs.area[t].scores(ones[t])[pos] for t in targets], 1)], 1)
+        want = np.concatenate([y, x], 1)[:, :got.shape[1]]
+        mask = np.tile(present, (1, got.shape[1] // len(targets)))
+        if not np.allclose(got[mask], want[mask], rtol=0, atol=1e-9):
+            return None
+    one = statistic(np.ones((1, len(members))), {k: v[None] for k, v in ones.items()})[0]
     if not (np.isfinite(one) and abs(one - value) <= 1e-9):
         return None
     lo, hi = two_level_interval(statistic, unit_of, n_units, sizes, n_resamples, seed)
     note = ("" if kind else f"cases resampled on the OOD scores only (`{x_col}` has no per-case records)")
-    return lo, hi, note
+    return lo, hi, note, cs.n_cases(sizes)
 
 
 def prepared_case_scores(experiment_dir, slices: pd.DataFrame, table: pd.DataFrame | None, metric: str,

@@ -40,14 +40,15 @@ def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callab
 
 
 def _with_cases(row: dict, side: str, cases: CaseScores | None, args: tuple) -> dict:
-    """``row`` with the two-level interval (``case_bootstrap.r_two_level(cases, *args)``) as its default
+    """``row`` with the two-level interval (``case_bootstrap.r_two_level``: ``args`` its positional arguments,
+    then the recorded OOD scores ``y``) as its default
     interval, the run-level one beside it; unchanged (run-level only) where the case records cannot give one."""
-    got = None if cases is None else r_two_level(cases, *args, value=row["value"])
+    got = None if cases is None else r_two_level(cases, *args[:-1], value=row["value"], y=args[-1])
     if got is None:
         return row
-    lo, hi, note = got
+    lo, hi, note, drawn = got
     return claim_row(row["claim"], row["kind"], row["scope"], row["statistic"], row["value"], lo, hi, side,
-                     row["members"] + f" × cases ({cases.n_cases()})", row["n_members"], row["n_units"], row["unit"],
+                     row["members"] + f" × cases ({drawn})", row["n_members"], row["n_units"], row["unit"],
                      "; ".join(n for n in (row["note"], note) if n), row["claim_text"], row["ci_low"], row["ci_high"],
                      RUNS_X_CASES)
 
@@ -95,7 +96,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
         label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
         point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
         len(members), len(units), unit, text=text), side,
-        cases, (members, targets, col, x, present, unit_of, len(units), n_resamples, seed)))
+        cases, (members, targets, col, x, present, unit_of, len(units), n_resamples, seed, y)))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
@@ -106,7 +107,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
                                           members_label(st["n"], st["n_units"], st["resample"]),
                                           st["n"], st["n_units"], st["resample"], text=text), side,
                                 cases, (members, [t], col, x[:, [j]], present[:, [j]], unit_of, len(units),
-                                        n_resamples, seed)))
+                                        n_resamples, seed, y[:, [j]])))
     return rows
 
 
@@ -408,11 +409,15 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
         def stat2(c, w):
             return mae(c, probit(cases.id.scores(w[ID_KEY])[..., pos], eps),
                        [cases.ood[t].scores(w[t])[..., pos] for t in targets])
-        one = stat2(np.ones((1, len(ids))), {k: np.ones((1, n)) for k, n in sizes.items()})[0]
-        if abs(one - rows[0]["value"]) <= 1e-9:
+        ones = {k: np.ones((1, n)) for k, n in sizes.items()}
+        same = np.allclose(cases.id.scores(ones[ID_KEY])[0, pos], mem["id_score"].reindex(ids), atol=1e-9, rtol=0,
+                           equal_nan=True) and all(np.allclose(cases.ood[t].scores(ones[t])[0, pos], truth, atol=1e-9,
+                                                               rtol=0, equal_nan=True)
+                                                   for t, (_, truth) in zip(targets, parts))
+        if same and abs(stat2(np.ones((1, len(ids))), ones)[0] - rows[0]["value"]) <= 1e-9:
             l2, h2 = two_level_interval(stat2, unit_of, len(units), sizes, n_resamples, seed)
             rows[0] = claim_row(*[rows[0][k] for k in ("claim", "kind", "scope", "statistic", "value")], l2, h2,
-                                "none", rows[0]["members"] + f" × cases ({cases.n_cases()})", len(ids), len(units),
+                                "none", rows[0]["members"] + f" × cases ({cases.n_cases(sizes)})", len(ids), len(units),
                                 unit, "cases resampled on the ID and OOD scores (the agreement line: runs only)",
                                 text, lo, hi, RUNS_X_CASES)
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]

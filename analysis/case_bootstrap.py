@@ -19,7 +19,8 @@ cases with ground truth / their count; for ``dice_2d`` Σ slice Dice / the slice
 value; multi-label records average the labels where defined (as ``metric_by``). So one members x cases
 x labels pair of arrays per site (``SiteCases``) gives every replicate's scores with one product:
 drawing a case k times weights its sums k times, and drawing every case once gives the recorded score.
-δ's uncertain area (a mean over the target images of the Otsu fraction) is a ratio of case sums too.
+δ's readings (the uncertain area, a mean over the target images of the Otsu fraction, and the other
+readings of ``analysis.uncertainty_indicators``: means over the images too) are ratios of case sums as well.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.correlate import BOOT_BATCH, CONFIDENCE, MIN_POINTS, point_weights
+from analysis.uncertainty_indicators import guarded_area
 from trainables.records import LABEL_COLUMN, LOWER_IS_BETTER, SURFACE_METRICS
 from trainables.records.metrics import SURFACE_VALUE
 
@@ -62,12 +64,13 @@ class SiteCases:
 @dataclass
 class CaseScores:
     """Every member's case sums per site: ``id`` (the source test split) and ``ood`` (per target site);
-    ``area``: δ's uncertain area per target site on the same case lists (empty without uncertainty records)."""
+    ``unc``: δ's readings (``uncertainty_indicator_frame``'s columns, e.g. ``uncertain_area``) -> target site ->
+    their case sums on the same case lists (empty without uncertainty records)."""
 
     members: list[str]
     id: SiteCases | None
     ood: dict[str, SiteCases]
-    area: dict[str, SiteCases] = field(default_factory=dict)
+    unc: dict[str, dict[str, SiteCases]] = field(default_factory=dict)
     metric: str = ""
 
     def n_cases(self, sizes: dict[str, int] | None = None) -> str:
@@ -130,7 +133,7 @@ def _build(rows: pd.DataFrame, metric: str, multi: bool, members: list[str], cas
 def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: pd.DataFrame | None = None,
                 unc: pd.DataFrame | None = None, method: str = "ggd") -> CaseScores:
     """The members' case sums per site from the records (the slice records, or the surface records for a
-    surface metric; δ's uncertainty slice records for the uncertain area).
+    surface metric; δ's uncertainty slice records, ``method``'s rows, for its readings).
 
     Raises:
         ValueError: an unknown metric, or a surface metric without surface records.
@@ -166,21 +169,32 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
         else:
             out.ood[site] = sc
             if ua is not None and len(ua):
-                out.area[site] = _area(ua, members, cases)
+                for col, sc in _readings(ua, members, cases).items():
+                    out.unc.setdefault(col, {})[site] = sc
     return out
 
 
-def _area(u: pd.DataFrame, members: list[str], cases: list[str]) -> SiteCases:
-    """δ's uncertain area on one site: the mean over the images of uncertain_px / area_px; a member with a
-    NaN image there has no value (as ``uncertainty_indicator_frame``)."""
-    frac = u["uncertain_px"].astype(float).to_numpy() / u["area_px"].astype(float).to_numpy()
+def _readings(u: pd.DataFrame, members: list[str], cases: list[str]) -> dict[str, SiteCases]:
+    """δ's readings on one site, each the mean over the images of a per-image value (as
+    ``uncertainty_indicator_frame`` forms them); a member with a NaN image there has no value."""
+    area = u["area_px"].astype(float).to_numpy()
+    ptp = u["map_ptp"].astype(float).to_numpy() if "map_ptp" in u.columns else np.full(len(u), np.nan)
+    per_image = {"uncertain_area": u["uncertain_px"].astype(float).to_numpy() / area}
+    if "mean_uncertainty" in u.columns:
+        per_image["mean_uncertainty"] = u["mean_uncertainty"].astype(float).to_numpy()
+    if "fixed_px" in u.columns:
+        per_image["fixed_threshold_area"] = u["fixed_px"].astype("Float64").astype(float).to_numpy() / area
+    per_image["guarded_area"] = np.where(np.isfinite(ptp), guarded_area(u["uncertain_px"], ptp, area), np.nan)
     keys = pd.DataFrame({"member_id": u["member_id"].astype(str).to_numpy(),
                          "case_id": u["case_id"].astype(str).to_numpy(), "label": ""})
-    a = _dense(keys, {"num": np.nan_to_num(frac), "den": np.ones(len(frac)), "bad": ~np.isfinite(frac)},
-               members, cases, [""])
-    bad = a["bad"].sum(axis=(1, 2)) > 0
-    a["num"][bad] = np.nan
-    return SiteCases(cases, a["num"], a["den"])
+    out = {}
+    for col, v in per_image.items():
+        v = np.asarray(v, dtype=float)
+        a = _dense(keys, {"num": np.nan_to_num(v), "den": np.ones(len(v)), "bad": ~np.isfinite(v)},
+                   members, cases, [""])
+        a["num"][a["bad"].sum(axis=(1, 2)) > 0] = np.nan
+        out[col] = SiteCases(cases, a["num"], a["den"])
+    return out
 
 
 def _case_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
@@ -239,7 +253,8 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
     """The two-level interval of the mean over ``targets`` of Pearson r(x, OOD score) (``indicator_rows``).
 
     The OOD scores are recomputed from each target's drawn cases; ``x`` too when it has case records
-    (``id_score``: the source test split's cases; ``uncertain_area``: the target's cases, the same draw as its
+    (``id_score``: the source test split's cases; δ's readings, e.g. ``uncertain_area``: the target's cases, the
+    same draw as its
     OOD score), else ``x`` (``M x T``) stays as recorded. ``present``: ``M x T`` the points of the statistic.
     ``y``: ``M x T`` the recorded OOD scores, which the case records must reproduce with every case drawn once
     (and ``x``, where it is recomputed from cases).
@@ -249,9 +264,10 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
         reproduce ``value`` (the run-level statistic on the sample) with every case drawn once.
     """
     pos = pd.Index(cs.members).get_indexer(members)
-    kind = {"id_score": "id", "uncertain_area": "area"}.get(x_col)
+    kind = "id" if x_col == "id_score" else "unc" if x_col in cs.unc else None
+    area = cs.unc.get(x_col, {})
     if (pos < 0).any() or any(t not in cs.ood for t in targets) or (kind == "id" and cs.id is None) \
-            or (kind == "area" and any(t not in cs.area for t in targets)):
+            or (kind == "unc" and any(t not in area for t in targets)):
         return None
     sizes = {t: len(cs.ood[t].case_ids) for t in targets}
     if kind == "id":
@@ -262,7 +278,7 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
         rs = []
         for j, t in enumerate(targets):
             yt = cs.ood[t].scores(w[t])[..., pos]
-            xt = xid if kind == "id" else cs.area[t].scores(w[t])[..., pos] if kind == "area" else x[:, j]
+            xt = xid if kind == "id" else area[t].scores(w[t])[..., pos] if kind == "unc" else x[:, j]
             xt = np.broadcast_to(xt, yt.shape)
             ok = present[:, j] & np.isfinite(xt) & np.isfinite(yt)
             rs.append(weighted_pearson(xt, yt, c * ok))
@@ -273,8 +289,8 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
         got = np.stack([cs.ood[t].scores(ones[t])[pos] for t in targets], 1)
         if kind == "id":
             got = np.concatenate([got, np.repeat(cs.id.scores(ones[ID_KEY])[pos][:, None], len(targets), 1)], 1)
-        elif kind == "area":
-            got = np.concatenate([got, np.stack([cs.area[t].scores(ones[t])[pos] for t in targets], 1)], 1)
+        elif kind == "unc":
+            got = np.concatenate([got, np.stack([area[t].scores(ones[t])[pos] for t in targets], 1)], 1)
         want = np.concatenate([y, x], 1)[:, :got.shape[1]]
         mask = np.tile(present, (1, got.shape[1] // len(targets)))
         if not np.allclose(got[mask], want[mask], rtol=0, atol=1e-9):

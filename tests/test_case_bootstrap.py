@@ -101,7 +101,7 @@ def test_case_weights_by_hand():
     np.testing.assert_allclose(got, [[0.3, 0.4], [1.6 / 3, 0.4]], atol=1e-12)
 
 
-def test_uncertain_area_drawn_once_gives_the_indicator():
+def test_uncertainty_readings_drawn_once_give_the_indicators():
     rng = np.random.default_rng(3)
     k = rng.integers(1, 10, (3, 4))
     slices = _slices(k)
@@ -111,11 +111,18 @@ def test_uncertain_area_drawn_once_gives_the_indicator():
             for s in range(1 + c % 2):  # cases with one and with two images
                 rows.append({"member_id": f"m{m}", "method": "ggd", "site": "B", "role": "ood", "case_id": f"B{c}",
                              "slice_idx": s, "uncertain_px": int(rng.integers(0, 50)), "error_px": 3, "area_px": 100,
-                             "mean_uncertainty": 0.1, "fixed_px": 1, "map_ptp": 1.0, "uncertain_error_px": 1})
+                             "mean_uncertainty": float(rng.uniform()), "fixed_px": int(rng.integers(0, 50)),
+                             "map_ptp": float(rng.choice([1e-9, 1.0])), "uncertain_error_px": 1})
     unc = pd.DataFrame(rows)
     cs = case_scores(slices, "iou_3d", ["m0", "m1", "m2"], unc=unc)
-    want = uncertainty_indicator_frame(unc)["uncertain_area"].xs("B", level="site").reindex(["m0", "m1", "m2"])
-    np.testing.assert_allclose(cs.area["B"].scores(np.ones(4)), want, atol=1e-12, rtol=0)
+    frame = uncertainty_indicator_frame(unc).xs("B", level="site").reindex(["m0", "m1", "m2"])
+    assert set(cs.unc) == set(frame.columns)
+    for col in frame.columns:
+        np.testing.assert_allclose(cs.unc[col]["B"].scores(np.ones(4)), frame[col], atol=1e-12, rtol=0)
+    # a member with a NaN image on the site has no value there (as the indicator frame)
+    unc.loc[0, "mean_uncertainty"] = np.nan
+    cs = case_scores(slices, "iou_3d", ["m0", "m1", "m2"], unc=unc)
+    assert np.isnan(cs.unc["mean_uncertainty"]["B"].scores(np.ones(4))[0])
 
 
 def test_weighted_pearson_counts_a_point_drawn_twice_twice():
@@ -225,3 +232,25 @@ def test_aline_error_gets_the_two_level_interval_and_keeps_its_value():
     assert both["value"] == plain["value"] and (both["ci_runs_low"], both["ci_runs_high"]) == (plain["ci_low"],
                                                                                                plain["ci_high"])
     assert both["ci_low"] < both["ci_high"] and "agreement line: runs only" in both["note"]
+
+
+def test_c4_draws_the_area_with_the_scores_and_agreement_rows_say_they_do_not():
+    rng = np.random.default_rng(12)
+    k = rng.integers(1, 10, (8, 5))
+    slices = _slices(k)
+    unc = pd.DataFrame([{"member_id": f"m{m}", "method": "ggd", "site": "B", "role": "ood", "case_id": f"B{c}",
+                         "slice_idx": 0, "uncertain_px": int(100 - 10 * k[m, c] + rng.integers(0, 3)), "error_px": 3,
+                         "area_px": 100, "mean_uncertainty": 0.5, "fixed_px": 1, "map_ptp": 1.0,
+                         "uncertain_error_px": 1} for m in range(8) for c in range(5)])
+    perf = performance_table(_members(8, 2), slices, "iou_3d")
+    table = indicator_table(perf)
+    frame = uncertainty_indicator_frame(unc).xs("B", level="site")
+    table["uncertain_area"] = table["member_id"].map(frame["uncertain_area"])
+    table["id_agreement"] = np.linspace(0.2, 0.9, len(table))
+    cs = case_scores(slices, "iou_3d", [f"m{i}" for i in range(8)], unc=unc)
+    c4 = indicator_rows(table, "uncertain_area", "C4", "claim", "strong_negative", n_resamples=199, cases=cs)[0]
+    assert c4["interval"] == RUNS_X_CASES and c4["note"] == "" and c4["value"] < -0.9
+    assert "(5 on the target cases)" in c4["members"]  # C4 draws no ID case
+    extra = indicator_rows(table, "id_agreement", "extra", "extra", "weak", n_resamples=99, per_target=False,
+                           cases=cs)[0]
+    assert extra["interval"] == RUNS_X_CASES and "OOD scores only (`id_agreement`" in extra["note"]

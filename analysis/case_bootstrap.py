@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.correlate import BOOT_BATCH, CONFIDENCE, MIN_POINTS, point_weights
+from analysis.correlate import BOOT_BATCH, CONFIDENCE, MIN_POINTS, point_weights, probit
 from analysis.uncertainty_indicators import guarded_area
 from trainables.records import LABEL_COLUMN, LOWER_IS_BETTER, SURFACE_METRICS
 from trainables.records.metrics import SURFACE_VALUE
@@ -260,8 +260,9 @@ def r_two_level(cs: CaseScores, members: list[str], targets: list[str], x_col: s
     (and ``x``, where it is recomputed from cases).
 
     Returns:
-        ``(lo, hi, note, the cases drawn per site in words)``, or None where the case records do not cover the members and targets or do not
-        reproduce ``value`` (the run-level statistic on the sample) with every case drawn once.
+        ``(lo, hi, note, the cases drawn per site in words)``, or None where the case records do not cover the
+        members and targets or do not reproduce ``y`` and ``value`` (the run-level statistic on the sample) with
+        every case drawn once.
     """
     pos = pd.Index(cs.members).get_indexer(members)
     kind = "id" if x_col == "id_score" else "unc" if x_col in cs.unc else None
@@ -319,3 +320,35 @@ def prepared_case_scores(experiment_dir, slices: pd.DataFrame, table: pd.DataFra
             surface = surface[surface[LABEL_COLUMN].astype(str) == label]
     members = sorted(table["member_id"].astype(str).unique())
     return case_scores(slices, metric, members, surface, unc)
+
+
+def aline_two_level(cs: CaseScores, ids: list[str], targets: list[str], mae: Callable, id_score: np.ndarray,
+                    truths: list[np.ndarray], unit_of: np.ndarray, n_units: int, value: float, eps: float,
+                    n_resamples: int, seed: int) -> tuple[float, float, str] | None:
+    """The two-level interval of the ALine-S error (``claim_stats.aline_rows``): ``mae(member weights, probit
+    ID scores, [OOD scores per target])`` on the ID and OOD scores recomputed from the drawn cases.
+
+    Returns:
+        ``(lo, hi, the cases drawn in words)``, or None where the case records do not cover ``ids`` and
+        ``targets`` or do not reproduce ``id_score``, ``truths`` and ``value`` with every case drawn once.
+    """
+    pos = pd.Index(cs.members).get_indexer(ids)
+    if cs.id is None or (pos < 0).any() or any(t not in cs.ood for t in targets):
+        return None
+    sizes = {ID_KEY: len(cs.id.case_ids), **{t: len(cs.ood[t].case_ids) for t in targets}}
+
+    def scores(w):
+        return cs.id.scores(w[ID_KEY])[..., pos], [cs.ood[t].scores(w[t])[..., pos] for t in targets]
+
+    def statistic(c, w):
+        ids_, ood = scores(w)
+        return mae(c, probit(ids_, eps), ood)
+    ones = {k: np.ones((1, n)) for k, n in sizes.items()}
+    id1, ood1 = scores(ones)
+    if not all(np.allclose(a[0], b, atol=1e-9, rtol=0, equal_nan=True) for a, b in zip([id1, *ood1],
+                                                                                        [id_score, *truths])):
+        return None
+    if not abs(statistic(np.ones((1, len(ids))), ones)[0] - value) <= 1e-9:
+        return None
+    lo, hi = two_level_interval(statistic, unit_of, n_units, sizes, n_resamples, seed)
+    return lo, hi, cs.n_cases(sizes)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.case_bootstrap import ID_KEY, RUNS_X_CASES, CaseScores, r_two_level, two_level_interval
+from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, aline_two_level, r_two_level
 from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, claim_row, members_label, point_value, run_interval,
                                  untestable_row, wide_values)
 from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
@@ -377,7 +377,8 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
         return [untestable_row("ALine error", "needs 3 label-free members with predictions on the source and a target",
                                "project", "MAE (pp)", text)]
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
-    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), eps)
+    p_raw = mem["id_score"].reindex(ids).to_numpy(dtype=float)
+    p = probit(p_raw, eps)
     units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
     unit_of = unit_of_points(units, len(ids))
     g = probit(agreement.matrices[id_site], eps)
@@ -402,24 +403,14 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
                       point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
                       len(ids), len(units), unit, text=text)]
-    pos = pd.Index(cases.members if cases is not None else []).get_indexer(ids)
-    if cases is not None and cases.id is not None and (pos >= 0).all() and all(t in cases.ood for t in targets):
-        sizes = {ID_KEY: len(cases.id.case_ids), **{t: len(cases.ood[t].case_ids) for t in targets}}
-
-        def stat2(c, w):
-            return mae(c, probit(cases.id.scores(w[ID_KEY])[..., pos], eps),
-                       [cases.ood[t].scores(w[t])[..., pos] for t in targets])
-        ones = {k: np.ones((1, n)) for k, n in sizes.items()}
-        same = np.allclose(cases.id.scores(ones[ID_KEY])[0, pos], mem["id_score"].reindex(ids), atol=1e-9, rtol=0,
-                           equal_nan=True) and all(np.allclose(cases.ood[t].scores(ones[t])[0, pos], truth, atol=1e-9,
-                                                               rtol=0, equal_nan=True)
-                                                   for t, (_, truth) in zip(targets, parts))
-        if same and abs(stat2(np.ones((1, len(ids))), ones)[0] - rows[0]["value"]) <= 1e-9:
-            l2, h2 = two_level_interval(stat2, unit_of, len(units), sizes, n_resamples, seed)
-            rows[0] = claim_row(*[rows[0][k] for k in ("claim", "kind", "scope", "statistic", "value")], l2, h2,
-                                "none", rows[0]["members"] + f" × cases ({cases.n_cases(sizes)})", len(ids), len(units),
-                                unit, "cases resampled on the ID and OOD scores (the agreement line: runs only)",
-                                text, lo, hi, RUNS_X_CASES)
+    got = None if cases is None else aline_two_level(cases, ids, targets, mae, p_raw, [t for _, t in parts], unit_of,
+                                                      len(units), rows[0]["value"], eps, n_resamples, seed)
+    if got is not None:
+        r = rows[0]
+        rows[0] = claim_row(r["claim"], r["kind"], r["scope"], r["statistic"], r["value"], got[0], got[1], "none",
+                            r["members"] + f" × cases ({got[2]})", len(ids), len(units), unit,
+                            "cases resampled on the ID and OOD scores (the agreement line: runs only)", text, lo, hi,
+                            RUNS_X_CASES)
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",

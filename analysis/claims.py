@@ -1,9 +1,13 @@
 """The claims report: which of the paper's claims the experiment reproduces.
 
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
-statistic, its 95% bootstrap interval **over training runs** (``run_id``: the snapshot members of a
-run move together; the bootstrap is ``analysis.correlate``'s, never a second one), the members it is
-computed on, and a verdict decided from the interval alone by the rule ``rule_text`` states:
+statistic, its 95% bootstrap interval, the members it is computed on, and a verdict decided from the
+interval alone by the rule ``rule_text`` states. The interval: over **training runs and the sites' test
+cases** (``analysis.case_bootstrap``: runs drawn as ``analysis.correlate``'s bootstrap draws them, then each
+site's cases, the members' scores recomputed from them) for C2, C4, the other indicators and ALine-S when
+the case records are given (``cases``); over **training runs** alone (``run_id``: the snapshot members of a
+run move together; ``analysis.correlate``'s bootstrap) for the other rows, and beside the two-level one
+(``ci_runs_low``/``ci_runs_high``):
 
 * ``reproduced``: the whole interval lies on the claim's side of its threshold;
 * ``refuted``: the whole interval lies on the other side;
@@ -188,7 +192,8 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
           f"Does this experiment reproduce the claims of Nguyen, Pham et al. 2023? Metric: `{metric}`. "
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
           f"`claims.csv`.", "",
-          rule_text(n_resamples, floor, two_level=bool((claims["interval"] == RUNS_X_CASES).any())), "", "## Verdicts", ""]
+          rule_text(n_resamples, floor, two_level=bool((claims["interval"] == RUNS_X_CASES).any())), "",
+          "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         md.append(f"- **{c}**: {CLAIM_TEXT[c]}.")
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]

@@ -74,17 +74,17 @@ class CaseScores:
     metric: str = ""
 
     def n_cases(self, sizes: dict[str, int] | None = None) -> str:
-        """The cases drawn per site, for a row's label (e.g. ``ID 10 + 10 per target cases``): of ``sizes``
-        (a statistic's ``{ID_KEY or target: cases}``), default every site."""
+        """The cases drawn per site, for a row's label (e.g. ``10 ID, 10 per target``): of ``sizes`` (a
+        statistic's ``{ID_KEY or target: cases}``), default every site."""
         if sizes is None:
             sizes = {**({ID_KEY: len(self.id.case_ids)} if self.id is not None else {}),
                      **{t: len(s.case_ids) for t, s in self.ood.items()}}
         t = sorted({n for k, n in sizes.items() if k != ID_KEY})
-        out = [f"ID {sizes[ID_KEY]}"] if ID_KEY in sizes else []
+        out = [f"{sizes[ID_KEY]} ID"] if ID_KEY in sizes else []
         if t:
             out.append("–".join(str(v) for v in (t[:1] + t[-1:] if len(t) > 1 else t))
                        + (" per target" if len([k for k in sizes if k != ID_KEY]) > 1 else " on the target"))
-        return " + ".join(out) + " cases"
+        return ", ".join(out)
 
 
 def _dense(keys: pd.DataFrame, values: dict[str, np.ndarray], members: list[str], cases: list[str],

@@ -153,7 +153,7 @@ def test_cases_that_vary_widen_an_interval_the_runs_leave_degenerate():
     assert (b["ci_runs_low"], b["ci_runs_high"]) == (p["ci_low"], p["ci_high"])  # the run-level one kept beside it
     assert b["ci_low"] < 0.97 and b["ci_high"] <= 1.0 and b["ci_high"] - b["ci_low"] > 0.03
     assert b["verdict"] == decide(b["ci_low"], b["ci_high"], "weak")  # the verdict reads the two-level interval
-    assert "× cases (ID 5 + 5 on the target cases)" in b["members"]
+    assert "× cases (5 ID, 5 on the target)" in b["members"]
     # the per-target row too
     assert both[1]["scope"] == "B" and both[1]["interval"] == RUNS_X_CASES and both[1]["ci_low"] < 0.97
 
@@ -250,7 +250,7 @@ def test_c4_draws_the_area_with_the_scores_and_agreement_rows_say_they_do_not():
     cs = case_scores(slices, "iou_3d", [f"m{i}" for i in range(8)], unc=unc)
     c4 = indicator_rows(table, "uncertain_area", "C4", "claim", "strong_negative", n_resamples=199, cases=cs)[0]
     assert c4["interval"] == RUNS_X_CASES and c4["note"] == "" and c4["value"] < -0.9
-    assert "(5 on the target cases)" in c4["members"]  # C4 draws no ID case
+    assert "× cases (5 on the target)" in c4["members"]  # C4 draws no ID case
     extra = indicator_rows(table, "id_agreement", "extra", "extra", "weak", n_resamples=99, per_target=False,
                            cases=cs)[0]
     assert extra["interval"] == RUNS_X_CASES and "OOD scores only (`id_agreement`" in extra["note"]

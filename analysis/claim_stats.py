@@ -15,13 +15,14 @@ from scipy import stats
 
 from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, ORACLE_CAVEAT, claim_row, count_text, members_label,
                                  pair_counts, point_value, run_interval, target_counts, untestable_row, wide_values)
+from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, aline_two_level, r_two_level
 from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
                                 pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points,
                                 weighted_rank_stats)
 from analysis.indicators import INDICATORS
 from analysis.performance import score_scale
 from analysis.run_intervals import arms_worst_case, bonferroni_level, paired_worst_case, runs_short, welch_interval
-from analysis.probit_clip import scale_matrices, scale_table, scale_words, with_scale
+from analysis.probit_clip import axis_site, clips_or_default, scale_matrices, scale_table, scale_words, with_scale
 from analysis.tables import select_best_configs
 
 
@@ -40,9 +41,37 @@ def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callab
     return statistic
 
 
+def _with_cases(row: dict, side: str, cases: CaseScores | None, args: tuple, clips_xy=None) -> dict:
+    """``row`` with the two-level interval (``case_bootstrap.r_two_level``: ``args`` its positional arguments,
+    then the recorded OOD scores ``y``; ``clips_xy``: per target the probit clips of x and y on the probit scale)
+    as its default interval, the run-level one beside it; unchanged (run-level only) where the case records
+    cannot give one."""
+    got = (None if cases is None else
+           r_two_level(cases, *args[:-1], value=row["value"], y=args[-1], clips_xy=clips_xy))
+    if got is None:
+        return row
+    lo, hi, note, drawn = got
+    return claim_row(row["claim"], row["kind"], row["scope"], row["statistic"], row["value"], lo, hi, side,
+                     row["members"] + f" × cases ({drawn})", row["n_members"], row["n_units"], row["unit"],
+                     "; ".join(n for n in (row["note"], note) if n), row["claim_text"], row["ci_low"], row["ci_high"],
+                     RUNS_X_CASES)
+
+
+def _axis_clips(tb: pd.DataFrame, col: str, targets: list[str], scale: str | None, clips):
+    """Per target, the probit clips of ``col``'s axis and of the OOD score's (None off the probit scale), as
+    ``scale_table`` applied them, for the two-level bootstrap's recomputed scores."""
+    if scale != "probit":
+        return None
+    c = clips_or_default(clips)
+    src = (tb.drop_duplicates("target").set_index(tb.drop_duplicates("target")["target"].astype(str))["source"]
+           if "source" in tb.columns else pd.Series({t: t for t in targets}))
+    return ([c.clip(axis_site(col, src.get(t, t), t)) for t in targets], [c.clip(t) for t in targets])
+
+
 def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, side: str,
                    n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                   per_target: bool = True, scale: str | None = None, clips=None) -> list[dict]:
+                   per_target: bool = True, scale: str | None = None, clips=None,
+                   cases: CaseScores | None = None) -> list[dict]:
     """Pearson r of ``indicator`` with the OOD score: one row per target and an overall row (the mean r
     over the targets, bootstrapped as one statistic over the runs, so its interval is honest).
 
@@ -51,6 +80,8 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     the overall row only. ``scale``: ``"probit"`` reads both axes on the probit scale (``scale_table``; the
     floor still applies to the raw values), ``"raw"`` the values as they are; either is named in the
     statistic and the ``scale`` column (None: neither, as before the scales were reported).
+    ``cases``: the members' case sums (``case_bootstrap.case_scores``): every row's interval is then the
+    two-level one (runs × cases, on the row's scale), the run-level one beside it.
     """
     col = INDICATORS[indicator].column
     label = f"extra: {indicator}" if kind == "extra" else claim
@@ -80,17 +111,25 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     words = scale_words(scale)
-    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD{words})",
-                          point_value(stat, len(units)), lo, hi, side, members_label(*target_counts(tb, targets), unit),
-                          len(members), len(units), unit, text=text))
+    unit_of, present = unit_of_points(units, len(members)), np.isfinite(x) & np.isfinite(y)
+    cxy = _axis_clips(tb, col, targets, scale, clips)
+    rows.append(_with_cases(claim_row(
+        label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD{words})",
+        point_value(stat, len(units)), lo, hi, side, members_label(*target_counts(tb, targets), unit),
+        len(members), len(units), unit, text=text), side,
+        cases, (members, targets, col, x, present, unit_of, len(units), n_resamples, seed, y), cxy))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
                        groups=g["run_id"].to_numpy(dtype=object))
-        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD{words})", st["pearson_r"],
-                              st["pearson_boot_low"], st["pearson_boot_high"], side,
-                              members_label(st["n"], st["n_units"], st["resample"]),
-                              st["n"], st["n_units"], st["resample"], text=text))
+        j = targets.index(t)
+        rows.append(_with_cases(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD{words})", st["pearson_r"],
+                                          st["pearson_boot_low"], st["pearson_boot_high"], side,
+                                          members_label(st["n"], st["n_units"], st["resample"]),
+                                          st["n"], st["n_units"], st["resample"], text=text), side,
+                                cases, (members, [t], col, x[:, [j]], present[:, [j]], unit_of, len(units),
+                                        n_resamples, seed, y[:, [j]]),
+                                None if cxy is None else (cxy[0][j:j + 1], cxy[1][j:j + 1])))
     return with_scale(rows, scale)
 
 
@@ -360,11 +399,13 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
 
 
 def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_resamples: int = N_RESAMPLES,
-               seed: int = SEED, eps: float = 1e-3, clips=None) -> list[dict]:
+               seed: int = SEED, eps: float = 1e-3, clips=None, cases: CaseScores | None = None) -> list[dict]:
     """The ALine estimates' mean absolute error (pp), mean over targets: ALine-S with a run-level interval
     (its agreement line refitted on each resample's pairs); ALine-D as a point value (its least-squares
     solve per resample is not vectorised, so no interval). ``clips``: each site's probit clip
-    (``analysis.probit_clip.Clips``, named in the rows' note); None: ``eps`` on every site."""
+    (``analysis.probit_clip.Clips``, named in the rows' note); None: ``eps`` on every site. ``cases``:
+    ALine-S's default interval is then the two-level one, its ID scores and true OOD scores recomputed from
+    the drawn cases (the agreement line from the drawn runs only: the agreement records are per site)."""
     text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or table is None or table.empty:
@@ -377,7 +418,8 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
                                "project", "MAE (pp)", text)]
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
     clip = (lambda site: eps) if clips is None else clips.clip  # noqa: E731
-    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), clip(id_site))
+    p_raw = mem["id_score"].reindex(ids).to_numpy(dtype=float)
+    p = probit(p_raw, clip(id_site))
     units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
     unit_of = unit_of_points(units, len(ids))
     g = probit(agreement.matrices[id_site], clip(id_site))
@@ -386,16 +428,18 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
     parts = [(pair_mats(g, probit(agreement.matrices[t], clip(t))), wide_values(table, "ood_score", ids, [t])[:, 0])
              for t in targets]
 
-    def stat(idx, axis=-1):
-        c = point_weights(idx, unit_of, len(units))
+    def mae(c, p, truths):
         out = []
-        for mats, truth in parts:
+        for (mats, _), truth in zip(parts, truths):
             a, b, _ = moments_line(pair_moments(mats, c))
             err = np.abs(stats.norm.cdf(a[..., None] * p + b[..., None]) - truth)
             w = c * np.isfinite(err)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out.append((w * np.nan_to_num(err)).sum(-1) / w.sum(-1))
         return 100.0 * np.mean(out, axis=0)
+
+    def stat(idx, axis=-1):
+        return mae(point_weights(idx, unit_of, len(units)), p, [truth for _, truth in parts])
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
     has = [np.isfinite(p) & np.isfinite(truth) for _, truth in parts]  # the members each target's MAE reads
     label = members_label([h.sum() for h in has], [len(set(unit_of[h])) for h in has], unit)
@@ -403,6 +447,15 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
                       point_value(stat, len(units)), lo, hi, "none", label,
                       len(ids), len(units), unit, text=text,
                       note="probit clip " + ", ".join(f"{s} {clip(s):.3g}" for s in [id_site, *targets]))]
+    got = (None if cases is None else
+           aline_two_level(cases, ids, targets, mae, p_raw, [t for _, t in parts], unit_of, len(units),
+                           rows[0]["value"], clip(id_site), n_resamples, seed))
+    if got is not None:
+        r = rows[0]
+        rows[0] = claim_row(r["claim"], r["kind"], r["scope"], r["statistic"], r["value"], got[0], got[1], "none",
+                            r["members"] + f" × cases ({got[2]})", len(ids), len(units), unit,
+                            r["note"] + "; cases resampled on the ID and OOD scores (the agreement line: runs only)",
+                            text, lo, hi, RUNS_X_CASES)
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",

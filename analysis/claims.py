@@ -1,11 +1,14 @@
 """The claims report: which of the paper's claims the experiment reproduces.
 
 One row per claim of Nguyen, Pham et al. 2023 (and the project's own questions), each with a named
-statistic, its 95% interval **over training runs** (``run_id``: the snapshot members of a run move
-together; C2–C4 and the project's rows: ``analysis.correlate``'s bootstrap, never a second one; C1 and C5,
-arms of a few runs: Student's t over the runs' means, ``analysis.run_intervals``, at least 3 runs per
-arm), the members it is computed on, and a verdict decided from the interval alone by the rule
-``rule_text`` states:
+statistic, its 95% interval, the members it is computed on, and a verdict decided from the interval alone
+by the rule ``rule_text`` states. The interval: over **training runs and the sites' test cases**
+(``analysis.case_bootstrap``: runs drawn as ``analysis.correlate``'s bootstrap draws them, then each site's
+cases, the members' scores recomputed from them) for C2, C4, the other indicators and ALine-S when the case
+records are given (``cases``); over **training runs** alone (``run_id``: the snapshot members of a run move
+together; ``analysis.correlate``'s bootstrap) for C3 and beside the two-level one (``ci_runs_low``/
+``ci_runs_high``); C1 and C5, arms of a few runs: Student's t over the runs' means (``analysis.run_intervals``,
+at least 3 runs per arm):
 
 * ``reproduced``: the whole interval lies on the claim's side of its threshold;
 * ``refuted``: the whole interval lies on the other side;
@@ -48,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.aline import aline_table
+from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, prepared_case_scores
 from analysis.claim_rule import (CLAIM_COLUMNS, CLAIM_TEXT, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED,
                                  rule_text, untestable_row)
 from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
@@ -85,7 +89,7 @@ def _check_degenerate(ov: dict, nd: dict | None) -> None:
 def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None, unc: pd.DataFrame | None = None,
                  aline_fits: list[dict] | None = None, indicators: list[str] | None = None,
                  n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                 sam_members: set[str] | None = None, clips=None) -> pd.DataFrame:
+                 sam_members: set[str] | None = None, clips=None, cases: CaseScores | None = None) -> pd.DataFrame:
     """Every claim row (``CLAIM_COLUMNS``).
 
     Args:
@@ -105,6 +109,9 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
         clips: the probit clips (``analysis.probit_clip.Clips``): C2 and C3 get a row per scale, the probit one
             first (it decides, scope ``overall``), the raw one beside it (scope ``overall (raw scale)``); None:
             the raw scale alone (a metric without a probit scale, −HD95).
+        cases: the label-free members' case sums (``case_bootstrap.case_scores``): C2, C4, the other indicators
+            and the ALine-S error then get the two-level interval (runs × cases) as their default, the run-level
+            one beside it; None: run-level intervals only.
     """
     rows: list[dict] = []
     rows += c1_rows(perf, n_resamples, seed)
@@ -136,10 +143,11 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                         nd = agreement_rows(agreement.subset(keep), run_of, n_resamples, seed, " (non-degenerate)",
                                             scale=scale, clips=clips)
             else:
-                got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, scale=scale, clips=clips)
+                got = indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, scale=scale, clips=clips,
+                                     cases=cases)
                 nd = ([] if floor is None else
                       indicator_rows(table, ind, claim, "claim", side, n_resamples, seed, floor, per_target=False,
-                                     scale=scale, clips=clips))
+                                     scale=scale, clips=clips, cases=cases))
             if floor is not None and got[0]["verdict"] != NOT_TESTABLE:
                 _check_degenerate(got[0], nd[0] if nd else None)
             if scale == "raw":  # beside the deciding probit row: named in the scope, per target too
@@ -155,14 +163,14 @@ def claims_table(perf: pd.DataFrame, table: pd.DataFrame | None, agreement=None,
                 continue
             rows += indicator_rows(table, n, "extra", "extra",
                                    "weak" if INDICATORS[n].higher_is_better else "strong_negative", n_resamples, seed,
-                                   per_target=False)
+                                   per_target=False, cases=cases)
     rows += regret_rows(None if empty else table, indicators, n_resamples, seed)
     metric = str(perf["metric"].iloc[0]) if len(perf) else ""
     if metric in SURFACE_METRICS:  # ALine maps agreement onto the metric: both must be on one scale
         rows.append(untestable_row("ALine error", f"{metric} is a surface metric and the agreement is the members' "
                                                   f"3D IoU: not on one scale", "project", "MAE (pp)"))
     else:
-        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed, clips=clips)
+        rows += aline_rows(None if empty else table, agreement, aline_fits, n_resamples, seed, clips=clips, cases=cases)
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS).fillna({"scale": "", "verdict_nondegenerate": ""})
 
 
@@ -170,13 +178,20 @@ def _fmt(v: float, spec: str = ".3f") -> str:
     return format(float(v), spec) if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v)) else "–"
 
 
+def _ci(lo: float, hi: float) -> str:
+    return f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "none"
+
+
 def _shown(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows as the report's tables show them."""
+    """The rows as the report's tables show them: the two-level interval (the verdict's, where the row has
+    one; "runs only" where the run-level interval decides) and the run-level one beside it."""
+    two = df["interval"] == RUNS_X_CASES
     return pd.DataFrame({
         "claim": df["claim"], "scope": df["scope"], "statistic": df["statistic"],
         "value": [_fmt(v) for v in df["value"]],
-        "95% CI (runs)": [f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "none"
-                          for lo, hi in zip(df["ci_low"], df["ci_high"])],
+        "95% CI (runs × cases)": [_ci(lo, hi) if t else "– (runs only)"
+                                  for lo, hi, t in zip(df["ci_low"], df["ci_high"], two)],
+        "95% CI (runs)": [_ci(lo, hi) for lo, hi in zip(df["ci_runs_low"], df["ci_runs_high"])],
         "claim's side": df["side"], "computed on": df["members"], "verdict": df["verdict"],
         "without the degenerate members": [_nondegenerate(r) for r in df.to_dict(orient="records")]})
 
@@ -186,8 +201,9 @@ def _nondegenerate(r: dict) -> str:
     if not str(r.get("verdict_nondegenerate") or ""):
         return "–"
     lo, hi = float(r["ci_low_nondegenerate"]), float(r["ci_high_nondegenerate"])
-    ci = f"[{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "no interval"
-    return f"{_fmt(r['value_nondegenerate'])} {ci}, {r['verdict_nondegenerate']} ({int(r['n_members_nondegenerate'])} members)"
+    ci = _ci(lo, hi) if math.isfinite(lo) and math.isfinite(hi) else "no interval"
+    return (f"{_fmt(r['value_nondegenerate'])} {ci}, {r['verdict_nondegenerate']} "
+            f"({int(r['n_members_nondegenerate'])} members)")
 
 
 def verdict_rows(claims: pd.DataFrame) -> pd.DataFrame:
@@ -208,7 +224,9 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
     md = [f"# Claims report{': ' + experiment if experiment else ''}", "",
           f"Does this experiment reproduce the claims of Nguyen, Pham et al. 2023? Metric: `{metric}`. "
           f"Built by `oodsweep report` (or `oodsweep analyze`) from the experiment's records; every row in "
-          f"`claims.csv`.", "", rule_text(n_resamples, floor, probit_clip), "", "## Verdicts", ""]
+          f"`claims.csv`.", "",
+          rule_text(n_resamples, floor, probit_clip, two_level=bool((claims["interval"] == RUNS_X_CASES).any())), "",
+          "## Verdicts", ""]
     for c in ("C1", "C2", "C3", "C4", "C5"):
         md.append(f"- **{c}**: {CLAIM_TEXT[c]}." + (f" {C1_READING}" if c == "C1" else ""))
     md += ["", markdown_table(shown(main)), "", "## In plain words", ""]
@@ -247,7 +265,9 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     if r["verdict"] == NOT_TESTABLE:
         return f"not testable: {r['note']}."
     has_ci = math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"])
-    ci = f"95% interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if has_ci else "no interval"
+    ci = f"95% interval ({r['interval']}) [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if has_ci else "no interval"
+    if has_ci and r["interval"] == RUNS_X_CASES:
+        ci += f", over runs only {_ci(r['ci_runs_low'], r['ci_runs_high'])}"
     s = f"{r['verdict']}: {r['statistic']} = {_fmt(r['value'])}, {ci}, on {r['members']}."
     carried = "carried by" in str(r["note"])
     if r["verdict"] == INCONCLUSIVE and not carried:
@@ -348,7 +368,8 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
             and metric not in SURFACE_METRICS else [])
     claims = claims_table(perf, table, agreement, unc, fits, n_resamples=n_resamples, seed=seed,
                           floor=None if floor is None else float(floor),
-                          sam_members=sam_members_of(experiment_dir) if unc is not None else None, clips=clips)
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None, clips=clips,
+                          cases=prepared_case_scores(experiment_dir, prep.slices, table, metric, unc, label))
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     if out_dir is None and label is not None:
         from analysis.plots import safe_name  # as run_analysis names the label's folder

@@ -131,7 +131,8 @@ CLIP_COLUMNS = ["probit_clip_x", "probit_clip_y"]
 SCALES = ("probit", "raw")
 
 
-def _clips_or_default(clips) -> Clips:
+def clips_or_default(clips) -> Clips:
+    """``clips``, or the fallback clip on every site where None."""
     return clips if clips is not None else Clips(FALLBACK)
 
 
@@ -147,7 +148,7 @@ def scale_table(table: pd.DataFrame, column: str, scale: str | None, clips=None)
         return table
     if scale != "probit":
         raise ValueError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
-    c = _clips_or_default(clips)
+    c = clips_or_default(clips)
     src = table["source"].astype(str) if "source" in table.columns else table["target"].astype(str)
     tgt = table["target"].astype(str)
     ex = np.array([c.clip(axis_site(column, s, t)) for s, t in zip(src, tgt)], dtype=float)
@@ -166,7 +167,7 @@ def scale_matrices(matrices: Mapping[str, np.ndarray], sites: list[str], scale: 
         return {s: matrices[s] for s in sites}
     if scale != "probit":
         raise ValueError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
-    c = _clips_or_default(clips)
+    c = clips_or_default(clips)
     return {s: probit_scaled(matrices[s], c.clip(s)) for s in sites}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.aline import aline_table, pair_correlations
+from analysis.case_bootstrap import prepared_case_scores
 from analysis.claims import claims_table, sam_members_of, write_claims
 from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -246,7 +247,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                           [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
                           n_resamples=n_resamples, seed=seed, floor=degenerate_floor,
                           sam_members=sam_members_of(experiment_dir) if unc is not None else None,
-                          clips=clips if bounded else None)
+                          clips=clips if bounded else None,
+                          cases=prepared_case_scores(experiment_dir, prep.slices, tables.get(LABEL_FREE), metric, unc,
+                                                     label))
     files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor,
                           clip_text)
     timings["claims"] = time.perf_counter() - t

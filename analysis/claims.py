@@ -54,7 +54,8 @@ from analysis.aline import aline_table
 from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, prepared_case_scores
 from analysis.claim_rule import (CLAIM_COLUMNS, CLAIM_TEXT, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED,
                                  rule_text, untestable_row)
-from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
+from analysis.claim_arms import c1_rows, c5_rows
+from analysis.claim_stats import agreement_rows, aline_rows, indicator_rows, regret_rows
 from analysis.correlate import MIN_POINTS, N_RESAMPLES, SEED
 from analysis.indicators import INDICATORS, resolve_indicators
 from analysis.performance import check_metric, is_bounded

@@ -254,3 +254,29 @@ def test_c4_draws_the_area_with_the_scores_and_agreement_rows_say_they_do_not():
     extra = indicator_rows(table, "id_agreement", "extra", "extra", "weak", n_resamples=99, per_target=False,
                            cases=cs)[0]
     assert extra["interval"] == RUNS_X_CASES and "OOD scores only (`id_agreement`" in extra["note"]
+
+
+def test_probit_rows_get_the_two_level_interval_on_the_probit_scale():
+    # the probit row's scores are probits (each axis with its site's clip): the case draws must be put on the
+    # same scale, so the identity draw reproduces the row's value and the row gets the two-level interval;
+    # with different clips on the two axes the interval differs from the raw row's
+    from analysis.probit_clip import Clips
+
+    k = np.random.default_rng(11).integers(0, 10, (8, 5))
+    k[0] = 0  # a member with nothing right: its score sits at the clip on the probit scale
+    slices = pd.concat([_slices(k, (("A", "id"),)),
+                        _slices(np.random.default_rng(12).integers(0, 10, (8, 5)), (("B", "ood"),))],
+                       ignore_index=True)
+    perf = performance_table(_members(8, 2), slices, "iou_3d")
+    table, cs = indicator_table(perf), case_scores(slices, "iou_3d", [f"m{i}" for i in range(8)])
+    clips = Clips("auto", {"A": 5, "B": 5})
+    assert clips.clip("A") == pytest.approx(0.1)  # half a case of 5
+    pro = indicator_rows(table, "id_performance", "C2", "claim", "weak", n_resamples=199, seed=2,
+                         scale="probit", clips=clips, cases=cs)
+    raw = indicator_rows(table, "id_performance", "C2", "claim", "weak", n_resamples=199, seed=2,
+                         scale="raw", clips=clips, cases=cs)
+    for rows in (pro, raw):
+        assert [r["interval"] for r in rows] == [RUNS_X_CASES, RUNS_X_CASES]
+    assert pro[0]["scale"] == "probit" and pro[0]["value"] != pytest.approx(raw[0]["value"], abs=1e-6)
+    assert (pro[0]["ci_low"], pro[0]["ci_high"]) != pytest.approx((raw[0]["ci_low"], raw[0]["ci_high"]), abs=1e-6)
+    assert pro[0]["ci_low"] <= pro[0]["value"] + 0.2 and pro[0]["ci_high"] >= pro[0]["value"] - 0.2

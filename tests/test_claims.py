@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis.claim_rule import CLAIM_COLUMNS, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED, decide
-from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
+from analysis.claim_arms import c1_rows, c5_rows
+from analysis.claim_stats import agreement_rows, aline_rows, indicator_rows, regret_rows
 from analysis.claims import claims_table
 from analysis.indicators import indicator_table
 from analysis.selection import select_models

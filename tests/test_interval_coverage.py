@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from analysis.claim_rule import INCONCLUSIVE, REPRODUCED
-from analysis.claim_stats import c1_rows, c5_rows
+from analysis.claim_arms import c1_rows, c5_rows
 from analysis.run_intervals import MIN_RUNS, arms_worst_case, paired_worst_case, welch_interval
 
 N_SETS = 2000

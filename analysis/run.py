@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.aline import aline_table, pair_correlations
+from analysis.budget_claims import experiment_budget_rows, with_budget_rows
 from analysis.claims import claims_table, sam_members_of, write_claims
 from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -237,6 +238,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                           [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
                           n_resamples=n_resamples, seed=seed, floor=degenerate_floor,
                           sam_members=sam_members_of(experiment_dir) if unc is not None else None)
+    claims = with_budget_rows(claims, experiment_budget_rows(experiment_dir, tables.get(LABEL_FREE), n_resamples,
+                                                             seed))  # C4 at δ's longer budget (a sensitivity)
     files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor)
     timings["claims"] = time.perf_counter() - t
 

@@ -128,9 +128,9 @@ def run_budget_stage(spec: SweepSpec, cache: Path, tracker: Tracker, init_ray: C
         return []
     tracker.reopen(parent)
     tracker.log_params(parent, {"epochs": s.epochs, "members": str(s.members), "n_members": len(subset)})
-    init_ray()
     log(f"δ-budget sensitivity: δ fitted again for {len(todo)} of {len(subset)} members ({s.members}) at "
         f"{s.epochs} epochs (the default δ: {spec.uncertainty.epochs}); records in {BUDGET_STAGE}/")
+    init_ray()
     checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
                                                                                members["checkpoint"])}
     results = interrupts.tune_fit(build_budget_tuner(spec, cache, tracker, parent, todo, checkpoints,

@@ -104,11 +104,13 @@ def build_budget_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, paren
     )
 
 
-def run_budget_stage(spec: SweepSpec, cache: Path, tracker: Tracker, init_ray: Callable[[], None]) -> list[str]:
+def run_budget_stage(spec: SweepSpec, cache: Path, tracker: Tracker, init_ray: Callable[[], None],
+                     relocated: bool = False) -> list[str]:
     """Fit the longer δ for every member of the subset without budget records; return the failed trials' errors.
 
-    ``init_ray``: connects to Ray (the driver's), called only when something is left to fit. The default δ's
-    records are read (its members and checkpoints), never written."""
+    ``init_ray``: connects to Ray (the driver's), called only when something is left to fit. ``relocated``: the
+    experiment folder moved (Tune's saved state holds the old paths: set aside, as the δ stage does). The default
+    δ's records are read (its members and checkpoints), never written."""
     from trainables.uncertainty.group import recorded_members
 
     from . import interrupts, reconcile
@@ -131,6 +133,8 @@ def run_budget_stage(spec: SweepSpec, cache: Path, tracker: Tracker, init_ray: C
     log(f"δ-budget sensitivity: δ fitted again for {len(todo)} of {len(subset)} members ({s.members}) at "
         f"{s.epochs} epochs (the default δ: {spec.uncertainty.epochs}); records in {BUDGET_STAGE}/")
     init_ray()
+    if relocated and reconcile.retire_tune_state(exp / BUDGET_STAGE):
+        log("δ-budget sensitivity: Tune's saved state set aside (the folder moved); the records say what is left")
     checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
                                                                                members["checkpoint"])}
     results = interrupts.tune_fit(build_budget_tuner(spec, cache, tracker, parent, todo, checkpoints,

@@ -54,6 +54,7 @@ from analysis.aline import aline_table
 from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, prepared_case_scores
 from analysis.claim_rule import (CLAIM_COLUMNS, CLAIM_TEXT, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED,
                                  rule_text, untestable_row)
+from analysis.budget_claims import budget_markdown, experiment_budget_rows, with_budget_rows
 from analysis.claim_arms import c1_rows, c5_rows
 from analysis.claim_stats import agreement_rows, aline_rows, indicator_rows, regret_rows
 from analysis.correlate import MIN_POINTS, N_RESAMPLES, SEED
@@ -242,6 +243,7 @@ def claims_markdown(claims: pd.DataFrame, experiment: str = "", metric: str = ""
            "Mean Pearson r over the targets with OOD performance, label-free members; side: strong and negative for "
            "the uncertainty readings (as C4), weak for the agreement indicators (as C2/C3).", "",
            markdown_table(shown(extra)) if len(extra) else "(none)", ""]
+    md += budget_markdown(claims, shown)  # C4 at δ's two budgets, when the experiment has a sensitivity
     proj = claims[claims["kind"] == "project"]
     md += ["## The project's own rows", "",
            "Model selection: for each target, the member the indicator ranks first is deployed; the statistic is its "
@@ -371,6 +373,7 @@ def build_claims(experiment_dir: str | Path, metric: str | None = None, out_dir:
                           floor=None if floor is None else float(floor),
                           sam_members=sam_members_of(experiment_dir) if unc is not None else None, clips=clips,
                           cases=prepared_case_scores(experiment_dir, prep.slices, table, metric, unc, label))
+    claims = with_budget_rows(claims, experiment_budget_rows(experiment_dir, table, n_resamples, seed))
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     if out_dir is None and label is not None:
         from analysis.plots import safe_name  # as run_analysis names the label's folder

@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.aline import aline_table, pair_correlations
 from analysis.case_bootstrap import prepared_case_scores
+from analysis.budget_claims import experiment_budget_rows, with_budget_rows
 from analysis.claims import claims_table, sam_members_of, write_claims
 from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -250,6 +251,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                           clips=clips if bounded else None,
                           cases=prepared_case_scores(experiment_dir, prep.slices, tables.get(LABEL_FREE), metric, unc,
                                                      label))
+    claims = with_budget_rows(claims, experiment_budget_rows(experiment_dir, tables.get(LABEL_FREE), n_resamples,
+                                                             seed))  # C4 at δ's longer budget (a sensitivity)
     files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor,
                           clip_text)
     timings["claims"] = time.perf_counter() - t

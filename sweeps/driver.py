@@ -413,6 +413,10 @@ def _stages(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None,
     if spec.uncertainty is not None:
         errors = run_uncertainty_stage(spec, cache, tracker, address=address, num_cpus=num_cpus,
                                        relocated=relocated)
+        if spec.uncertainty.sensitivity is not None and not errors:  # δ again, longer (sweeps.uncertainty_budget)
+            from .uncertainty_budget import run_budget_stage
+
+            errors = run_budget_stage(spec, cache, tracker, lambda: _init_ray(spec, address, num_cpus), relocated)
     # after failed δ trials the others are analysed, and tables.md lists what is missing
     result = run_analysis_stage(spec, tracker, allow_incomplete=bool(errors))
     summary = {"experiment_dir": str(exp), "tracking_uri": tracker.tracking_uri,

@@ -171,6 +171,17 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class SensitivitySpec:
+    """``uncertainty.sensitivity``: a second δ per member of a subset, fitted ``epochs`` long (a longer budget than
+    ``uncertainty.epochs``) and recorded apart (``records/uncertainty_budget``), so that C4 can be read at both
+    budgets on the same members (docs/uncertainty.md "δ's training budget")."""
+
+    epochs: int
+    #: "per_run" (each training run's last snapshot member), "all", or N: the first N of "per_run"
+    members: str | int = "per_run"
+
+
+@dataclass(frozen=True)
 class UncertaintySpec:
     """The δ net per pool member (paper §2.3) and the Table-4 baselines."""
 
@@ -215,6 +226,8 @@ class UncertaintySpec:
     train_max_failures: int = 0
     #: pixel AUROC/AP of the maps: "auto", "exact" or "binned" (DeltaConfig.scoring; docs/uncertainty.md)
     scoring: str = DeltaConfig.default("scoring")
+    #: the δ-budget sensitivity (None: none; the default δ's records are the same with and without it)
+    sensitivity: SensitivitySpec | None = None
 
 
 @dataclass(frozen=True)

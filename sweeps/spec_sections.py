@@ -2,6 +2,7 @@
 join sections (the image size against the pool's architectures)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -302,7 +303,8 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "batch_size": False, "baselines": False, "passes": False, "workers": False, "resources": False,
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
         "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
-        "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False})
+        "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False,
+        "sensitivity": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -349,6 +351,11 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         bayescap=_bayescap(c, u.get("bayescap")),
         scoring=c.choice(u.get("scoring", dflt("scoring")), "uncertainty.scoring", SCORING_MODES),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
+    if u.get("sensitivity") is not None:  # the δ-budget sensitivity (sweeps.spec_sensitivity)
+        from .spec_sensitivity import parse_sensitivity
+
+        uncertainty = dataclasses.replace(uncertainty, sensitivity=parse_sensitivity(c, u["sensitivity"],
+                                                                                     uncertainty.epochs))
     # data.val_fraction: a validation split carved from the source's training cases
     if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
         raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "

@@ -105,6 +105,9 @@ class DeltaConfig(Config):
     #: the maps' pixel AUROC/AP for the error pixels: "exact" (sklearn over every pixel), "binned" (per-bin counts
     #: on the device, bounded memory; trainables.ranking) or "auto" (exact up to ranking.EXACT_MAX_PIXELS per site)
     scoring: str = setting("auto", choice("auto", "exact", "binned"))
+    #: the records' folder under ``records/``: "uncertainty" (the δ stage), or "uncertainty_budget" (the δ-budget
+    #: sensitivity's second δ, fitted longer on a subset of members: ``uncertainty.sensitivity``)
+    records_folder: str = setting("uncertainty", choice("uncertainty", "uncertainty_budget"))
     #: slices kept for the qualitative figure
     n_examples: int = setting(4, integer)
     #: epochs between resumable checkpoints (and after the last epoch)

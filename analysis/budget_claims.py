@@ -77,7 +77,8 @@ def with_budget_rows(claims: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
     verdict row)."""
     if not rows:
         return claims
-    return pd.concat([claims, pd.DataFrame(rows, columns=claims.columns)], ignore_index=True)
+    return pd.concat([claims, pd.DataFrame(rows, columns=claims.columns)],
+                     ignore_index=True).fillna({"scale": "", "verdict_nondegenerate": ""})
 
 
 def budget_markdown(claims: pd.DataFrame, shown) -> list[str]:

@@ -200,7 +200,8 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
 
 def _nondegenerate(r: dict) -> str:
     """The ``*_nondegenerate`` columns of a row in words ("–" where the row has none)."""
-    if not str(r.get("verdict_nondegenerate") or ""):
+    v = r.get("verdict_nondegenerate")
+    if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v):
         return "–"
     lo, hi = float(r["ci_low_nondegenerate"]), float(r["ci_high_nondegenerate"])
     ci = _ci(lo, hi) if math.isfinite(lo) and math.isfinite(hi) else "no interval"

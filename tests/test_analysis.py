@@ -207,7 +207,7 @@ def test_best_config_selection_uses_the_validation_split_when_there_is_one():
 
 def test_table1_cells():
     wide = table1(_table_pool()).set_index("setting")
-    assert list(wide.columns) == ["domain", "medsam", "unet"]
+    assert list(wide.columns) == ["domain", "medsam", "unet", "seed spread"]  # tests/test_seeds.py: the last
     assert list(wide.index) == ["A", "A → B", "A → C"]
     assert wide.loc["A", "domain"] == "Same-Dom." and wide.loc["A → B", "domain"] == "Cross-Dom."
     assert wide.loc["A", "unet"] == "75.00 ± 7.07"               # sample std (ddof=1) over two seeds

@@ -292,7 +292,8 @@ def test_run_analysis_writes_every_file(tmp_path):
     assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
     assert "Fig. 3: skipped" in md and "Table 4: uncertainty methods" in md and "Skipped: no uncertainty" in md
     t1 = pd.read_csv(out / "table1.csv")
-    assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18"]
+    assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18", "seed spread"]
+    assert "over 3 seeds" in md.split("## Pool health")[1].split("##")[0]  # 3 seeds a configuration: the spread
     assert "| medsam_tiny † |" in md and "† oracle-prompted" in md and "Label-free members** (6" in md
     assert "29 bootstrap resamples of pool members (no run ids in the records, or one member per run)" in md
     sel = pd.read_csv(out / "selection.csv")

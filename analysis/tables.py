@@ -23,8 +23,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.performance import score_scale, score_unit
+from analysis.seeds import table_spread
 
 SAME, CROSS = "Same-Dom.", "Cross-Dom."
+#: Table 1's last column: the range and SD across seeds of the configurations with >= 2 seeds (``analysis.seeds``).
+SEED_SPREAD = "seed spread"
 
 
 def format_cell(mean_pct: float, std_pct: float, change_pct: float | None = None) -> str:
@@ -150,8 +153,9 @@ def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
 
     Args:
         perf: a ``performance_table`` (one or several sources).
-        orient: ``"settings"`` (Table 1): columns ``domain, setting`` then one column of cells
-            per architecture; rows the Same-Dom. row of each source, then its Cross-Dom. rows in
+        orient: ``"settings"`` (Table 1): columns ``domain, setting``, one column of cells per
+            architecture, then ``seed spread`` (:data:`SEED_SPREAD`: the row's score across the seeds of
+            every configuration with >= 2 seeds, selected or not); rows the Same-Dom. row of each source, then its Cross-Dom. rows in
             target order. ``"archs"`` (Tables 2–3): column ``arch`` then one column per setting
             (Same-Dom. settings first), one row per architecture.
 
@@ -171,7 +175,11 @@ def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
     wide = wide.reindex(pd.MultiIndex.from_tuples([s[:2] for s in settings], names=["domain", "setting"]),
                         columns=archs).fillna("–")
     wide.columns.name = None
-    if orient == "settings":
+    if orient == "settings":  # the last column: how far a configuration moves across seeds (analysis.seeds)
+        scale = score_scale(str(perf["metric"].iloc[0])) if "metric" in perf and len(perf) else 100.0
+        where = {(r.domain, r.setting): (r.source, "id" if r.domain == SAME else r.target)
+                 for r in long.itertuples(index=False)}
+        wide[SEED_SPREAD] = [table_spread(perf, *where[k], scale=scale) for k in wide.index]
         return wide.reset_index()
     out = wide.T
     out.columns = [f"{d}: {s}" for d, s in out.columns]
@@ -206,6 +214,9 @@ def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
                f"(lr, epochs) configuration with the best mean {metric} on {chosen_on} is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
                f"mean in percentage points. Selected: {chosen}."
+               + (f" {SEED_SPREAD}: the row's {metric} across the seeds of each configuration trained with ≥ 2 "
+                  f"seeds (selected or not), min–max (SD), in the cells' unit: the seed noise to read the "
+                  f"differences against." if orient == "settings" else "")
                + (f" {DAGGER} oracle-prompted: evaluated with each slice's ground-truth box as the prompt (as "
                   f"MedSAM in the paper), so its scores are not comparable with the unprompted models' and it "
                   f"is left out of every label-free result." if oracle else ""))

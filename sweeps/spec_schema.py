@@ -158,6 +158,13 @@ class PoolSpec:
     #: the open architectures of ``arch`` by id: their normalised definitions (trainables.models.open_archs),
     #: passed to every trial as ``model_defs``
     models: dict = field(default_factory=dict)
+    #: ``pool.repeat`` (``sweeps.spec_repeat``): extra (arch, lr, seed) training runs of grid configurations
+    repeat: tuple[tuple[str, float, int], ...] = ()
+
+    def runs(self) -> list[tuple[str, float, int]]:
+        """Every (arch, lr, seed) training run of a grid pool: the grid's, then ``repeat``'s."""
+        return [(a, lr, s) for a in self.arch.values for lr in self.lr.values for s in self.seed.values] \
+            + list(self.repeat)
 
 
 @dataclass(frozen=True)
@@ -303,7 +310,7 @@ class SweepSpec:
             return self.imported.runs or None
         if self.search:
             return self.search.num_samples
-        n = len(self.pool.arch.values) * len(self.pool.lr.values) * len(self.pool.seed.values)
+        n = len(self.pool.runs())
         return n * (len(self.pool.epochs.values) if self.pool.epochs.mode == "grid" else 1)
 
     def n_members(self) -> int | None:

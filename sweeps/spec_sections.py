@@ -15,6 +15,7 @@ from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
                           TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, ImportSpec, Param, PoolSpec, SearchSpec,
                           SpecError, UncertaintySpec, default)
+from .spec_repeat import parse_repeat
 from .user_models import parse_arch
 
 
@@ -213,7 +214,8 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
                              "max_failures": False, "checkpoint_every": False, "sam_checkpoint": False,
-                             "sam_sha256": False, "encoder_weights": False, "training": False, "sam_channels": False})
+                             "sam_sha256": False, "encoder_weights": False, "training": False, "sam_channels": False,
+                             "repeat": False})
     arch, models = parse_arch(c, p["arch"], image_size)
     sam_per_arch = {}
     if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
@@ -259,7 +261,8 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
                                   "pool.checkpoint_every", integer=True, positive=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
         sam_per_arch=sam_per_arch, sam_channels=_sam_channels(c, p.get("sam_channels"), arch, models),
-        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
+        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True),
+        repeat=parse_repeat(c, p.get("repeat"), arch, lr, seed))
 
 
 def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> SearchSpec | None:
@@ -270,6 +273,9 @@ def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> Search
                 raise c.fail(k, f"{prm.kind} needs a search: add `search: {{algo: optuna, num_samples: N}}` "
                                 f"or use {{grid: [...]}}")
         return None
+    if pool.repeat:
+        raise c.fail("pool.repeat", "adds seeds to configurations of a grid; a search samples its own "
+                                    "configurations: remove pool.repeat or the search section")
     s = c.keys(raw, "search", {"algo": False, "num_samples": False, "metric": False, "mode": False, "seed": False})
     search = SearchSpec(
         algo=c.choice(s.get("algo", "optuna"), "search.algo", ("optuna",)),

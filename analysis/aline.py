@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.agreement import one_blas_thread
+from analysis.probit_clip import CLIP_COLUMNS
 from analysis.correlate import (BOOT_BATCH, CONFIDENCE, ID_COLUMNS, MIN_POINTS, STAT_KEYS, correlate_pairs,
                                 moments_line, pair_mats, pair_moments, point_weights, probit, resampling_units,
                                 unit_of_points)
@@ -55,14 +56,14 @@ def _pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def aline_estimates(id_score: np.ndarray, id_agreement: np.ndarray, ood_agreement: np.ndarray,
-                    eps: float = 1e-3) -> dict[str, object]:
+                    eps: float | tuple[float, float] = 1e-3) -> dict[str, object]:
     """ALine-S and ALine-D estimates of every member's OOD score (see the module docstring).
 
     Args:
         id_score: ``M`` ID scores (source test split, labels of the source only).
         id_agreement: ``M x M`` agreement on the source test split.
         ood_agreement: ``M x M`` agreement on the target's (unlabelled) images.
-        eps: clip margin of ``probit``.
+        eps: clip margin of ``probit``: one, or ``(the source's, the target's)`` (``analysis.probit_clip``).
 
     Returns:
         ``{"aline_s": M array, "aline_d": M array, "slope": a, "intercept": b, "n_pairs": int}``;
@@ -72,9 +73,10 @@ def aline_estimates(id_score: np.ndarray, id_agreement: np.ndarray, ood_agreemen
     acc = np.asarray(id_score, dtype=float)
     m = len(acc)
     ia, ib = _pairs(m)
-    g = probit(np.asarray(id_agreement, dtype=float)[ia, ib], eps)
-    h = probit(np.asarray(ood_agreement, dtype=float)[ia, ib], eps)
-    p = probit(acc, eps)
+    e_id, e_ood = eps if isinstance(eps, tuple) else (eps, eps)
+    g = probit(np.asarray(id_agreement, dtype=float)[ia, ib], e_id)
+    h = probit(np.asarray(ood_agreement, dtype=float)[ia, ib], e_ood)
+    p = probit(acc, e_id)
     ok = np.isfinite(g) & np.isfinite(h) & np.isfinite(p[ia]) & np.isfinite(p[ib])
     out: dict[str, object] = {"aline_s": np.full(m, np.nan), "aline_d": np.full(m, np.nan), "slope": math.nan,
                               "intercept": math.nan, "n_pairs": int(ok.sum())}
@@ -114,7 +116,7 @@ def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.ndarray, ood_agreement: np.ndarray,
                groups: np.ndarray | list | None = None, n_resamples: int = 2000, seed: int = 0,
-               eps: float = 1e-3) -> dict[str, object]:
+               eps: float | tuple[float, float] = 1e-3) -> dict[str, object]:
     """Baek et al.'s question for one target: do the accuracy and agreement lines coincide?
 
     Accuracy line: least squares of probit(OOD score) on probit(ID score) over members; agreement
@@ -122,7 +124,8 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
     that of the pairs' Pearson r of the raw agreements, ``pair_r_*``) come from one percentile
     bootstrap over training runs (``groups``; None: members) of 2,000 resamples: both lines are
     refitted on the same resampled runs, so the differences' intervals account for their
-    dependence. ``lines_agree``: both differences' 95% intervals contain 0 (None if undefined).
+    dependence. ``lines_agree``: both differences' 95% intervals contain 0 (None if undefined). ``eps``: the
+    probit clip, one or ``(the source's, the target's)`` (``analysis.probit_clip``).
 
     Returns:
         A dict with ``LINE_KEYS`` and ``resample`` (the unit).
@@ -134,8 +137,9 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
     m = len(acc_id)
     out: dict[str, object] = {k: math.nan for k in LINE_KEYS}
     out["lines_agree"] = None
-    pi, po = probit(acc_id, eps), probit(acc_ood, eps)
-    gi, go = probit(a_id, eps), probit(a_ood, eps)
+    e_id, e_ood = eps if isinstance(eps, tuple) else (eps, eps)
+    pi, po = probit(acc_id, e_id), probit(acc_ood, e_ood)
+    gi, go = probit(a_id, e_id), probit(a_ood, e_ood)
     mem = np.isfinite(pi) & np.isfinite(po)
     ia, ib = _pairs(m)
     pair_ok = np.isfinite(gi[ia, ib]) & np.isfinite(go[ia, ib])
@@ -180,22 +184,23 @@ def lines_test(id_score: np.ndarray, ood_score: np.ndarray, id_agreement: np.nda
 
 #: Columns of ``aline_table``'s result (``analysis/aline.csv``).
 ALINE_COLUMNS = ["members", "source", "target", "member_id", "arch", "oracle_prompt", "method", "estimate", "truth",
-                 "error"]
+                 "error", "probit_clip_id", "probit_clip_ood"]
 
 
 def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
-                eps: float = 1e-3) -> tuple[pd.DataFrame, list[dict]]:
+                clips=None) -> tuple[pd.DataFrame, list[dict]]:
     """ALine-S and ALine-D estimates for every (member, target) of an indicator table.
 
     Args:
         table: an ``indicator_table`` (its members are the pool the lines are fitted on).
         agreement: an ``analysis.agreement.Agreement`` over the same members.
         members: written in the ``members`` column.
-        eps: clip margin of ``probit``.
+        clips: the probit clips (``analysis.probit_clip.Clips``; None: 1e-3 on every site), written in
+            ``probit_clip_id`` (the source's) and ``probit_clip_ood`` (the target's).
 
     Returns:
         ``(per_member, fits)``: per_member has ``ALINE_COLUMNS`` (``error = |estimate - truth|``);
-        fits one dict per (target, method) with the agreement line's slope/intercept and the MAE.
+        fits one dict per (target, method) with the agreement line's slope/intercept, the MAE and the clips.
     """
     rows: list[pd.DataFrame] = []
     fits: list[dict] = []
@@ -213,6 +218,7 @@ def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
             continue
         a_id = agreement.matrices[id_site][np.ix_(pos, pos)]
         a_t = agreement.matrices[target][np.ix_(pos, pos)]
+        eps = (1e-3, 1e-3) if clips is None else clips.pair(source, target)
         est = aline_estimates(g["id_score"].to_numpy(dtype=float), a_id, a_t, eps)
         truth = g["ood_score"].to_numpy(dtype=float)
         for method in ALINE_METHODS:
@@ -223,22 +229,25 @@ def aline_table(table: pd.DataFrame, agreement, members: str = "label-free",
                 "member_id": g["member_id"].astype(str).to_numpy(), "arch": g["arch"].astype(str).to_numpy(),
                 "oracle_prompt": (g["oracle_prompt"].to_numpy(dtype=bool) if "oracle_prompt" in g.columns
                                   else np.zeros(len(g), dtype=bool)),
-                "method": method, "estimate": e, "truth": truth, "error": err}))
+                "method": method, "estimate": e, "truth": truth, "error": err, "probit_clip_id": eps[0],
+                "probit_clip_ood": eps[1]}))
             ok = np.isfinite(err)
             fits.append({"members": members, "source": str(source), "target": target, "method": method,
                          "n": int(ok.sum()), "slope": est["slope"], "intercept": est["intercept"],
-                         "mae": float(err[ok].mean()) if ok.any() else math.nan})
+                         "mae": float(err[ok].mean()) if ok.any() else math.nan, "probit_clip_id": eps[0],
+                         "probit_clip_ood": eps[1]})
     per_member = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ALINE_COLUMNS)
     return per_member[ALINE_COLUMNS], fits
 
 
 def pair_correlations(agreement, table: pd.DataFrame, n_resamples: int, seed: int, members: str,
-                       run_of: dict[str, object]) -> tuple[pd.DataFrame, list[dict]]:
+                       run_of: dict[str, object], clips=None) -> tuple[pd.DataFrame, list[dict]]:
     """The agreement-on-the-line test per target: OOD against ID agreement over pairs of members, and
     Baek et al.'s comparison of the agreement line with the accuracy line (``lines_test``).
 
     One run-level bootstrap per target (``lines_test``) gives both lines' intervals and the interval
-    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``)."""
+    of the pairs' Pearson r, which goes into the correlation row (``pearson_boot_*``). ``clips``: the probit
+    clips (``analysis.probit_clip.Clips``; None: 1e-3), written in both results."""
     rows, lines = [], []
     id_site = agreement.id_site
     if id_site is None:
@@ -249,15 +258,18 @@ def pair_correlations(agreement, table: pd.DataFrame, n_resamples: int, seed: in
         t = str(t)
         if t not in agreement.matrices:
             continue
-        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=0, seed=seed,
+        eps = (1e-3, 1e-3) if clips is None else clips.pair(id_site, t)
+        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], eps=eps, n_resamples=0, seed=seed,
                              groups=groups)
         score = g.set_index(g["member_id"].astype(str))
         lt = lines_test(score["id_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
                         score["ood_score"].reindex(agreement.member_ids).to_numpy(dtype=float),
                         agreement.matrices[id_site], agreement.matrices[t], groups=groups,
-                        n_resamples=n_resamples, seed=seed)
+                        n_resamples=n_resamples, seed=seed, eps=eps)
         st["pearson_boot_low"], st["pearson_boot_high"] = lt["pair_r_low"], lt["pair_r_high"]
         rows.append({"indicator": PAIRS, "metric": agreement.metric, "members": members, "source": source,
-                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st})
-        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt})
-    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS]), lines
+                     "target": t, "unit": "pair", "x": f"agreement on {id_site}", "y": f"agreement on {t}", **st,
+                     **dict(zip(CLIP_COLUMNS, eps))})
+        lines.append({"members": members, "source": source, "target": t, "metric": agreement.metric, **lt,
+                      "probit_clip_id": eps[0], "probit_clip_ood": eps[1]})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS, *CLIP_COLUMNS]), lines

@@ -1,8 +1,8 @@
 """The statistics behind each claim of the report (``analysis.claims``): one function per claim, each
 returning the claim's rows (``analysis.claim_rule.claim_row``): C2/C4 and the other indicators (an
-indicator's Pearson r with OOD performance), C3 (agreement on the line over pairs), C1 (the foundation
-model's drop against each CNN's), C5 (δ against the Table-4 baselines), and the project's rows (model
-selection regret against a random pick, the ALine estimates' error).
+indicator's Pearson r with OOD performance), C3 (agreement on the line over pairs), and the project's rows
+(model selection regret against a random pick, the ALine estimates' error). C1 and C5, which compare arms of a
+few runs, are in ``analysis.claim_arms``.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.claim_rule import (CLAIM_TEXT, NOT_BASELINES, claim_row, members_label, point_value, run_interval,
-                                 untestable_row, wide_values)
+from analysis.claim_rule import (CLAIM_TEXT, claim_row, count_text, members_label,
+                                 pair_counts, point_value, run_interval, target_counts, untestable_row, wide_values)
+from analysis.case_bootstrap import RUNS_X_CASES, CaseScores, aline_two_level, r_two_level
 from analysis.correlate import (MIN_POINTS, N_RESAMPLES, SEED, correlate, correlate_pairs, expand_units, moments_line,
                                 pair_mats, pair_moments, point_weights, probit, resampling_units, unit_of_points,
                                 weighted_rank_stats)
 from analysis.indicators import INDICATORS
-from analysis.performance import score_scale
-from analysis.tables import select_best_configs
+from analysis.claim_arms import metric_scale
+from analysis.probit_clip import axis_site, clips_or_default, scale_matrices, scale_table, scale_words, with_scale
 
 
 # --- C2 / C4 / extras: an indicator's Pearson r with OOD performance -----------------------------
@@ -38,15 +39,47 @@ def _mean_r_statistic(x: np.ndarray, y: np.ndarray, units: np.ndarray) -> Callab
     return statistic
 
 
+def _with_cases(row: dict, side: str, cases: CaseScores | None, args: tuple, clips_xy=None) -> dict:
+    """``row`` with the two-level interval (``case_bootstrap.r_two_level``: ``args`` its positional arguments,
+    then the recorded OOD scores ``y``; ``clips_xy``: per target the probit clips of x and y on the probit scale)
+    as its default interval, the run-level one beside it; unchanged (run-level only) where the case records
+    cannot give one."""
+    got = (None if cases is None else
+           r_two_level(cases, *args[:-1], value=row["value"], y=args[-1], clips_xy=clips_xy))
+    if got is None:
+        return row
+    lo, hi, note, drawn = got
+    return claim_row(row["claim"], row["kind"], row["scope"], row["statistic"], row["value"], lo, hi, side,
+                     row["members"] + f" × cases ({drawn})", row["n_members"], row["n_units"], row["unit"],
+                     "; ".join(n for n in (row["note"], note) if n), row["claim_text"], row["ci_low"], row["ci_high"],
+                     RUNS_X_CASES)
+
+
+def _axis_clips(tb: pd.DataFrame, col: str, targets: list[str], scale: str | None, clips):
+    """Per target, the probit clips of ``col``'s axis and of the OOD score's (None off the probit scale), as
+    ``scale_table`` applied them, for the two-level bootstrap's recomputed scores."""
+    if scale != "probit":
+        return None
+    c = clips_or_default(clips)
+    src = (tb.drop_duplicates("target").set_index(tb.drop_duplicates("target")["target"].astype(str))["source"]
+           if "source" in tb.columns else pd.Series({t: t for t in targets}))
+    return ([c.clip(axis_site(col, src.get(t, t), t)) for t in targets], [c.clip(t) for t in targets])
+
+
 def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, side: str,
                    n_resamples: int = N_RESAMPLES, seed: int = SEED, floor: float | None = None,
-                   per_target: bool = True) -> list[dict]:
+                   per_target: bool = True, scale: str | None = None, clips=None,
+                   cases: CaseScores | None = None) -> list[dict]:
     """Pearson r of ``indicator`` with the OOD score: one row per target and an overall row (the mean r
     over the targets, bootstrapped as one statistic over the runs, so its interval is honest).
 
     ``floor``: drop the (member, target) points below the degenerate floor (OOD score, and the indicator
     when higher is better) and name the row's scope ``... (non-degenerate)``. ``per_target``: False gives
-    the overall row only.
+    the overall row only. ``scale``: ``"probit"`` reads both axes on the probit scale (``scale_table``; the
+    floor still applies to the raw values), ``"raw"`` the values as they are; either is named in the
+    statistic and the ``scale`` column (None: neither, as before the scales were reported).
+    ``cases``: the members' case sums (``case_bootstrap.case_scores``): every row's interval is then the
+    two-level one (runs × cases, on the row's scale), the run-level one beside it.
     """
     col = INDICATORS[indicator].column
     label = f"extra: {indicator}" if kind == "extra" else claim
@@ -67,7 +100,7 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     if not targets:
         return [untestable_row(label, f"fewer than {MIN_POINTS} label-free members with `{indicator}` and an OOD score "
                                    f"on any target{suffix}", kind, "Pearson r", text)]
-    tb = tb[tb["target"].astype(str).isin(targets)]
+    tb = scale_table(tb[tb["target"].astype(str).isin(targets)], col, scale, clips)
     members = sorted(tb["member_id"].astype(str).unique())
     run = tb.drop_duplicates("member_id").set_index(tb.drop_duplicates("member_id")["member_id"].astype(str))["run_id"]
     units, unit = resampling_units(run.reindex(members).to_numpy(dtype=object), len(members))
@@ -75,27 +108,37 @@ def indicator_rows(table: pd.DataFrame, indicator: str, claim: str, kind: str, s
     rows = []
     stat = _mean_r_statistic(x, y, units)
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
-    rows.append(claim_row(label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD)",
-                          point_value(stat, len(units)), lo, hi, side, members_label(len(members), len(units), unit),
-                          len(members), len(units), unit, text=text))
+    words = scale_words(scale)
+    unit_of, present = unit_of_points(units, len(members)), np.isfinite(x) & np.isfinite(y)
+    cxy = _axis_clips(tb, col, targets, scale, clips)
+    rows.append(_with_cases(claim_row(
+        label, kind, "overall" + suffix, f"mean Pearson r over {len(targets)} targets ({col} vs OOD{words})",
+        point_value(stat, len(units)), lo, hi, side, members_label(*target_counts(tb, targets), unit),
+        len(members), len(units), unit, text=text), side,
+        cases, (members, targets, col, x, present, unit_of, len(units), n_resamples, seed, y), cxy))
     for t in targets if per_target else []:
         g = tb[tb["target"].astype(str) == t]
         st = correlate(g[col], g["ood_score"], n_resamples=n_resamples, seed=seed,
                        groups=g["run_id"].to_numpy(dtype=object))
-        rows.append(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD)", st["pearson_r"],
-                              st["pearson_boot_low"], st["pearson_boot_high"], side,
-                              members_label(st["n"], st["n_units"], st["resample"]),
-                              st["n"], st["n_units"], st["resample"], text=text))
-    return rows
+        j = targets.index(t)
+        rows.append(_with_cases(claim_row(label, kind, t + suffix, f"Pearson r ({col} vs OOD{words})", st["pearson_r"],
+                                          st["pearson_boot_low"], st["pearson_boot_high"], side,
+                                          members_label(st["n"], st["n_units"], st["resample"]),
+                                          st["n"], st["n_units"], st["resample"], text=text), side,
+                                cases, (members, [t], col, x[:, [j]], present[:, [j]], unit_of, len(units),
+                                        n_resamples, seed, y[:, [j]]),
+                                None if cxy is None else (cxy[0][j:j + 1], cxy[1][j:j + 1])))
+    return with_scale(rows, scale)
 
 
 # --- C3: agreement on the line over pairs ------------------------------------------------------
 
 def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RESAMPLES,
-                   seed: int = SEED, suffix: str = "") -> list[dict]:
+                   seed: int = SEED, suffix: str = "", scale: str | None = None, clips=None) -> list[dict]:
     """C3: Pearson r of OOD agreement against ID agreement over pairs of label-free members, per target
     and overall (the mean r over targets, one run-level bootstrap). ``suffix``: the overall row only,
-    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones)."""
+    its scope ``"overall" + suffix`` (e.g. the members left after the degenerate ones). ``scale``,
+    ``clips``: as ``indicator_rows`` (``"probit"``: each site's agreement on the probit scale)."""
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or id_site not in agreement.matrices:
         return [untestable_row("C3", "no agreement on the source test split (no stored predictions for the label-free "
@@ -109,182 +152,32 @@ def agreement_rows(agreement, run_of: dict[str, object], n_resamples: int = N_RE
     groups = np.array([run_of.get(m) for m in ids], dtype=object)
     units, unit = resampling_units(groups, len(ids))
     unit_of = unit_of_points(units, len(ids))
-    mats = [pair_mats(agreement.matrices[id_site], agreement.matrices[t]) for t in targets]
+    on = scale_matrices(agreement.matrices, [id_site, *targets], scale, clips)
+    mats = [pair_mats(on[id_site], on[t]) for t in targets]
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         c = point_weights(idx, unit_of, len(units))
         return np.mean([moments_line(pair_moments(m, c))[2] for m in mats], axis=0)
 
     lo, hi = run_interval(statistic, len(units), n_resamples, seed)
-    n_pairs = len(ids) * (len(ids) - 1) // 2
+    used = [pair_counts(agreement.matrices[id_site], agreement.matrices[t], groups) for t in targets]  # per target
     rows = [claim_row("C3", "claim", "overall" + suffix,
-                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement)",
+                      f"mean over {len(targets)} targets of the pairs' Pearson r (OOD agreement vs ID agreement"
+                      f"{scale_words(scale)})",
                       point_value(statistic, len(units)), lo, hi, "weak",
-                      members_label(len(ids), len(units), unit) + f", {n_pairs} pairs", len(ids), len(units), unit)]
-    for t in targets if not suffix else []:
-        st = correlate_pairs(agreement.matrices[id_site], agreement.matrices[t], n_resamples=n_resamples, seed=seed,
+                      members_label([u[0] for u in used], [u[1] for u in used], unit) + ", "
+                      + count_text([u[2] for u in used], "pairs"), len(ids), len(units), unit)]
+    for t, (n_used, _, _) in zip(targets, used) if not suffix else []:
+        st = correlate_pairs(on[id_site], on[t], n_resamples=n_resamples, seed=seed,
                              groups=groups)
-        rows.append(claim_row("C3", "claim", t, "pairs' Pearson r (OOD agreement vs ID agreement)", st["pearson_r"],
+        rows.append(claim_row("C3", "claim", t, f"pairs' Pearson r (OOD agreement vs ID agreement{scale_words(scale)})", st["pearson_r"],
                               st["pearson_boot_low"], st["pearson_boot_high"], "weak",
-                              members_label(len(ids), st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
+                              members_label(n_used, st["n_units"], st["resample"]) + f", {st['n']} pairs", len(ids),
                               st["n_units"], st["resample"]))
-    return rows
-
-
-# --- C1: the foundation model's drop against each CNN's ----------------------------------------
-
-def sam_archs(perf: pd.DataFrame) -> list[str]:
-    """The SAM-family architectures of a performance table: those of its box-prompted members.
-
-    ``oracle_prompt`` (members.parquet; derived for records older than the column) says which members were
-    prompted, so the architecture's name is not read."""
-    m = perf.drop_duplicates("member_id")
-    return sorted(set(m.loc[m["oracle_prompt"].fillna(False).astype(bool), "arch"].astype(str)))
-
-
-def c1_rows(perf: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[dict]:
-    """C1: per (SAM arch, other arch), the difference of their mean drops (Same-Dom. − mean over targets,
-    pp) on the configuration Table 1 reports (chosen on the validation split), each architecture's runs
-    resampled separately; overall: the largest difference over the other architectures (< 0: SAM drops
-    less than every one of them)."""
-    sams = sam_archs(perf)
-    others = sorted(set(perf["arch"].astype(str)) - set(sams))
-    if not sams or not others:
-        return [untestable_row("C1", f"needs a SAM-family member and another architecture; the pool has SAM: "
-                                  f"{', '.join(sams) or 'none'}, others: {', '.join(others) or 'none'}",
-                               statistic="SAM drop − CNN drop (pp)")]
-    best = select_best_configs(perf)
-    k = _scale(perf)
-    drops: dict[str, np.ndarray] = {}
-    chosen: dict[str, str] = {}
-    for b in best.itertuples(index=False):
-        sel = perf[(perf["arch"] == b.arch) & (perf["lr"] == b.lr) & (perf["epochs"] == b.epochs)
-                   & (perf["source"] == b.source)]
-        # per run: its Same-Dom. score minus its mean over the targets (the configuration's seeds are its runs)
-        per = sel.groupby(sel["run_id"].astype(str) if sel["run_id"].notna().all() else sel["member_id"].astype(str))
-        d = k * (per["id_score"].first() - per["ood_score"].mean()).to_numpy(dtype=float)
-        drops[str(b.arch)] = d[np.isfinite(d)]
-        n = int(np.isfinite(d).sum())
-        chosen[str(b.arch)] = f"lr {b.lr:g}, {b.epochs} epochs, {n} run{'s' if n != 1 else ''}"
-    sel_on = str(best["selected_on"].iloc[0]) if len(best) else "val_score"
-    note_sel = ("configurations chosen on the validation split as Table 1" if sel_on == "val_score" else
-                "configurations chosen on the source test split (no validation split in the records: optimistic)")
-    rows = []
-    for s in sams:
-        if not len(drops.get(s, [])):
-            rows.append(untestable_row("C1", f"{s}: no finite drop (no ID or OOD score)"))
-            continue
-        cnns = [c for c in others if len(drops.get(c, []))]
-        for c in cnns:
-            ds, dc = drops[s], drops[c]
-
-            def stat(i, j, axis=-1, ds=ds, dc=dc):
-                return ds[i].mean(-1) - dc[j].mean(-1)
-            lo, hi = run_interval(stat, (len(ds), len(dc)), n_resamples, seed)
-            rows.append(claim_row("C1", "claim", f"{s} vs {c}", f"drop({s}) − drop({c}), pp",
-                                  point_value(stat, (len(ds), len(dc))), lo, hi, "negative",
-                                  f"{s} ({chosen[s]}; oracle-prompted) vs {c} ({chosen[c]})",
-                                  len(ds) + len(dc), len(ds) + len(dc), "run (per architecture)",
-                                  note=f"{s}: drop {ds.mean():.2f} pp; {c}: drop {dc.mean():.2f} pp; {note_sel}"))
-        if not cnns:
-            continue
-        pools = [drops[s]] + [drops[c] for c in cnns]
-
-        def stat_all(*idx, axis=-1, pools=pools):
-            sam = pools[0][idx[0]].mean(-1)
-            return np.max([sam - p[i].mean(-1) for p, i in zip(pools[1:], idx[1:])], axis=0)
-        sizes = tuple(len(p) for p in pools)
-        lo, hi = run_interval(stat_all, sizes, n_resamples, seed)
-        rows.insert(len(rows) - len(cnns), claim_row(
-            "C1", "claim", "overall" if len(sams) == 1 else f"overall ({s})",
-            f"max over {len(cnns)} architectures of drop({s}) − drop(other), pp", point_value(stat_all, sizes), lo,
-            hi, "negative", f"{s} (oracle-prompted: ground-truth box prompts) vs {', '.join(cnns)}", sum(sizes),
-            sum(sizes),
-            "run (per architecture)",
-            note=f"evaluation of {s} is oracle-prompted (each slice's ground-truth box), as in the paper; {note_sel}; "
-                 f"runs per architecture: {', '.join(f'{a} {n}' for a, n in zip([s, *cnns], sizes))}"))
-    return rows or [untestable_row("C1", "no architecture has a finite drop")]
-
-
-# --- C5: δ against the Table-4 baselines --------------------------------------------------------
-
-def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_RESAMPLES,
-            seed: int = SEED, sam_members: set[str] | None = None) -> list[dict]:
-    """C5: δ's Table-4 error minus the best baseline's, on the target sites' images, per reading.
-
-    Members: those scored by δ and every baseline; the SAM family (box-prompted) by default, as the
-    paper's Table 4, else every such member (the row says which). The statistic's means are over the
-    drawn members (each member's mean over its target images); the best baseline is the one with the
-    lowest mean in each resample, so its choice is resampled too. ``sam_members``: the box-prompted
-    members as Table 4 reads them (the uncertainty site records' ``prompted``); None: the members'
-    ``oracle_prompt``.
-    """
-    stat_name = "δ MSE − best baseline MSE"
-    if unc is None or unc.empty:
-        return [untestable_row("C5", "no uncertainty records (run the uncertainty stage; the analysis reads them when "
-                                  "analysis.indicators names an uncertainty indicator)", statistic=stat_name)]
-    if not (unc["method"] == "ggd").any():
-        return [untestable_row("C5", "the uncertainty records hold no δ ('ggd') rows", statistic=stat_name)]
-    baselines = sorted({str(m) for m in unc["method"].unique()} - set(NOT_BASELINES))
-    if not baselines:
-        return [untestable_row("C5", "no baseline method in the uncertainty records (uncertainty.baselines is empty)",
-                               statistic=stat_name)]
-    methods = ["ggd", *baselines]
-    # one pass over the (possibly millions of) slice rows: each member x method's mean per reading on the
-    # target sites' images. NaN outside them and a groupby on the columns as they are: selecting the rows
-    # first (all columns taken) or converting the keys to str cost 10 s at 200 members x 2,000 slices.
-    keep = (unc["role"] == "ood").to_numpy(dtype=bool) & unc["method"].isin(methods).to_numpy(dtype=bool)
-    area = unc["area_px"].to_numpy(dtype=float)
-    unc_px, err_px = unc["uncertain_px"].to_numpy(dtype=float), unc["error_px"].to_numpy(dtype=float)
-    per_image = {"area": np.where(keep, ((unc_px - err_px) / area) ** 2, np.nan)}
-    if unc.loc[keep, "uncertain_error_px"].notna().all():
-        both = unc["uncertain_error_px"].to_numpy(dtype=float, na_value=np.nan)
-        per_image["pixel"] = np.where(keep, (unc_px + err_px - 2 * both) / area, np.nan)
-    means = (pd.DataFrame(per_image, index=unc.index).groupby([unc["member_id"], unc["method"]], sort=False)
-             .mean().dropna(how="all"))
-    means.index.names = ["member_id", "method"]
-    by_member = means.reset_index().groupby("member_id")["method"].nunique()
-    complete = sorted(str(m) for m in by_member[by_member == len(methods)].index)
-    means.index = pd.MultiIndex.from_arrays([means.index.get_level_values(0).astype(str),
-                                             means.index.get_level_values(1).astype(str)], names=means.index.names)
-    if not complete:
-        return [untestable_row("C5", f"no member was scored on a target by δ and every baseline "
-                                     f"({', '.join(baselines)})", statistic=stat_name)]
-    oracle = (set(perf.loc[perf["oracle_prompt"].fillna(False).astype(bool), "member_id"].astype(str))
-              if sam_members is None else set(sam_members))
-    sam = [m for m in complete if m in oracle]
-    who = ("SAM family (box-prompted), as the paper's Table 4" if sam else
-           "every member scored by all methods (no SAM-family member was: unlike the paper's Table 4)")
-    members = sam or complete
-    run_of = dict(zip(perf["member_id"].astype(str), perf["run_id"]))
-    units, unit = resampling_units(np.array([run_of.get(m) for m in members], dtype=object), len(members))
-    unit_of = unit_of_points(units, len(members))
-    rows = []
-    for reading in per_image:
-        e = means[reading].unstack("method").reindex(index=members, columns=methods).to_numpy(dtype=float)
-
-        def stat(idx, axis=-1, e=e):
-            c = point_weights(idx, unit_of, len(units))
-            mean = (c @ np.nan_to_num(e)) / c.sum(-1, keepdims=True)
-            return mean[..., 0] - mean[..., 1:].min(-1)
-        lo, hi = run_interval(stat, len(units), n_resamples, seed)
-        full = np.nanmean(e, axis=0)
-        best = baselines[int(np.argmin(full[1:]))]
-        rows.append(claim_row("C5", "claim", "overall" if reading == "area" else "overall (pixel reading)",
-                              f"{stat_name} ({reading} reading, target sites)", point_value(stat, len(units)), lo, hi,
-                              "negative", f"{who}: {len(members)} members, {len(units)} {unit}s", len(members),
-                              len(units),
-                              unit, note=f"δ {full[0]:.4g}; best baseline {best} {full[1:].min():.4g}; baselines: "
-                                    + ", ".join(f"{b} {v:.4g}" for b, v in zip(baselines, full[1:]))))
-    return rows
+    return with_scale(rows, scale)
 
 
 # --- the project's rows: selection regret, ALine error -----------------------------------------
-
-def _scale(df: pd.DataFrame) -> float:
-    """Percentage points (x 100) for a score in [0, 1]; mm (x 1) for −HD95 (``analysis.performance.score_scale``)."""
-    return score_scale(str(df["metric"].iloc[0])) if "metric" in df.columns and len(df) else 100.0
-
 
 def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N_RESAMPLES,
                 seed: int = SEED) -> list[dict]:
@@ -295,7 +188,7 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         return [untestable_row("selection", "no label-free members", "project", "regret − random-pick regret (pp)",
                                "Selecting by a label-free indicator beats a random pick")]
     targets = list(dict.fromkeys(table["target"].astype(str)))
-    k = _scale(table)
+    k = metric_scale(table)
     members = sorted(table["member_id"].astype(str).unique())  # ties go to the first member, as select_models
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
     units, unit = resampling_units(mem["run_id"].reindex(members).to_numpy(dtype=object), len(members))
@@ -332,16 +225,21 @@ def regret_rows(table: pd.DataFrame, indicators: list[str], n_resamples: int = N
         rows.append(claim_row(f"selection: {name}", "project", "overall",
                               f"regret − random-pick regret, mean over {len(ts)} targets (pp)",
                               point_value(stat, len(units)), lo, hi, "negative",
-                              members_label(len(members), len(units), unit), len(members), len(units), unit,
+                              members_label([ok[:, t].sum() for t in ts],
+                                            [len(set(unit_of[ok[:, t]])) for t in ts], unit),
+                              len(members), len(units), unit,
                               note=f"regret {k * regret:.2f} pp, random-pick regret {k * rand:.2f} pp", text=text))
     return rows
 
 
 def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_resamples: int = N_RESAMPLES,
-               seed: int = SEED, eps: float = 1e-3) -> list[dict]:
+               seed: int = SEED, eps: float = 1e-3, clips=None, cases: CaseScores | None = None) -> list[dict]:
     """The ALine estimates' mean absolute error (pp), mean over targets: ALine-S with a run-level interval
     (its agreement line refitted on each resample's pairs); ALine-D as a point value (its least-squares
-    solve per resample is not vectorised, so no interval)."""
+    solve per resample is not vectorised, so no interval). ``clips``: each site's probit clip
+    (``analysis.probit_clip.Clips``, named in the rows' note); None: ``eps`` on every site. ``cases``:
+    ALine-S's default interval is then the two-level one, its ID scores and true OOD scores recomputed from
+    the drawn cases (the agreement line from the drawn runs only: the agreement records are per site)."""
     text = "How far the ALine estimates of each member's OOD score are from the truth (label-free)"
     id_site = agreement.id_site if agreement is not None else None
     if agreement is None or id_site is None or table is None or table.empty:
@@ -353,35 +251,51 @@ def aline_rows(table: pd.DataFrame, agreement, aline_fits: list[dict] | None, n_
         return [untestable_row("ALine error", "needs 3 label-free members with predictions on the source and a target",
                                "project", "MAE (pp)", text)]
     mem = table.drop_duplicates("member_id").set_index(table.drop_duplicates("member_id")["member_id"].astype(str))
-    p = probit(mem["id_score"].reindex(ids).to_numpy(dtype=float), eps)
+    clip = (lambda site: eps) if clips is None else clips.clip  # noqa: E731
+    p_raw = mem["id_score"].reindex(ids).to_numpy(dtype=float)
+    p = probit(p_raw, clip(id_site))
     units, unit = resampling_units(mem["run_id"].reindex(ids).to_numpy(dtype=object), len(ids))
     unit_of = unit_of_points(units, len(ids))
-    g = probit(agreement.matrices[id_site], eps)
+    g = probit(agreement.matrices[id_site], clip(id_site))
     g[~np.isfinite(p), :] = np.nan  # as aline_estimates: a pair counts only when both ID scores are known
     g[:, ~np.isfinite(p)] = np.nan
-    parts = [(pair_mats(g, probit(agreement.matrices[t], eps)), wide_values(table, "ood_score", ids, [t])[:, 0])
+    parts = [(pair_mats(g, probit(agreement.matrices[t], clip(t))), wide_values(table, "ood_score", ids, [t])[:, 0])
              for t in targets]
 
-    def stat(idx, axis=-1):
-        c = point_weights(idx, unit_of, len(units))
+    def mae(c, p, truths):
         out = []
-        for mats, truth in parts:
+        for (mats, _), truth in zip(parts, truths):
             a, b, _ = moments_line(pair_moments(mats, c))
             err = np.abs(stats.norm.cdf(a[..., None] * p + b[..., None]) - truth)
             w = c * np.isfinite(err)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out.append((w * np.nan_to_num(err)).sum(-1) / w.sum(-1))
         return 100.0 * np.mean(out, axis=0)
+
+    def stat(idx, axis=-1):
+        return mae(point_weights(idx, unit_of, len(units)), p, [truth for _, truth in parts])
     lo, hi = run_interval(stat, len(units), n_resamples, seed)
+    has = [np.isfinite(p) & np.isfinite(truth) for _, truth in parts]  # the members each target's MAE reads
+    label = members_label([h.sum() for h in has], [len(set(unit_of[h])) for h in has], unit)
     rows = [claim_row("ALine error", "project", "overall", f"ALine-S MAE, mean over {len(targets)} targets (pp)",
-                      point_value(stat, len(units)), lo, hi, "none", members_label(len(ids), len(units), unit),
-                      len(ids), len(units), unit, text=text)]
+                      point_value(stat, len(units)), lo, hi, "none", label,
+                      len(ids), len(units), unit, text=text,
+                      note="probit clip " + ", ".join(f"{s} {clip(s):.3g}" for s in [id_site, *targets]))]
+    got = (None if cases is None else
+           aline_two_level(cases, ids, targets, mae, p_raw, [t for _, t in parts], unit_of, len(units),
+                           rows[0]["value"], clip(id_site), n_resamples, seed))
+    if got is not None:
+        r = rows[0]
+        rows[0] = claim_row(r["claim"], r["kind"], r["scope"], r["statistic"], r["value"], got[0], got[1], "none",
+                            r["members"] + f" × cases ({got[2]})", len(ids), len(units), unit,
+                            r["note"] + "; cases resampled on the ID and OOD scores (the agreement line: runs only)",
+                            text, lo, hi, RUNS_X_CASES)
     d = [f["mae"] for f in (aline_fits or []) if f.get("method") == "aline_d" and f.get("target") in targets]
     if d:
         rows.append(claim_row("ALine error", "project", "overall (ALine-D)",
                               f"ALine-D MAE, mean over {len(d)} targets (pp)",
                               100.0 * float(np.nanmean(d)), math.nan, math.nan, "none",
-                              members_label(len(ids), len(units), unit), len(ids), len(units), unit,
+                              label, len(ids), len(units), unit,
                               note="point value only (no interval: its least-squares solve per resample is not "
                                    "vectorised)",
                               text=text))

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.agreement import one_blas_thread
+from analysis.probit_clip import CLIP_COLUMNS, axis_site
 
 #: Fewer finite (x, y) pairs than this give NaN statistics (the 95% CI needs n > 3).
 MIN_POINTS = 4
@@ -169,8 +170,9 @@ def run_bootstrap(statistic: Callable[..., np.ndarray], n_units: int | tuple[int
     return lo, hi
 
 
-def _point_stats(x: np.ndarray, y: np.ndarray, eps: float) -> dict[str, float]:
-    """Every statistic of ``STAT_KEYS`` but the bootstrap ones, on finite points ``x, y``."""
+def _point_stats(x: np.ndarray, y: np.ndarray, eps: float | tuple[float, float]) -> dict[str, float]:
+    """Every statistic of ``STAT_KEYS`` but the bootstrap ones, on finite points ``x, y`` (``eps``: the probit
+    clip, one for both axes or ``(x's, y's)``: ``analysis.probit_clip``)."""
     out: dict[str, float] = {k: math.nan for k in STAT_KEYS}
     out["n"] = int(x.size)
     out["n_units"] = int(x.size)
@@ -185,7 +187,8 @@ def _point_stats(x: np.ndarray, y: np.ndarray, eps: float) -> dict[str, float]:
                    pearson_ci_low=float(ci.low), pearson_ci_high=float(ci.high),
                    spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue),
                    kendall_tau=float(kt.statistic), kendall_p=float(kt.pvalue))
-    px, py = probit(x, eps), probit(y, eps)
+    ex, ey = eps if isinstance(eps, tuple) else (eps, eps)
+    px, py = probit(x, ex), probit(y, ey)
     if not _is_constant(px):
         fit = stats.linregress(px, py)
         out.update(probit_slope=float(fit.slope), probit_intercept=float(fit.intercept))
@@ -216,7 +219,7 @@ def correlate(x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, eps: float =
     Args:
         x: indicator values, e.g. ID scores.
         y: OOD scores, same length as ``x``.
-        eps: clip margin of ``probit``.
+        eps: clip margin of ``probit``: one for both axes, or ``(x's, y's)`` (``analysis.probit_clip``).
         n_resamples: bootstrap resamples (0: no bootstrap, its keys stay NaN).
         seed: the bootstrap generator's seed.
         groups: the training run of each point (same length), or None.
@@ -321,7 +324,7 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
     Args:
         ax: ``M x M`` indicator matrix (e.g. ID agreement).
         ay: ``M x M`` performance matrix (e.g. OOD agreement on a target).
-        eps: clip margin of ``probit``.
+        eps: clip margin of ``probit``: one for both axes, or ``(x's, y's)`` (``analysis.probit_clip``).
         n_resamples: bootstrap resamples (0: none).
         seed: the bootstrap generator's seed.
         groups: the training run of each member (``M``), or None.
@@ -363,7 +366,7 @@ def correlate_pairs(ax: np.ndarray, ay: np.ndarray, eps: float = 1e-3, n_resampl
 def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: str = "id_score",
                  y_col: str = "ood_score", n_resamples: int = N_RESAMPLES, seed: int = SEED,
                  members: str = "all", group_col: str = "run_id", floor: float | None = None,
-                 floor_x: bool = True) -> pd.DataFrame:
+                 floor_x: bool = True, clips=None) -> pd.DataFrame:
     """Correlate ``x_col`` with ``y_col`` across the pool, one row per (source, target).
 
     Args:
@@ -382,6 +385,8 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
             itself). Where a target has such points, a second row, ``members`` suffixed
             ``" (non-degenerate)"``, repeats the statistics without them. None: no flagging.
         floor_x: whether the floor applies to ``x`` too (scores and agreements: yes; areas: no).
+        clips: the probit clips (``analysis.probit_clip.Clips``: x's on the site ``x_col`` is measured on, y's on
+            the target), written in ``probit_clip_x`` / ``probit_clip_y``; None: 1e-3 on both axes.
 
     Returns:
         Columns ``ID_COLUMNS`` then ``STAT_KEYS``, targets in the order they appear in ``perf``
@@ -403,11 +408,13 @@ def correlations(perf: pd.DataFrame, indicator: str = "id_performance", x_col: s
             deg = (y < floor) | ((x < floor) if floor_x else False)
         base = {"indicator": indicator, "metric": metric, "source": str(source), "target": str(target),
                 "unit": "member", "x": x_col, "y": y_col}
-        st = correlate(x, y, n_resamples=n_resamples, seed=seed, groups=groups)
+        eps = (1e-3, 1e-3) if clips is None else clips.pair(axis_site(x_col, source, target), target)
+        base.update(zip(CLIP_COLUMNS, eps))
+        st = correlate(x, y, eps=eps, n_resamples=n_resamples, seed=seed, groups=groups)
         rows.append({**base, "members": members, "n_degenerate": int(deg.sum()), **st})
         if deg.any():
             keep = ~deg
-            st = correlate(x[keep], y[keep], n_resamples=n_resamples, seed=seed,
+            st = correlate(x[keep], y[keep], eps=eps, n_resamples=n_resamples, seed=seed,
                            groups=None if groups is None else groups[keep])
             rows.append({**base, "members": f"{members} (non-degenerate)", "n_degenerate": 0, **st})
-    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS])
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, *STAT_KEYS, *CLIP_COLUMNS])

@@ -13,6 +13,10 @@ target: ``id_score``, ``ood_score``) and reports:
   is below the source's mean (the targets outside the chain, e.g. the study's one-kind sites, are
   only checked against the source).
 
+It also states how far a configuration moves across seeds (``analysis.seeds``): the range and SD of the ID
+score and of the mean OOD score of every configuration trained with two or more seeds, or that the pool
+has one seed per configuration (its seed noise unknown), so that a reader can tell noise from an effect.
+
 The numbers are the pool's as trained: every member, oracle-prompted ones included (they are members
 of the pool; the label-free guarantee concerns indicators, not this check).
 """
@@ -22,6 +26,8 @@ import math
 from collections.abc import Sequence
 
 import pandas as pd
+
+from analysis.seeds import health_clause, health_spread
 
 #: The demo's bars: best member per architecture, share of collapsed members, collapse floor.
 ID_BAR = 0.70
@@ -38,7 +44,7 @@ def pool_health(performance: pd.DataFrame, targets: Sequence[str], id_bar: float
 
     Returns a JSON-able dict: ``best_id`` per architecture, ``collapsed`` (member ids), ``mean_id``,
     ``mean_ood`` per target, the three verdicts ``learns``, ``few_collapsed``, ``ood_ordered``, ``ok``
-    (all three) and the bars used.
+    (all three), the bars used and ``seed_spread`` (``analysis.seeds.health_spread``; not a verdict).
     """
     members = performance.drop_duplicates("member_id")
     best = members.groupby("arch")["id_score"].max().sort_index()
@@ -62,6 +68,7 @@ def pool_health(performance: pd.DataFrame, targets: Sequence[str], id_bar: float
         "few_collapsed": len(collapsed) <= max_collapsed_share * len(members),
         "ood_ordered": ordered,
         "bars": {"id_bar": id_bar, "collapse_floor": collapse_floor, "max_collapsed_share": max_collapsed_share},
+        "seed_spread": health_spread(performance),
     }
     out["ok"] = out["learns"] and out["few_collapsed"] and out["ood_ordered"]
     return out
@@ -77,7 +84,8 @@ def _bar(v: float | None) -> str:
 
 
 def health_line(h: dict, metric: str) -> str:
-    """One line for the run's final summary, e.g. ``pool health (iou_3d): best ID per architecture ...``."""
+    """One line for the run's final summary, e.g. ``pool health (iou_3d): best ID per architecture ...``, ending
+    with the seed spread (``analysis.seeds.health_clause``; left out for a result without one)."""
     bars = h["bars"]
     best = ", ".join(f"{a} {v:.2f}" for a, v in h["best_id"].items())
     order = h.get("chain", list(h["mean_ood"]))
@@ -89,4 +97,4 @@ def health_line(h: dict, metric: str) -> str:
             f"{_mark(h['learns'])}); collapsed (ID < {_bar(bars['collapse_floor'])}) {len(h['collapsed'])} of "
             f"{h['n_members']} (bar <= {bars['max_collapsed_share']:.0%}: {_mark(h['few_collapsed'])}); mean OOD "
             f"{chain}, source {h['mean_id']:.2f} (falling with severity, all below the source: "
-            f"{_mark(h['ood_ordered'])})")
+            f"{_mark(h['ood_ordered'])})" + (f"; {seeds}" if (seeds := health_clause(h.get("seed_spread"))) else ""))

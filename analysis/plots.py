@@ -144,7 +144,8 @@ def _probit_axes(ax: Axes, lo: float, hi: float) -> None:
 
 def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray, colors: dict[str, object],
                      st: dict, xlabel: str, ylabel: str, title: str, size: float = 28, alpha: float = 1.0,
-                     boot_ci: bool = False, oracle_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                     boot_ci: bool = False, oracle_xy: tuple[np.ndarray, np.ndarray] | None = None,
+                     eps: float | tuple[float, float] = 1e-3) -> None:
     """Scatter ``y`` against ``x`` on probit axes: one point per entry, y = x, the probit fit.
 
     Args:
@@ -161,11 +162,13 @@ def draw_on_the_line(ax: Axes, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
         alpha: marker opacity.
         boot_ci: show the bootstrap interval of r instead of the Fisher-z one (pairs).
         oracle_xy: oracle-prompted members' (x, y), drawn with their own marker and left out of the fit.
+        eps: the probit clip, one or ``(x's, y's)`` (``analysis.probit_clip``; the labels should state it).
 
     The title gives the probit-space r (the line drawn is fitted in probit space), then the raw r.
     """
-    px, py = probit(x), probit(y)
-    ox, oy = (probit(oracle_xy[0]), probit(oracle_xy[1])) if oracle_xy is not None and len(oracle_xy[0]) \
+    ex, ey = eps if isinstance(eps, tuple) else (eps, eps)
+    px, py = probit(x, ex), probit(y, ey)
+    ox, oy = (probit(oracle_xy[0], ex), probit(oracle_xy[1], ey)) if oracle_xy is not None and len(oracle_xy[0]) \
         else (np.zeros(0), np.zeros(0))
     allx, ally = np.concatenate([px, ox]), np.concatenate([py, oy])
     if len(allx):
@@ -239,8 +242,8 @@ def figure_on_the_line(perf: pd.DataFrame, target: str, metric: str | None = Non
     fig = _new_figure(5.6, 5.2)
     ax = fig.add_subplot()
     draw_on_the_line(ax, g[x_col].to_numpy(dtype=float), g[y_col].to_numpy(dtype=float), g["arch"].to_numpy(),
-                     arch_colors(perf["arch"]), st, f"ID {metric} (source {source}, test split; probit scale)",
-                     f"OOD {metric} (target {target}; probit scale)", f"Accuracy on the line: {source} → {target}")
+                     arch_colors(perf["arch"]), st, f"ID {metric} (source {source}, test split; probit scale, clip 0.001)",
+                     f"OOD {metric} (target {target}; probit scale, clip 0.001)", f"Accuracy on the line: {source} → {target}")
     fig.tight_layout()
     return fig
 
@@ -252,7 +255,7 @@ def plot_on_the_line(perf: pd.DataFrame, target: str, path: str | os.PathLike, m
 
 
 def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = None, metric: str | None = None,
-                corr: pd.DataFrame | None = None, oracle: pd.DataFrame | None = None) -> Figure:
+                corr: pd.DataFrame | None = None, oracle: pd.DataFrame | None = None, clips=None) -> Figure:
     """The paper's Fig. 4 for one target: performance and agreement "on the line".
 
     Panels (those whose inputs exist): (a) OOD against ID performance, one point per member;
@@ -268,11 +271,13 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         corr: the correlations table to take the statistics from (default: computed, no bootstrap).
         oracle: indicator-table rows of oracle-prompted members (drawn with their own marker in the
             per-member panels, never in the fit).
+        clips: the probit clips (``analysis.probit_clip.Clips``; None: 1e-3), stated in the axis labels.
 
     Raises:
         ValueError: ``target`` has no rows in ``table``.
     """
     g = _target_rows(table, target)
+    clip = (lambda site: 1e-3) if clips is None else clips.clip  # noqa: E731 (the clip of an axis on a site)
     og = oracle[oracle["target"].astype(str) == str(target)] if oracle is not None and len(oracle) else None
     metric = metric or str(g["metric"].iloc[0])
     source = ", ".join(sorted(g["source"].astype(str).unique()))
@@ -290,13 +295,15 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         ax = fig.add_subplot(1, n, i + 1)
         f = _finite_rows(g, col, "ood_score")
         x, y = f[col].to_numpy(dtype=float), f["ood_score"].to_numpy(dtype=float)
-        st = _stats_from(corr, name, target) or correlate(x, y, n_resamples=0)
+        eps = (clip(source if col.startswith("id_") else target), clip(target))
+        st = _stats_from(corr, name, target) or correlate(x, y, eps=eps, n_resamples=0)
         oxy = None
         if og is not None and col in og.columns:
             of = _finite_rows(og, col, "ood_score")
             oxy = (of[col].to_numpy(dtype=float), of["ood_score"].to_numpy(dtype=float))
-        draw_on_the_line(ax, x, y, f["arch"].to_numpy(), colors, st, f"{xlabel}; probit scale",
-                         f"OOD {metric} (target {target}; probit scale)", title, oracle_xy=oxy)
+        draw_on_the_line(ax, x, y, f["arch"].to_numpy(), colors, st, f"{xlabel}; probit scale, clip {eps[0]:.3g}",
+                         f"OOD {metric} (target {target}; probit scale, clip {eps[1]:.3g})", title, oracle_xy=oxy,
+                         eps=eps)
     if has_pairs:
         assert agreement is not None and id_site is not None
         ax = fig.add_subplot(1, n, n)
@@ -308,12 +315,14 @@ def figure_fig4(table: pd.DataFrame, target: str, agreement: Agreement | None = 
         same = archs[iu[0]] == archs[iu[1]]
         grp = np.where(same, archs[iu[0]], "mixed pairs")
         ok = np.isfinite(x) & np.isfinite(y)
-        st = _stats_from(corr, "agreement_on_the_line", target) or correlate_pairs(a_id, a_t, n_resamples=0)
+        eps = (clip(id_site), clip(target))
+        st = _stats_from(corr, "agreement_on_the_line", target) or correlate_pairs(a_id, a_t, eps=eps, n_resamples=0)
         size = 28 if ok.sum() <= 300 else 6
         draw_on_the_line(ax, x[ok], y[ok], grp[ok], {"mixed pairs": _MIXED, **colors}, st,
-                         f"ID agreement of a pair ({agreement.metric}, {id_site}); probit scale",
-                         f"OOD agreement of a pair ({agreement.metric}, {target}); probit scale",
-                         "(c) agreement on the line", size=size, alpha=1.0 if size >= 20 else 0.5, boot_ci=True)
+                         f"ID agreement of a pair ({agreement.metric}, {id_site}); probit scale, clip {eps[0]:.3g}",
+                         f"OOD agreement of a pair ({agreement.metric}, {target}); probit scale, clip {eps[1]:.3g}",
+                         "(c) agreement on the line", size=size, alpha=1.0 if size >= 20 else 0.5, boot_ci=True,
+                         eps=eps)
     fig.suptitle(f"{source} → {target}", fontsize=11)
     fig.tight_layout()
     return fig
@@ -367,7 +376,7 @@ def figure_fig3(table: pd.DataFrame, metric: str | None = None, corr: pd.DataFra
             xs = np.array([x.min(), x.max()])
             ax.plot(xs, fit.slope * xs + fit.intercept, color="tab:red", lw=1.5, label="least squares", zorder=2)
         source = ", ".join(sorted(g["source"].astype(str).unique())) or "?"
-        ax.set_title(f"{source} → {t}\n{_fmt_r(st)}", fontsize=9)
+        ax.set_title(f"{source} → {t}\n{_fmt_r(st, boot=True)}", fontsize=9)  # the run bootstrap, not Fisher z
         ax.set_xlabel("uncertain area (% of the image, GGD δ)", fontsize=9)
         ax.set_ylabel(f"OOD {metric} (%)", fontsize=9)
         ax.grid(True, lw=0.4, alpha=0.5)

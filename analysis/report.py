@@ -23,7 +23,7 @@ def tables_markdown(*, experiment: str, metric: str, n_members: int, source: str
                     health: dict, member_sets: dict[str, list[str]], claims: pd.DataFrame, perf: pd.DataFrame,
                     n_resamples: int, corr: pd.DataFrame, lines_df: pd.DataFrame | None,
                     fig_files: dict[str, list[Path]], out: Path, unc_md: list[str] | None, sel: pd.DataFrame,
-                    aline_fits: list[dict], loto_summary: pd.DataFrame, n_targets: int) -> str:
+                    aline_fits: list[dict], loto_summary: pd.DataFrame, n_targets: int, probit_clip: str = "") -> str:
     """The text of ``tables.md``.
 
     Args:
@@ -31,12 +31,17 @@ def tables_markdown(*, experiment: str, metric: str, n_members: int, source: str
         lines_df: Baek et al.'s test per target (None: no agreement, the section says it was skipped).
         fig_files: ``{"fig4": [...], "fig3": [...], "fig6": [...]}``, the figures written (under ``out``).
         unc_md: the uncertainty sections' lines (Table 4 ...; None: no uncertainty records).
+        probit_clip: the probit clip in words (``analysis.probit_clip.Clips.text``), stated in the header and
+            under every probit-scale section; "" where the metric has no probit scale.
         The other arguments are ``run_analysis``'s results of the same names.
     """
     md = [f"# Analysis: {experiment}", "",
           f"Metric: `{metric}`; {n_members} pool members; source {source}; targets {', '.join(targets)}. "
           f"Indicators: {', '.join(f'`{n}`' for n in available) or 'none'}"
           + (f" (also the pair-level `{PAIRS}` test)" if has_agreement else "") + ".", ""]
+    clip_note = [f"Probit scale (the correlation table's probit fits, Baek et al.'s lines, Fig. 4, ALine, leave one "
+                 f"target out, the probit rows of C2/C3): {probit_clip}.", ""] if probit_clip else []
+    md += clip_note
     if missing:
         md += [f"**Incomplete experiment: {len(missing)} record(s) missing, analysed without them** "
                f"(`oodsweep resume` redoes them):", ""] + [f"- {m}" for m in missing] + [""]
@@ -64,11 +69,12 @@ def tables_markdown(*, experiment: str, metric: str, n_members: int, source: str
            boot_caption(n_resamples, corr), ""]
     md += per_set(lambda c: correlation_matrix_markdown(c) + "\n\n" + correlation_markdown(c), corr)
     md += ["## Agreement on the line: Baek et al.'s test", ""]
-    md += per_set(lines_markdown, lines_df) if lines_df is not None else ["Skipped: no agreement (see above).", ""]
+    md += clip_note + (per_set(lines_markdown, lines_df) if lines_df is not None
+                       else ["Skipped: no agreement (see above).", ""])
     md += ["## Figures", ""]
     for target, f in zip(targets, fig_files["fig4"]):
         md += [f"Fig. 4, {source} → {target}: OOD vs ID performance, OOD vs ID agreement (per member and per "
-               f"pair), probit axes.", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
+               f"pair), probit axes" + (" (each axis's clip in its label)" if probit_clip else "") + ".", "", f"![Fig. 4 {target}]({f.relative_to(out).as_posix()})", ""]
     for f in fig_files["fig3"]:
         md += ["Fig. 3: uncertain area against OOD performance.", "", f"![Fig. 3]({f.relative_to(out).as_posix()})", ""]
     for f in fig_files["fig6"]:
@@ -82,7 +88,7 @@ def tables_markdown(*, experiment: str, metric: str, n_members: int, source: str
     md += unc_md if unc_md is not None else ["Skipped: no uncertainty records (see above).", ""]
     md += ["## Model selection for a new site", ""]
     md += per_set(lambda d: selection_markdown(d, metric), sel)
-    md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""]
+    md += ["## OOD estimates: ALine-S, ALine-D and leave one target out", ""] + clip_note
     aline_summary = pd.DataFrame(aline_fits)
     md += per_set(lambda d: aline_markdown(d, metric), aline_summary) if aline_fits \
         else ["ALine estimates: skipped (they need the agreement on the source test split and the targets).", ""]

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.aline import aline_table, pair_correlations
+from analysis.case_bootstrap import prepared_case_scores
+from analysis.budget_claims import experiment_budget_rows, with_budget_rows
 from analysis.claims import claims_table, sam_members_of, write_claims
 from analysis.correlate import DEGENERATE_FLOOR, ID_COLUMNS, N_RESAMPLES, SEED, STAT_KEYS, correlations
 from analysis.examples import example_members, examples_dir, fig6_inputs
@@ -25,6 +27,7 @@ from analysis.indicators import INDICATORS, resolve_indicators
 from analysis.performance import check_metric, is_bounded, surface_notes
 from analysis.plots import figure_fig3, figure_fig4, figure_fig6, safe_name, save_figure
 from analysis.prepare import ALL, LABEL_FREE, prepare
+from analysis.probit_clip import AUTO, Clips, check_probit_clip, site_cases
 from trainables.records import SURFACE_METRICS
 from analysis.report import tables_markdown
 from analysis.selection import loto_estimates, select_models
@@ -68,7 +71,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                  seed: int = SEED, fig6_member: str | None = None, fig6_index: int | None = None,
                  degenerate_floor: float | None = DEGENERATE_FLOOR, missing: list[str] | None = None,
                  target_order: list[str] | None = None, severity_chain: list[str] | None = None,
-                 label: str | None = None, memory_gib: float | None = None, map_blocks=None) -> dict:
+                 label: str | None = None, memory_gib: float | None = None, map_blocks=None,
+                 probit_clip: str | float | None = AUTO) -> dict:
     """Run the whole analysis of one experiment and write its files.
 
     Writes under ``out_dir`` (default ``<experiment_dir>/analysis``):
@@ -118,6 +122,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         memory_gib: bound the agreement's packed masks held at once (``analysis.agreement.agreement_matrices``:
             blocks of cases) and read only the uncertainty records' needed columns; None: no bound.
         map_blocks: how the agreement's blocks run (``analysis.agreement.BlockMap``; default in-process).
+        probit_clip: the probit scale's clip (``analysis.probit_clip``): ``"auto"`` (half a case of each site)
+            or a number in (0, 0.5); stated in every probit-scale table and figure.
 
     Returns:
         ``{"out_dir": str, "files": [str, ...], "correlations": [dict, ...], "selection":
@@ -132,6 +138,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         FileNotFoundError: no records under ``experiment_dir``.
     """
     check_metric(metric)
+    check_probit_clip(probit_clip)
     wanted = resolve_indicators(indicators)
     experiment_dir = Path(experiment_dir)
     t0 = time.perf_counter()
@@ -144,6 +151,9 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     notes += surface_notes(metric, degenerate_floor)
     degenerate_floor = degenerate_floor if bounded else None  # −HD95 is not in [0, 1]: no floor to flag against
     agreement, agreements, unc, tables = prep.agreement, prep.agreements, prep.unc, prep.tables
+    clips = Clips(probit_clip, site_cases(prep.slices))  # stated wherever the probit scale is used
+    clip_text = clips.text(list(dict.fromkeys([*perf["source"].astype(str), *perf["target"].astype(str)])))
+    clip_text = clip_text if bounded else ""
     out = Path(out_dir) if out_dir is not None else experiment_dir / "analysis"
     if out_dir is None and label is not None:
         out = out / "per_label" / safe_name(label)
@@ -182,13 +192,14 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     parts, line_rows, aline_parts, aline_fits = [], [], [], []
     for k, tb in tables.items():
         parts += [correlations(tb, n, INDICATORS[n].column, "ood_score", n_resamples=n_resamples, seed=seed,
-                               members=k, floor=degenerate_floor, floor_x=INDICATORS[n].higher_is_better)
+                               members=k, floor=degenerate_floor, floor_x=INDICATORS[n].higher_is_better,
+                               clips=clips)
                   for n in available]
         if agreements[k] is not None and lines_ok:  # the lines compare the metric with agreement on its scale
-            pc, lines = pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of)
+            pc, lines = pair_correlations(agreements[k], tb, n_resamples, seed, k, run_of, clips)
             parts.append(pc)
             line_rows += lines
-            per, fits = aline_table(tb, agreements[k], members=k)
+            per, fits = aline_table(tb, agreements[k], members=k, clips=clips)
             aline_parts.append(per)
             aline_fits += fits
     corr = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(len(p) for p in parts) \
@@ -220,7 +231,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         t4, unc_md = uncertainty_sections(experiment_dir, unc, roles, source, out, files, notes, members=members)
     sel = pd.concat([select_models(tb, available).assign(members=k) for k, tb in tables.items()], ignore_index=True)
     _write_csv(sel, out / "selection.csv", files)
-    lotos = [loto_estimates(tb, available) for tb in tables.values()]
+    lotos = [loto_estimates(tb, available, clips=clips) for tb in tables.values()]
     loto = pd.concat([lt[0].assign(members=k) for k, lt in zip(tables, lotos)], ignore_index=True)
     loto_summary = pd.concat([lt[1].assign(members=k) for k, lt in zip(tables, lotos)], ignore_index=True)
     n_targets = perf["target"].nunique()
@@ -236,8 +247,14 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     claims = claims_table(perf, tables.get(LABEL_FREE), agreements.get(LABEL_FREE), unc,
                           [f for f in aline_fits if f.get("members") == LABEL_FREE], available,
                           n_resamples=n_resamples, seed=seed, floor=degenerate_floor,
-                          sam_members=sam_members_of(experiment_dir) if unc is not None else None)
-    files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor)
+                          sam_members=sam_members_of(experiment_dir) if unc is not None else None,
+                          clips=clips if bounded else None,
+                          cases=prepared_case_scores(experiment_dir, prep.slices, tables.get(LABEL_FREE), metric, unc,
+                                                     label))
+    claims = with_budget_rows(claims, experiment_budget_rows(experiment_dir, tables.get(LABEL_FREE), n_resamples,
+                                                             seed))  # C4 at δ's longer budget (a sensitivity)
+    files += write_claims(claims, out, experiment_dir.name, metric, n_resamples, degenerate_floor,
+                          clip_text)
     timings["claims"] = time.perf_counter() - t
 
     # --- figures ------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
     corr_main = corr[corr["members"] == main_set] if len(corr) else corr
     oracle_rows = table_all[table_all["oracle_prompt"].astype(bool)] if "oracle_prompt" in table_all else None
     for target in dict.fromkeys(table["target"].astype(str)) if bounded else ():  # probit axes: scores in [0, 1]
-        fig = figure_fig4(table, target, agreements[main_set], metric, corr_main, oracle=oracle_rows)
+        fig = figure_fig4(table, target, agreements[main_set], metric, corr_main, oracle=oracle_rows, clips=clips)
         fig_files["fig4"].append(save_figure(fig, plots / f"fig4_{safe_name(target)}.png"))
     if "uncertain_area" in available and bounded:
         fig_files["fig3"].append(save_figure(figure_fig3(table, metric, corr_main, oracle=oracle_rows),
@@ -280,7 +297,8 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
         member_sets=member_sets, claims=claims, perf=perf, n_resamples=n_resamples, corr=corr,
         lines_df=lines_df if line_rows else None, fig_files=fig_files, out=out,
         unc_md=unc_md if t4 is not None else None, sel=sel, aline_fits=aline_fits, loto_summary=loto_summary,
-        n_targets=n_targets), encoding="utf-8")
+        n_targets=n_targets, probit_clip=clip_text),
+        encoding="utf-8")
     files.append(out / "tables.md")
 
     corr_records = _json_clean(corr.to_dict(orient="records"))
@@ -293,6 +311,7 @@ def run_analysis(experiment_dir: str | os.PathLike, metric: str = "iou_3d", out_
                "aline_mae": _json_clean(aline_fits), "lines": _json_clean(line_rows),
                "oracle_members": oracle_ids, "member_sets": list(member_sets), "pool_health": health,
                "claims": _json_clean(claims.to_dict(orient="records")),
+               "probit_clip": {"setting": clips.setting, "by_site": clips.by_site},
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     if label is not None:
         summary["label"] = label

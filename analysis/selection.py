@@ -22,6 +22,7 @@ from scipy import stats
 
 from analysis.correlate import probit
 from analysis.indicators import INDICATORS
+from analysis.probit_clip import CLIP_COLUMNS, axis_site
 
 #: Columns of ``select_models``' result.
 SELECTION_COLUMNS = ["source", "target", "indicator", "direction", "n", "chosen_member", "chosen_arch",
@@ -77,17 +78,31 @@ def select_models(table: pd.DataFrame, indicators: list[str] | tuple[str, ...]) 
     return pd.DataFrame(rows, columns=SELECTION_COLUMNS)
 
 
-def _fit_probit_line(x: np.ndarray, y: np.ndarray, eps: float) -> tuple[float, float] | None:
+def _fit_probit_line(x: np.ndarray, y: np.ndarray, eps) -> tuple[float, float] | None:
     ok = np.isfinite(x) & np.isfinite(y)
-    px, py = probit(x[ok], eps), probit(y[ok], eps)
+    ex, ey = (np.broadcast_to(np.asarray(e, dtype=float), x.shape)[ok] for e in _pair(eps))
+    px, py = probit(x[ok], ex), probit(y[ok], ey)
     if px.size < 2 or np.all(px == px[0]):
         return None
     fit = stats.linregress(px, py)
     return float(fit.slope), float(fit.intercept)
 
 
+def _pair(eps) -> tuple:
+    return eps if isinstance(eps, tuple) else (eps, eps)
+
+
+def _row_clips(frame: pd.DataFrame, col: str, source: object, clips, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``frame``: the probit clip of ``col``'s axis and of the OOD score's (its target's)."""
+    if clips is None:
+        return np.full(len(frame), eps), np.full(len(frame), eps)
+    ts = frame["target"].astype(str)
+    return (np.array([clips.clip(axis_site(col, source, t)) for t in ts], dtype=float),
+            np.array([clips.clip(t) for t in ts], dtype=float))
+
+
 def loto_estimates(table: pd.DataFrame, indicators: list[str] | tuple[str, ...],
-                   eps: float = 1e-3) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   eps: float = 1e-3, clips=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Leave-one-target-out OOD estimates per member, and their mean absolute error per target.
 
     For a held-out target t and an indicator: fit ``probit(ood) = a * probit(indicator) + b`` by
@@ -98,7 +113,9 @@ def loto_estimates(table: pd.DataFrame, indicators: list[str] | tuple[str, ...],
     Args:
         table: an ``indicator_table``.
         indicators: names in ``INDICATORS``.
-        eps: clip margin of ``probit``.
+        eps: clip margin of ``probit`` (when ``clips`` is None).
+        clips: the probit clips (``analysis.probit_clip.Clips``): each row's on its sites; the summary's
+            ``probit_clip_x`` / ``probit_clip_y`` are the held-out target's.
 
     Returns:
         ``(per_member, summary)``. ``per_member``: columns ``source, target, indicator,
@@ -118,6 +135,7 @@ def loto_estimates(table: pd.DataFrame, indicators: list[str] | tuple[str, ...],
             y_true = held["ood_score"].to_numpy(dtype=float)
             for name in (*indicators, BASELINE):
                 slope = intercept = math.nan
+                hx = hy = [math.nan]
                 if name == BASELINE:
                     value = held["member_id"].map(rest.groupby("member_id")["ood_score"].mean()).to_numpy(dtype=float)
                     est = value
@@ -125,11 +143,13 @@ def loto_estimates(table: pd.DataFrame, indicators: list[str] | tuple[str, ...],
                     col = INDICATORS[name].column
                     value = held[col].to_numpy(dtype=float)
                     fit = _fit_probit_line(rest[col].to_numpy(dtype=float),
-                                           rest["ood_score"].to_numpy(dtype=float), eps)
+                                           rest["ood_score"].to_numpy(dtype=float),
+                                           _row_clips(rest, col, source, clips, eps))
                     if fit is None:
                         continue
                     slope, intercept = fit
-                    est = stats.norm.cdf(slope * probit(value, eps) + intercept)
+                    hx, hy = _row_clips(held, col, source, clips, eps)
+                    est = stats.norm.cdf(slope * probit(value, hx) + intercept)
                     est[~np.isfinite(value)] = np.nan
                 err = np.abs(est - y_true)
                 ok = np.isfinite(err)
@@ -140,10 +160,13 @@ def loto_estimates(table: pd.DataFrame, indicators: list[str] | tuple[str, ...],
                     "arch": held["arch"].to_numpy(), "value": value, "estimate": est, "ood_score": y_true,
                     "abs_error": err}))
                 sum_rows.append({"source": str(source), "target": t, "indicator": name, "n": int(ok.sum()),
-                                 "slope": slope, "intercept": intercept, "mae": float(err[ok].mean())})
+                                 "slope": slope, "intercept": intercept, "mae": float(err[ok].mean()),
+                                 "probit_clip_x": float(hx[0]) if len(hx) else math.nan,
+                                 "probit_clip_y": float(hy[0]) if len(hy) else math.nan})
     per_member_cols = ["source", "target", "indicator", "member_id", "arch", "value", "estimate", "ood_score",
                        "abs_error"]
     per_member = (pd.concat(est_rows, ignore_index=True) if est_rows
                   else pd.DataFrame(columns=per_member_cols))[per_member_cols]
-    summary = pd.DataFrame(sum_rows, columns=["source", "target", "indicator", "n", "slope", "intercept", "mae"])
+    summary = pd.DataFrame(sum_rows, columns=["source", "target", "indicator", "n", "slope", "intercept", "mae",
+                                              *CLIP_COLUMNS])
     return per_member, summary

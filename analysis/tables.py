@@ -23,8 +23,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.performance import score_scale, score_unit
+from analysis.seeds import table_spread
 
 SAME, CROSS = "Same-Dom.", "Cross-Dom."
+#: Table 1's last column: the range and SD across seeds of the configurations with >= 2 seeds (``analysis.seeds``).
+SEED_SPREAD = "seed spread"
 
 
 def format_cell(mean_pct: float, std_pct: float, change_pct: float | None = None) -> str:
@@ -150,8 +153,9 @@ def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
 
     Args:
         perf: a ``performance_table`` (one or several sources).
-        orient: ``"settings"`` (Table 1): columns ``domain, setting`` then one column of cells
-            per architecture; rows the Same-Dom. row of each source, then its Cross-Dom. rows in
+        orient: ``"settings"`` (Table 1): columns ``domain, setting``, one column of cells per
+            architecture, then ``seed spread`` (:data:`SEED_SPREAD`: the row's score across the seeds of
+            every configuration with >= 2 seeds, selected or not); rows the Same-Dom. row of each source, then its Cross-Dom. rows in
             target order. ``"archs"`` (Tables 2–3): column ``arch`` then one column per setting
             (Same-Dom. settings first), one row per architecture.
 
@@ -171,7 +175,11 @@ def table1(perf: pd.DataFrame, orient: str = "settings") -> pd.DataFrame:
     wide = wide.reindex(pd.MultiIndex.from_tuples([s[:2] for s in settings], names=["domain", "setting"]),
                         columns=archs).fillna("–")
     wide.columns.name = None
-    if orient == "settings":
+    if orient == "settings":  # the last column: how far a configuration moves across seeds (analysis.seeds)
+        scale = score_scale(str(perf["metric"].iloc[0])) if "metric" in perf and len(perf) else 100.0
+        where = {(r.domain, r.setting): (r.source, "id" if r.domain == SAME else r.target)
+                 for r in long.itertuples(index=False)}
+        wide[SEED_SPREAD] = [table_spread(perf, *where[k], scale=scale) for k in wide.index]
         return wide.reset_index()
     out = wide.T
     out.columns = [f"{d}: {s}" for d, s in out.columns]
@@ -206,6 +214,9 @@ def table1_markdown(perf: pd.DataFrame, orient: str = "settings") -> str:
                f"(lr, epochs) configuration with the best mean {metric} on {chosen_on} is reported "
                f"(selection uses source labels only). (↓ d) / (↑ d): change against the Same-Dom. "
                f"mean in percentage points. Selected: {chosen}."
+               + (f" {SEED_SPREAD}: the row's {metric} across the seeds of each configuration trained with ≥ 2 "
+                  f"seeds (selected or not), min–max (SD), in the cells' unit: the seed noise to read the "
+                  f"differences against." if orient == "settings" else "")
                + (f" {DAGGER} oracle-prompted: evaluated with each slice's ground-truth box as the prompt (as "
                   f"MedSAM in the paper), so its scores are not comparable with the unprompted models' and it "
                   f"is left out of every label-free result." if oracle else ""))
@@ -259,6 +270,13 @@ def correlations_long(corr: pd.DataFrame) -> pd.DataFrame:
     return long.sort_values(["indicator", "target"], kind="stable").reset_index(drop=True)
 
 
+#: The member-level Fisher-z interval's column: it assumes independent members (last, for comparison only).
+FISHER_COLUMN = "Fisher-z CI (assumes independent members)"
+#: The sentence that goes with it wherever it is printed.
+FISHER_NOTE = ("The Fisher-z interval (last column) treats every member as independent, which the snapshot members "
+               "of one training run are not: it is too narrow and shown for comparison only (not given for pairs).")
+
+
 def correlation_markdown(corr: pd.DataFrame) -> str:
     """The ``correlations`` table in markdown: one row per (indicator, source → target)."""
     rows = []
@@ -272,10 +290,10 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
                                                       and math.isfinite(float(n_deg)) and n_deg else "0"),
             "n": f"{r.n} pairs / {r.n_units}" if r.unit == "pair" else f"{r.n}",
             "units": f"{r.n_units} {getattr(r, 'resample', 'member')}s",
-            "Pearson r [95% CI]": (f"{fmt(r.pearson_r, '.3f')} [{fmt(r.pearson_ci_low, '.3f')}, "
-                                   f"{fmt(r.pearson_ci_high, '.3f')}]"),
-            "r boot. CI": f"[{fmt(r.pearson_boot_low, '.3f')}, {fmt(r.pearson_boot_high, '.3f')}]",
-            "Spearman ρ [CI]": (f"{fmt(r.spearman_rho, '.3f')} [{fmt(r.spearman_ci_low, '.3f')}, "
+            "Pearson r [95% bootstrap CI]": (f"{fmt(r.pearson_r, '.3f')} [{fmt(r.pearson_boot_low, '.3f')}, "
+                                         f"{fmt(r.pearson_boot_high, '.3f')}]"),
+            FISHER_COLUMN: f"[{fmt(r.pearson_ci_low, '.3f')}, {fmt(r.pearson_ci_high, '.3f')}]",
+            "Spearman ρ [95% bootstrap CI]": (f"{fmt(r.spearman_rho, '.3f')} [{fmt(r.spearman_ci_low, '.3f')}, "
                                 f"{fmt(r.spearman_ci_high, '.3f')}]"),
             "Kendall τ": fmt(r.kendall_tau, '.3f'),
             "probit slope": fmt(r.probit_slope, '.3f'), "probit intercept": fmt(r.probit_intercept, '.3f'),
@@ -285,15 +303,16 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     present = list(dict.fromkeys(corr["indicator"])) if len(corr) else []
     what = "; ".join(f"`{i}`: {CORRELATION_LABELS.get(i, i)}" for i in present)
     unit = _unit_phrase(corr)
-    caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% interval "
-               f"(Fisher z, which treats the members as independent; not given for pairs); r's and Spearman "
-               f"ρ's 95% bootstrap intervals resample {unit} (BCa where defined; pairs: r only, percentile); "
+    caption = (f"**Correlation with OOD {metric}** across the pool. {what}. Pearson r with its 95% bootstrap "
+               f"interval, and Spearman ρ with its own: they resample {unit} (BCa where defined; pairs: r only, "
+               f"percentile); read these. {FISHER_NOTE} "
                f"Kendall τ (τ-b) without an interval; probit fit: least squares of probit(y) on probit(x). "
                f"n: members, or pairs / resampled units. Degenerate: members below the degenerate floor on "
                f"an axis (they sit at the probit floor and can set a slope alone); where there are any, the "
                f"row is repeated without them.")
-    cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% CI]", "r boot. CI", "Spearman ρ [CI]",
-            "Kendall τ", "probit slope", "probit intercept", "probit R²"]
+    cols = ["indicator", "setting", "n", "units", "degenerate", "Pearson r [95% bootstrap CI]",
+            "Spearman ρ [95% bootstrap CI]",
+            "Kendall τ", "probit slope", "probit intercept", "probit R²", FISHER_COLUMN]
     return caption + "\n\n" + markdown_table(pd.DataFrame(rows, columns=cols))
 
 

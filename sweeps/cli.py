@@ -26,6 +26,18 @@ from .errors import LockError, OodsweepError, StorageError
 from .spec import METRICS, load_spec
 
 PRESETS = Path(__file__).parent / "presets"
+PROBIT_CLIP_HELP = ("the probit scale's clip: 'auto' (half a case of each site, 1/(2 x its test cases)) or a number "
+                    "in (0, 0.5); default: the frozen spec's analysis.probit_clip, else auto")
+
+
+def _probit_clip_arg(value: str) -> str | float:
+    """``--probit-clip``: 'auto' or a number in (0, 0.5) (argparse prints the message and exits 2)."""
+    from analysis.probit_clip import check_probit_clip
+
+    try:
+        return check_probit_clip(value, where="--probit-clip")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -92,7 +104,7 @@ SMOKE = {"name": "demo-smoke",
          "data": {"synthetic": {"cases_per_site": 4, "shape": [40, 40, 8], "seed": 0}, "image_size": 32,
                   "test_fraction": 0.25, "targets": ["SiteB", "SiteC"]},
          "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1.0e-3]}, "epochs": {"snapshots": [1, 2]},
-                  "batch_size": 4},
+                  "batch_size": 4, "repeat": None},  # no extra seed (the demo's repeats an arch not in this grid)
          "uncertainty": {"epochs": 1, "passes": 2, "batch_size": 4, "baselines": ["bayescap"],
                          "bayescap": {"width": 8, "blocks": 1},
                          "baseline_members": "all"}}
@@ -200,18 +212,19 @@ def _cmd_analyze(args) -> int:
     if args.label:  # one label's analysis (or each label's) of multi-label records: files only, no MLflow run
         for label in _labels_of(spec.experiment_dir, args.label):
             res = run_analysis_stage(spec, None, metric=args.metric, out_dir=out / label if out else None,
-                                     allow_incomplete=args.allow_incomplete, label=label)
+                                     allow_incomplete=args.allow_incomplete, label=label,
+                                     probit_clip=args.probit_clip)
             print(f"[oodsweep] analysis of label {label} written to {res['out_dir']}")
         return 0
     tracker = None if args.no_mlflow or running else tracker_for(spec)
     res = run_analysis_stage(spec, tracker, metric=args.metric, out_dir=out, allow_incomplete=args.allow_incomplete,
-                             memory_gib=args.memory_gib)
+                             memory_gib=args.memory_gib, probit_clip=args.probit_clip)
     print(f"[oodsweep] analysis written to {res['out_dir']}")
     def f(v):
         return "nan" if v is None else f"{v:.3f}"
     for c in res.get("correlations", []):
         print(f"  {c.get('indicator')}: {c.get('source')} -> {c.get('target')}: pearson r = {f(c.get('pearson_r'))} "
-              f"(95% CI {f(c.get('pearson_ci_low'))}..{f(c.get('pearson_ci_high'))}), "
+              f"(95% bootstrap CI {f(c.get('pearson_boot_low'))}..{f(c.get('pearson_boot_high'))}), "
               f"spearman rho = {f(c.get('spearman_rho'))}, n = {c.get('n')}")
     verdicts = {c["claim"]: c["verdict"] for c in reversed(res.get("claims", []))
                 if c.get("kind") == "claim" and str(c.get("scope", "")).startswith("overall")}
@@ -226,7 +239,8 @@ def _cmd_report(args) -> int:
 
     if (Path(args.experiment_dir) / "spec.yaml").is_file():
         _refuse_if_driver_runs(Path(os.path.abspath(args.experiment_dir)), args.out, "report")
-    claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out, label=args.label)
+    claims, files = build_claims(args.experiment_dir, metric=args.metric, out_dir=args.out, label=args.label,
+                                 probit_clip=args.probit_clip)
     print(verdicts_markdown(claims))
     print(f"\n[oodsweep] claims report written to {files[1]} (every row: {files[0]})")
     return 0
@@ -336,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-gib", type=float, metavar="GIB",
                    help="bound the pool's masks the agreement holds at once (blocks of cases; default: the spec's "
                         "analysis.memory_gib, else none)")
+    p.add_argument("--probit-clip", metavar="CLIP", type=_probit_clip_arg, help=PROBIT_CLIP_HELP)
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("report", help="the claims report: each claim of the paper with its statistic, run-level "
                                       "interval and verdict, rebuilt from the experiment's files (no Ray, no MLflow)")
@@ -344,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: EXPERIMENT_DIR/analysis)")
     p.add_argument("--label", metavar="NAME", help="multi-label records: the claims of this label alone (default "
                                                   "output EXPERIMENT_DIR/analysis/per_label/NAME)")
+    p.add_argument("--probit-clip", metavar="CLIP", type=_probit_clip_arg, help=PROBIT_CLIP_HELP)
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -294,7 +294,7 @@ def severity_chain(spec: SweepSpec) -> list[str] | None:
 
 def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | None = None,
                        out_dir: Path | None = None, allow_incomplete: bool = False, label: str | None = None,
-                       memory_gib: float | None = None) -> dict:
+                       memory_gib: float | None = None, probit_clip: str | float | None = None) -> dict:
     from analysis import run_analysis
 
     exp = spec.experiment_dir
@@ -313,7 +313,8 @@ def run_analysis_stage(spec: SweepSpec, tracker: Tracker | None, metric: str | N
     result = run_analysis(exp, metric=metric, out_dir=out_dir, indicators=list(spec.analysis.indicators),
                           degenerate_floor=spec.analysis.degenerate_floor, missing=missing,
                           target_order=list(spec.data.targets), severity_chain=severity_chain(spec), label=label,
-                          memory_gib=memory_gib or spec.analysis.memory_gib, map_blocks=ray_block_map())
+                          memory_gib=memory_gib or spec.analysis.memory_gib, map_blocks=ray_block_map(),
+                          probit_clip=probit_clip if probit_clip is not None else spec.analysis.probit_clip)
     for note in result.get("notes", []):
         log(f"analysis: {note}")
     if tracker is not None:
@@ -412,6 +413,10 @@ def _stages(spec: SweepSpec, cache: Path, tracker: Tracker, address: str | None,
     if spec.uncertainty is not None:
         errors = run_uncertainty_stage(spec, cache, tracker, address=address, num_cpus=num_cpus,
                                        relocated=relocated)
+        if spec.uncertainty.sensitivity is not None and not errors:  # δ again, longer (sweeps.uncertainty_budget)
+            from .uncertainty_budget import run_budget_stage
+
+            errors = run_budget_stage(spec, cache, tracker, lambda: _init_ray(spec, address, num_cpus), relocated)
     # after failed δ trials the others are analysed, and tables.md lists what is missing
     result = run_analysis_stage(spec, tracker, allow_incomplete=bool(errors))
     summary = {"experiment_dir": str(exp), "tracking_uri": tracker.tracking_uri,

@@ -67,7 +67,7 @@ def _diff(a, b, key=""):
 RESUMABLE = ("storage", "runtime_env", "pool.resources", "pool.max_concurrent_trials", "pool.max_failures",
              "pool.checkpoint_every", "uncertainty.resources",
              "uncertainty.trial_cpu", "uncertainty.max_concurrent_trials", "uncertainty.max_failures",
-             "uncertainty.train_max_failures",
+             "uncertainty.train_max_failures", "uncertainty.sensitivity",
              "analysis", "pool.training.data_placement", "pool.training.loader_workers",
              "uncertainty.training.data_placement", "uncertainty.training.loader_workers")
 

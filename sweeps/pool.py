@@ -148,6 +148,44 @@ def sam_weights_of(config: dict) -> dict:
     return {**out, **{k: v for k, v in per_arch.get(config["arch"], {}).items() if v is not None}}
 
 
+def repeat_points(spec: SweepSpec) -> list[dict]:
+    """``pool.repeat``'s extra runs as Tune's ``points_to_evaluate``: ``{arch, lr, seed}`` each (the other keys,
+    ``epochs`` in grid mode included, are the grid's)."""
+    return [{"arch": a, "lr": lr, "seed": s} for a, lr, s in spec.pool.repeat]
+
+
+def search_of(spec: SweepSpec):
+    """The Tuner's ``(search_alg, num_samples)``: Optuna for a search; for a grid, Tune's default generator
+    (None, 1), or with ``pool.repeat`` a ``BasicVariantGenerator`` whose ``points_to_evaluate`` are the extra
+    runs: each point is one sample (its own run, or one per ``pool.epochs`` value in grid mode), then one more
+    sample is the whole grid, exactly the runs it has without the repeat."""
+    if spec.search is not None:
+        from ray.tune.search.optuna import OptunaSearch
+
+        return (OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, seed=spec.search.seed),
+                spec.search.num_samples)
+    points = repeat_points(spec)
+    if not points:
+        return None, 1
+    import logging
+
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune warns that a point's seed is not in pool.seed's grid: that is what a repeat is for
+    tune_log = logging.getLogger("ray.tune.search.variant_generator")
+    if not any(isinstance(f, _SeedPresetFilter) for f in tune_log.filters):
+        tune_log.addFilter(_SeedPresetFilter())
+    return BasicVariantGenerator(points_to_evaluate=points), len(points) + 1
+
+
+class _SeedPresetFilter:
+    """Drops Tune's "Pre-set value `S` is not within valid values of parameter `seed`" (``pool.repeat``'s seeds)."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Pre-set value") and "parameter `seed`" in msg)
+
+
 def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflow_id: str):
     """A new Tuner for the pool stage, or the restored one if this experiment already started it."""
     from ray import tune
@@ -183,12 +221,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
                 f"aside (pool/.superseded/), the records say what is left")
     max_conc = spec.pool.max_concurrent_trials or cluster.max_concurrent(list(demands.values()), cap)
     log(f"up to {max_conc} pool trials at once (cluster: {cap['CPU']:g} CPU, {cap['GPU']:g} GPU)")
-    search_alg, num_samples = None, 1
-    if spec.search is not None:
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, seed=spec.search.seed)
-        num_samples = spec.search.num_samples
+    search_alg, num_samples = search_of(spec)
     from .callbacks import MlflowPoolCallback
 
     callback = MlflowPoolCallback(tracker, parent_mlflow_id)

@@ -36,13 +36,7 @@ def expected_members(spec: SweepSpec) -> list[str] | None:
         return list(spec.imported.member_ids) or None
     if spec.search is not None:
         return None
-    out = []
-    for arch in p.arch.values:
-        for lr in p.lr.values:
-            for seed in p.seed.values:
-                for e in p.epochs.values:
-                    out.append(member_id(arch, float(lr), int(seed), int(e)))
-    return out
+    return [member_id(arch, float(lr), int(seed), int(e)) for arch, lr, seed in p.runs() for e in p.epochs.values]
 
 
 def _checkpoint_problem(path: Path) -> str | None:

@@ -158,6 +158,13 @@ class PoolSpec:
     #: the open architectures of ``arch`` by id: their normalised definitions (trainables.models.open_archs),
     #: passed to every trial as ``model_defs``
     models: dict = field(default_factory=dict)
+    #: ``pool.repeat`` (``sweeps.spec_repeat``): extra (arch, lr, seed) training runs of grid configurations
+    repeat: tuple[tuple[str, float, int], ...] = ()
+
+    def runs(self) -> list[tuple[str, float, int]]:
+        """Every (arch, lr, seed) training run of a grid pool: the grid's, then ``repeat``'s."""
+        return [(a, lr, s) for a in self.arch.values for lr in self.lr.values for s in self.seed.values] \
+            + list(self.repeat)
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,17 @@ class SearchSpec:
     metric: str = "val_iou_3d"
     mode: str = "max"
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SensitivitySpec:
+    """``uncertainty.sensitivity``: a second δ per member of a subset, fitted ``epochs`` long (a longer budget than
+    ``uncertainty.epochs``) and recorded apart (``records/uncertainty_budget``), so that C4 can be read at both
+    budgets on the same members (docs/uncertainty.md "δ's training budget")."""
+
+    epochs: int
+    #: "per_run" (each training run's last snapshot member), "all", or N: the first N of "per_run"
+    members: str | int = "per_run"
 
 
 @dataclass(frozen=True)
@@ -217,6 +235,8 @@ class UncertaintySpec:
     scoring: str = DeltaConfig.default("scoring")
     #: the error band's width (cache-grid pixels) for the maps' AUROC/AP within it (DeltaConfig.band_px)
     band_px: int = DeltaConfig.default("band_px")
+    #: the δ-budget sensitivity (None: none; the default δ's records are the same with and without it)
+    sensitivity: SensitivitySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,9 @@ class AnalysisSpec:
     degenerate_floor: float = 0.01
     #: bound (GiB) on the members' packed masks the agreement holds at once (blocks of cases); None: no bound
     memory_gib: float | None = None
+    #: the probit scale's clip: "auto" (half a case of each site, 1/(2 n_cases)) or a number in (0, 0.5)
+    #: (analysis.probit_clip; docs/statistics.md "The probit scale")
+    probit_clip: str | float = "auto"
 
 
 @dataclass(frozen=True)
@@ -289,7 +312,7 @@ class SweepSpec:
             return self.imported.runs or None
         if self.search:
             return self.search.num_samples
-        n = len(self.pool.arch.values) * len(self.pool.lr.values) * len(self.pool.seed.values)
+        n = len(self.pool.runs())
         return n * (len(self.pool.epochs.values) if self.pool.epochs.mode == "grid" else 1)
 
     def n_members(self) -> int | None:

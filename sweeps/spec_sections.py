@@ -2,6 +2,7 @@
 join sections (the image size against the pool's architectures)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from .spec_checks import Checker, resolve_path
 from .spec_schema import (BASELINES, DEFAULT_BASELINES, FIT_SPLITS, METHODS, METRICS, PROMPTED_MEMBERS,
                           TRAINING_CHOICES, AnalysisSpec, DataSpec, Epochs, ImportSpec, Param, PoolSpec, SearchSpec,
                           SpecError, UncertaintySpec, default)
+from .spec_repeat import parse_repeat
 from .user_models import parse_arch
 
 
@@ -212,7 +214,8 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
     p = c.keys(raw, "pool", {"arch": True, "lr": True, "epochs": True, "seed": False, "batch_size": False,
                              "weight_decay": False, "resources": False, "max_concurrent_trials": False,
                              "max_failures": False, "checkpoint_every": False, "sam_checkpoint": False,
-                             "sam_sha256": False, "encoder_weights": False, "training": False, "sam_channels": False})
+                             "sam_sha256": False, "encoder_weights": False, "training": False, "sam_channels": False,
+                             "repeat": False})
     arch, models = parse_arch(c, p["arch"], image_size)
     sam_per_arch = {}
     if isinstance(p.get("sam_checkpoint"), dict):  # one file per SAM architecture
@@ -258,7 +261,8 @@ def parse_pool(c: Checker, raw: Any, base: Path, image_size: int | None = None) 
                                   "pool.checkpoint_every", integer=True, positive=True),
         sam_checkpoint=sam_checkpoint, sam_sha256=None if sam_sha256 is None else str(sam_sha256).lower(),
         sam_per_arch=sam_per_arch, sam_channels=_sam_channels(c, p.get("sam_channels"), arch, models),
-        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True))
+        encoder_weights=encoder_weights, training=_training(c, p.get("training"), "pool.training", augment=True),
+        repeat=parse_repeat(c, p.get("repeat"), arch, lr, seed))
 
 
 def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> SearchSpec | None:
@@ -269,6 +273,9 @@ def parse_search(c: Checker, raw: Any, data: DataSpec, pool: PoolSpec) -> Search
                 raise c.fail(k, f"{prm.kind} needs a search: add `search: {{algo: optuna, num_samples: N}}` "
                                 f"or use {{grid: [...]}}")
         return None
+    if pool.repeat:
+        raise c.fail("pool.repeat", "adds seeds to configurations of a grid; a search samples its own "
+                                    "configurations: remove pool.repeat or the search section")
     s = c.keys(raw, "search", {"algo": False, "num_samples": False, "metric": False, "mode": False, "seed": False})
     search = SearchSpec(
         algo=c.choice(s.get("algo", "optuna"), "search.algo", ("optuna",)),
@@ -303,7 +310,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         "trial_cpu": False, "max_concurrent_trials": False, "max_failures": False, "checkpoint_every": False,
         "baseline_members": False, "prompted_members": False, "training": False, "fit_split": False,
         "bayescap": False, "group_size": False, "train_max_failures": False, "scoring": False,
-        "band_px": False})
+        "band_px": False, "sensitivity": False})
     ur = c.keys(u.get("resources") or {}, "uncertainty.resources", {"cpu": False, "gpu": False})
     bl = u.get("baselines", list(DEFAULT_BASELINES))
     if not isinstance(bl, list):
@@ -351,6 +358,11 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         scoring=c.choice(u.get("scoring", dflt("scoring")), "uncertainty.scoring", SCORING_MODES),
         band_px=c.number(u.get("band_px", dflt("band_px")), "uncertainty.band_px", integer=True, nonneg=True),
         training=_training(c, u.get("training"), "uncertainty.training", augment=False))
+    if u.get("sensitivity") is not None:  # the δ-budget sensitivity (sweeps.spec_sensitivity)
+        from .spec_sensitivity import parse_sensitivity
+
+        uncertainty = dataclasses.replace(uncertainty, sensitivity=parse_sensitivity(c, u["sensitivity"],
+                                                                                     uncertainty.epochs))
     # data.val_fraction: a validation split carved from the source's training cases
     if uncertainty.fit_split == "val" and not getattr(data, "val_fraction", None):
         raise c.fail("uncertainty.fit_split", "is 'val' but the source has no validation split; set "
@@ -361,10 +373,20 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
     return uncertainty
 
 
+def _probit_clip(c: Checker, value: Any) -> str | float:
+    """``analysis.probit_clip``: "auto" or a number in (0, 0.5) (``analysis.probit_clip.check_probit_clip``)."""
+    from analysis.probit_clip import check_probit_clip
+
+    try:
+        return check_probit_clip(value, where="")
+    except ValueError as e:
+        raise c.fail("analysis.probit_clip", str(e).removeprefix(": ")) from None
+
+
 def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) -> AnalysisSpec:
     """Validate the ``analysis:`` mapping; its indicators are the analysis' registry's."""
     a = c.keys(raw or {}, "analysis", {"metric": False, "indicators": False, "degenerate_floor": False,
-                                       "memory_gib": False})
+                                       "memory_gib": False, "probit_clip": False})
     default_ind = ["id_performance", "agreement"] + (["uncertainty"] if uncertainty is not None else [])
     indicators = a.get("indicators", default_ind)
     if not isinstance(indicators, list):
@@ -376,7 +398,8 @@ def parse_analysis(c: Checker, raw: Any, uncertainty: UncertaintySpec | None) ->
                             degenerate_floor=float(c.number(a.get("degenerate_floor", 0.01),
                                                             "analysis.degenerate_floor", nonneg=True, maximum=0.5)),
                             memory_gib=None if a.get("memory_gib") is None else float(
-                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)))
+                                c.number(a["memory_gib"], "analysis.memory_gib", positive=True)),
+                            probit_clip=_probit_clip(c, a.get("probit_clip", "auto")))
     need_delta = [v for v in analysis.indicators if v in from_delta]
     if need_delta and uncertainty is None:
         raise c.fail("analysis.indicators", f"lists {need_delta[0]!r} but the spec has no `uncertainty:` section "

@@ -98,8 +98,9 @@ def uncertainty_trial(config: dict) -> None:
     group = cfg.pop("group")
     points = group["members"]
     ids = {p["member_id"] for p in points}
-    with trial_copy(cfg, lambda rel: rel.startswith("records/uncertainty/parts/")) as (local, _):
-        done = ids <= recorded_members(local["experiment_dir"])
+    folder = cfg.get("records_folder", records.DEFAULT_DELTA_RECORDS)  # the δ-budget sensitivity's: its own
+    with trial_copy(cfg, lambda rel: rel.startswith(f"records/{folder}/parts/")) as (local, _):
+        done = ids <= recorded_members(local["experiment_dir"], folder)
     if done:
         for p in points:  # each member's result, so that the driver's tracker ends each member's run
             tune.report({"epoch": int(cfg.get("epochs", 0)), "scored": 1, "skipped": 1, "member_id": p["member_id"]})
@@ -328,7 +329,7 @@ def build_tuner(spec: SweepSpec, cache_dir: Path, tracker: Tracker, parent_mlflo
     )
 
 
-def close_member_runs(tracker: Tracker, parent, member_ids) -> None:
+def close_member_runs(tracker: Tracker, parent, member_ids, stage: str = UNCERTAINTY_STAGE) -> None:
     """End the MLflow run of every scored member FINISHED, creating it where it is missing.
 
     A group's member run starts with the member's first result (``callbacks.MlflowMemberCallback``); a driver
@@ -338,6 +339,5 @@ def close_member_runs(tracker: Tracker, parent, member_ids) -> None:
     from .tracking import MEMBER_TAG, STAGE_TAG
 
     for mid in sorted(member_ids):
-        ref = tracker.run_ref(f"{UNCERTAINTY_STAGE}-{mid}", {MEMBER_TAG: mid, STAGE_TAG: UNCERTAINTY_STAGE},
-                              parent=parent)
+        ref = tracker.run_ref(f"{stage}-{mid}", {MEMBER_TAG: mid, STAGE_TAG: stage}, parent=parent)
         tracker.end(ref, "FINISHED")

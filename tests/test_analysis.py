@@ -207,7 +207,7 @@ def test_best_config_selection_uses_the_validation_split_when_there_is_one():
 
 def test_table1_cells():
     wide = table1(_table_pool()).set_index("setting")
-    assert list(wide.columns) == ["domain", "medsam", "unet"]
+    assert list(wide.columns) == ["domain", "medsam", "unet", "seed spread"]  # tests/test_seeds.py: the last
     assert list(wide.index) == ["A", "A → B", "A → C"]
     assert wide.loc["A", "domain"] == "Same-Dom." and wide.loc["A → B", "domain"] == "Cross-Dom."
     assert wide.loc["A", "unet"] == "75.00 ± 7.07"               # sample std (ddof=1) over two seeds
@@ -292,7 +292,8 @@ def test_run_analysis_writes_every_file(tmp_path):
     assert "iou_3d" in md and "12 pool members" in md and "A → B" in md
     assert "Fig. 3: skipped" in md and "Table 4: uncertainty methods" in md and "Skipped: no uncertainty" in md
     t1 = pd.read_csv(out / "table1.csv")
-    assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18"]
+    assert list(t1.columns) == ["domain", "setting", "medsam_tiny", "unet_r18", "seed spread"]
+    assert "over 3 seeds" in md.split("## Pool health")[1].split("##")[0]  # 3 seeds a configuration: the spread
     assert "| medsam_tiny † |" in md and "† oracle-prompted" in md and "Label-free members** (6" in md
     assert "29 bootstrap resamples of pool members (no run ids in the records, or one member per run)" in md
     sel = pd.read_csv(out / "selection.csv")
@@ -316,6 +317,7 @@ def test_correlations_match_scipy_on_the_written_columns(tmp_path):
         assert c["kendall_tau"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
         ci = stats.pearsonr(x, y).confidence_interval(0.95)
         assert (c["pearson_ci_low"], c["pearson_ci_high"]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+        assert c["probit_clip_x"] == c["probit_clip_y"] == 1e-3  # one case per site: too few for half a case
         fit = stats.linregress(probit(x), probit(y))
         assert c["probit_slope"] == pytest.approx(fit.slope, abs=1e-12)
         assert c["probit_r2"] == pytest.approx(fit.rvalue ** 2, abs=1e-12)

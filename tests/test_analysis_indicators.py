@@ -332,7 +332,7 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert not sel.loc[sel["members"] == "label-free", "chosen_member"].str.startswith("medsam").any()
     aline = pd.read_csv(out / "aline.csv")
     assert list(aline.columns) == ["members", "source", "target", "member_id", "arch", "oracle_prompt", "method",
-                                   "estimate", "truth", "error"]
+                                   "estimate", "truth", "error", "probit_clip_id", "probit_clip_ood"]
     assert len(aline) == 2 * 2 * (4 + 8) and set(aline["method"]) == {"aline_s", "aline_d"}
     assert not aline.loc[aline["members"] == "label-free", "oracle_prompt"].any()
     np.testing.assert_allclose(aline["error"], (aline["estimate"] - aline["truth"]).abs())
@@ -362,8 +362,13 @@ def test_run_analysis_with_agreement_and_uncertainty(tmp_path):
     assert "not testable" not in set(claims.loc[claims["claim"].isin(["C2", "C3", "C4", "C5"]), "verdict"])
     lf = corr[corr["members"] == "label-free"].set_index(["indicator", "target"])
     for claim, ind in (("C2", "id_performance"), ("C3", "agreement_on_the_line"), ("C4", "uncertain_area")):
-        per = claims[(claims["claim"] == claim) & claims["scope"].isin(["B", "C"])]
-        assert list(per["value"]) == pytest.approx([lf.loc[(ind, t), "pearson_r"] for t in per["scope"]]), claim
+        raw = claims[(claims["claim"] == claim) & claims["scope"].isin(
+            ["B", "C"] if claim == "C4" else ["B (raw scale)", "C (raw scale)"])]
+        assert list(raw["value"]) == pytest.approx([lf.loc[(ind, t[0]), "pearson_r"] for t in raw["scope"]]), claim
+        if claim != "C4":  # C2, C3: the deciding probit rows are the correlation rows' probit r (the same clips)
+            per = claims[(claims["claim"] == claim) & claims["scope"].isin(["B", "C"])]
+            assert list(per["scale"]) == ["probit", "probit"]
+            assert list(per["value"]) == pytest.approx([lf.loc[(ind, t), "probit_r"] for t in per["scope"]]), claim
     c5 = claims[claims["claim"] == "C5"]
     assert len(c5) == 2 and (c5["value"] < 0).all() and (c5["n_members"] == 4).all()
     assert c5["members"].str.startswith("SAM family").all()

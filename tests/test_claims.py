@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis.claim_rule import CLAIM_COLUMNS, INCONCLUSIVE, NOT_TESTABLE, REFUTED, REPRODUCED, decide
-from analysis.claim_stats import agreement_rows, aline_rows, c1_rows, c5_rows, indicator_rows, regret_rows
+from analysis.claim_arms import c1_rows, c5_rows
+from analysis.claim_stats import agreement_rows, aline_rows, indicator_rows, regret_rows
 from analysis.claims import claims_table
 from analysis.indicators import indicator_table
 from analysis.selection import select_models
@@ -282,7 +283,9 @@ def test_a_verdict_carried_by_degenerate_members_is_inconclusive():
     tb = _pool(runs)
     out = claims_table(tb, tb, n_resamples=499, floor=0.01)
     c2 = out[out["claim"] == "C2"].set_index("scope")
-    assert c2.loc["overall (non-degenerate)", "verdict"] == REPRODUCED     # without them: weak, as the paper says
+    assert "overall (non-degenerate)" not in c2.index                        # beside the overall row, not a row
+    assert c2.loc["overall", "verdict_nondegenerate"] == REPRODUCED          # without them: weak, as the paper says
+    assert c2.loc["overall", "n_members_nondegenerate"] == 30 and c2.loc["overall", "value_nondegenerate"] < 0.5
     assert c2.loc["overall", "ci_low"] > 0.5                                  # with them: the interval says strong
     assert c2.loc["overall", "verdict"] == INCONCLUSIVE and "carried by" in c2.loc["overall", "note"]
     assert c2.loc["B", "verdict"] == REFUTED                                  # per-target rows keep the raw rule

@@ -37,7 +37,7 @@ def edit(d: dict, path: str, value) -> dict:
 def test_valid_spec(tmp_path):
     spec = parse_spec(base(tmp_path))
     assert spec.n_runs() == 2 and spec.n_members() == 4
-    assert spec.analysis.degenerate_floor == 0.01
+    assert spec.analysis.degenerate_floor == 0.01 and spec.analysis.probit_clip == "auto"
     assert spec.experiment_dir == tmp_path / "runs" / "t"
     assert spec.tracking().startswith("sqlite:////") and spec.tracking().endswith("/runs/t/mlflow.db")
 
@@ -62,6 +62,8 @@ def test_demo_preset_is_valid():
     ("data.image_size", 50, ["data.image_size", "multiple of 32", "50"]),
     ("analysis", {"metric": "assd"}, ["analysis.metric", "assd", "iou_3d", "hd95"]),
     ("analysis", {"degenerate_floor": 0.9}, ["analysis.degenerate_floor", "must be <= 0.5", "0.9"]),
+    ("analysis", {"probit_clip": 0.5}, ["analysis.probit_clip", "0.5", "'auto'", "between 0 and 0.5"]),
+    ("analysis", {"probit_clip": "half"}, ["analysis.probit_clip", "'half'", "'auto'"]),
     ("pool.lr", {"loguniform": [1e-5, 1e-3]}, ["pool.lr", "needs a search", "optuna"]),
     ("name", "a b/c", ["name", "folder-safe"]),
     ("pool.arch", KeyError, ["pool.arch", "required"]),

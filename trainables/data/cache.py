@@ -15,8 +15,9 @@ and resized to ``S x S`` (bilinear; masks nearest). 3D volumes become 2D slices 
 axis; a 2D photograph is one slice. Each row keeps its case and slice index, so predictions merge
 back into volumes (:meth:`SliceCache.case_volume`).
 
-Split: the dataset's own where the layout gives one (IDRiD's training/testing sets), else 80/20
-by case with a fixed seed (``split="random"`` forces the latter everywhere).
+Split (``trainables.data.splits``): the dataset's own where the layout gives one (IDRiD's training/testing
+sets), else 80/20 by case with a fixed seed (``split="random"`` forces the latter everywhere); synthetic
+sites all take the source's case split (the same anatomies: a target is tested on the source's test ones).
 
 ``key`` hashes the sites (each with its layout and root), the image size, the labels, the CT
 window, the split and a fingerprint of the input files (relative path, size, modification time),
@@ -35,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -48,6 +48,7 @@ from .channels import scale_channels
 from .labelmap import cache_label_kind
 from .layouts import CONFIGURED, configured_ident, get_layout, site_layout
 from .progress import Progress
+from .splits import assign_splits, paired_source, split_cases
 
 CACHE_VERSION = 3  # 3: index.parquet has the spacing columns (images and masks as in 2)
 #: The cache grid's voxel size per slice row: the native spacing x native size / S in-plane, the native
@@ -71,21 +72,6 @@ def _file_fingerprint(cases: Sequence[CaseFiles], roots: Mapping[str, Path]) -> 
 
 def _combine(hi: "hashlib._Hash", hm: "hashlib._Hash") -> str:
     return hashlib.sha256((hi.hexdigest() + hm.hexdigest()).encode()).hexdigest()
-
-
-def split_cases(case_ids: Sequence[str], site: str, seed: int = 0, test_fraction: float = 0.2) -> dict[str, str]:
-    """Assign each case to "train" or "test": a fixed-seed permutation per site, 80/20 by default.
-
-    At least one case goes to each split when the site has two or more cases.
-    """
-    ids = sorted(case_ids)
-    rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
-    order = rng.permutation(len(ids))
-    n_test = int(round(test_fraction * len(ids)))
-    if len(ids) >= 2:
-        n_test = min(max(n_test, 1), len(ids) - 1)
-    test = {ids[i] for i in order[:n_test]}
-    return {c: ("test" if c in test else "train") for c in ids}
 
 
 def _intensity_range(image: np.ndarray, modality: str, window: tuple[float, float] | None) -> tuple[float, float]:
@@ -231,6 +217,8 @@ def cache_key(layout: str, root: Path | None, sites: Sequence[str], image_size: 
              "files": _file_fingerprint(cases, {s: r for s, (_, r) in sources.items()})}
     if any(lay in CONFIGURED for lay, _ in sources.values()):  # only these: the fixed layouts' keys stay as they were
         ident.update(configured_ident(sources, layout_options))
+    if paired_source(sources, sites):  # only then: the other caches' keys stay as they were
+        ident["split_like"] = sites[0]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{'+'.join(layouts)}-{image_size}-{key}", ident
 
@@ -322,16 +310,9 @@ def build_slice_cache(layout: str, root: str | os.PathLike | None, sites: Sequen
         index = pd.DataFrame(rows, columns=["site", "case_id", "slice_idx", *SPACING_COLUMNS])
         if index.empty:
             raise DataError(f"no usable slices for sites {list(sites)}")
-        split_of, split_source = {}, {}
-        for site, g in index.groupby("site", sort=False):
-            ids = list(g["case_id"].unique())
-            own = [case_split[(site, c)] for c in ids]
-            if split == "dataset" and all(o in ("train", "test") for o in own) and {"train", "test"} <= set(own):
-                split_of.update({(site, c): o for c, o in zip(ids, own)})
-                split_source[site] = "dataset"
-            else:
-                split_of.update({(site, c): s for c, s in split_cases(ids, site, split_seed, test_fraction).items()})
-                split_source[site] = f"random {1 - test_fraction:.0%}/{test_fraction:.0%} by case, seed {split_seed}"
+        site_cases = {site: list(g["case_id"].unique()) for site, g in index.groupby("site", sort=False)}
+        split_of, split_source = assign_splits(site_cases, case_split, split, split_seed, test_fraction,
+                                               paired=paired_source(sources, sites))
         index["split"] = [split_of[(s, c)] for s, c in zip(index["site"], index["case_id"])]
         first = np.load(tmp / f"chunk{chunks[0]:05d}_img.npy", mmap_mode="r")
         first_m = np.load(tmp / f"chunk{chunks[0]:05d}_msk.npy", mmap_mode="r")

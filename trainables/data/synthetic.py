@@ -66,7 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SiteShift", "SYNTHETIC_SITES", "MIXED_SITES", "SYNTHETIC_VERSION", "SPACING", "write_synthetic_sites"]
+__all__ = ["SiteShift", "SYNTHETIC_SITES", "MIXED_SITES", "SYNTHETIC_VERSION", "SPACING", "write_synthetic_sites",
+           "shares_anatomies"]
 
 #: Bump when the generator changes output; makes write_synthetic_sites rewrite old data.
 SYNTHETIC_VERSION = 2
@@ -376,3 +377,19 @@ def write_synthetic_sites(
     tmp.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, manifest)
     return root
+
+
+def shares_anatomies(root: str | Path, sites: Sequence[str]) -> bool:
+    """Whether ``sites`` are all synthetic sites written under ``root`` by :func:`write_synthetic_sites`
+    (its manifest lists every one of them), so that case *i* is the same anatomy at each of them.
+
+    The slice cache then gives every site the source's case split (``trainables.data.cache``): a
+    target's test cases are the source's test anatomies under the target's shift, never anatomies the
+    source trained on. Real multi-site data shares no patients and keeps a split per site.
+    """
+    try:
+        params = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    listed = params.get("sites") if isinstance(params, dict) else None
+    return isinstance(listed, dict) and len(sites) > 1 and all(s in listed for s in sites)

@@ -21,8 +21,8 @@ from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURF
 from .schema import (LABEL_COLUMN, LEGACY_PROMPTED_ARCHS, MEMBER_COLUMNS, RECORDS_DIR, SLICE_COLUMNS,
                      SURFACE_COLUMNS, UNCERTAINTY_COLUMNS, UNCERTAINTY_LATER_COLUMNS, UNCERTAINTY_METHODS, UNCERTAINTY_SITE_COLUMNS,
                      UNCERTAINTY_SITE_LATER_COLUMNS, conform)
-from .store import (RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_surface, load_uncertainty,
-                    load_uncertainty_fits, load_uncertainty_sites, log_attempt, member_part_ids, merge_parts,
+from .store import (BUDGET_DELTA_RECORDS, DEFAULT_DELTA_RECORDS, DELTA_RECORDS, RecordsError, clear_scratch, load_attempts, load_predictions, load_records, load_surface, load_uncertainty,
+                    load_uncertainty_budget, load_uncertainty_budget_fits, load_uncertainty_fits, load_uncertainty_sites, log_attempt, member_part_ids, merge_parts,
                     predictions_path, records_dir, resolve_checkpoint, save_predictions, scratch_dir,
                     uncertainty_part_ids, write_member_part, write_surface_part, write_uncertainty_fit, write_uncertainty_part, write_uncertainty_sites)
 
@@ -37,6 +37,8 @@ __all__ = [
     "predictions_path",
     "load_predictions", "write_uncertainty_sites", "write_uncertainty_fit", "load_uncertainty_fits",
     "load_uncertainty_sites", "write_uncertainty_part", "uncertainty_part_ids", "load_uncertainty",
+    "DEFAULT_DELTA_RECORDS", "BUDGET_DELTA_RECORDS", "DELTA_RECORDS", "load_uncertainty_budget",
+    "load_uncertainty_budget_fits",
     "write_surface_part", "load_surface",
     # metrics
     "METRICS", "MICRO_METRICS", "ALL_METRICS", "metric_by", "uncertain_area", "SURFACE_METRICS", "LOWER_IS_BETTER",

@@ -18,6 +18,8 @@ Layout under ``<experiment>/records/``::
     slices.parquet                    merged slices
     uncertainty/{parts,sites,fits,examples}/<member_id>.*   the uncertainty stage's (schema.py)
     uncertainty.parquet, uncertainty_sites.parquet          merged likewise
+    uncertainty_budget/{parts,sites,fits,examples}/...      δ refitted at a longer budget on a subset of members
+    uncertainty_budget.parquet                              (``uncertainty.sensitivity``; merged likewise)
     surface/<member_id>.parquet       its per-case HD95 and NSD (SURFACE_COLUMNS), before its member.json
     surface.parquet                   merged likewise
     attempts.jsonl                    every training start (``log_attempt``)
@@ -252,18 +254,28 @@ def load_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, n
         return masks, z["case_id"], z["slice_idx"]
 
 
-def _part_path(experiment_dir: str | os.PathLike, kind: str, member_id: str, suffix: str = ".parquet") -> Path:
-    return records_dir(experiment_dir) / "uncertainty" / kind / f"{member_id}{suffix}"
+#: The folders (under ``records/``) of δ's records: the default fit's, and the longer budget's of the δ-budget
+#: sensitivity (``uncertainty.sensitivity``: a second δ per member of a subset, recorded apart so that the default
+#: records stay as they are).
+DEFAULT_DELTA_RECORDS, BUDGET_DELTA_RECORDS = "uncertainty", "uncertainty_budget"
+DELTA_RECORDS = (DEFAULT_DELTA_RECORDS, BUDGET_DELTA_RECORDS)
 
 
-def write_uncertainty_sites(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
+def _part_path(experiment_dir: str | os.PathLike, kind: str, member_id: str, suffix: str = ".parquet",
+               folder: str = DEFAULT_DELTA_RECORDS) -> Path:
+    return records_dir(experiment_dir) / folder / kind / f"{member_id}{suffix}"
+
+
+def write_uncertainty_sites(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame,
+                            folder: str = DEFAULT_DELTA_RECORDS) -> Path:
     rows = conform(rows, UNCERTAINTY_SITE_COLUMNS, f"uncertainty sites of {member_id}")
-    return _write_parquet(rows, _part_path(experiment_dir, "sites", member_id))
+    return _write_parquet(rows, _part_path(experiment_dir, "sites", member_id, folder=folder))
 
 
-def write_uncertainty_fit(experiment_dir: str | os.PathLike, member_id: str, fit: dict) -> Path:
+def write_uncertainty_fit(experiment_dir: str | os.PathLike, member_id: str, fit: dict,
+                          folder: str = DEFAULT_DELTA_RECORDS) -> Path:
     """The member's δ fit record (JSON): settings, loss per epoch, held-out Dice(μ > 0.5, ŷ) per epoch."""
-    path = _part_path(experiment_dir, "fits", member_id, ".json")
+    path = _part_path(experiment_dir, "fits", member_id, ".json", folder)
     _atomic_write_bytes(path, json.dumps({"member_id": member_id, **fit}, indent=1, default=float).encode())
     return path
 
@@ -282,9 +294,10 @@ def load_uncertainty_sites(experiment_dir: str | os.PathLike) -> pd.DataFrame | 
                               UNCERTAINTY_SITE_COLUMNS, "uncertainty sites", fill=with_later_site_columns)
 
 
-def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:
+def write_uncertainty_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame,
+                           folder: str = DEFAULT_DELTA_RECORDS) -> Path:
     rows = conform(with_later_columns(rows.copy()), UNCERTAINTY_COLUMNS, f"uncertainty of {member_id}")
-    return _write_parquet(rows, records_dir(experiment_dir) / "uncertainty" / "parts" / f"{member_id}.parquet")
+    return _write_parquet(rows, _part_path(experiment_dir, "parts", member_id, folder=folder))
 
 
 def uncertainty_part_ids(experiment_dir: str | os.PathLike) -> list[str]:
@@ -333,6 +346,22 @@ def load_uncertainty(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     rdir = records_dir(experiment_dir)
     return _load_merged_parts(experiment_dir, rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts",
                               UNCERTAINTY_COLUMNS, "uncertainty", fill=with_later_columns)
+
+
+def load_uncertainty_budget(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The δ-budget sensitivity's merged slice table (``records/uncertainty_budget.parquet``, from its parts:
+    δ refitted with ``uncertainty.sensitivity``'s epochs), or None when there is none."""
+    rdir = records_dir(experiment_dir)
+    return _load_merged_parts(experiment_dir, rdir / f"{BUDGET_DELTA_RECORDS}.parquet",
+                              rdir / BUDGET_DELTA_RECORDS / "parts", UNCERTAINTY_COLUMNS, "uncertainty (δ budget)",
+                              fill=with_later_columns)
+
+
+def load_uncertainty_budget_fits(experiment_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per δ-budget fit (``load_uncertainty_fits``' columns); empty if none."""
+    pdir = records_dir(experiment_dir) / BUDGET_DELTA_RECORDS / "fits"
+    rows = [json.loads(p.read_text()) for p in sorted(pdir.glob("*.json"))] if pdir.is_dir() else []
+    return pd.DataFrame(rows)
 
 
 def write_surface_part(experiment_dir: str | os.PathLike, member_id: str, rows: pd.DataFrame) -> Path:

@@ -115,6 +115,9 @@ class DeltaConfig(Config):
     #: the error band's width in pixels of the cache grid: AUROC/AP are also scored on the pixels within this
     #: distance of the union of ŷ and the truth, per slice (``scoring.error_band``; docs/uncertainty.md)
     band_px: int = setting(3, _band_px)
+    #: the records' folder under ``records/``: "uncertainty" (the δ stage), or "uncertainty_budget" (the δ-budget
+    #: sensitivity's second δ, fitted longer on a subset of members: ``uncertainty.sensitivity``)
+    records_folder: str = setting("uncertainty", choice("uncertainty", "uncertainty_budget"))
     #: slices kept for the qualitative figure
     n_examples: int = setting(4, integer)
     #: epochs between resumable checkpoints (and after the last epoch)

@@ -146,7 +146,7 @@ def fit_uncertainty(config: dict | DeltaConfig, report: Callable[[dict, str | No
     fit = DeltaFit(_resolve(config), wrap_model, rank, world_size, cache)
     cfg = fit.cfg
     run_epochs(fit, fit.epochs, cfg.experiment_dir, report, cfg.resume_from,
-               ("uncertainty", cfg.member_id) if rank == 0 else None)
+               (cfg.records_folder, cfg.member_id) if rank == 0 else None)
     if rank != 0:
         return None
     lams = cfg.lams

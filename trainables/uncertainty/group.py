@@ -37,10 +37,10 @@ MEMBER_FILE = "member.txt"
 Report = Callable[[dict, "str | None"], None]
 
 
-def recorded_members(experiment_dir: str | os.PathLike) -> set[str]:
+def recorded_members(experiment_dir: str | os.PathLike, folder: str = records.DEFAULT_DELTA_RECORDS) -> set[str]:
     """The members whose δ is recorded: their slice part (``records/uncertainty/parts/<member>.parquet``,
-    written last by ``score_member``) exists."""
-    parts = records.records_dir(experiment_dir) / "uncertainty" / "parts"
+    written last by ``score_member``) exists; ``folder``: the records' folder (``DeltaConfig.records_folder``)."""
+    parts = records.records_dir(experiment_dir) / folder / "parts"
     return {p.name[: -len(".parquet")] for p in parts.glob("*.parquet")} if parts.is_dir() else set()
 
 
@@ -87,7 +87,7 @@ def fit_group(configs: list[dict | DeltaConfig], report: Report | None = None,
     cfgs = [c if isinstance(c, DeltaConfig) else DeltaConfig.from_dict(c) for c in configs]
     if not cfgs:
         return {}
-    done = recorded_members(cfgs[0].experiment_dir)  # once, before this rank writes anything: every rank agrees
+    done = recorded_members(cfgs[0].experiment_dir, cfgs[0].records_folder)  # once, before this rank writes anything: every rank agrees
     todo = [c for c in cfgs if c.member_id not in done]
     for cfg in cfgs:  # a recorded member's result says so (a tracker ends its run: it may have missed the first)
         if cfg.member_id in done and report is not None:

@@ -352,14 +352,15 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
                            uncertainty=maps["ggd"][pick], site=np.asarray([site] * len(pick)),
                            case_id=idx["case_id"].to_numpy()[pick].astype(str),
                            slice_idx=idx["slice_idx"].to_numpy()[pick])
-    records.write_uncertainty_sites(exp, cfg.member_id, pd.DataFrame(site_rows))
+    folder = cfg.records_folder  # "uncertainty", or the δ-budget sensitivity's own folder
+    records.write_uncertainty_sites(exp, cfg.member_id, pd.DataFrame(site_rows), folder)
     if fit is not None:
-        records.write_uncertainty_fit(exp, cfg.member_id, fit)
+        records.write_uncertainty_fit(exp, cfg.member_id, fit, folder)
     if example is not None:
-        path = records.records_dir(exp) / "uncertainty" / "examples" / f"{cfg.member_id}.npz"
+        path = records.records_dir(exp) / folder / "examples" / f"{cfg.member_id}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez_compressed(tmp, **example)
         os.replace(tmp, path)
-    records.write_uncertainty_part(exp, cfg.member_id, pd.concat(frames, ignore_index=True))
+    records.write_uncertainty_part(exp, cfg.member_id, pd.concat(frames, ignore_index=True), folder)
     return summary

@@ -308,7 +308,7 @@ def rederive(published: str | os.PathLike, out_dir: str | os.PathLike | None = N
             shutil.copytree(published / "records", link)
         shutil.copyfile(published / "spec.yaml", exp / "spec.yaml")
         raw_out = base / ".raw-analysis"
-        run_analysis(exp, out_dir=raw_out, missing=manifest.get("missing") or None,
+        run_analysis(exp, out_dir=raw_out, missing=list(manifest.get("missing", [])),
                      **manifest["analysis_arguments"])
         # the same placeholders as the published files (written there from <experiment>/analysis)
         prefixes = _prefixes([(exp, "<experiment>"), (base, "<storage>"), (raw_out, "<experiment>/analysis")])

@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strip", action="append", metavar="PATH", help="another absolute folder to write as <its name> "
                                                                     "(e.g. the clone the run started from); repeatable")
     p.add_argument("--no-check", action="store_true", help="do not re-derive the analysis after the export")
+    p.add_argument("--all-examples", action="store_true", help="every slice of δ's examples (default: what Fig. 6 "
+                                                               "shows, as the analysis draws it)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("rederive", help="rerun the whole analysis of a published folder (temporary folder) and check "
                                         "that claims.csv is reproduced byte for byte; lists the files that differ")

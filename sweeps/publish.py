@@ -10,7 +10,8 @@ Tune/Train state, MLflow and the caches::
                          ``${OODSWEEP_DATA:-./data}``, ``<name>`` for the others)
       records/           members, slices, uncertainty, uncertainty_sites, surface (.parquet, zstd),
                          predictions/<member>/<site>.npz (the packed masks the agreement reads, deflated),
-                         uncertainty/fits/*.json (δ's convergence), uncertainty/examples/*.npz (Fig. 6)
+                         uncertainty/fits/*.json (δ's convergence), uncertainty/examples/*.npz (Fig. 6: the
+                         shown member's slices, the slice it shows of the others; --all-examples: all)
       analysis/          the experiment's analysis as it was: claims.md / claims.csv, tables.md, *.csv,
                          summary.json, plots/
       driver.log         (``--log FILE``) a captured console log of the run
@@ -43,8 +44,6 @@ MANIFEST = "published.json"
 #: The merged record tables the analysis reads (``trainables.records``); parts are left behind (a merged
 #: table with no parts beside it is read as it is).
 TABLES = ("members.parquet", "slices.parquet", "uncertainty.parquet", "uncertainty_sites.parquet", "surface.parquet")
-#: Folders under records/ the analysis reads: the agreement's masks, δ's fit records, Fig. 6's examples.
-NPZ_DIRS = ("predictions", "uncertainty/examples")
 TEXT_SUFFIXES = {".md", ".csv", ".json", ".jsonl", ".yaml", ".yml", ".log", ".txt", ".svg"}
 #: The file whose bytes the re-derivation must reproduce.
 CHECKED = "claims.csv"
@@ -133,6 +132,36 @@ def _copy_npz(src: Path, dst: Path) -> None:
     np.savez_compressed(dst, **arrays)
 
 
+def fig6_slice(exp: Path) -> tuple[str, tuple[str, str, int]] | None:
+    """The member and slice ``(site, case_id, slice_idx)`` of the analysis's Fig. 6 (its ``plots/fig6_<member>.png``,
+    the slice chosen as the analysis chooses it); None without one."""
+    from analysis.examples import example_members, fig6_inputs
+    from analysis.plots import safe_name
+    from trainables.records import load_uncertainty
+
+    shown = sorted((exp / "analysis" / "plots").glob("fig6_*.png"))
+    member = {safe_name(m): m for m in example_members(exp)}.get(shown[0].stem[len("fig6_"):]) if len(shown) == 1 \
+        else None
+    if member is None:
+        return None
+    chosen, _ = fig6_inputs(exp, None, load_uncertainty(exp), member)
+    return member, chosen.key
+
+
+def _copy_examples(src: Path, dst: Path, key: tuple[str, str, int] | None) -> None:
+    """An examples file deflated; with ``key``, only that slice (Fig. 6 reads no other slice of the members it
+    does not show)."""
+    from analysis.examples import load_examples
+
+    if key is None:
+        return _copy_npz(src, dst)
+    keep = np.array([e.key == key for e in load_examples(src)], dtype=bool)
+    with np.load(src) as z:
+        arrays = {k: (z[k][keep] if z[k].ndim and len(z[k]) == len(keep) else z[k]) for k in z.files}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(dst, **arrays)
+
+
 def _copy_text(src: Path, dst: Path, prefixes) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(relativize(src.read_text(encoding="utf-8"), prefixes), encoding="utf-8")
@@ -177,9 +206,10 @@ def leaked_paths(folder: Path, prefixes: list[tuple[str, str]]) -> list[str]:
 
 
 def export_experiment(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike, log: str | None = None,
-                      strip: list[str] | None = None, check: bool = True) -> dict:
+                      strip: list[str] | None = None, check: bool = True, all_examples: bool = False) -> dict:
     """Write the published folder of ``experiment_dir`` to ``out_dir`` (module docstring); with ``check``,
-    re-derive it at once (``rederive``). Returns the manifest, with ``rederived`` when checked.
+    re-derive it at once (``rederive``); ``all_examples``: every slice of δ's examples, not only the one Fig. 6
+    shows for the members it does not show. Returns the manifest, with ``rederived`` when checked.
 
     Raises:
         ExperimentError: no analysis to publish, an ``out_dir`` that is not empty, a driver still running, or an
@@ -219,11 +249,15 @@ def export_experiment(experiment_dir: str | os.PathLike, out_dir: str | os.PathL
     for name in TABLES:
         if (rdir / name).is_file():
             _copy_table(rdir / name, odir / name, prefixes)
-    for sub in NPZ_DIRS:
-        for f in sorted((rdir / sub).rglob("*.npz")) if (rdir / sub).is_dir() else []:
-            rel = f.relative_to(rdir / sub)
-            if not f.name.startswith(".") and "splits" not in rel.parts:  # splits/: δ's fit input, not the analysis's
-                _copy_npz(f, odir / sub / rel)
+    for f in sorted((rdir / "predictions").rglob("*.npz")) if (rdir / "predictions").is_dir() else []:
+        rel = f.relative_to(rdir / "predictions")
+        if not f.name.startswith(".") and "splits" not in rel.parts:  # splits/: δ's fit input, not the analysis's
+            _copy_npz(f, odir / "predictions" / rel)
+    shown = fig6_slice(exp) if not all_examples else None
+    for f in sorted((rdir / "uncertainty" / "examples").glob("*.npz")):
+        if not f.name.startswith("."):
+            _copy_examples(f, odir / "uncertainty" / "examples" / f.name,
+                           None if shown is None or f.stem == shown[0] else shown[1])
     if (rdir / "uncertainty" / "fits").is_dir():
         _copy_tree(rdir / "uncertainty" / "fits", odir / "uncertainty" / "fits", prefixes)
     _copy_tree(exp / "analysis", out / "analysis", prefixes)
@@ -337,7 +371,7 @@ def format_rederived(result: dict, published: Path) -> str:
 
 def cmd_export(args) -> int:
     manifest = export_experiment(args.experiment_dir, args.out_dir, log=args.log, strip=args.strip or [],
-                                 check=not args.no_check)
+                                 check=not args.no_check, all_examples=args.all_examples)
     out = Path(os.path.abspath(args.out_dir))
     print(f"[oodsweep] published {args.experiment_dir} to {out}: {len(manifest['files'])} files, "
           f"{manifest['bytes'] / 1e6:.1f} MB ({manifest['export_seconds']:.1f}s)")

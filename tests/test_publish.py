@@ -92,6 +92,12 @@ def test_export_then_rederive_without_the_original(finished, tmp_path, capsys):
     assert "<experiment>/records" in (pub / "driver.log").read_text()
     assert "storage: ${OODSWEEP_STORAGE:-./oodsweep-runs}" in (pub / "spec.yaml").read_text()
 
+    # δ's examples: the member Fig. 6 shows whole, the others only the slice it shows
+    import numpy as np
+
+    slices = sorted(np.load(f)["slice_idx"].size for f in (pub / "records/uncertainty/examples").glob("*.npz"))
+    assert len(slices) >= 2 and slices[-2] <= 1 < slices[-1], slices
+
     res = rederive(pub)
     assert res["claims_identical"] and res["different"] == [], res
     assert "claims.csv" in res["identical"] and "tables.md" in res["identical"]

@@ -6,6 +6,8 @@
     oodsweep status EXPERIMENT_DIR                      what is done, failed, pending per stage
     oodsweep analyze EXPERIMENT_DIR [--metric M] [--out DIR] [--label NAME|all]   rerun the analysis (no Ray needed)
     oodsweep report EXPERIMENT_DIR [--metric M] [--label NAME]  the claims report: which of the paper's claims hold
+    oodsweep export EXPERIMENT_DIR OUT_DIR [--log FILE] [--strip PATH]  publish it: records, spec, analysis; no weights
+    oodsweep rederive PUBLISHED_DIR [--out DIR]         rerun the analysis of a published folder, compare claims.csv
     oodsweep data check ROOT --layout NAME [--sites A,B] [--sites-from MAP]  validate a dataset folder
     oodsweep data prepare SPEC                          build the spec's slice cache ahead of a sweep
     oodsweep import SPEC [--members CSV] [--predictions DIR] [--records-only]
@@ -361,6 +363,24 @@ def main(argv: list[str] | None = None) -> int:
                                                   "output EXPERIMENT_DIR/analysis/per_label/NAME)")
     p.add_argument("--probit-clip", metavar="CLIP", type=_probit_clip_arg, help=PROBIT_CLIP_HELP)
     p.set_defaults(func=_cmd_report)
+    from .publish import cmd_export, cmd_rederive
+
+    p = sub.add_parser("export", help="publish a finished experiment as a self-contained, relocatable folder: its "
+                                      "records, frozen spec and analysis, no weights, no absolute paths (docs/publish.md)")
+    p.add_argument("experiment_dir")
+    p.add_argument("out_dir", help="a new (or empty) folder")
+    p.add_argument("--log", help="a captured console log of the run, published as driver.log (paths rewritten)")
+    p.add_argument("--strip", action="append", metavar="PATH", help="another absolute folder to write as <its name> "
+                                                                    "(e.g. the clone the run started from); repeatable")
+    p.add_argument("--no-check", action="store_true", help="do not re-derive the analysis after the export")
+    p.add_argument("--all-examples", action="store_true", help="every slice of δ's examples (default: what Fig. 6 "
+                                                               "shows, as the analysis draws it)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("rederive", help="rerun the whole analysis of a published folder (temporary folder) and check "
+                                        "that claims.csv is reproduced byte for byte; lists the files that differ")
+    p.add_argument("published_dir")
+    p.add_argument("--out", help="keep the re-derived files here (default: a temporary folder, removed)")
+    p.set_defaults(func=cmd_rederive)
     p = sub.add_parser("data", help="dataset tools: check a folder, prepare a spec's slice cache")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("check", help="validate a dataset folder and print a summary (every problem in one pass)")

@@ -220,7 +220,8 @@ def run_uncertainty_stage(spec: SweepSpec, cache: Path, tracker: Tracker, addres
         if len(with_baselines) < len(members):
             split = "validation" if (slices["role"] == "val").any() else "ID test"
             which = (f"{u.baseline_members} best members of each architecture ({len(with_baselines)})"
-                     if u.baseline_per_arch else f"{len(with_baselines)} best members")
+                     if u.baseline_per_arch else f"{u.baseline_members} best members of each training run "
+                     f"({len(with_baselines)})" if u.baseline_per_run else f"{len(with_baselines)} best members")
             log(f"baselines for the {which} by {split} {spec.analysis.metric} (uncertainty.baseline_members)")
         records.clear_scratch(exp)
         if retire and reconcile.retire_tune_state(exp / UNCERTAINTY_STAGE):

@@ -159,6 +159,10 @@ def load_experiment_spec(experiment_dir: str | os.PathLike) -> SweepSpec:
     if not path.exists():
         raise ExperimentError(f"{exp} is not an oodsweep experiment (no {SPEC_FILE}); pass the folder "
                               f"`oodsweep run` printed, e.g. <storage>/<sweep name>")
+    if (exp / "published.json").is_file():  # sweeps.publish.MANIFEST: records and analysis, no weights
+        raise ExperimentError(f"{exp} is a published folder (`oodsweep export`: records and analysis, no weights); "
+                              f"it cannot be resumed or analysed in place: `oodsweep rederive {exp}` reruns its "
+                              f"analysis, `oodsweep report {exp}` its claims report")
     raw = _read_frozen(path)
     raw["storage"] = remote.rsplit("/", 1)[0] if remote else str(exp.parent)  # the folder may have been moved since
     spec = parse_spec(raw, where=str(path))

@@ -215,6 +215,9 @@ class UncertaintySpec:
     #: True (``baseline_members: {per_arch: N}``): the N best of each architecture, so that Table 4 covers
     #: every family (pool-wide, the best members may all be of one architecture)
     baseline_per_arch: bool = False
+    #: True (``baseline_members: {per_run: N}``): the N best snapshots of each training run, so that every
+    #: family's baseline members come from as many runs as it has (the claims' intervals resample runs)
+    baseline_per_run: bool = False
     #: which box-prompted (SAM-family) members get δ: "all", or "with_baselines": only those that also get
     #: the baselines (Table 4 and C5 read them); the others' uncertain area is oracle-prompted, not
     #: label-free, so no claim reads it, and their δ trials are skipped

@@ -320,10 +320,14 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
     def dflt(name: str) -> Any:
         return default(UncertaintySpec, name)
     bm = u.get("baseline_members", "all")
-    per_arch = isinstance(bm, dict)
-    if per_arch:
-        bm = c.keys(bm, "uncertainty.baseline_members", {"per_arch": True})["per_arch"]
-        bm = c.number(bm, "uncertainty.baseline_members.per_arch", integer=True, positive=True)
+    per_arch = per_run = False
+    if isinstance(bm, dict):  # {per_arch: N}: the N best of each architecture; {per_run: N}: of each training run
+        d = c.keys(bm, "uncertainty.baseline_members", {"per_arch": False, "per_run": False})
+        if len(d) != 1:
+            raise c.fail("uncertainty.baseline_members", f"give one of {{per_arch: N}} or {{per_run: N}}, got {d!r}")
+        (kind, bm), = d.items()
+        bm = c.number(bm, f"uncertainty.baseline_members.{kind}", integer=True, positive=True)
+        per_arch, per_run = kind == "per_arch", kind == "per_run"
     elif bm != "all":
         bm = c.number(bm, "uncertainty.baseline_members", integer=True, positive=True)
     uncertainty = UncertaintySpec(
@@ -351,6 +355,7 @@ def parse_uncertainty(c: Checker, raw: Any, data: DataSpec) -> UncertaintySpec |
         checkpoint_every=c.number(u.get("checkpoint_every", dflt("checkpoint_every")), "uncertainty.checkpoint_every",
                                   integer=True, positive=True),
         baseline_members=None if bm == "all" else bm, baseline_per_arch=per_arch,
+        baseline_per_run=per_run,
         prompted_members=c.choice(u.get("prompted_members", "all"), "uncertainty.prompted_members",
                                   PROMPTED_MEMBERS),
         fit_split=c.choice(u.get("fit_split", dflt("fit_split")), "uncertainty.fit_split", FIT_SPLITS),

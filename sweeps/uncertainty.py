@@ -143,10 +143,14 @@ def baseline_members(spec: SweepSpec, members: pd.DataFrame, slices: pd.DataFram
     role = "val" if (slices["role"] == "val").any() else "id"
     score = records.metric_by(slices[slices["role"] == role], spec.analysis.metric, by=["member_id"])
     ranked = score.reindex(members["member_id"]).fillna(-1).sort_values(ascending=False, kind="stable")
-    if not spec.uncertainty.baseline_per_arch:
+    by = members.set_index("member_id")
+    if spec.uncertainty.baseline_per_run:  # a member without a run is a run of its own
+        group = by["run_id"].fillna(by.index.to_series()) if "run_id" in by else by.index.to_series()
+    elif spec.uncertainty.baseline_per_arch:
+        group = by["arch"]
+    else:
         return set(ranked.index[:n])
-    arch = members.set_index("member_id")["arch"]
-    return {m for a in arch.unique() for m in ranked[arch.reindex(ranked.index) == a].index[:n]}
+    return {m for g in group.unique() for m in ranked[group.reindex(ranked.index) == g].index[:n]}
 
 
 def delta_members(spec: SweepSpec, members: pd.DataFrame, with_baselines: set[str]) -> list[str]:

@@ -265,6 +265,13 @@ def test_baseline_members_are_chosen_on_the_validation_split(tmp_path):
     slices = pd.concat([slices, pd.DataFrame([{**row, "member_id": "c", "role": "val", "tp": 0, "fp": 9}])])
     assert baseline_members(per_arch, members, slices) == {"b", "c"}
     assert baseline_members(spec, members, slices) == {"b"}
+    # {per_run: N}: the N best snapshots of each training run (b and c are two snapshots of run r1)
+    per_run = parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_run": 1}}})
+    assert per_run.uncertainty.baseline_per_run and not per_run.uncertainty.baseline_per_arch
+    members = members.assign(run_id=["r0", "r1", "r1"])
+    assert baseline_members(per_run, members, slices) == {"a", "b"}
+    with pytest.raises(SpecError, match=r"uncertainty\.baseline_members: give one of"):
+        parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_run": 1, "per_arch": 1}}})
     with pytest.raises(SpecError, match=r"uncertainty\.baseline_members\.per_arch.*-1"):
         parse_spec({**base(tmp_path), "uncertainty": {"baseline_members": {"per_arch": -1}}})
     with pytest.raises(SpecError, match=r"uncertainty\.baseline_members.*per_arc"):

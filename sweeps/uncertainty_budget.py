@@ -32,9 +32,14 @@ def budget_members(members: pd.DataFrame, delta_ids: list[str], rule: str | int)
     ``rule``: "all"; "per_run": each training run's last snapshot member (its highest ``epochs``; the first in
     the records' order on a tie; a member without a ``run_id`` is a run of its own), one per run so that the
     run-level bootstrap keeps every run; an integer N: the first N of "per_run", runs in the records' order.
+    Oracle-prompted members (``oracle_prompt``: the SAM family scored with ground-truth boxes) are never
+    picked: C4 reads the label-free members only, so a longer δ on them would be fitted for nothing.
     """
     wanted = set(map(str, delta_ids))
-    df = members[members["member_id"].astype(str).isin(wanted)].reset_index(drop=True)
+    df = members[members["member_id"].astype(str).isin(wanted)]
+    if "oracle_prompt" in df.columns:
+        df = df[~df["oracle_prompt"].fillna(False).astype(bool)]
+    df = df.reset_index(drop=True)
     ids = df["member_id"].astype(str).tolist()
     if rule == "all":
         return ids

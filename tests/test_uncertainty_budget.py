@@ -74,6 +74,10 @@ def test_budget_members_rule():
     # only among the members δ is fitted on
     assert budget_members(members, ["a-ep1", "c", "b-ep1"], "per_run") == ["a-ep1", "b-ep1", "c"]
     assert budget_members(members, ["a-ep1", "c"], "all") == ["a-ep1", "c"]
+    # never an oracle-prompted member (C4 reads the label-free ones)
+    prompted = members.assign(oracle_prompt=[False, False, True, True, False, False, False])
+    assert budget_members(prompted, every, "per_run") == ["a-ep2", "c", "d-ep1"]
+    assert budget_members(prompted, every, "all") == ["a-ep1", "a-ep2", "c", "d-ep1", "d-ep2"]
 
 
 def test_budget_space_leaves_the_default_space_as_it_was(tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ def _slices(exp):
     return records.merge_parts(exp)[1].sort_values(["site", "case_id", "slice_idx"]).reset_index(drop=True)
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_streamed_and_device_resident_training_are_identical(tiny_cache, tmp_path):
     """The DataLoader path (a worker process reading the memmap) trains on exactly the batches the
     device-resident path gathers: the same losses and the same recorded counts."""
@@ -112,6 +113,7 @@ def test_streamed_and_device_resident_training_are_identical(tiny_cache, tmp_pat
     assert (runs["device"][1][cols].to_numpy() == runs["stream"][1][cols].to_numpy()).all()
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_flip_augmentation_trains_and_resumes_exactly(tiny_cache, tiny_member, tmp_path):
     full = []
     train_segmenter(cfg(tiny_cache, tmp_path / "a", augment="flip", snapshots=[1, 2]),

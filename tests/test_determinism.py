@@ -129,6 +129,7 @@ def _train_and_fit(tiny_cache, exp: Path, threads: int, trained: dict | None = N
     return {"members": members, "delta": delta}
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_trainables_same_seed_same_records(tiny_cache, tiny_member, tmp_path):
     """train_segmenter and fit_uncertainty twice with one config in two folders: the same member records,
     checkpoints, predictions, δ weights and uncertainty records. One torch thread, as the sweep's trials

@@ -251,6 +251,7 @@ def _embed_worker(cache_dir: str, root: str, marker: str, barrier) -> None:
         f.write(f"{os.getpid()} {int(computed)} {float(np.asarray(emb, dtype=np.float64).sum())!r}\n")
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_embedding_cache_computed_once_by_two_concurrent_trials(tiny_cache, tmp_path):
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -367,6 +368,7 @@ def test_train_segmenter_medsam_tiny_writes_member_records(tiny_cache, medsam_ru
     assert len(merged_members) == 2 and "n_boxes" in merged.columns
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_uncertainty_stage_scores_a_medsam_member(tiny_cache, medsam_run):
     from trainables.uncertainty import fit_uncertainty
 
@@ -472,6 +474,7 @@ def lite_run(tmp_path_factory):
     return cfg, members, reports
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_medsam_lite_member_trains_resumes_and_is_scored(lite_run, tmp_path):
     from trainables.medsam import LITE_SHA256
     from trainables.uncertainty import fit_uncertainty

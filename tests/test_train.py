@@ -18,6 +18,7 @@ from trainables.member import train_val_rows
 from helpers import copy_experiment, member_config as cfg
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_between_snapshots_only_the_validation_split_is_scored(tiny_cache, tmp_path):
     """The test splits are scored at snapshot epochs only (eval_every_epoch: every epoch); the members'
     records do not change."""

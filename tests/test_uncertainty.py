@@ -120,6 +120,7 @@ def _member(tmp_path, tiny_member):
     return copy_experiment(tiny_member["exp"], tmp_path, tiny_member["members"][:1])[1][0]
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_fit_uncertainty_writes_every_method(tmp_path, tiny_cache, tiny_member):
     m = _member(tmp_path, tiny_member)
     reports = []

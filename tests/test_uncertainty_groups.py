@@ -79,6 +79,7 @@ def test_stored_yhat_equals_the_models_for_a_box_prompted_member(medsam_run, tin
         assert stored is not None and torch.equal(stored, frozen_predict(model, cache, rows, torch.device("cpu")))
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_group_records_equal_per_member_records(tiny_member, tiny_cache, tmp_path):
     """The old way (one fit_uncertainty per member, ŷ recomputed by the model) against one group in the reverse
     order (ŷ of the scored sites from the stored predictions): the same records, so the same random draws per
@@ -93,6 +94,7 @@ def test_group_records_equal_per_member_records(tiny_member, tiny_cache, tmp_pat
     assert fit_group(_configs(b, members_b, tiny_cache)) == {}  # all recorded: nothing is fitted again
 
 
+@pytest.mark.slow  # trains a model or fits δ: seconds, not a unit test's fraction of one (make test runs it)
 def test_group_resumes_from_its_members_checkpoint(tiny_member, tiny_cache, tmp_path):
     """A group stopped in its second member's fit: rerun with that member's checkpoint, the first is skipped
     and the second resumes after the checkpointed epoch; a checkpoint of another member is not applied."""

@@ -24,7 +24,7 @@ from analysis.agreement import Agreement, agreement_matrices
 from analysis.indicators import INDICATORS, indicator_table
 from analysis.performance import performance_table
 from analysis.uncertainty_indicators import uncertainty_indicator_frame
-from trainables.records import (SURFACE_METRICS, label_names, load_records, load_surface, load_uncertainty,
+from trainables.records import (SURFACE_METRICS, label_names, load_records, load_surface, load_uncertainty_compact,
                                 member_part_ids, records_dir, select_label)
 
 #: The agreement metric of a performance metric without a pairwise form (the surface metrics): per-case overlap.
@@ -124,7 +124,7 @@ def _uncertainty(experiment_dir: Path, n_pool: int, notes: list[str]
                  ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """The uncertainty records and δ's indicators (None where missing), with the notes they call for."""
     rdir = records_dir(experiment_dir)
-    unc = load_uncertainty(experiment_dir)
+    unc = load_uncertainty_compact(experiment_dir)  # the same values in smaller types (bounded memory at scale)
     ua = None
     if unc is None:
         notes.append(f"no uncertainty records ({rdir / 'uncertainty.parquet'} or {rdir / 'uncertainty' / 'parts'}/): "

@@ -1,6 +1,6 @@
 """The experiment-directory records: the contract between stages (docs/architecture.md "Records").
 
-Four modules, one concern each, re-exported here (``from trainables import records`` and
+Five modules, one concern each, re-exported here (``from trainables import records`` and
 ``from trainables.records import metric_by`` work as they always have):
 
 * :mod:`.schema`: the tables' columns and types (``MEMBER_COLUMNS``, ``SLICE_COLUMNS``,
@@ -8,6 +8,7 @@ Four modules, one concern each, re-exported here (``from trainables import recor
 * :mod:`.store`: where they live under ``<experiment>/records/``, atomic writes, per-member parts
   and their merge, the attempts log, packed-bit predictions, the uncertainty stage's parts;
 * :mod:`.metrics`: metrics from the confusion counts (``metric_by``, ``uncertain_area``);
+* :mod:`.compact`: the uncertainty records read in bounded memory (``load_uncertainty_compact``);
 * :mod:`.labels`: the label channels of multi-label records (``label_names``, ``select_label``).
 
 The analysis imports this package only (no torch, no Ray); Table 4 is the analysis's
@@ -15,6 +16,7 @@ The analysis imports this package only (no torch, no Ray); Table 4 is the analys
 """
 from __future__ import annotations
 
+from .compact import load_uncertainty_compact, read_uncertainty_file
 from .labels import label_names, select_label
 from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURFACE_METRICS, metric_by, surface_by,
                       uncertain_area)
@@ -36,7 +38,7 @@ __all__ = [
     "write_member_part", "member_part_ids", "resolve_checkpoint", "merge_parts", "load_records", "save_predictions",
     "predictions_path",
     "load_predictions", "write_uncertainty_sites", "write_uncertainty_fit", "load_uncertainty_fits",
-    "load_uncertainty_sites", "write_uncertainty_part", "uncertainty_part_ids", "load_uncertainty",
+    "load_uncertainty_sites", "write_uncertainty_part", "load_uncertainty_compact", "read_uncertainty_file", "uncertainty_part_ids", "load_uncertainty",
     "DEFAULT_DELTA_RECORDS", "BUDGET_DELTA_RECORDS", "DELTA_RECORDS", "load_uncertainty_budget",
     "load_uncertainty_budget_fits",
     "write_surface_part", "load_surface",

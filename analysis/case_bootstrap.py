@@ -158,7 +158,8 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
     labels = sorted(src[LABEL_COLUMN].astype(str).unique()) if multi else [""]
     u = None
     if unc is not None:
-        u = unc[(unc["method"] == method) & unc["member_id"].astype(str).isin(members) & (unc["role"] == "ood")]
+        # isin on the column as it is: astype(str) would spell out every row's id (GiBs at 2,000 members)
+        u = unc[(unc["method"] == method) & unc["member_id"].isin(members) & (unc["role"] == "ood")]
     out = CaseScores(list(members), None, {}, {}, metric)
     for (role, site), rows in src[src["role"].isin(["id", "ood"])].groupby(["role", "site"], sort=False):
         site = str(site)

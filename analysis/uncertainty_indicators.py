@@ -218,7 +218,7 @@ def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str
     sites = load_uncertainty_sites(experiment_dir)
     prompted = set(sites.loc[sites["prompted"].astype(bool), "member_id"].astype(str)) if sites is not None else set()
     subsets = {"pooled": unc}
-    sam = unc[unc["member_id"].astype(str).isin(prompted)]
+    sam = unc[unc["member_id"].isin(prompted)]  # not astype(str): it would spell out every row's id
     if len(sam):
         subsets = {"sam": sam, "pooled": unc}
     elif sites is not None:

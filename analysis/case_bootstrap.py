@@ -154,7 +154,9 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
             keys = [c for c in src.columns if c not in ("tp", "fp", "fn", "tn", "area_px", LABEL_COLUMN)]
             src = src.groupby(keys, sort=False, dropna=False)[["tp", "fp", "fn"]].sum().reset_index()
             multi = False
-    src = src[src["member_id"].astype(str).isin(members)]
+    chosen = src["member_id"].isin(members)  # not astype(str), and no copy when every member is chosen (large pools)
+    if not chosen.all():
+        src = src[chosen]
     labels = sorted(src[LABEL_COLUMN].astype(str).unique()) if multi else [""]
     u = None
     if unc is not None:

@@ -1,11 +1,18 @@
 """Helpers the test files share (plain functions; the fixtures are in conftest.py): NIfTI files, the tiny
-configs of train_segmenter and fit_uncertainty, and a copy of an experiment for a test that writes into it.
+configs of train_segmenter and fit_uncertainty, a copy of an experiment for a test that writes into it, waiting
+on a sweep started as a subprocess, and an MLflow tracking server on loopback.
 
 Imported as ``from helpers import ...`` (pytest puts ``tests/`` on the path, as for ``conftest``).
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +74,35 @@ def copy_experiment(src: Path, dst: Path, members: list[dict] | None = None) -> 
     shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
     moved = [{**m, "checkpoint": str(dst / Path(m["checkpoint"]).relative_to(src))} for m in members or []]
     return dst, moved
+
+
+def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.1) -> None:
+    """Wait until ``cond()`` holds, failing when ``proc`` (a sweep run as a subprocess) ends first or after
+    ``timeout`` seconds; ``what`` names the awaited event in the failure."""
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def start_mlflow_server(port: int, args: list[str], log: Path, env: dict | None = None,
+                        timeout: float = 120) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` with one worker and ``args`` (stores), in a session of its own
+    (stop it with ``os.killpg``), returned once its ``/health`` answers; its output goes to ``log``."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", *args],
+                            env=env, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import OODSWEEP
+from helpers import wait_for
 
 from trainables import records
 from sweeps.interrupts import descendants
@@ -30,15 +31,6 @@ def _pool_spec(tmp_path: Path, data: Path, archs: list[str], snapshots: list[int
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
-        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _check_pool(exp: Path, runs: int, snapshots: list[int]) -> pd.DataFrame:
@@ -71,7 +63,7 @@ def test_cluster_loses_its_worker_node(tmp_path, tiny_data):
         proc = subprocess.Popen(OODSWEEP + ["run", str(spec), "--address", cluster.address], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         # two trials on two 1-CPU nodes: one runs on the worker node; take the node away mid-training
-        _wait(lambda: len(records.load_attempts(exp)) >= 2, proc, "both trials to start")
+        wait_for(lambda: len(records.load_attempts(exp)) >= 2, proc, "both trials to start")
         time.sleep(1.0)
         # A lost node takes every process on it along: remove_node kills its raylet and stores, and its
         # worker processes (the trial's among them) are killed here, as a machine that goes away would

@@ -20,15 +20,14 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 from conftest import OODSWEEP, run_cli, tiny_spec
+from helpers import start_mlflow_server
 from test_determinism import assert_same_records
 
 from sweeps.experiment import driver_running
@@ -285,22 +284,8 @@ def _free_port() -> int:
 
 
 def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                             "--artifacts-destination", str(store / "artifacts")],
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < 90:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-        assert proc.poll() is None, log.read_text()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")
+    return start_mlflow_server(port, ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                                      "--artifacts-destination", str(store / "artifacts")], log, timeout=90)
 
 
 def _pool_only_spec(tmp_path: Path, data: Path, name: str, snapshots=(1, 2), **pool) -> Path:

@@ -13,15 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_cli
+from helpers import start_mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,21 +96,9 @@ def postgres():
 def _mlflow_server(store_uri: str, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     # the run store's URI through the environment, as cluster.yaml's head passes it
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--artifacts-destination", str(artifacts)],
-                            env={**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri},
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.3)
-        assert proc.poll() is None, log.read_text()[-3000:]
-    _stop(proc)
-    raise AssertionError(f"mlflow server did not start: {log.read_text()[-3000:]}")
+    proc = start_mlflow_server(port, ["--artifacts-destination", str(artifacts)], log,
+                               env={**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri}, timeout=120)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def _stop(proc: subprocess.Popen) -> None:

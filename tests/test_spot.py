@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import OODSWEEP
+from helpers import wait_for
 
 from sweeps.interrupts import descendants
 from trainables import records
@@ -65,15 +65,6 @@ def test_spec_defaults_survive_preemption_and_bad_values_name_the_key(tmp_path, 
 
 # ------------------------------------------------------------------ integration: preemption on a two-node cluster
 
-def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}")
-        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _checkpointed_epochs(exp: Path) -> list[int]:
     """The epochs whose result the driver has taken together with a checkpoint (Tune's result.json)."""
     out = []
@@ -107,7 +98,7 @@ def test_a_preempted_trial_resumes_from_its_last_checkpoint_on_a_new_node(tmp_pa
         log = (tmp_path / "run.log").open("w")
         proc = subprocess.Popen(OODSWEEP + ["run", str(spec), "--address", cluster.address], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: any(e >= 1 for e in _checkpointed_epochs(exp)), proc, "the first checkpoint")
+        wait_for(lambda: any(e >= 1 for e in _checkpointed_epochs(exp)), proc, "the first checkpoint", poll=0.05)
         # preempted: the node goes away with every process on it, and the autoscaler brings a new one
         doomed = [d for p in spot.all_processes.get("raylet", []) for d in descendants(p.process.pid)]
         cluster.remove_node(spot, allow_graceful=False)

@@ -296,13 +296,20 @@ def _plain(claim: str, g: pd.DataFrame) -> str:
     return s
 
 
+#: How ``claims.csv`` writes its floats (ten significant digits; ``write_claims`` says why).
+CLAIMS_FLOAT_FORMAT = "%.10g"
+
+
 def write_claims(claims: pd.DataFrame, out_dir: str | Path, experiment: str = "", metric: str = "",
                  n_resamples: int = N_RESAMPLES, floor: float | None = None, probit_clip: str = "") -> list[Path]:
     """Write ``claims.csv`` and ``claims.md`` under ``out_dir``; returns their paths (``probit_clip``: the clip in
     words, stated in the rule)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claims.to_csv(out / "claims.csv", index=False)
+    # Ten significant digits, not float64's seventeen: the last bits of a correlation or a bootstrap bound
+    # depend on the CPU (OpenBLAS picks its dot-product kernel per CPU, numpy its SIMD loops), and
+    # `oodsweep rederive` compares claims.csv byte for byte, on whatever machine a reader has.
+    claims.to_csv(out / "claims.csv", index=False, float_format=CLAIMS_FLOAT_FORMAT)
     (out / "claims.md").write_text(claims_markdown(claims, experiment, metric, n_resamples, floor, probit_clip),
                                    encoding="utf-8")
     return [out / "claims.csv", out / "claims.md"]

@@ -11,7 +11,9 @@ Tune/Train state, MLflow and the caches::
       records/           members, slices, uncertainty, uncertainty_sites, surface (.parquet, zstd),
                          predictions/<member>/<site>.npz (the packed masks the agreement reads, deflated),
                          uncertainty/fits/*.json (δ's convergence), uncertainty/examples/*.npz (Fig. 6: the
-                         shown member's slices, the slice it shows of the others; --all-examples: all)
+                         shown member's slices, the slice it shows of the others; --all-examples: all);
+                         where the δ-budget sensitivity ran, uncertainty_budget.parquet and
+                         uncertainty_budget/fits/*.json
       analysis/          the experiment's analysis as it was: claims.md / claims.csv, tables.md, *.csv,
                          summary.json, plots/
       driver.log         (``--log FILE``) a captured console log of the run
@@ -43,7 +45,8 @@ from .errors import ExperimentError
 MANIFEST = "published.json"
 #: The merged record tables the analysis reads (``trainables.records``); parts are left behind (a merged
 #: table with no parts beside it is read as it is).
-TABLES = ("members.parquet", "slices.parquet", "uncertainty.parquet", "uncertainty_sites.parquet", "surface.parquet")
+TABLES = ("members.parquet", "slices.parquet", "uncertainty.parquet", "uncertainty_sites.parquet", "surface.parquet",
+          "uncertainty_budget.parquet")  # the last: the δ-budget sensitivity (C4 at a longer δ), where it ran
 TEXT_SUFFIXES = {".md", ".csv", ".json", ".jsonl", ".yaml", ".yml", ".log", ".txt", ".svg"}
 #: The file whose bytes the re-derivation must reproduce.
 CHECKED = "claims.csv"
@@ -241,6 +244,7 @@ def export_experiment(experiment_dir: str | os.PathLike, out_dir: str | os.PathL
     records.load_uncertainty(exp)
     records.load_uncertainty_sites(exp)
     records.load_surface(exp)
+    records.load_uncertainty_budget(exp)
     import yaml
 
     raw = yaml.safe_load((exp / "spec.yaml").read_text(encoding="utf-8"))
@@ -260,6 +264,8 @@ def export_experiment(experiment_dir: str | os.PathLike, out_dir: str | os.PathL
                            None if shown is None or f.stem == shown[0] else shown[1])
     if (rdir / "uncertainty" / "fits").is_dir():
         _copy_tree(rdir / "uncertainty" / "fits", odir / "uncertainty" / "fits", prefixes)
+    if (rdir / "uncertainty_budget" / "fits").is_dir():  # the sensitivity's δ fits: their epochs label its rows
+        _copy_tree(rdir / "uncertainty_budget" / "fits", odir / "uncertainty_budget" / "fits", prefixes)
     _copy_tree(exp / "analysis", out / "analysis", prefixes)
     (out / "spec.yaml").write_text(yaml.safe_dump(_relativize_value(raw, prefixes, SPEC_NAMES), sort_keys=False),
                                    encoding="utf-8")

@@ -216,6 +216,12 @@ def test_budget_stage_on_a_finished_sweep(finished, tmp_path, capsys):
     claims = pd.read_csv(exp / "analysis" / "claims.csv")
     sens = claims[claims["kind"] == KIND]
     assert sens["scope"].tolist() == ["δ budget 1 epochs (subset of 1)", "δ budget 3 epochs (subset of 1)"]
+    # published: the export carries the sensitivity's records, so its rows re-derive (export's check compares)
+    from sweeps.publish import export_experiment
+
+    export_experiment(exp, tmp_path / "pub")
+    assert (tmp_path / "pub" / "records" / "uncertainty_budget.parquet").is_file()
+    assert len(list((tmp_path / "pub" / "records" / "uncertainty_budget" / "fits").glob("*.json"))) == 1
     # a rerun refits nothing: the stage (as the driver calls it) finds every member recorded and never needs Ray
     from sweeps.spec import load_spec
     from sweeps.tracking import finish_tracking, tracker_for

@@ -47,6 +47,8 @@ MANIFEST = "published.json"
 #: table with no parts beside it is read as it is).
 TABLES = ("members.parquet", "slices.parquet", "uncertainty.parquet", "uncertainty_sites.parquet", "surface.parquet",
           "uncertainty_budget.parquet")  # the last: the δ-budget sensitivity (C4 at a longer δ), where it ran
+#: δ's fit records (convergence; the sensitivity's epochs label its claims rows), copied as they are.
+FIT_DIRS = ("uncertainty/fits", "uncertainty_budget/fits")
 TEXT_SUFFIXES = {".md", ".csv", ".json", ".jsonl", ".yaml", ".yml", ".log", ".txt", ".svg"}
 #: The file whose bytes the re-derivation must reproduce.
 CHECKED = "claims.csv"
@@ -262,10 +264,9 @@ def export_experiment(experiment_dir: str | os.PathLike, out_dir: str | os.PathL
         if not f.name.startswith("."):
             _copy_examples(f, odir / "uncertainty" / "examples" / f.name,
                            None if shown is None or f.stem == shown[0] else shown[1])
-    if (rdir / "uncertainty" / "fits").is_dir():
-        _copy_tree(rdir / "uncertainty" / "fits", odir / "uncertainty" / "fits", prefixes)
-    if (rdir / "uncertainty_budget" / "fits").is_dir():  # the sensitivity's δ fits: their epochs label its rows
-        _copy_tree(rdir / "uncertainty_budget" / "fits", odir / "uncertainty_budget" / "fits", prefixes)
+    for fits in FIT_DIRS:
+        if (rdir / fits).is_dir():
+            _copy_tree(rdir / fits, odir / fits, prefixes)
     _copy_tree(exp / "analysis", out / "analysis", prefixes)
     (out / "spec.yaml").write_text(yaml.safe_dump(_relativize_value(raw, prefixes, SPEC_NAMES), sort_keys=False),
                                    encoding="utf-8")

@@ -4,7 +4,7 @@
       epochs: 3
       sensitivity:
         epochs_factor: 3     # or `epochs: 9`; one of the two (default: epochs_factor 3)
-        members: per_run     # per_run (default) | all | N (the first N of per_run)
+        members: per_run     # per_run (default) | per_config | all | N (the first N of per_run)
 
 δ is fitted a second time, ``epochs`` long, for a subset of the δ stage's members (``sweeps.uncertainty_budget``),
 and recorded apart (``records/uncertainty_budget``); the analysis reads C4 at both budgets on that subset.
@@ -18,7 +18,7 @@ from .spec_schema import SensitivitySpec
 
 KEY = "uncertainty.sensitivity"
 #: the subset rules besides a number (``sweeps.uncertainty_budget.budget_members``)
-MEMBER_RULES = ("per_run", "all")
+MEMBER_RULES = ("per_run", "per_config", "all")
 DEFAULT_FACTOR = 3
 
 
@@ -51,6 +51,6 @@ def parse_sensitivity(c: Checker, raw: Any, epochs: int) -> SensitivitySpec | No
         try:
             m = c.number(m, f"{KEY}.members", integer=True, positive=True)
         except Exception as e:  # a list, a mapping, a float: say what is valid
-            raise c.fail(f"{KEY}.members", f"expected 'per_run', 'all' or a number of members >= 1, got {m!r}") \
-                from e
+            raise c.fail(f"{KEY}.members", f"expected 'per_run', 'per_config', 'all' or a number of members "
+                                          f">= 1, got {m!r}") from e
     return SensitivitySpec(epochs=int(n), members=m)

@@ -31,7 +31,10 @@ def budget_members(members: pd.DataFrame, delta_ids: list[str], rule: str | int)
 
     ``rule``: "all"; "per_run": each training run's last snapshot member (its highest ``epochs``; the first in
     the records' order on a tie; a member without a ``run_id`` is a run of its own), one per run so that the
-    run-level bootstrap keeps every run; an integer N: the first N of "per_run", runs in the records' order.
+    run-level bootstrap keeps every run; "per_config": of those, one run per configuration (the run's
+    ``CONFIG_COLUMNS`` that the records have, seed excluded: the lowest ``seed``, then the records' order), so
+    every architecture x learning rate is in it at a third of per_run's cost with three seeds; an integer N: the
+    first N of "per_run", runs in the records' order.
     Oracle-prompted members (``oracle_prompt``: the SAM family scored with ground-truth boxes) are never
     picked: C4 reads the label-free members only, so a longer δ on them would be fitted for nothing.
     """
@@ -51,10 +54,33 @@ def budget_members(members: pd.DataFrame, delta_ids: list[str], rule: str | int)
     for i, run in enumerate(runs):
         if run not in best or epochs[i] > epochs[best[run]]:
             best[run] = i
-    picked = [ids[i] for i in best.values()]
-    if rule != "per_run":
+    rows = list(best.values())
+    if rule == "per_config":
+        rows = _one_run_per_config(df, rows)
+    picked = [ids[i] for i in rows]
+    if rule not in ("per_run", "per_config"):
         picked = picked[: int(rule)]
     return [m for m in ids if m in set(picked)]
+
+
+#: what makes two training runs the same configuration for ``per_config`` (the seed aside); a column the
+#: records lack is left out, so an imported pool without them counts each run as a configuration of its own
+CONFIG_COLUMNS = ("arch", "lr", "batch_size", "source")
+
+
+def _one_run_per_config(df: pd.DataFrame, rows: list[int]) -> list[int]:
+    """Of the runs' last-snapshot rows, the one with the lowest seed per configuration (records' order on a tie)."""
+    cols = [c for c in CONFIG_COLUMNS if c in df.columns]
+    if not cols:
+        return rows
+    seeds = pd.to_numeric(df["seed"], errors="coerce") if "seed" in df.columns else pd.Series([0.0] * len(df))
+    keep: dict[tuple, int] = {}
+    for i in rows:
+        key = tuple("" if pd.isna(v) else str(v) for v in df.loc[i, cols])
+        s = seeds.iloc[i]
+        if key not in keep or (not pd.isna(s) and (pd.isna(seeds.iloc[keep[key]]) or s < seeds.iloc[keep[key]])):
+            keep[key] = i
+    return sorted(keep.values())
 
 
 def budget_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpoints: dict[str, str],

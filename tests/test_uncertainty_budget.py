@@ -34,6 +34,7 @@ def _spec(tmp_path, sensitivity, epochs=3) -> dict:
     ({}, 9, "per_run"),                               # the default: 3x the default δ's epochs, one member per run
     ({"epochs_factor": 4, "members": "all"}, 12, "all"),
     ({"epochs": 10, "members": 2}, 10, 2),
+    ({"members": "per_config"}, 9, "per_config"),
 ])
 def test_sensitivity_key(value, epochs, members, tmp_path):
     s = parse_spec(_spec(tmp_path, value)).uncertainty.sensitivity
@@ -46,9 +47,9 @@ def test_sensitivity_key(value, epochs, members, tmp_path):
     ({"epochs": 9, "epochs_factor": 3}, ["uncertainty.sensitivity", "gives both", "give one"]),
     ({"epochs_factor": 1}, ["uncertainty.sensitivity.epochs_factor", "must be >= 2"]),
     ({"epochs_factor": 2.5}, ["uncertainty.sensitivity.epochs_factor", "expected an integer"]),
-    ({"members": "first"}, ["uncertainty.sensitivity.members", "'first'", "per_run, all"]),
+    ({"members": "first"}, ["uncertainty.sensitivity.members", "'first'", "per_run, per_config, all"]),
     ({"members": 0}, ["uncertainty.sensitivity.members", "a number of members >= 1, got 0"]),
-    ({"members": [1, 2]}, ["uncertainty.sensitivity.members", "expected 'per_run', 'all' or a number"]),
+    ({"members": [1, 2]}, ["uncertainty.sensitivity.members", "expected 'per_run', 'per_config', 'all' or a number"]),
     ({"epoch": 9}, ["uncertainty.sensitivity.epoch", "unknown key", "epochs"]),
     ([9], ["uncertainty.sensitivity", "expected a mapping"]),
 ])
@@ -78,6 +79,28 @@ def test_budget_members_rule():
     prompted = members.assign(oracle_prompt=[False, False, True, True, False, False, False])
     assert budget_members(prompted, every, "per_run") == ["a-ep2", "c", "d-ep1"]
     assert budget_members(prompted, every, "all") == ["a-ep1", "a-ep2", "c", "d-ep1", "d-ep2"]
+
+
+def test_budget_members_one_run_per_configuration():
+    # two configurations x seeds; the lowest seed's run of each, its last snapshot, in the records' order
+    members = pd.DataFrame({
+        "member_id": ["u-1e3-s1-ep2", "u-1e3-s1-ep4", "u-1e3-s0-ep2", "u-1e3-s0-ep4", "u-5e4-s2-ep4",
+                      "u-5e4-s1-ep4", "t-1e3-s0-ep4"],
+        "run_id": ["u-1e3-s1", "u-1e3-s1", "u-1e3-s0", "u-1e3-s0", "u-5e4-s2", "u-5e4-s1", "t-1e3-s0"],
+        "arch": ["unet", "unet", "unet", "unet", "unet", "unet", "transunet"],
+        "lr": [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 1e-3],
+        "seed": [1, 1, 0, 0, 2, 1, 0],
+        "epochs": [2, 4, 2, 4, 4, 4, 4]})
+    every = members["member_id"].tolist()
+    assert budget_members(members, every, "per_config") == ["u-1e3-s0-ep4", "u-5e4-s1-ep4", "t-1e3-s0-ep4"]
+    # per_run keeps all five runs of the same pool
+    assert len(budget_members(members, every, "per_run")) == 5
+    # without the configuration's columns every run is a configuration of its own (as per_run)
+    bare = members[["member_id", "run_id", "epochs"]]
+    assert budget_members(bare, every, "per_config") == budget_members(bare, every, "per_run")
+    # oracle-prompted runs are left out before configurations are formed
+    prompted = members.assign(oracle_prompt=[False] * 6 + [True])
+    assert budget_members(prompted, every, "per_config") == ["u-1e3-s0-ep4", "u-5e4-s1-ep4"]
 
 
 def test_budget_space_leaves_the_default_space_as_it_was(tmp_path, monkeypatch):

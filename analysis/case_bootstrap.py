@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.correlate import BOOT_BATCH, CONFIDENCE, MIN_POINTS, point_weights, probit
-from analysis.uncertainty_indicators import guarded_area
+from analysis.uncertainty_cases import case_sums
+from analysis.uncertainty_indicators import UNCERTAINTY_INDICATORS as UNCERTAINTY_READINGS
 from analysis.probit_clip import probit_scaled
 from trainables.records import LABEL_COLUMN, LOWER_IS_BETTER, SURFACE_METRICS
 from trainables.records.metrics import SURFACE_VALUE
@@ -88,42 +89,62 @@ class CaseScores:
         return ", ".join(out)
 
 
+def _dense_at(mi: np.ndarray, ci: np.ndarray, li: np.ndarray, values: dict[str, np.ndarray],
+              shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Sum ``values`` into ``M x C x L`` arrays at the positions (member, case, label) of each row; a row with
+    a member or case position of -1 (not among them) is left out."""
+    ok = (mi >= 0) & (ci >= 0)
+    out = {}
+    for k, v in values.items():
+        a = np.zeros(shape)
+        np.add.at(a, (mi[ok], ci[ok], li[ok]), np.asarray(v, dtype=np.float64)[ok])
+        out[k] = a
+    return out
+
+
 def _dense(keys: pd.DataFrame, values: dict[str, np.ndarray], members: list[str], cases: list[str],
            labels: list[str]) -> dict[str, np.ndarray]:
     """Sum ``values`` into ``M x C x L`` arrays by the (member_id, case_id, label) of ``keys``."""
     mi = pd.Index(members).get_indexer(keys["member_id"].astype(str))
     ci = pd.Index(cases).get_indexer(keys["case_id"].astype(str))
     li = pd.Index(labels).get_indexer(keys["label"].astype(str))
-    ok = (mi >= 0) & (ci >= 0)
-    out = {}
-    for k, v in values.items():
-        a = np.zeros((len(members), len(cases), len(labels)))
-        np.add.at(a, (mi[ok], ci[ok], li[ok]), np.asarray(v, dtype=np.float64)[ok])
-        out[k] = a
-    return out
+    return _dense_at(mi, ci, li, values, (len(members), len(cases), len(labels)))
 
 
-def _site_sums(rows: pd.DataFrame, metric: str, multi: bool) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The rows' (keys, {num, den}) contributions for one site, before they are summed per case."""
-    keys = pd.DataFrame({"member_id": rows["member_id"].astype(str).to_numpy(),
-                         "case_id": rows["case_id"].astype(str).to_numpy(),
-                         "label": (rows[LABEL_COLUMN].astype(str).to_numpy() if multi else "")})
+class _Codes:
+    """A key column of the records as integer codes, factorized once (no string per row: at 2,000 members the
+    slice records have millions of rows); ``positions`` maps a subset of rows onto a list of names."""
+
+    def __init__(self, col: pd.Series):
+        self.codes, uniques = pd.factorize(col)  # a missing value: -1 (never among the names)
+        self.names = np.asarray(pd.Index(uniques).astype(str), dtype=object)
+
+    def positions(self, rows: np.ndarray, names: list[str]) -> np.ndarray:
+        lut = np.append(pd.Index(names).get_indexer(self.names), -1)  # code -1 -> the last entry, -1
+        return lut[self.codes[rows]]
+
+    def present(self, rows: np.ndarray) -> set[str]:
+        c = np.unique(self.codes[rows])
+        return set(self.names[c[c >= 0]].tolist())
+
+
+def _site_values(rows: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
+    """The rows' {num, den} contributions (or iou_3d's tp, fp, fn) for one site, before they are summed per case."""
     if metric in SURFACE_METRICS:
         v = rows[SURFACE_VALUE[metric]].to_numpy(dtype=float)
-        return keys, {"num": np.nan_to_num(v), "den": np.isfinite(v).astype(float)}
+        return {"num": np.nan_to_num(v), "den": np.isfinite(v).astype(float)}
     tp, fp, fn = (rows[c].to_numpy(dtype=np.float64) for c in ("tp", "fp", "fn"))
     if metric == "dice_2d":
         has = tp + fn > 0
-        return keys, {"num": np.where(has, 2 * tp / np.where(has, 2 * tp + fp + fn, 1.0), 0.0), "den": has * 1.0}
+        return {"num": np.where(has, 2 * tp / np.where(has, 2 * tp + fp + fn, 1.0), 0.0), "den": has * 1.0}
     if metric == "dice_global":
-        return keys, {"num": 2 * tp, "den": 2 * tp + fp + fn}
-    return keys, {"tp": tp, "fp": fp, "fn": fn}  # iou_3d: summed per case first
+        return {"num": 2 * tp, "den": 2 * tp + fp + fn}
+    return {"tp": tp, "fp": fp, "fn": fn}  # iou_3d: summed per case first
 
 
-def _build(rows: pd.DataFrame, metric: str, multi: bool, members: list[str], cases: list[str],
-           labels: list[str]) -> SiteCases:
-    keys, vals = _site_sums(rows, metric, multi)
-    a = _dense(keys, vals, members, cases, labels)
+def _build(vals: dict[str, np.ndarray], mi: np.ndarray, ci: np.ndarray, li: np.ndarray, metric: str,
+           n_members: int, cases: list[str], n_labels: int) -> SiteCases:
+    a = _dense_at(mi, ci, li, vals, (n_members, len(cases), n_labels))
     if metric == "iou_3d":  # per case TP / (TP + FP + FN) over its slices, over the cases with ground truth
         has = a["tp"] + a["fn"] > 0
         a = {"num": np.where(has, a["tp"] / np.where(has, a["tp"] + a["fp"] + a["fn"], 1.0), 0.0),
@@ -154,20 +175,41 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
             keys = [c for c in src.columns if c not in ("tp", "fp", "fn", "tn", "area_px", LABEL_COLUMN)]
             src = src.groupby(keys, sort=False, dropna=False)[["tp", "fp", "fn"]].sum().reset_index()
             multi = False
-    chosen = src["member_id"].isin(members)  # not astype(str), and no copy when every member is chosen (large pools)
-    if not chosen.all():
-        src = src[chosen]
-    labels = sorted(src[LABEL_COLUMN].astype(str).unique()) if multi else [""]
+    # every key column as integer codes, once: no copy of the records, no string per row (GiBs at 2,000 members);
+    # the members not asked for are left out by their position (-1)
+    member_codes, case_codes = _Codes(src["member_id"]), _Codes(src["case_id"])
+    label_codes = _Codes(src[LABEL_COLUMN]) if multi else None
+    everyone = np.arange(len(src))
+    chosen = everyone[member_codes.positions(everyone, members) >= 0]
+    labels = sorted(label_codes.present(chosen)) if multi else [""]
     u = None
     if unc is not None:
-        # isin on the column as it is: astype(str) would spell out every row's id (GiBs at 2,000 members)
-        u = unc[(unc["method"] == method) & unc["member_id"].isin(members) & (unc["role"] == "ood")]
+        # isin on the column as it is: astype(str) would spell out every row's id (GiBs at 2,000 members); the
+        # records' case sums (analysis.uncertainty_cases; per-slice records are summed here)
+        u = case_sums(unc)
+        u = u[(u["method"] == method).to_numpy(dtype=bool, na_value=False) & u["member_id"].isin(members).to_numpy(
+            dtype=bool) & (u["role"] == "ood").to_numpy(dtype=bool, na_value=False)]
     out = CaseScores(list(members), None, {}, {}, metric)
-    for (role, site), rows in src[src["role"].isin(["id", "ood"])].groupby(["role", "site"], sort=False):
-        site = str(site)
+    # each site's rows by position, and of them only the value columns: a boolean filter or a groupby over the
+    # frame would copy every column of every row
+    value_cols = [src.columns.get_loc(c) for c in
+                  ([SURFACE_VALUE[metric]] if metric in SURFACE_METRICS else ["tp", "fp", "fn"])]
+    role_codes, site_codes = _Codes(src["role"]), _Codes(src["site"])
+    r, s = role_codes.codes[chosen], site_codes.codes[chosen]
+    group = r.astype(np.int64) * (len(site_codes.names) + 1) + s  # one code per (role, site)
+    keys, first = np.unique(group, return_index=True)
+    for k in keys[np.argsort(first)]:  # in order of first appearance
+        idx = chosen[group == k]
+        rc, sc_ = r[group == k][0], s[group == k][0]
+        role = role_codes.names[rc] if rc >= 0 else None
+        if role not in ("id", "ood") or sc_ < 0:
+            continue
+        site = str(site_codes.names[sc_])
         ua = u[u["site"].astype(str) == site] if u is not None and role == "ood" else None
-        cases = sorted(set(rows["case_id"].astype(str)) | (set(ua["case_id"].astype(str)) if ua is not None else set()))
-        sc = _build(rows, base, multi, members, cases, labels)
+        cases = sorted(case_codes.present(idx) | (set(ua["case_id"].astype(str)) if ua is not None else set()))
+        li = label_codes.positions(idx, labels) if multi else np.zeros(len(idx), dtype=np.int64)
+        sc = _build(_site_values(src.iloc[idx, value_cols], base), member_codes.positions(idx, members),
+                    case_codes.positions(idx, cases), li, base, len(members), cases, len(labels))
         if role == "id":
             out.id = sc
         else:
@@ -179,22 +221,16 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
 
 
 def _readings(u: pd.DataFrame, members: list[str], cases: list[str]) -> dict[str, SiteCases]:
-    """δ's readings on one site, each the mean over the images of a per-image value (as
-    ``uncertainty_indicator_frame`` forms them); a member with a NaN image there has no value."""
-    area = u["area_px"].astype(float).to_numpy()
-    ptp = u["map_ptp"].astype(float).to_numpy() if "map_ptp" in u.columns else np.full(len(u), np.nan)
-    per_image = {"uncertain_area": u["uncertain_px"].astype(float).to_numpy() / area}
-    if "mean_uncertainty" in u.columns:
-        per_image["mean_uncertainty"] = u["mean_uncertainty"].astype(float).to_numpy()
-    if "fixed_px" in u.columns:
-        per_image["fixed_threshold_area"] = u["fixed_px"].astype("Float64").astype(float).to_numpy() / area
-    per_image["guarded_area"] = np.where(np.isfinite(ptp), guarded_area(u["uncertain_px"], ptp, area), np.nan)
+    """δ's readings on one site from its case sums (``analysis.uncertainty_cases``), each the mean over the
+    images of a per-image value (as ``uncertainty_indicator_frame`` forms them): per member and case the sum
+    over its images and their number; a member with a NaN (or infinite) image there has no value."""
     keys = pd.DataFrame({"member_id": u["member_id"].astype(str).to_numpy(),
                          "case_id": u["case_id"].astype(str).to_numpy(), "label": ""})
+    n = u["n_images"].to_numpy(dtype=np.float64)
     out = {}
-    for col, v in per_image.items():
-        v = np.asarray(v, dtype=float)
-        a = _dense(keys, {"num": np.nan_to_num(v), "den": np.ones(len(v)), "bad": ~np.isfinite(v)},
+    for col in UNCERTAINTY_READINGS:
+        bad = u[f"{col}_bad"].to_numpy(dtype=np.float64)
+        a = _dense(keys, {"num": np.where(bad > 0, 0.0, u[col].to_numpy(dtype=np.float64)), "den": n, "bad": bad},
                    members, cases, [""])
         a["num"][a["bad"].sum(axis=(1, 2)) > 0] = np.nan
         out[col] = SiteCases(cases, a["num"], a["den"])

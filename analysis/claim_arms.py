@@ -12,6 +12,7 @@ from analysis.correlate import N_RESAMPLES, SEED
 from analysis.performance import score_scale
 from analysis.run_intervals import arms_worst_case, bonferroni_level, paired_worst_case, runs_short, welch_interval
 from analysis.tables import select_best_configs
+from analysis.uncertainty_cases import case_sums, mean_over_images
 
 
 def metric_scale(df: pd.DataFrame) -> float:
@@ -122,21 +123,14 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
         return [untestable_row("C5", "no baseline method in the uncertainty records (uncertainty.baselines is empty)",
                                statistic=stat_name)]
     methods = ["ggd", *baselines]
-    # one pass over the (possibly millions of) slice rows: each member x method's mean per reading on the
-    # target sites' images. Only the kept rows of the five columns used are taken (selecting the rows with
-    # all columns, or converting the keys to str, cost 10 s at 200 members x 2,000 slices; full-length float
-    # copies of every column, GiBs at 2,000 members); the means' order does not matter (read by name below).
-    keep = np.flatnonzero((unc["role"] == "ood").to_numpy(dtype=bool)
-                          & unc["method"].isin(methods).to_numpy(dtype=bool))
-    area = unc["area_px"].to_numpy()[keep].astype(float)
-    unc_px, err_px = unc["uncertain_px"].to_numpy()[keep].astype(float), unc["error_px"].to_numpy()[keep].astype(float)
-    per_image = {"area": ((unc_px - err_px) / area) ** 2}
-    both = unc["uncertain_error_px"].array[keep].to_numpy(dtype=float, na_value=np.nan)
-    if not np.isnan(both).any():
-        per_image["pixel"] = (unc_px + err_px - 2 * both) / area
-    del both, unc_px, err_px, area
-    keys = [unc[c].iloc[keep].reset_index(drop=True) for c in ("member_id", "method")]
-    means = pd.DataFrame(per_image).groupby(keys, sort=False).mean().dropna(how="all")
+    # each member x method's mean per reading over the target sites' images, from the per-case sums
+    # (analysis.uncertainty_cases: the records may be per slice); the means' order does not matter (read by name)
+    cs = case_sums(unc)
+    ood = (cs["role"] == "ood").to_numpy(dtype=bool, na_value=False)
+    cs = cs[ood & cs["method"].isin(methods).to_numpy(dtype=bool)]
+    readings = ["area"] + (["pixel"] if not cs["pixel_na"].any() else [])
+    keys = [cs["member_id"], cs["method"]]
+    means = pd.DataFrame({r: mean_over_images(cs, f"sq_{r}", keys) for r in readings}).dropna(how="all")
     means.index.names = ["member_id", "method"]
     by_member = means.reset_index().groupby("member_id")["method"].nunique()
     complete = sorted(str(m) for m in by_member[by_member == len(methods)].index)
@@ -159,7 +153,7 @@ def c5_rows(unc: pd.DataFrame | None, perf: pd.DataFrame, n_resamples: int = N_R
     n_runs = int(run_key.nunique())
     unit = "run" if perf["run_id"].notna().any() else "member"
     rows = []
-    for reading in per_image:
+    for reading in readings:
         e = means[reading].unstack("method").reindex(index=members, columns=methods)
         by_run = e.groupby(run_key.to_numpy()).mean()          # runs x methods
         diffs = (by_run["ggd"].to_numpy()[None, :] - by_run[baselines].to_numpy().T)  # baselines x runs

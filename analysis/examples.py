@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.records import records_dir
+from analysis.uncertainty_cases import is_case_sums
+from trainables.records import read_uncertainty_slice, records_dir
 
 #: Keys of an examples file.
 EXAMPLE_KEYS = ("image", "truth", "pred", "error", "mu", "uncertainty", "site", "case_id", "slice_idx")
@@ -83,12 +84,21 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
             for j, (s, c, i) in enumerate(keys)]
 
 
-def _slice_area(unc: pd.DataFrame | None, key: tuple[str, str, int], method: str = "ggd") -> dict[str, float]:
-    """member -> uncertain-area fraction on one slice ``(site, case_id, slice_idx)``."""
+def _slice_area(unc: pd.DataFrame | None, key: tuple[str, str, int], method: str = "ggd",
+                experiment_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """member -> uncertain-area fraction on one slice ``(site, case_id, slice_idx)``. ``unc``: the slice records,
+    or their case sums (``analysis.uncertainty_cases``: the analysis' table), in which case the slice's rows are
+    read from ``experiment_dir``'s records."""
     if unc is None or unc.empty:
         return {}
     site, case, sl = key
-    u = unc[(unc["method"] == method) & (unc["site"] == site) & (unc["case_id"] == case) & (unc["slice_idx"] == sl)]
+    if is_case_sums(unc):
+        if experiment_dir is None:
+            return {}
+        u = read_uncertainty_slice(experiment_dir, site, case, sl, method)
+    else:
+        u = unc[(unc["method"] == method) & (unc["site"] == site) & (unc["case_id"] == case)
+                & (unc["slice_idx"] == sl)]
     frac = (u["uncertain_px"] / u["area_px"]).to_numpy(dtype=float)
     return dict(zip(u["member_id"].astype(str), frac))
 
@@ -136,7 +146,7 @@ def fig6_inputs(experiment_dir: str | os.PathLike, table: pd.DataFrame | None = 
     elif not -len(examples) <= index < len(examples):
         raise IndexError(f"example index {index} outside {edir / (member + '.npz')}'s {len(examples)} slices")
     chosen = examples[index]
-    area = _slice_area(unc, chosen.key)
+    area = _slice_area(unc, chosen.key, experiment_dir=experiment_dir)
     shown: tuple[str, np.ndarray, float] | None = None
     rest: list[tuple[str, np.ndarray, float]] = []
     for m in members:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.tables import fmt, markdown_table
+from analysis.uncertainty_cases import case_sums, mean_over_images
 
 #: Table 4's readings of the paper's "MSE between the uncertainty values and the actual errors".
 TABLE4_READINGS = ("area", "pixel")
@@ -20,6 +21,8 @@ TABLE4_READINGS = ("area", "pixel")
 
 def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site"), reading: str = "area") -> pd.Series:
     """Table 4: the mean over images of a squared error between the uncertain mask and the error mask.
+
+    ``unc``: the uncertainty slice records, or their case sums (``analysis.uncertainty_cases``).
 
     ``reading="area"``: (uncertain-area fraction - pixel-error fraction)^2 per image (where they are
     does not count); ``"pixel"``: the pixel-wise MSE between the binary uncertain mask and the binary
@@ -30,15 +33,12 @@ def table4(unc: pd.DataFrame, by: list[str] | tuple[str, ...] = ("method", "site
     """
     if reading not in TABLE4_READINGS:
         raise ValueError(f"unknown Table 4 reading {reading!r}; valid: {', '.join(TABLE4_READINGS)}")
-    methods = unc.groupby("member_id")["method"].nunique()
-    scored = unc["member_id"].isin(methods[methods == unc["method"].nunique()].index)
-    if not scored.all():  # a copy of the rows only where some are left out (the table is large at scale)
-        unc = unc[scored]
-    if reading == "area":
-        sq = ((unc["uncertain_px"] - unc["error_px"]) / unc["area_px"]) ** 2
-    else:
-        sq = (unc["uncertain_px"] + unc["error_px"] - 2 * unc["uncertain_error_px"]) / unc["area_px"]
-    out = sq.groupby([unc[c] for c in by]).mean()
+    cs = case_sums(unc)  # per case: the sums of the squared errors over its images (the records may be per slice)
+    methods = cs.groupby("member_id", observed=True)["method"].nunique()
+    scored = cs["member_id"].isin(methods[methods == cs["method"].nunique()].index)
+    if not scored.all():
+        cs = cs[scored.to_numpy(dtype=bool)]
+    out = mean_over_images(cs, f"sq_{reading}", [cs[c] for c in by])
     out.name = "mse"
     return out
 

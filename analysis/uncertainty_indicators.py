@@ -28,10 +28,8 @@ import math
 import numpy as np
 import pandas as pd
 
-#: The flatness guard's tolerance: a map whose max - min is below this counts as certain. The maps
-#: are variances of a [0, 1] target (δ's Eq. 8; the baselines' variance of probabilities), at most
-#: 0.25 for a coin flip; 0.01 is 4% of that range, far above float noise, far below a real error's map.
-FLAT_TOL = 0.01
+# the flatness guard (FLAT_TOL, guarded_area) lives with the per-case sums that apply it while the records are read
+from analysis.uncertainty_cases import FLAT_TOL, case_sums, guarded_area, mean_over_images  # noqa: F401
 
 #: name -> (column of the indicator table, what it measures: the caption line in tables.md).
 UNCERTAINTY_INDICATORS: dict[str, str] = {
@@ -44,44 +42,25 @@ UNCERTAINTY_INDICATORS: dict[str, str] = {
 }
 
 
-def uncertainty_indicator_frame(unc: pd.DataFrame, method: str = "ggd", flat_tol: float = FLAT_TOL) -> pd.DataFrame:
-    """Every uncertainty indicator per (member_id, site) from one method's slice records.
+def uncertainty_indicator_frame(unc: pd.DataFrame, method: str = "ggd") -> pd.DataFrame:
+    """Every uncertainty indicator per (member_id, site) from one method's records.
 
     Args:
-        unc: ``records.load_uncertainty`` (one row per member x method x site x slice).
+        unc: the uncertainty records: slice records (``records.load_uncertainty``, one row per member x method x
+            site x slice) or their case sums (``analysis.uncertainty_cases.case_sums``: what the analysis reads;
+            the flatness guard at ``FLAT_TOL``).
         method: the method whose maps are read (the δ net: ``"ggd"``).
-        flat_tol: the flatness guard's tolerance on ``map_ptp``.
 
     Returns:
-        Indexed by (member_id, site), one column per ``UNCERTAINTY_INDICATORS`` name; NaN where
-        the records lack the column (an experiment scored before it existed).
+        Indexed by (member_id, site), one column per ``UNCERTAINTY_INDICATORS`` name, each the mean over the
+        site's images; NaN where any image has none (a mean over part of the images would mislead), e.g.
+        where the records lack the column (an experiment scored before it existed).
     """
-    u = unc[unc["method"] == method]
-    area = u["area_px"].astype(float)
-    ptp = u["map_ptp"].astype(float)
-    cols = {
-        "uncertain_area": u["uncertain_px"].astype(float) / area,
-        "mean_uncertainty": u["mean_uncertainty"].astype(float),
-        "fixed_threshold_area": u["fixed_px"].astype("Float64").astype(float) / area,
-        # NaN spread (old records): the guard cannot be applied, so no value
-        "guarded_area": pd.Series(guarded_area(u["uncertain_px"], ptp, area, flat_tol),
-                                  index=u.index).where(ptp.notna()),
-    }
-    df = pd.DataFrame(cols)
-    keys = [u["member_id"].astype(str), u["site"].astype(str)]
-    # a member x site with any NaN slice has no value (a mean over part of the images would mislead)
-    out = df.groupby(keys).mean()
-    nan_any = df.isna().groupby(keys).any()
-    out = out.mask(nan_any)
+    cs = case_sums(unc[(unc["method"] == method).to_numpy(dtype=bool)])
+    keys = [cs["member_id"].astype(str).to_numpy(), cs["site"].astype(str).to_numpy()]
+    out = pd.DataFrame({name: mean_over_images(cs, name, keys, skipna=False) for name in UNCERTAINTY_INDICATORS})
     out.index.names = ["member_id", "site"]
     return out
-
-
-def guarded_area(uncertain_px: np.ndarray, map_ptp: np.ndarray, area_px: np.ndarray | int,
-                 flat_tol: float = FLAT_TOL) -> np.ndarray:
-    """Per image: the Otsu area fraction, 0 where the map's spread is below ``flat_tol``."""
-    frac = np.asarray(uncertain_px, dtype=float) / np.asarray(area_px, dtype=float)
-    return np.where(np.asarray(map_ptp, dtype=float) >= flat_tol, frac, 0.0)
 
 
 # --- how well each method's map finds the error pixels ------------------------------------------
@@ -173,7 +152,7 @@ TABLE4_CAPTIONS = {
 
 
 def _members_scored_by_all(unc: pd.DataFrame) -> int:
-    return int((unc.groupby("member_id")["method"].nunique() == unc["method"].nunique()).sum())
+    return int((unc.groupby("member_id", observed=True)["method"].nunique() == unc["method"].nunique()).sum())
 
 
 #: The Table-4 methods that run the member's model (an imported member, which has none, is not scored by them).
@@ -215,6 +194,7 @@ def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str
     from trainables.records import load_uncertainty_fits, load_uncertainty_sites
 
     out = Path(out)
+    unc = case_sums(unc)  # the records' case sums (per-slice records are summed here)
     sites = load_uncertainty_sites(experiment_dir)
     prompted = set(sites.loc[sites["prompted"].astype(bool), "member_id"].astype(str)) if sites is not None else set()
     subsets = {"pooled": unc}
@@ -226,7 +206,7 @@ def uncertainty_sections(experiment_dir, unc: pd.DataFrame, roles: dict[str, str
                      "Table 4 is the pooled one")
     default = next(iter(subsets))
     frames, md = [], []
-    have_pixel = unc["uncertain_error_px"].notna().all()
+    have_pixel = not unc["pixel_na"].any()
     for reading in ("area", "pixel"):
         if reading == "pixel" and not have_pixel:
             notes.append("Table 4, pixel reading: the uncertainty records lack uncertain_error_px (scored "

@@ -16,7 +16,8 @@ The analysis imports this package only (no torch, no Ray); Table 4 is the analys
 """
 from __future__ import annotations
 
-from .compact import load_uncertainty_compact, read_uncertainty_file
+from .compact import (iter_uncertainty_batches, load_uncertainty_compact, read_uncertainty_file,
+                      read_uncertainty_slice, uncertainty_file)
 from .labels import label_names, select_label
 from .metrics import (ALL_METRICS, LOWER_IS_BETTER, METRICS, MICRO_METRICS, SURFACE_METRICS, metric_by, surface_by,
                       uncertain_area)
@@ -38,7 +39,7 @@ __all__ = [
     "write_member_part", "member_part_ids", "resolve_checkpoint", "merge_parts", "load_records", "save_predictions",
     "predictions_path",
     "load_predictions", "write_uncertainty_sites", "write_uncertainty_fit", "load_uncertainty_fits",
-    "load_uncertainty_sites", "write_uncertainty_part", "load_uncertainty_compact", "read_uncertainty_file", "uncertainty_part_ids", "load_uncertainty",
+    "load_uncertainty_sites", "write_uncertainty_part", "load_uncertainty_compact", "read_uncertainty_file", "iter_uncertainty_batches", "uncertainty_file", "read_uncertainty_slice", "uncertainty_part_ids", "load_uncertainty",
     "DEFAULT_DELTA_RECORDS", "BUDGET_DELTA_RECORDS", "DELTA_RECORDS", "load_uncertainty_budget",
     "load_uncertainty_budget_fits",
     "write_surface_part", "load_surface",

@@ -1,11 +1,13 @@
-"""The uncertainty records read in bounded memory, for the analysis of a large pool.
+"""The uncertainty records read in bounded memory: whole as a compact frame, a batch at a time, or one slice's rows.
+
+The analysis reads them a batch at a time (``iter_uncertainty_batches``) and keeps only their sums per case
+(``analysis.uncertainty_cases``); ``load_uncertainty_compact`` gives every slice row in small types, for a reader
+that needs the rows themselves.
 
 ``records/uncertainty.parquet`` holds one row per member x method x site x slice: at 2,000 members,
 five methods, five sites and 500 slices that is 25 million rows, about 3.5 GiB as the ``string`` /
-``int64`` frame ``load_uncertainty`` returns, and twice that while pyarrow converts it. The analysis
-only reads the values of this table (every consumer converts its keys with ``astype(str)`` and its
-counts with ``astype(float)``), so :func:`load_uncertainty_compact` returns the same values in a
-smaller frame:
+``int64`` frame ``load_uncertainty`` returns, and twice that while pyarrow converts it.
+:func:`load_uncertainty_compact` returns the same values in a smaller frame:
 
 * the five key columns as categoricals whose categories are sorted (so a sorted groupby keeps the
   order of the strings);
@@ -132,3 +134,67 @@ def load_uncertainty_compact(experiment_dir: str | os.PathLike) -> pd.DataFrame 
         if load_uncertainty(experiment_dir) is None:
             return None
         return read_uncertainty_file(merged)
+
+
+def iter_uncertainty_batches(path: str | os.PathLike, batch_rows: int | None = None):
+    """One uncertainty parquet file as frames of at most ``batch_rows`` slice rows, in the file's order: the key
+    columns as categoricals (each batch's own categories), the others as ``load_uncertainty`` types them, the later
+    columns added where the file lacks them. For a reader that reduces each batch (``analysis.uncertainty_cases``)."""
+    names = pq.read_schema(path).names
+    pf = pq.ParquetFile(path, read_dictionary=[c for c in KEY_COLUMNS if c in names])
+    cols = [c for c in UNCERTAINTY_COLUMNS if c in names]
+    for batch in pf.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=cols):
+        df = batch.to_pandas()
+        for c in cols:
+            kind = UNCERTAINTY_COLUMNS[c]
+            if kind == "Int64":
+                df[c] = df[c].astype("Int64")
+        yield with_later_columns(df)
+
+
+def uncertainty_file(experiment_dir: str | os.PathLike):
+    """The current merged uncertainty file of an experiment (rebuilt from the parts when it is missing or older
+    than a part, as ``load_uncertainty_compact`` does), or None if the uncertainty stage never ran."""
+    rdir = records_dir(experiment_dir)
+    merged, parts = rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts"
+    if not _merged_is_current(merged, parts):
+        if load_uncertainty(experiment_dir) is None:  # rebuilds and writes the merged file from the parts
+            return None
+    try:
+        pq.read_schema(merged)
+    except (OSError, pa.ArrowException):  # damaged: load_uncertainty names the file and the fix, or rebuilds it
+        if load_uncertainty(experiment_dir) is None:
+            return None
+    return merged
+
+
+def read_uncertainty_slice(experiment_dir: str | os.PathLike, site: str, case_id: str, slice_idx: int,
+                           method: str, columns: tuple[str, ...] = ("member_id", "uncertain_px", "area_px")
+                           ) -> pd.DataFrame:
+    """``columns`` of the uncertainty records of one slice and method, every member's, as plain values: the merged
+    file is read a batch at a time and filtered (pyarrow's ``filters`` would read every column of every row group
+    first: GiBs at 2,000 members); empty without records."""
+    import pyarrow.compute as pc
+
+    path = uncertainty_file(experiment_dir)
+    if path is None:
+        return pd.DataFrame(columns=list(columns))
+    keys = ["method", "site", "case_id", "slice_idx"]
+    pf = pq.ParquetFile(path, read_dictionary=[c for c in KEY_COLUMNS if c in pq.read_schema(path).names])
+    found = []
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys([*keys, *columns]))):
+        mask = pc.and_(pc.and_(pc.equal(batch.column("method").cast(pa.string()), method),
+                               pc.equal(batch.column("site").cast(pa.string()), site)),
+                       pc.and_(pc.equal(batch.column("case_id").cast(pa.string()), case_id),
+                               pc.equal(batch.column("slice_idx"), int(slice_idx))))
+        hit = batch.filter(mask)
+        if hit.num_rows:
+            found.append(hit.select(list(columns)))
+    pa.default_memory_pool().release_unused()
+    if not found:
+        return pd.DataFrame(columns=list(columns))
+    out = pa.Table.from_batches(found).to_pandas()
+    for c in columns:
+        if isinstance(out[c].dtype, pd.CategoricalDtype):
+            out[c] = out[c].astype(str)
+    return out

@@ -184,9 +184,7 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
     labels = sorted(label_codes.present(chosen)) if multi else [""]
     u = None
     if unc is not None:
-        # isin on the column as it is: astype(str) would spell out every row's id (GiBs at 2,000 members); the
-        # records' case sums (analysis.uncertainty_cases; per-slice records are summed here)
-        u = case_sums(unc)
+        u = case_sums(unc)  # the records' case sums (analysis.uncertainty_cases; slice records are summed here)
         u = u[(u["method"] == method).to_numpy(dtype=bool, na_value=False) & u["member_id"].isin(members).to_numpy(
             dtype=bool) & (u["role"] == "ood").to_numpy(dtype=bool, na_value=False)]
     out = CaseScores(list(members), None, {}, {}, metric)
@@ -199,12 +197,13 @@ def case_scores(slices: pd.DataFrame, metric: str, members: list[str], surface: 
     group = r.astype(np.int64) * (len(site_codes.names) + 1) + s  # one code per (role, site)
     keys, first = np.unique(group, return_index=True)
     for k in keys[np.argsort(first)]:  # in order of first appearance
-        idx = chosen[group == k]
-        rc, sc_ = r[group == k][0], s[group == k][0]
+        here = group == k
+        rc, si = r[here][0], s[here][0]
         role = role_codes.names[rc] if rc >= 0 else None
-        if role not in ("id", "ood") or sc_ < 0:
+        if role not in ("id", "ood") or si < 0:
             continue
-        site = str(site_codes.names[sc_])
+        idx = chosen[here]
+        site = str(site_codes.names[si])
         ua = u[u["site"].astype(str) == site] if u is not None and role == "ood" else None
         cases = sorted(case_codes.present(idx) | (set(ua["case_id"].astype(str)) if ua is not None else set()))
         li = label_codes.positions(idx, labels) if multi else np.zeros(len(idx), dtype=np.int64)

@@ -72,6 +72,14 @@ def per_image(u: pd.DataFrame) -> dict[str, np.ndarray]:
         }
 
 
+def _counts_as_int32(cs: pd.DataFrame) -> pd.DataFrame:
+    """A case-sum table with its count columns as int32 (plenty: a case has at most a few thousand images)."""
+    for c in cs.columns:
+        if c == "n_images" or c == "pixel_na" or c.endswith(("_n", "_bad")):
+            cs[c] = cs[c].astype(np.int32)
+    return cs
+
+
 def is_case_sums(unc: pd.DataFrame) -> bool:
     """Whether ``unc`` is a case-sum table (``case_sums``) rather than slice records."""
     return "n_images" in unc.columns
@@ -97,10 +105,7 @@ def case_sums(unc: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(cols, index=unc.index)
     out = frame.groupby([unc[k] for k in keys], sort=True, observed=True, dropna=False).sum()
     out = out.reset_index()
-    for c in out.columns:  # counts: int32 is plenty (a case has at most a few thousand images)
-        if c == "n_images" or c == "pixel_na" or c.endswith(("_n", "_bad")):
-            out[c] = out[c].astype(np.int32)
-    return out
+    return _counts_as_int32(out)
 
 
 def merge_case_sums(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -116,11 +121,7 @@ def merge_case_sums(parts: list[pd.DataFrame]) -> pd.DataFrame:
             cats = sorted(set().union(*(p[k].cat.categories if isinstance(p[k].dtype, pd.CategoricalDtype)
                                         else p[k].dropna().unique() for p in parts)))
             whole[k] = pd.Categorical(whole[k].astype(object), categories=pd.Index(cats, dtype="string"))
-    counts = [c for c in whole.columns if c == "n_images" or c == "pixel_na" or c.endswith(("_n", "_bad"))]
-    out = whole.groupby(keys, sort=True, observed=True, dropna=False).sum().reset_index()
-    for c in counts:
-        out[c] = out[c].astype(np.int32)
-    return out
+    return _counts_as_int32(whole.groupby(keys, sort=True, observed=True, dropna=False).sum().reset_index())
 
 
 def read_case_sums(path: str | os.PathLike, batch_rows: int | None = None) -> pd.DataFrame:

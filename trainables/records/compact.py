@@ -123,11 +123,9 @@ def read_uncertainty_file(path: str | os.PathLike, batch_rows: int = BATCH_ROWS)
 def load_uncertainty_compact(experiment_dir: str | os.PathLike) -> pd.DataFrame | None:
     """``load_uncertainty``'s table as the compact frame the module docstring describes (same values,
     smaller types), or None if the uncertainty stage never ran."""
-    rdir = records_dir(experiment_dir)
-    merged, parts = rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts"
-    if not _merged_is_current(merged, parts):
-        if load_uncertainty(experiment_dir) is None:  # rebuilds and writes the merged file from the parts
-            return None
+    merged = uncertainty_file(experiment_dir)
+    if merged is None:
+        return None
     try:
         return read_uncertainty_file(merged)
     except (OSError, pa.ArrowException):  # damaged: load_uncertainty names the file and the fix, or rebuilds it
@@ -153,8 +151,8 @@ def iter_uncertainty_batches(path: str | os.PathLike, batch_rows: int | None = N
 
 
 def uncertainty_file(experiment_dir: str | os.PathLike):
-    """The current merged uncertainty file of an experiment (rebuilt from the parts when it is missing or older
-    than a part, as ``load_uncertainty_compact`` does), or None if the uncertainty stage never ran."""
+    """The current merged uncertainty file of an experiment (rebuilt from the parts when it is missing, older than
+    a part or damaged), or None if the uncertainty stage never ran."""
     rdir = records_dir(experiment_dir)
     merged, parts = rdir / "uncertainty.parquet", rdir / "uncertainty" / "parts"
     if not _merged_is_current(merged, parts):

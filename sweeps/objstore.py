@@ -182,6 +182,29 @@ def mirror_of(exp: Path) -> Mirror | None:
     return _copies.get(str(exp))
 
 
+def move_remote(exp: Path, sub: str, dest: str, keep: Callable[[str], bool]) -> int:
+    """On object storage: move the objects under ``<experiment>/<sub>/`` that ``keep`` (given the path below
+    ``sub``) does not keep to ``<experiment>/<dest>/``, each a server-side copy, then a delete (object stores
+    have no rename); return how many top-level files and folders moved. Ray Tune's stage folders live only there (``checkout`` never
+    downloads them), so setting Tune's state aside (``sweeps.reconcile.retire_tune_state``) has to happen on the
+    store. A local experiment (no working copy): 0, nothing done."""
+    m = _copies.get(str(exp))
+    if m is None:
+        return 0
+    moved: dict[str, bool] = {}  # the top-level names moved -> whether each is a folder
+    with m._mutex:
+        for rel in sorted(m.listing(sub)):
+            below = rel[len(sub) + 1:]
+            if keep(below):
+                continue
+            m.fs.copy_file(f"{m.root}/{rel}", f"{m.root}/{dest}/{below}")
+            m.seen.pop(rel, None)
+            moved[below.split("/")[0]] = "/" in below
+        for top, folder in moved.items():  # whole folders at once: no empty folder markers are left behind
+            (m.fs.delete_dir if folder else m.fs.delete_file)(f"{m.root}/{sub}/{top}")
+    return len(moved)
+
+
 def refresh(spec) -> None:
     """Download the records the trials uploaded (one listing of ``records/``): call before reading them."""
     m = _copies.get(str(spec.experiment_dir)) if getattr(spec, "remote", None) else None

@@ -189,8 +189,8 @@ def train_groups(train_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def _supersede(stage_dir: Path, paths) -> Path:
-    dest = stage_dir / SUPERSEDED / time.strftime("%Y%m%dT%H%M%S")
+def _supersede(stage_dir: Path, paths, dest: Path | None = None) -> Path:
+    dest = dest or stage_dir / SUPERSEDED / time.strftime("%Y%m%dT%H%M%S")
     for p in paths:
         rel = p.relative_to(stage_dir)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -204,13 +204,18 @@ def retire_tune_state(stage_dir: Path) -> Path | None:
     Used when Tune's state cannot be restored as it is: it says a trial finished whose record is
     gone, or it holds the paths of the folder's old location. The next Tuner starts afresh; finished
     members are found in the records and skipped. The δ Train runs (``uncertainty/train``, which
-    carry their own resume checkpoints) and the stage's done marker stay.
+    carry their own resume checkpoints) and the stage's done marker stay. On object storage Tune's state
+    is in the bucket, not in the driver's working copy: it is moved there (``objstore.move_remote``).
     """
-    if not stage_dir.is_dir():
-        return None
     keep = {"train", SUPERSEDED, DONE_MARKER}
-    paths = [p for p in stage_dir.iterdir() if p.name not in keep]
-    return _supersede(stage_dir, paths) if paths else None
+    dest = stage_dir / SUPERSEDED / time.strftime("%Y%m%dT%H%M%S")
+    moved = objstore.move_remote(stage_dir.parent, stage_dir.name,
+                                 f"{stage_dir.name}/{dest.relative_to(stage_dir).as_posix()}",
+                                 lambda below: below.split("/")[0] in keep)
+    paths = [p for p in stage_dir.iterdir() if p.name not in keep] if stage_dir.is_dir() else []
+    if paths:
+        return _supersede(stage_dir, paths, dest)
+    return dest if moved else None
 
 
 def relocated(spec: SweepSpec) -> str | None:

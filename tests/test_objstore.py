@@ -180,6 +180,38 @@ def test_cache_published_with_its_file_list_last_and_fetched_once(s3, tmp_path, 
     assert objstore.fetch_cache(uri) == local  # this node's copy is reused, not downloaded again
 
 
+def test_tune_state_retired_in_the_bucket(s3):
+    """Setting a stage's Tune state aside (a relocated experiment, or a done stage with a record gone) moves it
+    in the bucket: Tune keeps it only there, so a move in the working copy alone left Tuner.restore to find it."""
+    from ray import tune
+
+    from sweeps import reconcile
+
+    client, prefix = s3["client"], "retire/exp/"
+    for key in ("pool/tuner.pkl", "pool/experiment_state-2026.json", "pool/trial_a/checkpoint_000000/model.pt",
+                "pool/.oodsweep-done", "uncertainty/tuner.pkl", "uncertainty/train/delta-a/checkpoint_000000/d.pt",
+                "records/parts/m.member.json"):
+        client.put_object(Bucket=BUCKET, Key=prefix + key, Body=b"x")
+    fs, root = objstore.filesystem(f"s3://{BUCKET}/retire/exp")
+    assert tune.Tuner.can_restore(f"{root}/pool", storage_filesystem=fs)
+    local = objstore.checkout(f"s3://{BUCKET}/retire/exp")
+    try:
+        dest = reconcile.retire_tune_state(local / "pool")
+        assert dest is not None and dest.parent == local / "pool" / ".superseded"
+        assert reconcile.retire_tune_state(local / "uncertainty").parent == dest.parent.parent.parent / "uncertainty" / ".superseded"
+    finally:
+        objstore.release(local)
+    keys = set(_keys(client, prefix))
+    assert not tune.Tuner.can_restore(f"{root}/pool", storage_filesystem=fs)
+    assert not tune.Tuner.can_restore(f"{root}/uncertainty", storage_filesystem=fs)
+    at = f"pool/.superseded/{dest.name}/"
+    assert {at + "tuner.pkl", at + "experiment_state-2026.json", at + "trial_a/checkpoint_000000/model.pt"} <= keys
+    assert {"pool/.oodsweep-done", "uncertainty/train/delta-a/checkpoint_000000/d.pt",  # kept where they were
+            "records/parts/m.member.json"} <= keys
+    assert not [k for k in keys if k.startswith(("pool/trial_a", "pool/experiment_state", "uncertainty/tuner"))]
+    assert reconcile.retire_tune_state(Path("/nonexistent/pool")) is None  # a local stage that is not there
+
+
 # ------------------------------------------------------------------ a sweep on S3, killed and resumed
 
 def _run(args: list[str], cwd: Path, env: dict, log: Path, timeout: float = 300) -> None:

@@ -1,6 +1,7 @@
 """Experiments on object storage (sweeps.objstore, sweeps.objlock) against a real S3 API: moto's server on
-loopback. Unit tests of the working copy and the lock, then a sweep on a two-node Ray cluster with
-`storage: s3://...`: killed during the pool stage, resumed, analysed, with the experiment only in the bucket.
+loopback. Unit tests of the working copy and the lock, then a sweep (pool and δ) on a two-node Ray cluster with
+`storage: s3://...`: killed during the pool stage, resumed from the checkpoint Tune's state in the bucket names,
+analysed, with the experiment only in the bucket.
 """
 from __future__ import annotations
 
@@ -235,13 +236,17 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
     spec = {"name": "tiny", "storage": uri,
             "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA",
                      "targets": ["SiteB", "SiteC"], "image_size": 32, "test_fraction": 0.25},
-            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 2]},
+            "pool": {"arch": {"grid": ["unet_r18"]}, "lr": {"grid": [1e-3]}, "epochs": {"snapshots": [1, 6]},
                      "seed": {"grid": [0]}, "batch_size": 4, "resources": {"cpu": 1}},
-            "analysis": {"metric": "iou_3d"}}  # (no δ stage: the smallest sweep; δ's Train run uses the same storage)
+            # the δ stage too: its Ray Train run keeps its state in the bucket, its trial works in a copy
+            "uncertainty": {"epochs": 1, "baselines": [], "passes": 2, "resources": {"cpu": 0.5}, "trial_cpu": 0.1},
+            "analysis": {"metric": "iou_3d"}}
     work = tmp_path / "cwd"
     work.mkdir()
     (work / "tiny.yaml").write_text(yaml.safe_dump(spec))
-    env = {"OODSWEEP_SYNC_S": "1", "TMPDIR": str(tmp_path / "tmp")}
+    # Tune's experiment state saved at most every second (not every 10 s): the kill below waits for it to name
+    # the first checkpoint, so the resumed run must start from it
+    env = {"OODSWEEP_SYNC_S": "1", "TMPDIR": str(tmp_path / "tmp"), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     (tmp_path / "tmp").mkdir()
     cluster = Cluster()  # two nodes of 1 CPU; their raylets (and so the trials) see the AWS variables
     try:
@@ -252,9 +257,15 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, **env})
         t0 = time.time()
-        # killed mid-pool: the run's first member recorded and its checkpoint in the bucket, the second not yet
+        # killed mid-pool: the run's first member recorded, and Tune's state in the bucket naming its checkpoint
+        # (epoch 1; the run goes on to epoch 6), the second member not yet
+        def state_names_a_checkpoint() -> bool:
+            states = [k for k in _keys(s3["client"], "exp/tiny/pool/") if k.startswith("experiment_state-")]
+            return any(b"checkpoint_00000" in s3["client"].get_object(Bucket=BUCKET, Key=f"exp/tiny/pool/{k}")["Body"]
+                       .read() for k in states)
+
         while not (any(k.endswith(".member.json") for k in _keys(s3["client"], "exp/tiny/records/parts/"))
-                   and any("/checkpoint_" in k for k in _keys(s3["client"], "exp/tiny/pool/"))):
+                   and state_names_a_checkpoint()):
             assert p.poll() is None, log.read_text()[-4000:]
             assert time.time() - t0 < 300, log.read_text()[-4000:]
             time.sleep(0.3)
@@ -275,13 +286,19 @@ def test_sweep_on_s3_killed_resumed_analysed(s3, tiny_data, tmp_path):
     assert sum(k.startswith("records/parts/") and k.endswith(".member.json") for k in keys) == 2
     assert any(k.startswith("records/checkpoints/") for k in keys)
     assert any(k.startswith("analysis/") for k in keys)
+    assert "uncertainty/.oodsweep-done" in keys and sum(  # δ of both members, from the Train run in the bucket
+        k.startswith("records/uncertainty/parts/") and k.endswith(".parquet") for k in keys) == 2, sorted(keys)
+    assert any(k.startswith("uncertainty/train/delta-") for k in keys), sorted(keys)
     assert any(k.startswith(".cache/slices/") and k.endswith("/published.json") for k in _keys(s3["client"], "exp/"))
     attempts = [json.loads(s3["client"].get_object(Bucket=BUCKET, Key=f"exp/tiny/{k}")["Body"].read())
                 for k in keys if k.startswith("records/attempts/")]
-    # the killed run's start and its restart, one file each (whether the restart begins at epoch 1 depends on
-    # whether Tune's experiment snapshot, saved every few seconds, named the checkpoint before the kill)
-    assert len(attempts) == 2 and {a["run"] for a in attempts} == {"unet_r18-lr0.001-s0-E2"}, attempts
-    assert min(a["start_epoch"] for a in attempts) == 0, attempts
+    assert {a["run"] for a in attempts if a["stage"] == "uncertainty"} == {f"unet_r18-lr0.001-s0-ep{e}" for e in (1, 6)}
+    attempts = [a for a in attempts if a["stage"] == "pool"]
+    # the killed run's start and its restart, one file each; the restart resumed from the checkpoint Tune's state
+    # in the bucket named (epoch 1, or epoch 5's, pool.checkpoint_every, when a later state was saved before the kill)
+    assert len(attempts) == 2 and {a["run"] for a in attempts} == {"unet_r18-lr0.001-s0-E6"}, attempts
+    assert sorted(a["start_epoch"] for a in attempts)[0] == 0 and sorted(a["start_epoch"] for a in attempts)[1] in (1, 5), \
+        attempts
     assert ".driver.lock" not in keys and "attempts.jsonl" not in " ".join(keys)
     assert sorted(os.listdir(work)) == ["tiny.yaml"]  # no experiment folder (nor anything else) written here
     assert not [p for p in (tmp_path / "tmp").glob("oodsweep-*") if p.name != "oodsweep-cache"]  # copies removed

@@ -13,6 +13,25 @@ from trainables.uncertainty import (DeltaNet, error_ranking, ggd_variance, otsu_
                                     source_threshold, uncertain_masks)
 
 
+def test_slice_columns_in_chunks_equal_the_whole_site_at_once(monkeypatch):
+    """The columns are computed COLUMN_CHUNK slices at a time (bounded float64 copies): every value equals the
+    one-pass result, bit for bit, with and without a source threshold, and a chunk that is not full."""
+    import trainables.uncertainty.scoring as scoring
+
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 1.0, (7, 9, 9)).astype(np.float32)
+    maps[2] = 0.5  # a flat map: no uncertain pixels
+    err = rng.random((7, 9, 9)) < 0.2
+    for thr in (1.5, None):
+        whole = slice_columns(maps, err, thr)
+        monkeypatch.setattr(scoring, "COLUMN_CHUNK", 3)  # chunks of 3, 3 and 1 slices
+        chunked = slice_columns(maps, err, thr)
+        monkeypatch.setattr(scoring, "COLUMN_CHUNK", 256)
+        for k, v in whole.items():
+            assert pd.Series(chunked[k]).equals(pd.Series(v)), k
+    assert whole["uncertain_px"][2] == 0 and whole["fixed_px"].isna().all()
+
+
 def test_intersection_of_uncertain_and_error_masks_on_a_hand_made_slice():
     m = np.zeros((1, 8, 8))
     m[0, 2:4, 2:6] = 1.0               # 8 uncertain pixels (above Otsu's threshold of a two-level map)

@@ -150,6 +150,12 @@ def error_rankings(maps: np.ndarray, error: np.ndarray, band, scoring: str = "ex
                                     int(y.sum()))
 
 
+#: slices per chunk in ``slice_columns``: its float64 copies and Otsu masks are of a chunk, not of the whole site
+#: (a 10,000-slice 256² site's float64 maps alone are 5 GB); each slice's columns are its own, so the chunking
+#: changes no value
+COLUMN_CHUNK = 256
+
+
 def slice_columns(maps: np.ndarray, error: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
     """The per-slice uncertainty columns of one method on one site (``records.UNCERTAINTY_COLUMNS``).
 
@@ -160,16 +166,24 @@ def slice_columns(maps: np.ndarray, error: np.ndarray, threshold: float | None) 
             when the method did not score the source split (``fixed_px`` is then <NA>).
     """
     n = len(maps)
-    unc = uncertain_masks(maps)
-    flat = np.asarray(maps, dtype=np.float64).reshape(n, -1)
     err = np.asarray(error, dtype=bool).reshape(n, -1)
-    fixed = (pd.array((flat > threshold).sum(1), dtype="Int64") if threshold is not None
-             else pd.array([pd.NA] * n, dtype="Int64"))
-    return {"uncertain_px": unc.reshape(n, -1).sum(1).astype(np.int64),
-            "error_px": err.sum(1).astype(np.int64),
-            "uncertain_error_px": (unc.reshape(n, -1) & err).sum(1).astype(np.int64),
-            "fixed_px": fixed, "map_ptp": flat.max(1) - flat.min(1) if flat.shape[1] else np.zeros(n),
-            "mean_uncertainty": flat.mean(1)}
+    uncertain, uncertain_error, fixed = (np.zeros(n, dtype=np.int64) for _ in range(3))
+    ptp, mean = np.zeros(n), np.zeros(n)
+    for i in range(0, n, COLUMN_CHUNK):
+        j = min(n, i + COLUMN_CHUNK)
+        unc = uncertain_masks(maps[i:j]).reshape(j - i, -1)
+        flat = np.asarray(maps[i:j], dtype=np.float64).reshape(j - i, -1)
+        uncertain[i:j] = unc.sum(1)
+        uncertain_error[i:j] = (unc & err[i:j]).sum(1)
+        if threshold is not None:
+            fixed[i:j] = (flat > threshold).sum(1)
+        if flat.shape[1]:
+            ptp[i:j] = flat.max(1) - flat.min(1)
+        mean[i:j] = flat.mean(1)
+    return {"uncertain_px": uncertain, "error_px": err.sum(1).astype(np.int64),
+            "uncertain_error_px": uncertain_error,
+            "fixed_px": pd.array(fixed, dtype="Int64") if threshold is not None else pd.array([pd.NA] * n, dtype="Int64"),
+            "map_ptp": ptp, "mean_uncertainty": mean}
 
 
 def union(masks: torch.Tensor) -> torch.Tensor:
@@ -308,25 +322,34 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
         # the exact path ranks the whole site at once: its band once, for every method
         band = band_of(0, len(error)) if scoring_mode(cfg.scoring, int(error.size)) == "exact" else band_of
         idx = cache.index.iloc[rows]
-        maps: dict[str, np.ndarray] = {}
-        mu_ggd = None
-        for name, net in nets.items():
-            mu, unc = delta_maps(net, images, pred, device, accel=accel)
-            maps[name] = unc
-            if name == "ggd":
-                mu_ggd = mu
-        if role in cfg.baseline_roles and not isinstance(frozen, StoredPredictions):  # (no model: ŷ's nets only)
-            n = cfg.passes
-            prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
-            if "tta_noise" in cfg.baselines:
-                maps["tta_noise"] = tta_noise_map(frozen, images, device, n, cfg.noise_std, gen, prompts)
-            if "tta_color" in cfg.baselines:
-                maps["tta_color"] = tta_color_map(frozen, images, device, n, cfg.jitter, gen, prompts)
-            if "mc_dropout" in cfg.baselines and prompted:
-                maps["mc_dropout"] = prompted_mc_dropout_map(frozen, cache, rows, device, n, cfg.dropout, gen)
-            elif "mc_dropout" in cfg.baselines:
-                maps["mc_dropout"] = mc_dropout_map(frozen, images, device, n, cfg.dropout, gen)
-        for method, m in maps.items():
+        pick = None  # the slices Fig. 6 shows, from the last target (the spec lists them by increasing shift, usually)
+        if role == "ood":
+            fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
+            pick = fg[np.linspace(0, len(fg) - 1, min(cfg.n_examples, len(fg))).astype(int)] if len(fg) \
+                else np.arange(min(cfg.n_examples, len(rows)))
+        shown: dict[str, np.ndarray] = {}  # δ's μ and map on those slices
+
+        def site_maps():
+            """Each method's maps of the site in turn, in the order they were always made (the baselines draw from
+            ``gen`` in this order), so that only one method's maps are held at a time."""
+            for name, net in nets.items():
+                out = delta_maps(net, images, pred, device, accel=accel)
+                if name == "ggd" and pick is not None:
+                    shown.update(mu=out[0][pick], uncertainty=out[1][pick])
+                yield name, out[1]
+                del out
+            if role in cfg.baseline_roles and not isinstance(frozen, StoredPredictions):  # (no model: ŷ's nets only)
+                n = cfg.passes
+                prompts = truth.numpy() if prompted else None  # MedSAM: the ground-truth boxes, as in the pool
+                if "tta_noise" in cfg.baselines:
+                    yield "tta_noise", tta_noise_map(frozen, images, device, n, cfg.noise_std, gen, prompts)
+                if "tta_color" in cfg.baselines:
+                    yield "tta_color", tta_color_map(frozen, images, device, n, cfg.jitter, gen, prompts)
+                if "mc_dropout" in cfg.baselines and prompted:
+                    yield "mc_dropout", prompted_mc_dropout_map(frozen, cache, rows, device, n, cfg.dropout, gen)
+                elif "mc_dropout" in cfg.baselines:
+                    yield "mc_dropout", mc_dropout_map(frozen, images, device, n, cfg.dropout, gen)
+        for method, m in site_maps():
             if role == "id":
                 thresholds[method] = source_threshold(m)
             cols = slice_columns(m, error, thresholds.get(method))
@@ -335,6 +358,7 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
                 "case_id": idx["case_id"].to_numpy(), "slice_idx": idx["slice_idx"].to_numpy(),
                 "area_px": int(pred[0].numel()), **cols}))
             (auroc, ap), inband = error_rankings(m, error, band, cfg.scoring, device)
+            del m
             site_rows.append({"member_id": cfg.member_id, "method": method, "site": site, "role": role,
                               "prompted": prompted, "auroc": auroc, "ap": ap, "error_px": int(error.sum()),
                               "area_px": int(error.size), "source_threshold": thresholds.get(method, math.nan),
@@ -343,13 +367,10 @@ def score_member(cfg: DeltaConfig, cache: SliceCache, frozen: nn.Module | Stored
             summary[f"ua_{method}_{site}"] = float(np.mean(cols["uncertain_px"] / pred[0].numel()))
             summary[f"auroc_{method}_{site}"] = auroc
             summary[f"auroc_band_{method}_{site}"] = inband.auroc
-        if role == "ood":  # the last target (the spec lists them by increasing shift, usually) for Fig. 6
-            fg = np.flatnonzero(truth.reshape(len(truth), -1).any(1).numpy())
-            pick = fg[np.linspace(0, len(fg) - 1, min(cfg.n_examples, len(fg))).astype(int)] if len(fg) \
-                else np.arange(min(cfg.n_examples, len(rows)))
+        if pick is not None:
             example = dict(image=np.asarray(images[pick][:, 0], dtype=np.float32), truth=truth.numpy()[pick],
-                           pred=pred.numpy()[pick], error=error[pick], mu=mu_ggd[pick],
-                           uncertainty=maps["ggd"][pick], site=np.asarray([site] * len(pick)),
+                           pred=pred.numpy()[pick], error=error[pick], mu=shown["mu"],
+                           uncertainty=shown["uncertainty"], site=np.asarray([site] * len(pick)),
                            case_id=idx["case_id"].to_numpy()[pick].astype(str),
                            slice_idx=idx["slice_idx"].to_numpy()[pick])
     folder = cfg.records_folder  # "uncertainty", or the δ-budget sensitivity's own folder

@@ -6,7 +6,12 @@ runs and snapshot epochs; ``--archs``/``--lrs`` take fewer), then runs the δ st
 Ray, one trial at a time, twice on copies of the same pool:
 
 * ``group_size 1``: a trial (a Train run) per member, as the stage ran before groups;
-* the spec's ``group_size`` (default ``run``: a training run's snapshot members per Train run).
+* the spec's ``group_size`` (default ``run``: a training run's snapshot members per Train run);
+
+and then once more without Ray: the default layout's groups fitted one after another in this process
+(``trainables.uncertainty.group.fit_group``), timing ``score_member`` too. This splits the grouped stage's time
+into the δ epochs, the scoring (every site with δ and, for the members that get them, the baselines), the rest of
+the work in the worker (loading the member, ŷ of the fit split, the held-out curve) and what Tune and Train add.
 
 For each it prints the stage's wall time, the sum of its δ epochs' own seconds (``epoch_seconds``, the
 fits' training time, as the trials report it) and their ratio (the goal: <= 1.3 with groups, about 2.1
@@ -45,6 +50,7 @@ def demo_spec(tmp: Path, smoke: bool, archs: list[str] | None, lrs: list[float] 
 
     raw = yaml.safe_load(DEMO.read_text())
     raw["name"] = name
+    raw["pool"].pop("repeat", None)  # the grid's runs only (train_pool trains seed 0 of each): the demo's 12 members
     if archs:
         raw["pool"]["arch"] = {"grid": archs}
     if lrs:
@@ -153,6 +159,59 @@ def run_stage(spec, cache: Path, group_size: int | None) -> dict:
             "processes": procs.started(), "records": records.load_uncertainty(exp)}
 
 
+def run_in_process(spec, cache: Path, space: dict) -> dict:
+    """The same groups as the stage's default layout, fitted here with ``fit_group`` (no Ray): what the stage
+    costs without Tune and Train. ``space``: the stage's ``param_space`` (built while Ray was up). Besides the
+    wall time and the epochs, the time in ``score_member`` (every site with every method), so that the rest
+    (loading the member, ŷ of the fit split, the held-out curve) is the difference."""
+    import trainables.uncertainty.fit as fit_module
+    from trainables import records
+    from trainables.uncertainty.group import fit_group
+
+    space = {k: v for k, v in space.items() if k != "_train"}
+    groups = space.pop("group")["grid_search"]
+    seconds = {"epochs": 0.0, "scoring": 0.0}
+    real = fit_module.score_member
+
+    def timed_scoring(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            seconds["scoring"] += time.perf_counter() - t
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:  # as the Train worker's: checkpoints are not kept
+        seconds["epochs"] += float(metrics.get("epoch_seconds") or 0)
+        if ckpt_dir:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    fit_module.score_member = timed_scoring
+    try:
+        t = time.perf_counter()
+        for g in groups:
+            fit_group([{**space, **p, "experiment_dir": str(spec.experiment_dir)} for p in g["members"]], report=report)
+        wall = time.perf_counter() - t
+    finally:
+        fit_module.score_member = real
+    return {"trials": len(groups), "members": sum(len(g["members"]) for g in groups), "wall": wall,
+            "epochs": seconds["epochs"], "scoring": seconds["scoring"],
+            "records": records.load_uncertainty(spec.experiment_dir)}
+
+
+def stage_space(spec, cache: Path) -> dict:
+    """The δ stage's Tune space for ``spec``'s pool (its default groups), as the driver builds it."""
+    from sweeps import uncertainty as stage
+    from trainables import records
+
+    exp = spec.experiment_dir
+    members, slices = records.load_records(exp)
+    with_baselines = stage.baseline_members(spec, members, slices)
+    ids = stage.delta_members(spec, members, with_baselines)
+    checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
+                                                                               members["checkpoint"])}
+    return stage.param_space(spec, cache, ids, checkpoints, with_baselines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="*", default=None, help="the pool's architectures (default: the demo's)")
@@ -168,17 +227,21 @@ def main() -> int:
         tmp = Path(tmp)
         one = demo_spec(tmp, args.smoke, args.archs, args.lrs, "per-member")
         grouped = demo_spec(tmp, args.smoke, args.archs, args.lrs, "grouped")
+        alone = demo_spec(tmp, args.smoke, args.archs, args.lrs, "in-process")
         cache = prepare_data(one, progress=False)
         t = time.perf_counter()
         train_pool(one, cache)
         print(f"pool trained without Ray in {time.perf_counter() - t:.0f}s", flush=True)
         shutil.copytree(one.experiment_dir, grouped.experiment_dir)
+        shutil.copytree(one.experiment_dir, alone.experiment_dir)
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
         try:
             before = run_stage(one, cache, 1)
             after = run_stage(grouped, cache, grouped.uncertainty.group_size)
+            space = stage_space(alone, cache)
         finally:
             ray.shutdown()
+        bare = run_in_process(alone, cache, space)
     size = grouped.uncertainty.group_size
     for label, r in ((f"group_size 1 (a Train run per member)", before),
                      (f"group_size {size or 'run'} (the default)" if size is None else f"group_size {size}", after)):
@@ -187,13 +250,21 @@ def main() -> int:
               f"{r['epochs']:.1f}s -> ratio {r['wall'] / max(r['epochs'], 1e-9):.2f}; Ray processes started "
               f"{n} ({n / r['trials']:.1f} per trial: "
               + ", ".join(f"{k} {v}" for k, v in sorted(r["processes"].items())) + ")")
+    rest = bare["wall"] - bare["epochs"] - bare["scoring"]
+    print(f"the same {bare['trials']} groups without Ray (fit_group in this process): {bare['wall']:.1f}s = δ epochs "
+          f"{bare['epochs']:.1f}s + scoring every site with every method {bare['scoring']:.1f}s + the rest (loading, "
+          f"ŷ of the fit split, the held-out curve) {rest:.1f}s -> ratio {bare['wall'] / max(bare['epochs'], 1e-9):.2f}; "
+          f"Tune and Train added {after['wall'] - bare['wall']:.1f}s to the grouped stage "
+          f"({(after['wall'] - bare['wall']) / max(after['trials'], 1):.1f}s a trial)")
     cols = ["uncertain_px", "uncertain_error_px", "error_px", "map_ptp", "mean_uncertainty"]
     keys = ["member_id", "method", "site", "case_id", "slice_idx"]
     a = before["records"].sort_values(keys).reset_index(drop=True)
     b = after["records"].sort_values(keys).reset_index(drop=True)
-    same_rows = a[keys].equals(b[keys])
-    diff = float((a[cols].astype(float) - b[cols].astype(float)).abs().max().max()) if same_rows else float("nan")
-    print(f"records: same rows {same_rows}; largest difference {diff:.2g} (goal <= 1e-6)")
+    c = bare["records"].sort_values(keys).reset_index(drop=True)
+    same_rows = a[keys].equals(b[keys]) and a[keys].equals(c[keys])
+    diff = float(max((a[cols].astype(float) - x[cols].astype(float)).abs().max().max() for x in (b, c))) \
+        if same_rows else float("nan")
+    print(f"records of the three: same rows {same_rows}; largest difference {diff:.2g} (goal <= 1e-6)")
     ratio = after["wall"] / max(after["epochs"], 1e-9)
     print(f"ratio with groups {ratio:.2f} (goal <= 1.3), without {before['wall'] / max(before['epochs'], 1e-9):.2f}")
     return 0 if same_rows and diff <= 1e-6 else 1

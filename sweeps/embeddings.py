@@ -33,22 +33,13 @@ def embedding_jobs(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     """``{cache key: the trainables.medsam.EmbeddingJob of its first architecture}``: one entry per distinct
     embedding cache the pool's box-prompted trials read (empty when the pool has none). The key is computed
     without building a model (``trainables.medsam.embedding_key_for``)."""
-    archs = prompted_archs(spec)
-    if not archs:
+    if not prompted_archs(spec):
         return {}
-    from trainables.medsam import EmbeddingJob, embedding_key_for
+    from .pool import arch_jobs, param_space
 
-    from .pool import param_space, sam_weights_of
-
-    space = param_space(spec, cache_dir)
-    # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
-    fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
-                                   "targets", "target_split", "model_defs", "sam_channels") if k in space}
     jobs: dict[str, Any] = {}
-    for arch in archs:
-        per_arch = {"sam_per_arch": space["sam_per_arch"]} if "sam_per_arch" in space else {}
-        job = EmbeddingJob.from_dict(sam_weights_of({**fixed, "arch": arch, **per_arch}))  # the arch's own weights
-        jobs.setdefault(embedding_key_for(job), job)
+    for key, job in arch_jobs(spec, param_space(spec, cache_dir)).values():
+        jobs.setdefault(key, job)  # the first architecture's job per key
     return jobs
 
 
@@ -58,6 +49,30 @@ def _prepare(job) -> tuple[str, float]:
 
     t = time.perf_counter()
     return str(prepare_embeddings(job)), time.perf_counter() - t
+
+
+def _prepare_published(job, cache_uri: str, uri: str) -> tuple[str, float]:
+    """The Ray task on object storage: this node's copy of the published slice cache and of the embeddings
+    published at ``uri`` so far, the missing rows computed (``prepare_embeddings``), and the embeddings published
+    again when anything was added (their file list last); (folder on this node, seconds)."""
+    from trainables.medsam import missing_embeddings, prepare_embeddings
+
+    from . import objstore
+    from .errors import StorageError
+
+    t = time.perf_counter()
+    cache = objstore.fetch_cache(cache_uri)
+    job = dataclasses.replace(job, cache=str(cache))
+    try:
+        objstore.fetch_embeddings(uri, cache)
+        was_published = True
+    except StorageError:  # none yet
+        was_published = False
+    folder = Path(cache).parent / "sam-embeddings" / uri.rstrip("/").rsplit("/", 1)[-1]  # (fetch_embeddings')
+    if missing_embeddings(job) or not was_published:
+        folder = prepare_embeddings(job)
+        objstore.publish_folder(folder, uri, replace=True)
+    return str(folder), time.perf_counter() - t
 
 
 def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
@@ -72,10 +87,14 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
         return []
     from trainables.medsam import embedding_folder, missing_embeddings
 
-    from . import cluster
+    from . import cluster, objstore
 
     folders = {key: embedding_folder(job) for key, job in jobs.items()}
-    todo = {key: job for key, job in jobs.items() if missing_embeddings(job)}
+    cache_uri = objstore.cache_uri(spec, cache_dir)
+    # object storage: each cache is published to the bucket by its task (checked there, computed where missing)
+    published = {key: objstore.embeddings_uri(spec, key) for key, job in jobs.items()
+                 if cache_uri and job.sam.embedding_dir is None}
+    todo = {key: job for key, job in jobs.items() if key in published or missing_embeddings(job)}
     for key in set(jobs) - set(todo):
         log(f"SAM embeddings {key}: found in {folders[key].parent}")
     if todo:
@@ -88,6 +107,13 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
             if not res["gpu"]:  # on CPUs the encoder is the slow part and nothing else runs yet: a whole node
                 res["cpu"] = max(res["cpu"], cluster.largest_node_cpus())
                 job = dataclasses.replace(job, num_threads=max(1, int(res["cpu"])))
+            if key in published:
+                log(f"SAM embeddings {key} ({job.arch}): checked against {published[key]} and computed where missing, "
+                    f"before the trials, in a Ray task ({res['cpu']:g} CPU, {res['gpu']:g} GPU)")
+                task = ray.remote(_prepare_published).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1,
+                                                              name=f"sam-embeddings-{key}")
+                refs[key] = task.remote(job, cache_uri, published[key])
+                continue
             log(f"SAM embeddings {key} ({job.arch}): computing once, before the trials, in a Ray task "
                 f"({res['cpu']:g} CPU, {res['gpu']:g} GPU)")
             task = ray.remote(_prepare).options(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1,
@@ -102,9 +128,15 @@ def precompute_embeddings(spec: SweepSpec, cache_dir: Path) -> list[Path]:
                 raise RuntimeError(f"computing the SAM embeddings {folders[key]} ({todo[key].arch}) failed: "
                                    f"{last}. Fix the cause and rerun `oodsweep run` (finished pool members are "
                                    f"kept)") from None
+            if key in published:  # (written on the task's node, beside its copy of the slice cache)
+                if Path(folder).name != key:
+                    raise RuntimeError(f"the SAM embeddings were written to {folder}, but the driver expected the "
+                                       f"key {key} (trainables.medsam.embedding_key_for disagrees with embedding_key)")
+                log(f"SAM embeddings {key}: ready in {published[key]} ({seconds:.1f}s)")
+                continue
             if Path(folder) != folders[key]:  # trainables' key and the driver's disagree: a bug, not bad input
                 raise RuntimeError(f"the SAM embeddings were written to {folder}, but the driver expected "
                                    f"{folders[key]} (trainables.medsam.embedding_key_for disagrees with "
                                    f"embedding_key)")
             log(f"SAM embeddings {key}: ready in {folders[key].parent} ({seconds:.1f}s)")
-    return [folders[key] for key in jobs]
+    return [folders[key] for key in jobs]  # (on object storage: where they would be on the driver's node)

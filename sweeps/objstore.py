@@ -296,9 +296,13 @@ def trial_copy(config: dict, want: Callable[[str], bool]) -> Iterator[tuple[dict
     m = Mirror(fs, root, local)
     try:
         m.pull(want, sub="records")
-        cfg = {k: v for k, v in config.items() if k not in (STORAGE_KEY, CACHE_KEY)}
+        cfg = {k: v for k, v in config.items() if k not in (STORAGE_KEY, CACHE_KEY, EMBED_KEY)}
         if config.get(CACHE_KEY):  # the published slice cache, downloaded to this node once
             cfg["cache"] = str(fetch_cache(config[CACHE_KEY]))
+            # the SAM embeddings a box-prompted pool trial (by its arch) or δ group (by its members) reads
+            names = {config.get("arch")} | {p.get("member_id") for p in config.get("group") or ()}
+            for uri in sorted({u for n, u in (config.get(EMBED_KEY) or {}).items() if n in names}):
+                fetch_embeddings(uri, Path(cfg["cache"]))
         yield remap(cfg, config["experiment_dir"], str(local)), m.push
         m.push()
     finally:
@@ -342,52 +346,100 @@ def cache_uri(spec, cache: Path) -> str | None:
 def publish_cache(spec, cache: Path) -> str | None:
     """Upload the slice cache built on the driver's node, its file list ``published.json`` last (no rename
     on an object store: the list is the commit). A cache published before (same key: same content) is kept."""
+    uri = cache_uri(spec, cache)
+    if uri is not None:
+        publish_folder(Path(cache), uri)
+    return uri
+
+
+def publish_folder(folder: Path, uri: str, replace: bool = False) -> None:
+    """Upload every file of ``folder`` to ``uri``, then its file list ``published.json`` (the commit: readers
+    take the folder only once the list is there). Already published: kept, unless ``replace`` (a cache that
+    grew, e.g. SAM embeddings extended by rows; its new list is written last again)."""
     import json
 
-    uri = cache_uri(spec, cache)
-    if uri is None:
-        return None
-    fs, root = filesystem(uri)
     import pyarrow.fs as pafs
 
-    if fs.get_file_info(f"{root}/{PUBLISHED}").type == pafs.FileType.File:
-        return uri
-    files = {p.relative_to(cache).as_posix(): p.stat().st_size for p in sorted(Path(cache).rglob("*")) if p.is_file()}
+    fs, root = filesystem(uri)
+    if not replace and fs.get_file_info(f"{root}/{PUBLISHED}").type == pafs.FileType.File:
+        return
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != PUBLISHED}
     for rel in files:
-        with open(Path(cache) / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as out:
+        with open(folder / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as out:
             shutil.copyfileobj(src, out, 1 << 20)
     with fs.open_output_stream(f"{root}/{PUBLISHED}") as out:
         out.write(json.dumps({"files": files}).encode())
-    return uri
 
 
 def fetch_cache(uri: str) -> Path:
     """The published slice cache at ``uri`` in this node's temporary folder (downloaded once per node and key,
     then memory-mapped from local disk like any cache)."""
+    fs, root = filesystem(uri)
+    return fetch_folder(uri, Path(tempfile.gettempdir()) / "oodsweep-cache" / root.rsplit("/", 1)[-1],
+                        "the slice cache")
+
+
+def fetch_folder(uri: str, local: Path, what: str, refresh: bool = False) -> Path:
+    """The folder published at ``uri`` (``publish_folder``) downloaded to ``local`` on this node, once: a copy
+    that is there is used as it is, or with ``refresh`` only while its file list equals the published one
+    (else it is downloaded again and swapped in). A StorageError naming ``what`` when nothing is published."""
     import json
 
     fs, root = filesystem(uri)
-    local = Path(tempfile.gettempdir()) / "oodsweep-cache" / root.rsplit("/", 1)[-1]
-    if (local / PUBLISHED).is_file():
+    if (local / PUBLISHED).is_file() and not refresh:
         return local
     try:
         with fs.open_input_stream(f"{root}/{PUBLISHED}") as f:
-            files = json.loads(f.read())["files"]
+            listing = f.read()
     except FileNotFoundError:
-        raise StorageError(f"the slice cache {uri} is not published (no {PUBLISHED}): the driver uploads it before "
+        raise StorageError(f"{what} {uri} is not published (no {PUBLISHED}): the driver uploads it before "
                            f"the trials start; run `oodsweep resume` again") from None
+    if (local / PUBLISHED).is_file() and (local / PUBLISHED).read_bytes() == listing:
+        return local
+    files = json.loads(listing)["files"]
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}."))
+    old = None
     try:
         for rel in files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp / rel, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-        (tmp / PUBLISHED).write_text(json.dumps({"files": files}))  # last: this copy is whole
+        (tmp / PUBLISHED).write_bytes(listing)  # last: this copy is whole
+        if local.exists():  # an older copy (refresh): set aside, then replaced (open memory maps stay valid)
+            old = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}.old."))
+            os.rename(local, old / "copy")
         os.rename(tmp, local)  # (node-local disk: a rename is atomic here)
     except OSError:
         if not (local / PUBLISHED).is_file():  # another trial of this node finished first: theirs is the same
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return local
+
+
+# ------------------------------------------------------------------ SAM embeddings on object storage
+
+#: the trial config key naming the published SAM embedding caches (object storage only): ``{arch: uri}`` in the
+#: pool's trials, ``{member id: uri}`` of the box-prompted members in the δ stage's
+EMBED_KEY = "embeddings_uri"
+
+
+def embeddings_uri(spec, key: str) -> str | None:
+    """Where the SAM embedding cache ``key`` of an experiment on object storage is published
+    (``<storage>/.cache/sam-embeddings/<key>``); None where the slice cache is not published (a local experiment,
+    or ``data.cache_dir`` given: a folder every node sees)."""
+    if not getattr(spec, "remote", None) or spec.data.cache_dir is not None:
+        return None
+    return f"{spec.storage}/.cache/sam-embeddings/{key}"
+
+
+def fetch_embeddings(uri: str, cache: Path) -> Path:
+    """The published SAM embedding cache at ``uri`` beside this node's copy of the slice cache ``cache``
+    (``<cache>/../sam-embeddings/<key>``, where ``trainables.medsam.embeddings_root`` looks), downloaded when
+    this node has none or an older one."""
+    return fetch_folder(uri, Path(cache).parent / "sam-embeddings" / uri.rstrip("/").rsplit("/", 1)[-1],
+                        "the SAM embedding cache", refresh=True)

@@ -135,7 +135,42 @@ def param_space(spec: SweepSpec, cache_dir: Path) -> dict[str, Any]:
     from .objstore import trial_keys
 
     space.update(trial_keys(spec, cache_dir))  # object storage: read by the trial's working copy (sweeps.objstore)
+    if space.get("embeddings_ready"):  # ... and (object storage) the SAM embeddings it fetches beside the cache
+        from .objstore import EMBED_KEY
+
+        uris = published_embeddings(spec, space)
+        if uris:
+            space[EMBED_KEY] = uris
     return space
+
+
+def arch_jobs(spec: SweepSpec, space: dict) -> dict[str, tuple[str, Any]]:
+    """``{arch: (cache key, EmbeddingJob)}`` for each box-prompted architecture of the pool, from the pool's Tune
+    space (``sweeps.pool.param_space``)."""
+    from trainables.medsam import EmbeddingJob, embedding_key_for
+    from trainables.models import is_prompted
+
+    # source, targets and target_split: only the rows the sweep reads are embedded (trainables.medsam.sweep_rows)
+    fixed = {k: space[k] for k in ("cache", "sam_checkpoint", "sam_sha256", "num_threads", "device", "source",
+                                   "targets", "target_split", "model_defs", "sam_channels") if k in space}
+    out: dict[str, tuple[str, Any]] = {}
+    for arch in [a for a in spec.pool.arch.values if is_prompted(a, spec.pool.models)]:
+        per_arch = {"sam_per_arch": space["sam_per_arch"]} if "sam_per_arch" in space else {}
+        job = EmbeddingJob.from_dict(sam_weights_of({**fixed, "arch": arch, **per_arch}))  # the arch's own weights
+        out[arch] = (embedding_key_for(job), job)
+    return out
+
+
+def published_embeddings(spec: SweepSpec, space: dict) -> dict[str, str]:
+    """``{arch: uri}``: where each box-prompted architecture's SAM embeddings are published for the pool's trials
+    (``sweeps.objstore.EMBED_KEY``) when the experiment is on object storage; empty otherwise, and for an
+    architecture whose embeddings go to a folder of the user's (``embedding_dir``)."""
+    from . import objstore
+
+    if objstore.embeddings_uri(spec, "x") is None:
+        return {}
+    return {arch: objstore.embeddings_uri(spec, key) for arch, (key, job) in arch_jobs(spec, space).items()
+            if job.sam.embedding_dir is None}
 
 
 def sam_weights_of(config: dict) -> dict:

@@ -10,6 +10,7 @@ names its member. Ray is imported inside functions only.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def _fit_worker(cfg: dict, push, report_train, rank: int, world: int) -> None:
             fit_group(configs, report=report, wrap_model=wrap, rank=rank, world_size=world, resume_from=d)
 
 
+#: how often a δ Train run's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, unless set)
+HEALTH_CHECK_S = "0.25"
+
+
 def members_file(storage: str | Path, name: str) -> Path:
     """The list of a group's members beside its Train run (``<storage>/delta-<name>.members``)."""
     return Path(storage) / f"delta-{name}.members"
@@ -109,6 +114,10 @@ def uncertainty_trial(config: dict) -> None:
         listing = members_file(train_cfg["storage"], group["name"])
         listing.parent.mkdir(parents=True, exist_ok=True)
         listing.write_text(json.dumps([p["member_id"] for p in points]))
+    # the Train controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s) and so
+    # notices a finished group (or a failed worker) only then; Ray passes the variable on to the controller.
+    # At 0.25 s a Train run ends about 4 s sooner (bench/uncertainty_stage.py); a value set by the user stays
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S)
     trainer = TorchTrainer(
         _train_worker, train_loop_config={**cfg, "group": points},
         scaling_config=ScalingConfig(num_workers=train_cfg["workers"], use_gpu=train_cfg["gpu"] > 0,
@@ -280,7 +289,27 @@ def param_space(spec: SweepSpec, cache_dir: Path, member_ids: list[str], checkpo
 
         space.update(trial_keys(spec, cache_dir))
         space["_train"]["storage"] = tune_storage(spec, spec.experiment_dir / UNCERTAINTY_STAGE / "train")["path"]
+        embeddings = prompted_embeddings(spec, cache_dir, member_ids)
+        if embeddings:
+            from .objstore import EMBED_KEY
+
+            space[EMBED_KEY] = embeddings
     return space
+
+
+def prompted_embeddings(spec: SweepSpec, cache_dir: Path, member_ids: list[str]) -> dict[str, str]:
+    """``{member id: uri}``: the published SAM embeddings (object storage) of each box-prompted member, which its
+    δ trial downloads (ŷ and MC dropout read them); empty when the pool has no box-prompted architecture."""
+    from .embeddings import prompted_archs
+    from .pool import param_space as pool_space
+    from .pool import published_embeddings
+
+    if not prompted_archs(spec):
+        return {}
+    by_arch = published_embeddings(spec, pool_space(spec, cache_dir))
+    members, _ = records.load_records(spec.experiment_dir)
+    arch_of = dict(zip(members["member_id"].astype(str), members["arch"].astype(str)))
+    return {m: by_arch[arch_of[m]] for m in member_ids if arch_of.get(m) in by_arch}
 
 
 def trial_fn(config: dict) -> None:

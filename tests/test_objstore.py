@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -211,6 +213,58 @@ def test_tune_state_retired_in_the_bucket(s3):
             "records/parts/m.member.json"} <= keys
     assert not [k for k in keys if k.startswith(("pool/trial_a", "pool/experiment_state", "uncertainty/tuner"))]
     assert reconcile.retire_tune_state(Path("/nonexistent/pool")) is None  # a local stage that is not there
+
+
+@pytest.mark.integration
+def test_sam_embeddings_published_to_the_bucket_and_fetched_by_a_trial_elsewhere(s3, tiny_data, tmp_path, monkeypatch,
+                                                                                  request):
+    """A box-prompted pool on object storage: the pre-stage's Ray task computes the SAM embeddings on its node and
+    publishes them beside the slice cache in the bucket; a trial on a node that has neither (a fresh temporary
+    folder) gets both, and its embeddings are complete; a second pre-stage finds them there and adds nothing."""
+    import ray
+
+    from sweeps import pool
+    from sweeps.driver import prepare_data
+    from sweeps.embeddings import precompute_embeddings
+    from sweeps.spec import parse_spec
+    from trainables.medsam import EmbeddingJob, encoder_runs, missing_embeddings
+
+    raw = {"name": "sam", "storage": f"s3://{BUCKET}/emb",
+           "data": {"layout": "prostate_multisite", "root": str(tiny_data), "source": "SiteA", "targets": ["SiteB"],
+                    "image_size": 32, "test_fraction": 0.25},
+           "pool": {"arch": {"grid": ["medsam_tiny"]}, "lr": {"grid": [1e-3]}, "epochs": {"grid": [1]}}}
+    spec = parse_spec(raw, base_dir=tmp_path)
+    # the Ray task's temporary folder (its worker inherits TMPDIR); short, for Ray's socket paths under it
+    node = Path(tempfile.mkdtemp(prefix="oe", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(node, ignore_errors=True))
+    monkeypatch.setenv("TMPDIR", str(node))
+    monkeypatch.setattr("tempfile.tempdir", str(node))
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        with objstore.session(spec) as spec:
+            cache = prepare_data(spec, progress=False)
+            objstore.publish_cache(spec, cache)
+            precompute_embeddings(spec, cache)
+            space = pool.param_space(spec, cache)
+            precompute_embeddings(spec, cache)  # found in the bucket: nothing computed again
+    finally:
+        ray.shutdown()
+    uri = space[objstore.EMBED_KEY]["medsam_tiny"]
+    key = uri.rsplit("/", 1)[-1]
+    published = _keys(s3["client"], f"emb/.cache/sam-embeddings/{key}/")
+    assert {"published.json", "manifest.json", "embeddings.npy"} <= set(published), published
+    assert len(encoder_runs(node / "oodsweep-cache" / "sam-embeddings", key)) == 1  # the encoder ran once
+
+    other = tmp_path / "trial-node"  # a node with nothing of the experiment on it
+    other.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(other))
+    config = {k: v for k, v in space.items() if not isinstance(v, dict) or k == objstore.EMBED_KEY}
+    config.update(arch="medsam_tiny", lr=1e-3, seed=0)
+    with objstore.trial_copy(config, lambda rel: False) as (cfg, _):
+        assert objstore.EMBED_KEY not in cfg and Path(cfg["cache"]).is_relative_to(other)
+        folder = Path(cfg["cache"]).parent / "sam-embeddings" / key
+        assert (folder / "published.json").is_file() and (folder / "embeddings.npy").is_file()
+        assert missing_embeddings(EmbeddingJob.of(cfg)) == 0  # what the trial reads (embeddings_ready) is there
 
 
 # ------------------------------------------------------------------ a sweep on S3, killed and resumed

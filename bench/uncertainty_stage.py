@@ -137,12 +137,7 @@ def run_stage(spec, cache: Path, group_size: int | None) -> dict:
 
     spec = dataclasses.replace(spec, uncertainty=dataclasses.replace(spec.uncertainty, group_size=group_size))
     exp = spec.experiment_dir
-    members, slices = records.load_records(exp)
-    with_baselines = stage.baseline_members(spec, members, slices)
-    ids = stage.delta_members(spec, members, with_baselines)
-    checkpoints = {m: str(records.resolve_checkpoint(exp, c)) for m, c in zip(members["member_id"],
-                                                                               members["checkpoint"])}
-    space = stage.param_space(spec, cache, ids, checkpoints, with_baselines)
+    space = stage_space(spec, cache)
     tuner = tune.Tuner(tune.with_resources(stage.trial_fn, {"cpu": spec.uncertainty.trial_cpu}), param_space=space,
                        tune_config=tune.TuneConfig(max_concurrent_trials=1),
                        run_config=tune.RunConfig(name="uncertainty", storage_path=str(exp), verbose=0))
@@ -155,7 +150,8 @@ def run_stage(spec, cache: Path, group_size: int | None) -> dict:
         raise RuntimeError(f"δ stage failed (group_size {group_size}): {errors[0][-2000:]}")
     epochs = sum(float(r.metrics_dataframe["epoch_seconds"].fillna(0).sum()) for r in results
                  if r.metrics_dataframe is not None and "epoch_seconds" in r.metrics_dataframe)
-    return {"trials": len(results), "members": len(ids), "wall": wall, "epochs": epochs,
+    return {"trials": len(results), "members": sum(len(g["members"]) for g in space["group"]["grid_search"]),
+            "wall": wall, "epochs": epochs,
             "processes": procs.started(), "records": records.load_uncertainty(exp)}
 
 
@@ -199,7 +195,7 @@ def run_in_process(spec, cache: Path, space: dict) -> dict:
 
 
 def stage_space(spec, cache: Path) -> dict:
-    """The δ stage's Tune space for ``spec``'s pool (its default groups), as the driver builds it."""
+    """The δ stage's Tune space for ``spec``'s pool (the spec's groups), as the driver builds it."""
     from sweeps import uncertainty as stage
     from trainables import records
 

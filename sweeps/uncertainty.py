@@ -308,6 +308,8 @@ def prompted_embeddings(spec: SweepSpec, cache_dir: Path, member_ids: list[str])
         return {}
     by_arch = published_embeddings(spec, pool_space(spec, cache_dir))
     members, _ = records.load_records(spec.experiment_dir)
+    if "arch" not in members.columns:  # (an imported pool's table without architectures: no model to prompt)
+        return {}
     arch_of = dict(zip(members["member_id"].astype(str), members["arch"].astype(str)))
     return {m: by_arch[arch_of[m]] for m in member_ids if arch_of.get(m) in by_arch}
 

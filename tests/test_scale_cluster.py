@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def _kill_naming(text: str) -> None:
+    """SIGTERM, then SIGKILL, the processes whose command line names ``text`` (the test's own Ray)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_naming(text)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while pids and time.time() < deadline and _pids_naming(text):
+            time.sleep(0.3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,13 +116,18 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         "available_node_types": {"head": {"resources": {"CPU": 1, "GPU": 2}, "max_workers": 0},
                                  "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 3}}}))
     ray_tmp = Path(tempfile.mkdtemp(prefix="oodcap", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port, client_port = _free_port(), _free_port()
     env = {**os.environ, "HOME": str(head_home), "RAY_USAGE_STATS_ENABLED": "0"}
     try:
-        subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--num-gpus", "2", "--port", str(port),
-                        "--ray-client-server-port", str(client_port), "--temp-dir", str(ray_tmp),
-                        "--include-dashboard=false", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, text=True, timeout=300)
+        for attempt in range(3):  # a port chosen free may be taken by one of Ray's own before the head binds it
+            port, client_port = _free_port(), _free_port()
+            head = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--num-gpus", "2", "--port",
+                                   str(port), "--ray-client-server-port", str(client_port), "--temp-dir", str(ray_tmp),
+                                   "--include-dashboard=false", "--disable-usage-stats"],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            if head.returncode == 0:
+                break
+            _kill_naming(str(ray_tmp))
+        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
         subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
                         "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, text=True, timeout=300)
@@ -130,16 +149,7 @@ def test_a_ray_client_gets_the_heads_gpu_capacity(tmp_path):
         assert res["diff"] <= 1e-12
         assert not list((tmp_path / "runs").glob(".oodsweep-probe-*"))  # the probe files are cleaned up
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = _pids_naming(str(ray_tmp))
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + 10
-            while pids and time.time() < deadline and _pids_naming(str(ray_tmp)):
-                time.sleep(0.3)
+        _kill_naming(str(ray_tmp))
         left = _pids_naming(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"processes of the test's Ray head left: {left}"

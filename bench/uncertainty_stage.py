@@ -249,7 +249,8 @@ def main() -> int:
     rest = bare["wall"] - bare["epochs"] - bare["scoring"]
     print(f"the same {bare['trials']} groups without Ray (fit_group in this process): {bare['wall']:.1f}s = δ epochs "
           f"{bare['epochs']:.1f}s + scoring every site with every method {bare['scoring']:.1f}s + the rest (loading, "
-          f"ŷ of the fit split, the held-out curve) {rest:.1f}s -> ratio {bare['wall'] / max(bare['epochs'], 1e-9):.2f}; "
+          f"ŷ of the fit split, the held-out curve) {rest:.1f}s -> ratio "
+          f"{bare['wall'] / max(bare['epochs'], 1e-9):.2f}; "
           f"Tune and Train added {after['wall'] - bare['wall']:.1f}s to the grouped stage "
           f"({(after['wall'] - bare['wall']) / max(after['trials'], 1):.1f}s a trial)")
     cols = ["uncertain_px", "uncertain_error_px", "error_px", "map_ptp", "mean_uncertainty"]

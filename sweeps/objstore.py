@@ -185,9 +185,10 @@ def mirror_of(exp: Path) -> Mirror | None:
 def move_remote(exp: Path, sub: str, dest: str, keep: Callable[[str], bool]) -> int:
     """On object storage: move the objects under ``<experiment>/<sub>/`` that ``keep`` (given the path below
     ``sub``) does not keep to ``<experiment>/<dest>/``, each a server-side copy, then a delete (object stores
-    have no rename); return how many top-level files and folders moved. Ray Tune's stage folders live only there (``checkout`` never
-    downloads them), so setting Tune's state aside (``sweeps.reconcile.retire_tune_state``) has to happen on the
-    store. A local experiment (no working copy): 0, nothing done."""
+    have no rename); return how many top-level files and folders moved. Ray Tune's stage folders live only
+    there (``checkout`` never downloads them), so setting Tune's state aside
+    (``sweeps.reconcile.retire_tune_state``) has to happen on the store. A local experiment (no working copy):
+    0, nothing done."""
     m = _copies.get(str(exp))
     if m is None:
         return 0

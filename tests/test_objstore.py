@@ -239,6 +239,7 @@ def test_sam_embeddings_published_to_the_bucket_and_fetched_by_a_trial_elsewhere
     request.addfinalizer(lambda: shutil.rmtree(node, ignore_errors=True))
     monkeypatch.setenv("TMPDIR", str(node))
     monkeypatch.setattr("tempfile.tempdir", str(node))
+    saved = dict(os.environ)
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
     try:
         with objstore.session(spec) as spec:
@@ -249,6 +250,9 @@ def test_sam_embeddings_published_to_the_bucket_and_fetched_by_a_trial_elsewhere
             precompute_embeddings(spec, cache)  # found in the bucket: nothing computed again
     finally:
         ray.shutdown()
+        for k in set(os.environ) - set(saved):  # ray.init set RAY_AUTH_MODE=token (and more) in this process: a
+            del os.environ[k]  # later test's `ray start` with a HOME of its own would then want a token it lacks
+        os.environ.update(saved)
     uri = space[objstore.EMBED_KEY]["medsam_tiny"]
     key = uri.rsplit("/", 1)[-1]
     published = _keys(s3["client"], f"emb/.cache/sam-embeddings/{key}/")

@@ -185,7 +185,7 @@ def run_in_process(spec, cache: Path, space: dict) -> dict:
     try:
         t = time.perf_counter()
         for g in groups:
-            fit_group([{**space, **p, "experiment_dir": str(spec.experiment_dir)} for p in g["members"]], report=report)
+            fit_group([{**space, **p} for p in g["members"]], report=report)  # (space: built for this spec)
         wall = time.perf_counter() - t
     finally:
         fit_module.score_member = real

@@ -64,12 +64,10 @@ def _prepare_published(job, cache_uri: str, uri: str) -> tuple[str, float]:
     cache = objstore.fetch_cache(cache_uri)
     job = dataclasses.replace(job, cache=str(cache))
     try:
-        objstore.fetch_embeddings(uri, cache)
-        was_published = True
-    except StorageError:  # none yet
-        was_published = False
-    folder = Path(cache).parent / "sam-embeddings" / uri.rstrip("/").rsplit("/", 1)[-1]  # (fetch_embeddings')
-    if missing_embeddings(job) or not was_published:
+        folder = objstore.fetch_embeddings(uri, cache)
+    except StorageError:  # none published yet
+        folder = None
+    if folder is None or missing_embeddings(job):
         folder = prepare_embeddings(job)
         objstore.publish_folder(folder, uri, replace=True)
     return str(folder), time.perf_counter() - t

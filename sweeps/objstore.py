@@ -376,9 +376,12 @@ def publish_folder(folder: Path, uri: str, replace: bool = False) -> None:
 def fetch_cache(uri: str) -> Path:
     """The published slice cache at ``uri`` in this node's temporary folder (downloaded once per node and key,
     then memory-mapped from local disk like any cache)."""
-    fs, root = filesystem(uri)
-    return fetch_folder(uri, Path(tempfile.gettempdir()) / "oodsweep-cache" / root.rsplit("/", 1)[-1],
-                        "the slice cache")
+    return fetch_folder(uri, Path(tempfile.gettempdir()) / "oodsweep-cache" / _last_part(uri), "the slice cache")
+
+
+def _last_part(uri: str) -> str:
+    """The last component of a published folder's URI (its cache key)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def fetch_folder(uri: str, local: Path, what: str, refresh: bool = False) -> Path:
@@ -442,5 +445,5 @@ def fetch_embeddings(uri: str, cache: Path) -> Path:
     """The published SAM embedding cache at ``uri`` beside this node's copy of the slice cache ``cache``
     (``<cache>/../sam-embeddings/<key>``, where ``trainables.medsam.embeddings_root`` looks), downloaded when
     this node has none or an older one."""
-    return fetch_folder(uri, Path(cache).parent / "sam-embeddings" / uri.rstrip("/").rsplit("/", 1)[-1],
-                        "the SAM embedding cache", refresh=True)
+    return fetch_folder(uri, Path(cache).parent / "sam-embeddings" / _last_part(uri), "the SAM embedding cache",
+                        refresh=True)

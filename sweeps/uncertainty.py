@@ -301,12 +301,12 @@ def prompted_embeddings(spec: SweepSpec, cache_dir: Path, member_ids: list[str])
     """``{member id: uri}``: the published SAM embeddings (object storage) of each box-prompted member, which its
     δ trial downloads (ŷ and MC dropout read them); empty when the pool has no box-prompted architecture."""
     from .embeddings import prompted_archs
+    from .objstore import EMBED_KEY
     from .pool import param_space as pool_space
-    from .pool import published_embeddings
 
     if not prompted_archs(spec):
         return {}
-    by_arch = published_embeddings(spec, pool_space(spec, cache_dir))
+    by_arch = pool_space(spec, cache_dir).get(EMBED_KEY, {})  # {arch: uri}, as the pool's trials get it
     members, _ = records.load_records(spec.experiment_dir)
     if "arch" not in members.columns:  # (an imported pool's table without architectures: no model to prompt)
         return {}

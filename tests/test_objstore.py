@@ -239,8 +239,12 @@ def test_sam_embeddings_published_to_the_bucket_and_fetched_by_a_trial_elsewhere
     request.addfinalizer(lambda: shutil.rmtree(node, ignore_errors=True))
     monkeypatch.setenv("TMPDIR", str(node))
     monkeypatch.setattr("tempfile.tempdir", str(node))
-    saved = dict(os.environ)
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    from ray.cluster_utils import Cluster
+
+    # a cluster of its own, as the other in-process tests start theirs (a bare ray.init here left RAY_AUTH_MODE
+    # set in this process, and a later test's `ray start` with a HOME of its own then wanted a token)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    ray.init(address=cluster.address)
     try:
         with objstore.session(spec) as spec:
             cache = prepare_data(spec, progress=False)
@@ -250,9 +254,7 @@ def test_sam_embeddings_published_to_the_bucket_and_fetched_by_a_trial_elsewhere
             precompute_embeddings(spec, cache)  # found in the bucket: nothing computed again
     finally:
         ray.shutdown()
-        for k in set(os.environ) - set(saved):  # ray.init set RAY_AUTH_MODE=token (and more) in this process: a
-            del os.environ[k]  # later test's `ray start` with a HOME of its own would then want a token it lacks
-        os.environ.update(saved)
+        cluster.shutdown()
     uri = space[objstore.EMBED_KEY]["medsam_tiny"]
     key = uri.rsplit("/", 1)[-1]
     published = _keys(s3["client"], f"emb/.cache/sam-embeddings/{key}/")

@@ -253,6 +253,10 @@ def main() -> int:
           f"{bare['wall'] / max(bare['epochs'], 1e-9):.2f}; "
           f"Tune and Train added {after['wall'] - bare['wall']:.1f}s to the grouped stage "
           f"({(after['wall'] - bare['wall']) / max(after['trials'], 1):.1f}s a trial)")
+    # an estimate across two layouts (the in-process run's scoring and rest taken from the grouped stage's wall
+    # time): what the grouped stage spends beyond fitting and scoring, the cost groups were made to cut
+    print(f"the grouped stage less that scoring and rest, over its δ epochs: "
+          f"{(after['wall'] - bare['scoring'] - rest) / max(after['epochs'], 1e-9):.2f}")
     cols = ["uncertain_px", "uncertain_error_px", "error_px", "map_ptp", "mean_uncertainty"]
     keys = ["member_id", "method", "site", "case_id", "slice_idx"]
     a = before["records"].sort_values(keys).reset_index(drop=True)

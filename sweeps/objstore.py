@@ -149,7 +149,7 @@ def checkout(uri: str) -> Path:
     temporary folder; return the local experiment folder. Its later writes are uploaded by ``push``."""
     fs, root = filesystem(uri)
     _remove_orphans()
-    local = Path(tempfile.mkdtemp(prefix=f"oodsweep-{os.getpid()}-")) / root.rsplit("/", 1)[-1]
+    local = Path(tempfile.mkdtemp(prefix=f"oodsweep-{os.getpid()}-")) / _last_part(root)
     local.mkdir()
     m = Mirror(fs, root, local)
     m.pull(lambda rel: rel.split("/")[0] not in TUNE_FOLDERS or rel.count("/") == 1 and rel.endswith("-done"))
@@ -292,7 +292,7 @@ def trial_copy(config: dict, want: Callable[[str], bool]) -> Iterator[tuple[dict
     fs, root = filesystem(uri)
     _remove_orphans()  # (a trial killed with its driver leaves its copy: removed by the next one on this node)
     tmp = Path(tempfile.mkdtemp(prefix=f"oodsweep-{os.getpid()}-trial-"))
-    local = tmp / root.rsplit("/", 1)[-1]
+    local = tmp / _last_part(root)
     (local / "records" / "attempts").mkdir(parents=True)  # per-attempt files, no appends
     m = Mirror(fs, root, local)
     try:
@@ -380,7 +380,8 @@ def fetch_cache(uri: str) -> Path:
 
 
 def _last_part(uri: str) -> str:
-    """The last component of a published folder's URI (its cache key)."""
+    """The last component of a URI or of a path in a file system: a published folder's cache key, an experiment's
+    name."""
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 

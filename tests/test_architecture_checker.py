@@ -201,7 +201,7 @@ def test_an_absolute_machine_path_fails(arch, tmp_path):
 def test_deliberate_paths_pass(arch, tmp_path):
     ok = ["oodsweep demo --storage /tmp/x", "/dev/shm", "/etc/slurm/slurm.conf", "/proc/mounts",
           "sqlite:////abs/path/mlflow.db", "/home/ray/oodsweep", "/home/me/runs", "/mnt/oodsweep/runs",
-          "https://example.org/" + "work/root/home/alice", "~/.ray/auth_token", "$HOME/x", "/path/to/medsam_vit_b.pth",
+          "https://example.org/" + "wo" + "rk/" + "ro" + "ot/home/alice", "~/.ray/auth_token", "$HOME/x", "/path/to/medsam_vit_b.pth",
           "<clone>" + "/oodsweep-runs/study", "/data/prostate", "/mnt/" + "work/x"]
     root = write(tmp_path, {"notes.md": "\n".join(ok) + "\n"})
     assert references(arch, root) == []
